@@ -1,0 +1,106 @@
+"""Time one training step (forward, backward, AdamW) of refgpt and of the same GPT-2 in
+PyTorch (Hugging Face GPT2LMHeadModel, eager mode, SDPA attention), side by side in one run,
+with the same dtype, batch and thread count.
+
+    python benchmarks/step_vs_torch.py                    # both configs, all cores
+    python benchmarks/step_vs_torch.py --config 5m --threads 1 --steps 5
+
+Prints ms per step for each, the throughput ratio refgpt / PyTorch (> 1: refgpt is faster) and
+each one's model-FLOPs utilisation against this machine's sgemm rate measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import numpy as np
+
+CONFIGS = {  # name: (layers, hidden, heads, vocab, seq, batch)
+    "5m": (4, 256, 4, 8192, 128, 8),
+    "124m": (12, 768, 12, 50257, 256, 4),
+}
+
+
+def refgpt_step(cfg_tuple, threads):
+    from refgpt.config import ModelConfig
+    from refgpt.nn import GPT
+    from refgpt.optim import AdamW
+    L, h, a, V, s, b = cfg_tuple
+    cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=a, seq_length=s,
+                      vocab_size=V)
+    model = GPT(cfg, np.float32, seed=0)
+    p = model.params
+    opt = AdamW(p.data, p.grad, p.decay_mask(), weight_decay=0.1)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, V, (b, s))
+    y = rng.integers(0, V, (b, s))
+
+    def step():
+        p.zero_grad()
+        model.forward(x, y, float(b * s))
+        model.backward()
+        opt.step(1e-4)
+    return step, cfg
+
+
+def torch_step(cfg_tuple, threads):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.set_num_threads(threads)
+    L, h, a, V, s, b = cfg_tuple
+    conf = GPT2Config(n_layer=L, n_embd=h, n_head=a, vocab_size=V, n_positions=s,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                      eos_token_id=0, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(conf).float()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (b, s), generator=g)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+        opt.step()
+    return step
+
+
+def timed(step, n):
+    step()                                                     # warm-up
+    best = float("inf")
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--steps", type=int, default=3, help="timed steps each (best is reported)")
+    args = ap.parse_args()
+    from threadpoolctl import threadpool_limits
+    from refgpt import metrics
+    names = list(CONFIGS) if args.config == "all" else [args.config]
+    with threadpool_limits(args.threads):
+        sgemm = metrics.measure_gemm_rate(np.float32, 2048)
+        print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+              f"threads {args.threads}, measured sgemm {sgemm / 1e9:.1f} GFLOP/s")
+        print(f"{'config':>7} {'refgpt ms':>10} {'torch ms':>10} {'ratio':>6} "
+              f"{'refgpt MFU':>10} {'torch MFU':>9}")
+        for name in names:
+            rstep, cfg = refgpt_step(CONFIGS[name], args.threads)
+            tstep = torch_step(CONFIGS[name], args.threads)
+            r = timed(rstep, args.steps)
+            t = timed(tstep, args.steps)
+            flops = metrics.model_flops(cfg, CONFIGS[name][5])
+            print(f"{name:>7} {1e3 * r:10.1f} {1e3 * t:10.1f} {t / r:6.2f} "
+                  f"{100 * flops / r / sgemm:9.1f}% {100 * flops / t / sgemm:8.1f}%", flush=True)
+
+
+if __name__ == "__main__":
+    main()

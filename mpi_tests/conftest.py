@@ -1,0 +1,20 @@
+"""Under mpiexec every rank runs the whole session. A test that fails on one rank would
+leave the others waiting in the next collective, so a failure on a multi-rank run prints
+the rank and report, then ends the whole job through COMM_WORLD.Abort."""
+
+import sys
+
+import pytest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and item.get_closest_marker("mpi") is not None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+        if comm.size > 1:
+            print(f"\nrank {comm.rank}: {item.nodeid} failed\n{report.longreprtext}",
+                  file=sys.stderr, flush=True)
+            comm.Abort(1)

@@ -1,0 +1,150 @@
+"""Model and training configuration, with one clear message for every impossible setting.
+
+``validate()`` raises :class:`ConfigError`; entry points print its message on one line and
+exit with status 2, before any work (or, later, any collective) starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message is meant for the user, as is."""
+
+
+DTYPES = ("float64", "float32")
+DECAY_STYLES = ("cosine", "linear", "constant")
+GELU_KINDS = ("tanh", "erf")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a GPT-2 style model.
+
+    ``vocab_size`` is the tokenizer's vocabulary; the embedding table has ``padded_vocab``
+    rows (rounded up to ``vocab_multiple`` so the head GEMM has a friendly size). Padded rows
+    stay zero and padded logits never enter softmax or loss.
+    """
+
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    seq_length: int = 128
+    max_position_embeddings: int = 0  # 0: same as seq_length
+    vocab_size: int = 8192
+    vocab_multiple: int = 64
+    dropout: float = 0.0
+    gelu: str = "tanh"
+    layernorm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def n_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.vocab_multiple
+        return -(-self.vocab_size // m) * m
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        positive = ("num_layers", "hidden_size", "num_attention_heads", "seq_length",
+                    "vocab_size", "vocab_multiple")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"--hidden-size {self.hidden_size} is not divisible by "
+                              f"--num-attention-heads {self.num_attention_heads}")
+        if self.max_position_embeddings and self.max_position_embeddings < self.seq_length:
+            raise ConfigError(f"--max-position-embeddings {self.max_position_embeddings} is smaller "
+                              f"than --seq-length {self.seq_length}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.gelu not in GELU_KINDS:
+            raise ConfigError(f"--gelu must be one of {GELU_KINDS}, got {self.gelu!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown model settings: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, data and bookkeeping settings (Megatron-LM flag names, underscored)."""
+
+    micro_batch_size: int = 8
+    global_batch_size: int = 8
+    train_iters: int = 300
+    exit_interval: int = 0  # 0: never exit early
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_iters: int = 20
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: int = 0  # 0: same as train_iters
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    seed: int = 1234
+    dtype: str = "float32"
+    data_path: str = ""
+    synthetic_data: bool = False
+    eval_interval: int = 100
+    eval_iters: int = 4
+    save: str = ""
+    load: str = ""
+    save_interval: int = 0  # 0: only at the end
+    log_interval: int = 10
+    log_jsonl: str = ""
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // self.micro_batch_size
+
+    def validate(self, data_parallel_size: int = 1) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_iters", "exit_interval", "lr_warmup_iters", "eval_interval",
+                     "eval_iters", "save_interval", "lr_decay_iters"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by "
+                              f"--micro-batch-size {self.micro_batch_size} x data-parallel size "
+                              f"{data_parallel_size}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.lr_decay_style not in DECAY_STYLES:
+            raise ConfigError(f"--lr-decay-style must be one of {DECAY_STYLES}, got {self.lr_decay_style!r}")
+        if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= --min-lr <= --lr, got --lr {self.lr} --min-lr {self.min_lr}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ConfigError("--adam-beta1 and --adam-beta2 must be in [0, 1)")
+        if self.adam_eps <= 0:
+            raise ConfigError(f"--adam-eps must be > 0, got {self.adam_eps}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"--clip-grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.synthetic_data and self.data_path:
+            raise ConfigError("give either --data-path or --synthetic-data, not both")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

@@ -1,0 +1,1 @@
+"""Tokenizer (Hugging Face ``tokenizers`` byte-level BPE), token files and datasets."""

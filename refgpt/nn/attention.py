@@ -1,0 +1,98 @@
+"""Causal multi-head self-attention, with an optional key/value cache for generation.
+
+x [B, T, C], H heads of D = C/H features. c_attn's output columns are [q | k | v], each
+head-major (GPT-2's layout). With query positions p0..p0+T-1 and key positions 0..Tk-1:
+
+    q, k, v = split(x Wqkv + bqkv)                             [B, H, T, D], k, v: [B, H, Tk, D]
+    S = q k^T / sqrt(D)                                        [B, H, T, Tk]
+    S[i, j] = -inf where j > p0 + i                            (causal mask, before softmax)
+    P = softmax(S)  (row max subtracted first)                 [B, H, T, Tk]
+    O = dropout(P) v, heads merged, then out = O Wproj + bproj [B, T, C]
+
+Backward (O(T^2) per head; never through an explicit Jacobian):
+
+    dP~ = dO v^T        dv = P~^T dO            (P~ = dropout(P))
+    dP  = dropout_backward(dP~)
+    dS  = P * (dP - rowsum(dP * P)) / sqrt(D)
+    dq  = dS k          dk = dS^T q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .dropout import Dropout
+from .layer import Layer
+from .linear import Linear
+
+
+def causal_softmax(s: np.ndarray, p0: int) -> np.ndarray:
+    """Row softmax of scores s [..., T, Tk] (in place) where query i sees keys j <= p0 + i."""
+    T, Tk = s.shape[-2:]
+    hidden = np.arange(Tk)[None, :] > (p0 + np.arange(T))[:, None]   # [T, Tk]
+    np.copyto(s, -np.inf, where=hidden)
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    s /= s.sum(axis=-1, keepdims=True)
+    return s
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer: [B, H, Tk, D] each."""
+
+    def __init__(self, num_layers: int):
+        self.k = [None] * num_layers
+        self.v = [None] * num_layers
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+
+class CausalSelfAttention(Layer):
+    def __init__(self, params, prefix: str, num_heads: int, dropout: float, seed: int):
+        super().__init__()
+        self.H = num_heads
+        self.c_attn = Linear(params, f"{prefix}.c_attn")
+        self.c_proj = Linear(params, f"{prefix}.c_proj")
+        self.attn_drop = Dropout(dropout, f"{prefix}.attn_drop", seed)
+        self.layers = [self.c_attn, self.c_proj, self.attn_drop]
+
+    def forward(self, x: np.ndarray, key=None, cache: KVCache | None = None,
+                layer: int = 0) -> np.ndarray:
+        B, T, C = x.shape
+        H, D = self.H, C // self.H
+        qkv = self.c_attn.forward(x)                                  # [B, T, 3C]
+        q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
+        p0 = 0
+        if cache is not None:
+            if cache.k[layer] is not None:
+                p0 = cache.k[layer].shape[2]
+                k = np.concatenate([cache.k[layer], k], axis=2)       # [B, H, Tk, D]
+                v = np.concatenate([cache.v[layer], v], axis=2)
+            cache.k[layer], cache.v[layer] = k, v
+        scale = 1.0 / np.sqrt(D)
+        s = q @ k.swapaxes(-1, -2)                                    # [B, H, T, Tk]
+        s *= scale
+        p = causal_softmax(s, p0)                                     # [B, H, T, Tk]
+        pd = self.attn_drop.forward(p, key)
+        o = pd @ v                                                    # [B, H, T, D]
+        self.save(q, k, v, p, pd)
+        o = o.transpose(0, 2, 1, 3).reshape(B, T, C)                  # heads merged
+        return self.c_proj.forward(o)
+
+    def backward(self, dout: np.ndarray) -> np.ndarray:
+        q, k, v, p, pd = self.saved()
+        B, H, T, D = q.shape
+        do = self.c_proj.backward(dout)                               # [B, T, C]
+        do = do.reshape(B, T, H, D).transpose(0, 2, 1, 3)             # [B, H, T, D]
+        dpd = do @ v.swapaxes(-1, -2)                                 # [B, H, T, T]
+        dv = pd.swapaxes(-1, -2) @ do                                 # [B, H, T, D]
+        dp = self.attn_drop.backward(dpd)
+        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))          # softmax backward
+        ds *= 1.0 / np.sqrt(D)
+        dq = ds @ k                                                   # [B, H, T, D]
+        dk = ds.swapaxes(-1, -2) @ q                                  # [B, H, T, D]
+        dqkv = np.stack([dq, dk, dv])                                 # [3, B, H, T, D]
+        dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)  # [B, T, 3C]
+        return self.c_attn.backward(dqkv)

@@ -1,0 +1,47 @@
+"""A pre-LayerNorm transformer block (GPT-2):
+
+    a = x + drop(attn(ln_1(x)))
+    y = a + drop(c_proj(gelu(c_fc(ln_2(a)))))          c_fc: C -> 4C, c_proj: 4C -> C
+
+Backward runs the same lines in reverse; each residual adds the branch's input gradient
+to the gradient flowing straight through.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .attention import CausalSelfAttention, KVCache
+from .dropout import Dropout
+from .gelu import GELU
+from .layernorm import LayerNorm
+from .linear import Linear
+
+
+class Block:
+    def __init__(self, params, i: int, cfg, seed: int):
+        p = f"h.{i}"
+        self.index = i
+        self.ln_1 = LayerNorm(params, f"{p}.ln_1", cfg.layernorm_eps)
+        self.attn = CausalSelfAttention(params, f"{p}.attn", cfg.num_attention_heads,
+                                        cfg.dropout, seed)
+        self.attn_resid_drop = Dropout(cfg.dropout, f"{p}.attn.resid_drop", seed)
+        self.ln_2 = LayerNorm(params, f"{p}.ln_2", cfg.layernorm_eps)
+        self.c_fc = Linear(params, f"{p}.mlp.c_fc")
+        self.act = GELU(cfg.gelu)
+        self.c_proj = Linear(params, f"{p}.mlp.c_proj")
+        self.mlp_resid_drop = Dropout(cfg.dropout, f"{p}.mlp.resid_drop", seed)
+        self.layers = [self.ln_1, self.attn, *self.attn.layers, self.attn_resid_drop,
+                       self.ln_2, self.c_fc, self.act, self.c_proj, self.mlp_resid_drop]
+
+    def forward(self, x: np.ndarray, key=None, cache: KVCache | None = None) -> np.ndarray:
+        h = self.attn.forward(self.ln_1.forward(x), key, cache, self.index)
+        a = x + self.attn_resid_drop.forward(h, key)                       # [B, T, C]
+        m = self.c_proj.forward(self.act.forward(self.c_fc.forward(self.ln_2.forward(a))))
+        return a + self.mlp_resid_drop.forward(m, key)                     # [B, T, C]
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        dm = self.mlp_resid_drop.backward(dy)
+        da = dy + self.ln_2.backward(self.c_fc.backward(self.act.backward(self.c_proj.backward(dm))))
+        dh = self.attn_resid_drop.backward(da)
+        return da + self.ln_1.backward(self.attn.backward(dh))

@@ -1,0 +1,39 @@
+"""Dropout whose mask depends only on (seed, site, step, sample), never on the layout.
+
+For sample s of step k at site "h.3.attn.drop" the keep-mask is drawn from the stream
+keyed by that name (see :func:`refgpt.nn.params.name_stream`):
+
+    keep = U[0,1)(seed, "site/k/s") >= p          y = x * keep / (1 - p)       dx = dy * keep / (1 - p)
+
+so a data-parallel rank (or a micro-batch) holding sample s draws the same mask a single
+process would; parallel layouts that shard tokens or features take the matching slice.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layer import Layer
+from .params import name_stream
+
+
+class Dropout(Layer):
+    def __init__(self, p: float, site: str, seed: int):
+        super().__init__()
+        self.p, self.site, self.seed = p, site, seed
+
+    def forward(self, x: np.ndarray, key=None) -> np.ndarray:
+        """key = (step, sample_ids) enables dropout; None (evaluation) is the identity."""
+        if self.p == 0.0 or key is None:
+            self.save(None)
+            return x
+        step, samples = key
+        keep = np.stack([name_stream(self.seed, f"{self.site}/{step}/{s}").random(x.shape[1:])
+                         >= self.p for s in samples])
+        mask = keep.astype(x.dtype) / (1.0 - self.p)
+        self.save(mask)
+        return x * mask
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        (mask,) = self.saved()
+        return dy if mask is None else dy * mask

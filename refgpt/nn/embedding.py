@@ -1,0 +1,56 @@
+"""Token + learned position embedding, and the LM head tied to the token table.
+
+Embedding, for ids idx [B, T] starting at position p0:
+
+    x = wte[idx] + wpe[p0 : p0 + T]                          [B, T, C]
+    dwte[v] += sum over (b, t) with idx[b, t] = v of dx[b, t]   (scatter-add: np.add.at,
+                                                                because `g[idx] += d` drops
+                                                                repeated ids)
+    dwpe[p0 + t] += sum_b dx[b, t]
+
+Tied head: logits = x wte^T, so dx = dlogits wte and dwte += dlogits^T x. The token table's
+gradient therefore receives both the scatter-add above and this GEMM.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layer import Layer
+
+
+class Embedding(Layer):
+    def __init__(self, params):
+        super().__init__()
+        self.wte, self.gwte = params["wte.weight"], params.grads["wte.weight"]
+        self.wpe, self.gwpe = params["wpe.weight"], params.grads["wpe.weight"]
+
+    def forward(self, idx: np.ndarray, pos0: int = 0) -> np.ndarray:
+        T = idx.shape[1]
+        if pos0 + T > self.wpe.shape[0]:
+            raise ValueError(f"positions {pos0}..{pos0 + T - 1} exceed the position table "
+                             f"({self.wpe.shape[0]} rows)")
+        self.save(idx, pos0)
+        return self.wte[idx] + self.wpe[pos0:pos0 + T]           # [B, T, C]
+
+    def backward(self, dx: np.ndarray) -> None:
+        idx, pos0 = self.saved()
+        C = dx.shape[-1]
+        np.add.at(self.gwte, idx.ravel(), dx.reshape(-1, C))
+        self.gwpe[pos0:pos0 + idx.shape[1]] += dx.sum(axis=0)
+
+
+class TiedHead(Layer):
+    def __init__(self, params):
+        super().__init__()
+        self.wte, self.gwte = params["wte.weight"], params.grads["wte.weight"]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.save(x)
+        return x @ self.wte.T                                     # [B, T, C] @ [C, Vp]
+
+    def backward(self, dlogits: np.ndarray) -> np.ndarray:
+        (x,) = self.saved()
+        dl2 = dlogits.reshape(-1, dlogits.shape[-1])              # [N, Vp]
+        self.gwte += dl2.T @ x.reshape(-1, x.shape[-1])           # [Vp, C]
+        return dlogits @ self.wte                                 # [B, T, C]

@@ -1,0 +1,48 @@
+"""GELU activation, tanh approximation (GPT-2's; Hugging Face's "gelu_new") or exact erf.
+
+tanh form, with u = sqrt(2/pi) (x + 0.044715 x^3), t = tanh(u):
+
+    y     = x/2 (1 + t)
+    dy/dx = (1 + t)/2 + x/2 (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+
+sech^2(u) is computed as 1 - t^2 (through cosh it would overflow in float32 for |u| > ~89).
+
+erf form: y = x Phi(x), dy/dx = Phi(x) + x phi(x), with Phi the normal CDF.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy.special import erf
+
+from .layer import Layer
+
+_S2PI = math.sqrt(2.0 / math.pi)
+_K = 0.044715
+
+
+class GELU(Layer):
+    def __init__(self, kind: str = "tanh"):
+        super().__init__()
+        if kind not in ("tanh", "erf"):
+            raise ValueError(f"unknown GELU kind {kind!r}")
+        self.kind = kind
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.save(x)
+        if self.kind == "tanh":
+            return 0.5 * x * (1.0 + np.tanh(_S2PI * (x + _K * x**3)))
+        return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        (x,) = self.saved()
+        if self.kind == "tanh":
+            t = np.tanh(_S2PI * (x + _K * x**3))
+            dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _S2PI * (1.0 + 3.0 * _K * x * x)
+        else:
+            cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
+            pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+            dydx = cdf + x * pdf
+        return dy * dydx.astype(dy.dtype, copy=False)

@@ -1,0 +1,37 @@
+"""Affine layer ``y = x W + b``.
+
+W is stored [in, out] (as GPT-2's Conv1D; PyTorch's nn.Linear stores [out, in]) so the
+forward reads as the math. For x [N, in] and dy [N, out]:
+
+    y  = x W + b
+    dx = dy W^T          dW += x^T dy          db += sum_N dy
+
+Leading dimensions of x are flattened into N.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .layer import Layer
+
+
+class Linear(Layer):
+    def __init__(self, params, prefix: str):
+        super().__init__()
+        self.w, self.gw = params[f"{prefix}.weight"], params.grads[f"{prefix}.weight"]
+        self.b, self.gb = params[f"{prefix}.bias"], params.grads[f"{prefix}.bias"]
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.save(x)
+        y = x @ self.w                                  # [..., in] @ [in, out] -> [..., out]
+        y += self.b
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        (x,) = self.saved()
+        x2 = x.reshape(-1, x.shape[-1])                 # [N, in]
+        dy2 = dy.reshape(-1, dy.shape[-1])              # [N, out]
+        self.gw += x2.T @ dy2                           # [in, out]
+        self.gb += dy2.sum(axis=0)                      # [out]
+        return dy @ self.w.T                            # [..., out] @ [out, in] -> [..., in]

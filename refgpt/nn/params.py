@@ -1,0 +1,133 @@
+"""Flat parameter and gradient buffers with layout-independent initialisation.
+
+Every parameter of a model is a *view* into one contiguous array ``Params.data``; its gradient
+is the matching view into ``Params.grad``. Data-parallel bucketing, ZeRO partitioning,
+clipping, checkpoints and the optimizer state are then slices of one buffer.
+
+Initialisation draws each *full* parameter from its own random stream, keyed by
+``(seed, parameter name)``::
+
+    rng_name = Generator(PCG64(SeedSequence([seed, sha256(name)])))
+    W_name   = std * rng_name.standard_normal(shape)        (drawn in float64, then cast)
+
+so the values do not depend on the order parameters are created, on the dtype, or (later) on
+how a parallel layout shards them: a rank draws the full tensor and keeps its slice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter: its name, full shape, how it is initialised and whether AdamW decays it.
+
+    init is "normal" (N(0, std^2)), "zeros" or "ones". The decay rule (as Hugging Face and
+    Megatron-LM): 2-D tensors (weight matrices and both embedding tables) are decayed; biases
+    and LayerNorm gains/shifts are not.
+    """
+
+    name: str
+    shape: tuple
+    init: str = "zeros"
+    std: float = 0.0
+    valid_rows: int | None = None  # rows beyond this stay zero (padded vocabulary)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def decay(self) -> bool:
+        return len(self.shape) == 2
+
+
+def name_stream(seed: int, name: str) -> np.random.Generator:
+    """The random stream of one parameter (or any other named quantity) for a seed."""
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, key])))
+
+
+def init_value(spec: ParamSpec, seed: int) -> np.ndarray:
+    """The full float64 initial value of a parameter, independent of layout and dtype."""
+    if spec.init == "zeros":
+        return np.zeros(spec.shape)
+    if spec.init == "ones":
+        return np.ones(spec.shape)
+    if spec.init != "normal":
+        raise ValueError(f"unknown init {spec.init!r} for {spec.name}")
+    value = spec.std * name_stream(seed, spec.name).standard_normal(spec.shape)
+    if spec.valid_rows is not None:
+        value[spec.valid_rows:] = 0.0
+    return value
+
+
+class Params:
+    """All parameters of a model in one flat buffer, gradients in another of the same layout.
+
+    ``params[name]`` is the parameter view, ``params.grads[name]`` its gradient view;
+    ``params.slices[name]`` is its (start, stop) in the flat buffers.
+    """
+
+    def __init__(self, specs: list[ParamSpec], dtype=np.float64):
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise ValueError("duplicate parameter names")
+        self.specs = {s.name: s for s in specs}
+        self.dtype = np.dtype(dtype)
+        self.slices, offset = {}, 0
+        for s in specs:
+            self.slices[s.name] = (offset, offset + s.size)
+            offset += s.size
+        self.numel = offset
+        self.data = np.zeros(offset, self.dtype)
+        self.grad = np.zeros(offset, self.dtype)
+        self._views = {n: self._view(self.data, n) for n in names}
+        self.grads = {n: self._view(self.grad, n) for n in names}
+
+    def _view(self, buf: np.ndarray, name: str) -> np.ndarray:
+        lo, hi = self.slices[name]
+        return buf[lo:hi].reshape(self.specs[name].shape)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._views[name]
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def items(self):
+        return self._views.items()
+
+    def initialise(self, seed: int) -> None:
+        for name, spec in self.specs.items():
+            self._views[name][...] = init_value(spec, seed)
+
+    def zero_grad(self) -> None:
+        self.grad[...] = 0.0
+
+    def decay_mask(self) -> np.ndarray:
+        """1 where AdamW applies weight decay, 0 elsewhere, laid out like the flat buffer."""
+        mask = np.zeros(self.numel, self.dtype)
+        for name, spec in self.specs.items():
+            if spec.decay:
+                lo, hi = self.slices[name]
+                mask[lo:hi] = 1.0
+        return mask
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {n: v.copy() for n, v in self._views.items()}
+
+    def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
+        missing = set(self.specs) - set(tensors)
+        extra = set(tensors) - set(self.specs)
+        if missing or extra:
+            raise KeyError(f"parameter names differ: missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(extra)[:5]}")
+        for name, value in tensors.items():
+            if tuple(value.shape) != tuple(self.specs[name].shape):
+                raise ValueError(f"{name}: shape {tuple(value.shape)} != {self.specs[name].shape}")
+            self._views[name][...] = value

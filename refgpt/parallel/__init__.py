@@ -1,0 +1,1 @@
+"""Parallel execution over MPI. Data, tensor, pipeline and ZeRO parallelism are built here."""

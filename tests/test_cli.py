@@ -1,0 +1,140 @@
+"""The command-line entry points: smoke runs, and one clear line for every bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from refgpt import generate, prepare, train
+
+TINY = ["--synthetic-data", "--num-layers", "1", "--hidden-size", "16",
+        "--num-attention-heads", "2", "--seq-length", "8", "--vocab-size", "50",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "1",
+        "--no-progress"]
+
+
+def cli(*args, launcher=()):
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    return subprocess.run([*launcher, sys.executable, *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = cli("-m", "refgpt.train", *TINY, "--train-iters", "4", "--save", str(out / "ckpt"),
+            "--log-jsonl", str(out / "log.jsonl"), "--log-interval", "2")
+    assert r.returncode == 0, r.stderr
+    assert "iteration        4/       4" in r.stdout and "lm loss" in r.stdout
+    return out
+
+
+def test_train_writes_jsonl_and_checkpoint(checkpoint):
+    rows = [json.loads(line) for line in (checkpoint / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4]
+    for key in ("iter", "loss", "lr", "grad_norm", "step_time_s", "tokens_per_s", "tflops",
+                "model_tflops", "mfu"):
+        assert all(isinstance(r[key], (int, float)) for r in rows), key
+    assert "val_loss" in rows[-1]
+    assert (checkpoint / "ckpt" / "latest").read_text().strip() == "iter_0000004"
+    assert not any(p.name.startswith(".") for p in (checkpoint / "ckpt").iterdir())
+
+
+def test_generate_from_checkpoint(checkpoint):
+    r = cli("-m", "refgpt.generate", "--load", str(checkpoint / "ckpt"), "--prompt-ids", "1,2",
+            "--max-new-tokens", "5", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    ids = [int(t) for t in r.stdout.strip().split(",")]
+    assert ids[:2] == [1, 2] and len(ids) == 7 and all(0 <= t < 50 for t in ids)
+
+
+def test_help_documents_flags():
+    r = cli("-m", "refgpt.train", "--help")
+    assert r.returncode == 0
+    for flag in ("--num-layers", "--global-batch-size", "--lr-decay-style", "--clip-grad",
+                 "--log-jsonl", "--config", "--synthetic-data", "--save-interval"):
+        assert flag in r.stdout
+
+
+def test_mpiexec_one_rank_runs_and_more_ranks_are_refused():
+    mpiexec = shutil.which("mpiexec")
+    assert mpiexec, "mpiexec not found: install the mpich extra"
+    ok = cli("-m", "refgpt.train", *TINY, "--train-iters", "1", launcher=(mpiexec, "-n", "1"))
+    assert ok.returncode == 0, ok.stderr
+    bad = cli("-m", "refgpt.train", *TINY, "--train-iters", "1", launcher=(mpiexec, "-n", "2"))
+    assert bad.returncode != 0
+    assert bad.stderr.count("multi-process training (data parallelism) is not implemented") == 1
+    assert "Traceback" not in bad.stderr
+
+
+def one_line_error(capsys, main, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--hidden-size", "30", "--num-attention-heads", "4"], "not divisible by --num-attention-heads"),
+    (["--global-batch-size", "10", "--micro-batch-size", "4"], "not divisible by --micro-batch-size"),
+    (["--dtype", "float16"], "--dtype must be one of"),
+    (["--lr-decay-style", "step"], "--lr-decay-style must be one of"),
+    (["--tp", "2"], "tensor parallelism is not implemented yet"),
+    (["--seq-length", "16", "--max-position-embeddings", "8"], "smaller than --seq-length"),
+])
+def test_bad_settings(capsys, argv, match):
+    one_line_error(capsys, train.main, TINY + argv, match)
+
+
+def test_missing_inputs(capsys, tmp_path):
+    one_line_error(capsys, train.main, ["--data-path", str(tmp_path / "nope")], "no prepared data")
+    one_line_error(capsys, train.main, [*TINY, "--load", str(tmp_path / "nope")], "no checkpoint at")
+    one_line_error(capsys, generate.main, ["--load", str(tmp_path), "--prompt-ids", "1"],
+                   "no checkpoint at")
+    one_line_error(capsys, prepare.main, ["-o", str(tmp_path / "o"), str(tmp_path / "missing.txt")],
+                   "input not found")
+    one_line_error(capsys, train.main, ["--config", str(tmp_path / "none.toml")], "config file not found")
+
+
+def test_corrupt_files(capsys, tmp_path, checkpoint):
+    bad = tmp_path / "ckpt"
+    shutil.copytree(checkpoint / "ckpt", bad)
+    (bad / "iter_0000004" / "model.safetensors").write_bytes(b"garbage")
+    one_line_error(capsys, train.main, [*TINY, "--load", str(bad)], "corrupt checkpoint")
+    (bad / "latest").write_text("iter_0000099\n")
+    one_line_error(capsys, generate.main, ["--load", str(bad), "--prompt-ids", "1"], "missing or incomplete")
+    toml = tmp_path / "c.toml"
+    toml.write_text("num-layers = [")
+    one_line_error(capsys, train.main, ["--config", str(toml)], "c.toml")
+    toml.write_text("num_layerz = 2\n")
+    one_line_error(capsys, train.main, ["--config", str(toml)], "unknown settings: ['num_layerz']")
+
+
+def test_config_file_with_flag_override(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('num-layers = 3\nhidden_size = 24\nnum-attention-heads = 3\nlr = 0.5\n'
+                    'synthetic-data = true\n')
+    mcfg, tcfg, given, _ = train.parse_config(["--config", str(toml), "--lr", "0.25"])
+    assert (mcfg.num_layers, mcfg.hidden_size, mcfg.num_attention_heads) == (3, 24, 3)
+    assert tcfg.lr == 0.25 and tcfg.synthetic_data and "lr" in given
+
+
+def test_default_corpus_is_prepared_on_first_use_and_cached(monkeypatch, tmp_path, capsys):
+    """`python -m refgpt.train` with no data flag: the stdlib corpus (here cut to 30 files)."""
+    from refgpt.data import corpus
+    files = corpus.default_corpus_files()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    monkeypatch.setattr(prepare, "default_corpus_files", lambda: files[:30])
+    monkeypatch.setenv("REFGPT_CACHE", str(tmp_path))
+    argv = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+            "--seq-length", "16", "--vocab-size", "512", "--train-iters", "2", "--eval-iters", "1",
+            "--no-progress"]
+    assert train.main(argv) == 0
+    assert "preparing the default corpus" in capsys.readouterr().out
+    assert train.main(argv) == 0
+    assert "preparing" not in capsys.readouterr().out        # cached the second time
+    assert [p.name for p in tmp_path.iterdir()] == ["stdlib-py%d%d-v512" % sys.version_info[:2]]
