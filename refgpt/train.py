@@ -78,17 +78,21 @@ TRAIN_FLAGS = {
 }
 
 
+def add_flags(ap: argparse.ArgumentParser, title: str, table: dict, defaults) -> None:
+    """One argument group with a flag per table entry; values land on the config's field names."""
+    group = ap.add_argument_group(title)
+    for flag, (field, typ, text) in table.items():
+        group.add_argument(f"--{flag}", type=typ, dest=field,
+                           help=f"{text} [default: {getattr(defaults, field)!r}]")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m refgpt.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", help="TOML file with the same keys as these flags")
-    for title, table, defaults in (("model", MODEL_FLAGS, ModelConfig()),
-                                   ("training", TRAIN_FLAGS, TrainConfig())):
-        group = ap.add_argument_group(title)
-        for flag, (field, typ, text) in table.items():
-            group.add_argument(f"--{flag}", type=typ, dest=field,
-                               help=f"{text} [default: {getattr(defaults, field)!r}]")
+    add_flags(ap, "model", MODEL_FLAGS, ModelConfig())
+    add_flags(ap, "training", TRAIN_FLAGS, TrainConfig())
     ap.add_argument("--synthetic-data", action="store_true", dest="synthetic_data",
                     help="seeded random tokens instead of a corpus (tests, benchmarks)")
     ap.add_argument("--tp", "--tensor-model-parallel-size", type=int, dest="tp",

@@ -138,3 +138,18 @@ def test_default_corpus_is_prepared_on_first_use_and_cached(monkeypatch, tmp_pat
     assert train.main(argv) == 0
     assert "preparing" not in capsys.readouterr().out        # cached the second time
     assert [p.name for p in tmp_path.iterdir()] == ["stdlib-py%d%d-v512" % sys.version_info[:2]]
+
+
+def test_validate_and_convert_bad_inputs(capsys, tmp_path):
+    from refgpt import convert, validate
+    one_line_error(capsys, validate.main, ["--dump", str(tmp_path / "d.st")], "--dump needs --load")
+    one_line_error(capsys, validate.main, ["--compare", str(tmp_path / "none.st")], "dump not found")
+    (tmp_path / "junk.st").write_bytes(b"junk")
+    one_line_error(capsys, validate.main, ["--compare", str(tmp_path / "junk.st")], "corrupt dump")
+    one_line_error(capsys, validate.main, ["--against", "hf", "--dropout", "0.1"], "--dropout 0")
+    one_line_error(capsys, convert.main, ["--from", "hf", str(tmp_path), str(tmp_path / "c")],
+                   "needs config.json and model.safetensors")
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "model.safetensors").write_bytes(b"junk")
+    one_line_error(capsys, convert.main, ["--from", "hf", str(tmp_path), str(tmp_path / "c")],
+                   "not a GPT-2 config")

@@ -52,14 +52,14 @@ class KVCache:
 class CausalSelfAttention(Layer):
     def __init__(self, params, prefix: str, num_heads: int, dropout: float, seed: int):
         super().__init__()
-        self.H = num_heads
+        self.H, self.prefix = num_heads, prefix
         self.c_attn = Linear(params, f"{prefix}.c_attn")
         self.c_proj = Linear(params, f"{prefix}.c_proj")
         self.attn_drop = Dropout(dropout, f"{prefix}.attn_drop", seed)
         self.layers = [self.c_attn, self.c_proj, self.attn_drop]
 
     def forward(self, x: np.ndarray, key=None, cache: KVCache | None = None,
-                layer: int = 0) -> np.ndarray:
+                layer: int = 0, record: dict | None = None) -> np.ndarray:
         B, T, C = x.shape
         H, D = self.H, C // self.H
         qkv = self.c_attn.forward(x)                                  # [B, T, 3C]
@@ -75,6 +75,8 @@ class CausalSelfAttention(Layer):
         s = q @ k.swapaxes(-1, -2)                                    # [B, H, T, Tk]
         s *= scale
         p = causal_softmax(s, p0)                                     # [B, H, T, Tk]
+        if record is not None:
+            record[f"{self.prefix}.qkv"], record[f"{self.prefix}.probs"] = qkv, p
         pd = self.attn_drop.forward(p, key)
         o = pd @ v                                                    # [B, H, T, D]
         self.save(q, k, v, p, pd)

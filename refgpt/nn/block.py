@@ -34,11 +34,23 @@ class Block:
         self.layers = [self.ln_1, self.attn, *self.attn.layers, self.attn_resid_drop,
                        self.ln_2, self.c_fc, self.act, self.c_proj, self.mlp_resid_drop]
 
-    def forward(self, x: np.ndarray, key=None, cache: KVCache | None = None) -> np.ndarray:
-        h = self.attn.forward(self.ln_1.forward(x), key, cache, self.index)
+    def forward(self, x: np.ndarray, key=None, cache: KVCache | None = None,
+                record: dict | None = None) -> np.ndarray:
+        """record: a dict that receives the block's intermediates under the dump names."""
+        n1 = self.ln_1.forward(x)
+        h = self.attn.forward(n1, key, cache, self.index, record)
         a = x + self.attn_resid_drop.forward(h, key)                       # [B, T, C]
-        m = self.c_proj.forward(self.act.forward(self.c_fc.forward(self.ln_2.forward(a))))
-        return a + self.mlp_resid_drop.forward(m, key)                     # [B, T, C]
+        n2 = self.ln_2.forward(a)
+        f = self.c_fc.forward(n2)                                          # [B, T, 4C]
+        g = self.act.forward(f)
+        m = self.c_proj.forward(g)                                         # [B, T, C]
+        y = a + self.mlp_resid_drop.forward(m, key)                        # [B, T, C]
+        if record is not None:
+            p = f"h.{self.index}"
+            record.update({f"{p}.ln_1": n1, f"{p}.attn.out": h, f"{p}.resid_attn": a,
+                           f"{p}.ln_2": n2, f"{p}.mlp.fc": f, f"{p}.mlp.gelu": g,
+                           f"{p}.mlp.out": m, f"{p}.resid_mlp": y})
+        return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         dm = self.mlp_resid_drop.backward(dy)

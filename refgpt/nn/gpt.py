@@ -78,20 +78,31 @@ class GPT:
             if not enabled:
                 layer.stash.clear()
 
-    def hidden(self, idx: np.ndarray, key=None, cache: KVCache | None = None) -> np.ndarray:
+    def hidden(self, idx: np.ndarray, key=None, cache: KVCache | None = None,
+               record: dict | None = None) -> np.ndarray:
         """ln_f output [B, T, C] for token ids idx [B, T]."""
         p0 = cache.length if cache is not None else 0
         x = self.embed_drop.forward(self.embed.forward(idx, p0), key)   # [B, T, C]
+        if record is not None:
+            record["embed"] = x
         for block in self.blocks:
-            x = block.forward(x, key, cache)
-        return self.ln_f.forward(x)
+            x = block.forward(x, key, cache, record)
+        x = self.ln_f.forward(x)
+        if record is not None:
+            record["ln_f"] = x
+        return x
 
-    def forward(self, idx: np.ndarray, targets: np.ndarray, norm: float, key=None) -> float:
+    def forward(self, idx: np.ndarray, targets: np.ndarray, norm: float, key=None,
+                record: dict | None = None) -> float:
         """Loss of one micro-batch: the sum of its token losses divided by ``norm``.
 
         key = (step, sample_ids) turns dropout on (training); None turns it off.
+        record: a dict that receives every intermediate activation under the names of
+        :mod:`refgpt.dump` ("embed", "h.0.ln_1", ..., "ln_f", "logits").
         """
-        logits = self.head.forward(self.hidden(idx, key))                # [B, T, Vp]
+        logits = self.head.forward(self.hidden(idx, key, None, record))  # [B, T, Vp]
+        if record is not None:
+            record["logits"] = logits[..., :self.cfg.vocab_size]
         return self.loss_fn.forward(logits, targets, norm)
 
     def backward(self) -> None:
