@@ -18,3 +18,11 @@ def pytest_runtest_makereport(item, call):
             print(f"\nrank {comm.rank}: {item.nodeid} failed\n{report.longreprtext}",
                   file=sys.stderr, flush=True)
             comm.Abort(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_blas_thread_per_rank():
+    """Several ranks share this machine's cores: one BLAS thread each, as refgpt.train does."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1):
+        yield

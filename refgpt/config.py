@@ -86,9 +86,9 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation, data and bookkeeping settings (Megatron-LM flag names, underscored)."""
 
-    micro_batch_size: int = 8
-    global_batch_size: int = 8
-    train_iters: int = 300
+    micro_batch_size: int = 4
+    global_batch_size: int = 16
+    train_iters: int = 200
     exit_interval: int = 0  # 0: never exit early
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -145,6 +145,32 @@ class TrainConfig:
             raise ConfigError(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if self.synthetic_data and self.data_path:
             raise ConfigError("give either --data-path or --synthetic-data, not both")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ParallelConfig:
+    """Process layout and the knobs of parallel execution."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    ddp_bucket_size: int = 1_000_000  # elements per gradient all-reduce bucket; 0: one bucket
+    threads_per_rank: int = 0  # 0: one BLAS thread when ranks share a node, else the default
+    timing_log_level: int = 1
+
+    def validate(self) -> None:
+        """Settings on their own; the fit to the world size is refgpt.parallel.grid.check_sizes."""
+        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        if tp > 1:
+            raise ConfigError(f"--tp {tp}: tensor parallelism is not implemented yet (issue #5)")
+        if pp > 1:
+            raise ConfigError(f"--pp {pp}: pipeline parallelism is not implemented yet (issue #6)")
+        if self.ddp_bucket_size < 0 or self.threads_per_rank < 0:
+            raise ConfigError("--ddp-bucket-size and --threads-per-rank must be >= 0")
+        if self.timing_log_level not in (0, 1, 2):
+            raise ConfigError(f"--timing-log-level must be 0, 1 or 2, got {self.timing_log_level}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

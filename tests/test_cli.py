@@ -59,15 +59,22 @@ def test_help_documents_flags():
         assert flag in r.stdout
 
 
-def test_mpiexec_one_rank_runs_and_more_ranks_are_refused():
+def test_mpiexec_runs_and_bad_layouts_exit_2_with_one_message():
     mpiexec = shutil.which("mpiexec")
     assert mpiexec, "mpiexec not found: install the mpich extra"
     ok = cli("-m", "refgpt.train", *TINY, "--train-iters", "1", launcher=(mpiexec, "-n", "1"))
     assert ok.returncode == 0, ok.stderr
-    bad = cli("-m", "refgpt.train", *TINY, "--train-iters", "1", launcher=(mpiexec, "-n", "2"))
-    assert bad.returncode != 0
-    assert bad.stderr.count("multi-process training (data parallelism) is not implemented") == 1
-    assert "Traceback" not in bad.stderr
+    ok = cli("-m", "refgpt.train", *TINY, "--train-iters", "1", launcher=(mpiexec, "-n", "2"))
+    assert ok.returncode == 0 and "tp 1 x dp 2 x pp 1" in ok.stdout, ok.stderr
+    for extra, message in ((["--global-batch-size", "6"], "not divisible by --micro-batch-size 2 x "
+                                                          "data-parallel size 2"),
+                           (["--pp", "3"], "world size 2 is not divisible by --tp 1 x --pp 3"),
+                           (["--tp", "2"], "tensor parallelism is not implemented yet (issue #5)"),
+                           (["--load", "/nonexistent"], "no checkpoint at /nonexistent")):
+        bad = cli("-m", "refgpt.train", *TINY, *extra, launcher=(mpiexec, "-n", "2"))
+        assert bad.returncode == 2, bad.stderr
+        assert bad.stderr.count("error: ") == 1 and message in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
 
 
 def one_line_error(capsys, main, argv, match):
@@ -83,7 +90,7 @@ def one_line_error(capsys, main, argv, match):
     (["--global-batch-size", "10", "--micro-batch-size", "4"], "not divisible by --micro-batch-size"),
     (["--dtype", "float16"], "--dtype must be one of"),
     (["--lr-decay-style", "step"], "--lr-decay-style must be one of"),
-    (["--tp", "2"], "tensor parallelism is not implemented yet"),
+    (["--tp", "2"], "the world size 1 is not divisible by --tp 2 x --pp 1"),
     (["--seq-length", "16", "--max-position-embeddings", "8"], "smaller than --seq-length"),
 ])
 def test_bad_settings(capsys, argv, match):
@@ -118,7 +125,7 @@ def test_config_file_with_flag_override(tmp_path):
     toml = tmp_path / "c.toml"
     toml.write_text('num-layers = 3\nhidden_size = 24\nnum-attention-heads = 3\nlr = 0.5\n'
                     'synthetic-data = true\n')
-    mcfg, tcfg, given, _ = train.parse_config(["--config", str(toml), "--lr", "0.25"])
+    mcfg, tcfg, _, given, _ = train.parse_config(["--config", str(toml), "--lr", "0.25"])
     assert (mcfg.num_layers, mcfg.hidden_size, mcfg.num_attention_heads) == (3, 24, 3)
     assert tcfg.lr == 0.25 and tcfg.synthetic_data and "lr" in given
 

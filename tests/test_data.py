@@ -8,7 +8,7 @@ import pytest
 from refgpt.data.tokenizer import load_tokenizer
 from refgpt.data.tokens import SyntheticDataset, TokenDataset, batch
 from refgpt.prepare import prepare
-from refgpt.train import Trainer
+from refgpt.engine import Trainer
 from refgpt.config import ModelConfig, TrainConfig
 
 TEXT = ("def add(a, b):\n    return a + b\n\n"

@@ -7,7 +7,7 @@ from refgpt.config import ModelConfig, TrainConfig
 from refgpt.nn import GPT
 from refgpt.nn.params import ParamSpec, init_value
 from refgpt.optim import AdamW
-from refgpt.train import Trainer
+from refgpt.engine import Trainer
 
 
 def tiny_model(**kw):

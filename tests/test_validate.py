@@ -15,7 +15,7 @@ from refgpt.config import ModelConfig
 from refgpt.interop import hf_config
 from refgpt.nn import GPT
 from refgpt.optim import AdamW
-from refgpt.train import Trainer
+from refgpt.engine import Trainer
 from refgpt.config import TrainConfig
 
 

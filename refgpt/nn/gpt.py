@@ -105,12 +105,29 @@ class GPT:
             record["logits"] = logits[..., :self.cfg.vocab_size]
         return self.loss_fn.forward(logits, targets, norm)
 
-    def backward(self) -> None:
-        """Backward of the oldest forward still pending, from d(loss) = 1."""
+    def backward(self, on_ready=None) -> None:
+        """Backward of the oldest forward still pending, from d(loss) = 1.
+
+        on_ready(names) is called as groups of parameters get their final gradient of this
+        backward, in the order of :meth:`ready_groups` (data parallelism starts reducing them).
+        """
+        groups = iter(self.ready_groups())
+        notify = (lambda: on_ready(next(groups))) if on_ready else (lambda: None)
         dx = self.ln_f.backward(self.head.backward(self.loss_fn.backward()))
+        notify()
         for block in reversed(self.blocks):
             dx = block.backward(dx)
+            notify()
         self.embed.backward(self.embed_drop.backward(dx))
+        notify()
+
+    def ready_groups(self) -> list[list[str]]:
+        """Parameter names in the order backward finalises them: ln_f, the blocks from last to
+        first, then the embeddings (wte also receives the tied head's gradient, at the start).
+        Within a group, names run backwards through the flat buffer, as the groups do."""
+        names = list(self.params)
+        prefixes = ["ln_f."] + [f"h.{i}." for i in reversed(range(self.cfg.num_layers))] + ["w"]
+        return [[n for n in reversed(names) if n.startswith(p)] for p in prefixes]
 
     def logits(self, idx: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         """Logits over the real vocabulary [B, T, V], no dropout, nothing saved."""

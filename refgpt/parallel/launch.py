@@ -11,21 +11,12 @@ from __future__ import annotations
 import os
 
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
-RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
-
-
-def _first_int(names) -> int | None:
-    for name in names:
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return int(value)
-    return None
 
 
 def launched_world_size() -> int:
     """Number of processes the launcher started (1 when run without a launcher)."""
-    return _first_int(SIZE_VARS) or 1
-
-
-def launched_rank() -> int:
-    return _first_int(RANK_VARS) or 0
+    for name in SIZE_VARS:
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return int(value)
+    return 1

@@ -1,0 +1,273 @@
+"""The training engine: model, optimizer, data and the loop, on one rank of a process grid.
+
+One iteration is one optimizer step over the global batch of G sequences (samples
+[kG, (k+1)G) of the run). Data-parallel rank r of d takes the contiguous share
+[kG + rG/d, kG + (r+1)G/d) and processes it as m = G/(d B) micro-batches of B sequences;
+every micro-batch's loss is divided by the global token count G*T, the gradients of the
+micro-batches accumulate locally, and the last micro-batch's backward all-reduces them over
+the data-parallel group in buckets (refgpt.parallel.data). Every rank then holds the
+gradient of the whole batch and takes the same AdamW step, so the parameters stay identical
+across data-parallel ranks, and equal the single-process run's up to rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .checkpoint import load_checkpoint, named_to_flat, save_checkpoint
+from .cli import CheckpointError
+from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from .data.tokens import SyntheticDataset, TokenDataset, batch, read_meta
+from .nn import GPT
+from .optim import AdamW, clip_grad_, grad_norm, learning_rate
+from .parallel.data import GradReducer
+from .parallel.faults import inject
+from .parallel.grid import Grid
+from .timers import Timers
+
+
+class Trainer:
+    """Owns the model, optimizer and data of one rank; ``run()`` trains and returns the log
+    (the same on every rank: losses and norms are reduced over the data-parallel group)."""
+
+    def __init__(self, mcfg: ModelConfig, tcfg: TrainConfig, pcfg: ParallelConfig | None = None,
+                 grid: Grid | None = None, given: set = frozenset(), log=print,
+                 progress: bool = False):
+        self.pcfg = pcfg or ParallelConfig()
+        self.grid = grid or Grid()
+        g = self.grid
+        self.log = log if g.rank == 0 else (lambda *_: None)
+        self.progress = progress and g.rank == 0
+        self.pcfg.validate()
+        tcfg.validate(g.dp_size)
+        ckpt = load_checkpoint(tcfg.load) if tcfg.load else None
+        if ckpt is not None:
+            mcfg = ModelConfig.from_dict(ckpt.state["model"])
+            self.log(f"resuming from {ckpt.path} (iteration {ckpt.state['iteration']}); "
+                     f"model shape taken from the checkpoint")
+        self.tokenizer = None
+        self.train_data, self.val_data = self._datasets(mcfg, tcfg, given, ckpt)
+        mcfg.validate()
+        self.mcfg, self.tcfg = mcfg, tcfg
+        self.dtype = np.dtype(tcfg.dtype)
+        self.model = GPT(mcfg, self.dtype, tcfg.seed)
+        p = self.model.params
+        self.opt = AdamW(p.data, p.grad, p.decay_mask(), betas=(tcfg.adam_beta1, tcfg.adam_beta2),
+                         eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
+        self.reducer = (GradReducer(p, g.dp_comm, self.model.ready_groups(), self.pcfg.ddp_bucket_size)
+                        if g.dp_size > 1 else None)
+        self.timers = Timers(self.pcfg.timing_log_level, g.world)
+        self.iteration, self.consumed = 0, 0
+        if ckpt is not None:
+            self._restore(ckpt)
+        self.gemm_rate = metrics.measure_gemm_rate(self.dtype)
+        self.history: list[dict] = []
+        inject("init", g.rank)
+
+    def _datasets(self, mcfg, tcfg, given, ckpt):
+        if tcfg.synthetic_data:
+            return (SyntheticDataset(mcfg.vocab_size, mcfg.seq_length, tcfg.seed, "train"),
+                    SyntheticDataset(mcfg.vocab_size, mcfg.seq_length, tcfg.seed, "val"))
+        if tcfg.data_path:
+            folder = Path(tcfg.data_path)
+        else:
+            folder = self._default_data(mcfg.vocab_size)
+        meta = read_meta(folder)
+        if ckpt is None and "vocab_size" not in given:
+            mcfg.vocab_size = meta["vocab_size"]
+        if mcfg.vocab_size < meta["vocab_size"]:
+            raise ConfigError(f"--vocab-size {mcfg.vocab_size} is smaller than the data's "
+                              f"vocabulary ({meta['vocab_size']}, {folder})")
+        tok = folder / "tokenizer.json"
+        self.tokenizer = tok if tok.is_file() else None
+        return (TokenDataset(folder, "train", mcfg.seq_length, tcfg.seed),
+                TokenDataset(folder, "val", mcfg.seq_length, tcfg.seed))
+
+    def _default_data(self, vocab_size: int) -> Path:
+        """The default corpus: rank 0 prepares it (once, cached) while the others wait."""
+        from .prepare import default_data
+        world = self.grid.world
+        if world is None:
+            return default_data(vocab_size, log=self.log)
+        folder = default_data(vocab_size, log=self.log) if world.Get_rank() == 0 else None
+        return Path(world.bcast(str(folder) if folder else None, root=0))
+
+    def _restore(self, ckpt) -> None:
+        p = self.model.params
+        try:
+            p.load_state_dict(ckpt.params)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        named_to_flat(ckpt.optimizer, "exp_avg.", p, self.opt.m)
+        named_to_flat(ckpt.optimizer, "exp_avg_sq.", p, self.opt.v)
+        self.opt.t = ckpt.state["optimizer_step"]
+        self.iteration = ckpt.state["iteration"]
+        self.consumed = ckpt.state["consumed_samples"]
+
+    # -- one optimizer step ------------------------------------------------------------
+    def lr_at(self, iteration: int) -> float:
+        t = self.tcfg
+        return learning_rate(iteration, lr=t.lr, min_lr=t.min_lr, warmup=t.lr_warmup_iters,
+                             decay_iters=t.lr_decay_iters or t.train_iters, style=t.lr_decay_style)
+
+    def dp_sum(self, value: float) -> float:
+        comm = self.grid.dp_comm
+        return value if comm is None else comm.allreduce(value)
+
+    def train_step(self) -> dict:
+        t, g, model, timers = self.tcfg, self.grid, self.model, self.timers
+        t0 = time.perf_counter()
+        G, B, T = t.global_batch_size, t.micro_batch_size, self.mcfg.seq_length
+        share = G // g.dp_size                             # sequences of this rank
+        first = self.consumed + g.dp_rank * share
+        norm = float(G * T)                                # global token count of the step
+        model.params.zero_grad()
+        loss = 0.0
+        for start in range(first, first + share, B):
+            ids = np.arange(start, start + B)
+            with timers("batch-generator"):
+                x, y = batch(self.train_data, ids)
+            inject("forward", g.rank)
+            with timers("forward"):
+                loss += model.forward(x, y, norm, key=(self.iteration, ids))
+            last = start + B == first + share
+            if last and self.reducer:
+                self.reducer.start()
+            inject("backward", g.rank)
+            with timers("backward"):
+                model.backward(self.reducer.ready if last and self.reducer else None)
+        inject("allreduce", g.rank)
+        with timers("grads-all-reduce"):
+            if self.reducer:
+                self.reducer.wait()
+            loss = self.dp_sum(loss)
+        lr = self.lr_at(self.iteration)
+        inject("optimizer", g.rank)
+        with timers("optimizer"):
+            gnorm = grad_norm(model.params.grad)
+            skipped = not math.isfinite(gnorm)
+            if not skipped:
+                clip_grad_(model.params.grad, t.clip_grad, gnorm)
+                self.opt.step(lr)
+        self.iteration += 1
+        self.consumed += G
+        dt = time.perf_counter() - t0
+        mflops = metrics.model_flops(self.mcfg, G)
+        return {"iter": self.iteration, "consumed_samples": self.consumed, "loss": loss, "lr": lr,
+                "grad_norm": gnorm, "skipped": int(skipped), "step_time_s": dt,
+                "tokens_per_s": G * T / dt,
+                "tflops": metrics.megatron_flops(G, T, self.mcfg.num_layers, self.mcfg.hidden_size,
+                                                 self.mcfg.padded_vocab) / dt / 1e12,
+                "model_tflops": mflops / dt / 1e12,
+                "mfu": mflops / dt / (self.gemm_rate * g.world_size)}
+
+    def evaluate(self) -> float:
+        """Mean loss over eval_iters global batches of the validation split, in order; the
+        batches are shared out over the data-parallel ranks like training batches."""
+        t, g, model = self.tcfg, self.grid, self.model
+        total_seqs, B, T = t.eval_iters * t.global_batch_size, t.micro_batch_size, self.mcfg.seq_length
+        share = total_seqs // g.dp_size
+        model.set_grad_enabled(False)
+        total = 0.0
+        try:
+            for start in range(g.dp_rank * share, (g.dp_rank + 1) * share, B):
+                x, y = batch(self.val_data, np.arange(start, start + B), sequential=True)
+                total += model.forward(x, y, float(total_seqs * T))
+        finally:
+            model.set_grad_enabled(True)
+        return self.dp_sum(total)
+
+    def save(self) -> Path | None:
+        inject("checkpoint", self.grid.rank)
+        if self.grid.rank != 0:               # every rank holds the same full state
+            return None
+        state = {"consumed_samples": self.consumed, "dtype": self.tcfg.dtype,
+                 "seed": self.tcfg.seed, "model": self.mcfg.to_dict(), "train": self.tcfg.to_dict()}
+        path = save_checkpoint(self.tcfg.save, self.iteration, self.model.params, self.opt, state,
+                               self.tokenizer)
+        self.log(f"saved checkpoint {path}")
+        return path
+
+    # -- the loop ----------------------------------------------------------------------
+    def log_line(self, r: dict) -> str:
+        return (f" iteration {r['iter']:8d}/{self.tcfg.train_iters:8d} |"
+                f" consumed samples: {r['consumed_samples']:10d} |"
+                f" elapsed time per iteration (ms): {1e3 * r['step_time_s']:.1f} |"
+                f" learning rate: {r['lr']:.3E} | global batch size: {self.tcfg.global_batch_size:5d} |"
+                f" lm loss: {r['loss']:.6E} | grad norm: {r['grad_norm']:.3f} |"
+                f" skipped iterations: {r['skipped']} | tokens/s: {r['tokens_per_s']:.0f} |"
+                f" TFLOP/s: {r['tflops']:.3f} | MFU: {100 * r['mfu']:.1f}%")
+
+    @staticmethod
+    def timers_line(timers_ms: dict) -> str:
+        return " time per iteration (ms), min/max over ranks | " + " | ".join(
+            f"{name}: {lo:.1f}/{hi:.1f}" for name, (lo, hi) in timers_ms.items())
+
+    def banner(self) -> str:
+        m, t, g = self.mcfg, self.tcfg, self.grid
+        return (f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} "
+                f"heads, seq {m.seq_length}, vocab {m.vocab_size} (padded {m.padded_vocab}), "
+                f"{self.model.params.numel:,} parameters, {t.dtype}\n"
+                f"layout: {g.describe()}; global batch {t.global_batch_size} = data-parallel "
+                f"{g.dp_size} x {t.global_batch_size // (g.dp_size * t.micro_batch_size)} "
+                f"micro-batches x {t.micro_batch_size} sequences; gradient buckets: "
+                f"{len(self.reducer.buckets) if self.reducer else 0}; measured GEMM rate "
+                f"{self.gemm_rate / 1e9:.1f} GFLOP/s per rank")
+
+    def run(self) -> list[dict]:
+        t, rank0 = self.tcfg, self.grid.rank == 0
+        self.log(self.banner())
+        jsonl = open(t.log_jsonl, "a" if t.load else "w") if (t.log_jsonl and rank0) else None
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=t.train_iters, initial=self.iteration, unit="it", disable=None,
+                       dynamic_ncols=True)
+            self.log = bar.write
+        last_log = self.iteration
+        try:
+            while self.iteration < t.train_iters:
+                r = self.train_step()
+                last = self.iteration == t.train_iters
+                stop = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
+                if t.eval_iters and ((t.eval_interval and self.iteration % t.eval_interval == 0)
+                                     or last):
+                    r["val_loss"] = self.evaluate()
+                logging = self.iteration % t.log_interval == 0 or last or stop
+                if logging and self.timers.level:
+                    n = self.iteration - last_log
+                    r["timers_ms"] = {k: [1e3 * lo / n, 1e3 * hi / n]
+                                      for k, (lo, hi) in self.timers.summary(self.grid.world).items()}
+                    last_log = self.iteration
+                self.history.append(r)
+                if jsonl:
+                    jsonl.write(json.dumps(r) + "\n")
+                    jsonl.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}")
+                if logging:
+                    self.log(self.log_line(r))
+                    if "timers_ms" in r:
+                        self.log(self.timers_line(r["timers_ms"]))
+                if "val_loss" in r:
+                    self.log(f" validation loss at iteration {r['iter']}: {r['val_loss']:.6E} | "
+                             f"perplexity: {math.exp(min(r['val_loss'], 50)):.3f}")
+                if t.save and ((t.save_interval and self.iteration % t.save_interval == 0)
+                               or last or stop):
+                    self.save()
+                if stop:
+                    self.log(f"exiting at iteration {self.iteration} (--exit-interval)")
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if jsonl:
+                jsonl.close()
+        return self.history

@@ -1,0 +1,69 @@
+"""Data parallelism: each of d ranks computes the gradient of its share of the global batch;
+the shares are summed so every rank holds the gradient of the whole batch.
+
+Because each micro-batch's loss is divided by the token count of the *global* batch (see
+refgpt.nn.loss), the sum over ranks (and over the m micro-batches a rank accumulates) is
+exactly the single-process gradient:
+
+    g = sum_{r < d} sum_{j < m} grad L_{r,j},    L_{r,j} = (token losses of micro-batch j of rank r) / (G T)
+
+The sum runs over the flat gradient buffer in *buckets*: contiguous runs of whole parameters,
+filled in the order backward finishes them (last block first). During the last micro-batch's
+backward, a bucket's non-blocking all-reduce (MPI_Iallreduce, in place) starts as soon as all
+of its parameters are final, so communication overlaps the rest of backward; the optimizer
+waits for all of them. Earlier micro-batches only accumulate locally (no communication).
+The token table is final only after the embedding's backward (it also feeds the tied head),
+so its bucket goes last. ``bucket_elems = 0`` puts everything in one bucket, reduced after
+backward: the same numbers, no overlap.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class GradReducer:
+    def __init__(self, params, dp_comm, ready_order: list[list[str]], bucket_elems: int):
+        """ready_order: parameter names grouped in the order backward finalises them (for a
+        GPT this is the reverse of the flat buffer's order, so buckets are contiguous)."""
+        self.grad, self.comm = params.grad, dp_comm
+        names = [n for group in ready_order for n in group]
+        if sorted(names) != sorted(params.slices):
+            raise ValueError("ready_order must name every parameter exactly once")
+        offsets = [params.slices[n][0] for n in names]
+        if offsets != sorted(offsets, reverse=True):
+            raise ValueError("ready_order must run backwards through the flat buffer")
+        self.buckets: list[tuple[int, int, set]] = []        # (lo, hi, parameter names)
+        current, count = [], 0
+        for n in names:
+            lo, hi = params.slices[n]
+            current.append(n)
+            count += hi - lo
+            if (bucket_elems and count >= bucket_elems) or n == names[-1]:
+                self.buckets.append((params.slices[current[-1]][0],
+                                     params.slices[current[0]][1], set(current)))
+                current, count = [], 0
+        self.pending: list = []
+        self.waiting: list[set] = []
+
+    def start(self) -> None:
+        """Arm the buckets before the last micro-batch's backward."""
+        self.waiting = [set(b[2]) for b in self.buckets]
+        self.pending = []
+
+    def ready(self, names) -> None:
+        """Backward calls this with parameters whose gradients are final."""
+        from mpi4py import MPI
+        for (lo, hi, _), left in zip(self.buckets, self.waiting):
+            if left:
+                left.difference_update(names)
+                if not left:
+                    self.pending.append(self.comm.Iallreduce(MPI.IN_PLACE, self.grad[lo:hi], op=MPI.SUM))
+
+    def wait(self) -> None:
+        """Block until every bucket is reduced (before clipping and the optimizer)."""
+        from mpi4py import MPI
+        if any(self.waiting):
+            raise RuntimeError("some gradient buckets were never ready: backward skipped a parameter")
+        MPI.Request.Waitall(self.pending)
+        self.pending = []

@@ -1,0 +1,89 @@
+"""The process grid: COMM_WORLD split into tensor-, data- and pipeline-parallel groups.
+
+world = t * d * p ranks. Rank order: TP innermost (consecutive ranks, so a TP group sits on
+one node), then DP, then PP:
+
+    rank = tp + t * (dp + d * pp)          tp in [0, t), dp in [0, d), pp in [0, p)
+
+Worked example, 16 ranks with t = 2, p = 4 (so d = 2):
+
+    TP groups  [0 1] [2 3] [4 5] ... [14 15]              ranks that share a layer's shards
+    DP groups  [0 2] [1 3] [4 6] [5 7] ... [13 15]        same shard, different data
+    PP groups  [0 4 8 12] [1 5 9 13] [2 6 10 14] [3 7 11 15]   one stage each, in order
+    MP groups  [0 1 4 5 8 9 12 13] [2 3 6 7 10 11 14 15]  one whole model replica (grad norm)
+
+Each communicator is made with one Comm.Split whose colour names the group and whose key is
+the rank's coordinate along it, so a rank's rank in tp_comm is its tp coordinate, and so on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import ConfigError
+
+
+@dataclass(frozen=True)
+class Coords:
+    tp: int
+    dp: int
+    pp: int
+
+
+def coords(rank: int, tp: int, dp: int) -> Coords:
+    return Coords(rank % tp, (rank // tp) % dp, rank // (tp * dp))
+
+
+def groups(world: int, tp: int, pp: int) -> dict[str, list[list[int]]]:
+    """Closed-form membership of every group (what the Splits must produce), for tests/docs."""
+    dp = world // (tp * pp)
+    rank = lambda t, d, p: t + tp * (d + dp * p)  # noqa: E731
+    return {
+        "tp": [[rank(t, d, p) for t in range(tp)] for p in range(pp) for d in range(dp)],
+        "dp": [[rank(t, d, p) for d in range(dp)] for p in range(pp) for t in range(tp)],
+        "pp": [[rank(t, d, p) for p in range(pp)] for d in range(dp) for t in range(tp)],
+        "mp": [[rank(t, d, p) for p in range(pp) for t in range(tp)] for d in range(dp)],
+    }
+
+
+def check_sizes(world: int, tp: int, pp: int) -> int:
+    """The data-parallel size, or a ConfigError saying why the layout is impossible."""
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"--tp and --pp must be >= 1, got {tp} and {pp}")
+    if world % (tp * pp):
+        raise ConfigError(f"the world size {world} is not divisible by --tp {tp} x --pp {pp}")
+    return world // (tp * pp)
+
+
+class Grid:
+    """This rank's coordinates and communicators. ``Grid(None)`` is the single process
+    (every size 1, no communicator and no MPI needed)."""
+
+    def __init__(self, world_comm=None, tp: int = 1, pp: int = 1):
+        self.world = world_comm
+        self.world_size = 1 if world_comm is None else world_comm.Get_size()
+        self.rank = 0 if world_comm is None else world_comm.Get_rank()
+        self.tp_size, self.pp_size = tp, pp
+        self.dp_size = check_sizes(self.world_size, tp, pp)
+        c = coords(self.rank, tp, self.dp_size)
+        self.tp_rank, self.dp_rank, self.pp_rank = c.tp, c.dp, c.pp
+        self.tp_comm = self.dp_comm = self.pp_comm = self.mp_comm = None
+        if world_comm is not None:
+            t, d, p = tp, self.dp_size, pp
+            self.tp_comm = world_comm.Split(color=c.dp + d * c.pp, key=c.tp)
+            self.dp_comm = world_comm.Split(color=c.tp + t * c.pp, key=c.dp)
+            self.pp_comm = world_comm.Split(color=c.tp + t * c.dp, key=c.pp)
+            self.mp_comm = world_comm.Split(color=c.dp, key=c.tp + t * c.pp)
+
+    @property
+    def pp_prev(self) -> int | None:
+        """World rank of the previous pipeline stage (None on the first)."""
+        return None if self.pp_rank == 0 else self.rank - self.tp_size * self.dp_size
+
+    @property
+    def pp_next(self) -> int | None:
+        return None if self.pp_rank == self.pp_size - 1 else self.rank + self.tp_size * self.dp_size
+
+    def describe(self) -> str:
+        return (f"{self.world_size} ranks = tp {self.tp_size} x dp {self.dp_size} x "
+                f"pp {self.pp_size}")

@@ -1,0 +1,20 @@
+"""Threads per rank. Several ranks on one node each running a BLAS with one thread per core
+oversubscribe the cores (and threaded small GEMMs then collapse), so when ranks share a node
+each gets one BLAS thread unless --threads-per-rank says otherwise."""
+
+from __future__ import annotations
+
+
+def set_threads(world_comm, requested: int):
+    """Apply the BLAS/OpenMP thread limit; returns (limiter, a line for the log)."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+    local = 1
+    if world_comm is not None:
+        from mpi4py import MPI
+        node = world_comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local = node.Get_size()
+        node.Free()
+    threads = requested or (1 if local > 1 else None)
+    limiter = threadpool_limits(limits=threads) if threads else None
+    libs = ", ".join(sorted({f"{i['internal_api']} {i['num_threads']}" for i in threadpool_info()}))
+    return limiter, f"threads: {local} rank(s) on this node; per rank: {libs or 'no BLAS found'}"

@@ -1,0 +1,54 @@
+"""Megatron-style named timers, reported as min/max over ranks.
+
+    timers = Timers(level)
+    with timers("forward"):
+        ...
+    timers.summary(comm)   # {"forward": (min_s, max_s), ...} since the last summary
+
+Levels (--timing-log-level): 0 no timers; 1 local wall-clock time of each phase, no
+synchronisation in the step (the min/max reduction runs only when a summary is logged);
+2 also a barrier before each timed phase, so a phase's time excludes waiting for slower ranks
+(slower, but attributes load imbalance to the right phase).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+NAMES = ("batch-generator", "forward", "backward", "grads-all-reduce", "optimizer")
+
+
+class Timers:
+    def __init__(self, level: int = 1, comm=None):
+        self.level, self.comm = level, comm
+        self.elapsed = dict.fromkeys(NAMES, 0.0)
+
+    @contextmanager
+    def __call__(self, name: str):
+        if self.level == 0:
+            yield
+            return
+        if self.level >= 2 and self.comm is not None:
+            self.comm.Barrier()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.elapsed[name] += time.perf_counter() - t0
+
+    def summary(self, comm=None) -> dict[str, tuple[float, float]]:
+        """(min, max) over the ranks of comm of each timer since the last summary; resets.
+        Collective over comm: every rank must call it at the same iteration."""
+        if self.level == 0:
+            return {}
+        local = np.array([self.elapsed[n] for n in NAMES])
+        lo, hi = local.copy(), local.copy()
+        if comm is not None and comm.Get_size() > 1:
+            from mpi4py import MPI
+            comm.Allreduce(local, lo, op=MPI.MIN)
+            comm.Allreduce(local, hi, op=MPI.MAX)
+        self.elapsed = dict.fromkeys(NAMES, 0.0)
+        return {n: (float(a), float(b)) for n, a, b in zip(NAMES, lo, hi)}

@@ -1,0 +1,50 @@
+"""No hangs: a failure on one rank, in any phase, ends a 4-rank job with a non-zero status.
+
+These launch their own `mpiexec -n 4` jobs, so they run in the single-process session
+(nesting mpiexec inside an MPI job is not portable)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from refgpt.parallel.faults import PHASES, inject, parse
+
+JOB = ["-m", "refgpt.train", "--synthetic-data", "--num-layers", "1", "--hidden-size", "16",
+       "--num-attention-heads", "2", "--seq-length", "8", "--vocab-size", "50",
+       "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "3",
+       "--eval-iters", "0", "--no-progress"]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_fault_on_one_rank_ends_the_job(phase, tmp_path):
+    mpiexec = shutil.which("mpiexec")
+    assert mpiexec, "mpiexec not found: install the mpich extra"
+    env = dict(os.environ, REFGPT_FAULT=f"rank=2,phase={phase}", PYTHONPATH=os.getcwd())
+    t0 = time.monotonic()
+    r = subprocess.run([mpiexec, "-n", "4", sys.executable, *JOB, "--save", str(tmp_path)],
+                       env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert r.returncode != 0
+    assert elapsed < 30, f"the job took {elapsed:.0f} s to end"
+    assert r.stderr.count(f"rank 2: InjectedFault: injected fault at phase '{phase}'") == 1, r.stderr
+    assert "Traceback" in r.stderr
+
+
+def test_fault_spec():
+    assert parse("rank=3,phase=optimizer") == (3, "optimizer")
+    with pytest.raises(ValueError, match="phase must be one of"):
+        parse("rank=0,phase=lunch")
+    with pytest.raises(ValueError, match="must look like"):
+        parse("garbage")
+
+
+def test_no_fault_without_the_variable(monkeypatch):
+    monkeypatch.delenv("REFGPT_FAULT", raising=False)
+    inject("forward", 0)
+    monkeypatch.setenv("REFGPT_FAULT", "rank=1,phase=forward")
+    inject("forward", 0)
+    inject("backward", 1)

@@ -1,0 +1,41 @@
+"""The grid's closed form, without MPI (mpi_tests check the real communicators)."""
+
+import pytest
+
+from refgpt.parallel.grid import check_sizes, coords, groups
+
+
+def factorisations(world):
+    return [(t, p) for t in range(1, world + 1) for p in range(1, world + 1) if world % (t * p) == 0]
+
+
+@pytest.mark.parametrize("world", range(1, 17))
+def test_every_factorisation_partitions_the_world(world):
+    for tp, pp in factorisations(world):
+        dp = world // (tp * pp)
+        g = groups(world, tp, pp)
+        for kind, size in (("tp", tp), ("dp", dp), ("pp", pp), ("mp", tp * pp)):
+            members = sorted(r for group in g[kind] for r in group)
+            assert members == list(range(world)) and all(len(x) == size for x in g[kind])
+        for group in g["tp"]:                                   # TP groups are contiguous
+            assert group == list(range(group[0], group[0] + tp))
+        for r in range(world):                                  # coordinates index the groups
+            c = coords(r, tp, dp)
+            assert c.tp + tp * (c.dp + dp * c.pp) == r
+            assert [grp for grp in g["tp"] if r in grp][0][c.tp] == r
+            assert [grp for grp in g["dp"] if r in grp][0][c.dp] == r
+            assert [grp for grp in g["pp"] if r in grp][0][c.pp] == r
+
+
+def test_megatron_example():
+    g = groups(16, 2, 4)
+    assert g["tp"][:2] == [[0, 1], [2, 3]]
+    assert g["dp"][:2] == [[0, 2], [1, 3]]
+    assert g["pp"][0] == [0, 4, 8, 12]
+
+
+def test_impossible_layouts():
+    with pytest.raises(ValueError, match="world size 6 is not divisible by --tp 2 x --pp 2"):
+        check_sizes(6, 2, 2)
+    with pytest.raises(ValueError, match=">= 1"):
+        check_sizes(4, 0, 1)
