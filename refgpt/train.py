@@ -135,9 +135,9 @@ def parse_config(argv=None) -> tuple[ModelConfig, TrainConfig, ParallelConfig, s
     return mcfg, tcfg, pcfg, set(values), other
 
 
-def train(argv, world_comm) -> None:
-    """Parse, validate, build the grid and train. User errors found before training (the
-    same on every rank, or agreed on by all ranks) raise; anything later is the caller's."""
+def setup(argv, world_comm) -> Trainer:
+    """Parse, validate, build the grid and the trainer. User errors raise here, before any
+    training collective: either the same on every rank, or agreed on by all ranks."""
     mcfg, tcfg, pcfg, given, other = parse_config(argv)
     world = 1 if world_comm is None else world_comm.Get_size()
     dp = check_sizes(world, pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size)
@@ -145,8 +145,8 @@ def train(argv, world_comm) -> None:
     tcfg.validate(dp)
     mcfg.validate()
     grid = Grid(world_comm, pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size)
-    limiter, threads = set_threads(world_comm, pcfg.threads_per_rank)
-    error = None
+    threads = set_threads(world_comm, pcfg.threads_per_rank)
+    error = trainer = None
     try:
         trainer = Trainer(mcfg, tcfg, pcfg, grid, given, progress=other.get("progress", True))
     except USER_ERRORS as e:                   # e.g. data or checkpoint missing on some rank
@@ -160,23 +160,28 @@ def train(argv, world_comm) -> None:
     if error is not None:
         raise error
     trainer.log(threads)
-    trainer.run()
-    del limiter
+    return trainer
+
+
+@exit_on_user_error
+def run_single(argv) -> int:
+    setup(argv, None).run()
+    return 0
 
 
 def main(argv=None) -> int:
     """Single process: plain python, or mpiexec -n 1 (no MPI needed). Several processes:
-    configuration errors print once (rank 0) and every rank exits with status 2; any other
-    error prints "rank R: ..." with its traceback and aborts the whole job."""
+    set-up errors print once (rank 0) and every rank exits with status 2; any error after
+    that prints "rank R: ..." with its traceback and aborts the whole job."""
     if launched_world_size() == 1:
-        return exit_on_user_error(train)(argv, None) or 0
+        return run_single(argv)
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     rank = comm.Get_rank()
     if rank != 0:                              # --help and usage errors: print once
         sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
-        train(argv, comm)
+        trainer = setup(argv, comm)
     except USER_ERRORS as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
@@ -184,10 +189,19 @@ def main(argv=None) -> int:
     except SystemExit:
         raise
     except BaseException as e:                 # noqa: BLE001 - any failure must end the job
-        sys.__stderr__.write(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-        sys.__stderr__.flush()
-        comm.Abort(1)
+        abort(comm, e)
+    try:
+        trainer.run()
+    except BaseException as e:                 # noqa: BLE001 - user errors too: others may wait
+        abort(comm, e)
     return 0
+
+
+def abort(comm, e: BaseException) -> None:
+    rank = comm.Get_rank()
+    sys.__stderr__.write(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
+    sys.__stderr__.flush()
+    comm.Abort(1)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,14 @@ and compares the logits, the loss, every parameter gradient, then the parameters
 decay groups; a new batch each step).
 
 In float64 every tensor agrees to 1e-10 (measured on GPT-2 124M's shape: gradients to
-1.4e-14, parameters after 3 steps to 1.1e-12), which catches any optimizer slip: a step wrong
-by one part in 10^5 moves a parameter by more than that. In float32 the parameters agree to 1e-4 after small steps (the default schedule: lr 1e-3
-with 20 warm-up iterations, so the first steps use lr <= 1.5e-4) but not after large ones.
-AdamW normalises every element's step to about lr, so the float32 rounding of a small gradient
-element (a relative error of up to ~1e-2; the key bias's gradient is even pure rounding noise,
-zero in exact arithmetic) becomes a difference of up to ~1e-2 lr in that parameter, in any two
-implementations alike. float64 is the tight check of the optimizer; float32 checks that the
-float32 path is sane.
+1.4e-14, parameters after 3 steps to 1.1e-12), tight enough that an optimizer slip (decay on
+the wrong tensors, a missing bias correction) fails. In float32 the parameters agree to 1e-4
+after small steps (the default schedule: lr 1e-3 with 20 warm-up iterations, so the first
+steps use lr <= 1.5e-4) but not after large ones: AdamW normalises every element's step to
+about lr, so the float32 rounding of a small gradient element (a relative error of up to
+~1e-2; the key bias's gradient is even pure rounding noise, zero in exact arithmetic) becomes
+a difference of up to ~1e-2 lr in that parameter, in any two implementations alike. float64
+is the tight check of the optimizer; float32 checks that the float32 path is sane.
 
 --dump writes the inputs, every activation, the loss, every gradient and the weights of one
 batch under the names documented in :mod:`refgpt.dump`. --compare checks a dump (refgpt's or

@@ -101,24 +101,23 @@ def test_tied_head(rng):
     check_layer(TiedHead(p), p, rng.standard_normal((2, 3, 4)))
 
 
+def attention_params(C):
+    return make_params([ParamSpec("a.c_attn.weight", (C, 3 * C), "normal", 0.5),
+                        ParamSpec("a.c_attn.bias", (3 * C,)),
+                        ParamSpec("a.c_proj.weight", (C, C), "normal", 0.5),
+                        ParamSpec("a.c_proj.bias", (C,))])
+
+
 def test_attention(rng):
-    C = 6
-    p = make_params([ParamSpec("a.c_attn.weight", (C, 3 * C), "normal", 0.5),
-                     ParamSpec("a.c_attn.bias", (3 * C,)),
-                     ParamSpec("a.c_proj.weight", (C, C), "normal", 0.5),
-                     ParamSpec("a.c_proj.bias", (C,))])
+    p = attention_params(6)
     attn = CausalSelfAttention(p, "a", num_heads=2, dropout=0.0, seed=0)
-    check_layer(attn, p, rng.standard_normal((2, 5, C)))
+    check_layer(attn, p, rng.standard_normal((2, 5, 6)))
 
 
 def test_attention_with_dropout(rng):
-    C = 4
-    p = make_params([ParamSpec("a.c_attn.weight", (C, 3 * C), "normal", 0.5),
-                     ParamSpec("a.c_attn.bias", (3 * C,)),
-                     ParamSpec("a.c_proj.weight", (C, C), "normal", 0.5),
-                     ParamSpec("a.c_proj.bias", (C,))])
+    p = attention_params(4)
     attn = CausalSelfAttention(p, "a", num_heads=2, dropout=0.3, seed=0)
-    check_layer(attn, p, rng.standard_normal((2, 4, C)),
+    check_layer(attn, p, rng.standard_normal((2, 4, 4)),
                 forward=lambda x: attn.forward(x, key=(5, [10, 11])))
 
 

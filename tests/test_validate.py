@@ -43,7 +43,8 @@ def test_validate_against_hf(capsys, dtype, shape, steps):
     lr = ["--lr", "1e-2", "--lr-warmup-iters", "1"] if dtype == "float64" else []
     code, out = run_validate(capsys, ["--against", "hf", "--dtype", dtype, "--steps", steps,
                                       *lr, *SHAPES[shape]])
-    assert code == 0 and out[-1].endswith(f"PASS (tolerance {1e-10 if dtype == 'float64' else 1e-4:g})"), out[-3:]
+    tolerance = 1e-10 if dtype == "float64" else 1e-4
+    assert code == 0 and out[-1].endswith(f"PASS (tolerance {tolerance:g})"), out[-3:]
     names = [line.split()[0] for line in out[1:-1]]
     assert names[0] == "logits" and "loss" in names and "grad.wte.weight" in names
     assert any(n.startswith("param.") for n in names) == (steps != "0")

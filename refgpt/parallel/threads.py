@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 def set_threads(world_comm, requested: int):
-    """Apply the BLAS/OpenMP thread limit; returns (limiter, a line for the log)."""
+    """Apply the BLAS/OpenMP thread limit (for the rest of the process); returns a log line."""
     from threadpoolctl import threadpool_info, threadpool_limits
     local = 1
     if world_comm is not None:
@@ -15,6 +15,7 @@ def set_threads(world_comm, requested: int):
         local = node.Get_size()
         node.Free()
     threads = requested or (1 if local > 1 else None)
-    limiter = threadpool_limits(limits=threads) if threads else None
+    if threads:
+        threadpool_limits(limits=threads)
     libs = ", ".join(sorted({f"{i['internal_api']} {i['num_threads']}" for i in threadpool_info()}))
-    return limiter, f"threads: {local} rank(s) on this node; per rank: {libs or 'no BLAS found'}"
+    return f"threads: {local} rank(s) on this node; per rank: {libs or 'no BLAS found'}"
