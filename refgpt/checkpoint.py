@@ -51,8 +51,10 @@ def flat_to_named(flat: np.ndarray, params) -> dict[str, np.ndarray]:
     return {n: flat[lo:hi].reshape(params.specs[n].shape) for n, (lo, hi) in params.slices.items()}
 
 
-def save_checkpoint(root, iteration: int, params, optimizer, state: dict,
+def save_checkpoint(root, iteration: int, params: dict[str, np.ndarray],
+                    moments: dict[str, dict[str, np.ndarray]], step: int, state: dict,
                     tokenizer: Path | None = None) -> Path:
+    """params: full tensors by name; moments: {"exp_avg": {name: tensor}, "exp_avg_sq": ...}."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:07d}"
@@ -61,11 +63,9 @@ def save_checkpoint(root, iteration: int, params, optimizer, state: dict,
         shutil.rmtree(tmp)
     tmp.mkdir()
     save_file({n: np.ascontiguousarray(v) for n, v in params.items()}, str(tmp / "model.safetensors"))
-    moments = {}
-    for key, buf in (("exp_avg", optimizer.m), ("exp_avg_sq", optimizer.v)):
-        moments.update({f"{key}.{n}": np.ascontiguousarray(v) for n, v in flat_to_named(buf, params).items()})
-    save_file(moments, str(tmp / "optimizer.safetensors"))
-    full_state = {"format": FORMAT, "iteration": iteration, "optimizer_step": optimizer.t, **state}
+    save_file({f"{key}.{n}": np.ascontiguousarray(v) for key, named in moments.items()
+               for n, v in named.items()}, str(tmp / "optimizer.safetensors"))
+    full_state = {"format": FORMAT, "iteration": iteration, "optimizer_step": step, **state}
     (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
     if tokenizer is not None:
         shutil.copyfile(tokenizer, tmp / "tokenizer.json")

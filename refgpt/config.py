@@ -156,6 +156,7 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
     ddp_bucket_size: int = 1_000_000  # elements per gradient all-reduce bucket; 0: one bucket
     threads_per_rank: int = 0  # 0: one BLAS thread when ranks share a node, else the default
     timing_log_level: int = 1
@@ -163,8 +164,8 @@ class ParallelConfig:
     def validate(self) -> None:
         """Settings on their own; the fit to the world size is refgpt.parallel.grid.check_sizes."""
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        if tp > 1:
-            raise ConfigError(f"--tp {tp}: tensor parallelism is not implemented yet (issue #5)")
+        if self.sequence_parallel and tp == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if pp > 1:
             raise ConfigError(f"--pp {pp}: pipeline parallelism is not implemented yet (issue #6)")
         if self.ddp_bucket_size < 0 or self.threads_per_rank < 0:

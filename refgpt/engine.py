@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .checkpoint import load_checkpoint, named_to_flat, save_checkpoint
+from .checkpoint import flat_to_named, load_checkpoint, named_to_flat, save_checkpoint
 from .cli import CheckpointError
 from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from .data.tokens import SyntheticDataset, TokenDataset, batch, read_meta
@@ -29,6 +29,8 @@ from .optim import AdamW, clip_grad_, grad_norm, learning_rate
 from .parallel.data import GradReducer
 from .parallel.faults import inject
 from .parallel.grid import Grid
+from .parallel.tensor import ParallelGPT
+from .parallel.tensor_comm import TPComm
 from .timers import Timers
 
 
@@ -56,7 +58,11 @@ class Trainer:
         mcfg.validate()
         self.mcfg, self.tcfg = mcfg, tcfg
         self.dtype = np.dtype(tcfg.dtype)
-        self.model = GPT(mcfg, self.dtype, tcfg.seed)
+        if g.tp_size > 1:
+            self.model = ParallelGPT(mcfg, self.dtype, tcfg.seed, TPComm(g.tp_comm),
+                                     self.pcfg.sequence_parallel)
+        else:
+            self.model = GPT(mcfg, self.dtype, tcfg.seed)
         p = self.model.params
         self.opt = AdamW(p.data, p.grad, p.decay_mask(), betas=(tcfg.adam_beta1, tcfg.adam_beta2),
                          eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
@@ -98,14 +104,21 @@ class Trainer:
         folder = default_data(vocab_size, log=self.log) if world.Get_rank() == 0 else None
         return Path(world.bcast(str(folder) if folder else None, root=0))
 
+    def _local(self, tensors: dict, prefix: str = "") -> dict:
+        """This rank's part of full tensors named prefix + parameter name."""
+        if not isinstance(self.model, ParallelGPT):
+            return tensors
+        return {k: self.model.shard(k[len(prefix):], v) for k, v in tensors.items()
+                if k.startswith(prefix) and k[len(prefix):] in self.model.kinds}
+
     def _restore(self, ckpt) -> None:
         p = self.model.params
         try:
-            p.load_state_dict(ckpt.params)
+            p.load_state_dict(self._local(ckpt.params))
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{ckpt.path}: {e}") from None
-        named_to_flat(ckpt.optimizer, "exp_avg.", p, self.opt.m)
-        named_to_flat(ckpt.optimizer, "exp_avg_sq.", p, self.opt.v)
+        named_to_flat(self._local(ckpt.optimizer, "exp_avg."), "exp_avg.", p, self.opt.m)
+        named_to_flat(self._local(ckpt.optimizer, "exp_avg_sq."), "exp_avg_sq.", p, self.opt.v)
         self.opt.t = ckpt.state["optimizer_step"]
         self.iteration = ckpt.state["iteration"]
         self.consumed = ckpt.state["consumed_samples"]
@@ -115,6 +128,14 @@ class Trainer:
         t = self.tcfg
         return learning_rate(iteration, lr=t.lr, min_lr=t.min_lr, warmup=t.lr_warmup_iters,
                              decay_iters=t.lr_decay_iters or t.train_iters, style=t.lr_decay_style)
+
+    def grads_ready(self, names) -> None:
+        """During the last micro-batch's backward: these parameters' gradients are complete
+        on this rank; finish them over TP (sequence parallelism), then start their DP sum."""
+        if isinstance(self.model, ParallelGPT):
+            self.model.reduce_replicated_grads(names)
+        if self.reducer:
+            self.reducer.ready(names)
 
     def dp_sum(self, value: float) -> float:
         comm = self.grid.dp_comm
@@ -141,7 +162,7 @@ class Trainer:
                 self.reducer.start()
             inject("backward", g.rank)
             with timers("backward"):
-                model.backward(self.reducer.ready if last and self.reducer else None)
+                model.backward(self.grads_ready if last else None)
         inject("allreduce", g.rank)
         with timers("grads-all-reduce"):
             if self.reducer:
@@ -150,7 +171,8 @@ class Trainer:
         lr = self.lr_at(self.iteration)
         inject("optimizer", g.rank)
         with timers("optimizer"):
-            gnorm = grad_norm(model.params.grad)
+            gnorm = (model.grad_norm() if isinstance(model, ParallelGPT)
+                     else grad_norm(model.params.grad))
             skipped = not math.isfinite(gnorm)
             if not skipped:
                 clip_grad_(model.params.grad, t.clip_grad, gnorm)
@@ -184,13 +206,20 @@ class Trainer:
         return self.dp_sum(total)
 
     def save(self) -> Path | None:
+        """Rank 0 writes the full (unsharded) state; tensor-parallel shards are gathered first."""
         inject("checkpoint", self.grid.rank)
-        if self.grid.rank != 0:               # every rank holds the same full state
+        p, opt = self.model.params, self.opt
+        if isinstance(self.model, ParallelGPT):             # collective over each TP group
+            full = self.model.full_tensors
+            params, m, v = full(p.data), full(opt.m), full(opt.v)
+        else:
+            params, m, v = dict(p.items()), flat_to_named(opt.m, p), flat_to_named(opt.v, p)
+        if self.grid.rank != 0:
             return None
         state = {"consumed_samples": self.consumed, "dtype": self.tcfg.dtype,
                  "seed": self.tcfg.seed, "model": self.mcfg.to_dict(), "train": self.tcfg.to_dict()}
-        path = save_checkpoint(self.tcfg.save, self.iteration, self.model.params, self.opt, state,
-                               self.tokenizer)
+        path = save_checkpoint(self.tcfg.save, self.iteration, params,
+                               {"exp_avg": m, "exp_avg_sq": v}, opt.t, state, self.tokenizer)
         self.log(f"saved checkpoint {path}")
         return path
 

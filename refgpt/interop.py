@@ -122,16 +122,16 @@ def import_hf(hfdir, ckpt_path, dtype: str = "float32") -> Path:
     from .checkpoint import save_checkpoint
     from .config import TrainConfig
     from .nn import Params, param_specs
-    from .optim import AdamW
     cfg, tensors = load_hf(hfdir)
     params = Params(param_specs(cfg), np.dtype(dtype))
     try:
         params.load_state_dict(tensors)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{hfdir}: {e}") from None
-    opt = AdamW(params.data, params.grad, params.decay_mask())
+    zeros = {n: np.zeros_like(v) for n, v in params.items()}   # a fresh AdamW state
     state = {"consumed_samples": 0, "dtype": dtype, "seed": 0, "model": cfg.to_dict(),
              "train": TrainConfig(dtype=dtype).to_dict()}
     tok = Path(hfdir) / "tokenizer.json"
-    return save_checkpoint(ckpt_path, 0, params, opt, state,
+    return save_checkpoint(ckpt_path, 0, dict(params.items()),
+                           {"exp_avg": zeros, "exp_avg_sq": zeros}, 0, state,
                            tok if tok.is_file() else None)

@@ -73,7 +73,7 @@ TRAIN_FLAGS = {
 }
 PARALLEL_FLAGS = {
     "tensor-model-parallel-size": ("tensor_model_parallel_size", int,
-                                   "tensor-parallel size (alias --tp; not implemented yet)"),
+                                   "Megatron 1-D tensor-parallel size (alias --tp)"),
     "pipeline-model-parallel-size": ("pipeline_model_parallel_size", int,
                                      "pipeline-parallel size (alias --pp; not implemented yet)"),
     "ddp-bucket-size": ("ddp_bucket_size", int,
@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--synthetic-data", action="store_true", dest="synthetic_data",
                     help="seeded random tokens instead of a corpus (tests, benchmarks)")
     ap.add_argument("--tp", type=int, dest="tensor_model_parallel_size", help=argparse.SUPPRESS)
+    ap.add_argument("--sequence-parallel", action="store_true", dest="sequence_parallel",
+                    help="with --tp > 1: split LayerNorm/dropout/residual activations over tokens")
     ap.add_argument("--pp", type=int, dest="pipeline_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_false", dest="progress",
                     help="no progress bar (log lines only)")
@@ -125,6 +127,7 @@ def parse_config(argv=None) -> tuple[ModelConfig, TrainConfig, ParallelConfig, s
     values.update(given)
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
     fields[1].add("synthetic_data")
+    fields[2].add("sequence_parallel")
     other_fields = {"progress"}
     unknown = set(values) - set().union(*fields) - other_fields
     if unknown:

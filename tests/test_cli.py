@@ -69,7 +69,8 @@ def test_mpiexec_runs_and_bad_layouts_exit_2_with_one_message():
     for extra, message in ((["--global-batch-size", "6"], "not divisible by --micro-batch-size 2 x "
                                                           "data-parallel size 2"),
                            (["--pp", "3"], "world size 2 is not divisible by --tp 1 x --pp 3"),
-                           (["--tp", "2"], "tensor parallelism is not implemented yet (issue #5)"),
+                           (["--tp", "2", "--num-attention-heads", "1"],
+                            "--num-attention-heads 1 is not divisible by the tensor-parallel size 2"),
                            (["--load", "/nonexistent"], "no checkpoint at /nonexistent")):
         bad = cli("-m", "refgpt.train", *TINY, *extra, launcher=(mpiexec, "-n", "2"))
         assert bad.returncode == 2, bad.stderr
@@ -91,6 +92,7 @@ def one_line_error(capsys, main, argv, match):
     (["--dtype", "float16"], "--dtype must be one of"),
     (["--lr-decay-style", "step"], "--lr-decay-style must be one of"),
     (["--tp", "2"], "the world size 1 is not divisible by --tp 2 x --pp 1"),
+    (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--seq-length", "16", "--max-position-embeddings", "8"], "smaller than --seq-length"),
 ])
 def test_bad_settings(capsys, argv, match):

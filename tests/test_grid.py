@@ -39,3 +39,20 @@ def test_impossible_layouts():
         check_sizes(6, 2, 2)
     with pytest.raises(ValueError, match=">= 1"):
         check_sizes(4, 0, 1)
+
+
+def test_tensor_parallel_divisibility_errors():
+    from refgpt.config import ConfigError, ModelConfig
+    from refgpt.parallel.tensor import check_divisible
+    cfg = ModelConfig(num_layers=1, hidden_size=24, num_attention_heads=6, seq_length=10,
+                      vocab_size=50, vocab_multiple=8)
+    check_divisible(cfg, 2, sequence_parallel=True)
+    with pytest.raises(ConfigError, match="--num-attention-heads 6 is not divisible by the "
+                                          "tensor-parallel size 4"):
+        check_divisible(cfg, 4, False)
+    with pytest.raises(ConfigError, match="--seq-length 10 is not divisible"):
+        check_divisible(ModelConfig(num_layers=1, hidden_size=24, num_attention_heads=3,
+                                    seq_length=10, vocab_size=48, vocab_multiple=8), 3, True)
+    with pytest.raises(ConfigError, match="padded vocabulary"):
+        check_divisible(ModelConfig(num_layers=1, hidden_size=24, num_attention_heads=3,
+                                    vocab_size=50, vocab_multiple=8), 3, False)

@@ -50,19 +50,24 @@ class KVCache:
 
 
 class CausalSelfAttention(Layer):
-    def __init__(self, params, prefix: str, num_heads: int, dropout: float, seed: int):
+    def __init__(self, params, prefix: str, num_heads: int, dropout: float, seed: int,
+                 proj_bias: bool = True, head_part: tuple | None = None):
+        """num_heads: the heads computed here. Tensor parallelism passes its share of the
+        heads (head_part = (slice of the heads, number of heads), for the dropout masks) and
+        adds c_proj's bias itself after the reduction (proj_bias=False)."""
         super().__init__()
         self.H, self.prefix = num_heads, prefix
         self.c_attn = Linear(params, f"{prefix}.c_attn")
-        self.c_proj = Linear(params, f"{prefix}.c_proj")
-        self.attn_drop = Dropout(dropout, f"{prefix}.attn_drop", seed)
+        self.c_proj = Linear(params, f"{prefix}.c_proj", bias=proj_bias)
+        self.attn_drop = Dropout(dropout, f"{prefix}.attn_drop", seed,
+                                 None if head_part is None else (0, *head_part))
         self.layers = [self.c_attn, self.c_proj, self.attn_drop]
 
     def forward(self, x: np.ndarray, key=None, cache: KVCache | None = None,
                 layer: int = 0, record: dict | None = None) -> np.ndarray:
-        B, T, C = x.shape
-        H, D = self.H, C // self.H
+        B, T, _ = x.shape
         qkv = self.c_attn.forward(x)                                  # [B, T, 3C]
+        H, D = self.H, qkv.shape[-1] // (3 * self.H)
         q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
         p0 = 0
         if cache is not None:
@@ -80,7 +85,7 @@ class CausalSelfAttention(Layer):
         pd = self.attn_drop.forward(p, key)
         o = pd @ v                                                    # [B, H, T, D]
         self.save(q, k, v, p, pd)
-        o = o.transpose(0, 2, 1, 3).reshape(B, T, C)                  # heads merged
+        o = o.transpose(0, 2, 1, 3).reshape(B, T, H * D)              # heads merged
         return self.c_proj.forward(o)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:

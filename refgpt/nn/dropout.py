@@ -6,7 +6,9 @@ keyed by that name (see :func:`refgpt.nn.params.name_stream`):
     keep = U[0,1)(seed, "site/k/s") >= p          y = x * keep / (1 - p)       dx = dy * keep / (1 - p)
 
 so a data-parallel rank (or a micro-batch) holding sample s draws the same mask a single
-process would; parallel layouts that shard tokens or features take the matching slice.
+process would. A layout that shards one axis of each sample (tensor parallelism: heads;
+sequence parallelism: tokens) passes part = (axis, slice, full length): it draws the whole sample's mask
+and keeps its slice, so the numbers still match one process.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from .params import name_stream
 
 
 class Dropout(Layer):
-    def __init__(self, p: float, site: str, seed: int):
+    def __init__(self, p: float, site: str, seed: int, part: tuple | None = None):
         super().__init__()
-        self.p, self.site, self.seed = p, site, seed
+        self.p, self.site, self.seed, self.part = p, site, seed, part
 
     def forward(self, x: np.ndarray, key=None) -> np.ndarray:
         """key = (step, sample_ids) enables dropout; None (evaluation) is the identity."""
@@ -28,7 +30,11 @@ class Dropout(Layer):
             self.save(None)
             return x
         step, samples = key
-        keep = np.stack([name_stream(self.seed, f"{self.site}/{step}/{s}").random(x.shape[1:])
+        shape, index = list(x.shape[1:]), [slice(None)] * (x.ndim - 1)
+        if self.part is not None:                      # draw the whole sample, keep a slice
+            axis, sl, full = self.part
+            shape[axis], index[axis] = full, sl
+        keep = np.stack([name_stream(self.seed, f"{self.site}/{step}/{s}").random(shape)[tuple(index)]
                          >= self.p for s in samples])
         mask = keep.astype(x.dtype) / (1.0 - self.p)
         self.save(mask)

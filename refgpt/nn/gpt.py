@@ -52,6 +52,21 @@ def param_specs(cfg) -> list[ParamSpec]:
     return specs
 
 
+def ready_groups(names: list[str], num_layers: int) -> list[list[str]]:
+    """Parameter names in the order backward finalises them: ln_f, the blocks from last to
+    first, then the embeddings (wte also receives the tied head's gradient, at the start).
+    Within a group, names run backwards through the flat buffer, as the groups do."""
+    prefixes = ["ln_f."] + [f"h.{i}." for i in reversed(range(num_layers))] + ["w"]
+    return [[n for n in reversed(names) if n.startswith(p)] for p in prefixes]
+
+
+def set_grad_enabled(layers, enabled: bool) -> None:
+    for layer in layers:
+        layer.keep = enabled
+        if not enabled:
+            layer.stash.clear()
+
+
 class GPT:
     """A GPT-2 model on flat buffers: ``forward`` returns the loss, ``backward`` accumulates
     every parameter's gradient into ``params.grad``."""
@@ -73,10 +88,7 @@ class GPT:
 
     def set_grad_enabled(self, enabled: bool) -> None:
         """With False, forwards save nothing for backward (evaluation, generation)."""
-        for layer in self.layers:
-            layer.keep = enabled
-            if not enabled:
-                layer.stash.clear()
+        set_grad_enabled(self.layers, enabled)
 
     def hidden(self, idx: np.ndarray, key=None, cache: KVCache | None = None,
                record: dict | None = None) -> np.ndarray:
@@ -122,12 +134,7 @@ class GPT:
         notify()
 
     def ready_groups(self) -> list[list[str]]:
-        """Parameter names in the order backward finalises them: ln_f, the blocks from last to
-        first, then the embeddings (wte also receives the tied head's gradient, at the start).
-        Within a group, names run backwards through the flat buffer, as the groups do."""
-        names = list(self.params)
-        prefixes = ["ln_f."] + [f"h.{i}." for i in reversed(range(self.cfg.num_layers))] + ["w"]
-        return [[n for n in reversed(names) if n.startswith(p)] for p in prefixes]
+        return ready_groups(list(self.params), self.cfg.num_layers)
 
     def logits(self, idx: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         """Logits over the real vocabulary [B, T, V], no dropout, nothing saved."""

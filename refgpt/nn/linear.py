@@ -6,7 +6,8 @@ forward reads as the math. For x [N, in] and dy [N, out]:
     y  = x W + b
     dx = dy W^T          dW += x^T dy          db += sum_N dy
 
-Leading dimensions of x are flattened into N.
+Leading dimensions of x are flattened into N. With bias=False the layer is y = x W (a
+row-parallel layer adds its bias after the reduction over ranks).
 """
 
 from __future__ import annotations
@@ -17,15 +18,17 @@ from .layer import Layer
 
 
 class Linear(Layer):
-    def __init__(self, params, prefix: str):
+    def __init__(self, params, prefix: str, bias: bool = True):
         super().__init__()
         self.w, self.gw = params[f"{prefix}.weight"], params.grads[f"{prefix}.weight"]
-        self.b, self.gb = params[f"{prefix}.bias"], params.grads[f"{prefix}.bias"]
+        self.b = params[f"{prefix}.bias"] if bias else None
+        self.gb = params.grads[f"{prefix}.bias"] if bias else None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
         y = x @ self.w                                  # [..., in] @ [in, out] -> [..., out]
-        y += self.b
+        if self.b is not None:
+            y += self.b
         return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
@@ -33,5 +36,6 @@ class Linear(Layer):
         x2 = x.reshape(-1, x.shape[-1])                 # [N, in]
         dy2 = dy.reshape(-1, dy.shape[-1])              # [N, out]
         self.gw += x2.T @ dy2                           # [in, out]
-        self.gb += dy2.sum(axis=0)                      # [out]
+        if self.gb is not None:
+            self.gb += dy2.sum(axis=0)                  # [out]
         return dy @ self.w.T                            # [..., out] @ [out, in] -> [..., in]

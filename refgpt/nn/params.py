@@ -36,6 +36,7 @@ class ParamSpec:
     init: str = "zeros"
     std: float = 0.0
     valid_rows: int | None = None  # rows beyond this stay zero (padded vocabulary)
+    full_shape: tuple | None = None  # the unsharded shape, when this rank holds a shard
 
     @property
     def size(self) -> int:
@@ -54,13 +55,14 @@ def name_stream(seed: int, name: str) -> np.random.Generator:
 
 def init_value(spec: ParamSpec, seed: int) -> np.ndarray:
     """The full float64 initial value of a parameter, independent of layout and dtype."""
+    shape = spec.full_shape or spec.shape
     if spec.init == "zeros":
-        return np.zeros(spec.shape)
+        return np.zeros(shape)
     if spec.init == "ones":
-        return np.ones(spec.shape)
+        return np.ones(shape)
     if spec.init != "normal":
         raise ValueError(f"unknown init {spec.init!r} for {spec.name}")
-    value = spec.std * name_stream(seed, spec.name).standard_normal(spec.shape)
+    value = spec.std * name_stream(seed, spec.name).standard_normal(shape)
     if spec.valid_rows is not None:
         value[spec.valid_rows:] = 0.0
     return value
@@ -102,9 +104,11 @@ class Params:
     def items(self):
         return self._views.items()
 
-    def initialise(self, seed: int) -> None:
+    def initialise(self, seed: int, shard=None) -> None:
+        """Draw every full parameter; shard(name, full) -> this rank's part, if sharded."""
         for name, spec in self.specs.items():
-            self._views[name][...] = init_value(spec, seed)
+            value = init_value(spec, seed)
+            self._views[name][...] = shard(name, value) if shard else value
 
     def zero_grad(self) -> None:
         self.grad[...] = 0.0

@@ -1,0 +1,99 @@
+"""The communication of Megatron-style tensor parallelism, as layers with a backward.
+
+Over the tensor-parallel group of t ranks (Megatron-LM, Narayanan et al. 2021, sec. 2.3;
+sequence parallelism: Korthikanti et al. 2022, sec. 4.2.2):
+
+    f  CopyToTP        forward identity            backward all-reduce       (enters a TP region)
+    g  ReduceFromTP    forward all-reduce           backward identity         (leaves a TP region)
+    g~ GatherSeq       forward all-gather tokens    backward reduce-scatter   (SP: enters)
+    f~ ScatterSeq      forward reduce-scatter       backward all-gather       (SP: leaves)
+
+Activations are [B, T, C]; the sequence-parallel ops split and join the token axis T.
+
+TPComm counts, per (site, collective), the elements each rank moves in a ring
+implementation: all-reduce of n elements 2(t-1)/t n, all-gather to n elements (t-1)/t n,
+reduce-scatter of n elements (t-1)/t n. One transformer layer then moves 8 N h (t-1)/t
+elements (N = B T tokens) with or without sequence parallelism.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+
+class TPComm:
+    def __init__(self, comm):
+        self.comm = comm
+        self.t, self.rank = comm.Get_size(), comm.Get_rank()
+        self.volume: dict[tuple[str, str], float] = defaultdict(float)
+
+    def allreduce(self, x: np.ndarray, site: str, op: str = "sum") -> np.ndarray:
+        from mpi4py import MPI
+        buf = np.ascontiguousarray(x).copy()
+        self.comm.Allreduce(MPI.IN_PLACE, buf, op={"sum": MPI.SUM, "max": MPI.MAX}[op])
+        self.volume[(site, "all-reduce")] += 2 * (self.t - 1) / self.t * buf.size
+        return buf
+
+    def allgather(self, x: np.ndarray, axis: int, site: str) -> np.ndarray:
+        x = np.ascontiguousarray(x)
+        buf = np.empty((self.t, *x.shape), x.dtype)
+        self.comm.Allgather(x, buf)
+        self.volume[(site, "all-gather")] += (self.t - 1) / self.t * buf.size
+        return np.concatenate(list(buf), axis=axis)
+
+    def reduce_scatter(self, x: np.ndarray, axis: int, site: str) -> np.ndarray:
+        chunks = np.ascontiguousarray(np.stack(np.split(x, self.t, axis=axis)))
+        out = np.empty(chunks.shape[1:], x.dtype)
+        self.comm.Reduce_scatter_block(chunks, out)
+        self.volume[(site, "reduce-scatter")] += (self.t - 1) / self.t * x.size
+        return out
+
+    def layer_volume(self, prefix: str) -> float:
+        """Elements moved by the sites under prefix (e.g. "h.0.") since the counters began."""
+        return sum(v for (site, _), v in self.volume.items() if site.startswith(prefix))
+
+
+class CopyToTP:
+    def __init__(self, tp: TPComm, site: str):
+        self.tp, self.site = tp, site
+
+    def forward(self, x):
+        return x
+
+    def backward(self, dy):
+        return self.tp.allreduce(dy, self.site)
+
+
+class ReduceFromTP:
+    def __init__(self, tp: TPComm, site: str):
+        self.tp, self.site = tp, site
+
+    def forward(self, x):
+        return self.tp.allreduce(x, self.site)
+
+    def backward(self, dy):
+        return dy
+
+
+class GatherSeq:
+    def __init__(self, tp: TPComm, site: str):
+        self.tp, self.site = tp, site
+
+    def forward(self, x):                                   # [B, T/t, C] -> [B, T, C]
+        return self.tp.allgather(x, 1, self.site)
+
+    def backward(self, dy):                                 # [B, T, C] -> [B, T/t, C]
+        return self.tp.reduce_scatter(dy, 1, self.site)
+
+
+class ScatterSeq:
+    def __init__(self, tp: TPComm, site: str):
+        self.tp, self.site = tp, site
+
+    def forward(self, x):                                   # [B, T, C] partial -> [B, T/t, C]
+        return self.tp.reduce_scatter(x, 1, self.site)
+
+    def backward(self, dy):
+        return self.tp.allgather(dy, 1, self.site)
