@@ -52,22 +52,45 @@ def param_specs(cfg) -> list[ParamSpec]:
     return specs
 
 
-def ready_groups(names: list[str], num_layers: int) -> list[list[str]]:
-    """Parameter names in the order backward finalises them: ln_f, the blocks from last to
-    first, then the embeddings (wte also receives the tied head's gradient, at the start).
-    Within a group, names run backwards through the flat buffer, as the groups do."""
-    prefixes = ["ln_f."] + [f"h.{i}." for i in reversed(range(num_layers))] + ["w"]
-    return [[n for n in reversed(names) if n.startswith(p)] for p in prefixes]
+class GPTBase:
+    """What the single-process GPT and the tensor-parallel one share: backward through the
+    same stack of layers, the order in which it finalises gradients, and the switch that
+    stops forwards from saving for backward. A subclass sets cfg, params, embed, embed_drop,
+    blocks, ln_f, head, loss_fn and layers."""
+
+    def set_grad_enabled(self, enabled: bool) -> None:
+        """With False, forwards save nothing for backward (evaluation, generation)."""
+        for layer in self.layers:
+            layer.keep = enabled
+            if not enabled:
+                layer.stash.clear()
+
+    def backward(self, on_ready=None) -> None:
+        """Backward of the oldest forward still pending, from d(loss) = 1.
+
+        on_ready(names) is called as groups of parameters get their final gradient of this
+        backward, in the order of :meth:`ready_groups` (data parallelism starts reducing them).
+        """
+        groups = iter(self.ready_groups())
+        notify = (lambda: on_ready(next(groups))) if on_ready else (lambda: None)
+        dx = self.ln_f.backward(self.head.backward(self.loss_fn.backward()))
+        notify()
+        for block in reversed(self.blocks):
+            dx = block.backward(dx)
+            notify()
+        self.embed.backward(self.embed_drop.backward(dx))
+        notify()
+
+    def ready_groups(self) -> list[list[str]]:
+        """Parameter names in the order backward finalises them: ln_f, the blocks from last to
+        first, then the embeddings (wte also receives the tied head's gradient, at the start).
+        Within a group, names run backwards through the flat buffer, as the groups do."""
+        names = list(self.params)
+        prefixes = ["ln_f."] + [f"h.{i}." for i in reversed(range(self.cfg.num_layers))] + ["w"]
+        return [[n for n in reversed(names) if n.startswith(p)] for p in prefixes]
 
 
-def set_grad_enabled(layers, enabled: bool) -> None:
-    for layer in layers:
-        layer.keep = enabled
-        if not enabled:
-            layer.stash.clear()
-
-
-class GPT:
+class GPT(GPTBase):
     """A GPT-2 model on flat buffers: ``forward`` returns the loss, ``backward`` accumulates
     every parameter's gradient into ``params.grad``."""
 
@@ -86,9 +109,6 @@ class GPT:
         self.layers = [self.embed, self.embed_drop, *(l for b in self.blocks for l in b.layers),
                        self.ln_f, self.head, self.loss_fn]
 
-    def set_grad_enabled(self, enabled: bool) -> None:
-        """With False, forwards save nothing for backward (evaluation, generation)."""
-        set_grad_enabled(self.layers, enabled)
 
     def hidden(self, idx: np.ndarray, key=None, cache: KVCache | None = None,
                record: dict | None = None) -> np.ndarray:
@@ -116,25 +136,6 @@ class GPT:
         if record is not None:
             record["logits"] = logits[..., :self.cfg.vocab_size]
         return self.loss_fn.forward(logits, targets, norm)
-
-    def backward(self, on_ready=None) -> None:
-        """Backward of the oldest forward still pending, from d(loss) = 1.
-
-        on_ready(names) is called as groups of parameters get their final gradient of this
-        backward, in the order of :meth:`ready_groups` (data parallelism starts reducing them).
-        """
-        groups = iter(self.ready_groups())
-        notify = (lambda: on_ready(next(groups))) if on_ready else (lambda: None)
-        dx = self.ln_f.backward(self.head.backward(self.loss_fn.backward()))
-        notify()
-        for block in reversed(self.blocks):
-            dx = block.backward(dx)
-            notify()
-        self.embed.backward(self.embed_drop.backward(dx))
-        notify()
-
-    def ready_groups(self) -> list[list[str]]:
-        return ready_groups(list(self.params), self.cfg.num_layers)
 
     def logits(self, idx: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
         """Logits over the real vocabulary [B, T, V], no dropout, nothing saved."""

@@ -40,7 +40,7 @@ from ..config import ConfigError
 from ..nn.attention import CausalSelfAttention
 from ..nn.dropout import Dropout
 from ..nn.gelu import GELU
-from ..nn.gpt import param_specs, ready_groups, set_grad_enabled
+from ..nn.gpt import GPTBase, param_specs
 from ..nn.layer import Layer
 from ..nn.layernorm import LayerNorm
 from ..nn.linear import Linear
@@ -239,9 +239,11 @@ class VocabParallelCrossEntropy(Layer):
         return dz.reshape(shape)
 
 
-class ParallelGPT:
-    """refgpt.nn.GPT over a tensor-parallel group: same interface for training (forward,
-    backward, ready_groups, set_grad_enabled), parameters are this rank's shards."""
+class ParallelGPT(GPTBase):
+    """refgpt.nn.GPT over a tensor-parallel group: the same training interface (forward,
+    backward, ready_groups, set_grad_enabled); the parameters are this rank's shards. With
+    sequence parallelism the caller completes the replicated parameters' gradients with
+    reduce_replicated_grads once accumulation is over."""
 
     def __init__(self, cfg, dtype, seed: int, tp: TPComm, sequence_parallel: bool = False):
         cfg.validate()
@@ -271,27 +273,11 @@ class ParallelGPT:
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return shard(value, self.kinds[name], self.tp.rank, self.tp.t)
 
-    def set_grad_enabled(self, enabled: bool) -> None:
-        set_grad_enabled(self.layers, enabled)
-
     def forward(self, idx, targets, norm: float, key=None) -> float:
         x = self.embed_drop.forward(self.embed.forward(idx), key)
         for block in self.blocks:
             x = block.forward(x, key)
         return self.loss_fn.forward(self.head.forward(self.ln_f.forward(x)), targets, norm)
-
-    def backward(self, on_ready=None) -> None:
-        """As GPT.backward. With sequence parallelism the caller completes the replicated
-        parameters' gradients with reduce_replicated_grads once accumulation is over."""
-        groups = iter(self.ready_groups())
-        notify = (lambda: on_ready(next(groups))) if on_ready else (lambda: None)
-        dx = self.ln_f.backward(self.head.backward(self.loss_fn.backward()))
-        notify()
-        for block in reversed(self.blocks):
-            dx = block.backward(dx)
-            notify()
-        self.embed.backward(self.embed_drop.backward(dx))
-        notify()
 
     def reduce_replicated_grads(self, names) -> None:
         """With SP, sum the replicated parameters' gradients among names over the TP group
@@ -300,9 +286,6 @@ class ParallelGPT:
             for n in names:
                 if self.kinds[n] is None:
                     self.params.grads[n][...] = self.tp.allreduce(self.params.grads[n], "sp-grads")
-
-    def ready_groups(self) -> list[list[str]]:
-        return ready_groups(list(self.params), self.cfg.num_layers)
 
     def grad_norm(self) -> float:
         """Global gradient norm: shards' squares summed over the group, replicated
