@@ -8,6 +8,7 @@ import pytest
 from refgpt.config import ModelConfig, ParallelConfig, TrainConfig
 from refgpt.engine import Trainer
 from refgpt.parallel.grid import Grid
+from roundtrip import checkpoint_roundtrip
 from refgpt.parallel.tensor import ParallelGPT, shard, shard_kind, unshard
 from refgpt.parallel.tensor_comm import TPComm
 
@@ -110,29 +111,13 @@ def test_shard_and_unshard_are_inverse():
 @pytest.mark.mpi(min_size=2)
 def test_checkpoints_move_between_tensor_parallel_and_single_process():
     """A TP run saves full tensors that one process resumes from, and the other way round."""
-    import tempfile
-    from dataclasses import replace
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     tp = 2
-    dp = comm.size // tp
-    root = comm.bcast(tempfile.mkdtemp() if comm.rank == 0 else None)
-    base = train_cfg(global_batch=2 * dp, micro=2)
     pcfg = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=True)
-    straight = Trainer(model_cfg(), base, log=lambda *_: None)
-    straight.run()
-    Trainer(model_cfg(), replace(base, exit_interval=2, save=f"{root}/tp"), pcfg, Grid(comm, tp),
-            log=lambda *_: None).run()
-    comm.Barrier()
-    serial = Trainer(model_cfg(), replace(base, load=f"{root}/tp"), log=lambda *_: None)
-    serial.run()
-    if comm.rank == 0:
-        Trainer(model_cfg(), replace(base, exit_interval=2, save=f"{root}/serial"),
-                log=lambda *_: None).run()
-    comm.Barrier()
-    par = Trainer(model_cfg(), replace(base, load=f"{root}/serial"), pcfg, Grid(comm, tp),
-                  log=lambda *_: None)
-    par.run()
+    straight, serial, par = checkpoint_roundtrip(
+        comm, model_cfg, train_cfg(global_batch=2 * (comm.size // tp), micro=2),
+        lambda tcfg: Trainer(model_cfg(), tcfg, pcfg, Grid(comm, tp), log=lambda *_: None))
     full = par.model.full_tensors(par.model.params.data)
     ref = straight.model.params
     ok = (np.abs(serial.model.params.data - ref.data).max() <= 1e-12 * np.abs(ref.data).max()

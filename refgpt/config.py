@@ -157,6 +157,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
+    pipeline_schedule: str = "1f1b"
+    num_virtual_stages: int = 1
     ddp_bucket_size: int = 1_000_000  # elements per gradient all-reduce bucket; 0: one bucket
     threads_per_rank: int = 0  # 0: one BLAS thread when ranks share a node, else the default
     timing_log_level: int = 1
@@ -166,8 +168,14 @@ class ParallelConfig:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        if pp > 1:
-            raise ConfigError(f"--pp {pp}: pipeline parallelism is not implemented yet (issue #6)")
+        if pp > 1 and tp > 1:
+            raise ConfigError("--tp with --pp: tensor and pipeline parallelism together are "
+                              "not implemented yet (issue #6)")
+        if self.pipeline_schedule not in ("gpipe", "1f1b", "interleaved", "zb-h1"):
+            raise ConfigError(f"--pipeline-schedule must be gpipe, 1f1b, interleaved or zb-h1, "
+                              f"got {self.pipeline_schedule!r}")
+        if self.num_virtual_stages < 1:
+            raise ConfigError("--num-virtual-stages must be >= 1")
         if self.ddp_bucket_size < 0 or self.threads_per_rank < 0:
             raise ConfigError("--ddp-bucket-size and --threads-per-rank must be >= 0")
         if self.timing_log_level not in (0, 1, 2):

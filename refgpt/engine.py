@@ -29,6 +29,7 @@ from .optim import AdamW, clip_grad_, grad_norm, learning_rate
 from .parallel.data import GradReducer
 from .parallel.faults import inject
 from .parallel.grid import Grid
+from .parallel.pipeline import PipelineExecutor, PipelineModel, check_pipeline
 from .parallel.tensor import ParallelGPT
 from .parallel.tensor_comm import TPComm
 from .timers import Timers
@@ -58,15 +59,27 @@ class Trainer:
         mcfg.validate()
         self.mcfg, self.tcfg = mcfg, tcfg
         self.dtype = np.dtype(tcfg.dtype)
-        if g.tp_size > 1:
+        self.pipe = None
+        if g.pp_size > 1:
+            pc = self.pcfg
+            micro = tcfg.global_batch_size // (g.dp_size * tcfg.micro_batch_size)
+            check_pipeline(mcfg, g.pp_size, pc.num_virtual_stages, micro, pc.pipeline_schedule)
+            self.model = PipelineModel(mcfg, self.dtype, tcfg.seed, g, pc.num_virtual_stages)
+            self.act_shape = (tcfg.micro_batch_size, mcfg.seq_length, mcfg.hidden_size)
+            self.pipe = PipelineExecutor(self.model, pc.pipeline_schedule, micro, self.act_shape,
+                                         self.dtype)
+            ready = self.model.ready_order()          # DP reduces after the pipeline flush
+        elif g.tp_size > 1:
             self.model = ParallelGPT(mcfg, self.dtype, tcfg.seed, TPComm(g.tp_comm),
                                      self.pcfg.sequence_parallel)
+            ready = self.model.ready_groups()
         else:
             self.model = GPT(mcfg, self.dtype, tcfg.seed)
+            ready = self.model.ready_groups()
         p = self.model.params
         self.opt = AdamW(p.data, p.grad, p.decay_mask(), betas=(tcfg.adam_beta1, tcfg.adam_beta2),
                          eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
-        self.reducer = (GradReducer(p, g.dp_comm, self.model.ready_groups(), self.pcfg.ddp_bucket_size)
+        self.reducer = (GradReducer(p, g.dp_comm, ready, self.pcfg.ddp_bucket_size)
                         if g.dp_size > 1 else None)
         self.timers = Timers(self.pcfg.timing_log_level, g.world)
         self.iteration, self.consumed = 0, 0
@@ -106,6 +119,9 @@ class Trainer:
 
     def _local(self, tensors: dict, prefix: str = "") -> dict:
         """This rank's part of full tensors named prefix + parameter name."""
+        if isinstance(self.model, PipelineModel):
+            return {k: v for k, v in tensors.items()
+                    if k.startswith(prefix) and k[len(prefix):] in self.model.params.specs}
         if not isinstance(self.model, ParallelGPT):
             return tensors
         return {k: self.model.shard(k[len(prefix):], v) for k, v in tensors.items()
@@ -150,6 +166,8 @@ class Trainer:
         norm = float(G * T)                                # global token count of the step
         model.params.zero_grad()
         loss = 0.0
+        if self.pipe is not None:
+            return self._finish_step(self._pipeline_step(first, share, norm), t0)
         for start in range(first, first + share, B):
             ids = np.arange(start, start + B)
             with timers("batch-generator"):
@@ -168,11 +186,50 @@ class Trainer:
             if self.reducer:
                 self.reducer.wait()
             loss = self.dp_sum(loss)
+        return self._finish_step(loss, t0)
+
+    def _pipeline_step(self, first: int, share: int, norm: float) -> float:
+        """Forward and backward of this rank's share through the pipeline schedule, then the
+        tied embedding's and the data-parallel gradient sums; returns the step's loss."""
+        t, g, model, B = self.tcfg, self.grid, self.model, self.tcfg.micro_batch_size
+        batches = []
+        with self.timers("batch-generator"):
+            for start in range(first, first + share, B):
+                ids = np.arange(start, start + B)
+                batches.append((*batch(self.train_data, ids), (self.iteration, ids)))
+        inject("forward", g.rank)
+        inject("backward", g.rank)
+        with self.timers("forward"):                  # forward and backward interleave here
+            loss = self.pipe.run(batches, norm)
+        inject("allreduce", g.rank)
+        with self.timers("grads-all-reduce"):
+            if g.emb_comm is not None:                # the two copies of the tied token table
+                wte = model.params.grads["wte.weight"]
+                wte[...] = g.emb_comm.allreduce(wte)
+            if self.reducer:
+                self.reducer.start()
+                self.reducer.ready(list(model.params))
+                self.reducer.wait()
+            loss = self.dp_sum(g.pp_comm.allreduce(loss))
+        return loss
+
+    def global_grad_norm(self) -> float:
+        model = self.model
+        if isinstance(model, ParallelGPT):
+            return model.grad_norm()
+        if isinstance(model, PipelineModel):
+            sq = sum(float(np.dot(gr.reshape(-1).astype(np.float64), gr.reshape(-1)))
+                     for n, gr in model.params.grads.items() if model.owned_once(n))
+            return math.sqrt(self.grid.pp_comm.allreduce(sq))
+        return grad_norm(model.params.grad)
+
+    def _finish_step(self, loss: float, t0: float) -> dict:
+        t, g, model, timers = self.tcfg, self.grid, self.model, self.timers
+        G, T = t.global_batch_size, self.mcfg.seq_length
         lr = self.lr_at(self.iteration)
         inject("optimizer", g.rank)
         with timers("optimizer"):
-            gnorm = (model.grad_norm() if isinstance(model, ParallelGPT)
-                     else grad_norm(model.params.grad))
+            gnorm = self.global_grad_norm()
             skipped = not math.isfinite(gnorm)
             if not skipped:
                 clip_grad_(model.params.grad, t.clip_grad, gnorm)
@@ -197,10 +254,17 @@ class Trainer:
         share = total_seqs // g.dp_size
         model.set_grad_enabled(False)
         total = 0.0
+        starts = range(g.dp_rank * share, (g.dp_rank + 1) * share, B)
         try:
-            for start in range(g.dp_rank * share, (g.dp_rank + 1) * share, B):
-                x, y = batch(self.val_data, np.arange(start, start + B), sequential=True)
-                total += model.forward(x, y, float(total_seqs * T))
+            if self.pipe is not None:
+                batches = [(*batch(self.val_data, np.arange(s, s + B), sequential=True), None)
+                           for s in starts]
+                runner = PipelineExecutor(model, "forward", len(batches), self.act_shape, self.dtype)
+                total = g.pp_comm.allreduce(runner.run(batches, float(total_seqs * T)))
+            else:
+                for start in starts:
+                    x, y = batch(self.val_data, np.arange(start, start + B), sequential=True)
+                    total += model.forward(x, y, float(total_seqs * T))
         finally:
             model.set_grad_enabled(True)
         return self.dp_sum(total)
@@ -214,6 +278,11 @@ class Trainer:
             params, m, v = full(p.data), full(opt.m), full(opt.v)
         else:
             params, m, v = dict(p.items()), flat_to_named(opt.m, p), flat_to_named(opt.v, p)
+        if self.pipe is not None:                           # every stage's tensors to rank 0
+            parts = self.grid.pp_comm.gather((params, m, v), root=0)
+            if parts is not None:
+                params, m, v = ({k: val for part in reversed(parts) for k, val in part[i].items()}
+                                for i in range(3))
         if self.grid.rank != 0:
             return None
         state = {"consumed_samples": self.consumed, "dtype": self.tcfg.dtype,

@@ -69,6 +69,7 @@ def test_mpiexec_runs_and_bad_layouts_exit_2_with_one_message():
     for extra, message in ((["--global-batch-size", "6"], "not divisible by --micro-batch-size 2 x "
                                                           "data-parallel size 2"),
                            (["--pp", "3"], "world size 2 is not divisible by --tp 1 x --pp 3"),
+                           (["--pp", "2"], "--num-layers 1 is not divisible by the pipeline size 2"),
                            (["--tp", "2", "--num-attention-heads", "1"],
                             "--num-attention-heads 1 is not divisible by the tensor-parallel size 2"),
                            (["--load", "/nonexistent"], "no checkpoint at /nonexistent")):

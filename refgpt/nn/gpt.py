@@ -14,6 +14,7 @@ gain 1 and shift 0; padded vocabulary rows are 0.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,13 +27,28 @@ from .loss import CrossEntropy
 from .params import Params, ParamSpec
 
 
-def param_specs(cfg) -> list[ParamSpec]:
-    """Every parameter of the model, in flat-buffer order, with its full shape and init."""
+@dataclass(frozen=True)
+class Stage:
+    """A contiguous part of the model (a pipeline stage): blocks in ``blocks``, with the
+    embeddings if ``first`` and the final LayerNorm, head (tied to wte) and loss if ``last``."""
+
+    blocks: range
+    first: bool = True
+    last: bool = True
+
+
+def param_specs(cfg, stage: Stage | None = None) -> list[ParamSpec]:
+    """Every parameter of the model (or of one stage), in flat-buffer order, with its full
+    shape and init. The token table belongs to both the first and the last stage."""
+    stage = stage or Stage(range(cfg.num_layers))
     C, std = cfg.hidden_size, cfg.init_std
     resid_std = std / math.sqrt(2 * cfg.num_layers)
-    specs = [ParamSpec("wte.weight", (cfg.padded_vocab, C), "normal", std, cfg.vocab_size),
-             ParamSpec("wpe.weight", (cfg.n_positions, C), "normal", std)]
-    for i in range(cfg.num_layers):
+    specs = []
+    if stage.first or stage.last:
+        specs.append(ParamSpec("wte.weight", (cfg.padded_vocab, C), "normal", std, cfg.vocab_size))
+    if stage.first:
+        specs.append(ParamSpec("wpe.weight", (cfg.n_positions, C), "normal", std))
+    for i in stage.blocks:
         p = f"h.{i}"
         specs += [
             ParamSpec(f"{p}.ln_1.weight", (C,), "ones"),
@@ -48,7 +64,8 @@ def param_specs(cfg) -> list[ParamSpec]:
             ParamSpec(f"{p}.mlp.c_proj.weight", (4 * C, C), "normal", resid_std),
             ParamSpec(f"{p}.mlp.c_proj.bias", (C,)),
         ]
-    specs += [ParamSpec("ln_f.weight", (C,), "ones"), ParamSpec("ln_f.bias", (C,))]
+    if stage.last:
+        specs += [ParamSpec("ln_f.weight", (C,), "ones"), ParamSpec("ln_f.bias", (C,))]
     return specs
 
 
@@ -65,49 +82,79 @@ class GPTBase:
             if not enabled:
                 layer.stash.clear()
 
-    def backward(self, on_ready=None) -> None:
-        """Backward of the oldest forward still pending, from d(loss) = 1.
+    def forward_stage(self, x, targets=None, norm: float | None = None, key=None):
+        """The stage's forward: x is token ids on the first stage, else the activations of the
+        previous stage; returns the loss on the last stage, else this stage's activations."""
+        if self.embed is not None:
+            x = self.embed_drop.forward(self.embed.forward(x), key)
+        for block in self.blocks:
+            x = block.forward(x, key)
+        if self.head is None:
+            return x
+        return self.loss_fn.forward(self.head.forward(self.ln_f.forward(x)), targets, norm)
+
+    def backward_stage(self, dy=None, on_ready=None):
+        """Backward of the oldest pending forward: from d(loss) = 1 on the last stage, else
+        from dy; returns the gradient of the stage's input activations (None on the first).
 
         on_ready(names) is called as groups of parameters get their final gradient of this
         backward, in the order of :meth:`ready_groups` (data parallelism starts reducing them).
         """
         groups = iter(self.ready_groups())
         notify = (lambda: on_ready(next(groups))) if on_ready else (lambda: None)
-        dx = self.ln_f.backward(self.head.backward(self.loss_fn.backward()))
-        notify()
-        for block in reversed(self.blocks):
-            dx = block.backward(dx)
+        if self.head is not None:
+            dy = self.ln_f.backward(self.head.backward(self.loss_fn.backward()))
             notify()
-        self.embed.backward(self.embed_drop.backward(dx))
-        notify()
+        for block in reversed(self.blocks):
+            dy = block.backward(dy)
+            notify()
+        if self.embed is not None:
+            self.embed.backward(self.embed_drop.backward(dy))
+            dy = None
+        for names in groups if on_ready else ():    # wte on a last stage without the first
+            on_ready(names)
+        return dy
+
+    def backward(self, on_ready=None) -> None:
+        """Backward of the whole model's oldest pending forward, from d(loss) = 1."""
+        self.backward_stage(None, on_ready)
 
     def ready_groups(self) -> list[list[str]]:
         """Parameter names in the order backward finalises them: ln_f, the blocks from last to
         first, then the embeddings (wte also receives the tied head's gradient, at the start).
         Within a group, names run backwards through the flat buffer, as the groups do."""
         names = list(self.params)
-        prefixes = ["ln_f."] + [f"h.{i}." for i in reversed(range(self.cfg.num_layers))] + ["w"]
-        return [[n for n in reversed(names) if n.startswith(p)] for p in prefixes]
+        prefixes = ["ln_f."] + [f"h.{b.index}." for b in reversed(self.blocks)] + ["w"]
+        groups = [[n for n in reversed(names) if n.startswith(p)] for p in prefixes]
+        return [g for g in groups if g]
 
 
 class GPT(GPTBase):
     """A GPT-2 model on flat buffers: ``forward`` returns the loss, ``backward`` accumulates
     every parameter's gradient into ``params.grad``."""
 
-    def __init__(self, cfg, dtype=np.float32, seed: int = 1234):
+    def __init__(self, cfg, dtype=np.float32, seed: int = 1234, stage: Stage | None = None,
+                 params: Params | None = None):
+        """stage: build only that part of the model (pipeline parallelism); params: take the
+        (initialised) parameters from this buffer instead of a new one."""
         cfg.validate()
+        stage = stage or Stage(range(cfg.num_layers))
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
-        self.params = Params(param_specs(cfg), self.dtype)
-        self.params.initialise(seed)
-        self.embed = Embedding(self.params)
-        self.embed_drop = Dropout(cfg.dropout, "embed_drop", seed)
-        self.blocks = [Block(self.params, i, cfg, seed) for i in range(cfg.num_layers)]
-        self.ln_f = LayerNorm(self.params, "ln_f", cfg.layernorm_eps)
-        self.head = TiedHead(self.params)
-        self.loss_fn = CrossEntropy(cfg.vocab_size)
-        self.layers = [self.embed, self.embed_drop, *(l for b in self.blocks for l in b.layers),
-                       self.ln_f, self.head, self.loss_fn]
+        if params is None:
+            params = Params(param_specs(cfg, stage), self.dtype)
+            params.initialise(seed)
+        self.params = params
+        first, last = stage.first, stage.last
+        self.embed = Embedding(params) if first else None
+        self.embed_drop = Dropout(cfg.dropout, "embed_drop", seed) if first else None
+        self.blocks = [Block(params, i, cfg, seed) for i in stage.blocks]
+        self.ln_f = LayerNorm(params, "ln_f", cfg.layernorm_eps) if last else None
+        self.head = TiedHead(params) if last else None
+        self.loss_fn = CrossEntropy(cfg.vocab_size) if last else None
+        self.layers = [l for l in (self.embed, self.embed_drop,
+                                   *(l for b in self.blocks for l in b.layers),
+                                   self.ln_f, self.head, self.loss_fn) if l is not None]
 
 
     def hidden(self, idx: np.ndarray, key=None, cache: KVCache | None = None,

@@ -7,7 +7,9 @@ forward reads as the math. For x [N, in] and dy [N, out]:
     dx = dy W^T          dW += x^T dy          db += sum_N dy
 
 Leading dimensions of x are flattened into N. With bias=False the layer is y = x W (a
-row-parallel layer adds its bias after the reduction over ranks).
+row-parallel layer adds its bias after the reduction over ranks). When ``defer`` is a list,
+backward returns dx at once and appends the weight-gradient work to it instead of doing it
+(zero-bubble pipeline schedules run that work later, as their W step).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class Linear(Layer):
         self.w, self.gw = params[f"{prefix}.weight"], params.grads[f"{prefix}.weight"]
         self.b = params[f"{prefix}.bias"] if bias else None
         self.gb = params.grads[f"{prefix}.bias"] if bias else None
+        self.defer: list | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
@@ -35,7 +38,13 @@ class Linear(Layer):
         (x,) = self.saved()
         x2 = x.reshape(-1, x.shape[-1])                 # [N, in]
         dy2 = dy.reshape(-1, dy.shape[-1])              # [N, out]
+        if self.defer is None:
+            self.weight_grad(x2, dy2)
+        else:
+            self.defer.append((self, x2, dy2))
+        return dy @ self.w.T                            # [..., out] @ [out, in] -> [..., in]
+
+    def weight_grad(self, x2: np.ndarray, dy2: np.ndarray) -> None:
         self.gw += x2.T @ dy2                           # [in, out]
         if self.gb is not None:
             self.gb += dy2.sum(axis=0)                  # [out]
-        return dy @ self.w.T                            # [..., out] @ [out, in] -> [..., in]

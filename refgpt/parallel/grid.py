@@ -11,6 +11,7 @@ Worked example, 16 ranks with t = 2, p = 4 (so d = 2):
     DP groups  [0 2] [1 3] [4 6] [5 7] ... [13 15]        same shard, different data
     PP groups  [0 4 8 12] [1 5 9 13] [2 6 10 14] [3 7 11 15]   one stage each, in order
     MP groups  [0 1 4 5 8 9 12 13] [2 3 6 7 10 11 14 15]  one whole model replica (grad norm)
+    EMB groups [0 12] [1 13] [2 14] [3 15]                first and last stage (tied wte)
 
 Each communicator is made with one Comm.Split whose colour names the group and whose key is
 the rank's coordinate along it, so a rank's rank in tp_comm is its tp coordinate, and so on.
@@ -67,13 +68,17 @@ class Grid:
         self.dp_size = check_sizes(self.world_size, tp, pp)
         c = coords(self.rank, tp, self.dp_size)
         self.tp_rank, self.dp_rank, self.pp_rank = c.tp, c.dp, c.pp
-        self.tp_comm = self.dp_comm = self.pp_comm = self.mp_comm = None
+        self.tp_comm = self.dp_comm = self.pp_comm = self.mp_comm = self.emb_comm = None
         if world_comm is not None:
+            from mpi4py import MPI
             t, d, p = tp, self.dp_size, pp
             self.tp_comm = world_comm.Split(color=c.dp + d * c.pp, key=c.tp)
             self.dp_comm = world_comm.Split(color=c.tp + t * c.pp, key=c.dp)
             self.pp_comm = world_comm.Split(color=c.tp + t * c.dp, key=c.pp)
             self.mp_comm = world_comm.Split(color=c.dp, key=c.tp + t * c.pp)
+            ends = p > 1 and c.pp in (0, p - 1)    # the two holders of the tied token table
+            emb = world_comm.Split(color=c.tp + t * c.dp if ends else MPI.UNDEFINED, key=c.pp)
+            self.emb_comm = emb if emb != MPI.COMM_NULL else None
 
     @property
     def pp_prev(self) -> int | None:

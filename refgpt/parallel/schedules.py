@@ -116,10 +116,17 @@ def tag(direction: str, chunk: int, mb: int, m: int) -> int:
     return (2 * chunk + (direction == "grad")) * m + mb
 
 
-def instructions(p: int, m: int, v: int = 1, schedule: str = "1f1b") -> list[list[Op]]:
-    """Each rank's full instruction list: compute ops with the receives that feed them put
-    just before and the sends of their results just after, then the optimizer step."""
-    ranks = compute_ops(p, m, v, schedule)
+def forward_only_ops(p: int, m: int, v: int = 1) -> list[list[Op]]:
+    """Evaluation: each rank's forwards, micro-batch by micro-batch, chunk by chunk."""
+    return [[Op("F", mb, c) for mb in range(m) for c in range(v)] for _ in range(p)]
+
+
+def instructions(p: int, m: int, v: int = 1, schedule: str = "1f1b",
+                 ranks: list[list[Op]] | None = None) -> list[list[Op]]:
+    """Each rank's full instruction list: compute ops (of the schedule, or the given ones)
+    with the receives that feed them put just before and the sends of their results just
+    after, then the optimizer step."""
+    ranks = ranks or compute_ops(p, m, v, schedule)
     last = p * v - 1
     out = []
     for r, ops in enumerate(ranks):

@@ -116,6 +116,7 @@ class ParallelBlock:
 
     def __init__(self, params, i: int, cfg, seed: int, tp: TPComm, sp: bool):
         p, t, r = f"h.{i}", tp.t, tp.rank
+        self.index = i
         heads = cfg.num_attention_heads // t
         enter, leave = (GatherSeq, ScatterSeq) if sp else (CopyToTP, ReduceFromTP)
         tokens = cfg.seq_length // t
@@ -274,10 +275,7 @@ class ParallelGPT(GPTBase):
         return shard(value, self.kinds[name], self.tp.rank, self.tp.t)
 
     def forward(self, idx, targets, norm: float, key=None) -> float:
-        x = self.embed_drop.forward(self.embed.forward(idx), key)
-        for block in self.blocks:
-            x = block.forward(x, key)
-        return self.loss_fn.forward(self.head.forward(self.ln_f.forward(x)), targets, norm)
+        return self.forward_stage(idx, targets, norm, key)
 
     def reduce_replicated_grads(self, names) -> None:
         """With SP, sum the replicated parameters' gradients among names over the TP group

@@ -1,0 +1,133 @@
+"""Pipeline parallelism: the model's blocks split over p ranks (v chunks each with the
+interleaved schedule), run by the instruction lists of refgpt.parallel.schedules.
+
+Global stage g = c p + r (chunk c of pipeline rank r) holds blocks [g L/(pv), (g+1) L/(pv));
+stage 0 also holds the embeddings, stage pv-1 the final LayerNorm, the head and the loss.
+The token table is tied: the first and the last stage each hold a copy (initialised alike
+from the same named stream) and the gradients of the two copies are summed after every step
+(an all-reduce between those two ranks), so they stay equal.
+
+The executor posts every receive of the step before it starts (the schedule knows them all),
+sends each activation or gradient as soon as it exists (Isend), and waits for a receive just
+before the op that consumes it, so a rank waits only for real data dependencies; messages are
+matched by tag = (direction, chunk, micro-batch), and all sends are completed before the
+optimizer step. Zero-bubble (ZB-H1) backward runs B with the linear layers' weight-gradient
+GEMMs deferred into a per-chunk queue, and W runs the oldest entry.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from ..config import ConfigError
+from ..nn.gpt import GPT, Stage, param_specs
+from ..nn.linear import Linear
+from ..nn.params import Params
+from .schedules import forward_only_ops, instructions
+
+
+def stage_of(g: int, p: int, v: int, num_layers: int) -> Stage:
+    per = num_layers // (p * v)
+    return Stage(range(g * per, (g + 1) * per), g == 0, g == p * v - 1)
+
+
+def check_pipeline(cfg, p: int, v: int, micro_batches: int, schedule: str) -> None:
+    if cfg.num_layers % (p * v):
+        raise ConfigError(f"--num-layers {cfg.num_layers} is not divisible by the pipeline size "
+                          f"{p} x virtual stages {v}")
+    if schedule == "interleaved" and micro_batches % p:
+        raise ConfigError(f"the interleaved schedule needs the micro-batches per rank "
+                          f"({micro_batches}) to be a multiple of the pipeline size ({p})")
+    if schedule != "interleaved" and v != 1:
+        raise ConfigError("--num-virtual-stages > 1 needs --pipeline-schedule interleaved")
+
+
+class PipelineModel:
+    """This rank's chunks of the model over one flat parameter buffer."""
+
+    def __init__(self, cfg, dtype, seed: int, grid, v: int):
+        p, r = grid.pp_size, grid.pp_rank
+        self.cfg, self.grid, self.v = cfg, grid, v
+        self.stages = [stage_of(c * p + r, p, v, cfg.num_layers) for c in range(v)]
+        specs = [s for st in self.stages for s in param_specs(cfg, st)]
+        self.params = Params(specs, dtype)
+        self.params.initialise(seed)
+        self.chunks = [GPT(cfg, dtype, seed, st, self.params) for st in self.stages]
+        self.layers = [layer for ch in self.chunks for layer in ch.layers]
+        self.linears = [[l for l in ch.layers if isinstance(l, Linear)] for ch in self.chunks]
+        self.first, self.last = self.stages[0].first, self.stages[-1].last
+
+    def set_grad_enabled(self, enabled: bool) -> None:
+        for ch in self.chunks:
+            ch.set_grad_enabled(enabled)
+
+    def ready_order(self) -> list[list[str]]:
+        return [list(reversed(list(self.params)))]
+
+    def owned_once(self, name: str) -> bool:
+        """Counts in the gradient norm here: the last stage's wte copy is counted on the first."""
+        return not (name == "wte.weight" and self.last and not self.first)
+
+
+class PipelineExecutor:
+    """Runs one rank's instructions; schedule "forward" is evaluation (forwards only)."""
+
+    def __init__(self, model: PipelineModel, schedule: str, micro_batches: int, act_shape, dtype):
+        g, p, v = model.grid, model.grid.pp_size, model.v
+        self.model, self.comm = model, g.pp_comm
+        ops = forward_only_ops(p, micro_batches, v) if schedule == "forward" else None
+        self.program = instructions(p, micro_batches, v, schedule, ops)[g.pp_rank]
+        self.act_shape, self.dtype = act_shape, dtype
+
+    def run(self, batches, norm: float) -> float:
+        """Run one step's instructions over the micro-batches [(x, y, key), ...]; returns the
+        sum of the micro-batch losses on the rank holding the last stage, 0 elsewhere."""
+        from mpi4py import MPI
+        chunks, comm = self.model.chunks, self.comm
+        recvs = {}
+        for op in self.program:                       # every receive of the step, posted now
+            if op.kind.startswith("RECV"):
+                buf = np.empty(self.act_shape, self.dtype)
+                recvs[(op.kind, op.mb, op.chunk)] = (comm.Irecv(buf, source=op.peer, tag=op.tag), buf)
+        outputs, sends, loss = {}, [], 0.0
+        w_queue = [deque() for _ in chunks]
+
+        def received(kind, op):
+            req, buf = recvs.pop((kind, op.mb, op.chunk))
+            req.Wait()
+            return buf
+
+        for op in self.program:
+            chunk = chunks[op.chunk] if op.kind != "STEP" else None
+            if op.kind == "F":
+                x, y, key = batches[op.mb]
+                inp = x if chunk.embed is not None else received("RECV_ACT", op)
+                out = chunk.forward_stage(inp, y, norm, key)
+                if chunk.head is not None:
+                    loss += out
+                else:
+                    outputs[("act", op.mb, op.chunk)] = out
+            elif op.kind in ("B", "BW"):
+                dout = None if chunk.head is not None else received("RECV_GRAD", op)
+                if op.kind == "B":
+                    store = []
+                    for lin in self.model.linears[op.chunk]:
+                        lin.defer = store
+                    w_queue[op.chunk].append(store)
+                din = chunk.backward_stage(dout)
+                for lin in self.model.linears[op.chunk]:
+                    lin.defer = None
+                if din is not None:
+                    outputs[("grad", op.mb, op.chunk)] = din
+            elif op.kind == "W":
+                for lin, x2, dy2 in w_queue[op.chunk].popleft():
+                    lin.weight_grad(x2, dy2)
+            elif op.kind in ("SEND_ACT", "SEND_GRAD"):
+                kind = "act" if op.kind == "SEND_ACT" else "grad"
+                buf = np.ascontiguousarray(outputs.pop((kind, op.mb, op.chunk)), self.dtype)
+                sends.append((comm.Isend(buf, dest=op.peer, tag=op.tag), buf))
+            elif op.kind == "STEP":
+                MPI.Request.Waitall([req for req, _ in sends])
+        return loss
