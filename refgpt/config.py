@@ -168,9 +168,6 @@ class ParallelConfig:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        if pp > 1 and tp > 1:
-            raise ConfigError("--tp with --pp: tensor and pipeline parallelism together are "
-                              "not implemented yet (issue #6)")
         if self.pipeline_schedule not in ("gpipe", "1f1b", "interleaved", "zb-h1"):
             raise ConfigError(f"--pipeline-schedule must be gpipe, 1f1b, interleaved or zb-h1, "
                               f"got {self.pipeline_schedule!r}")

@@ -30,7 +30,7 @@ from .parallel.data import GradReducer
 from .parallel.faults import inject
 from .parallel.grid import Grid
 from .parallel.pipeline import PipelineExecutor, PipelineModel, check_pipeline
-from .parallel.tensor import ParallelGPT
+from .parallel.tensor import ParallelGPT, check_divisible
 from .parallel.tensor_comm import TPComm
 from .timers import Timers
 
@@ -64,8 +64,13 @@ class Trainer:
             pc = self.pcfg
             micro = tcfg.global_batch_size // (g.dp_size * tcfg.micro_batch_size)
             check_pipeline(mcfg, g.pp_size, pc.num_virtual_stages, micro, pc.pipeline_schedule)
-            self.model = PipelineModel(mcfg, self.dtype, tcfg.seed, g, pc.num_virtual_stages)
-            self.act_shape = (tcfg.micro_batch_size, mcfg.seq_length, mcfg.hidden_size)
+            tp = TPComm(g.tp_comm) if g.tp_size > 1 else None
+            if tp is not None:
+                check_divisible(mcfg, g.tp_size, pc.sequence_parallel)
+            self.model = PipelineModel(mcfg, self.dtype, tcfg.seed, g, pc.num_virtual_stages,
+                                       tp, pc.sequence_parallel)
+            tokens = mcfg.seq_length // (g.tp_size if pc.sequence_parallel else 1)
+            self.act_shape = (tcfg.micro_batch_size, tokens, mcfg.hidden_size)
             self.pipe = PipelineExecutor(self.model, pc.pipeline_schedule, micro, self.act_shape,
                                          self.dtype)
             ready = self.model.ready_order()          # DP reduces after the pipeline flush
@@ -119,13 +124,10 @@ class Trainer:
 
     def _local(self, tensors: dict, prefix: str = "") -> dict:
         """This rank's part of full tensors named prefix + parameter name."""
-        if isinstance(self.model, PipelineModel):
-            return {k: v for k, v in tensors.items()
-                    if k.startswith(prefix) and k[len(prefix):] in self.model.params.specs}
-        if not isinstance(self.model, ParallelGPT):
+        if not isinstance(self.model, (ParallelGPT, PipelineModel)):
             return tensors
         return {k: self.model.shard(k[len(prefix):], v) for k, v in tensors.items()
-                if k.startswith(prefix) and k[len(prefix):] in self.model.kinds}
+                if k.startswith(prefix) and k[len(prefix):] in self.model.params.specs}
 
     def _restore(self, ckpt) -> None:
         p = self.model.params
@@ -203,6 +205,7 @@ class Trainer:
             loss = self.pipe.run(batches, norm)
         inject("allreduce", g.rank)
         with self.timers("grads-all-reduce"):
+            model.reduce_replicated_grads()           # sequence parallelism's partial sums
             if g.emb_comm is not None:                # the two copies of the tied token table
                 wte = model.params.grads["wte.weight"]
                 wte[...] = g.emb_comm.allreduce(wte)
@@ -218,9 +221,7 @@ class Trainer:
         if isinstance(model, ParallelGPT):
             return model.grad_norm()
         if isinstance(model, PipelineModel):
-            sq = sum(float(np.dot(gr.reshape(-1).astype(np.float64), gr.reshape(-1)))
-                     for n, gr in model.params.grads.items() if model.owned_once(n))
-            return math.sqrt(self.grid.pp_comm.allreduce(sq))
+            return math.sqrt(self.grid.mp_comm.allreduce(model.grad_squares()))
         return grad_norm(model.params.grad)
 
     def _finish_step(self, loss: float, t0: float) -> dict:
@@ -273,7 +274,7 @@ class Trainer:
         """Rank 0 writes the full (unsharded) state; tensor-parallel shards are gathered first."""
         inject("checkpoint", self.grid.rank)
         p, opt = self.model.params, self.opt
-        if isinstance(self.model, ParallelGPT):             # collective over each TP group
+        if isinstance(self.model, (ParallelGPT, PipelineModel)):  # TP shards gathered
             full = self.model.full_tensors
             params, m, v = full(p.data), full(opt.m), full(opt.v)
         else:

@@ -26,6 +26,8 @@ from ..nn.gpt import GPT, Stage, param_specs
 from ..nn.linear import Linear
 from ..nn.params import Params
 from .schedules import forward_only_ops, instructions
+from .tensor import (ParallelGPT, full_tensors, grad_squares, local_specs,
+                     reduce_replicated_grads, shard, shard_kind)
 
 
 def stage_of(g: int, p: int, v: int, num_layers: int) -> Stage:
@@ -45,16 +47,23 @@ def check_pipeline(cfg, p: int, v: int, micro_batches: int, schedule: str) -> No
 
 
 class PipelineModel:
-    """This rank's chunks of the model over one flat parameter buffer."""
+    """This rank's chunks of the model over one flat parameter buffer; with tp (a TPComm)
+    the chunks are tensor-parallel (refgpt.parallel.tensor) and the buffer holds shards."""
 
-    def __init__(self, cfg, dtype, seed: int, grid, v: int):
+    def __init__(self, cfg, dtype, seed: int, grid, v: int, tp=None, sequence_parallel=False):
         p, r = grid.pp_size, grid.pp_rank
-        self.cfg, self.grid, self.v = cfg, grid, v
+        self.cfg, self.grid, self.v, self.tp, self.sp = cfg, grid, v, tp, sequence_parallel
         self.stages = [stage_of(c * p + r, p, v, cfg.num_layers) for c in range(v)]
         specs = [s for st in self.stages for s in param_specs(cfg, st)]
-        self.params = Params(specs, dtype)
-        self.params.initialise(seed)
-        self.chunks = [GPT(cfg, dtype, seed, st, self.params) for st in self.stages]
+        if tp is None:
+            self.params = Params(specs, dtype)
+            self.params.initialise(seed)
+            self.chunks = [GPT(cfg, dtype, seed, st, self.params) for st in self.stages]
+        else:
+            self.params = Params(local_specs(specs, tp), dtype)
+            self.params.initialise(seed, lambda n, val: shard(val, shard_kind(n), tp.rank, tp.t))
+            self.chunks = [ParallelGPT(cfg, dtype, seed, tp, sequence_parallel, st, self.params)
+                           for st in self.stages]
         self.layers = [layer for ch in self.chunks for layer in ch.layers]
         self.linears = [[l for l in ch.layers if isinstance(l, Linear)] for ch in self.chunks]
         self.first, self.last = self.stages[0].first, self.stages[-1].last
@@ -69,6 +78,28 @@ class PipelineModel:
     def owned_once(self, name: str) -> bool:
         """Counts in the gradient norm here: the last stage's wte copy is counted on the first."""
         return not (name == "wte.weight" and self.last and not self.first)
+
+    def grad_squares(self) -> float:
+        """This rank's share of the squared global gradient norm (sum it over the model-
+        parallel group): each parameter once over the pipeline, each shard once over TP."""
+        if self.tp is not None:
+            return grad_squares(self.params, self.tp, self.owned_once)
+        return sum(float(np.dot(g.reshape(-1).astype(np.float64), g.reshape(-1)))
+                   for n, g in self.params.grads.items() if self.owned_once(n))
+
+    def shard(self, name: str, value: np.ndarray) -> np.ndarray:
+        return value if self.tp is None else shard(value, shard_kind(name), self.tp.rank, self.tp.t)
+
+    def full_tensors(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """This rank's tensors of a params-shaped buffer, TP shards gathered (collective)."""
+        if self.tp is None:
+            return {n: flat[lo:hi].reshape(self.params.specs[n].shape)
+                    for n, (lo, hi) in self.params.slices.items()}
+        return full_tensors(self.params, self.tp, flat)
+
+    def reduce_replicated_grads(self) -> None:
+        if self.tp is not None:
+            reduce_replicated_grads(self.params, self.tp, self.sp, list(self.params))
 
 
 class PipelineExecutor:

@@ -40,7 +40,7 @@ from ..config import ConfigError
 from ..nn.attention import CausalSelfAttention
 from ..nn.dropout import Dropout
 from ..nn.gelu import GELU
-from ..nn.gpt import GPTBase, param_specs
+from ..nn.gpt import GPTBase, Stage, param_specs
 from ..nn.layer import Layer
 from ..nn.layernorm import LayerNorm
 from ..nn.linear import Linear
@@ -246,30 +246,32 @@ class ParallelGPT(GPTBase):
     sequence parallelism the caller completes the replicated parameters' gradients with
     reduce_replicated_grads once accumulation is over."""
 
-    def __init__(self, cfg, dtype, seed: int, tp: TPComm, sequence_parallel: bool = False):
+    def __init__(self, cfg, dtype, seed: int, tp: TPComm, sequence_parallel: bool = False,
+                 stage: Stage | None = None, params: Params | None = None):
+        """stage / params: as refgpt.nn.GPT (a pipeline stage over a shared buffer)."""
         cfg.validate()
         check_divisible(cfg, tp.t, sequence_parallel)
+        stage = stage or Stage(range(cfg.num_layers))
         self.cfg, self.tp, self.sp = cfg, tp, sequence_parallel
         self.dtype = np.dtype(dtype)
-        full = param_specs(cfg)
-        self.kinds = {s.name: shard_kind(s.name) for s in full}
-        local = [ParamSpec(s.name, shard(np.empty(s.shape, bool), self.kinds[s.name], tp.rank,
-                                         tp.t).shape, s.init, s.std, s.valid_rows, s.shape)
-                 for s in full]
-        self.params = Params(local, self.dtype)
-        self.params.initialise(seed, lambda n, v: self.shard(n, v))
-        self.replicated = [n for n, k in self.kinds.items() if k is None]
+        if params is None:
+            params = Params(local_specs(param_specs(cfg, stage), tp), self.dtype)
+            params.initialise(seed, lambda n, v: shard(v, shard_kind(n), tp.rank, tp.t))
+        self.params = params
+        self.kinds = {n: shard_kind(n) for n in params}
         T = cfg.seq_length // tp.t
         seq_part = (0, slice(tp.rank * T, (tp.rank + 1) * T), cfg.seq_length) if sequence_parallel else None
-        self.embed = VocabParallelEmbedding(self.params, tp, sequence_parallel)
-        self.embed_drop = Dropout(cfg.dropout, "embed_drop", seed, seq_part)
-        self.blocks = [ParallelBlock(self.params, i, cfg, seed, tp, sequence_parallel)
-                       for i in range(cfg.num_layers)]
-        self.ln_f = LayerNorm(self.params, "ln_f", cfg.layernorm_eps)
-        self.head = VocabParallelHead(self.params, tp, sequence_parallel)
-        self.loss_fn = VocabParallelCrossEntropy(cfg.vocab_size, tp)
-        self.layers = [self.embed, self.embed_drop, *(l for b in self.blocks for l in b.layers),
-                       self.ln_f, self.head, self.loss_fn]
+        first, last = stage.first, stage.last
+        self.embed = VocabParallelEmbedding(params, tp, sequence_parallel) if first else None
+        self.embed_drop = Dropout(cfg.dropout, "embed_drop", seed, seq_part) if first else None
+        self.blocks = [ParallelBlock(params, i, cfg, seed, tp, sequence_parallel)
+                       for i in stage.blocks]
+        self.ln_f = LayerNorm(params, "ln_f", cfg.layernorm_eps) if last else None
+        self.head = VocabParallelHead(params, tp, sequence_parallel) if last else None
+        self.loss_fn = VocabParallelCrossEntropy(cfg.vocab_size, tp) if last else None
+        self.layers = [l for l in (self.embed, self.embed_drop,
+                                   *(l for b in self.blocks for l in b.layers),
+                                   self.ln_f, self.head, self.loss_fn) if l is not None]
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return shard(value, self.kinds[name], self.tp.rank, self.tp.t)
@@ -278,28 +280,49 @@ class ParallelGPT(GPTBase):
         return self.forward_stage(idx, targets, norm, key)
 
     def reduce_replicated_grads(self, names) -> None:
-        """With SP, sum the replicated parameters' gradients among names over the TP group
-        (each rank saw only its tokens). Call once per step, on accumulated gradients."""
-        if self.sp:
-            for n in names:
-                if self.kinds[n] is None:
-                    self.params.grads[n][...] = self.tp.allreduce(self.params.grads[n], "sp-grads")
+        reduce_replicated_grads(self.params, self.tp, self.sp, names)
 
     def grad_norm(self) -> float:
         """Global gradient norm: shards' squares summed over the group, replicated
         parameters counted once (on TP rank 0)."""
-        sq = 0.0
-        for n, g in self.params.grads.items():
-            if self.kinds[n] is not None or self.tp.rank == 0:
-                g64 = g.astype(np.float64, copy=False).reshape(-1)
-                sq += float(np.dot(g64, g64))
-        return math.sqrt(self.tp.comm.allreduce(sq))
+        return math.sqrt(self.tp.comm.allreduce(grad_squares(self.params, self.tp)))
 
     def full_tensors(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """Every full parameter-shaped tensor of a buffer laid out like params.data (the
-        parameters themselves, or an optimizer moment), gathered from the group."""
-        out = {}
-        for n, (lo, hi) in self.params.slices.items():
-            part = flat[lo:hi].reshape(self.params.specs[n].shape)
-            out[n] = unshard(self.tp.comm.allgather(part), self.kinds[n])
-        return out
+        return full_tensors(self.params, self.tp, flat)
+
+
+def local_specs(specs: list[ParamSpec], tp: TPComm) -> list[ParamSpec]:
+    """This rank's shard of each parameter (full shape kept for initialisation)."""
+    return [ParamSpec(s.name, shard(np.empty(s.shape, bool), shard_kind(s.name), tp.rank,
+                                    tp.t).shape, s.init, s.std, s.valid_rows, s.shape)
+            for s in specs]
+
+
+def reduce_replicated_grads(params, tp: TPComm, sequence_parallel: bool, names) -> None:
+    """With SP, sum the replicated parameters' gradients among names over the TP group
+    (each rank saw only its tokens). Call once per step, on accumulated gradients."""
+    if sequence_parallel:
+        for n in names:
+            if shard_kind(n) is None:
+                params.grads[n][...] = tp.allreduce(params.grads[n], "sp-grads")
+
+
+def grad_squares(params, tp: TPComm, counted=lambda name: True) -> float:
+    """This rank's share of the squared gradient norm: its shards, and the replicated
+    parameters on TP rank 0 only; counted(name) can leave out more (pipeline copies)."""
+    sq = 0.0
+    for n, g in params.grads.items():
+        if counted(n) and (shard_kind(n) is not None or tp.rank == 0):
+            g64 = g.astype(np.float64, copy=False).reshape(-1)
+            sq += float(np.dot(g64, g64))
+    return sq
+
+
+def full_tensors(params, tp: TPComm, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """Every full parameter-shaped tensor of a buffer laid out like params.data (the
+    parameters themselves, or an optimizer moment), gathered from the TP group."""
+    out = {}
+    for n, (lo, hi) in params.slices.items():
+        part = flat[lo:hi].reshape(params.specs[n].shape)
+        out[n] = unshard(tp.comm.allgather(part), shard_kind(n))
+    return out
