@@ -117,3 +117,27 @@ def test_pipeline_with_tensor_parallelism(sp):
               and np.allclose([h["grad_norm"] for h in hist], [h["grad_norm"] for h in ref], rtol=1e-12)
               and all(close(grads[n], s.grads[n]) and close(params[n], s[n]) for n in grads))
         assert agree(comm, ok), (schedule, v, sp)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_trace_records_every_compute_op_and_the_stash():
+    from mpi4py import MPI
+    from refgpt.parallel.pipeline import PipelineExecutor, PipelineModel
+    from refgpt.parallel.schedules import compute_ops
+    comm = MPI.COMM_WORLD
+    p, m = comm.size, 2 * comm.size
+    cfg = ModelConfig(num_layers=p, hidden_size=16, num_attention_heads=2, seq_length=8,
+                      vocab_size=45, vocab_multiple=16)
+    grid = Grid(comm, 1, p)
+    model = PipelineModel(cfg, np.float64, 0, grid, 1)
+    ex = PipelineExecutor(model, "1f1b", m, (1, 8, 16), np.float64)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 45, (1, 8)), rng.integers(0, 45, (1, 8)), None) for _ in range(m)]
+    trace = []
+    ex.run(batches, float(m * 8), trace)
+    ops = compute_ops(p, m, 1, "1f1b")[grid.pp_rank]
+    held = [b for *_, b in trace]
+    ok = ([(k, mb, c) for k, mb, c, *_ in trace] == [(o.kind, o.mb, o.chunk) for o in ops]
+          and all(s <= e for _, _, _, s, e, _ in trace) and held[-1] == 0
+          and max(held) == held[min(p - grid.pp_rank, m) - 1])   # peak after the warm-up F's
+    assert agree(comm, ok)

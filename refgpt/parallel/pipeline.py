@@ -17,6 +17,7 @@ GEMMs deferred into a per-chunk queue, and W runs the oldest entry.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 import numpy as np
@@ -25,7 +26,7 @@ from ..config import ConfigError
 from ..nn.gpt import GPT, Stage, param_specs
 from ..nn.linear import Linear
 from ..nn.params import Params
-from .schedules import forward_only_ops, instructions
+from .schedules import COST, forward_only_ops, instructions
 from .tensor import (ParallelGPT, full_tensors, grad_squares, local_specs,
                      reduce_replicated_grads, shard, shard_kind)
 
@@ -97,6 +98,11 @@ class PipelineModel:
                     for n, (lo, hi) in self.params.slices.items()}
         return full_tensors(self.params, self.tp, flat)
 
+    def stash_bytes(self) -> int:
+        """Bytes of the arrays the layers hold for backward."""
+        return sum(a.nbytes for layer in self.layers for ctx in layer.stash for a in ctx
+                   if isinstance(a, np.ndarray))
+
     def reduce_replicated_grads(self) -> None:
         if self.tp is not None:
             reduce_replicated_grads(self.params, self.tp, self.sp, list(self.params))
@@ -112,9 +118,14 @@ class PipelineExecutor:
         self.program = instructions(p, micro_batches, v, schedule, ops)[g.pp_rank]
         self.act_shape, self.dtype = act_shape, dtype
 
-    def run(self, batches, norm: float) -> float:
+    def run(self, batches, norm: float, trace: list | None = None, op_cost: float = 0.0) -> float:
         """Run one step's instructions over the micro-batches [(x, y, key), ...]; returns the
-        sum of the micro-batch losses on the rank holding the last stage, 0 elsewhere."""
+        sum of the micro-batch losses on the rank holding the last stage, 0 elsewhere.
+
+        trace: a list that receives (kind, micro-batch, chunk, start s, end s, bytes held
+        for backward after the op, zero-bubble W inputs included) for every compute op. op_cost: seconds added to each
+        op per unit of cost (F = B = W = 1, BW = 2, divided by v), to measure a schedule's
+        bubble with known, equal op costs."""
         from mpi4py import MPI
         chunks, comm = self.model.chunks, self.comm
         recvs = {}
@@ -131,10 +142,12 @@ class PipelineExecutor:
             return buf
 
         for op in self.program:
+            t0 = time.perf_counter()
             chunk = chunks[op.chunk] if op.kind != "STEP" else None
             if op.kind == "F":
                 x, y, key = batches[op.mb]
                 inp = x if chunk.embed is not None else received("RECV_ACT", op)
+                t0 = time.perf_counter()                    # busy from here: input at hand
                 out = chunk.forward_stage(inp, y, norm, key)
                 if chunk.head is not None:
                     loss += out
@@ -142,6 +155,7 @@ class PipelineExecutor:
                     outputs[("act", op.mb, op.chunk)] = out
             elif op.kind in ("B", "BW"):
                 dout = None if chunk.head is not None else received("RECV_GRAD", op)
+                t0 = time.perf_counter()
                 if op.kind == "B":
                     store = []
                     for lin in self.model.linears[op.chunk]:
@@ -161,4 +175,12 @@ class PipelineExecutor:
                 sends.append((comm.Isend(buf, dest=op.peer, tag=op.tag), buf))
             elif op.kind == "STEP":
                 MPI.Request.Waitall([req for req, _ in sends])
+            if op.kind in COST:
+                if op_cost:
+                    time.sleep(op_cost * COST[op.kind] / self.model.v)
+                if trace is not None:
+                    queued = sum(x.nbytes + dy.nbytes for q in w_queue for store in q
+                                 for _, x, dy in store)
+                    trace.append((op.kind, op.mb, op.chunk, t0, time.perf_counter(),
+                                  self.model.stash_bytes() + queued))
         return loss
