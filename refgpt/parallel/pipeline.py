@@ -26,9 +26,9 @@ from ..config import ConfigError
 from ..nn.gpt import GPT, Stage, param_specs
 from ..nn.linear import Linear
 from ..nn.params import Params
-from .schedules import COST, forward_only_ops, instructions
-from .tensor import (ParallelGPT, full_tensors, grad_squares, local_specs,
-                     reduce_replicated_grads, shard, shard_kind)
+from .schedules import COST, check, forward_only_ops, instructions
+from .tensor import (ParallelGPT, full_tensors, grad_squares, local_specs, rank_shard,
+                     reduce_replicated_grads)
 
 
 def stage_of(g: int, p: int, v: int, num_layers: int) -> Stage:
@@ -40,11 +40,11 @@ def check_pipeline(cfg, p: int, v: int, micro_batches: int, schedule: str) -> No
     if cfg.num_layers % (p * v):
         raise ConfigError(f"--num-layers {cfg.num_layers} is not divisible by the pipeline size "
                           f"{p} x virtual stages {v}")
-    if schedule == "interleaved" and micro_batches % p:
-        raise ConfigError(f"the interleaved schedule needs the micro-batches per rank "
-                          f"({micro_batches}) to be a multiple of the pipeline size ({p})")
-    if schedule != "interleaved" and v != 1:
-        raise ConfigError("--num-virtual-stages > 1 needs --pipeline-schedule interleaved")
+    try:
+        check(p, micro_batches, v, schedule)        # the schedule's own conditions
+    except ValueError as e:
+        raise ConfigError(f"{e} (micro-batches per rank: --global-batch-size / "
+                          f"(--micro-batch-size x data-parallel size))") from None
 
 
 class PipelineModel:
@@ -62,7 +62,7 @@ class PipelineModel:
             self.chunks = [GPT(cfg, dtype, seed, st, self.params) for st in self.stages]
         else:
             self.params = Params(local_specs(specs, tp), dtype)
-            self.params.initialise(seed, lambda n, val: shard(val, shard_kind(n), tp.rank, tp.t))
+            self.params.initialise(seed, self.shard)
             self.chunks = [ParallelGPT(cfg, dtype, seed, tp, sequence_parallel, st, self.params)
                            for st in self.stages]
         self.layers = [layer for ch in self.chunks for layer in ch.layers]
@@ -89,7 +89,7 @@ class PipelineModel:
                    for n, g in self.params.grads.items() if self.owned_once(n))
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
-        return value if self.tp is None else shard(value, shard_kind(name), self.tp.rank, self.tp.t)
+        return value if self.tp is None else rank_shard(name, value, self.tp)
 
     def full_tensors(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """This rank's tensors of a params-shaped buffer, TP shards gathered (collective)."""

@@ -72,6 +72,11 @@ def shard(value: np.ndarray, kind: str | None, r: int, t: int) -> np.ndarray:
     return np.split(q_k_v, t, axis=-1)[r].reshape(*value.shape[:-1], -1)
 
 
+def rank_shard(name: str, value: np.ndarray, tp) -> np.ndarray:
+    """This TP rank's part of the full value of the parameter called name."""
+    return shard(value, shard_kind(name), tp.rank, tp.t)
+
+
 def unshard(parts: list[np.ndarray], kind: str | None) -> np.ndarray:
     """The full value from every rank's part (inverse of shard)."""
     if kind is None:
@@ -256,9 +261,8 @@ class ParallelGPT(GPTBase):
         self.dtype = np.dtype(dtype)
         if params is None:
             params = Params(local_specs(param_specs(cfg, stage), tp), self.dtype)
-            params.initialise(seed, lambda n, v: shard(v, shard_kind(n), tp.rank, tp.t))
+            params.initialise(seed, lambda n, v: rank_shard(n, v, tp))
         self.params = params
-        self.kinds = {n: shard_kind(n) for n in params}
         T = cfg.seq_length // tp.t
         seq_part = (0, slice(tp.rank * T, (tp.rank + 1) * T), cfg.seq_length) if sequence_parallel else None
         first, last = stage.first, stage.last
@@ -274,7 +278,7 @@ class ParallelGPT(GPTBase):
                                    self.ln_f, self.head, self.loss_fn) if l is not None]
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
-        return shard(value, self.kinds[name], self.tp.rank, self.tp.t)
+        return rank_shard(name, value, self.tp)
 
     def forward(self, idx, targets, norm: float, key=None) -> float:
         return self.forward_stage(idx, targets, norm, key)
