@@ -2,9 +2,9 @@
 leave the others waiting in the next collective, so a failure on a multi-rank run prints
 the rank and report, then ends the whole job through COMM_WORLD.Abort."""
 
-import sys
-
 import pytest
+
+from refgpt.parallel.launch import abort_job
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -15,9 +15,7 @@ def pytest_runtest_makereport(item, call):
         from mpi4py import MPI
         comm = MPI.COMM_WORLD
         if comm.size > 1:
-            print(f"\nrank {comm.rank}: {item.nodeid} failed\n{report.longreprtext}",
-                  file=sys.stderr, flush=True)
-            comm.Abort(1)
+            abort_job(comm, f"\nrank {comm.rank}: {item.nodeid} failed\n{report.longreprtext}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,7 +21,7 @@ from .cli import USER_ERRORS, exit_on_user_error
 from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from .engine import Trainer
 from .parallel.grid import Grid, check_sizes
-from .parallel.launch import launched_world_size
+from .parallel.launch import abort_job, launched_world_size
 from .parallel.threads import set_threads
 
 try:
@@ -204,10 +204,7 @@ def main(argv=None) -> int:
 
 
 def abort(comm, e: BaseException) -> None:
-    rank = comm.Get_rank()
-    sys.__stderr__.write(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-    sys.__stderr__.flush()
-    comm.Abort(1)
+    abort_job(comm, f"rank {comm.Get_rank()}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
 
 
 if __name__ == "__main__":
