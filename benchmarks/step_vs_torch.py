@@ -33,7 +33,7 @@ def refgpt_step(cfg_tuple, threads):
                       vocab_size=V)
     model = GPT(cfg, np.float32, seed=0)
     p = model.params
-    opt = AdamW(p.data, p.grad, p.decay_mask(), weight_decay=0.1)
+    opt = AdamW(p.data, p.grad, p.decay_ranges(), weight_decay=0.1)
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (b, s))
     y = rng.integers(0, V, (b, s))

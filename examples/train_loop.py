@@ -16,7 +16,7 @@ from refgpt.optim import AdamW, clip_grad_, grad_norm, learning_rate
 cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16, vocab_size=10)
 model = GPT(cfg, np.float64, seed=0)
 p = model.params                                   # p.data / p.grad: flat buffers
-opt = AdamW(p.data, p.grad, p.decay_mask(), betas=(0.9, 0.95), weight_decay=0.1)
+opt = AdamW(p.data, p.grad, p.decay_ranges(), betas=(0.9, 0.95), weight_decay=0.1)
 
 pattern = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9] * 4)
 micro_batches = [np.stack([pattern[s:s + 17] for s in starts]) for starts in ([0, 1], [2, 3])]

@@ -162,6 +162,8 @@ class ParallelConfig:
     ddp_bucket_size: int = 1_000_000  # elements per gradient all-reduce bucket; 0: one bucket
     threads_per_rank: int = 0  # 0: one BLAS thread when ranks share a node, else the default
     timing_log_level: int = 1
+    zero_stage: int = 0  # ZeRO over the data-parallel group: 1 optimizer state, 2 + grads, 3 + params
+    offload_optimizer: str = ""  # folder for AdamW's moments as np.memmap files ("": in memory)
 
     def validate(self) -> None:
         """Settings on their own; the fit to the world size is refgpt.parallel.grid.check_sizes."""
@@ -175,6 +177,8 @@ class ParallelConfig:
             raise ConfigError("--num-virtual-stages must be >= 1")
         if self.ddp_bucket_size < 0 or self.threads_per_rank < 0:
             raise ConfigError("--ddp-bucket-size and --threads-per-rank must be >= 0")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.timing_log_level not in (0, 1, 2):
             raise ConfigError(f"--timing-log-level must be 0, 1 or 2, got {self.timing_log_level}")
 

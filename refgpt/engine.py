@@ -7,13 +7,16 @@ every micro-batch's loss is divided by the global token count G*T, the gradients
 micro-batches accumulate locally, and the last micro-batch's backward all-reduces them over
 the data-parallel group in buckets (refgpt.parallel.data). Every rank then holds the
 gradient of the whole batch and takes the same AdamW step, so the parameters stay identical
-across data-parallel ranks, and equal the single-process run's up to rounding.
+across data-parallel ranks, and equal the single-process run's up to rounding. With ZeRO
+(refgpt.parallel.zero) the sum is a reduce-scatter instead and each rank updates its shard.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import resource
 import time
 from pathlib import Path
 
@@ -25,6 +28,7 @@ from .cli import CheckpointError
 from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from .data.tokens import SyntheticDataset, TokenDataset, batch, read_meta
 from .nn import GPT
+from .nn.params import Params
 from .optim import AdamW, clip_grad_, grad_norm, learning_rate
 from .parallel.data import GradReducer
 from .parallel.faults import inject
@@ -32,7 +36,15 @@ from .parallel.grid import Grid
 from .parallel.pipeline import PipelineExecutor, PipelineModel, check_pipeline
 from .parallel.tensor import ParallelGPT, check_divisible
 from .parallel.tensor_comm import TPComm
+from .parallel.zero import ZeroParams, formula_bytes, memory_bytes, offload_moments
 from .timers import Timers
+
+ZERO_WITH_PP = ("--zero-stage {stage} with pipeline parallelism is refused: the pipeline keeps "
+                "m micro-batches in flight, so stage 2 would reduce-scatter every micro-batch's "
+                "gradients inside the schedule (m times the traffic of stage 1) and stage 3 would "
+                "also gather every stage's parameters 2-3 times per micro-batch, coupling the "
+                "stages through data-parallel collectives and swelling the bubble. Use "
+                "--zero-stage 1 with --pipeline-model-parallel-size > 1.")
 
 
 class Trainer:
@@ -60,6 +72,12 @@ class Trainer:
         self.mcfg, self.tcfg = mcfg, tcfg
         self.dtype = np.dtype(tcfg.dtype)
         self.pipe = None
+        stage = self.pcfg.zero_stage
+        if stage >= 2 and g.pp_size > 1:
+            raise ConfigError(ZERO_WITH_PP.format(stage=stage))
+        make_params = Params
+        if stage:
+            make_params = functools.partial(ZeroParams, stage=stage, comm=self._dp_comm())
         if g.pp_size > 1:
             pc = self.pcfg
             micro = tcfg.global_batch_size // (g.dp_size * tcfg.micro_batch_size)
@@ -68,7 +86,7 @@ class Trainer:
             if tp is not None:
                 check_divisible(mcfg, g.tp_size, pc.sequence_parallel)
             self.model = PipelineModel(mcfg, self.dtype, tcfg.seed, g, pc.num_virtual_stages,
-                                       tp, pc.sequence_parallel)
+                                       tp, pc.sequence_parallel, make_params)
             tokens = mcfg.seq_length // (g.tp_size if pc.sequence_parallel else 1)
             self.act_shape = (tcfg.micro_batch_size, tokens, mcfg.hidden_size)
             self.pipe = PipelineExecutor(self.model, pc.pipeline_schedule, micro, self.act_shape,
@@ -76,16 +94,16 @@ class Trainer:
             ready = self.model.ready_order()          # DP reduces after the pipeline flush
         elif g.tp_size > 1:
             self.model = ParallelGPT(mcfg, self.dtype, tcfg.seed, TPComm(g.tp_comm),
-                                     self.pcfg.sequence_parallel)
+                                     self.pcfg.sequence_parallel, make_params=make_params)
             ready = self.model.ready_groups()
         else:
-            self.model = GPT(mcfg, self.dtype, tcfg.seed)
+            self.model = GPT(mcfg, self.dtype, tcfg.seed, make_params=make_params)
             ready = self.model.ready_groups()
         p = self.model.params
-        self.opt = AdamW(p.data, p.grad, p.decay_mask(), betas=(tcfg.adam_beta1, tcfg.adam_beta2),
-                         eps=tcfg.adam_eps, weight_decay=tcfg.weight_decay)
+        self.zero = p if stage else None
+        self.opt = self._optimizer(p)
         self.reducer = (GradReducer(p, g.dp_comm, ready, self.pcfg.ddp_bucket_size)
-                        if g.dp_size > 1 else None)
+                        if g.dp_size > 1 and not stage else None)
         self.timers = Timers(self.pcfg.timing_log_level, g.world)
         self.iteration, self.consumed = 0, 0
         if ckpt is not None:
@@ -93,6 +111,27 @@ class Trainer:
         self.gemm_rate = metrics.measure_gemm_rate(self.dtype)
         self.history: list[dict] = []
         inject("init", g.rank)
+
+    def _dp_comm(self):
+        """The data-parallel communicator; a single process gets MPI's COMM_SELF (ZeRO at
+        d = 1 then runs its code path with trivial collectives)."""
+        if self.grid.dp_comm is not None:
+            return self.grid.dp_comm
+        from mpi4py import MPI
+        return MPI.COMM_SELF
+
+    def _optimizer(self, p) -> AdamW:
+        """AdamW over the whole buffer, or with ZeRO over this rank's shard of it."""
+        t, z = self.tcfg, self.zero
+        if z is None:
+            params, grads, (lo, hi) = p.data, p.grad, (0, p.padded)
+        else:
+            params, grads, (lo, hi) = z.param_shard(), z.grad_shard(), z.own
+        decay = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in p.decay_ranges() if a < hi and b > lo]
+        folder = self.pcfg.offload_optimizer
+        moments = offload_moments(folder, self.grid.rank, len(params), p.dtype) if folder else None
+        return AdamW(params, grads, decay, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                     weight_decay=t.weight_decay, moments=moments)
 
     def _datasets(self, mcfg, tcfg, given, ckpt):
         if tcfg.synthetic_data:
@@ -135,8 +174,11 @@ class Trainer:
             p.load_state_dict(self._local(ckpt.params))
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{ckpt.path}: {e}") from None
-        named_to_flat(self._local(ckpt.optimizer, "exp_avg."), "exp_avg.", p, self.opt.m)
-        named_to_flat(self._local(ckpt.optimizer, "exp_avg_sq."), "exp_avg_sq.", p, self.opt.v)
+        lo, hi = self.zero.own if self.zero else (0, p.padded)
+        for prefix, state in (("exp_avg.", self.opt.m), ("exp_avg_sq.", self.opt.v)):
+            full = np.zeros(p.padded, p.dtype)
+            named_to_flat(self._local(ckpt.optimizer, prefix), prefix, p, full)
+            state[...] = full[lo:hi]
         self.opt.t = ckpt.state["optimizer_step"]
         self.iteration = ckpt.state["iteration"]
         self.consumed = ckpt.state["consumed_samples"]
@@ -148,12 +190,15 @@ class Trainer:
                              decay_iters=t.lr_decay_iters or t.train_iters, style=t.lr_decay_style)
 
     def grads_ready(self, names) -> None:
-        """During the last micro-batch's backward: these parameters' gradients are complete
-        on this rank; finish them over TP (sequence parallelism), then start their DP sum."""
+        """During the last micro-batch's backward (ZeRO 2-3: every backward): these
+        parameters' gradients are complete on this rank; finish them over TP (sequence
+        parallelism), then start their DP sum (all-reduce, or ZeRO's reduce-scatter)."""
         if isinstance(self.model, ParallelGPT):
             self.model.reduce_replicated_grads(names)
         if self.reducer:
             self.reducer.ready(names)
+        if self.zero:
+            self.zero.reduce_grads(names)
 
     def dp_sum(self, value: float) -> float:
         comm = self.grid.dp_comm
@@ -167,9 +212,12 @@ class Trainer:
         first = self.consumed + g.dp_rank * share
         norm = float(G * T)                                # global token count of the step
         model.params.zero_grad()
+        self.traffic_at_start = self.dp_traffic()
         loss = 0.0
         if self.pipe is not None:
             return self._finish_step(self._pipeline_step(first, share, norm), t0)
+        zero = self.zero
+        every = zero is not None and zero.stage >= 2     # reduce-scatter every micro-batch
         for start in range(first, first + share, B):
             ids = np.arange(start, start + B)
             with timers("batch-generator"):
@@ -178,15 +226,23 @@ class Trainer:
             with timers("forward"):
                 loss += model.forward(x, y, norm, key=(self.iteration, ids))
             last = start + B == first + share
-            if last and self.reducer:
+            reduce = last or every
+            if reduce and self.reducer:
                 self.reducer.start()
+            if reduce and zero:
+                zero.start_reduce()
             inject("backward", g.rank)
             with timers("backward"):
-                model.backward(self.grads_ready if last else None)
+                model.backward(self.grads_ready if reduce else None)
+            if every and not last:
+                with timers("grads-all-reduce"):       # the reduce-scatters of ZeRO 2-3
+                    zero.wait_grads()
         inject("allreduce", g.rank)
         with timers("grads-all-reduce"):
             if self.reducer:
                 self.reducer.wait()
+            if zero:
+                zero.wait_grads()
             loss = self.dp_sum(loss)
         return self._finish_step(loss, t0)
 
@@ -209,15 +265,38 @@ class Trainer:
             if g.emb_comm is not None:                # the two copies of the tied token table
                 wte = model.params.grads["wte.weight"]
                 wte[...] = g.emb_comm.allreduce(wte)
+            for reducer in (self.reducer, self.zero):
+                if reducer:
+                    reducer.start() if reducer is self.reducer else reducer.start_reduce()
             if self.reducer:
-                self.reducer.start()
                 self.reducer.ready(list(model.params))
                 self.reducer.wait()
+            if self.zero:
+                self.zero.reduce_grads(list(model.params))
+                self.zero.wait_grads()
             loss = self.dp_sum(g.pp_comm.allreduce(loss))
         return loss
 
+    def dp_traffic(self) -> float:
+        """Bytes this rank has sent or received over the data-parallel group for gradients and
+        parameters (refgpt.parallel.zero says how they are counted)."""
+        return ((self.reducer.comm_bytes if self.reducer else 0)
+                + (self.zero.comm_bytes if self.zero else 0))
+
+    def memory_report(self) -> dict:
+        """The memory registry, the ZeRO formula for the same buffers and the peak RSS."""
+        p, stage = self.model.params, self.pcfg.zero_stage
+        mem = memory_bytes(p, self.opt)
+        mem["formula"] = formula_bytes(stage, p.padded, self.grid.dp_size if stage else 1,
+                                       p.dtype.itemsize)
+        mem["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+        return mem
+
     def global_grad_norm(self) -> float:
         model = self.model
+        if self.zero is not None:                 # each element counted once over the world
+            sq = self.zero.grad_squares(model.norm_counted)
+            return math.sqrt(sq if self.grid.world is None else self.grid.world.allreduce(sq))
         if isinstance(model, ParallelGPT):
             return model.grad_norm()
         if isinstance(model, PipelineModel):
@@ -232,9 +311,13 @@ class Trainer:
         with timers("optimizer"):
             gnorm = self.global_grad_norm()
             skipped = not math.isfinite(gnorm)
+            if self.zero is not None and self.zero.stage == 3:
+                self.zero.drop_prefetched()
             if not skipped:
-                clip_grad_(model.params.grad, t.clip_grad, gnorm)
+                clip_grad_(self.opt.g, t.clip_grad, gnorm)
                 self.opt.step(lr)
+                if self.zero is not None and self.zero.stage < 3:
+                    self.zero.gather_params()
         self.iteration += 1
         self.consumed += G
         dt = time.perf_counter() - t0
@@ -245,7 +328,9 @@ class Trainer:
                 "tflops": metrics.megatron_flops(G, T, self.mcfg.num_layers, self.mcfg.hidden_size,
                                                  self.mcfg.padded_vocab) / dt / 1e12,
                 "model_tflops": mflops / dt / 1e12,
-                "mfu": mflops / dt / (self.gemm_rate * g.world_size)}
+                "mfu": mflops / dt / (self.gemm_rate * g.world_size),
+                "dp_comm_bytes": self.dp_traffic() - self.traffic_at_start,
+                "memory_bytes": self.memory_report()}
 
     def evaluate(self) -> float:
         """Mean loss over eval_iters global batches of the validation split, in order; the
@@ -273,12 +358,13 @@ class Trainer:
     def save(self) -> Path | None:
         """Rank 0 writes the full (unsharded) state; tensor-parallel shards are gathered first."""
         inject("checkpoint", self.grid.rank)
-        p, opt = self.model.params, self.opt
+        p, opt, z = self.model.params, self.opt, self.zero
+        flat = (p.data, opt.m, opt.v) if z is None else (          # ZeRO shards gathered
+            z.full_data(), z.gather_shards(opt.m), z.gather_shards(opt.v))
         if isinstance(self.model, (ParallelGPT, PipelineModel)):  # TP shards gathered
-            full = self.model.full_tensors
-            params, m, v = full(p.data), full(opt.m), full(opt.v)
+            params, m, v = (self.model.full_tensors(f) for f in flat)
         else:
-            params, m, v = dict(p.items()), flat_to_named(opt.m, p), flat_to_named(opt.v, p)
+            params, m, v = (flat_to_named(f, p) for f in flat)
         if self.pipe is not None:                           # every stage's tensors to rank 0
             parts = self.grid.pp_comm.gather((params, m, v), root=0)
             if parts is not None:
@@ -317,7 +403,16 @@ class Trainer:
                 f"{g.dp_size} x {t.global_batch_size // (g.dp_size * t.micro_batch_size)} "
                 f"micro-batches x {t.micro_batch_size} sequences; gradient buckets: "
                 f"{len(self.reducer.buckets) if self.reducer else 0}; measured GEMM rate "
-                f"{self.gemm_rate / 1e9:.1f} GFLOP/s per rank")
+                f"{self.gemm_rate / 1e9:.1f} GFLOP/s per rank\n" + self.memory_line())
+
+    def memory_line(self) -> str:
+        mem, mb = self.memory_report(), 1 / 2**20
+        stage = self.pcfg.zero_stage
+        held = mem["params"] + mem["grads"] + mem["optimizer"] + mem["optimizer_offloaded"]
+        return (f"memory per rank (MiB): parameters {mem['params'] * mb:.1f}, gradients "
+                f"{mem['grads'] * mb:.1f}, optimizer {mem['optimizer'] * mb:.1f}"
+                + (f" (+ {mem['optimizer_offloaded'] * mb:.1f} on disk)" if mem["optimizer_offloaded"] else "")
+                + f"; total {held * mb:.1f}, ZeRO-{stage} formula {mem['formula'] * mb:.1f}")
 
     def run(self) -> list[dict]:
         t, rank0 = self.tcfg, self.grid.rank == 0

@@ -83,6 +83,10 @@ PARALLEL_FLAGS = {
                         "elements per data-parallel gradient all-reduce bucket (0: one bucket)"),
     "threads-per-rank": ("threads_per_rank", int,
                          "BLAS threads per rank (0: 1 when ranks share a node, else the default)"),
+    "zero-stage": ("zero_stage", int, "ZeRO over the data-parallel group: 0 off, 1 optimizer "
+                                      "state, 2 + gradients, 3 + parameters partitioned"),
+    "offload-optimizer": ("offload_optimizer", str, "keep AdamW's moments in np.memmap files "
+                                                    "in this folder, updated chunk by chunk"),
     "timing-log-level": ("timing_log_level", int,
                          "0: no timers; 1: per-phase timers, no synchronisation; 2: with barriers"),
 }

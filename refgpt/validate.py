@@ -91,7 +91,7 @@ def against_hf(cfg: ModelConfig, opt: TrainConfig, steps: int, size: int, seed: 
     model.params.load_state_dict(refgpt_state_dict(
         {n: p.detach().numpy() for n, p in named.items()}, cfg))
     p = model.params
-    mine = AdamW(p.data, p.grad, p.decay_mask(), betas=(opt.adam_beta1, opt.adam_beta2),
+    mine = AdamW(p.data, p.grad, p.decay_ranges(), betas=(opt.adam_beta1, opt.adam_beta2),
                  eps=opt.adam_eps, weight_decay=opt.weight_decay)
     theirs = torch.optim.AdamW(
         [{"params": [t for t in named.values() if t.ndim == 2], "weight_decay": opt.weight_decay},

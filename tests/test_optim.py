@@ -13,10 +13,10 @@ def test_adamw_matches_torch_with_decay_groups():
     rng = np.random.default_rng(0)
     n = 50
     p0 = rng.standard_normal(n)
-    mask = (np.arange(n) < 30).astype(np.float64)           # first 30: "2-D weights"
+    decayed = [(0, 30)]                                      # first 30: "2-D weights"
     p = p0.copy()
     g = np.zeros(n)
-    opt = AdamW(p, g, mask, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    opt = AdamW(p, g, decayed, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     tw = torch.tensor(p0[:30].copy(), requires_grad=True)
     tb = torch.tensor(p0[30:].copy(), requires_grad=True)
     topt = torch.optim.AdamW([{"params": [tw], "weight_decay": 0.1},
@@ -36,18 +36,21 @@ def test_adamw_matches_torch_with_decay_groups():
         np.testing.assert_allclose(p, ref, rtol=1e-14, atol=1e-15)
 
 
-def test_adamw_on_a_slice_equals_whole_buffer():
+def test_adamw_on_a_slice_or_in_chunks_equals_whole_buffer():
     rng = np.random.default_rng(1)
     p, g = rng.standard_normal(40), rng.standard_normal(40)
-    mask = np.ones(40)
-    whole = AdamW(p.copy(), g, mask, weight_decay=0.1)
-    halves = [AdamW(p[i:i + 20].copy(), g[i:i + 20], mask[i:i + 20], weight_decay=0.1)
+    whole = AdamW(p.copy(), g, [(5, 30)], weight_decay=0.1)
+    halves = [AdamW(p[i:i + 20].copy(), g[i:i + 20], [(5 - i, 30 - i)], weight_decay=0.1)
               for i in (0, 20)]
+    chunked = AdamW(p.copy(), g, [(5, 30)], weight_decay=0.1, chunk=7)
     for _ in range(3):
         whole.step(1e-2)
+        chunked.step(1e-2)
         for h in halves:
             h.step(1e-2)
     np.testing.assert_array_equal(whole.p, np.concatenate([h.p for h in halves]))
+    np.testing.assert_array_equal(whole.p, chunked.p)
+    np.testing.assert_array_equal(whole.v, chunked.v)
 
 
 @pytest.mark.parametrize("max_norm", [0.5, 100.0])

@@ -29,7 +29,7 @@ def test_overfits_one_batch():
     cfg = tiny_model(num_layers=1)
     model = GPT(cfg, np.float64, seed=0)
     p = model.params
-    opt = AdamW(p.data, p.grad, p.decay_mask(), betas=(0.9, 0.99))
+    opt = AdamW(p.data, p.grad, p.decay_ranges(), betas=(0.9, 0.99))
     rng = np.random.default_rng(0)
     x = rng.integers(0, cfg.vocab_size, (2, 8))
     y = rng.integers(0, cfg.vocab_size, (2, 8))

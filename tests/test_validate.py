@@ -53,8 +53,8 @@ def test_validate_against_hf(capsys, dtype, shape, steps):
 def test_validation_catches_decaying_every_tensor(capsys, monkeypatch):
     """The classic bug: weight decay on biases and LayerNorm too. It must not hide."""
     class DecayEverything(AdamW):
-        def __init__(self, p, g, mask, **kw):
-            super().__init__(p, g, np.ones_like(mask), **kw)
+        def __init__(self, p, g, decay, **kw):
+            super().__init__(p, g, [(0, len(p))], **kw)
     monkeypatch.setattr(validate, "AdamW", DecayEverything)
     code, out = run_validate(capsys, ["--against", "hf", "--steps", "2", "--weight-decay", "0.1",
                                       *SHAPES["gpt2ish"]])

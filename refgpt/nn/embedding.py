@@ -16,14 +16,24 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layer import Layer
+from .layer import Layer, ParamRef
 
 
-class Embedding(Layer):
-    def __init__(self, params):
+class TokenTable(Layer):
+    """A layer that reads the token table wte (and, when it has it, the position table wpe)."""
+
+    wte, gwte = ParamRef("wte"), ParamRef("wte", grad=True)
+    wpe, gwpe = ParamRef("wpe"), ParamRef("wpe", grad=True)
+
+    def __init__(self, params, positions: bool):
         super().__init__()
-        self.wte, self.gwte = params["wte.weight"], params.grads["wte.weight"]
-        self.wpe, self.gwpe = params["wpe.weight"], params.grads["wpe.weight"]
+        self.params = params
+        self.param_names = {"wte": "wte.weight", "wpe": "wpe.weight" if positions else None}
+
+
+class Embedding(TokenTable):
+    def __init__(self, params):
+        super().__init__(params, positions=True)
 
     def forward(self, idx: np.ndarray, pos0: int = 0) -> np.ndarray:
         T = idx.shape[1]
@@ -40,10 +50,9 @@ class Embedding(Layer):
         self.gwpe[pos0:pos0 + idx.shape[1]] += dx.sum(axis=0)
 
 
-class TiedHead(Layer):
+class TiedHead(TokenTable):
     def __init__(self, params):
-        super().__init__()
-        self.wte, self.gwte = params["wte.weight"], params.grads["wte.weight"]
+        super().__init__(params, positions=False)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)

@@ -24,7 +24,7 @@ from .dropout import Dropout
 from .embedding import Embedding, TiedHead
 from .layernorm import LayerNorm
 from .loss import CrossEntropy
-from .params import Params, ParamSpec
+from .params import Params, ParamSpec, unit_key
 
 
 @dataclass(frozen=True)
@@ -85,13 +85,17 @@ class GPTBase:
     def forward_stage(self, x, targets=None, norm: float | None = None, key=None):
         """The stage's forward: x is token ids on the first stage, else the activations of the
         previous stage; returns the loss on the last stage, else this stage's activations."""
-        if self.embed is not None:
-            x = self.embed_drop.forward(self.embed.forward(x), key)
-        for block in self.blocks:
-            x = block.forward(x, key)
-        if self.head is None:
-            return x
-        return self.loss_fn.forward(self.head.forward(self.ln_f.forward(x)), targets, norm)
+        hold = self.params.hold                 # where ZeRO-3 gathers a unit's parameters
+        with hold("embed", "forward"):          # wte: read by the embedding and the tied head
+            if self.embed is not None:
+                x = self.embed_drop.forward(self.embed.forward(x), key)
+            for block in self.blocks:
+                with hold(f"h.{block.index}", "forward"):
+                    x = block.forward(x, key)
+            if self.head is None:
+                return x
+            with hold("ln_f", "forward"):
+                return self.loss_fn.forward(self.head.forward(self.ln_f.forward(x)), targets, norm)
 
     def backward_stage(self, dy=None, on_ready=None):
         """Backward of the oldest pending forward: from d(loss) = 1 on the last stage, else
@@ -102,15 +106,19 @@ class GPTBase:
         """
         groups = iter(self.ready_groups())
         notify = (lambda: on_ready(next(groups))) if on_ready else (lambda: None)
-        if self.head is not None:
-            dy = self.ln_f.backward(self.head.backward(self.loss_fn.backward()))
-            notify()
-        for block in reversed(self.blocks):
-            dy = block.backward(dy)
-            notify()
-        if self.embed is not None:
-            self.embed.backward(self.embed_drop.backward(dy))
-            dy = None
+        hold = self.params.hold
+        with hold("embed", "backward"):
+            if self.head is not None:
+                with hold("ln_f", "backward"):
+                    dy = self.ln_f.backward(self.head.backward(self.loss_fn.backward()))
+                notify()
+            for block in reversed(self.blocks):
+                with hold(f"h.{block.index}", "backward"):
+                    dy = block.backward(dy)
+                notify()
+            if self.embed is not None:
+                self.embed.backward(self.embed_drop.backward(dy))
+                dy = None
         for names in groups if on_ready else ():    # wte on a last stage without the first
             on_ready(names)
         return dy
@@ -120,13 +128,19 @@ class GPTBase:
         self.backward_stage(None, on_ready)
 
     def ready_groups(self) -> list[list[str]]:
-        """Parameter names in the order backward finalises them: ln_f, the blocks from last to
-        first, then the embeddings (wte also receives the tied head's gradient, at the start).
-        Within a group, names run backwards through the flat buffer, as the groups do."""
+        """Parameter names in the order backward finalises them, one group per unit
+        (refgpt.nn.params.unit_key): ln_f, the blocks from last to first, then the embeddings
+        (wte also receives the tied head's gradient, at the start). Within a group, names run
+        backwards through the flat buffer, as the groups do."""
         names = list(self.params)
-        prefixes = ["ln_f."] + [f"h.{b.index}." for b in reversed(self.blocks)] + ["w"]
-        groups = [[n for n in reversed(names) if n.startswith(p)] for p in prefixes]
+        keys = ["ln_f"] + [f"h.{b.index}" for b in reversed(self.blocks)] + ["embed"]
+        groups = [[n for n in reversed(names) if unit_key(n) == k] for k in keys]
         return [g for g in groups if g]
+
+    def norm_counted(self, name: str) -> bool:
+        """Whether this rank counts the parameter in the global gradient norm (a parallel
+        layout counts each element of the model once)."""
+        return True
 
 
 class GPT(GPTBase):
@@ -134,15 +148,16 @@ class GPT(GPTBase):
     every parameter's gradient into ``params.grad``."""
 
     def __init__(self, cfg, dtype=np.float32, seed: int = 1234, stage: Stage | None = None,
-                 params: Params | None = None):
+                 params: Params | None = None, make_params=Params):
         """stage: build only that part of the model (pipeline parallelism); params: take the
-        (initialised) parameters from this buffer instead of a new one."""
+        (initialised) parameters from this buffer; else make_params(specs, dtype) makes it
+        (refgpt.parallel.zero passes partitioned storage)."""
         cfg.validate()
         stage = stage or Stage(range(cfg.num_layers))
         self.cfg = cfg
         self.dtype = np.dtype(dtype)
         if params is None:
-            params = Params(param_specs(cfg, stage), self.dtype)
+            params = make_params(param_specs(cfg, stage), self.dtype)
             params.initialise(seed)
         self.params = params
         first, last = stage.first, stage.last
@@ -161,12 +176,16 @@ class GPT(GPTBase):
                record: dict | None = None) -> np.ndarray:
         """ln_f output [B, T, C] for token ids idx [B, T]."""
         p0 = cache.length if cache is not None else 0
-        x = self.embed_drop.forward(self.embed.forward(idx, p0), key)   # [B, T, C]
+        hold = self.params.hold
+        with hold("embed", "forward"):
+            x = self.embed_drop.forward(self.embed.forward(idx, p0), key)   # [B, T, C]
         if record is not None:
             record["embed"] = x
         for block in self.blocks:
-            x = block.forward(x, key, cache, record)
-        x = self.ln_f.forward(x)
+            with hold(f"h.{block.index}", "forward"):
+                x = block.forward(x, key, cache, record)
+        with hold("ln_f", "forward"):
+            x = self.ln_f.forward(x)
         if record is not None:
             record["ln_f"] = x
         return x
@@ -179,7 +198,8 @@ class GPT(GPTBase):
         record: a dict that receives every intermediate activation under the names of
         :mod:`refgpt.dump` ("embed", "h.0.ln_1", ..., "ln_f", "logits").
         """
-        logits = self.head.forward(self.hidden(idx, key, None, record))  # [B, T, Vp]
+        with self.params.hold("embed", "forward"):                # wte: embedding and head
+            logits = self.head.forward(self.hidden(idx, key, None, record))  # [B, T, Vp]
         if record is not None:
             record["logits"] = logits[..., :self.cfg.vocab_size]
         return self.loss_fn.forward(logits, targets, norm)
@@ -189,7 +209,8 @@ class GPT(GPTBase):
         keep = self.embed.keep
         self.set_grad_enabled(False)
         try:
-            return self.head.forward(self.hidden(idx, None, cache))[..., :self.cfg.vocab_size]
+            with self.params.hold("embed", "forward"):
+                return self.head.forward(self.hidden(idx, None, cache))[..., :self.cfg.vocab_size]
         finally:
             self.set_grad_enabled(keep)
 

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layer import Layer
+from .layer import Layer, ParamRef
 
 
 class LayerNorm(Layer):
+    g, gg = ParamRef("weight"), ParamRef("weight", grad=True)
+    b, gb = ParamRef("bias"), ParamRef("bias", grad=True)
+
     def __init__(self, params, prefix: str, eps: float = 1e-5):
         super().__init__()
-        self.g, self.gg = params[f"{prefix}.weight"], params.grads[f"{prefix}.weight"]
-        self.b, self.gb = params[f"{prefix}.bias"], params.grads[f"{prefix}.bias"]
+        self.params = params
+        self.param_names = {"weight": f"{prefix}.weight", "bias": f"{prefix}.bias"}
         self.eps = eps
 
     def forward(self, x: np.ndarray) -> np.ndarray:

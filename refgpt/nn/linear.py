@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from .layer import Layer
+from .layer import Layer, ParamRef
 
 
 class Linear(Layer):
+    w, gw = ParamRef("weight"), ParamRef("weight", grad=True)
+    b, gb = ParamRef("bias"), ParamRef("bias", grad=True)
+
     def __init__(self, params, prefix: str, bias: bool = True):
         super().__init__()
-        self.w, self.gw = params[f"{prefix}.weight"], params.grads[f"{prefix}.weight"]
-        self.b = params[f"{prefix}.bias"] if bias else None
-        self.gb = params.grads[f"{prefix}.bias"] if bias else None
+        self.params = params
+        self.param_names = {"weight": f"{prefix}.weight", "bias": f"{prefix}.bias" if bias else None}
         self.defer: list | None = None
 
     def forward(self, x: np.ndarray) -> np.ndarray:

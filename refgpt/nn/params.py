@@ -16,6 +16,7 @@ how a parallel layout shards them: a rank draws the full tensor and keeps its sl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass
 
@@ -47,6 +48,14 @@ class ParamSpec:
         return len(self.shape) == 2
 
 
+def unit_key(name: str) -> str:
+    """The group of parameters a parameter moves with when storage is partitioned (ZeRO):
+    "embed" (wte, wpe), "h.3" (a transformer block) or "ln_f"."""
+    if name.startswith("h."):
+        return ".".join(name.split(".")[:2])
+    return "embed" if name.startswith(("wte.", "wpe.")) else name.split(".")[0]
+
+
 def name_stream(seed: int, name: str) -> np.random.Generator:
     """The random stream of one parameter (or any other named quantity) for a seed."""
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
@@ -75,7 +84,11 @@ class Params:
     ``params.slices[name]`` is its (start, stop) in the flat buffers.
     """
 
-    def __init__(self, specs: list[ParamSpec], dtype=np.float64):
+    def __init__(self, specs: list[ParamSpec], dtype=np.float64, pad_to: int = 1,
+                 allocate: bool = True):
+        """pad_to: make the buffers' length a multiple of this (ZeRO shards them evenly);
+        the padding is zero and belongs to no parameter. allocate=False: a subclass
+        provides the storage (refgpt.parallel.zero)."""
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError("duplicate parameter names")
@@ -86,10 +99,13 @@ class Params:
             self.slices[s.name] = (offset, offset + s.size)
             offset += s.size
         self.numel = offset
-        self.data = np.zeros(offset, self.dtype)
-        self.grad = np.zeros(offset, self.dtype)
-        self._views = {n: self._view(self.data, n) for n in names}
-        self.grads = {n: self._view(self.grad, n) for n in names}
+        self.padded = -(-offset // pad_to) * pad_to
+        self.data = self.grad = None
+        if allocate:
+            self.data = np.zeros(self.padded, self.dtype)
+            self.grad = np.zeros(self.padded, self.dtype)
+            self._views = {n: self._view(self.data, n) for n in names}
+            self.grads = {n: self._view(self.grad, n) for n in names}
 
     def _view(self, buf: np.ndarray, name: str) -> np.ndarray:
         lo, hi = self.slices[name]
@@ -104,6 +120,12 @@ class Params:
     def items(self):
         return self._views.items()
 
+    def hold(self, unit: str, phase: str):
+        """The model reads the parameters of one unit (see unit_key) only inside this context,
+        in phase "forward" or "backward"; ZeRO-3 gathers them there. Plain buffers hold
+        every parameter all the time."""
+        return contextlib.nullcontext()
+
     def initialise(self, seed: int, shard=None) -> None:
         """Draw every full parameter; shard(name, full) -> this rank's part, if sharded."""
         for name, spec in self.specs.items():
@@ -113,19 +135,15 @@ class Params:
     def zero_grad(self) -> None:
         self.grad[...] = 0.0
 
-    def decay_mask(self) -> np.ndarray:
-        """1 where AdamW applies weight decay, 0 elsewhere, laid out like the flat buffer."""
-        mask = np.zeros(self.numel, self.dtype)
-        for name, spec in self.specs.items():
-            if spec.decay:
-                lo, hi = self.slices[name]
-                mask[lo:hi] = 1.0
-        return mask
+    def decay_ranges(self) -> list[tuple[int, int]]:
+        """The (start, stop) ranges of the flat buffer that AdamW decays."""
+        return [self.slices[n] for n, spec in self.specs.items() if spec.decay]
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {n: v.copy() for n, v in self._views.items()}
 
-    def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
+    def check_names(self, tensors: dict[str, np.ndarray]) -> None:
+        """tensors has exactly this model's names and shapes (KeyError, ValueError if not)."""
         missing = set(self.specs) - set(tensors)
         extra = set(tensors) - set(self.specs)
         if missing or extra:
@@ -134,4 +152,8 @@ class Params:
         for name, value in tensors.items():
             if tuple(value.shape) != tuple(self.specs[name].shape):
                 raise ValueError(f"{name}: shape {tuple(value.shape)} != {self.specs[name].shape}")
+
+    def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
+        self.check_names(tensors)
+        for name, value in tensors.items():
             self._views[name][...] = value

@@ -1,13 +1,17 @@
 """AdamW on a flat buffer, with PyTorch's semantics (torch.optim.AdamW, foreach=False).
 
-For step t = 1, 2, ... with gradient g, learning rate lr and decay mask w (1 on 2-D weights):
+For step t = 1, 2, ... with gradient g and learning rate lr, on the parameters AdamW decays
+(the 2-D weights; given as index ranges of the buffer):
 
-    p <- p * (1 - lr * wd * w)                        decoupled weight decay, first
+    p <- p * (1 - lr * wd)                            decoupled weight decay, first
     m <- b1 m + (1 - b1) g                            v <- b2 v + (1 - b2) g^2
     p <- p - (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)     eps outside the sqrt
 
-Any contiguous slice of (p, g, m, v, w) can be updated on its own with the same result,
-which is what ZeRO's sharded update relies on.
+Every element is updated on its own, so any contiguous slice of (p, g, m, v) can be updated
+separately with the same result. ZeRO's sharded update relies on that, and so does the
+streamed update here: the buffer is processed ``chunk`` elements at a time, which bounds the
+temporaries and lets the moments live in np.memmap files (optimizer offload) that are read
+and written one chunk at a time.
 """
 
 from __future__ import annotations
@@ -16,22 +20,37 @@ import math
 
 import numpy as np
 
+CHUNK = 1 << 20
+
 
 class AdamW:
-    def __init__(self, params: np.ndarray, grads: np.ndarray, decay_mask: np.ndarray, *,
-                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
-        self.p, self.g, self.w = params, grads, decay_mask
+    def __init__(self, params: np.ndarray, grads: np.ndarray, decay: list[tuple[int, int]], *,
+                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 moments: tuple[np.ndarray, np.ndarray] | None = None, chunk: int = CHUNK):
+        """decay: (start, stop) ranges of the buffer to decay; moments: arrays (m, v) to hold
+        the state (np.memmap files, say) instead of new zeroed ones."""
+        self.p, self.g, self.decay = params, grads, sorted(decay)
         self.b1, self.b2 = betas
         self.eps, self.wd = eps, weight_decay
-        self.m = np.zeros_like(params)
-        self.v = np.zeros_like(params)
+        self.m, self.v = moments if moments is not None else (np.zeros_like(params),
+                                                               np.zeros_like(params))
+        self.chunk = chunk
         self.t = 0
 
     def step(self, lr: float) -> None:
         self.t += 1
-        p, g, m, v = self.p, self.g, self.m, self.v
+        for lo in range(0, len(self.p), self.chunk):
+            self._update(lo, min(lo + self.chunk, len(self.p)), lr)
+        for state in (self.m, self.v):
+            if isinstance(state, np.memmap):
+                state.flush()
+
+    def _update(self, lo: int, hi: int, lr: float) -> None:
+        p, g, m, v = self.p[lo:hi], self.g[lo:hi], self.m[lo:hi], self.v[lo:hi]
         if self.wd:
-            p *= 1.0 - (lr * self.wd) * self.w
+            for a, b in self.decay:
+                if a < hi and b > lo:
+                    p[max(a, lo) - lo:min(b, hi) - lo] *= 1.0 - lr * self.wd
         m *= self.b1
         m += (1.0 - self.b1) * g
         v *= self.b2

@@ -14,9 +14,20 @@ import math
 import numpy as np
 
 
+CHUNK = 1 << 20
+
+
+def sum_squares(a: np.ndarray) -> float:
+    """sum(a^2) accumulated in float64, a chunk at a time (no float64 copy of all of a)."""
+    flat, total = a.reshape(-1), 0.0
+    for lo in range(0, flat.size, CHUNK):
+        part = flat[lo:lo + CHUNK].astype(np.float64, copy=False)
+        total += float(np.dot(part, part))
+    return total
+
+
 def grad_norm(grad: np.ndarray) -> float:
-    g = grad.astype(np.float64, copy=False)
-    return math.sqrt(float(np.dot(g, g)))
+    return math.sqrt(sum_squares(grad))
 
 
 def clip_grad_(grad: np.ndarray, max_norm: float, norm: float) -> None:

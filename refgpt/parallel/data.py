@@ -14,12 +14,14 @@ of its parameters are final, so communication overlaps the rest of backward; the
 waits for all of them. Earlier micro-batches only accumulate locally (no communication).
 The token table is final only after the embedding's backward (it also feeds the tied head),
 so its bucket goes last. ``bucket_elems = 0`` puts everything in one bucket, reduced after
-backward: the same numbers, no overlap.
+backward: the same numbers, no overlap. At most IN_FLIGHT all-reduces run at once (MPI's
+non-blocking collectives allocate temporaries per request; all buckets in flight would cost
+another gradient's worth of memory).
 """
 
 from __future__ import annotations
 
-import numpy as np
+IN_FLIGHT = 2
 
 
 class GradReducer:
@@ -45,6 +47,7 @@ class GradReducer:
                 current, count = [], 0
         self.pending: list = []
         self.waiting: list[set] = []
+        self.comm_bytes = 0.0        # a ring all-reduce of n elements sends 2 n (d-1)/d of them
 
     def start(self) -> None:
         """Arm the buckets before the last micro-batch's backward."""
@@ -58,7 +61,11 @@ class GradReducer:
             if left:
                 left.difference_update(names)
                 if not left:
+                    d = self.comm.Get_size()
+                    self.comm_bytes += 2 * (hi - lo) * (d - 1) / d * self.grad.itemsize
                     self.pending.append(self.comm.Iallreduce(MPI.IN_PLACE, self.grad[lo:hi], op=MPI.SUM))
+                    if len(self.pending) > IN_FLIGHT:
+                        self.pending.pop(0).Wait()
 
     def wait(self) -> None:
         """Block until every bucket is reduced (before clipping and the optimizer)."""

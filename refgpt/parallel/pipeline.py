@@ -26,8 +26,9 @@ from ..config import ConfigError
 from ..nn.gpt import GPT, Stage, param_specs
 from ..nn.linear import Linear
 from ..nn.params import Params
+from ..optim.clip import sum_squares
 from .schedules import COST, check, forward_only_ops, instructions
-from .tensor import (ParallelGPT, full_tensors, grad_squares, local_specs, rank_shard,
+from .tensor import (ParallelGPT, counted_once, full_tensors, grad_squares, local_specs, rank_shard,
                      reduce_replicated_grads)
 
 
@@ -51,17 +52,18 @@ class PipelineModel:
     """This rank's chunks of the model over one flat parameter buffer; with tp (a TPComm)
     the chunks are tensor-parallel (refgpt.parallel.tensor) and the buffer holds shards."""
 
-    def __init__(self, cfg, dtype, seed: int, grid, v: int, tp=None, sequence_parallel=False):
+    def __init__(self, cfg, dtype, seed: int, grid, v: int, tp=None, sequence_parallel=False,
+                 make_params=Params):
         p, r = grid.pp_size, grid.pp_rank
         self.cfg, self.grid, self.v, self.tp, self.sp = cfg, grid, v, tp, sequence_parallel
         self.stages = [stage_of(c * p + r, p, v, cfg.num_layers) for c in range(v)]
         specs = [s for st in self.stages for s in param_specs(cfg, st)]
         if tp is None:
-            self.params = Params(specs, dtype)
+            self.params = make_params(specs, dtype)
             self.params.initialise(seed)
             self.chunks = [GPT(cfg, dtype, seed, st, self.params) for st in self.stages]
         else:
-            self.params = Params(local_specs(specs, tp), dtype)
+            self.params = make_params(local_specs(specs, tp), dtype)
             self.params.initialise(seed, self.shard)
             self.chunks = [ParallelGPT(cfg, dtype, seed, tp, sequence_parallel, st, self.params)
                            for st in self.stages]
@@ -80,13 +82,15 @@ class PipelineModel:
         """Counts in the gradient norm here: the last stage's wte copy is counted on the first."""
         return not (name == "wte.weight" and self.last and not self.first)
 
+    def norm_counted(self, name: str) -> bool:
+        return self.owned_once(name) and (self.tp is None or counted_once(name, self.tp))
+
     def grad_squares(self) -> float:
         """This rank's share of the squared global gradient norm (sum it over the model-
         parallel group): each parameter once over the pipeline, each shard once over TP."""
         if self.tp is not None:
             return grad_squares(self.params, self.tp, self.owned_once)
-        return sum(float(np.dot(g.reshape(-1).astype(np.float64), g.reshape(-1)))
-                   for n, g in self.params.grads.items() if self.owned_once(n))
+        return sum(sum_squares(g) for n, g in self.params.grads.items() if self.owned_once(n))
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return value if self.tp is None else rank_shard(name, value, self.tp)

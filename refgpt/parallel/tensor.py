@@ -41,10 +41,12 @@ from ..nn.attention import CausalSelfAttention
 from ..nn.dropout import Dropout
 from ..nn.gelu import GELU
 from ..nn.gpt import GPTBase, Stage, param_specs
-from ..nn.layer import Layer
+from ..nn.embedding import TokenTable
+from ..nn.layer import Layer, ParamRef
 from ..nn.layernorm import LayerNorm
 from ..nn.linear import Linear
 from ..nn.params import Params, ParamSpec
+from ..optim.clip import sum_squares
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
 
 SHARDED = {"c_attn": "qkv", "mlp.c_fc": "cols", "attn.c_proj.weight": "rows",
@@ -103,9 +105,11 @@ def check_divisible(cfg, t: int, sequence_parallel: bool) -> None:
 class AddBias(Layer):
     """y = x + b after a row-parallel reduction; db += sum over this rank's tokens of dy."""
 
+    b, gb = ParamRef("bias"), ParamRef("bias", grad=True)
+
     def __init__(self, params, name: str):
         super().__init__()
-        self.b, self.gb = params[name], params.grads[name]
+        self.params, self.param_names = params, {"bias": name}
 
     def forward(self, x):
         return x + self.b
@@ -162,16 +166,14 @@ class ParallelBlock:
         return da + self.ln_1.backward(self.attn_in.backward(self.attn.backward(dh)))
 
 
-class VocabParallelEmbedding(Layer):
+class VocabParallelEmbedding(TokenTable):
     """x = wte[idx] + wpe[pos], with wte's rows split over the group: each rank looks up the
     ids in its range (others contribute 0), then the partial sums are reduced (all-reduce, or
     with SP a reduce-scatter over tokens). Backward scatter-adds into the local rows only."""
 
     def __init__(self, params, tp: TPComm, sp: bool):
-        super().__init__()
-        self.wte, self.gwte = params["wte.weight"], params.grads["wte.weight"]
-        self.wpe, self.gwpe = params["wpe.weight"], params.grads["wpe.weight"]
-        rows = self.wte.shape[0]
+        super().__init__(params, positions=True)
+        rows = params.specs["wte.weight"].shape[0]
         self.lo, self.hi = tp.rank * rows, (tp.rank + 1) * rows
         self.reduce = ScatterSeq(tp, "embed") if sp else ReduceFromTP(tp, "embed")
         self.tp, self.sp = tp, sp
@@ -192,12 +194,11 @@ class VocabParallelEmbedding(Layer):
         np.add.at(self.gwte, local[mine], dfull[mine])
 
 
-class VocabParallelHead(Layer):
+class VocabParallelHead(TokenTable):
     """Logits of this rank's vocabulary shard, tied to its wte rows: z_r = x wte_r^T."""
 
     def __init__(self, params, tp: TPComm, sp: bool):
-        super().__init__()
-        self.wte, self.gwte = params["wte.weight"], params.grads["wte.weight"]
+        super().__init__(params, positions=False)
         self.enter = GatherSeq(tp, "head") if sp else CopyToTP(tp, "head")
 
     def forward(self, x):
@@ -252,15 +253,15 @@ class ParallelGPT(GPTBase):
     reduce_replicated_grads once accumulation is over."""
 
     def __init__(self, cfg, dtype, seed: int, tp: TPComm, sequence_parallel: bool = False,
-                 stage: Stage | None = None, params: Params | None = None):
-        """stage / params: as refgpt.nn.GPT (a pipeline stage over a shared buffer)."""
+                 stage: Stage | None = None, params: Params | None = None, make_params=Params):
+        """stage / params / make_params: as refgpt.nn.GPT."""
         cfg.validate()
         check_divisible(cfg, tp.t, sequence_parallel)
         stage = stage or Stage(range(cfg.num_layers))
         self.cfg, self.tp, self.sp = cfg, tp, sequence_parallel
         self.dtype = np.dtype(dtype)
         if params is None:
-            params = Params(local_specs(param_specs(cfg, stage), tp), self.dtype)
+            params = make_params(local_specs(param_specs(cfg, stage), tp), self.dtype)
             params.initialise(seed, lambda n, v: rank_shard(n, v, tp))
         self.params = params
         T = cfg.seq_length // tp.t
@@ -285,6 +286,9 @@ class ParallelGPT(GPTBase):
 
     def reduce_replicated_grads(self, names) -> None:
         reduce_replicated_grads(self.params, self.tp, self.sp, names)
+
+    def norm_counted(self, name: str) -> bool:
+        return counted_once(name, self.tp)
 
     def grad_norm(self) -> float:
         """Global gradient norm: shards' squares summed over the group, replicated
@@ -311,14 +315,18 @@ def reduce_replicated_grads(params, tp: TPComm, sequence_parallel: bool, names) 
                 params.grads[n][...] = tp.allreduce(params.grads[n], "sp-grads")
 
 
+def counted_once(name: str, tp: TPComm) -> bool:
+    """Shards count on every TP rank, replicated parameters on TP rank 0 only."""
+    return shard_kind(name) is not None or tp.rank == 0
+
+
 def grad_squares(params, tp: TPComm, counted=lambda name: True) -> float:
     """This rank's share of the squared gradient norm: its shards, and the replicated
     parameters on TP rank 0 only; counted(name) can leave out more (pipeline copies)."""
     sq = 0.0
     for n, g in params.grads.items():
-        if counted(n) and (shard_kind(n) is not None or tp.rank == 0):
-            g64 = g.astype(np.float64, copy=False).reshape(-1)
-            sq += float(np.dot(g64, g64))
+        if counted(n) and counted_once(n, tp):
+            sq += sum_squares(g)
     return sq
 
 

@@ -1,0 +1,341 @@
+"""ZeRO (Rajbhandari et al. 2020) over the data-parallel communicator, on the flat buffers.
+
+The rank's local parameters (its TP shard, its pipeline stage) are one flat buffer of Psi
+elements, padded with zeros to P, a multiple of the data-parallel size d; data-parallel rank
+s owns the shard [s P/d, (s+1) P/d) and keeps AdamW's moments for it only. Gradients and
+parameters move in *units*, contiguous runs of whole parameters: the embeddings (wte, wpe),
+one transformer block each, the final LayerNorm (the padding rides with the last unit). A
+unit's elements are split among the ranks at the shard boundaries, so collectives on a unit
+are the uneven MPI_Reduce_scatter / MPI_Allgatherv, and a unit that lies inside one shard
+moves only to or from its owner.
+
+Stage 1 (optimizer state partitioned). Full parameters and gradients on every rank. During
+the last micro-batch's backward each unit is reduce-scattered as soon as its gradients are
+final: rank s receives the batch gradient of its part of the unit. Clipping and AdamW then
+touch the own shard only, and an all-gather gives every rank the new parameters.
+
+Stage 2 (+ gradients partitioned). The persistent gradient is the own shard. In *every*
+micro-batch's backward a unit's gradients go to a temporary unit buffer, allocated when
+backward first writes them, reduce-scattered when the unit is done and added into the shard;
+the buffer is freed (this is why stage 2 communicates after each micro-batch). At most
+IN_FLIGHT reductions run at once: each holds its unit buffer, and MPI's non-blocking
+collectives allocate temporaries of their own, so an unbounded number would add up to a
+full gradient again.
+
+Stage 3 (+ parameters partitioned). The persistent parameters are the own shard too. The model
+reads a unit's parameters only inside ``params.hold(unit, phase)`` (refgpt.nn.gpt): the first
+hold all-gathers the unit into a temporary buffer and starts gathering the unit that comes
+next in that phase's order (prefetch: it overlaps the current unit's compute); the last
+release frees it. Each micro-batch gathers every unit once for forward and once for backward.
+The embeddings unit is held for the whole pass, since the tied head reads wte at the far end.
+
+Per rank and step, for m micro-batches and b bytes per element (paper's K = 8 for fp32 Adam):
+
+    stage   persistent bytes            elements sent and received over DP
+    0       4 b P                       2 P (d-1)/d   (all-reduce)
+    1       2 b P + 2 b P/d             2 P (d-1)/d   (reduce-scatter + all-gather)
+    2       b P + 3 b P/d               (m+1) P (d-1)/d
+    3       4 b P/d                     3 m P (d-1)/d
+
+Traffic is counted per collective as the part of the buffer this rank does not own (what a
+reduce-scatter must send away, or an all-gather bring in), so the sums are exact. Temporary
+unit buffers are not persistent state; their high-water mark is reported as working_peak.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..nn.params import Params, unit_key
+from ..optim.clip import sum_squares
+
+IN_FLIGHT = 2     # unit reduce-scatters left running while backward goes on
+
+
+@dataclass
+class Unit:
+    """Parameters [lo, hi) of the flat buffer that move together; counts[s] of them are
+    owned by DP rank s, starting at displs[s]."""
+
+    key: str
+    lo: int
+    hi: int
+    names: list[str]
+    counts: list[int]
+    displs: list[int]
+    data: np.ndarray | None = None       # stage 3: gathered parameters while held
+    views: dict = field(default_factory=dict)
+    grad: np.ndarray | None = None       # stages 2-3: this micro-batch's gradients
+    gviews: dict = field(default_factory=dict)
+    refs: int = 0
+    gathering: object = None             # the pending MPI request of a prefetch
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo
+
+
+class UnitViews:
+    """name -> the array of a parameter (or its gradient) in its unit's temporary buffer."""
+
+    def __init__(self, params: ZeroParams, grad: bool):
+        self.p, self.grad = params, grad
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        unit = self.p.unit_of[name]
+        if self.grad:
+            if unit.grad is None:                        # first write of this backward
+                unit.grad = self.p.alloc(unit.size, zero=True)
+                unit.gviews = self.p.views_of(unit, unit.grad)
+            return unit.gviews[name]
+        if unit.data is None:
+            raise RuntimeError(f"{name}: a ZeRO-3 parameter read outside params.hold({unit.key!r})")
+        return unit.views[name]
+
+
+class ZeroParams(Params):
+    """refgpt.nn.params.Params with ZeRO storage: the same names, views and flat layout for
+    the model, with optimizer shards (stage >= 1), gradient shards (>= 2) and parameter
+    shards (3) over the data-parallel communicator comm."""
+
+    def __init__(self, specs, dtype, stage: int, comm):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
+        self.stage, self.comm = stage, comm
+        self.d, self.dp_rank = comm.Get_size(), comm.Get_rank()
+        super().__init__(specs, dtype, pad_to=self.d, allocate=stage < 3)
+        S = self.padded // self.d
+        self.own = (self.dp_rank * S, (self.dp_rank + 1) * S)
+        self.units = self._units()
+        self.unit_of = {n: u for u in self.units for n in u.names}
+        self.by_key = {u.key: u for u in self.units}
+        self.order = {"forward": self.units,
+                      "backward": [u for u in self.units if u.key == "embed"]
+                      + [u for u in reversed(self.units) if u.key != "embed"]}
+        if stage == 3:
+            self.shard_data = np.zeros(S, self.dtype)
+            self._views = UnitViews(self, grad=False)
+        if stage >= 2:
+            self.grad = None
+            self.shard_grad = np.zeros(S, self.dtype)
+            self.grads = UnitViews(self, grad=True)
+        self.comm_bytes = 0                  # sent/received over DP for gradients and params
+        self.working, self.working_peak = 0, 0
+        self.reducing: list = []
+        self.waiting: dict[str, set] = {}
+
+    def _units(self) -> list[Unit]:
+        groups: list[list[str]] = []
+        for name in self.specs:                          # flat order
+            if groups and unit_key(groups[-1][-1]) == unit_key(name):
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+        S, units = self.padded // self.d, []
+        for i, names in enumerate(groups):
+            lo = self.slices[names[0]][0]
+            hi = self.padded if i == len(groups) - 1 else self.slices[names[-1]][1]
+            counts = [max(0, min(hi, (s + 1) * S) - max(lo, s * S)) for s in range(self.d)]
+            units.append(Unit(unit_key(names[0]), lo, hi, names, counts,
+                              list(np.cumsum([0] + counts[:-1]))))
+        return units
+
+    # -- storage -----------------------------------------------------------------------
+    def alloc(self, n: int, zero: bool = False) -> np.ndarray:
+        self.working += n * self.dtype.itemsize
+        self.working_peak = max(self.working_peak, self.working)
+        return np.zeros(n, self.dtype) if zero else np.empty(n, self.dtype)
+
+    def free(self, a: np.ndarray) -> None:
+        self.working -= a.nbytes
+
+    def views_of(self, unit: Unit, buf: np.ndarray) -> dict:
+        return {n: buf[self.slices[n][0] - unit.lo:self.slices[n][1] - unit.lo]
+                .reshape(self.specs[n].shape) for n in unit.names}
+
+    def own_part(self, lo: int, hi: int) -> tuple[int, int]:
+        """The part of [lo, hi) in this rank's shard, as offsets into the shard (may be empty)."""
+        a, b = max(lo, self.own[0]), min(hi, self.own[1])
+        return (a - self.own[0], max(a, b) - self.own[0])
+
+    def param_shard(self) -> np.ndarray:
+        return self.shard_data if self.stage == 3 else self.data[self.own[0]:self.own[1]]
+
+    def grad_shard(self) -> np.ndarray:
+        return self.shard_grad if self.stage >= 2 else self.grad[self.own[0]:self.own[1]]
+
+    def _write(self, name: str, value: np.ndarray) -> None:
+        if self.stage < 3:
+            self._views[name][...] = value
+            return
+        lo, hi = self.slices[name]
+        a, b = self.own_part(lo, hi)
+        start = a + self.own[0] - lo
+        self.shard_data[a:b] = np.ravel(value)[start:start + b - a]
+
+    def initialise(self, seed: int, shard=None) -> None:
+        from ..nn.params import init_value
+        for name, spec in self.specs.items():
+            value = init_value(spec, seed)
+            self._write(name, shard(name, value) if shard else value)
+
+    def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
+        self.check_names(tensors)
+        for name, value in tensors.items():
+            self._write(name, value)
+
+    def zero_grad(self) -> None:
+        (self.shard_grad if self.stage >= 2 else self.grad)[...] = 0.0
+
+    # -- stage 3: parameters gathered while held -----------------------------------------
+    def hold(self, key: str, phase: str):
+        unit = self.by_key.get(key) if self.stage == 3 else None
+        return self._held(unit, phase) if unit is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _held(self, unit: Unit, phase: str):
+        if unit.refs == 0:
+            if unit.data is None:
+                self._gather(unit)
+            if unit.gathering is not None:
+                unit.gathering.Wait()
+                unit.gathering = None
+            order = self.order[phase]
+            nxt = order.index(unit) + 1
+            if nxt < len(order) and order[nxt].data is None:
+                self._gather(order[nxt])                 # prefetch: completes in its own hold
+        unit.refs += 1
+        try:
+            yield
+        finally:
+            unit.refs -= 1
+            if unit.refs == 0:
+                self.free(unit.data)
+                unit.data, unit.views = None, {}
+
+    def drop_prefetched(self) -> None:
+        """Free units gathered ahead but never held (none in a full pass; before the optimizer
+        changes the shards, a stale copy must not survive)."""
+        for unit in self.units:
+            if unit.refs == 0 and unit.data is not None:
+                if unit.gathering is not None:
+                    unit.gathering.Wait()
+                self.free(unit.data)
+                unit.data, unit.views, unit.gathering = None, {}, None
+
+    def _gather(self, unit: Unit) -> None:
+        a, b = self.own_part(unit.lo, unit.hi)
+        unit.data = self.alloc(unit.size)
+        unit.views = self.views_of(unit, unit.data)
+        unit.gathering = self.comm.Iallgatherv(
+            self.shard_data[a:b], [unit.data, (unit.counts, unit.displs)])
+        self.comm_bytes += (unit.size - (b - a)) * self.dtype.itemsize
+
+    def gather_params(self) -> None:
+        """Stages 1-2, after the optimizer step: every rank gets every updated shard."""
+        from mpi4py import MPI
+        self.comm.Allgather(MPI.IN_PLACE, self.data)
+        self.comm_bytes += (self.padded - self.padded // self.d) * self.dtype.itemsize
+
+    # -- gradients: reduce-scatter unit by unit ------------------------------------------
+    def start_reduce(self) -> None:
+        """Arm the units before a backward whose gradients are to be reduced."""
+        self.waiting = {u.key: set(u.names) for u in self.units}
+
+    def reduce_grads(self, names) -> None:
+        """Backward calls this with parameters whose gradients (of this backward) are final;
+        a unit whose parameters are all final starts its reduce-scatter."""
+        from mpi4py import MPI
+        for unit in self.units:
+            left = self.waiting.get(unit.key)
+            if not left:
+                continue
+            left.difference_update(names)
+            if left:
+                continue
+            send = self.grad[unit.lo:unit.hi] if self.stage == 1 else unit.grad
+            piece = self.alloc(unit.counts[self.dp_rank])
+            req = self.comm.Ireduce_scatter(send, piece, unit.counts, op=MPI.SUM)
+            self.reducing.append((unit, piece, req))
+            self.comm_bytes += (unit.size - len(piece)) * self.dtype.itemsize
+            self._finish(self.reducing[:-IN_FLIGHT])  # bound what waits on the network
+
+    def wait_grads(self) -> None:
+        """Finish the reduce-scatters: stage 1 stores the summed own part into the full
+        gradient; stages 2-3 add it into the gradient shard and free the unit buffers."""
+        if any(self.waiting.values()):
+            raise RuntimeError("some ZeRO gradient units were never ready: backward skipped a "
+                               "parameter")
+        self._finish(self.reducing)
+        self.waiting = {}
+
+    def _finish(self, done: list) -> None:
+        from mpi4py import MPI
+        MPI.Request.Waitall([req for _, _, req in done])
+        for unit, piece, _ in done:
+            a, b = self.own_part(unit.lo, unit.hi)
+            if self.stage == 1:
+                self.grad[self.own[0] + a:self.own[0] + b] = piece
+            else:
+                self.shard_grad[a:b] += piece
+                self.free(unit.grad)
+                unit.grad, unit.gviews = None, {}
+            self.free(piece)
+        self.reducing = self.reducing[len(done):]
+
+    def grad_squares(self, counted) -> float:
+        """Sum of squares of the own gradient shard over the parameters counted(name) here."""
+        g, sq = self.grad_shard(), 0.0
+        for name, (lo, hi) in self.slices.items():
+            a, b = self.own_part(lo, hi)
+            if b > a and counted(name):
+                sq += sum_squares(g[a:b])
+        return sq
+
+    # -- whole buffers (checkpoints) ------------------------------------------------------
+    def gather_shards(self, shard: np.ndarray) -> np.ndarray:
+        """The full flat buffer from every rank's shard of it (a temporary of P elements)."""
+        full = np.empty(self.padded, shard.dtype)
+        self.comm.Allgather(np.ascontiguousarray(shard), full)
+        return full
+
+    def full_data(self) -> np.ndarray:
+        return self.gather_shards(self.shard_data) if self.stage == 3 else self.data
+
+
+def offload_moments(folder, rank: int, n: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """AdamW's m and v as zero-filled .npy memmaps in folder (one pair per world rank)."""
+    path = Path(folder)
+    path.mkdir(parents=True, exist_ok=True)
+    return tuple(np.lib.format.open_memmap(path / f"rank{rank:05d}.{name}.npy", mode="w+",
+                                           dtype=dtype, shape=(n,))
+                 for name in ("exp_avg", "exp_avg_sq"))
+
+
+def formula_bytes(stage: int, padded: int, d: int, itemsize: int) -> int:
+    """Persistent bytes per rank for parameters + gradients + AdamW moments (table above)."""
+    per_element = {0: (4, 0), 1: (2, 2), 2: (1, 3), 3: (0, 4)}[stage]   # (full, per shard)
+    return (per_element[0] * padded + per_element[1] * padded // d) * itemsize
+
+
+def formula_traffic(stage: int, padded: int, d: int, micro_batches: int, itemsize: int) -> float:
+    """Bytes each rank sends or receives over the data-parallel group in one step."""
+    passes = {0: 2, 1: 2, 2: micro_batches + 1, 3: 3 * micro_batches}[stage]
+    return passes * padded * (d - 1) / d * itemsize
+
+
+def memory_bytes(params, opt) -> dict[str, int]:
+    """The registry: bytes this rank holds for parameters, gradients and optimizer state
+    (moments on disk are counted as offloaded), and the peak of ZeRO's temporary buffers."""
+    zero = isinstance(params, ZeroParams)
+    p = params.param_shard() if zero and params.stage == 3 else params.data
+    g = params.grad_shard() if zero and params.stage >= 2 else params.grad
+    moments = opt.m.nbytes + opt.v.nbytes
+    on_disk = isinstance(opt.m, np.memmap)
+    return {"params": p.nbytes, "grads": g.nbytes, "optimizer": 0 if on_disk else moments,
+            "optimizer_offloaded": moments if on_disk else 0,
+            "working_peak": params.working_peak if zero else 0}
