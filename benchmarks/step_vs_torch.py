@@ -2,11 +2,12 @@
 PyTorch (Hugging Face GPT2LMHeadModel, eager mode, SDPA attention), side by side in one run,
 with the same dtype, batch and thread count.
 
-    python benchmarks/step_vs_torch.py                    # both configs, all cores
-    python benchmarks/step_vs_torch.py --config 5m --threads 1 --steps 5
+    python benchmarks/step_vs_torch.py                    # both configs, all cores, both backends
+    python benchmarks/step_vs_torch.py --config 5m --threads 1 --steps 5 --backend numba
 
-Prints ms per step for each, the throughput ratio refgpt / PyTorch (> 1: refgpt is faster) and
-each one's model-FLOPs utilisation against this machine's sgemm rate measured in the same run.
+Prints ms per step for each refgpt backend and for PyTorch, the throughput ratio
+refgpt / PyTorch (> 1: refgpt is faster) and each one's model-FLOPs utilisation against this
+machine's sgemm rate measured in the same run.
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ CONFIGS = {  # name: (layers, hidden, heads, vocab, seq, batch)
 }
 
 
-def refgpt_step(cfg_tuple, threads):
+def refgpt_step(cfg_tuple, threads, backend="numpy"):
+    from refgpt.backend import set_backend
     from refgpt.config import ModelConfig
     from refgpt.nn import GPT
     from refgpt.optim import AdamW
     L, h, a, V, s, b = cfg_tuple
     cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=a, seq_length=s,
                       vocab_size=V)
+    set_backend(backend)
     model = GPT(cfg, np.float32, seed=0)
     p = model.params
     opt = AdamW(p.data, p.grad, p.decay_ranges(), weight_decay=0.1)
@@ -39,6 +42,7 @@ def refgpt_step(cfg_tuple, threads):
     y = rng.integers(0, V, (b, s))
 
     def step():
+        set_backend(backend)
         p.zero_grad()
         model.forward(x, y, float(b * s))
         model.backward()
@@ -82,24 +86,29 @@ def main():
     ap.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--steps", type=int, default=3, help="timed steps each (best is reported)")
+    ap.add_argument("--backend", nargs="+", default=["numpy", "numba"], choices=["numpy", "numba"])
     args = ap.parse_args()
     from threadpoolctl import threadpool_limits
     from refgpt import metrics
     names = list(CONFIGS) if args.config == "all" else [args.config]
+    import numba
+    import refgpt.kernels  # noqa: F401  (numba's thread pool: see refgpt.kernels)
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     with threadpool_limits(args.threads):
         sgemm = metrics.measure_gemm_rate(np.float32, 2048)
         print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
               f"threads {args.threads}, measured sgemm {sgemm / 1e9:.1f} GFLOP/s")
-        print(f"{'config':>7} {'refgpt ms':>10} {'torch ms':>10} {'ratio':>6} "
+        print(f"{'config':>7} {'backend':>7} {'refgpt ms':>10} {'torch ms':>10} {'ratio':>6} "
               f"{'refgpt MFU':>10} {'torch MFU':>9}")
         for name in names:
-            rstep, cfg = refgpt_step(CONFIGS[name], args.threads)
             tstep = torch_step(CONFIGS[name], args.threads)
-            r = timed(rstep, args.steps)
             t = timed(tstep, args.steps)
-            flops = metrics.model_flops(cfg, CONFIGS[name][5])
-            print(f"{name:>7} {1e3 * r:10.1f} {1e3 * t:10.1f} {t / r:6.2f} "
-                  f"{100 * flops / r / sgemm:9.1f}% {100 * flops / t / sgemm:8.1f}%", flush=True)
+            for backend in args.backend:
+                rstep, cfg = refgpt_step(CONFIGS[name], args.threads, backend)
+                r = timed(rstep, args.steps)
+                flops = metrics.model_flops(cfg, CONFIGS[name][5])
+                print(f"{name:>7} {backend:>7} {1e3 * r:10.1f} {1e3 * t:10.1f} {t / r:6.2f} "
+                      f"{100 * flops / r / sgemm:9.1f}% {100 * flops / t / sgemm:8.1f}%", flush=True)
 
 
 if __name__ == "__main__":

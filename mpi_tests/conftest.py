@@ -20,7 +20,12 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(scope="session", autouse=True)
 def one_blas_thread_per_rank():
-    """Several ranks share this machine's cores: one BLAS thread each, as refgpt.train does."""
+    """Several ranks share this machine's cores: one BLAS and one Numba thread each, as
+    refgpt.train does."""
+    import numba
     from threadpoolctl import threadpool_limits
+
+    import refgpt.kernels  # noqa: F401  (numba's thread pool: see refgpt.kernels)
+    numba.set_num_threads(1)
     with threadpool_limits(limits=1):
         yield

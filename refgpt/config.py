@@ -15,6 +15,7 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float64", "float32")
+BACKENDS = ("numpy", "numba", "cupy")
 DECAY_STYLES = ("cosine", "linear", "constant")
 GELU_KINDS = ("tanh", "erf")
 
@@ -102,6 +103,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     seed: int = 1234
     dtype: str = "float32"
+    backend: str = "numba"  # numba (fused CPU kernels), numpy (the reference); cupy: not yet
     data_path: str = ""
     synthetic_data: bool = False
     eval_interval: int = 100
@@ -129,6 +131,8 @@ class TrainConfig:
             raise ConfigError(f"--global-batch-size {self.global_batch_size} is not divisible by "
                               f"--micro-batch-size {self.micro_batch_size} x data-parallel size "
                               f"{data_parallel_size}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.lr_decay_style not in DECAY_STYLES:

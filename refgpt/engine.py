@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
+from .backend import set_backend
 from .checkpoint import flat_to_named, load_checkpoint, named_to_flat, save_checkpoint
 from .cli import CheckpointError
 from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
@@ -71,6 +72,7 @@ class Trainer:
         mcfg.validate()
         self.mcfg, self.tcfg = mcfg, tcfg
         self.dtype = np.dtype(tcfg.dtype)
+        set_backend(tcfg.backend)
         self.pipe = None
         stage = self.pcfg.zero_stage
         if stage >= 2 and g.pp_size > 1:

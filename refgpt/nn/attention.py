@@ -21,11 +21,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import kernel
 from .dropout import Dropout
 from .layer import Layer
 from .linear import Linear
 
 
+@kernel
+def softmax_backward(p: np.ndarray, dp: np.ndarray) -> np.ndarray:
+    """dS = P * (dP - rowsum(dP * P)): the gradient through a row softmax."""
+    return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+
+
+@kernel
 def causal_softmax(s: np.ndarray, p0: int) -> np.ndarray:
     """Row softmax of scores s [..., T, Tk] (in place) where query i sees keys j <= p0 + i."""
     T, Tk = s.shape[-2:]
@@ -96,7 +104,7 @@ class CausalSelfAttention(Layer):
         dpd = do @ v.swapaxes(-1, -2)                                 # [B, H, T, T]
         dv = pd.swapaxes(-1, -2) @ do                                 # [B, H, T, D]
         dp = self.attn_drop.backward(dpd)
-        ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))          # softmax backward
+        ds = softmax_backward(p, dp)
         ds *= 1.0 / np.sqrt(D)
         dq = ds @ k                                                   # [B, H, T, D]
         dk = ds.swapaxes(-1, -2) @ q                                  # [B, H, T, D]

@@ -17,6 +17,7 @@ import math
 import numpy as np
 from scipy.special import erf
 
+from ..backend import kernel
 from .layer import Layer
 
 _S2PI = math.sqrt(2.0 / math.pi)
@@ -32,17 +33,27 @@ class GELU(Layer):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
-        if self.kind == "tanh":
-            return 0.5 * x * (1.0 + np.tanh(_S2PI * (x + _K * x**3)))
-        return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+        return gelu_forward(x, self.kind)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         (x,) = self.saved()
-        if self.kind == "tanh":
-            t = np.tanh(_S2PI * (x + _K * x**3))
-            dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _S2PI * (1.0 + 3.0 * _K * x * x)
-        else:
-            cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
-            pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-            dydx = cdf + x * pdf
-        return dy * dydx.astype(dy.dtype, copy=False)
+        return gelu_backward(x, dy, self.kind)
+
+
+@kernel
+def gelu_forward(x: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "tanh":
+        return 0.5 * x * (1.0 + np.tanh(_S2PI * (x + _K * x**3)))
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+@kernel
+def gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "tanh":
+        t = np.tanh(_S2PI * (x + _K * x**3))
+        dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _S2PI * (1.0 + 3.0 * _K * x * x)
+    else:
+        cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
+        pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+        dydx = cdf + x * pdf
+    return dy * dydx.astype(dy.dtype, copy=False)

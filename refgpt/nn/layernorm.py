@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import kernel
 from .layer import Layer, ParamRef
 
 
@@ -30,18 +31,34 @@ class LayerNorm(Layer):
         self.eps = eps
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        mu = x.mean(axis=-1, keepdims=True)                         # [..., 1]
-        xc = x - mu                                                 # [..., C]
-        rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + self.eps)
-        n = xc * rstd                                               # [..., C]
+        y, n, rstd = layernorm_forward(x, self.g, self.b, self.eps)
         self.save(n, rstd)
-        return n * self.g + self.b
+        return y
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         n, rstd = self.saved()
-        C = n.shape[-1]
-        self.gg += (dy * n).reshape(-1, C).sum(axis=0)
-        self.gb += dy.reshape(-1, C).sum(axis=0)
-        dn = dy * self.g                                            # [..., C]
-        return rstd * (dn - dn.mean(axis=-1, keepdims=True)
-                       - n * (dn * n).mean(axis=-1, keepdims=True))
+        dx, dg, db = layernorm_backward(dy, n, rstd, self.g)
+        self.gg += dg
+        self.gb += db
+        return dx
+
+
+@kernel
+def layernorm_forward(x, g, b, eps: float):
+    """(y, n, rstd) for x [..., C]: the output, the normalised input and 1/std [..., 1]."""
+    mu = x.mean(axis=-1, keepdims=True)                             # [..., 1]
+    xc = x - mu                                                     # [..., C]
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
+    n = xc * rstd                                                   # [..., C]
+    return n * g + b, n, rstd
+
+
+@kernel
+def layernorm_backward(dy, n, rstd, g):
+    """(dx, dgamma, dbeta) from dy and the forward's n and rstd."""
+    C = n.shape[-1]
+    dg = (dy * n).reshape(-1, C).sum(axis=0)
+    db = dy.reshape(-1, C).sum(axis=0)
+    dn = dy * g                                                     # [..., C]
+    dx = rstd * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
+    return dx, dg, db

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import kernel
 from .layer import Layer
 
 
@@ -29,18 +30,31 @@ class CrossEntropy(Layer):
         y = targets.reshape(-1)                                   # [N]
         if y.size and (y.min() < 0 or y.max() >= self.V):
             raise ValueError(f"target ids must lie in [0, {self.V})")
-        m = z.max(axis=1, keepdims=True)                          # [N, 1]
-        e = np.exp(z - m)                                         # [N, V]
-        s = e.sum(axis=1, keepdims=True)
-        lse = m[:, 0] + np.log(s[:, 0])                           # [N]
-        losses = lse - z[np.arange(len(y)), y]                    # [N]
-        self.save(e / s, y, norm, logits.shape)
-        return float(losses.sum() / norm)
+        total, probs = cross_entropy_forward(z, y)
+        self.save(probs, y, norm, logits.shape)
+        return float(total / norm)
 
     def backward(self) -> np.ndarray:
         probs, y, norm, shape = self.saved()
-        dz = np.zeros((probs.shape[0], shape[-1]), probs.dtype)   # [N, Vp], padding stays 0
-        dz[:, :self.V] = probs
-        dz[np.arange(len(y)), y] -= 1.0
-        dz /= norm
-        return dz.reshape(shape)
+        return cross_entropy_backward(probs, y, norm, shape[-1]).reshape(shape)
+
+
+@kernel
+def cross_entropy_forward(z: np.ndarray, y: np.ndarray):
+    """(sum of the token losses, softmax probabilities [N, V]) for logits z [N, V]."""
+    m = z.max(axis=1, keepdims=True)                              # [N, 1]
+    e = np.exp(z - m)                                             # [N, V]
+    s = e.sum(axis=1, keepdims=True)
+    lse = m[:, 0] + np.log(s[:, 0])                               # [N]
+    losses = lse - z[np.arange(len(y)), y]                        # [N]
+    return float(losses.sum()), e / s
+
+
+@kernel
+def cross_entropy_backward(probs: np.ndarray, y: np.ndarray, norm: float, Vp: int) -> np.ndarray:
+    """dz [N, Vp] = (probs - onehot(y)) / norm on the real columns, 0 on the padding."""
+    dz = np.zeros((probs.shape[0], Vp), probs.dtype)
+    dz[:, :probs.shape[1]] = probs
+    dz[np.arange(len(y)), y] -= 1.0
+    dz /= norm
+    return dz

@@ -20,6 +20,8 @@ import math
 
 import numpy as np
 
+from ..backend import kernel
+
 CHUNK = 1 << 20
 
 
@@ -51,14 +53,8 @@ class AdamW:
             for a, b in self.decay:
                 if a < hi and b > lo:
                     p[max(a, lo) - lo:min(b, hi) - lo] *= 1.0 - lr * self.wd
-        m *= self.b1
-        m += (1.0 - self.b1) * g
-        v *= self.b2
-        v += (1.0 - self.b2) * (g * g)
-        bc1 = 1.0 - self.b1 ** self.t
-        bc2 = 1.0 - self.b2 ** self.t
-        denom = np.sqrt(v) / math.sqrt(bc2) + self.eps
-        p -= (lr / bc1) * (m / denom)
+        adamw_update(p, g, m, v, lr, self.b1, self.b2, self.eps, 1.0 - self.b1 ** self.t,
+                     1.0 - self.b2 ** self.t)
 
     def state_dict(self) -> dict:
         return {"t": self.t, "exp_avg": self.m, "exp_avg_sq": self.v}
@@ -67,3 +63,15 @@ class AdamW:
         self.t = int(state["t"])
         self.m[...] = state["exp_avg"]
         self.v[...] = state["exp_avg_sq"]
+
+
+@kernel
+def adamw_update(p, g, m, v, lr: float, b1: float, b2: float, eps: float, bc1: float,
+                 bc2: float) -> None:
+    """The moment updates and the step, in place (bc1, bc2: the bias corrections)."""
+    m *= b1
+    m += (1.0 - b1) * g
+    v *= b2
+    v += (1.0 - b2) * (g * g)
+    denom = np.sqrt(v) / math.sqrt(bc2) + eps
+    p -= (lr / bc1) * (m / denom)

@@ -1,0 +1,79 @@
+"""Each numba kernel against the NumPy reference it replaces, on the shapes of a training step,
+side by side in one run (same process, same threads).
+
+    python benchmarks/kernels.py                      # the ~5M model's shapes (L4 h256 V8192 s128 b8)
+    python benchmarks/kernels.py --hidden 768 --vocab 50257 --seq 256 --batch 4   # GPT-2 124M's
+
+Prints, per kernel, the best of --repeats calls for each and the speed-up numpy / numba.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_vs_torch import timed  # noqa: E402
+
+
+def cases(args, rng):
+    B, T, C, V, H = args.batch, args.seq, args.hidden, args.vocab, args.hidden // 64
+    f = np.float32
+    x4 = rng.standard_normal((B, T, 4 * C)).astype(f)
+    x, g, b = (rng.standard_normal(s).astype(f) for s in ((B, T, C), C, C))
+    s = rng.standard_normal((B, H, T, T)).astype(f)
+    z, y = rng.standard_normal((B * T, V)).astype(f), rng.integers(0, V, B * T)
+    n = 12 * C * C + V * C                                         # ~ one block + the embeddings
+    p, gr, m, v = (rng.standard_normal(n).astype(f) for _ in range(4))
+    v = np.abs(v)
+    from refgpt.nn.layernorm import layernorm_forward
+    _, nn, rstd = layernorm_forward.reference(x, g, b, 1e-5)
+    from refgpt.nn.attention import causal_softmax
+    probs = causal_softmax.reference(s.copy(), 0)
+    return {
+        "gelu_forward": ((x4, "tanh"), None),
+        "gelu_backward": ((x4, x4, "tanh"), None),
+        "layernorm_forward": ((x, g, b, 1e-5), None),
+        "layernorm_backward": ((x, nn, rstd, g), None),
+        "causal_softmax": ((s, 0), lambda a: (a[0].copy(), a[1])),
+        "softmax_backward": ((probs, s), None),
+        "cross_entropy_forward": ((z, y), None),
+        "cross_entropy_backward": ((z, y, float(B * T), V), None),
+        "adamw_update": ((p, gr, m, v, 1e-4, 0.9, 0.95, 1e-8, 0.1, 0.05), None),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    import numba
+    from threadpoolctl import threadpool_limits
+
+    import refgpt.kernels  # noqa: F401  (numba's thread pool: see refgpt.kernels)
+    from refgpt import backend
+    from refgpt.kernels import numba_cpu
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    refs = {name: backend.reference(name) for name in backend.kernel_names("numba")}
+    print(f"{os.cpu_count()} cores, threads {args.threads}; shapes of B {args.batch} T {args.seq} "
+          f"C {args.hidden} V {args.vocab}, float32")
+    print(f"{'kernel':>24} {'numpy ms':>9} {'numba ms':>9} {'speed-up':>8}")
+    with threadpool_limits(args.threads):
+        for name, (a, fresh) in cases(args, np.random.default_rng(0)).items():
+            prep = fresh or (lambda a: a)
+            t_ref = timed(lambda: refs[name](*prep(a)), args.repeats)
+            t_new = timed(lambda: numba_cpu.KERNELS[name](*prep(a)), args.repeats)
+            print(f"{name:>24} {1e3 * t_ref:9.2f} {1e3 * t_new:9.2f} {t_ref / t_new:7.2f}x",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Numba kernels for CPUs: the ``numba`` backend of refgpt.backend.
+
+Each function here has the name and the contract of a ``@kernel`` reference in refgpt.nn or
+refgpt.optim (same arguments, same results up to rounding) and is tested against it in float64
+and float32 (tests/test_kernels.py). What they change is the memory traffic, not the math:
+
+* fused element-wise passes. NumPy evaluates ``0.5*x*(1+tanh(c*(x+k*x**3)))`` as about eight
+  passes over the array, each reading and writing all of it; a fused kernel reads x once and
+  writes y once, with the intermediates in registers. The same holds for LayerNorm (mean,
+  variance, normalise and scale per row while the row is in cache), the causal softmax and its
+  backward, the cross-entropy with its gradient, and the AdamW update.
+* parallelism over rows (or elements) with ``prange``, on numba's thread pool, whose size
+  refgpt.parallel.threads sets together with the BLAS threads (the pool is numba's
+  "workqueue": see refgpt.kernels).
+* GEMMs stay with BLAS (through NumPy's matmul): a Numba batched GEMM for attention's
+  products, parallel over batch x heads (BLAS per product, or cache-blocked loops), ran 2-5x
+  slower than NumPy's matmul on this backend's test machine and was left out.
+
+Arithmetic runs in float64 inside the kernels for float64 inputs and in float32 for float32
+ones, except for reductions (row sums, means), which accumulate in float64. fastmath stays
+off: no reassociation beyond what the loop order states.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+S2PI = math.sqrt(2.0 / math.pi)
+K = 0.044715
+INV_SQRT2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+FLAGS = dict(parallel=True, cache=True, nogil=True)
+
+
+# -- GELU ------------------------------------------------------------------------------
+@njit(inline="always")
+def _tanh(u):
+    """tanh(u) = 1 - 2 / (1 + exp(2u)): exact, and libm's exp is about 3x faster than its tanh
+    (exp overflowing to inf gives 1, underflowing to 0 gives -1, as tanh does)."""
+    return 1.0 - 2.0 / (1.0 + math.exp(2.0 * u))
+
+
+@njit(**FLAGS)
+def _gelu_fwd(x, y, tanh_form):
+    for i in prange(x.size):
+        xi = x[i]
+        if tanh_form:
+            y[i] = 0.5 * xi * (1.0 + _tanh(S2PI * (xi + K * xi * xi * xi)))
+        else:
+            y[i] = 0.5 * xi * (1.0 + math.erf(xi * INV_SQRT2))
+
+
+@njit(**FLAGS)
+def _gelu_bwd(x, dy, dx, tanh_form):
+    for i in prange(x.size):
+        xi = x[i]
+        if tanh_form:
+            t = _tanh(S2PI * (xi + K * xi * xi * xi))
+            d = 0.5 * (1.0 + t) + 0.5 * xi * (1.0 - t * t) * S2PI * (1.0 + 3.0 * K * xi * xi)
+        else:
+            d = 0.5 * (1.0 + math.erf(xi * INV_SQRT2)) + xi * math.exp(-0.5 * xi * xi) * INV_SQRT_2PI
+        dx[i] = dy[i] * d
+
+
+def gelu_forward(x, kind):
+    x = np.ascontiguousarray(x)
+    y = np.empty_like(x)
+    _gelu_fwd(x.reshape(-1), y.reshape(-1), kind == "tanh")
+    return y
+
+
+def gelu_backward(x, dy, kind):
+    x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
+    dx = np.empty_like(dy)
+    _gelu_bwd(x.reshape(-1), dy.reshape(-1), dx.reshape(-1), kind == "tanh")
+    return dx
+
+
+# -- LayerNorm --------------------------------------------------------------------------
+@njit(**FLAGS)
+def _ln_fwd(x, g, b, eps, y, n, rstd):
+    R, C = x.shape
+    for r in prange(R):
+        mu = 0.0
+        for c in range(C):
+            mu += x[r, c]
+        mu /= C
+        var = 0.0
+        for c in range(C):
+            d = x[r, c] - mu
+            var += d * d
+        rs = 1.0 / math.sqrt(var / C + eps)
+        rstd[r] = rs
+        for c in range(C):
+            nc = (x[r, c] - mu) * rs
+            n[r, c] = nc
+            y[r, c] = nc * g[c] + b[c]
+
+
+@njit(**FLAGS)
+def _ln_bwd(dy, n, rstd, g, dx, dg_parts, db_parts):
+    R, C = dy.shape
+    chunks = dg_parts.shape[0]
+    for k in prange(chunks):
+        for r in range(k * R // chunks, (k + 1) * R // chunks):
+            mdn, mdnn = 0.0, 0.0
+            for c in range(C):
+                dn = dy[r, c] * g[c]
+                mdn += dn
+                mdnn += dn * n[r, c]
+                dg_parts[k, c] += dy[r, c] * n[r, c]
+                db_parts[k, c] += dy[r, c]
+            mdn /= C
+            mdnn /= C
+            for c in range(C):
+                dx[r, c] = rstd[r] * (dy[r, c] * g[c] - mdn - n[r, c] * mdnn)
+
+
+def layernorm_forward(x, g, b, eps):
+    shape, C = x.shape, x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, C)
+    y, n = np.empty_like(x2), np.empty_like(x2)
+    rstd = np.empty(x2.shape[0], x.dtype)
+    _ln_fwd(x2, g, b, eps, y, n, rstd)
+    return y.reshape(shape), n.reshape(shape), rstd.reshape(*shape[:-1], 1)
+
+
+def layernorm_backward(dy, n, rstd, g):
+    shape, C = dy.shape, dy.shape[-1]
+    dy2 = np.ascontiguousarray(dy).reshape(-1, C)
+    chunks = min(numba.get_num_threads(), dy2.shape[0]) or 1
+    dg, db = np.zeros((chunks, C)), np.zeros((chunks, C))       # float64 partial sums
+    dx = np.empty_like(dy2)
+    _ln_bwd(dy2, n.reshape(-1, C), rstd.reshape(-1), g, dx, dg, db)
+    return dx.reshape(shape), dg.sum(axis=0).astype(dy.dtype), db.sum(axis=0).astype(dy.dtype)
+
+
+# -- attention softmax ------------------------------------------------------------------
+@njit(**FLAGS)
+def _causal_softmax(s, T, p0):
+    R, Tk = s.shape
+    for r in prange(R):
+        last = min(p0 + r % T, Tk - 1)                 # keys 0..last are visible
+        mx = s[r, 0]
+        for j in range(1, last + 1):
+            mx = max(mx, s[r, j])
+        total = 0.0
+        for j in range(last + 1):
+            e = math.exp(s[r, j] - mx)
+            s[r, j] = e
+            total += e
+        inv = 1.0 / total
+        for j in range(last + 1):
+            s[r, j] *= inv
+        for j in range(last + 1, Tk):
+            s[r, j] = 0.0
+
+
+@njit(**FLAGS)
+def _softmax_bwd(p, dp, ds):
+    R, C = p.shape
+    for r in prange(R):
+        dot = 0.0
+        for c in range(C):
+            dot += dp[r, c] * p[r, c]
+        for c in range(C):
+            ds[r, c] = p[r, c] * (dp[r, c] - dot)
+
+
+def causal_softmax(s, p0):
+    T, Tk = s.shape[-2:]
+    if not s.flags.c_contiguous:
+        raise ValueError("causal_softmax works in place on a C-contiguous array")
+    _causal_softmax(s.reshape(-1, Tk), T, p0)
+    return s
+
+
+def softmax_backward(p, dp):
+    C = p.shape[-1]
+    p2, dp2 = np.ascontiguousarray(p).reshape(-1, C), np.ascontiguousarray(dp).reshape(-1, C)
+    ds = np.empty_like(dp2)
+    _softmax_bwd(p2, dp2, ds)
+    return ds.reshape(dp.shape)
+
+
+# -- cross-entropy ----------------------------------------------------------------------
+@njit(**FLAGS)
+def _ce_fwd(z, y, probs, losses):
+    N, V = probs.shape
+    for r in prange(N):
+        mx = z[r, 0]
+        for v in range(1, V):
+            mx = max(mx, z[r, v])
+        total = 0.0
+        for v in range(V):
+            e = math.exp(z[r, v] - mx)
+            probs[r, v] = e
+            total += e
+        inv = 1.0 / total
+        for v in range(V):
+            probs[r, v] *= inv
+        losses[r] = mx + math.log(total) - z[r, y[r]]
+
+
+@njit(**FLAGS)
+def _ce_bwd(probs, y, scale, dz):
+    N, V = probs.shape
+    for r in prange(N):
+        for v in range(V):
+            dz[r, v] = probs[r, v] * scale
+        dz[r, y[r]] -= scale
+        for v in range(V, dz.shape[1]):
+            dz[r, v] = 0.0
+
+
+def cross_entropy_forward(z, y):
+    probs = np.empty(z.shape, z.dtype)
+    losses = np.empty(z.shape[0])                                # float64
+    _ce_fwd(z, np.ascontiguousarray(y), probs, losses)
+    return float(losses.sum()), probs
+
+
+def cross_entropy_backward(probs, y, norm, Vp):
+    dz = np.empty((probs.shape[0], Vp), probs.dtype)
+    _ce_bwd(probs, np.ascontiguousarray(y), 1.0 / norm, dz)
+    return dz
+
+
+# -- AdamW ------------------------------------------------------------------------------
+@njit(**FLAGS)
+def _adamw(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
+    step, rbc2 = lr / bc1, 1.0 / math.sqrt(bc2)
+    for i in prange(p.size):
+        gi = g[i]
+        mi = b1 * m[i] + (1.0 - b1) * gi
+        vi = b2 * v[i] + (1.0 - b2) * (gi * gi)
+        m[i] = mi
+        v[i] = vi
+        p[i] -= step * (mi / (math.sqrt(vi) * rbc2 + eps))
+
+
+def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
+    _adamw(p, g, m, v, lr, b1, b2, eps, bc1, bc2)
+
+
+KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, layernorm_forward,
+                                   layernorm_backward, causal_softmax, softmax_backward,
+                                   cross_entropy_forward, cross_entropy_backward, adamw_update)}

@@ -1,0 +1,74 @@
+"""Compute backends: which implementation runs each kernel of the model.
+
+The model's math is written once, in NumPy, in refgpt.nn: every piece that a faster backend
+may replace (a fused element-wise pass, the attention's batched products, the AdamW update)
+is a plain function marked ``@kernel`` next to the layer that calls it. A backend is a table
+{function name: implementation}; ``set_backend`` makes it current for the whole process:
+
+    numpy   the readable reference (the @kernel functions themselves)
+    numba   fused, parallel CPU kernels from refgpt.kernels.numba_cpu, each tested against
+            its reference in float64 and float32 (tests/test_kernels.py)
+    cupy    not available yet (issue #8's GPU part)
+
+A kernel the backend does not provide falls back to the reference, so a backend may be
+partial; ``kernel_names(backend)`` lists what it replaces.
+"""
+
+from __future__ import annotations
+
+import functools
+
+BACKENDS = ("numpy", "numba", "cupy")
+_reference: dict = {}
+_active: dict = {}
+_current = "numpy"
+
+
+def kernel(fn):
+    """Mark fn as the reference of a replaceable kernel (called through the current backend)."""
+    name = fn.__name__
+    _reference[name] = fn
+
+    @functools.wraps(fn)
+    def dispatch(*args, **kwargs):
+        return _active.get(name, fn)(*args, **kwargs)
+    dispatch.reference = fn
+    return dispatch
+
+
+def _table(name: str) -> dict:
+    if name == "numpy":
+        return {}
+    if name == "numba":
+        from .kernels import numba_cpu
+        return numba_cpu.KERNELS
+    if name == "cupy":
+        raise NotImplementedError("--backend cupy is not implemented yet (issue #8: the GPU "
+                                  "backend); use numpy or numba")
+    raise ValueError(f"--backend must be one of {BACKENDS}, got {name!r}")
+
+
+def set_backend(name: str) -> None:
+    global _current
+    from . import nn, optim  # noqa: F401  (importing them registers every reference)
+    table = _table(name)
+    unknown = set(table) - set(_reference)
+    if unknown:
+        raise RuntimeError(f"backend {name} provides kernels with no reference: {sorted(unknown)}")
+    _active.clear()
+    _active.update(table)
+    _current = name
+
+
+def current() -> str:
+    return _current
+
+
+def reference(name: str):
+    """The NumPy reference of a kernel."""
+    from . import nn, optim  # noqa: F401
+    return _reference[name]
+
+
+def kernel_names(name: str) -> list[str]:
+    return sorted(_table(name))

@@ -1,0 +1,123 @@
+"""The numba backend's kernels against their NumPy references (refgpt.backend), in float64
+and float32, on awkward shapes (odd sizes, a KV-cache offset, padded vocabulary); and the
+whole model trained with the numba backend equals the numpy backend."""
+
+import numpy as np
+import pytest
+
+from refgpt import backend
+from refgpt.config import ModelConfig, TrainConfig
+from refgpt.engine import Trainer
+from refgpt.kernels import numba_cpu
+from refgpt.nn.attention import causal_softmax, softmax_backward
+from refgpt.nn.gelu import gelu_backward, gelu_forward
+from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
+from refgpt.nn.loss import cross_entropy_backward, cross_entropy_forward
+from refgpt.optim.adamw import adamw_update
+
+# float32: the kernels keep intermediates in float64 where NumPy rounds them to float32, so
+# values that cancel (GELU's slope near its minimum) differ by a few float32 ulps of O(1)
+TOL = {np.float64: dict(rtol=1e-12, atol=1e-14), np.float32: dict(rtol=2e-5, atol=1e-5)}
+DTYPES = [np.float64, np.float32]
+
+
+def close(got, want, dtype):
+    for g, w in zip(got if isinstance(got, tuple) else (got,),
+                    want if isinstance(want, tuple) else (want,)):
+        assert np.asarray(g).dtype == np.asarray(w).dtype or np.isscalar(w)
+        np.testing.assert_allclose(g, w, **TOL[dtype])
+
+
+def rand(rng, shape, dtype, scale=1.0):
+    return (scale * rng.standard_normal(shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["tanh", "erf"])
+def test_gelu(dtype, kind):
+    rng = np.random.default_rng(0)
+    x, dy = rand(rng, (3, 7, 33), dtype, 3.0), rand(rng, (3, 7, 33), dtype)
+    close(numba_cpu.gelu_forward(x, kind), gelu_forward.reference(x, kind), dtype)
+    close(numba_cpu.gelu_backward(x, dy, kind), gelu_backward.reference(x, dy, kind), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layernorm(dtype):
+    rng = np.random.default_rng(1)
+    x, g, b = rand(rng, (5, 9, 40), dtype, 2.0) + 1.0, rand(rng, 40, dtype), rand(rng, 40, dtype)
+    got, want = numba_cpu.layernorm_forward(x, g, b, 1e-5), layernorm_forward.reference(x, g, b, 1e-5)
+    close(got, want, dtype)
+    dy = rand(rng, x.shape, dtype)
+    _, n, rstd = want
+    close(numba_cpu.layernorm_backward(dy, n, rstd, g), layernorm_backward.reference(dy, n, rstd, g), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("p0", [0, 3])
+def test_causal_softmax_and_its_backward(dtype, p0):
+    rng = np.random.default_rng(2)
+    s = rand(rng, (2, 3, 6, 6 + p0), dtype, 4.0)
+    p = numba_cpu.causal_softmax(s.copy(), p0)
+    close(p, causal_softmax.reference(s.copy(), p0), dtype)
+    dp = rand(rng, p.shape, dtype)
+    close(numba_cpu.softmax_backward(p, dp), softmax_backward.reference(p, dp), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cross_entropy(dtype):
+    rng = np.random.default_rng(3)
+    V, Vp = 45, 64
+    logits = rand(rng, (17, Vp), dtype, 3.0)
+    z, y = logits[:, :V], rng.integers(0, V, 17)
+    (loss, probs), (rloss, rprobs) = numba_cpu.cross_entropy_forward(z, y), \
+        cross_entropy_forward.reference(z, y)
+    np.testing.assert_allclose(loss, rloss, **TOL[dtype])
+    close(probs, rprobs, dtype)
+    close(numba_cpu.cross_entropy_backward(probs, y, 17.0, Vp),
+          cross_entropy_backward.reference(rprobs, y, 17.0, Vp), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adamw_update(dtype):
+    rng = np.random.default_rng(4)
+    p, g, m = rand(rng, 1001, dtype), rand(rng, 1001, dtype), rand(rng, 1001, dtype)
+    v = np.abs(rand(rng, 1001, dtype))
+    args = (3e-3, 0.9, 0.95, 1e-8, 0.19, 0.0975)
+    mine = [a.copy() for a in (p, g, m, v)]
+    ref = [a.copy() for a in (p, g, m, v)]
+    numba_cpu.adamw_update(*mine, *args)
+    adamw_update.reference(*ref, *args)
+    for a, b in zip(mine, ref):
+        close(a, b, dtype)
+
+
+def test_every_numba_kernel_has_a_reference_and_is_tested():
+    assert backend.kernel_names("numba") == sorted(
+        ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
+         "causal_softmax", "softmax_backward", "cross_entropy_forward",
+         "cross_entropy_backward", "adamw_update"])
+
+
+def test_cupy_backend_is_not_there_yet():
+    with pytest.raises(NotImplementedError, match="issue #8"):
+        backend.set_backend("cupy")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_training_with_numba_equals_numpy(dtype):
+    def run(name):
+        tcfg = TrainConfig(micro_batch_size=2, global_batch_size=4, train_iters=3, lr=1e-2,
+                           dtype=dtype, synthetic_data=True, eval_iters=1, backend=name)
+        cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                          vocab_size=45, vocab_multiple=16, dropout=0.1, gelu="tanh")
+        t = Trainer(cfg, tcfg, log=lambda *_: None)
+        try:
+            return t.run(), t.model.params.data.copy()
+        finally:
+            backend.set_backend("numpy")
+    (ref, p_ref), (got, p_got) = run("numpy"), run("numba")
+    tol = 1e-11 if dtype == "float64" else 2e-4
+    np.testing.assert_allclose([h["loss"] for h in got], [h["loss"] for h in ref], rtol=tol)
+    np.testing.assert_allclose([h["val_loss"] for h in got if "val_loss" in h],
+                               [h["val_loss"] for h in ref if "val_loss" in h], rtol=tol)
+    np.testing.assert_allclose(p_got, p_ref, rtol=tol, atol=tol * np.abs(p_ref).max())
