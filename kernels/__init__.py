@@ -1,5 +1,6 @@
 """Fast kernels, installed as ``refgpt.kernels``: numba_cpu holds the Numba kernels of the
-``numba`` backend (refgpt.backend), each tested against the NumPy reference it replaces.
+``numba`` backend and cupy_gpu the CuPy kernels of the ``cupy`` backend (refgpt.backend),
+each tested against the NumPy reference it replaces.
 
 Importing this package selects Numba's "workqueue" thread pool (unless NUMBA_THREADING_LAYER
 is set). Numba's default OpenMP pool spins after each parallel loop, as OpenBLAS's threads do

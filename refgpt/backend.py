@@ -8,7 +8,11 @@ is a plain function marked ``@kernel`` next to the layer that calls it. A backen
     numpy   the readable reference (the @kernel functions themselves)
     numba   fused, parallel CPU kernels from refgpt.kernels.numba_cpu, each tested against
             its reference in float64 and float32 (tests/test_kernels.py)
-    cupy    not available yet (issue #8's GPU part)
+    cupy    the same model on an NVIDIA GPU: arrays are CuPy arrays (``array_module``), the
+            references run on them through NumPy's dispatch (__array_ufunc__,
+            __array_function__; GEMMs go to cuBLAS), and refgpt.kernels.cupy_gpu replaces the
+            kernels that need it (fused element-wise kernels, and those that build index or
+            mask arrays). One process, one GPU for now.
 
 A kernel the backend does not provide falls back to the reference, so a backend may be
 partial; ``kernel_names(backend)`` lists what it replaces.
@@ -22,6 +26,7 @@ BACKENDS = ("numpy", "numba", "cupy")
 _reference: dict = {}
 _active: dict = {}
 _current = "numpy"
+_xp = None                                       # cupy under the cupy backend, else numpy
 
 
 def kernel(fn):
@@ -43,8 +48,8 @@ def _table(name: str) -> dict:
         from .kernels import numba_cpu
         return numba_cpu.KERNELS
     if name == "cupy":
-        raise NotImplementedError("--backend cupy is not implemented yet (issue #8: the GPU "
-                                  "backend); use numpy or numba")
+        from .kernels import cupy_gpu
+        return cupy_gpu.KERNELS
     raise ValueError(f"--backend must be one of {BACKENDS}, got {name!r}")
 
 
@@ -58,6 +63,12 @@ def set_backend(name: str) -> None:
     _active.clear()
     _active.update(table)
     _current = name
+    global _xp
+    if name == "cupy":
+        import cupy
+        _xp = cupy
+    else:
+        _xp = None
 
 
 def current() -> str:
@@ -72,3 +83,27 @@ def reference(name: str):
 
 def kernel_names(name: str) -> list[str]:
     return sorted(_table(name))
+
+
+def array_module():
+    """The module that creates arrays: numpy, or cupy under the cupy backend."""
+    if _xp is None:
+        import numpy
+        return numpy
+    return _xp
+
+
+def to_device(a):
+    """a as an array of the current backend (a no-op for numpy)."""
+    return a if _xp is None else _xp.asarray(a)
+
+
+def to_host(a):
+    """a as a NumPy array (copies a GPU array to the host)."""
+    return a.get() if hasattr(a, "get") else a
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work (before timing it, or before MPI reads its memory)."""
+    if _xp is not None:
+        _xp.cuda.get_current_stream().synchronize()

@@ -103,7 +103,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     seed: int = 1234
     dtype: str = "float32"
-    backend: str = "numba"  # numba (fused CPU kernels), numpy (the reference); cupy: not yet
+    backend: str = "numba"  # numba (fused CPU kernels), numpy (the reference), cupy (a GPU)
     data_path: str = ""
     synthetic_data: bool = False
     eval_interval: int = 100

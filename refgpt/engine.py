@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .backend import set_backend
+from .backend import set_backend, synchronize, to_device, to_host
 from .checkpoint import flat_to_named, load_checkpoint, named_to_flat, save_checkpoint
 from .cli import CheckpointError
 from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
@@ -73,6 +73,9 @@ class Trainer:
         self.mcfg, self.tcfg = mcfg, tcfg
         self.dtype = np.dtype(tcfg.dtype)
         set_backend(tcfg.backend)
+        if tcfg.backend == "cupy" and g.world_size > 1:
+            raise ConfigError("--backend cupy runs on one process (one GPU) so far; several "
+                              "ranks need host copies around every collective (issue #8)")
         self.pipe = None
         stage = self.pcfg.zero_stage
         if stage >= 2 and g.pp_size > 1:
@@ -180,7 +183,7 @@ class Trainer:
         for prefix, state in (("exp_avg.", self.opt.m), ("exp_avg_sq.", self.opt.v)):
             full = np.zeros(p.padded, p.dtype)
             named_to_flat(self._local(ckpt.optimizer, prefix), prefix, p, full)
-            state[...] = full[lo:hi]
+            state[...] = to_device(full[lo:hi])
         self.opt.t = ckpt.state["optimizer_step"]
         self.iteration = ckpt.state["iteration"]
         self.consumed = ckpt.state["consumed_samples"]
@@ -223,7 +226,7 @@ class Trainer:
         for start in range(first, first + share, B):
             ids = np.arange(start, start + B)
             with timers("batch-generator"):
-                x, y = batch(self.train_data, ids)
+                x, y = map(to_device, batch(self.train_data, ids))
             inject("forward", g.rank)
             with timers("forward"):
                 loss += model.forward(x, y, norm, key=(self.iteration, ids))
@@ -322,6 +325,7 @@ class Trainer:
                     self.zero.gather_params()
         self.iteration += 1
         self.consumed += G
+        synchronize()
         dt = time.perf_counter() - t0
         mflops = metrics.model_flops(self.mcfg, G)
         return {"iter": self.iteration, "consumed_samples": self.consumed, "loss": loss, "lr": lr,
@@ -351,7 +355,8 @@ class Trainer:
                 total = g.pp_comm.allreduce(runner.run(batches, float(total_seqs * T)))
             else:
                 for start in starts:
-                    x, y = batch(self.val_data, np.arange(start, start + B), sequential=True)
+                    x, y = map(to_device,
+                               batch(self.val_data, np.arange(start, start + B), sequential=True))
                     total += model.forward(x, y, float(total_seqs * T))
         finally:
             model.set_grad_enabled(True)
@@ -363,6 +368,7 @@ class Trainer:
         p, opt, z = self.model.params, self.opt, self.zero
         flat = (p.data, opt.m, opt.v) if z is None else (          # ZeRO shards gathered
             z.full_data(), z.gather_shards(opt.m), z.gather_shards(opt.v))
+        flat = tuple(map(to_host, flat))                          # GPU arrays to the host
         if isinstance(self.model, (ParallelGPT, PipelineModel)):  # TP shards gathered
             params, m, v = (self.model.full_tensors(f) for f in flat)
         else:

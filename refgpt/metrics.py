@@ -22,6 +22,8 @@ import time
 
 import numpy as np
 
+from .backend import synchronize, to_device
+
 
 def megatron_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int) -> float:
     return 96.0 * batch * seq * layers * hidden**2 * (
@@ -41,14 +43,17 @@ def model_flops(cfg, batch: int) -> float:
 
 
 def measure_gemm_rate(dtype=np.float32, n: int = 1024, repeats: int = 3) -> float:
-    """Best FLOP/s of an n x n x n matmul in this process (threads as currently set)."""
+    """Best FLOP/s of an n x n x n matmul in this process (threads as currently set), on the
+    current backend's device (a GPU under the cupy backend)."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((n, n)).astype(dtype)
-    b = rng.standard_normal((n, n)).astype(dtype)
+    a = to_device(rng.standard_normal((n, n)).astype(dtype))
+    b = to_device(rng.standard_normal((n, n)).astype(dtype))
     a @ b                                                        # warm-up
+    synchronize()
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         a @ b
+        synchronize()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best

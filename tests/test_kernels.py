@@ -98,11 +98,6 @@ def test_every_numba_kernel_has_a_reference_and_is_tested():
          "cross_entropy_backward", "adamw_update"])
 
 
-def test_cupy_backend_is_not_there_yet():
-    with pytest.raises(NotImplementedError, match="issue #8"):
-        backend.set_backend("cupy")
-
-
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_training_with_numba_equals_numpy(dtype):
     def run(name):

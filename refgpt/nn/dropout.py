@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import to_device
 from .layer import Layer
 from .params import name_stream
 
@@ -36,7 +37,7 @@ class Dropout(Layer):
             shape[axis], index[axis] = full, sl
         keep = np.stack([name_stream(self.seed, f"{self.site}/{step}/{s}").random(shape)[tuple(index)]
                          >= self.p for s in samples])
-        mask = keep.astype(x.dtype) / (1.0 - self.p)
+        mask = to_device(keep.astype(x.dtype) / (1.0 - self.p))
         self.save(mask)
         return x * mask
 

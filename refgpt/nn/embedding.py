@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import kernel
 from .layer import Layer, ParamRef
 
 
@@ -46,7 +47,7 @@ class Embedding(TokenTable):
     def backward(self, dx: np.ndarray) -> None:
         idx, pos0 = self.saved()
         C = dx.shape[-1]
-        np.add.at(self.gwte, idx.ravel(), dx.reshape(-1, C))
+        scatter_add_rows(self.gwte, idx.ravel(), dx.reshape(-1, C))
         self.gwpe[pos0:pos0 + idx.shape[1]] += dx.sum(axis=0)
 
 
@@ -56,10 +57,17 @@ class TiedHead(TokenTable):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
-        return x @ self.wte.T                                     # [B, T, C] @ [C, Vp]
+        z = x.reshape(-1, x.shape[-1]) @ self.wte.T               # [B T, C] @ [C, Vp]
+        return z.reshape(*x.shape[:-1], -1)                       # [B, T, Vp]
 
     def backward(self, dlogits: np.ndarray) -> np.ndarray:
         (x,) = self.saved()
         dl2 = dlogits.reshape(-1, dlogits.shape[-1])              # [N, Vp]
         self.gwte += dl2.T @ x.reshape(-1, x.shape[-1])           # [Vp, C]
-        return dlogits @ self.wte                                 # [B, T, C]
+        return (dl2 @ self.wte).reshape(*dlogits.shape[:-1], -1)  # [B, T, C]
+
+
+@kernel
+def scatter_add_rows(table: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
+    """table[idx[i]] += rows[i] for every i, repeated ids included."""
+    np.add.at(table, idx, rows)

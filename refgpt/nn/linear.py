@@ -31,10 +31,10 @@ class Linear(Layer):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
-        y = x @ self.w                                  # [..., in] @ [in, out] -> [..., out]
+        y = x.reshape(-1, x.shape[-1]) @ self.w          # [N, in] @ [in, out]: one GEMM
         if self.b is not None:
             y += self.b
-        return y
+        return y.reshape(*x.shape[:-1], y.shape[-1])     # [..., out]
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         (x,) = self.saved()
@@ -44,7 +44,7 @@ class Linear(Layer):
             self.weight_grad(x2, dy2)
         else:
             self.defer.append((self, x2, dy2))
-        return dy @ self.w.T                            # [..., out] @ [out, in] -> [..., in]
+        return (dy2 @ self.w.T).reshape(*dy.shape[:-1], -1)   # [N, out] @ [out, in] -> [..., in]
 
     def weight_grad(self, x2: np.ndarray, dy2: np.ndarray) -> None:
         self.gw += x2.T @ dy2                           # [in, out]

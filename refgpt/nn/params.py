@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import array_module, to_device
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -102,8 +103,9 @@ class Params:
         self.padded = -(-offset // pad_to) * pad_to
         self.data = self.grad = None
         if allocate:
-            self.data = np.zeros(self.padded, self.dtype)
-            self.grad = np.zeros(self.padded, self.dtype)
+            xp = array_module()                         # numpy, or cupy on a GPU
+            self.data = xp.zeros(self.padded, self.dtype)
+            self.grad = xp.zeros(self.padded, self.dtype)
             self._views = {n: self._view(self.data, n) for n in names}
             self.grads = {n: self._view(self.grad, n) for n in names}
 
@@ -130,7 +132,7 @@ class Params:
         """Draw every full parameter; shard(name, full) -> this rank's part, if sharded."""
         for name, spec in self.specs.items():
             value = init_value(spec, seed)
-            self._views[name][...] = shard(name, value) if shard else value
+            self._views[name][...] = to_device(shard(name, value) if shard else value)
 
     def zero_grad(self) -> None:
         self.grad[...] = 0.0
@@ -156,4 +158,4 @@ class Params:
     def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
         self.check_names(tensors)
         for name, value in tensors.items():
-            self._views[name][...] = value
+            self._views[name][...] = to_device(value)
