@@ -12,7 +12,8 @@ is a plain function marked ``@kernel`` next to the layer that calls it. A backen
             references run on them through NumPy's dispatch (__array_ufunc__,
             __array_function__; GEMMs go to cuBLAS), and refgpt.kernels.cupy_gpu replaces the
             kernels that need it (fused element-wise kernels, and those that build index or
-            mask arrays). One process, one GPU for now.
+            mask arrays). Data parallelism runs one GPU per rank, reducing gradients through
+            the host; tensor and pipeline parallelism and ZeRO do not run on GPUs yet.
 
 A kernel the backend does not provide falls back to the reference, so a backend may be
 partial; ``kernel_names(backend)`` lists what it replaces.
@@ -107,3 +108,9 @@ def synchronize() -> None:
     """Wait for the GPU's queued work (before timing it, or before MPI reads its memory)."""
     if _xp is not None:
         _xp.cuda.get_current_stream().synchronize()
+
+
+def use_gpu(rank: int) -> None:
+    """Under the cupy backend, rank r of a node's ranks uses GPU r mod (GPUs on the node)."""
+    if _xp is not None:
+        _xp.cuda.Device(rank % _xp.cuda.runtime.getDeviceCount()).use()

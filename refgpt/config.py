@@ -103,7 +103,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     seed: int = 1234
     dtype: str = "float32"
-    backend: str = "numba"  # numba (fused CPU kernels), numpy (the reference), cupy (a GPU)
+    backend: str = "numba"  # numba (fused CPU kernels), numpy (the reference), cupy (GPUs)
     data_path: str = ""
     synthetic_data: bool = False
     eval_interval: int = 100

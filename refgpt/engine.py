@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .backend import set_backend, synchronize, to_device, to_host
+from .backend import set_backend, synchronize, to_device, to_host, use_gpu
 from .checkpoint import flat_to_named, load_checkpoint, named_to_flat, save_checkpoint
 from .cli import CheckpointError
 from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
@@ -73,9 +73,11 @@ class Trainer:
         self.mcfg, self.tcfg = mcfg, tcfg
         self.dtype = np.dtype(tcfg.dtype)
         set_backend(tcfg.backend)
-        if tcfg.backend == "cupy" and g.world_size > 1:
-            raise ConfigError("--backend cupy runs on one process (one GPU) so far; several "
-                              "ranks need host copies around every collective (issue #8)")
+        if tcfg.backend == "cupy" and (g.tp_size > 1 or g.pp_size > 1 or self.pcfg.zero_stage):
+            raise ConfigError("--backend cupy supports data parallelism (one GPU per rank) but "
+                              "not yet tensor or pipeline parallelism or ZeRO (issue #8)")
+        if tcfg.backend == "cupy":
+            use_gpu(g.rank)
         self.pipe = None
         stage = self.pcfg.zero_stage
         if stage >= 2 and g.pp_size > 1:

@@ -62,8 +62,8 @@ TRAIN_FLAGS = {
     "seed": ("seed", int, "seed of initialisation, data order and dropout"),
     "dtype": ("dtype", str, "float32 or float64 (the reference precision)"),
     "backend": ("backend", str, "numba (fused CPU kernels, tested against the reference), "
-                                "numpy (the readable reference) or cupy (one NVIDIA GPU; "
-                                "one process)"),
+                                "numpy (the readable reference) or cupy (NVIDIA GPUs, one "
+                                "per rank; data parallelism only)"),
     "data-path": ("data_path", str, "folder written by python -m refgpt.prepare "
                                     "(default: the Python stdlib corpus, prepared on first use)"),
     "eval-interval": ("eval_interval", int, "evaluate every N iterations (0: only at the end)"),

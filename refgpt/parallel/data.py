@@ -16,10 +16,16 @@ The token table is final only after the embedding's backward (it also feeds the 
 so its bucket goes last. ``bucket_elems = 0`` puts everything in one bucket, reduced after
 backward: the same numbers, no overlap. At most IN_FLIGHT all-reduces run at once (MPI's
 non-blocking collectives allocate temporaries per request; all buckets in flight would cost
-another gradient's worth of memory).
+another gradient's worth of memory). Under the cupy backend the gradients live on a GPU and
+MPI is not assumed to read GPU memory: a bucket is copied to the host once the GPU's queued
+work is done, reduced there, and copied back when its all-reduce completes.
 """
 
 from __future__ import annotations
+
+import numpy as np
+
+from ..backend import synchronize, to_device, to_host
 
 IN_FLIGHT = 2
 
@@ -63,14 +69,27 @@ class GradReducer:
                 if not left:
                     d = self.comm.Get_size()
                     self.comm_bytes += 2 * (hi - lo) * (d - 1) / d * self.grad.itemsize
-                    self.pending.append(self.comm.Iallreduce(MPI.IN_PLACE, self.grad[lo:hi], op=MPI.SUM))
+                    buf, host = self.grad[lo:hi], None
+                    if not isinstance(buf, np.ndarray):          # a GPU array: via the host
+                        synchronize()
+                        buf = host = to_host(buf)
+                    req = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                    self.pending.append((req, lo, hi, host))
                     if len(self.pending) > IN_FLIGHT:
-                        self.pending.pop(0).Wait()
+                        self._land(self.pending.pop(0))
 
     def wait(self) -> None:
         """Block until every bucket is reduced (before clipping and the optimizer)."""
         from mpi4py import MPI
         if any(self.waiting):
             raise RuntimeError("some gradient buckets were never ready: backward skipped a parameter")
-        MPI.Request.Waitall(self.pending)
+        MPI.Request.Waitall([p[0] for p in self.pending])
+        for p in self.pending:
+            self._land(p)
         self.pending = []
+
+    def _land(self, pending) -> None:
+        req, lo, hi, host = pending
+        req.Wait()
+        if host is not None:
+            self.grad[lo:hi] = to_device(host)
