@@ -1,0 +1,68 @@
+"""The three SUMMA products and the 2-D linear layer equal NumPy on the full matrices, in
+float64, on a q x q grid made of the whole world (q = 1, 2, 3: run at 1, 4 and 9 ranks; other
+world sizes skip), with non-square blocks; and the traffic counter matches (q-1) blocks per
+operand."""
+
+import numpy as np
+import pytest
+
+from refgpt.parallel.summa import (Linear2D, SummaGrid, block, matmul_ab, matmul_abt,
+                                   matmul_atb)
+
+
+def grid_or_skip():
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if round(comm.size ** 0.5) ** 2 != comm.size:
+        pytest.skip("needs a square number of ranks")
+    return comm, SummaGrid(comm)
+
+
+def full(rng, *shape):
+    return rng.standard_normal(shape)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_the_three_products_equal_numpy():
+    comm, g = grid_or_skip()
+    q = g.q
+    rng = np.random.default_rng(0)                       # same matrices on every rank
+    M, K, N = 4 * q, 3 * q, 5 * q
+    a, b = full(rng, M, K), full(rng, K, N)
+    ok = np.allclose(matmul_ab(g, block(a, g), block(b, g)), block(a @ b, g), rtol=1e-12, atol=1e-12)
+    expect = (q - 1) * (block(a, g).size + block(b, g).size)
+    ok = ok and g.received == expect
+    c, d = full(rng, K, N), full(rng, M, N)              # A B^T with A = d [M, N], B = c [K, N]
+    ok = ok and np.allclose(matmul_abt(g, block(d, g), block(c, g)), block(d @ c.T, g),
+                            rtol=1e-12, atol=1e-12)
+    e = full(rng, M, K)                                  # A^T B with A = e [M, K], B = d [M, N]
+    ok = ok and np.allclose(matmul_atb(g, block(e, g), block(d, g)), block(e.T @ d, g),
+                            rtol=1e-12, atol=1e-12)
+    assert all(comm.allgather(bool(ok)))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_linear_2d_forward_and_backward_equal_dense():
+    comm, g = grid_or_skip()
+    q = g.q
+    rng = np.random.default_rng(1)
+    n, d_in, d_out = 6 * q, 2 * q, 3 * q
+    x, w, dy = full(rng, n, d_in), full(rng, d_in, d_out), full(rng, n, d_out)
+    gw = np.zeros_like(block(w, g))
+    layer = Linear2D(g, np.ascontiguousarray(block(w, g)), gw)
+    y = layer.forward(np.ascontiguousarray(block(x, g)))
+    dx = layer.backward(np.ascontiguousarray(block(dy, g)))
+    ok = (np.allclose(y, block(x @ w, g), rtol=1e-12, atol=1e-12)
+          and np.allclose(dx, block(dy @ w.T, g), rtol=1e-12, atol=1e-12)
+          and np.allclose(gw, block(x.T @ dy, g), rtol=1e-12, atol=1e-12))
+    assert all(comm.allgather(bool(ok)))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_non_square_tp_size_is_refused():
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if round(comm.size ** 0.5) ** 2 == comm.size:
+        pytest.skip("needs a non-square number of ranks")
+    with pytest.raises(ValueError, match="square TP size"):
+        SummaGrid(comm)

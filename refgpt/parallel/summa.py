@@ -1,0 +1,137 @@
+"""SUMMA: matrix products on a q x q process grid (van de Geijn & Watts 1997), the kernel of
+2-D tensor parallelism (Optimus, Xu et al. 2021; the Fugaku GPT work's attention).
+
+The t = q^2 ranks of a tensor-parallel group form a grid; rank tau = i q + j sits in row i and
+column j. row_comm joins the ranks of row i (ordered by j), col_comm those of column j
+(ordered by i). A matrix A [M, K] is split into q x q blocks and rank (i, j) holds A_ij
+[M/q, K/q]. For C = A B, block C_ij = sum_k A_ik B_kj, and the q terms are computed in q
+steps; at step k the blocks of the k-th block column of A and the k-th block row of B travel:
+
+            B_k0 B_k1 B_k2          step k: row i broadcasts A_ik from its rank (i, k),
+    A_0k  [ C_00 C_01 C_02 ]                column j broadcasts B_kj from its rank (k, j),
+    A_1k  [ C_10 C_11 C_12 ]                every rank adds A_ik B_kj to its C_ij.
+    A_2k  [ C_20 C_21 C_22 ]
+
+The two transposed variants that backward needs keep every block where it is and move the
+partial products instead:
+
+    C = A B^T  (dX = dY W^T):  step k: column j broadcasts B_kj; P = A_ij B_kj^T;
+                               row i reduces P to rank (i, k), which keeps C_ik.
+    C = A^T B  (dW = X^T dY):  step k: row i broadcasts A_ik; P = A_ik^T B_ij;
+                               column j reduces P to rank (k, j), which keeps C_kj.
+
+So a 2-D linear layer Y = X W runs AB forward and ABT (dX) + ATB (dW) backward, and its
+output Y_ij has the layout of X_ij: layers chain without re-layout. Each step's broadcast is
+issued non-blocking (MPI_Ibcast) one step ahead, so the next step's blocks travel while the
+current product is computed.
+
+Per call, a rank receives about (q-1)/q of the blocks it needs from others: for AB,
+(q-1) (|A_ik| + |B_kj|) elements (the counters below).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class SummaGrid:
+    """The row and column communicators of a q x q tensor-parallel group (collective)."""
+
+    def __init__(self, tp_comm):
+        t = tp_comm.Get_size()
+        q = int(round(t ** 0.5))
+        if q * q != t:
+            raise ValueError(f"2-D tensor parallelism needs a square TP size, got {t}")
+        self.q, self.rank = q, tp_comm.Get_rank()
+        self.i, self.j = divmod(self.rank, q)
+        self.row = tp_comm.Split(color=self.i, key=self.j)       # same i, ordered by j
+        self.col = tp_comm.Split(color=self.j, key=self.i)       # same j, ordered by i
+        self.received = 0                                        # elements from other ranks
+        self.messages = 0
+
+
+def _bcast_steps(comm, mine: np.ndarray, q: int, grid: SummaGrid):
+    """Yield, for k = 0..q-1, the block that comm's rank k broadcasts (shape of mine), with
+    step k+1's broadcast already in flight while the caller uses step k's block."""
+    def start(k):
+        buf = mine if comm.Get_rank() == k else np.empty_like(mine)
+        return buf, comm.Ibcast(buf, root=k)
+    nxt = start(0)
+    for k in range(q):
+        buf, req = nxt
+        if k + 1 < q:
+            nxt = start(k + 1)
+        req.Wait()
+        if comm.Get_rank() != k:
+            grid.received += buf.size
+            grid.messages += 1
+        yield buf
+
+
+def matmul_ab(grid: SummaGrid, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """C_ij = sum_k A_ik B_kj, for A_ij [M/q, K/q] and B_ij [K/q, N/q] on rank (i, j)."""
+    q = grid.q
+    c = np.zeros((a.shape[0], b.shape[1]), np.result_type(a, b))
+    a_steps = _bcast_steps(grid.row, np.ascontiguousarray(a), q, grid)
+    b_steps = _bcast_steps(grid.col, np.ascontiguousarray(b), q, grid)
+    for a_ik, b_kj in zip(a_steps, b_steps):
+        c += a_ik @ b_kj
+    return c
+
+
+def matmul_abt(grid: SummaGrid, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """C = A B^T: C_ik = sum_j A_ij B_kj^T, for A_ij [M/q, N/q], B_ij [K/q, N/q]; returns
+    C_ij [M/q, K/q] on rank (i, j) (the sum over the row, reduced to its owner)."""
+    from mpi4py import MPI
+    q, c = grid.q, None
+    for k, b_kj in enumerate(_bcast_steps(grid.col, np.ascontiguousarray(b), q, grid)):
+        part = np.ascontiguousarray(a @ b_kj.T)                 # [M/q, K/q], to rank (i, k)
+        out = np.empty_like(part) if grid.j == k else None
+        grid.row.Reduce(part, out, op=MPI.SUM, root=k)
+        if grid.j == k:
+            c = out
+        else:
+            grid.messages += 1
+    grid.received += c.size * (q - 1)                            # q-1 partial sums arrive
+    return c
+
+
+def matmul_atb(grid: SummaGrid, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """C = A^T B: C_kj = sum_i A_ik^T B_ij, for A_ij [M/q, K/q], B_ij [M/q, N/q]; returns
+    C_ij [K/q, N/q] on rank (i, j) (the sum over the column, reduced to its owner)."""
+    from mpi4py import MPI
+    q, c = grid.q, None
+    for k, a_ik in enumerate(_bcast_steps(grid.row, np.ascontiguousarray(a), q, grid)):
+        part = np.ascontiguousarray(a_ik.T @ b)                 # [K/q, N/q], to rank (k, j)
+        out = np.empty_like(part) if grid.i == k else None
+        grid.col.Reduce(part, out, op=MPI.SUM, root=k)
+        if grid.i == k:
+            c = out
+        else:
+            grid.messages += 1
+    grid.received += c.size * (q - 1)
+    return c
+
+
+def block(full: np.ndarray, grid: SummaGrid) -> np.ndarray:
+    """Rank (i, j)'s block of a full 2-D matrix (rows split by i, columns by j)."""
+    rows, cols = full.shape[0] // grid.q, full.shape[1] // grid.q
+    return full[grid.i * rows:(grid.i + 1) * rows, grid.j * cols:(grid.j + 1) * cols]
+
+
+class Linear2D:
+    """y = x W on the grid: x_ij [N/q, in/q], W_ij [in/q, out/q] -> y_ij [N/q, out/q].
+    Backward: dx = dy W^T (ABT), dW += x^T dy (ATB); the blocks stay where they are."""
+
+    def __init__(self, grid: SummaGrid, w_block: np.ndarray, gw_block: np.ndarray):
+        self.grid, self.w, self.gw = grid, w_block, gw_block
+        self.stash: list = []
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        self.stash.append(x)
+        return matmul_ab(self.grid, x, self.w)
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        x = self.stash.pop(0)
+        self.gw += matmul_atb(self.grid, x, dy)
+        return matmul_abt(self.grid, dy, self.w)
