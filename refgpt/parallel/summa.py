@@ -82,34 +82,30 @@ def matmul_ab(grid: SummaGrid, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def matmul_abt(grid: SummaGrid, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """C = A B^T: C_ik = sum_j A_ij B_kj^T, for A_ij [M/q, N/q], B_ij [K/q, N/q]; returns
     C_ij [M/q, K/q] on rank (i, j) (the sum over the row, reduced to its owner)."""
-    from mpi4py import MPI
-    q, c = grid.q, None
-    for k, b_kj in enumerate(_bcast_steps(grid.col, np.ascontiguousarray(b), q, grid)):
-        part = np.ascontiguousarray(a @ b_kj.T)                 # [M/q, K/q], to rank (i, k)
-        out = np.empty_like(part) if grid.j == k else None
-        grid.row.Reduce(part, out, op=MPI.SUM, root=k)
-        if grid.j == k:
-            c = out
-        else:
-            grid.messages += 1
-    grid.received += c.size * (q - 1)                            # q-1 partial sums arrive
-    return c
+    return _reduce_products(grid, grid.col, b, grid.row, grid.j, lambda b_kj: a @ b_kj.T)
 
 
 def matmul_atb(grid: SummaGrid, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """C = A^T B: C_kj = sum_i A_ik^T B_ij, for A_ij [M/q, K/q], B_ij [M/q, N/q]; returns
     C_ij [K/q, N/q] on rank (i, j) (the sum over the column, reduced to its owner)."""
+    return _reduce_products(grid, grid.row, a, grid.col, grid.i, lambda a_ik: a_ik.T @ b)
+
+
+def _reduce_products(grid, bcast_comm, moving, reduce_comm, my_coord: int, product):
+    """At step k, the k-th block of `moving` arrives over bcast_comm; product(block) is this
+    rank's term of the result block that reduce_comm's rank k owns, and is reduced there."""
     from mpi4py import MPI
-    q, c = grid.q, None
-    for k, a_ik in enumerate(_bcast_steps(grid.row, np.ascontiguousarray(a), q, grid)):
-        part = np.ascontiguousarray(a_ik.T @ b)                 # [K/q, N/q], to rank (k, j)
-        out = np.empty_like(part) if grid.i == k else None
-        grid.col.Reduce(part, out, op=MPI.SUM, root=k)
-        if grid.i == k:
+    c = None
+    for k, blk in enumerate(_bcast_steps(bcast_comm, np.ascontiguousarray(moving), grid.q, grid)):
+        part = np.ascontiguousarray(product(blk))
+        mine = my_coord == k
+        out = np.empty_like(part) if mine else None
+        reduce_comm.Reduce(part, out, op=MPI.SUM, root=k)
+        if mine:
             c = out
         else:
             grid.messages += 1
-    grid.received += c.size * (q - 1)
+    grid.received += c.size * (grid.q - 1)                     # q-1 partial sums arrive
     return c
 
 
