@@ -166,6 +166,7 @@ class ParallelConfig:
     ddp_bucket_size: int = 1_000_000  # elements per gradient all-reduce bucket; 0: one bucket
     threads_per_rank: int = 0  # 0: one BLAS thread when ranks share a node, else the default
     timing_log_level: int = 1
+    tensor_parallel_mode: str = "1d"  # 1d: Megatron; 2d: SUMMA on a q x q grid (t = q^2)
     zero_stage: int = 0  # ZeRO over the data-parallel group: 1 optimizer state, 2 + grads, 3 + params
     offload_optimizer: str = ""  # folder for AdamW's moments as np.memmap files ("": in memory)
 
@@ -181,6 +182,11 @@ class ParallelConfig:
             raise ConfigError("--num-virtual-stages must be >= 1")
         if self.ddp_bucket_size < 0 or self.threads_per_rank < 0:
             raise ConfigError("--ddp-bucket-size and --threads-per-rank must be >= 0")
+        if self.tensor_parallel_mode not in ("1d", "2d"):
+            raise ConfigError(f"--tensor-parallel-mode must be 1d or 2d, got {self.tensor_parallel_mode!r}")
+        if self.tensor_parallel_mode == "2d" and (self.sequence_parallel or pp > 1):
+            raise ConfigError("--tensor-parallel-mode 2d does not combine with "
+                              "--sequence-parallel or pipeline parallelism yet")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.timing_log_level not in (0, 1, 2):

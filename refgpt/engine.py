@@ -36,6 +36,7 @@ from .parallel.faults import inject
 from .parallel.grid import Grid
 from .parallel.pipeline import PipelineExecutor, PipelineModel, check_pipeline
 from .parallel.tensor import ParallelGPT, check_divisible
+from .parallel.tensor2d import ParallelGPT2D
 from .parallel.tensor_comm import TPComm
 from .parallel.zero import ZeroParams, formula_bytes, memory_bytes, offload_moments
 from .timers import Timers
@@ -99,6 +100,10 @@ class Trainer:
             self.pipe = PipelineExecutor(self.model, pc.pipeline_schedule, micro, self.act_shape,
                                          self.dtype)
             ready = self.model.ready_order()          # DP reduces after the pipeline flush
+        elif g.tp_size > 1 and self.pcfg.tensor_parallel_mode == "2d":
+            self.model = ParallelGPT2D(mcfg, self.dtype, tcfg.seed, g.tp_comm,
+                                       tcfg.micro_batch_size, make_params)
+            ready = self.model.ready_groups()
         elif g.tp_size > 1:
             self.model = ParallelGPT(mcfg, self.dtype, tcfg.seed, TPComm(g.tp_comm),
                                      self.pcfg.sequence_parallel, make_params=make_params)
@@ -170,7 +175,7 @@ class Trainer:
 
     def _local(self, tensors: dict, prefix: str = "") -> dict:
         """This rank's part of full tensors named prefix + parameter name."""
-        if not isinstance(self.model, (ParallelGPT, PipelineModel)):
+        if not isinstance(self.model, (ParallelGPT, ParallelGPT2D, PipelineModel)):
             return tensors
         return {k: self.model.shard(k[len(prefix):], v) for k, v in tensors.items()
                 if k.startswith(prefix) and k[len(prefix):] in self.model.params.specs}
@@ -304,7 +309,7 @@ class Trainer:
         if self.zero is not None:                 # each element counted once over the world
             sq = self.zero.grad_squares(model.norm_counted)
             return math.sqrt(sq if self.grid.world is None else self.grid.world.allreduce(sq))
-        if isinstance(model, ParallelGPT):
+        if isinstance(model, (ParallelGPT, ParallelGPT2D)):
             return model.grad_norm()
         if isinstance(model, PipelineModel):
             return math.sqrt(self.grid.mp_comm.allreduce(model.grad_squares()))
@@ -371,7 +376,7 @@ class Trainer:
         flat = (p.data, opt.m, opt.v) if z is None else (          # ZeRO shards gathered
             z.full_data(), z.gather_shards(opt.m), z.gather_shards(opt.v))
         flat = tuple(map(to_host, flat))                          # GPU arrays to the host
-        if isinstance(self.model, (ParallelGPT, PipelineModel)):  # TP shards gathered
+        if isinstance(self.model, (ParallelGPT, ParallelGPT2D, PipelineModel)):  # TP shards gathered
             params, m, v = (self.model.full_tensors(f) for f in flat)
         else:
             params, m, v = (flat_to_named(f, p) for f in flat)

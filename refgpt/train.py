@@ -77,6 +77,8 @@ TRAIN_FLAGS = {
 PARALLEL_FLAGS = {
     "tensor-model-parallel-size": ("tensor_model_parallel_size", int,
                                    "Megatron 1-D tensor-parallel size (alias --tp)"),
+    "tensor-parallel-mode": ("tensor_parallel_mode", str,
+                             "1d (Megatron) or 2d (SUMMA on a q x q grid; TP size q^2)"),
     "pipeline-model-parallel-size": ("pipeline_model_parallel_size", int,
                                      "pipeline-parallel size (alias --pp)"),
     "pipeline-schedule": ("pipeline_schedule", str, "gpipe, 1f1b, interleaved or zb-h1"),
