@@ -10,8 +10,9 @@ q > 1.625 + 4.5 h / N). Run with the TP size as the world size:
     mpiexec -n 4 python benchmarks/tp_1d_vs_2d.py
     mpirun -n 16 python benchmarks/tp_1d_vs_2d.py --shapes 1024x256 4096x256 1024x1024
 
-One layer's volume is the difference between a 2-layer and a 1-layer model's counters, so the
-embedding, head and loss drop out.
+The counters are read for the sites of block 0 ("h.0."), so the embedding, head and loss
+are left out; the time of one layer is the difference between a 2-layer and a 1-layer model's
+forward + backward.
 """
 
 import argparse
@@ -28,10 +29,8 @@ from refgpt.parallel.tensor_comm import TPComm
 
 def counters(model):
     if isinstance(model, ParallelGPT2D):
-        g = model.grid
-        tp = sum(v for c in (model.row, model.col) for v in c.volume.values())
-        return g.received + tp, g.messages
-    return sum(model.tp.volume.values()), 0
+        return model.layer_volume("h.0.")
+    return model.tp.layer_volume("h.0."), 0
 
 
 def run(mode, layers, N, h, comm, B):
@@ -68,7 +67,7 @@ def main():
         out = {}
         for mode in ("1d", "2d"):
             one, two = (run(mode, L, N, h, comm, args.batch) for L in (1, 2))
-            out[mode] = (two[0] - one[0], two[1] - one[1], two[2] - one[2])
+            out[mode] = (*one[:2], two[2] - one[2])              # block 0's counts, one layer's time
         if comm.rank == 0:
             f1 = 8 * N * h * (t - 1) / t
             f2 = (q - 1) / q**2 * (21 * N * h + 36 * h * h)

@@ -40,6 +40,17 @@ def close(a, b):
     return np.abs(a - b).max() <= 1e-12 * max(np.abs(b).max(), 1e-300)
 
 
+def same_run(par, ser):
+    """Train both; equal losses, norms, validation losses and every gathered parameter."""
+    hist, ref = par.run(), ser.run()
+    full = par.model.full_tensors(par.model.params.data)
+    return (np.allclose([h["loss"] for h in hist], [h["loss"] for h in ref], rtol=1e-12, atol=0)
+            and np.allclose([h["grad_norm"] for h in hist], [h["grad_norm"] for h in ref], rtol=1e-12)
+            and np.allclose([h["val_loss"] for h in hist if "val_loss" in h],
+                            [h["val_loss"] for h in ref if "val_loss" in h], rtol=1e-12)
+            and all(close(v, ser.model.params[n]) for n, v in full.items()))
+
+
 @pytest.mark.mpi(min_size=4)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_2d_equals_single_process(dropout):
@@ -48,13 +59,7 @@ def test_2d_equals_single_process(dropout):
     pcfg, dp = layout(comm)
     par = Trainer(model_cfg(dropout), train_cfg(dp), pcfg, Grid(comm, 4, 1), **QUIET)
     ser = Trainer(model_cfg(dropout), train_cfg(dp), **QUIET)
-    hist, ref = par.run(), ser.run()
-    full = par.model.full_tensors(par.model.params.data)
-    ok = (np.allclose([h["loss"] for h in hist], [h["loss"] for h in ref], rtol=1e-12, atol=0)
-          and np.allclose([h["grad_norm"] for h in hist], [h["grad_norm"] for h in ref], rtol=1e-12)
-          and np.allclose([h["val_loss"] for h in hist if "val_loss" in h],
-                          [h["val_loss"] for h in ref if "val_loss" in h], rtol=1e-12)
-          and all(close(v, ser.model.params[n]) for n, v in full.items()))
+    ok = same_run(par, ser)
     assert agree(comm, ok), dropout
 
 
@@ -105,3 +110,20 @@ def test_2d_with_zero_1():
     ok = (np.allclose([h["loss"] for h in hist], [h["loss"] for h in ref], rtol=1e-12, atol=0)
           and all(close(v, ser.model.params[n]) for n, v in full.items()))
     assert agree(comm, ok)
+
+
+@pytest.mark.mpi(min_size=8)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_2d_with_pipeline_parallelism(schedule):
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if comm.size % 8:
+        pytest.skip("needs a multiple of 8 ranks")
+    dp = comm.size // 8
+    pcfg = ParallelConfig(tensor_model_parallel_size=4, tensor_parallel_mode="2d",
+                          pipeline_model_parallel_size=2, pipeline_schedule=schedule)
+    tcfg = train_cfg(dp)
+    par = Trainer(model_cfg(0.1), tcfg, pcfg, Grid(comm, 4, 2), **QUIET)
+    ser = Trainer(model_cfg(0.1), tcfg, **QUIET)
+    ok = same_run(par, ser)
+    assert agree(comm, ok), schedule

@@ -184,9 +184,9 @@ class ParallelConfig:
             raise ConfigError("--ddp-bucket-size and --threads-per-rank must be >= 0")
         if self.tensor_parallel_mode not in ("1d", "2d"):
             raise ConfigError(f"--tensor-parallel-mode must be 1d or 2d, got {self.tensor_parallel_mode!r}")
-        if self.tensor_parallel_mode == "2d" and (self.sequence_parallel or pp > 1):
+        if self.tensor_parallel_mode == "2d" and self.sequence_parallel:
             raise ConfigError("--tensor-parallel-mode 2d does not combine with "
-                              "--sequence-parallel or pipeline parallelism yet")
+                              "--sequence-parallel (2-D already splits every activation)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.timing_log_level not in (0, 1, 2):

@@ -36,7 +36,8 @@ from .parallel.faults import inject
 from .parallel.grid import Grid
 from .parallel.pipeline import PipelineExecutor, PipelineModel, check_pipeline
 from .parallel.tensor import ParallelGPT, check_divisible
-from .parallel.tensor2d import ParallelGPT2D
+from .parallel.summa import SummaGrid
+from .parallel.tensor2d import ParallelGPT2D, check_2d
 from .parallel.tensor_comm import TPComm
 from .parallel.zero import ZeroParams, formula_bytes, memory_bytes, offload_moments
 from .timers import Timers
@@ -90,13 +91,20 @@ class Trainer:
             pc = self.pcfg
             micro = tcfg.global_batch_size // (g.dp_size * tcfg.micro_batch_size)
             check_pipeline(mcfg, g.pp_size, pc.num_virtual_stages, micro, pc.pipeline_schedule)
-            tp = TPComm(g.tp_comm) if g.tp_size > 1 else None
+            tp = TPComm(g.tp_comm) if g.tp_size > 1 and pc.tensor_parallel_mode == "1d" else None
+            summa = None
             if tp is not None:
                 check_divisible(mcfg, g.tp_size, pc.sequence_parallel)
+            elif g.tp_size > 1:                                  # 2-D chunks
+                q = check_2d(mcfg, g.tp_size, tcfg.micro_batch_size)
+                summa = SummaGrid(g.tp_comm)
             self.model = PipelineModel(mcfg, self.dtype, tcfg.seed, g, pc.num_virtual_stages,
-                                       tp, pc.sequence_parallel, make_params)
+                                       tp, pc.sequence_parallel, make_params, summa,
+                                       tcfg.micro_batch_size)
             tokens = mcfg.seq_length // (g.tp_size if pc.sequence_parallel else 1)
             self.act_shape = (tcfg.micro_batch_size, tokens, mcfg.hidden_size)
+            if summa is not None:                                # [B/q, T, C/q] per rank
+                self.act_shape = (tcfg.micro_batch_size // q, tokens, mcfg.hidden_size // q)
             self.pipe = PipelineExecutor(self.model, pc.pipeline_schedule, micro, self.act_shape,
                                          self.dtype)
             ready = self.model.ready_order()          # DP reduces after the pipeline flush

@@ -28,6 +28,7 @@ from ..nn.linear import Linear
 from ..nn.params import Params
 from ..optim.clip import sum_squares
 from .schedules import COST, check, forward_only_ops, instructions
+from .tensor2d import Linear2D, ParallelGPT2D, block2d, full_tensors_2d, local_specs_2d
 from .tensor import (ParallelGPT, counted_once, full_tensors, grad_squares, local_specs, rank_shard,
                      reduce_replicated_grads)
 
@@ -53,12 +54,19 @@ class PipelineModel:
     the chunks are tensor-parallel (refgpt.parallel.tensor) and the buffer holds shards."""
 
     def __init__(self, cfg, dtype, seed: int, grid, v: int, tp=None, sequence_parallel=False,
-                 make_params=Params):
+                 make_params=Params, summa=None, micro_batch: int = 1):
+        """summa: a SummaGrid for 2-D tensor-parallel chunks (refgpt.parallel.tensor2d)."""
         p, r = grid.pp_size, grid.pp_rank
         self.cfg, self.grid, self.v, self.tp, self.sp = cfg, grid, v, tp, sequence_parallel
+        self.summa = summa
         self.stages = [stage_of(c * p + r, p, v, cfg.num_layers) for c in range(v)]
         specs = [s for st in self.stages for s in param_specs(cfg, st)]
-        if tp is None:
+        if summa is not None:
+            self.params = make_params(local_specs_2d(specs, summa), dtype)
+            self.params.initialise(seed, self.shard)
+            self.chunks = [ParallelGPT2D(cfg, dtype, seed, grid.tp_comm, micro_batch, stage=st,
+                                         params=self.params, grid=summa) for st in self.stages]
+        elif tp is None:
             self.params = make_params(specs, dtype)
             self.params.initialise(seed)
             self.chunks = [GPT(cfg, dtype, seed, st, self.params) for st in self.stages]
@@ -68,7 +76,8 @@ class PipelineModel:
             self.chunks = [ParallelGPT(cfg, dtype, seed, tp, sequence_parallel, st, self.params)
                            for st in self.stages]
         self.layers = [layer for ch in self.chunks for layer in ch.layers]
-        self.linears = [[l for l in ch.layers if isinstance(l, Linear)] for ch in self.chunks]
+        self.linears = [[l for l in ch.layers if isinstance(l, (Linear, Linear2D))]
+                        for ch in self.chunks]
         self.first, self.last = self.stages[0].first, self.stages[-1].last
 
     def set_grad_enabled(self, enabled: bool) -> None:
@@ -87,16 +96,21 @@ class PipelineModel:
 
     def grad_squares(self) -> float:
         """This rank's share of the squared global gradient norm (sum it over the model-
-        parallel group): each parameter once over the pipeline, each shard once over TP."""
+        parallel group): each parameter once over the pipeline, each shard once over TP
+        (2-D chunks come with tp None: every element lives on one TP rank)."""
         if self.tp is not None:
             return grad_squares(self.params, self.tp, self.owned_once)
         return sum(sum_squares(g) for n, g in self.params.grads.items() if self.owned_once(n))
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
+        if self.summa is not None:
+            return block2d(name, value, self.summa.i, self.summa.j, self.summa.q)
         return value if self.tp is None else rank_shard(name, value, self.tp)
 
     def full_tensors(self, flat: np.ndarray) -> dict[str, np.ndarray]:
         """This rank's tensors of a params-shaped buffer, TP shards gathered (collective)."""
+        if self.summa is not None:
+            return full_tensors_2d(self.params, self.grid.tp_comm, self.summa.q, flat)
         if self.tp is None:
             return {n: flat[lo:hi].reshape(self.params.specs[n].shape)
                     for n, (lo, hi) in self.params.slices.items()}

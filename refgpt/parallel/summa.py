@@ -31,6 +31,8 @@ Per call, a rank receives about (q-1)/q of the blocks it needs from others: for 
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 
 
@@ -48,9 +50,21 @@ class SummaGrid:
         self.col = tp_comm.Split(color=self.j, key=self.i)       # same j, ordered by i
         self.received = 0                                        # elements from other ranks
         self.messages = 0
+        self.by_site: dict[str, list] = defaultdict(lambda: [0, 0])   # site -> [elements, messages]
+
+    def count(self, site: str, elements: int, messages: int) -> None:
+        self.received += elements
+        self.messages += messages
+        self.by_site[site][0] += elements
+        self.by_site[site][1] += messages
+
+    def layer_volume(self, prefix: str) -> tuple[int, int]:
+        """(elements, messages) received by the products of the sites under prefix."""
+        hits = [v for site, v in self.by_site.items() if site.startswith(prefix)]
+        return sum(v[0] for v in hits), sum(v[1] for v in hits)
 
 
-def _bcast_steps(comm, mine: np.ndarray, q: int, grid: SummaGrid):
+def _bcast_steps(comm, mine: np.ndarray, q: int, grid: SummaGrid, site: str):
     """Yield, for k = 0..q-1, the block that comm's rank k broadcasts (shape of mine), with
     step k+1's broadcast already in flight while the caller uses step k's block."""
     def start(k):
@@ -63,40 +77,41 @@ def _bcast_steps(comm, mine: np.ndarray, q: int, grid: SummaGrid):
             nxt = start(k + 1)
         req.Wait()
         if comm.Get_rank() != k:
-            grid.received += buf.size
-            grid.messages += 1
+            grid.count(site, buf.size, 1)
         yield buf
 
 
-def matmul_ab(grid: SummaGrid, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """C_ij = sum_k A_ik B_kj, for A_ij [M/q, K/q] and B_ij [K/q, N/q] on rank (i, j)."""
+def matmul_ab(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> np.ndarray:
+    """C_ij = sum_k A_ik B_kj, for A_ij [M/q, K/q] and B_ij [K/q, N/q] on rank (i, j).
+    site names the caller in the grid's counters."""
     q = grid.q
     c = np.zeros((a.shape[0], b.shape[1]), np.result_type(a, b))
-    a_steps = _bcast_steps(grid.row, np.ascontiguousarray(a), q, grid)
-    b_steps = _bcast_steps(grid.col, np.ascontiguousarray(b), q, grid)
+    a_steps = _bcast_steps(grid.row, np.ascontiguousarray(a), q, grid, site)
+    b_steps = _bcast_steps(grid.col, np.ascontiguousarray(b), q, grid, site)
     for a_ik, b_kj in zip(a_steps, b_steps):
         c += a_ik @ b_kj
     return c
 
 
-def matmul_abt(grid: SummaGrid, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def matmul_abt(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> np.ndarray:
     """C = A B^T: C_ik = sum_j A_ij B_kj^T, for A_ij [M/q, N/q], B_ij [K/q, N/q]; returns
     C_ij [M/q, K/q] on rank (i, j) (the sum over the row, reduced to its owner)."""
-    return _reduce_products(grid, grid.col, b, grid.row, grid.j, lambda b_kj: a @ b_kj.T)
+    return _reduce_products(grid, grid.col, b, grid.row, grid.j, lambda b_kj: a @ b_kj.T, site)
 
 
-def matmul_atb(grid: SummaGrid, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def matmul_atb(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> np.ndarray:
     """C = A^T B: C_kj = sum_i A_ik^T B_ij, for A_ij [M/q, K/q], B_ij [M/q, N/q]; returns
     C_ij [K/q, N/q] on rank (i, j) (the sum over the column, reduced to its owner)."""
-    return _reduce_products(grid, grid.row, a, grid.col, grid.i, lambda a_ik: a_ik.T @ b)
+    return _reduce_products(grid, grid.row, a, grid.col, grid.i, lambda a_ik: a_ik.T @ b, site)
 
 
-def _reduce_products(grid, bcast_comm, moving, reduce_comm, my_coord: int, product):
+def _reduce_products(grid, bcast_comm, moving, reduce_comm, my_coord: int, product, site):
     """At step k, the k-th block of `moving` arrives over bcast_comm; product(block) is this
     rank's term of the result block that reduce_comm's rank k owns, and is reduced there."""
     from mpi4py import MPI
     c = None
-    for k, blk in enumerate(_bcast_steps(bcast_comm, np.ascontiguousarray(moving), grid.q, grid)):
+    for k, blk in enumerate(_bcast_steps(bcast_comm, np.ascontiguousarray(moving), grid.q, grid,
+                                         site)):
         part = np.ascontiguousarray(product(blk))
         mine = my_coord == k
         out = np.empty_like(part) if mine else None
@@ -104,8 +119,8 @@ def _reduce_products(grid, bcast_comm, moving, reduce_comm, my_coord: int, produ
         if mine:
             c = out
         else:
-            grid.messages += 1
-    grid.received += c.size * (grid.q - 1)                     # q-1 partial sums arrive
+            grid.count(site, 0, 1)
+    grid.count(site, c.size * (grid.q - 1), 0)                 # q-1 partial sums arrive
     return c
 
 

@@ -35,7 +35,7 @@ from ..config import ConfigError
 from ..nn.attention import CausalSelfAttention
 from ..nn.dropout import Dropout
 from ..nn.gelu import GELU
-from ..nn.gpt import GPTBase, param_specs
+from ..nn.gpt import GPTBase, Stage, param_specs
 from ..nn.layer import Layer, ParamRef
 from ..nn.params import Params, ParamSpec
 from ..optim.clip import sum_squares
@@ -78,24 +78,33 @@ def check_2d(cfg, t: int, micro_batch: int) -> int:
 
 
 class Linear2D(Layer):
-    """y = x W (+ b: a separate Bias2D) with x [..., in/q] and W_ij [in/q, out/q]."""
+    """y = x W (+ b: a separate Bias2D) with x [..., in/q] and W_ij [in/q, out/q]. As
+    refgpt.nn.linear.Linear, a ``defer`` list postpones the weight gradient (zero-bubble W)."""
 
     w, gw = ParamRef("weight"), ParamRef("weight", grad=True)
 
     def __init__(self, params, name: str, grid: SummaGrid):
         super().__init__()
         self.params, self.param_names, self.grid = params, {"weight": name}, grid
+        self.site = name.rsplit(".", 1)[0]                       # counters: h.0.mlp.c_fc, ...
+        self.defer: list | None = None
 
     def forward(self, x):
         x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
         self.save(x2)
-        return matmul_ab(self.grid, x2, self.w).reshape(*x.shape[:-1], -1)
+        return matmul_ab(self.grid, x2, self.w, self.site).reshape(*x.shape[:-1], -1)
 
     def backward(self, dy):
         (x2,) = self.saved()
         dy2 = np.ascontiguousarray(dy.reshape(-1, dy.shape[-1]))
-        self.gw += matmul_atb(self.grid, x2, dy2)
-        return matmul_abt(self.grid, dy2, self.w).reshape(*dy.shape[:-1], -1)
+        if self.defer is None:
+            self.weight_grad(x2, dy2)
+        else:
+            self.defer.append((self, x2, dy2))
+        return matmul_abt(self.grid, dy2, self.w, self.site).reshape(*dy.shape[:-1], -1)
+
+    def weight_grad(self, x2, dy2) -> None:
+        self.gw += matmul_atb(self.grid, x2, dy2, self.site)
 
 
 class Vector2D:
@@ -254,12 +263,12 @@ class Head2D(Layer):
     def forward(self, x):
         x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
         self.save(x2, x.shape)
-        return matmul_abt(self.grid, x2, self.wte)               # [B/q T, Vp/q]
+        return matmul_abt(self.grid, x2, self.wte, "head")       # [B/q T, Vp/q]
 
     def backward(self, dz):
         x2, shape = self.saved()
-        self.gwte += matmul_atb(self.grid, dz, x2)
-        return matmul_ab(self.grid, dz, self.wte).reshape(shape)
+        self.gwte += matmul_atb(self.grid, dz, x2, "head")
+        return matmul_ab(self.grid, dz, self.wte, "head").reshape(shape)
 
 
 class Loss2D(Layer):
@@ -280,40 +289,57 @@ class Loss2D(Layer):
         return self.ce.backward()
 
 
+def local_specs_2d(specs, grid: SummaGrid) -> list[ParamSpec]:
+    """This rank's block of each parameter (full shape kept for initialisation)."""
+    return [ParamSpec(s.name, block2d(s.name, np.empty(s.shape, bool), grid.i, grid.j,
+                                      grid.q).shape, s.init, s.std, s.valid_rows, s.shape)
+            for s in specs]
+
+
 class ParallelGPT2D(GPTBase):
     """The GPT over a q x q tensor-parallel grid, with the training interface of
     refgpt.nn.GPT; the parameters are this rank's blocks and pieces."""
 
-    def __init__(self, cfg, dtype, seed: int, tp_comm, micro_batch: int, make_params=Params):
+    def __init__(self, cfg, dtype, seed: int, tp_comm, micro_batch: int, make_params=Params,
+                 stage: Stage | None = None, params: Params | None = None,
+                 grid: SummaGrid | None = None):
+        """stage / params: a pipeline stage over a shared buffer, as refgpt.nn.GPT; grid: the
+        SummaGrid of tp_comm, if one exists already."""
         cfg.validate()
         self.cfg, self.dtype = cfg, np.dtype(dtype)
         check_2d(cfg, tp_comm.Get_size(), micro_batch)
-        self.grid = grid = SummaGrid(tp_comm)
+        self.grid = grid = grid or SummaGrid(tp_comm)
         self.tp_comm, self.row, self.col = tp_comm, TPComm(grid.row), TPComm(grid.col)
-        specs = [ParamSpec(s.name, self.shard(s.name, np.empty(s.shape, bool)).shape, s.init,
-                           s.std, s.valid_rows, s.shape) for s in param_specs(cfg)]
-        self.params = params = make_params(specs, self.dtype)
-        params.initialise(seed, self.shard)
-        C = cfg.hidden_size
-        self.embed = Embedding2D(params, grid, self.col)
-        self.embed_drop = Dropout(cfg.dropout, "embed_drop", seed,
-                                  (1, slice(grid.j * C // grid.q, (grid.j + 1) * C // grid.q), C))
+        stage = stage or Stage(range(cfg.num_layers))
+        if params is None:
+            params = make_params(local_specs_2d(param_specs(cfg, stage), grid), self.dtype)
+            params.initialise(seed, self.shard)
+        self.params = params
+        C, first, last = cfg.hidden_size, stage.first, stage.last
+        hidden = (1, slice(grid.j * C // grid.q, (grid.j + 1) * C // grid.q), C)
+        self.embed = Embedding2D(params, grid, self.col) if first else None
+        self.embed_drop = Dropout(cfg.dropout, "embed_drop", seed, hidden) if first else None
         self.blocks = [Block2D(params, i, cfg, seed, grid, self.row, self.col)
-                       for i in range(cfg.num_layers)]
-        self.ln_f = LayerNorm2D(params, "ln_f", cfg.layernorm_eps, self.row, self.col, C)
-        self.head = Head2D(params, grid)
-        self.loss_fn = Loss2D(cfg.vocab_size, grid, self.row, self.col)
-        self.layers = [self.embed, self.embed_drop, *(l for b in self.blocks for l in b.layers),
-                       self.ln_f, self.head, self.loss_fn.ce]
+                       for i in stage.blocks]
+        self.ln_f = LayerNorm2D(params, "ln_f", cfg.layernorm_eps, self.row, self.col, C) if last else None
+        self.head = Head2D(params, grid) if last else None
+        self.loss_fn = Loss2D(cfg.vocab_size, grid, self.row, self.col) if last else None
+        self.layers = [l for l in (self.embed, self.embed_drop,
+                                   *(l for b in self.blocks for l in b.layers), self.ln_f,
+                                   self.head, self.loss_fn.ce if last else None) if l is not None]
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return block2d(name, value, self.grid.i, self.grid.j, self.grid.q)
 
-    def forward(self, idx, targets, norm: float, key=None) -> float:
-        """idx, targets: the whole micro-batch on every TP rank; key as refgpt.nn.GPT."""
+    def forward_stage(self, x, targets=None, norm=None, key=None):
+        """x, targets: the whole micro-batch on every TP rank (or, after the first stage, this
+        rank's activation block); key as refgpt.nn.GPT, cut to this rank's batch block."""
         if key is not None:                                      # dropout: this batch block
             rows = len(key[1]) // self.grid.q
             key = (key[0], key[1][self.grid.i * rows:(self.grid.i + 1) * rows])
+        return super().forward_stage(x, targets, norm, key)
+
+    def forward(self, idx, targets, norm: float, key=None) -> float:
         return self.forward_stage(idx, targets, norm, key)
 
     def grad_norm(self) -> float:
@@ -321,9 +347,19 @@ class ParallelGPT2D(GPTBase):
         return math.sqrt(self.tp_comm.allreduce(sum_squares(self.params.grad)))
 
     def full_tensors(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """Every full parameter-shaped tensor of a buffer laid out like params.data."""
-        out = {}
-        for n, (lo, hi) in self.params.slices.items():
-            part = np.ascontiguousarray(flat[lo:hi].reshape(self.params.specs[n].shape))
-            out[n] = unblock2d(n, self.tp_comm.allgather(part), self.grid.q)
-        return out
+        return full_tensors_2d(self.params, self.tp_comm, self.grid.q, flat)
+
+    def layer_volume(self, prefix: str) -> tuple[float, int]:
+        """(elements received, SUMMA messages) by the sites under prefix ("h.0." = block 0)
+        since the counters began: SUMMA products, and the row/column collectives."""
+        elements, messages = self.grid.layer_volume(prefix)
+        return elements + self.row.layer_volume(prefix) + self.col.layer_volume(prefix), messages
+
+
+def full_tensors_2d(params, tp_comm, q: int, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """Every full parameter-shaped tensor of a buffer laid out like params.data (collective)."""
+    out = {}
+    for n, (lo, hi) in params.slices.items():
+        part = np.ascontiguousarray(flat[lo:hi].reshape(params.specs[n].shape))
+        out[n] = unblock2d(n, tp_comm.allgather(part), q)
+    return out
