@@ -10,21 +10,13 @@ tokens/s for each (best of --steps after a warm-up).
 """
 
 import argparse
-import time
+import sys
+from pathlib import Path
 
 import numpy as np
 
-
-def timed(step, n, sync):
-    step()
-    sync()
-    best = float("inf")
-    for _ in range(n):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return best
+sys.path.insert(0, str(Path(__file__).parent))
+from step_vs_torch import timed  # noqa: E402
 
 
 def main():

@@ -71,12 +71,15 @@ def torch_step(cfg_tuple, threads):
     return step
 
 
-def timed(step, n):
+def timed(step, n, sync=lambda: None):
+    """Best of n calls of step after a warm-up; sync() waits for a GPU's queued work."""
     step()                                                     # warm-up
+    sync()
     best = float("inf")
     for _ in range(n):
         t0 = time.perf_counter()
         step()
+        sync()
         best = min(best, time.perf_counter() - t0)
     return best
 

@@ -285,13 +285,12 @@ class Trainer:
             if g.emb_comm is not None:                # the two copies of the tied token table
                 wte = model.params.grads["wte.weight"]
                 wte[...] = g.emb_comm.allreduce(wte)
-            for reducer in (self.reducer, self.zero):
-                if reducer:
-                    reducer.start() if reducer is self.reducer else reducer.start_reduce()
             if self.reducer:
+                self.reducer.start()
                 self.reducer.ready(list(model.params))
                 self.reducer.wait()
             if self.zero:
+                self.zero.start_reduce()
                 self.zero.reduce_grads(list(model.params))
                 self.zero.wait_grads()
             loss = self.dp_sum(g.pp_comm.allreduce(loss))

@@ -132,7 +132,11 @@ class Params:
         """Draw every full parameter; shard(name, full) -> this rank's part, if sharded."""
         for name, spec in self.specs.items():
             value = init_value(spec, seed)
-            self._views[name][...] = to_device(shard(name, value) if shard else value)
+            self._write(name, shard(name, value) if shard else value)
+
+    def _write(self, name: str, value: np.ndarray) -> None:
+        """Store a parameter's (local) value; partitioned storage keeps only its part."""
+        self._views[name][...] = to_device(value)
 
     def zero_grad(self) -> None:
         self.grad[...] = 0.0
@@ -144,8 +148,9 @@ class Params:
     def state_dict(self) -> dict[str, np.ndarray]:
         return {n: v.copy() for n, v in self._views.items()}
 
-    def check_names(self, tensors: dict[str, np.ndarray]) -> None:
-        """tensors has exactly this model's names and shapes (KeyError, ValueError if not)."""
+    def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
+        """Set every parameter from tensors, which must have exactly this model's names and
+        shapes (KeyError, ValueError if not)."""
         missing = set(self.specs) - set(tensors)
         extra = set(tensors) - set(self.specs)
         if missing or extra:
@@ -154,8 +159,5 @@ class Params:
         for name, value in tensors.items():
             if tuple(value.shape) != tuple(self.specs[name].shape):
                 raise ValueError(f"{name}: shape {tuple(value.shape)} != {self.specs[name].shape}")
-
-    def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
-        self.check_names(tensors)
         for name, value in tensors.items():
-            self._views[name][...] = to_device(value)
+            self._write(name, value)

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..backend import synchronize, to_device, to_host
 
-IN_FLIGHT = 2
+IN_FLIGHT = 2      # gradient collectives left running while backward goes on (also ZeRO's)
 
 
 class GradReducer:

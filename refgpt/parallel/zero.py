@@ -52,8 +52,7 @@ import numpy as np
 
 from ..nn.params import Params, unit_key
 from ..optim.clip import sum_squares
-
-IN_FLIGHT = 2     # unit reduce-scatters left running while backward goes on
+from .data import IN_FLIGHT       # gradient collectives left running while backward goes on
 
 
 @dataclass
@@ -170,23 +169,12 @@ class ZeroParams(Params):
 
     def _write(self, name: str, value: np.ndarray) -> None:
         if self.stage < 3:
-            self._views[name][...] = value
+            super()._write(name, value)
             return
         lo, hi = self.slices[name]
         a, b = self.own_part(lo, hi)
         start = a + self.own[0] - lo
         self.shard_data[a:b] = np.ravel(value)[start:start + b - a]
-
-    def initialise(self, seed: int, shard=None) -> None:
-        from ..nn.params import init_value
-        for name, spec in self.specs.items():
-            value = init_value(spec, seed)
-            self._write(name, shard(name, value) if shard else value)
-
-    def load_state_dict(self, tensors: dict[str, np.ndarray]) -> None:
-        self.check_names(tensors)
-        for name, value in tensors.items():
-            self._write(name, value)
 
     def zero_grad(self) -> None:
         (self.shard_grad if self.stage >= 2 else self.grad)[...] = 0.0
