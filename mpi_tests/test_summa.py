@@ -6,8 +6,15 @@ operand."""
 import numpy as np
 import pytest
 
-from refgpt.parallel.summa import (Linear2D, SummaGrid, block, matmul_ab, matmul_abt,
-                                   matmul_atb)
+from refgpt.nn.params import Params, ParamSpec
+from refgpt.parallel.summa import SummaGrid, matmul_ab, matmul_abt, matmul_atb
+from refgpt.parallel.tensor2d import Linear2D
+
+
+def block(full, grid):
+    """Rank (i, j)'s block of a full 2-D matrix (rows split by i, columns by j)."""
+    rows, cols = full.shape[0] // grid.q, full.shape[1] // grid.q
+    return full[grid.i * rows:(grid.i + 1) * rows, grid.j * cols:(grid.j + 1) * cols]
 
 
 def grid_or_skip():
@@ -48,8 +55,9 @@ def test_linear_2d_forward_and_backward_equal_dense():
     rng = np.random.default_rng(1)
     n, d_in, d_out = 6 * q, 2 * q, 3 * q
     x, w, dy = full(rng, n, d_in), full(rng, d_in, d_out), full(rng, n, d_out)
-    gw = np.zeros_like(block(w, g))
-    layer = Linear2D(g, np.ascontiguousarray(block(w, g)), gw)
+    params = Params([ParamSpec("fc.weight", block(w, g).shape)], np.float64)
+    params["fc.weight"][...] = block(w, g)
+    layer, gw = Linear2D(params, "fc.weight", g), params.grads["fc.weight"]
     y = layer.forward(np.ascontiguousarray(block(x, g)))
     dx = layer.backward(np.ascontiguousarray(block(dy, g)))
     ok = (np.allclose(y, block(x @ w, g), rtol=1e-12, atol=1e-12)

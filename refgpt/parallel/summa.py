@@ -122,27 +122,3 @@ def _reduce_products(grid, bcast_comm, moving, reduce_comm, my_coord: int, produ
             grid.count(site, 0, 1)
     grid.count(site, c.size * (grid.q - 1), 0)                 # q-1 partial sums arrive
     return c
-
-
-def block(full: np.ndarray, grid: SummaGrid) -> np.ndarray:
-    """Rank (i, j)'s block of a full 2-D matrix (rows split by i, columns by j)."""
-    rows, cols = full.shape[0] // grid.q, full.shape[1] // grid.q
-    return full[grid.i * rows:(grid.i + 1) * rows, grid.j * cols:(grid.j + 1) * cols]
-
-
-class Linear2D:
-    """y = x W on the grid: x_ij [N/q, in/q], W_ij [in/q, out/q] -> y_ij [N/q, out/q].
-    Backward: dx = dy W^T (ABT), dW += x^T dy (ATB); the blocks stay where they are."""
-
-    def __init__(self, grid: SummaGrid, w_block: np.ndarray, gw_block: np.ndarray):
-        self.grid, self.w, self.gw = grid, w_block, gw_block
-        self.stash: list = []
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        self.stash.append(x)
-        return matmul_ab(self.grid, x, self.w)
-
-    def backward(self, dy: np.ndarray) -> np.ndarray:
-        x = self.stash.pop(0)
-        self.gw += matmul_atb(self.grid, x, dy)
-        return matmul_abt(self.grid, dy, self.w)
