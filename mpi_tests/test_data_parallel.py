@@ -81,6 +81,8 @@ def test_timers_report_min_and_max_over_ranks():
     tcfg.log_interval = 2
     t, hist = run(tcfg, Grid(comm))
     timers = hist[-1]["timers_ms"]
-    assert set(timers) == {"batch-generator", "forward", "backward", "grads-all-reduce", "optimizer"}
+    assert set(timers) == {"batch-generator", "forward", "backward", "pipeline-bubble",
+                           "grads-all-reduce", "optimizer"}
+    assert timers["pipeline-bubble"] == [0, 0]
     assert all(0 <= lo <= hi for lo, hi in timers.values())
     assert agree(comm, comm.allgather(timers) == [timers] * comm.size)

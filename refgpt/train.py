@@ -105,8 +105,10 @@ def add_flags(ap: argparse.ArgumentParser, title: str, table: dict, defaults) ->
                            help=f"{text} [default: {getattr(defaults, field)!r}]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m refgpt.train", description=__doc__,
+def build_parser(prog: str = "python -m refgpt.train", description: str = __doc__
+                 ) -> argparse.ArgumentParser:
+    """Every training flag; a flag not given is absent from the parsed namespace."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", help="TOML file with the same keys as these flags")
@@ -126,7 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None) -> tuple[ModelConfig, TrainConfig, ParallelConfig, set, dict]:
     """(model, training and parallel configs, names given explicitly, other options)."""
-    given = vars(build_parser().parse_args(argv))
+    return configs_from(vars(build_parser().parse_args(argv)))
+
+
+def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig, set, dict]:
+    """The configs from parsed flags (with --config's TOML file read under them)."""
     values = {}
     if "config" in given:
         path = Path(given.pop("config"))

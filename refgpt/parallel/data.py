@@ -23,6 +23,8 @@ work is done, reduced there, and copied back when its all-reduce completes.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from ..backend import synchronize, to_device, to_host
@@ -59,10 +61,15 @@ class GradReducer:
         """Arm the buckets before the last micro-batch's backward."""
         self.waiting = [set(b[2]) for b in self.buckets]
         self.pending = []
+        self.blocked_s = 0.0         # seconds ready() waits for an older bucket this step
 
     def ready(self, names) -> None:
-        """Backward calls this with parameters whose gradients are final."""
+        """Backward calls this with parameters whose gradients are final. Each call also lets
+        MPI move the collectives in flight along (most MPIs progress a non-blocking collective
+        only inside MPI calls); a wait forced by the IN_FLIGHT bound counts in blocked_s."""
         from mpi4py import MPI
+        if self.pending:
+            MPI.Request.Testall([p[0] for p in self.pending])
         for (lo, hi, _), left in zip(self.buckets, self.waiting):
             if left:
                 left.difference_update(names)
@@ -76,7 +83,9 @@ class GradReducer:
                     req = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
                     self.pending.append((req, lo, hi, host))
                     if len(self.pending) > IN_FLIGHT:
+                        t0 = time.perf_counter()
                         self._land(self.pending.pop(0))
+                        self.blocked_s += time.perf_counter() - t0
 
     def wait(self) -> None:
         """Block until every bucket is reduced (before clipping and the optimizer)."""
