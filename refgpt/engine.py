@@ -137,7 +137,8 @@ class Trainer:
         p = self.model.params
         self.zero = p if stage else None
         self.opt = self._optimizer(p)
-        self.reducer = (GradReducer(p, g.dp_comm, ready, self.pcfg.ddp_bucket_size)
+        self.reducer = (GradReducer(p, g.dp_comm, ready, self.pcfg.ddp_bucket_size,
+                                    self.pcfg.overlap_grad_reduce)
                         if g.dp_size > 1 and not stage else None)
         self.timers = Timers(self.pcfg.timing_log_level, g.world)
         self.iteration, self.consumed = 0, 0
@@ -269,6 +270,11 @@ class Trainer:
             inject("backward", g.rank)
             with timers("backward"):
                 model.backward(self.grads_ready if reduce else None)
+            if reduce:                # waits for the network inside backward: the reduction's
+                blocked = ((self.reducer.blocked_s if self.reducer else 0.0)
+                           + (zero.blocked_s if zero else 0.0))
+                timers.add("backward", -blocked)
+                timers.add("grads-all-reduce", blocked)
             if every and not last:
                 with timers("grads-all-reduce"):       # the reduce-scatters of ZeRO 2-3
                     zero.wait_grads()
@@ -276,9 +282,6 @@ class Trainer:
         with timers("grads-all-reduce"):
             if self.reducer:
                 self.reducer.wait()
-                blocked = self.reducer.blocked_s         # waits inside backward: all-reduce's
-                timers.add("backward", -blocked)
-                timers.add("grads-all-reduce", blocked)
             if zero:
                 zero.wait_grads()
             loss = self.dp_sum(loss)

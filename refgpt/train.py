@@ -120,6 +120,10 @@ def build_parser(prog: str = "python -m refgpt.train", description: str = __doc_
     ap.add_argument("--tp", type=int, dest="tensor_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--sequence-parallel", action="store_true", dest="sequence_parallel",
                     help="with --tp > 1: split LayerNorm/dropout/residual activations over tokens")
+    ap.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction,
+                    dest="overlap_grad_reduce",
+                    help="all-reduce gradient buckets during the last backward (non-blocking); "
+                         "--no-overlap-grad-reduce: after it, blocking [default: overlap]")
     ap.add_argument("--pp", type=int, dest="pipeline_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_false", dest="progress",
                     help="no progress bar (log lines only)")
@@ -145,7 +149,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
     values.update(given)
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
     fields[1].add("synthetic_data")
-    fields[2].add("sequence_parallel")
+    fields[2].update({"sequence_parallel", "overlap_grad_reduce"})
     other_fields = {"progress"}
     unknown = set(values) - set().union(*fields) - other_fields
     if unknown:

@@ -4,7 +4,9 @@ Configurations run one after another. For one of R ranks, ``world.Split`` makes 
 sub-communicator of world ranks 0..R-1 (so with ranks placed in blocks, the fewest nodes); the
 Trainer runs on it exactly as ``python -m refgpt.train`` would on R processes (R = 1: the plain
 single-process path), and the other ranks wait in ``quiet_barrier``, which sleeps between polls
-instead of spinning on a core the measured ranks may need.
+instead of spinning on a core the measured ranks may need. Bind ranks to cores (Open MPI:
+``--bind-to core``; Slurm: ``srun --cpu-bind=cores``): unbound, the measured ranks are moved
+between cores whenever a waiting one wakes.
 
 Each iteration starts after a barrier, so iterations do not overlap across ranks; its time is
 the slowest rank's. Phase times (forward, backward, exposed all-reduce, optimizer, pipeline
@@ -34,13 +36,16 @@ from ..timers import NAMES
 from .plan import Config, parallel_config
 
 
-def quiet_barrier(comm, poll_s: float = 0.01) -> None:
-    """A barrier whose waiting ranks sleep (MPI_Barrier busy-polls a core in most MPIs)."""
+def quiet_barrier(comm, longest_s: float = 0.25) -> None:
+    """A barrier whose waiting ranks sleep (MPI_Barrier busy-polls a core in most MPIs), with
+    polls further and further apart: ranks waking every few milliseconds were seen to slow a
+    measured rank by 40% when processes are not bound to cores."""
     if comm is None:
         return
-    req = comm.Ibarrier()
+    req, pause = comm.Ibarrier(), 0.001
     while not req.Test():
-        time.sleep(poll_s)
+        time.sleep(pause)
+        pause = min(2 * pause, longest_s)
 
 
 def on_rank0(world, fn, *args):

@@ -6,7 +6,8 @@ Derived columns, against the *baseline*: the measured configuration with the few
     speed-up     S = t_base / t                 efficiency   E = S R_base / R
     tokens/s     = G s / t                      TFLOP/s per rank = F / t / R, with F by
                                                 Megatron's formula and by model FLOPs
-    % of GEMM peak = model FLOP/s per rank / (one core's GEMM rate x threads per rank)
+    % of GEMM peak = model FLOP/s per rank / (one core's GEMM rate x threads per rank), the
+                   core's rate being the best that any of the study's jobs measured
     other        = t - (forward + backward + exposed all-reduce + optimizer + bubble):
                    batch generation and waiting for the slowest rank
 
@@ -46,6 +47,7 @@ def loss_rel_diff(losses: list[float], reference: list[float]) -> float:
 def derive(results: list[dict], layouts: list[str], rtol: float) -> list[dict]:
     """CSV rows (COLUMNS) from the measured results, in rank then layout order."""
     base = baseline(results, layouts)
+    core = max(r["gemm_per_core"] for r in results)
     rows = []
     order = {name: i for i, name in enumerate(layouts)}
     for r in sorted(results, key=lambda r: (r["ranks"], order.get(r["layout"], len(order)))):
@@ -54,7 +56,7 @@ def derive(results: list[dict], layouts: list[str], rtol: float) -> list[dict]:
         for column, timer in PHASES:
             row[column] = r["phases_s"][timer]
         row["other_s"] = t - sum(row[c] for c, _ in PHASES)
-        peak = r["gemm_per_core"] * r["threads_per_rank"]
+        peak = core * r["threads_per_rank"]
         diff = loss_rel_diff(r["losses"], base["losses"])
         row.update(
             tokens_per_s=r["global_batch"] * r["seq_length"] / t,
@@ -62,7 +64,7 @@ def derive(results: list[dict], layouts: list[str], rtol: float) -> list[dict]:
             tflops_per_rank_model=r["model_flops"] / t / R / 1e12,
             tflops_total_model=r["model_flops"] / t / 1e12,
             pct_gemm_peak=100 * r["model_flops"] / t / R / peak,
-            gemm_gflops_per_core=r["gemm_per_core"] / 1e9,
+            gemm_gflops_per_core=core / 1e9,
             gemm_loaded_gflops_per_core=r["gemm_loaded_per_core"] / 1e9,
             speedup=base["iter_s"] / t,
             efficiency=base["iter_s"] / t * base["ranks"] / R,

@@ -47,7 +47,8 @@ from .measure import core_gemm_rate, link_rate, machine, on_rank0, run_config
 from .plan import make_plan, parse_layout, predict
 
 STUDY_FLAGS = ("ranks", "layouts", "warmup_iters", "iters", "out", "launcher", "dry_run",
-               "allreduce_bandwidth", "loss_rtol", "fresh", "only_ranks", "no_report")
+               "allreduce_bandwidth", "loss_rtol", "fresh", "only_ranks", "no_report",
+               "report_only")
 SET_BY_STUDY = ("train_iters", "exit_interval", "eval_iters", "eval_interval", "save", "load",
                 "save_interval", "log_jsonl", "tensor_model_parallel_size",
                 "pipeline_model_parallel_size")
@@ -77,11 +78,21 @@ def build_study_parser():
                         "[default: 1e-9 in float64, 1e-4 in float32]")
     g.add_argument("--fresh", action="store_true", default=False,
                    help="measure every configuration again instead of reusing results.jsonl")
+    g.add_argument("--report-only", action="store_true", default=False,
+                   help="measure nothing: draw the report from the configurations in "
+                        "results.jsonl measured with these settings")
     g.add_argument("--only-ranks", type=int, default=0, help=argparse.SUPPRESS)  # launched jobs
     g.add_argument("--no-report", action="store_true", default=False,
                    help="measure only; the same command without it draws the report later "
                         "(from results.jsonl, e.g. on a machine with matplotlib)")
     return ap
+
+
+def non_default(cfg) -> dict:
+    """The settings that differ from the defaults (so the signature of a study survives new
+    settings whose default keeps the old behaviour)."""
+    default = type(cfg)()
+    return {k: v for k, v in cfg.to_dict().items() if v != getattr(default, k)}
 
 
 class Study:
@@ -107,6 +118,9 @@ class Study:
             if own[name] < (0 if name == "warmup_iters" else 1):
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= "
                                   f"{0 if name == 'warmup_iters' else 1}")
+        if own["fresh"] and (own["report_only"] or own["dry_run"]):
+            raise ConfigError("--fresh measures again: it does not combine with --report-only "
+                              "or --dry-run")
         if min(own["ranks"]) < 1:
             raise ConfigError("--ranks must be >= 1")
         self.__dict__.update(own)
@@ -122,8 +136,9 @@ class Study:
                 f"  {c.ranks} ranks {c.layout.name}: {c.skip}" for c in self.plan))
         self.folder = Path(own["out"])
         self.results_path = self.folder / "results.jsonl"
-        settings = {"model": mcfg.to_dict(), "train": tcfg.to_dict(), "parallel": pcfg.to_dict(),
-                    "warmup": own["warmup_iters"], "iters": own["iters"]}
+        settings = {"model": non_default(mcfg), "train": non_default(tcfg),
+                    "parallel": non_default(pcfg), "warmup": own["warmup_iters"],
+                    "iters": own["iters"]}
         self.signature = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         self.title = (f"{mcfg.num_layers} layers, hidden {mcfg.hidden_size}, "
                       f"{mcfg.num_attention_heads} heads, seq {mcfg.seq_length}, vocab "
@@ -228,8 +243,10 @@ def measure_all(study: Study, world, configs, say) -> None:
         result = run_config(world, c, study.base, study.warmup_iters, study.iters, say)
         if result is not None:
             argv = study.argv[:study.argv.index("--only-ranks")] if study.only_ranks else study.argv
-            result.update(gemm_per_core=gemm, machine=about, time=time.time(),
-                          command=shlex.join(["python", "-m", "refgpt.study.scaling", *argv]))
+            command = shlex.join(["python", "-m", "refgpt.study.scaling", *argv])
+            if world is not None and not study.only_ranks:
+                command += f" (in an MPI job of {world.Get_size()} processes)"
+            result.update(gemm_per_core=gemm, machine=about, time=time.time(), command=command)
             study.record(result)
             say(f"    {result['iter_s']:.3f} s per iteration, "
                 f"{result['global_batch'] * result['seq_length'] / result['iter_s']:.0f} tokens/s")
@@ -239,6 +256,8 @@ def under_mpi(study: Study) -> int:
     """Launched by mpiexec: measure (or plan) every configuration that fits this job."""
     from mpi4py import MPI
     world = MPI.COMM_WORLD
+    if study.report_only:
+        return on_rank0(world, study.write_report)
     rank, size = world.Get_rank(), world.Get_size()
     say = (lambda text: print(text, flush=True)) if rank == 0 else (lambda text: None)
     needed = study.only_ranks or max(c.ranks for c in study.runnable)
@@ -269,6 +288,8 @@ def with_launcher(study: Study) -> int:
     set_threads(None, study.base[2].threads_per_rank)
     if study.fresh:
         study.forget()
+    if study.report_only:
+        return study.write_report()
     done = study.done()
     say = lambda text: print(text, flush=True)  # noqa: E731
     study.say_reused(done, say)
