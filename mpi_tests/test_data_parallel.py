@@ -23,8 +23,9 @@ def train_cfg(global_batch, micro, iters=3):
                        synthetic_data=True, eval_iters=1, eval_interval=2, log_interval=100)
 
 
-def run(tcfg, grid=None, bucket=1_000_000, dropout=0.0):
-    t = Trainer(model_cfg(dropout), tcfg, ParallelConfig(ddp_bucket_size=bucket), grid,
+def run(tcfg, grid=None, bucket=1_000_000, dropout=0.0, overlap=True):
+    t = Trainer(model_cfg(dropout), tcfg,
+                ParallelConfig(ddp_bucket_size=bucket, overlap_grad_reduce=overlap), grid,
                 log=lambda *_: None)
     return t, t.run()
 
@@ -33,8 +34,8 @@ def agree(comm, ok: bool) -> bool:
     return all(comm.allgather(bool(ok)))
 
 
-def assert_equal_to_serial(comm, tcfg, bucket=1_000_000, dropout=0.0):
-    dp, dp_hist = run(tcfg, Grid(comm), bucket, dropout)
+def assert_equal_to_serial(comm, tcfg, bucket=1_000_000, dropout=0.0, overlap=True):
+    dp, dp_hist = run(tcfg, Grid(comm), bucket, dropout, overlap)
     serial, serial_hist = run(tcfg, None, bucket, dropout)
     losses = [h["loss"] for h in dp_hist], [h["loss"] for h in serial_hist]
     val = [h["val_loss"] for h in dp_hist if "val_loss" in h], \
@@ -58,11 +59,13 @@ def test_data_parallel_equals_single_process():
 
 
 @pytest.mark.mpi(min_size=2)
-def test_data_parallel_with_accumulation_and_many_buckets():
+@pytest.mark.parametrize("overlap", [True, False])
+def test_data_parallel_with_accumulation_and_many_buckets(overlap):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    t = assert_equal_to_serial(comm, train_cfg(global_batch=4 * comm.size, micro=2), bucket=300)
-    assert len(t.reducer.buckets) > 5
+    t = assert_equal_to_serial(comm, train_cfg(global_batch=4 * comm.size, micro=2), bucket=300,
+                               overlap=overlap)
+    assert len(t.reducer.buckets) > 5 and t.reducer.overlap == overlap
 
 
 @pytest.mark.mpi(min_size=2)
@@ -81,6 +84,8 @@ def test_timers_report_min_and_max_over_ranks():
     tcfg.log_interval = 2
     t, hist = run(tcfg, Grid(comm))
     timers = hist[-1]["timers_ms"]
-    assert set(timers) == {"batch-generator", "forward", "backward", "grads-all-reduce", "optimizer"}
+    assert set(timers) == {"batch-generator", "forward", "backward", "pipeline-bubble",
+                           "grads-all-reduce", "optimizer"}
+    assert timers["pipeline-bubble"] == [0, 0]
     assert all(0 <= lo <= hi for lo, hi in timers.values())
     assert agree(comm, comm.allgather(timers) == [timers] * comm.size)

@@ -63,6 +63,29 @@ def test_every_schedule_equals_single_process(dropout):
 
 
 @pytest.mark.mpi(min_size=2)
+def test_timers_split_the_schedule_into_forward_backward_and_bubble():
+    """The executor's compute ops are forward and backward; the rest of the schedule (waiting
+    for the neighbour stages) is the bubble, so the three add up to the schedule's time."""
+    import time
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    pp = 2
+    pcfg = ParallelConfig(pipeline_model_parallel_size=pp, pipeline_schedule="1f1b")
+    t = Trainer(model_cfg(), train_cfg(comm.size // pp, 4), pcfg, Grid(comm, 1, pp),
+                log=lambda *_: None)
+    t.train_step()
+    t.timers.take()
+    t0 = time.perf_counter()
+    t.train_step()
+    step = time.perf_counter() - t0
+    took = t.timers.take()
+    parts = took["forward"] + took["backward"] + took["pipeline-bubble"]
+    ok = (took["forward"] > 0 and took["backward"] > 0 and took["pipeline-bubble"] > 0
+          and parts <= step)
+    assert agree(comm, ok), took
+
+
+@pytest.mark.mpi(min_size=2)
 def test_tied_embedding_copies_stay_equal_and_layers_are_split():
     from mpi4py import MPI
     comm = MPI.COMM_WORLD

@@ -50,6 +50,28 @@ ZERO_WITH_PP = ("--zero-stage {stage} with pipeline parallelism is refused: the 
                 "--zero-stage 1 with --pipeline-model-parallel-size > 1.")
 
 
+def check_layout(mcfg: ModelConfig, tcfg: TrainConfig, pcfg: ParallelConfig, tp: int, dp: int,
+                 pp: int) -> None:
+    """Raise the ConfigError a run with this model, batch and tp x dp x pp layout would meet,
+    before any communicator or array exists (the scaling study plans with it)."""
+    pcfg.validate()
+    tcfg.validate(dp)
+    mcfg.validate()
+    stage = pcfg.zero_stage
+    if tcfg.backend == "cupy" and (tp > 1 or pp > 1 or stage):
+        raise ConfigError("--backend cupy supports data parallelism (one GPU per rank) but "
+                          "not yet tensor or pipeline parallelism or ZeRO (issue #8)")
+    if stage >= 2 and pp > 1:
+        raise ConfigError(ZERO_WITH_PP.format(stage=stage))
+    if tp > 1 and pcfg.tensor_parallel_mode == "2d":
+        check_2d(mcfg, tp, tcfg.micro_batch_size)
+    elif tp > 1:
+        check_divisible(mcfg, tp, pcfg.sequence_parallel)
+    if pp > 1:
+        micro = tcfg.global_batch_size // (dp * tcfg.micro_batch_size)
+        check_pipeline(mcfg, pp, pcfg.num_virtual_stages, micro, pcfg.pipeline_schedule)
+
+
 class Trainer:
     """Owns the model, optimizer and data of one rank; ``run()`` trains and returns the log
     (the same on every rank: losses and norms are reduced over the data-parallel group)."""
@@ -74,29 +96,22 @@ class Trainer:
         mcfg.validate()
         self.mcfg, self.tcfg = mcfg, tcfg
         self.dtype = np.dtype(tcfg.dtype)
+        check_layout(mcfg, tcfg, self.pcfg, g.tp_size, g.dp_size, g.pp_size)
         set_backend(tcfg.backend)
-        if tcfg.backend == "cupy" and (g.tp_size > 1 or g.pp_size > 1 or self.pcfg.zero_stage):
-            raise ConfigError("--backend cupy supports data parallelism (one GPU per rank) but "
-                              "not yet tensor or pipeline parallelism or ZeRO (issue #8)")
         if tcfg.backend == "cupy":
             use_gpu(g.rank)
         self.pipe = None
         stage = self.pcfg.zero_stage
-        if stage >= 2 and g.pp_size > 1:
-            raise ConfigError(ZERO_WITH_PP.format(stage=stage))
         make_params = Params
         if stage:
             make_params = functools.partial(ZeroParams, stage=stage, comm=self._dp_comm())
         if g.pp_size > 1:
             pc = self.pcfg
             micro = tcfg.global_batch_size // (g.dp_size * tcfg.micro_batch_size)
-            check_pipeline(mcfg, g.pp_size, pc.num_virtual_stages, micro, pc.pipeline_schedule)
             tp = TPComm(g.tp_comm) if g.tp_size > 1 and pc.tensor_parallel_mode == "1d" else None
             summa = None
-            if tp is not None:
-                check_divisible(mcfg, g.tp_size, pc.sequence_parallel)
-            elif g.tp_size > 1:                                  # 2-D chunks
-                q = check_2d(mcfg, g.tp_size, tcfg.micro_batch_size)
+            if g.tp_size > 1 and tp is None:                     # 2-D chunks
+                q = math.isqrt(g.tp_size)
                 summa = SummaGrid(g.tp_comm)
             self.model = PipelineModel(mcfg, self.dtype, tcfg.seed, g, pc.num_virtual_stages,
                                        tp, pc.sequence_parallel, make_params, summa,
@@ -122,7 +137,8 @@ class Trainer:
         p = self.model.params
         self.zero = p if stage else None
         self.opt = self._optimizer(p)
-        self.reducer = (GradReducer(p, g.dp_comm, ready, self.pcfg.ddp_bucket_size)
+        self.reducer = (GradReducer(p, g.dp_comm, ready, self.pcfg.ddp_bucket_size,
+                                    self.pcfg.overlap_grad_reduce)
                         if g.dp_size > 1 and not stage else None)
         self.timers = Timers(self.pcfg.timing_log_level, g.world)
         self.iteration, self.consumed = 0, 0
@@ -254,6 +270,11 @@ class Trainer:
             inject("backward", g.rank)
             with timers("backward"):
                 model.backward(self.grads_ready if reduce else None)
+            if reduce:                # waits for the network inside backward: the reduction's
+                blocked = ((self.reducer.blocked_s if self.reducer else 0.0)
+                           + (zero.blocked_s if zero else 0.0))
+                timers.add("backward", -blocked)
+                timers.add("grads-all-reduce", blocked)
             if every and not last:
                 with timers("grads-all-reduce"):       # the reduce-scatters of ZeRO 2-3
                     zero.wait_grads()
@@ -277,8 +298,12 @@ class Trainer:
                 batches.append((*batch(self.train_data, ids), (self.iteration, ids)))
         inject("forward", g.rank)
         inject("backward", g.rank)
-        with self.timers("forward"):                  # forward and backward interleave here
-            loss = self.pipe.run(batches, norm)
+        t0 = time.perf_counter()
+        loss = self.pipe.run(batches, norm)           # forward and backward interleave here:
+        busy = self.pipe.busy                         # the executor times its compute ops
+        self.timers.add("forward", busy["F"])
+        self.timers.add("backward", busy["B"] + busy["W"])
+        self.timers.add("pipeline-bubble", time.perf_counter() - t0 - busy["F"] - busy["B"] - busy["W"])
         inject("allreduce", g.rank)
         with self.timers("grads-all-reduce"):
             model.reduce_replicated_grads()           # sequence parallelism's partial sums

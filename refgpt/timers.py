@@ -3,12 +3,17 @@
     timers = Timers(level)
     with timers("forward"):
         ...
+    timers.add("pipeline-bubble", seconds)   # a time measured elsewhere
     timers.summary(comm)   # {"forward": (min_s, max_s), ...} since the last summary
 
 Levels (--timing-log-level): 0 no timers; 1 local wall-clock time of each phase, no
 synchronisation in the step (the min/max reduction runs only when a summary is logged);
 2 also a barrier before each timed phase, so a phase's time excludes waiting for slower ranks
 (slower, but attributes load imbalance to the right phase).
+
+With pipeline parallelism forward and backward interleave inside the schedule: the executor
+times its compute ops, forward and backward are their sums (zero-bubble W counts as backward),
+and "pipeline-bubble" is the rest of the schedule's time (waiting for neighbours, sends).
 """
 
 from __future__ import annotations
@@ -18,7 +23,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
-NAMES = ("batch-generator", "forward", "backward", "grads-all-reduce", "optimizer")
+NAMES = ("batch-generator", "forward", "backward", "pipeline-bubble", "grads-all-reduce",
+         "optimizer")
 
 
 class Timers:
@@ -39,16 +45,24 @@ class Timers:
         finally:
             self.elapsed[name] += time.perf_counter() - t0
 
+    def add(self, name: str, seconds: float) -> None:
+        if self.level:
+            self.elapsed[name] += seconds
+
+    def take(self) -> dict[str, float]:
+        """This rank's seconds per timer since the last take or summary; resets."""
+        out, self.elapsed = self.elapsed, dict.fromkeys(NAMES, 0.0)
+        return out
+
     def summary(self, comm=None) -> dict[str, tuple[float, float]]:
         """(min, max) over the ranks of comm of each timer since the last summary; resets.
         Collective over comm: every rank must call it at the same iteration."""
         if self.level == 0:
             return {}
-        local = np.array([self.elapsed[n] for n in NAMES])
+        local = np.array(list(self.take().values()))
         lo, hi = local.copy(), local.copy()
         if comm is not None and comm.Get_size() > 1:
             from mpi4py import MPI
             comm.Allreduce(local, lo, op=MPI.MIN)
             comm.Allreduce(local, hi, op=MPI.MAX)
-        self.elapsed = dict.fromkeys(NAMES, 0.0)
         return {n: (float(a), float(b)) for n, a, b in zip(NAMES, lo, hi)}

@@ -105,8 +105,10 @@ def add_flags(ap: argparse.ArgumentParser, title: str, table: dict, defaults) ->
                            help=f"{text} [default: {getattr(defaults, field)!r}]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m refgpt.train", description=__doc__,
+def build_parser(prog: str = "python -m refgpt.train", description: str = __doc__
+                 ) -> argparse.ArgumentParser:
+    """Every training flag; a flag not given is absent from the parsed namespace."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", help="TOML file with the same keys as these flags")
@@ -118,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tp", type=int, dest="tensor_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--sequence-parallel", action="store_true", dest="sequence_parallel",
                     help="with --tp > 1: split LayerNorm/dropout/residual activations over tokens")
+    ap.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction,
+                    dest="overlap_grad_reduce",
+                    help="all-reduce gradient buckets during the last backward (non-blocking); "
+                         "--no-overlap-grad-reduce: after it, blocking [default: overlap]")
     ap.add_argument("--pp", type=int, dest="pipeline_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_false", dest="progress",
                     help="no progress bar (log lines only)")
@@ -126,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None) -> tuple[ModelConfig, TrainConfig, ParallelConfig, set, dict]:
     """(model, training and parallel configs, names given explicitly, other options)."""
-    given = vars(build_parser().parse_args(argv))
+    return configs_from(vars(build_parser().parse_args(argv)))
+
+
+def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig, set, dict]:
+    """The configs from parsed flags (with --config's TOML file read under them)."""
     values = {}
     if "config" in given:
         path = Path(given.pop("config"))
@@ -139,7 +149,7 @@ def parse_config(argv=None) -> tuple[ModelConfig, TrainConfig, ParallelConfig, s
     values.update(given)
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
     fields[1].add("synthetic_data")
-    fields[2].add("sequence_parallel")
+    fields[2].update({"sequence_parallel", "overlap_grad_reduce"})
     other_fields = {"progress"}
     unknown = set(values) - set().union(*fields) - other_fields
     if unknown:

@@ -19,9 +19,17 @@ non-blocking collectives allocate temporaries per request; all buckets in flight
 another gradient's worth of memory). Under the cupy backend the gradients live on a GPU and
 MPI is not assumed to read GPU memory: a bucket is copied to the host once the GPU's queued
 work is done, reduced there, and copied back when its all-reduce completes.
+
+Overlap pays only where the network progresses on its own. Most MPIs advance a non-blocking
+collective only inside MPI calls, and on a CPU node the "network" is other cores copying
+memory, so with every core computing there is little to overlap with. ``overlap=False``
+(``--no-overlap-grad-reduce``) reduces the buckets after backward with blocking MPI_Allreduce,
+which uses the MPI's tuned algorithms; docs/scaling/ measures both.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -31,10 +39,13 @@ IN_FLIGHT = 2      # gradient collectives left running while backward goes on (a
 
 
 class GradReducer:
-    def __init__(self, params, dp_comm, ready_order: list[list[str]], bucket_elems: int):
+    def __init__(self, params, dp_comm, ready_order: list[list[str]], bucket_elems: int,
+                 overlap: bool = True):
         """ready_order: parameter names grouped in the order backward finalises them (for a
-        GPT this is the reverse of the flat buffer's order, so buckets are contiguous)."""
-        self.grad, self.comm = params.grad, dp_comm
+        GPT this is the reverse of the flat buffer's order, so buckets are contiguous).
+        overlap False: no all-reduce during backward; wait() reduces the buckets one after
+        another with blocking MPI_Allreduce (MPI's tuned algorithms, no progress needed)."""
+        self.grad, self.comm, self.overlap = params.grad, dp_comm, overlap
         names = [n for group in ready_order for n in group]
         if sorted(names) != sorted(params.slices):
             raise ValueError("ready_order must name every parameter exactly once")
@@ -59,34 +70,52 @@ class GradReducer:
         """Arm the buckets before the last micro-batch's backward."""
         self.waiting = [set(b[2]) for b in self.buckets]
         self.pending = []
+        self.blocked_s = 0.0         # seconds ready() waits for an older bucket this step
 
     def ready(self, names) -> None:
-        """Backward calls this with parameters whose gradients are final."""
+        """Backward calls this with parameters whose gradients are final. Each call also lets
+        MPI move the collectives in flight along (most MPIs progress a non-blocking collective
+        only inside MPI calls); a wait forced by the IN_FLIGHT bound counts in blocked_s."""
         from mpi4py import MPI
+        if self.pending:
+            MPI.Request.Testall([p[0] for p in self.pending])
         for (lo, hi, _), left in zip(self.buckets, self.waiting):
             if left:
                 left.difference_update(names)
-                if not left:
-                    d = self.comm.Get_size()
-                    self.comm_bytes += 2 * (hi - lo) * (d - 1) / d * self.grad.itemsize
-                    buf, host = self.grad[lo:hi], None
-                    if not isinstance(buf, np.ndarray):          # a GPU array: via the host
-                        synchronize()
-                        buf = host = to_host(buf)
+                if not left and self.overlap:
+                    buf, host = self._host(lo, hi)
                     req = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
                     self.pending.append((req, lo, hi, host))
                     if len(self.pending) > IN_FLIGHT:
+                        t0 = time.perf_counter()
                         self._land(self.pending.pop(0))
+                        self.blocked_s += time.perf_counter() - t0
 
     def wait(self) -> None:
         """Block until every bucket is reduced (before clipping and the optimizer)."""
         from mpi4py import MPI
         if any(self.waiting):
             raise RuntimeError("some gradient buckets were never ready: backward skipped a parameter")
+        if not self.overlap:
+            for lo, hi, _ in self.buckets:
+                buf, host = self._host(lo, hi)
+                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                self.pending.append((MPI.REQUEST_NULL, lo, hi, host))
         MPI.Request.Waitall([p[0] for p in self.pending])
         for p in self.pending:
             self._land(p)
         self.pending = []
+
+    def _host(self, lo: int, hi: int):
+        """The bucket as MPI will read it (a GPU bucket: a host copy, also returned second);
+        counts its traffic."""
+        d = self.comm.Get_size()
+        self.comm_bytes += 2 * (hi - lo) * (d - 1) / d * self.grad.itemsize
+        buf, host = self.grad[lo:hi], None
+        if not isinstance(buf, np.ndarray):
+            synchronize()
+            buf = host = to_host(buf)
+        return buf, host
 
     def _land(self, pending) -> None:
         req, lo, hi, host = pending

@@ -153,6 +153,7 @@ class PipelineExecutor:
                 recvs[(op.kind, op.mb, op.chunk)] = (comm.Irecv(buf, source=op.peer, tag=op.tag), buf)
         outputs, sends, loss = {}, [], 0.0
         w_queue = [deque() for _ in chunks]
+        self.busy = {"F": 0.0, "B": 0.0, "W": 0.0}  # seconds in compute ops (BW counts as B)
 
         def received(kind, op):
             req, buf = recvs.pop((kind, op.mb, op.chunk))
@@ -196,6 +197,7 @@ class PipelineExecutor:
             if op.kind in COST:
                 if op_cost:
                     time.sleep(op_cost * COST[op.kind] / self.model.v)
+                self.busy[op.kind[0]] += time.perf_counter() - t0
                 if trace is not None:
                     queued = sum(x.nbytes + dy.nbytes for q in w_queue for store in q
                                  for _, x, dy in store)

@@ -45,6 +45,7 @@ unit buffers are not persistent state; their high-water mark is reported as work
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -233,6 +234,7 @@ class ZeroParams(Params):
     def start_reduce(self) -> None:
         """Arm the units before a backward whose gradients are to be reduced."""
         self.waiting = {u.key: set(u.names) for u in self.units}
+        self.blocked_s = 0.0         # seconds reduce_grads waits for older units (IN_FLIGHT)
 
     def reduce_grads(self, names) -> None:
         """Backward calls this with parameters whose gradients (of this backward) are final;
@@ -250,7 +252,9 @@ class ZeroParams(Params):
             req = self.comm.Ireduce_scatter(send, piece, unit.counts, op=MPI.SUM)
             self.reducing.append((unit, piece, req))
             self.comm_bytes += (unit.size - len(piece)) * self.dtype.itemsize
+            t0 = time.perf_counter()
             self._finish(self.reducing[:-IN_FLIGHT])  # bound what waits on the network
+            self.blocked_s += time.perf_counter() - t0
 
     def wait_grads(self) -> None:
         """Finish the reduce-scatters: stage 1 stores the summed own part into the full

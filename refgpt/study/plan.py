@@ -1,0 +1,135 @@
+"""The configurations of a scaling study, and a cost model that predicts their time.
+
+A *layout* fixes the model-parallel sizes and lets the rank count set the data-parallel size:
+``dp`` (t = p = 1), ``tp2``, ``pp4``, ``tp2pp2``; a suffix ``-zK`` sets ZeRO stage K for that
+layout (``dp-z1``), otherwise --zero-stage applies. On R ranks the data-parallel size is
+d = R / (t p), and each data-parallel rank processes m = G / (d B) micro-batches of B
+sequences, accumulating their gradients. The global batch G, and so the optimisation and
+every loss, is the same at every R: this is strong scaling.
+
+The dry run predicts, per iteration, from two rates measured on the machine:
+g, a rank's GEMM rate, and b, the bytes a rank moves per second inside an all-reduce:
+
+    compute      C = F / (R g)                      F: model FLOPs of the step (refgpt.metrics),
+                                                    all at GEMM speed, so C is a lower bound
+    all-reduce   A = 2 (d-1)/d P_r w / b            ring all-reduce of a rank's gradient, P_r =
+                                                    P / (t p) parameters of w bytes; ZeRO moves
+                                                    zero.formula_traffic instead; not overlapped
+    tensor       T = m (l/p) 4 [2 (t-1)/t] B s h w / b    1-D: two all-reduces of B s h in forward,
+                                                    two in backward, per layer (same volume
+                                                    with sequence parallelism)
+    bubble       U = C (idle / busy)                from the schedule's unit-cost simulation
+
+and the all-reduce share A / (C + A + T + U): the part of a step that overlap and a faster
+network could win back.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+
+from ..config import ConfigError
+from ..engine import check_layout
+from ..metrics import model_flops, model_params
+from ..parallel.schedules import simulate
+from ..parallel.zero import formula_traffic
+
+LAYOUT = re.compile(r"^(dp|(?:tp(\d+))?(?:pp(\d+))?)(?:-z([0-3]))?$")
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    tp: int
+    pp: int
+    zero_stage: int | None = None      # None: the run's --zero-stage
+
+
+def parse_layout(text: str) -> Layout:
+    match = LAYOUT.match(text)
+    if not match or not match.group(1):
+        raise ConfigError(f"layout {text!r}: expected dp, tpT, ppP or tpTppP, optionally with "
+                          f"-zK for ZeRO stage K (e.g. tp2, pp4, tp2pp2, dp-z1)")
+    _, tp, pp, zero = match.groups()
+    tp, pp = int(tp or 1), int(pp or 1)
+    if tp < 1 or pp < 1:
+        raise ConfigError(f"layout {text!r}: sizes must be >= 1")
+    return Layout(text, tp, pp, None if zero is None else int(zero))
+
+
+@dataclass(frozen=True)
+class Config:
+    ranks: int
+    layout: Layout
+    dp: int = 0
+    micro_batches: int = 0          # per data-parallel rank: the accumulation steps
+    skip: str = ""                  # why this configuration cannot run
+
+    @property
+    def key(self) -> str:
+        return f"{self.ranks}:{self.layout.name}"
+
+    def describe(self) -> str:
+        return (f"{self.ranks} rank(s), {self.layout.name} (dp {self.dp}, tp {self.layout.tp}, "
+                f"pp {self.layout.pp}, {self.micro_batches} micro-batch(es) per rank)")
+
+
+def parallel_config(pcfg, layout: Layout):
+    """The run's parallel settings with this layout's sizes (sequence parallelism and the
+    tensor-parallel mode only where there is tensor parallelism)."""
+    tp = layout.tp > 1
+    return replace(pcfg, tensor_model_parallel_size=layout.tp,
+                   pipeline_model_parallel_size=layout.pp,
+                   sequence_parallel=pcfg.sequence_parallel and tp,
+                   tensor_parallel_mode=pcfg.tensor_parallel_mode if tp else "1d",
+                   num_virtual_stages=pcfg.num_virtual_stages if layout.pp > 1 else 1,
+                   zero_stage=pcfg.zero_stage if layout.zero_stage is None else layout.zero_stage)
+
+
+def make_plan(ranks, layouts, mcfg, tcfg, pcfg) -> list[Config]:
+    """Every (rank count, layout) pair, in rank order; the impossible ones carry the reason."""
+    out = []
+    for R in sorted(set(ranks)):
+        for lay in layouts:
+            mp = lay.tp * lay.pp
+            if R % mp:
+                out.append(Config(R, lay, skip=f"{R} ranks are not divisible by tp x pp = {mp}"))
+                continue
+            d = R // mp
+            micro = tcfg.global_batch_size // (d * tcfg.micro_batch_size)
+            if lay.zero_stage and d == 1:
+                out.append(Config(R, lay, d, micro, skip="ZeRO needs data parallelism > 1"))
+                continue
+            try:
+                check_layout(mcfg, tcfg, parallel_config(pcfg, lay), lay.tp, d, lay.pp)
+            except ConfigError as e:
+                out.append(Config(R, lay, d, micro, skip=str(e)))
+                continue
+            out.append(Config(R, lay, d, micro))
+    return out
+
+
+def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | None) -> dict:
+    """The cost model of the module docstring, in seconds per iteration. Communication is None
+    where it is not predicted: without a link rate, and tensor traffic of 2-D (SUMMA) layouts
+    (docs/tensor-parallel.md has its volume)."""
+    t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
+    pcfg = parallel_config(pcfg, cfg.layout)
+    w = 8 if tcfg.dtype == "float64" else 4
+    compute = model_flops(mcfg, tcfg.global_batch_size) / (cfg.ranks * gemm_rate)
+    per_rank = (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p)
+    moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w)
+    tokens = tcfg.micro_batch_size * mcfg.seq_length * mcfg.hidden_size
+    tensor = m * mcfg.num_layers / p * 4 * 2 * (t - 1) / t * tokens * w
+    bubble = 0.0
+    if p > 1:
+        v = pcfg.num_virtual_stages
+        sim = simulate(p, m, v, pcfg.pipeline_schedule)
+        bubble = compute * max(i / b for i, b in zip(sim.idle, sim.busy))
+    seconds = (lambda nbytes: nbytes / link_rate) if link_rate else (lambda nbytes: None)
+    allreduce = seconds(moved)
+    tensor = None if t > 1 and pcfg.tensor_parallel_mode == "2d" else seconds(tensor)
+    total = compute + bubble + (allreduce or 0.0) + (tensor or 0.0)
+    return {"compute_s": compute, "allreduce_s": allreduce, "tensor_s": tensor,
+            "bubble_s": bubble, "allreduce_share": None if allreduce is None else allreduce / total}

@@ -1,0 +1,134 @@
+"""The scaling study: layouts and plan, the cost model, the report and its loss check, and one
+end-to-end run that launches its own 2-rank job (so it lives in the single-process session)."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from refgpt.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from refgpt.metrics import model_flops, model_params
+from refgpt.study.plan import Config, Layout, make_plan, parse_layout, predict
+from refgpt.study.report import COLUMNS
+from refgpt.study.scaling import Study
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "16", "--vocab-size", "64", "--micro-batch-size", "1",
+        "--global-batch-size", "8", "--dtype", "float64"]
+
+
+def test_layouts():
+    assert parse_layout("dp") == Layout("dp", 1, 1)
+    assert parse_layout("tp2") == Layout("tp2", 2, 1)
+    assert parse_layout("tp2pp4") == Layout("tp2pp4", 2, 4)
+    assert parse_layout("dp-z1") == Layout("dp-z1", 1, 1, 1)
+    assert parse_layout("tp2-z0") == Layout("tp2-z0", 2, 1, 0)
+    for bad in ("", "dp2", "pp2tp2", "tp", "tp0", "-z1", "dp-z4"):
+        with pytest.raises(ConfigError, match="layout"):
+            parse_layout(bad)
+
+
+def test_plan_keeps_the_global_batch_and_says_why_a_layout_cannot_run():
+    m = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, vocab_size=64)
+    t = TrainConfig(micro_batch_size=1, global_batch_size=8)
+    plan = {c.key: c for c in make_plan([1, 2, 3, 4], [parse_layout(x) for x in ("dp", "tp3", "pp2")],
+                                        m, t, ParallelConfig())}
+    assert (plan["4:dp"].dp, plan["4:dp"].micro_batches) == (4, 2)
+    assert (plan["4:pp2"].dp, plan["4:pp2"].micro_batches, plan["4:pp2"].skip) == (2, 4, "")
+    assert "not divisible by tp x pp = 2" in plan["1:pp2"].skip
+    assert "--global-batch-size 8 is not divisible" in plan["3:dp"].skip
+    assert "--num-attention-heads 4" in plan["3:tp3"].skip
+    zero = make_plan([1, 2], [parse_layout("dp-z1")], m, t, ParallelConfig())
+    assert zero[0].skip == "ZeRO needs data parallelism > 1" and not zero[1].skip
+
+
+def test_cost_model_by_hand():
+    m = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=128,
+                    seq_length=32)
+    t = TrainConfig(micro_batch_size=2, global_batch_size=16, dtype="float32")
+    g, b = 1e10, 1e9
+    cfg = Config(8, Layout("tp2", 2, 1), dp=4, micro_batches=2)
+    p = predict(cfg, m, t, ParallelConfig(), g, b)
+    assert p["compute_s"] == pytest.approx(model_flops(m, 16) / (8 * g))
+    params = (model_params(m) + 32 * 64) // 2
+    assert p["allreduce_s"] == pytest.approx(2 * 3 / 4 * params * 4 / b)
+    assert p["tensor_s"] == pytest.approx(2 * 4 * 4 * 2 * 1 / 2 * (2 * 32 * 64) * 4 / b)
+    total = p["compute_s"] + p["allreduce_s"] + p["tensor_s"]
+    assert p["allreduce_share"] == pytest.approx(p["allreduce_s"] / total)
+    piped = predict(Config(2, Layout("pp2", 1, 2), 1, 16), m, t, ParallelConfig(), g, None)
+    assert piped["allreduce_s"] is None and piped["allreduce_share"] is None
+    assert piped["bubble_s"] == pytest.approx(piped["compute_s"] * 1 / 16)   # (p-1)/m
+
+
+def test_dry_run_prints_the_plan(capsys, tmp_path):
+    study = Study([*TINY, "--ranks", "1", "2", "--layouts", "dp", "tp2", "--dry-run",
+                   "--allreduce-bandwidth", "1.5", "--out", str(tmp_path)])
+    assert [c.key for c in study.runnable] == ["1:dp", "2:dp", "2:tp2"]
+    study.print_plan(1e10, 1.5e9, {})
+    out = capsys.readouterr().out
+    assert "all-reduce 1.50 GB/s moved per rank" in out
+    assert "skipped: 1 ranks are not divisible by tp x pp = 2" in out
+    assert out.count("to measure") == 3
+
+
+def result(ranks, layout, iter_s, losses):
+    phases = {"batch-generator": 0.0, "forward": iter_s / 3, "backward": iter_s / 2,
+              "pipeline-bubble": 0.0, "grads-all-reduce": 0.01, "optimizer": 0.02}
+    return {"key": f"{ranks}:{layout}", "ranks": ranks, "layout": layout, "dp": ranks, "tp": 1,
+            "pp": 1, "micro_batch": 1, "accumulation": 8 // ranks, "global_batch": 8,
+            "seq_length": 16, "threads_per_rank": 1, "warmup": 1, "iters": 2, "iter_s": iter_s,
+            "phases_s": phases, "losses": losses, "megatron_flops": 2e9, "model_flops": 1e9,
+            "gemm_per_core": 1e10, "gemm_loaded_per_core": 9e9, "dp_comm_bytes": 2**20,
+            "peak_rss": 2**27, "machine": {"cpu": "test", "cores_per_node": 2, "mpi": "test",
+                                           "python": "3", "numpy": "2"},
+            "time": 0.0, "command": "python -m refgpt.study.scaling"}
+
+
+@pytest.mark.parametrize("perturb", [0.0, 1e-6])
+def test_report_columns_and_loss_check(tmp_path, capsys, perturb):
+    study = Study([*TINY, "--ranks", "1", "2", "--out", str(tmp_path)])
+    study.record(result(1, "dp", 1.0, [4.0, 3.9, 3.8]))
+    study.record(result(2, "dp", 0.6, [4.0, 3.9 * (1 + perturb), 3.8]))
+    status = study.write_report()
+    rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
+    assert tuple(rows[0]) == COLUMNS
+    assert all(v != "" for row in rows for v in row.values())
+    assert float(rows[1]["speedup"]) == pytest.approx(1 / 0.6, rel=1e-3)
+    assert float(rows[1]["efficiency"]) == pytest.approx(1 / 1.2, rel=1e-3)
+    assert float(rows[1]["pct_gemm_peak"]) == pytest.approx(100 * 1e9 / 0.6 / 2 / 1e10, rel=1e-3)
+    for name in ("scaling.md", "speedup.png", "efficiency.png", "breakdown.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    if perturb:
+        assert status == 1 and rows[1]["losses_match"] == "NO"
+        assert "losses differ from the baseline" in capsys.readouterr().err
+        assert "**Losses differ**" in (tmp_path / "scaling.md").read_text()
+    else:
+        assert status == 0 and [r["losses_match"] for r in rows] == ["yes", "yes"]
+
+
+def test_study_end_to_end_with_a_launcher(tmp_path):
+    """1 rank in this process, 2 ranks (DP, TP, PP) in a launched job: every column filled,
+    the losses equal in float64; a second run reuses the measurements."""
+    assert shutil.which("mpiexec"), "mpiexec not found: install the mpich extra"
+    cmd = [sys.executable, "-m", "refgpt.study.scaling", *TINY, "--ranks", "1", "2",
+           "--layouts", "dp", "tp2", "pp2", "--warmup-iters", "1", "--iters", "2",
+           "--out", str(tmp_path)]
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = list(csv.DictReader(open(tmp_path / "scaling.csv")))
+    assert [(row["ranks"], row["layout"]) for row in rows] == [
+        ("1", "dp"), ("2", "dp"), ("2", "tp2"), ("2", "pp2")]
+    assert all(v != "" for row in rows for v in row.values())
+    assert all(row["losses_match"] == "yes" and float(row["max_loss_rel_diff"]) < 1e-12
+               for row in rows)
+    assert float(rows[3]["bubble_s"]) > 0 and float(rows[1]["bubble_s"]) == 0
+    raw = [json.loads(line) for line in open(tmp_path / "results.jsonl")]
+    assert all(len(x["losses"]) == 3 for x in raw)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "reusing 4 configuration(s)" in again.stdout
+    assert "starting" not in again.stdout
