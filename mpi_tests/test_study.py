@@ -33,3 +33,19 @@ def test_study_inside_one_job():
     assert max(float(r["max_loss_rel_diff"]) for r in rows) < 1e-12
     dp = {int(r["ranks"]): r for r in rows if r["layout"] == "dp"}
     assert [int(dp[r]["accumulation"]) for r in ranks] == [8 // r for r in ranks]
+
+
+@pytest.mark.mpi(min_size=2)
+def test_dry_run_measures_the_all_reduce_rate_and_predicts(capsys):
+    world = MPI.COMM_WORLD
+    folder = world.bcast(tempfile.mkdtemp() if world.rank == 0 else None)
+    status = main([*TINY, "--ranks", "1", str(world.size), "--layouts", "dp", "tp2",
+                   "--out", folder, "--dry-run"])
+    out = capsys.readouterr().out
+    ok = status == 0
+    if world.rank == 0:
+        share = [line.split()[-3] for line in out.splitlines()
+                 if line.split()[:2] == [str(world.size), "dp"]]
+        ok = ok and "GB/s moved per rank" in out and share and share[0].endswith("%") \
+            and float(share[0][:-1]) > 0
+    assert all(world.allgather(bool(ok))), out
