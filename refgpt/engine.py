@@ -93,7 +93,6 @@ class Trainer:
                      f"model shape taken from the checkpoint")
         self.tokenizer = None
         self.train_data, self.val_data = self._datasets(mcfg, tcfg, given, ckpt)
-        mcfg.validate()
         self.mcfg, self.tcfg = mcfg, tcfg
         self.dtype = np.dtype(tcfg.dtype)
         check_layout(mcfg, tcfg, self.pcfg, g.tp_size, g.dp_size, g.pp_size)
@@ -303,7 +302,7 @@ class Trainer:
         busy = self.pipe.busy                         # the executor times its compute ops
         self.timers.add("forward", busy["F"])
         self.timers.add("backward", busy["B"] + busy["W"])
-        self.timers.add("pipeline-bubble", time.perf_counter() - t0 - busy["F"] - busy["B"] - busy["W"])
+        self.timers.add("pipeline-bubble", time.perf_counter() - t0 - sum(busy.values()))
         inject("allreduce", g.rank)
         with self.timers("grads-all-reduce"):
             model.reduce_replicated_grads()           # sequence parallelism's partial sums

@@ -146,7 +146,7 @@ def _measure(comm, cfg: Config, base, warmup: int, iters: int, say) -> dict | No
         if rank == 0:
             say(f"    iteration {i + 1}/{n}{' (warm-up)' if i < warmup else ''}: "
                 f"{r['step_time_s']:.3f} s, loss {r['loss']:.6f}")
-    gemm = trainer.gemm_rate / max(pcfg.threads_per_rank, 1)
+    gemm = trainer.gemm_rate / pcfg.threads_per_rank        # the study requires >= 1
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if comm is not None:
         from mpi4py import MPI
