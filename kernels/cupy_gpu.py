@@ -12,8 +12,8 @@ replaces only what that cannot cover or does badly:
   reduced in shared memory, sums in float64): LayerNorm forward and its backward's dx (dgamma
   and dbeta are column sums, left to CuPy's reductions), the causal softmax (in place) and the
   softmax backward;
-* the causal scores' scale and mask as one row pass after cuBLAS's product, and P^T x
-  computed as (x^T P)^T;
+* the causal scores: the scale applied to the queries, and a row kernel that zeroes the
+  masked entries after cuBLAS's product; P^T x computed as (x^T P)^T;
 * references that build index arrays with NumPy (the target picks of the cross-entropy) or
   call NumPy-only functions (``np.add.at``: cupy.add.at here);
   these are the references' own lines with the arrays made on the GPU.
@@ -106,13 +106,10 @@ __global__ void causal_softmax(T* s, int T_, int Tk, int p0) {
 }
 
 template <typename T>
-__global__ void causal_scale(T* s, int T_, int Tk, double scale) {
+__global__ void causal_zero(T* s, int T_, int Tk) {
     T* sr = s + (size_t)blockIdx.x * Tk;
     int last = Tk - T_ + (int)(blockIdx.x % T_);                 // keys 0..last are visible
-    for (int j = threadIdx.x; j < Tk; j += blockDim.x) {
-        if (j > last) sr[j] = (T)0;
-        else if (scale != 1.0) sr[j] = (T)(sr[j] * scale);
-    }
+    for (int j = last + 1 + threadIdx.x; j < Tk; j += blockDim.x) sr[j] = (T)0;
 }
 
 template <typename T>
@@ -163,7 +160,7 @@ __global__ void ln_backward_dx(const T* dy, const T* n, const T* rstd, const T* 
     }
 }
 """, name_expressions=[f"{k}<{t}>" for k in ("ln_forward", "ln_backward_dx", "causal_softmax",
-                                             "softmax_backward", "causal_scale") for t in ("float", "double")])
+                                             "softmax_backward", "causal_zero") for t in ("float", "double")])
 _CTYPE = {cp.dtype(cp.float32): "float", cp.dtype(cp.float64): "double"}
 
 
@@ -210,10 +207,11 @@ def causal_softmax(s, p0):
 
 
 def causal_matmul_nt(a, b, scale=1.0):
+    """(scale a) b^T, then a row kernel zeroes what the mask hides (it writes only those)."""
     T, Tk = a.shape[-2], b.shape[-2]
-    s = cp.matmul(a, b.swapaxes(-1, -2))
-    kern = _ROWS.get_function(f"causal_scale<{_CTYPE[s.dtype]}>")
-    kern((s.size // Tk,), (256,), (s, cp.int32(T), cp.int32(Tk), cp.float64(scale)))
+    s = cp.matmul(a * a.dtype.type(scale) if scale != 1.0 else a, b.swapaxes(-1, -2))
+    kern = _ROWS.get_function(f"causal_zero<{_CTYPE[s.dtype]}>")
+    kern((s.size // Tk,), (256,), (s, cp.int32(T), cp.int32(Tk)))
     return s
 
 
