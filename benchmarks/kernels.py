@@ -32,6 +32,8 @@ def cases(args, rng):
     _, nn, rstd = layernorm_forward.reference(x, g, b, 1e-5)
     from refgpt.nn.attention import causal_softmax
     probs = causal_softmax.reference(s.copy(), 0)
+    qkv = rng.standard_normal((B, T, 3, H, 64)).astype(f)
+    q, k, val = qkv.transpose(2, 0, 3, 1, 4)                        # strided, as attention has them
     return {
         "gelu_forward": ((x4, "tanh"), None),
         "gelu_backward": ((x4, x4, "tanh"), None),
@@ -42,6 +44,9 @@ def cases(args, rng):
         "cross_entropy_forward": ((z, y), None),
         "cross_entropy_backward": ((z, y, float(B * T), V), None),
         "adamw_update": ((p, gr, m, v, 1e-4, 0.9, 0.95, 1e-8, 0.1, 0.05), None),
+        "causal_matmul_nt": ((q, k, 0.125), None),
+        "causal_matmul_nn": ((probs, val), None),
+        "causal_matmul_tn": ((probs, q), None),
     }
 
 

@@ -12,9 +12,9 @@ and float32 (tests/test_kernels.py). What they change is the memory traffic, not
 * parallelism over rows (or elements) with ``prange``, on numba's thread pool, whose size
   refgpt.parallel.threads sets together with the BLAS threads (the pool is numba's
   "workqueue": see refgpt.kernels).
-* GEMMs stay with BLAS (through NumPy's matmul): a Numba batched GEMM for attention's
-  products, parallel over batch x heads (BLAS per product, or cache-blocked loops), ran 2-5x
-  slower than NumPy's matmul on this backend's test machine and was left out.
+* attention's batched products skip the causal mask's zeros: they are BLAS calls on blocks
+  of queries, in parallel over (batch, head, block) (refgpt.kernels.numba_attention, where
+  NumPy's BLAS exposes CBLAS). The model's other GEMMs go to BLAS through NumPy's matmul.
 
 Arithmetic runs in float64 inside the kernels for float64 inputs and in float32 for float32
 ones, except for reductions (row sums, means), which accumulate in float64. fastmath stays
@@ -28,6 +28,8 @@ import math
 import numba
 import numpy as np
 from numba import njit, prange
+
+from . import numba_attention
 
 S2PI = math.sqrt(2.0 / math.pi)
 K = 0.044715
@@ -250,3 +252,7 @@ def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
 KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, layernorm_forward,
                                    layernorm_backward, causal_softmax, softmax_backward,
                                    cross_entropy_forward, cross_entropy_backward, adamw_update)}
+if numba_attention.GEMM is not None:
+    KERNELS.update(causal_matmul_nt=numba_attention.causal_matmul_nt,
+                   causal_matmul_nn=numba_attention.causal_matmul_nn,
+                   causal_matmul_tn=numba_attention.causal_matmul_tn)

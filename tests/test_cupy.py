@@ -33,6 +33,8 @@ def cases(rng, dtype):
         "layernorm_forward": [(r(3, 5, 300) + 2.0, r(300), r(300), 1e-5)],
         "layernorm_backward": [(r(7, 300), r(7, 300), np.abs(r(7, 1)) + 0.5, r(300))],
         "softmax_backward": [(np.abs(r(2, 3, 5, 300)), r(2, 3, 5, 300))],
+        "causal_matmul_nt": [(r(2, 3, 5, 4), r(2, 3, 9, 4), 0.5), (r(1, 2, 300, 8), r(1, 2, 300, 8))],
+        "causal_matmul_tn": [(np.tril(r(2, 3, 6, 6)), r(2, 3, 6, 4)), (r(1, 2, 5, 9), r(1, 2, 5, 3), 0.5)],
     }
 
 

@@ -8,8 +8,9 @@ import pytest
 from refgpt import backend
 from refgpt.config import ModelConfig, TrainConfig
 from refgpt.engine import Trainer
-from refgpt.kernels import numba_cpu
-from refgpt.nn.attention import causal_softmax, softmax_backward
+from refgpt.kernels import numba_attention, numba_cpu
+from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matmul_tn,
+                                 causal_softmax, softmax_backward)
 from refgpt.nn.gelu import gelu_backward, gelu_forward
 from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
 from refgpt.nn.loss import cross_entropy_backward, cross_entropy_forward
@@ -64,6 +65,36 @@ def test_causal_softmax_and_its_backward(dtype, p0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T, Tk, block", [(7, 7, 64), (130, 130, 64), (130, 130, 16),
+                                          (5, 9, 2), (1, 10, 4)])
+def test_causal_products(dtype, T, Tk, block, monkeypatch):
+    """Blocks that end mid-sequence, a partial last block, a KV-cache offset (Tk > T), one
+    query; q read from a strided view as attention passes it."""
+    monkeypatch.setattr(numba_attention, "BLOCK", block)
+    rng = np.random.default_rng(5)
+    B, H, D = 2, 3, 8
+    q = rand(rng, (B, T, 3, H, D), dtype).transpose(2, 0, 3, 1, 4)[0]    # [B, H, T, D], strided
+    k, v = rand(rng, (B, H, Tk, D), dtype), rand(rng, (B, H, Tk, D), dtype)
+    s = numba_attention.causal_matmul_nt(q, k, 0.3)
+    close(s, causal_matmul_nt.reference(q, k, 0.3), dtype)
+    p = causal_softmax.reference(s, Tk - T)                          # zero past the boundary
+    close(numba_attention.causal_matmul_nn(p, v), causal_matmul_nn.reference(p, v), dtype)
+    close(numba_attention.causal_matmul_nn(p, v, 0.5), causal_matmul_nn.reference(p, v, 0.5), dtype)
+    close(numba_attention.causal_matmul_tn(p, q, 0.5), causal_matmul_tn.reference(p, q, 0.5), dtype)
+    with pytest.raises(ValueError, match=r"\[B, H, T, D\]"):
+        numba_attention.causal_matmul_nn(p[0], v[0])
+
+
+def test_causal_products_leave_blas_threads_as_they_were():
+    from threadpoolctl import threadpool_info, threadpool_limits
+    x = np.ones((1, 1, 4, 2))
+    with threadpool_limits(3):
+        before = [i["num_threads"] for i in threadpool_info()]
+        numba_attention.causal_matmul_nt(x, x)
+        assert [i["num_threads"] for i in threadpool_info()] == before
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_cross_entropy(dtype):
     rng = np.random.default_rng(3)
     V, Vp = 45, 64
@@ -95,7 +126,8 @@ def test_every_numba_kernel_has_a_reference_and_is_tested():
     assert backend.kernel_names("numba") == sorted(
         ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
          "causal_softmax", "softmax_backward", "cross_entropy_forward",
-         "cross_entropy_backward", "adamw_update"])
+         "cross_entropy_backward", "adamw_update", "causal_matmul_nt", "causal_matmul_nn",
+         "causal_matmul_tn"])
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -13,8 +13,13 @@ Backward (O(T^2) per head; never through an explicit Jacobian):
 
     dP~ = dO v^T        dv = P~^T dO            (P~ = dropout(P))
     dP  = dropout_backward(dP~)
-    dS  = P * (dP - rowsum(dP * P)) / sqrt(D)
-    dq  = dS k          dk = dS^T q
+    dS  = P * (dP - rowsum(dP * P))
+    dq  = dS k / sqrt(D)          dk = dS^T q / sqrt(D)
+
+Every T x Tk matrix here is zero past the causal boundary (P, P~ and dS are; S and dP~ are
+only needed inside it), so the six products go through three kernels that may skip that half:
+causal_matmul_nt (a b^T, set to zero past the boundary), causal_matmul_nn (P v) and
+causal_matmul_tn (P^T x). The references below compute the full products.
 """
 
 from __future__ import annotations
@@ -25,6 +30,38 @@ from ..backend import kernel
 from .dropout import Dropout
 from .layer import Layer
 from .linear import Linear
+
+
+def causal_visible(T: int, Tk: int) -> np.ndarray:
+    """[T, Tk] True where query i (position Tk - T + i) sees key j."""
+    return np.arange(Tk)[None, :] <= (Tk - T + np.arange(T))[:, None]
+
+
+@kernel
+def causal_matmul_nt(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """scale a b^T [..., T, Tk] for queries a [..., T, D] and keys b [..., Tk, D], zero where
+    key j comes after query i (queries are the last T of the Tk positions)."""
+    s = a @ b.swapaxes(-1, -2)
+    s *= scale * causal_visible(a.shape[-2], b.shape[-2])
+    return s
+
+
+@kernel
+def causal_matmul_nn(p: np.ndarray, v: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """scale p v for p [..., T, Tk] that is zero past the causal boundary."""
+    out = p @ v
+    if scale != 1.0:
+        out *= scale
+    return out
+
+
+@kernel
+def causal_matmul_tn(p: np.ndarray, x: np.ndarray, scale: float = 1.0) -> np.ndarray:
+    """scale p^T x for p [..., T, Tk] that is zero past the causal boundary."""
+    out = p.swapaxes(-1, -2) @ x
+    if scale != 1.0:
+        out *= scale
+    return out
 
 
 @kernel
@@ -84,14 +121,12 @@ class CausalSelfAttention(Layer):
                 k = np.concatenate([cache.k[layer], k], axis=2)       # [B, H, Tk, D]
                 v = np.concatenate([cache.v[layer], v], axis=2)
             cache.k[layer], cache.v[layer] = k, v
-        scale = 1.0 / np.sqrt(D)
-        s = q @ k.swapaxes(-1, -2)                                    # [B, H, T, Tk]
-        s *= scale
+        s = causal_matmul_nt(q, k, 1.0 / np.sqrt(D))                  # [B, H, T, Tk]
         p = causal_softmax(s, p0)                                     # [B, H, T, Tk]
         if record is not None:
             record[f"{self.prefix}.qkv"], record[f"{self.prefix}.probs"] = qkv, p
         pd = self.attn_drop.forward(p, key)
-        o = pd @ v                                                    # [B, H, T, D]
+        o = causal_matmul_nn(pd, v)                                   # [B, H, T, D]
         self.save(q, k, v, p, pd)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, H * D)              # heads merged
         return self.c_proj.forward(o)
@@ -101,13 +136,13 @@ class CausalSelfAttention(Layer):
         B, H, T, D = q.shape
         do = self.c_proj.backward(dout)                               # [B, T, C]
         do = do.reshape(B, T, H, D).transpose(0, 2, 1, 3)             # [B, H, T, D]
-        dpd = do @ v.swapaxes(-1, -2)                                 # [B, H, T, T]
-        dv = pd.swapaxes(-1, -2) @ do                                 # [B, H, T, D]
+        dpd = causal_matmul_nt(do, v)                                 # [B, H, T, T]
+        dv = causal_matmul_tn(pd, do)                                 # [B, H, T, D]
         dp = self.attn_drop.backward(dpd)
         ds = softmax_backward(p, dp)
-        ds *= 1.0 / np.sqrt(D)
-        dq = ds @ k                                                   # [B, H, T, D]
-        dk = ds.swapaxes(-1, -2) @ q                                  # [B, H, T, D]
+        scale = 1.0 / np.sqrt(D)
+        dq = causal_matmul_nn(ds, k, scale)                           # [B, H, T, D]
+        dk = causal_matmul_tn(ds, q, scale)                           # [B, H, T, D]
         dqkv = np.stack([dq, dk, dv])                                 # [3, B, H, T, D]
         dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)  # [B, T, 3C]
         return self.c_attn.backward(dqkv)
