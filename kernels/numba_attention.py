@@ -19,8 +19,8 @@ development machine (AMD EPYC), the OpenBLAS that SciPy bundles ran these block 
 slower than NumPy's. The calls read strided views (q, k and v where c_attn's output holds
 them, one row of 3C per token) and write strided views (O with its heads already merged), so
 no operand is copied. The (batch, head, block) triples run in parallel on numba's threads;
-BLAS runs one thread inside each (``blas_single_thread``), so the cores are not
-oversubscribed. The block size (64) is the tile parameter.
+BLAS is limited to one thread while they run (threadpoolctl restores its count after), so the
+cores are not oversubscribed. The block size (64) is the tile parameter.
 """
 
 from __future__ import annotations
@@ -29,17 +29,17 @@ import ctypes
 
 import numpy as np
 from numba import njit, prange
+from threadpoolctl import ThreadpoolController
 
 BLOCK = 64
 FLAGS = dict(parallel=True, cache=True, nogil=True)
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112                      # CBLAS's enum values
 
 
-def _find_cblas():
+def _find_cblas(blas):
     """{dtype: cblas_?gemm} from NumPy's BLAS (threadpoolctl reports where it is loaded from;
     NumPy's own wheels bundle an ILP64 OpenBLAS whose symbols carry a suffix), or None."""
-    from threadpoolctl import threadpool_info
-    libs = sorted((i["filepath"] for i in threadpool_info() if i["user_api"] == "blas"),
+    libs = sorted((lib.filepath for lib in blas.lib_controllers),
                   key=lambda path: "numpy" not in path)
     for path in libs:
         lib = ctypes.CDLL(path)
@@ -58,7 +58,8 @@ def _find_cblas():
     return None
 
 
-GEMM = _find_cblas()
+BLAS = ThreadpoolController().select(user_api="blas")      # the BLAS libraries loaded here
+GEMM = _find_cblas(BLAS)
 
 
 @njit(inline="always")
@@ -142,7 +143,7 @@ def _merged(B, H, T, D, dtype):
 def causal_matmul_nt(a, b, scale=1.0):
     a, b = _rows(a, b)
     out = np.empty((*a.shape[:-1], b.shape[-2]), a.dtype)
-    with blas_single_thread():
+    with BLAS.limit(limits=1):
         _nt(GEMM[a.dtype], a, b, out, scale, BLOCK)
     return out
 
@@ -150,7 +151,7 @@ def causal_matmul_nt(a, b, scale=1.0):
 def causal_matmul_nn(p, v, scale=1.0):
     p, v = _rows(p, v)
     out = _merged(*p.shape[:3], v.shape[-1], p.dtype)
-    with blas_single_thread():
+    with BLAS.limit(limits=1):
         _nn(GEMM[p.dtype], p, v, out, scale, BLOCK)
     return out
 
@@ -158,28 +159,6 @@ def causal_matmul_nn(p, v, scale=1.0):
 def causal_matmul_tn(p, x, scale=1.0):
     p, x = _rows(p, x)
     out = _merged(*p.shape[:2], p.shape[-1], x.shape[-1], p.dtype)
-    with blas_single_thread():
+    with BLAS.limit(limits=1):
         _tn(GEMM[p.dtype], p, x, out, scale, BLOCK)
     return out
-
-
-class blas_single_thread:
-    """Every BLAS in the process on one thread inside the block, each restored after: the
-    kernels' parallelism is numba's prange over blocks."""
-    _libs = None
-
-    def __enter__(self):
-        cls = type(self)
-        if cls._libs is None:
-            from threadpoolctl import ThreadpoolController
-            cls._libs = ThreadpoolController().select(user_api="blas").lib_controllers
-        self.before = [lib.get_num_threads() for lib in cls._libs]
-        for lib, n in zip(cls._libs, self.before):
-            if n != 1:
-                lib.set_num_threads(1)
-        return self
-
-    def __exit__(self, *exc):
-        for lib, n in zip(type(self)._libs, self.before):
-            if n != 1:
-                lib.set_num_threads(n)

@@ -32,17 +32,18 @@ from .layer import Layer
 from .linear import Linear
 
 
-def causal_visible(T: int, Tk: int) -> np.ndarray:
-    """[T, Tk] True where query i (position Tk - T + i) sees key j."""
-    return np.arange(Tk)[None, :] <= (Tk - T + np.arange(T))[:, None]
+def causal_visible(T: int, Tk: int, p0: int) -> np.ndarray:
+    """[T, Tk] True where query i (position p0 + i) sees key j."""
+    return np.arange(Tk)[None, :] <= (p0 + np.arange(T))[:, None]
 
 
 @kernel
 def causal_matmul_nt(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """scale a b^T [..., T, Tk] for queries a [..., T, D] and keys b [..., Tk, D], zero where
     key j comes after query i (queries are the last T of the Tk positions)."""
+    T, Tk = a.shape[-2], b.shape[-2]
     s = a @ b.swapaxes(-1, -2)
-    s *= scale * causal_visible(a.shape[-2], b.shape[-2])
+    s *= scale * causal_visible(T, Tk, Tk - T)
     return s
 
 
@@ -74,8 +75,7 @@ def softmax_backward(p: np.ndarray, dp: np.ndarray) -> np.ndarray:
 def causal_softmax(s: np.ndarray, p0: int) -> np.ndarray:
     """Row softmax of scores s [..., T, Tk] (in place) where query i sees keys j <= p0 + i."""
     T, Tk = s.shape[-2:]
-    hidden = np.arange(Tk)[None, :] > (p0 + np.arange(T))[:, None]   # [T, Tk]
-    np.copyto(s, -np.inf, where=hidden)
+    np.copyto(s, -np.inf, where=~causal_visible(T, Tk, p0))
     s -= s.max(axis=-1, keepdims=True)
     np.exp(s, out=s)
     s /= s.sum(axis=-1, keepdims=True)
