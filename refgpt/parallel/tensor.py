@@ -39,12 +39,12 @@ import numpy as np
 from ..config import ConfigError
 from ..nn.attention import CausalSelfAttention
 from ..nn.dropout import Dropout
-from ..nn.gelu import GELU
+from ..nn.gelu import BiasGELU
 from ..nn.gpt import GPTBase, Stage, param_specs
 from ..nn.embedding import TokenTable
 from ..nn.layer import Layer, ParamRef
 from ..nn.layernorm import LayerNorm
-from ..nn.linear import Linear
+from ..nn.linear import Linear, column_sum
 from ..nn.params import Params, ParamSpec
 from ..optim.clip import sum_squares
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
@@ -115,7 +115,7 @@ class AddBias(Layer):
         return x + self.b
 
     def backward(self, dy):
-        self.gb += dy.reshape(-1, dy.shape[-1]).sum(axis=0)
+        self.gb += column_sum(dy.reshape(-1, dy.shape[-1]))
         return dy
 
 
@@ -141,8 +141,8 @@ class ParallelBlock:
         self.attn_resid_drop = Dropout(cfg.dropout, f"{p}.attn.resid_drop", seed, seq_part)
         self.ln_2 = LayerNorm(params, f"{p}.ln_2", cfg.layernorm_eps)
         self.mlp_in = enter(tp, f"{p}.mlp")
-        self.c_fc = Linear(params, f"{p}.mlp.c_fc")
-        self.act = GELU(cfg.gelu)
+        self.c_fc = Linear(params, f"{p}.mlp.c_fc", bias=False)
+        self.act = BiasGELU(params, f"{p}.mlp.c_fc.bias", cfg.gelu)
         self.c_proj = Linear(params, f"{p}.mlp.c_proj", bias=False)
         self.mlp_out = leave(tp, f"{p}.mlp")
         self.mlp_bias = AddBias(params, f"{p}.mlp.c_proj.bias")
