@@ -88,11 +88,12 @@ def _bias_gelu_bwd(x, dy, dx, db_parts, tanh_form):
     R, C = x.shape
     chunks = db_parts.shape[0]
     for k in prange(chunks):
+        db = db_parts[k]
         for r in range(k * R // chunks, (k + 1) * R // chunks):
             for c in range(C):
-                d = dy[r, c] * _gelu_slope(x[r, c], tanh_form)
-                dx[r, c] = d
-                db_parts[k, c] += d
+                dx[r, c] = dy[r, c] * _gelu_slope(x[r, c], tanh_form)
+            for c in range(C):                  # a loop of its own: it vectorises
+                db[c] += dx[r, c]
 
 
 def gelu_forward(x, kind):
