@@ -36,12 +36,13 @@ import math
 
 import numpy as np
 
+from ..backend import array_module
 from ..config import ConfigError
 from ..nn.attention import CausalSelfAttention
 from ..nn.dropout import Dropout
 from ..nn.gelu import BiasGELU
 from ..nn.gpt import GPTBase, Stage, param_specs
-from ..nn.embedding import TokenTable
+from ..nn.embedding import TokenTable, scatter_add_rows
 from ..nn.layer import Layer, ParamRef
 from ..nn.layernorm import LayerNorm
 from ..nn.linear import Linear, column_sum
@@ -191,7 +192,7 @@ class VocabParallelEmbedding(TokenTable):
         local, mine, p0 = self.saved()
         self.gwpe[p0:p0 + dx.shape[1]] += dx.sum(axis=0)
         dfull = self.reduce.backward(dx)                              # [B, T, C]
-        np.add.at(self.gwte, local[mine], dfull[mine])
+        scatter_add_rows(self.gwte, local[mine], dfull[mine])
 
 
 class VocabParallelHead(TokenTable):
@@ -226,20 +227,21 @@ class VocabParallelCrossEntropy(Layer):
         n_real = min(max(self.V - lo, 0), Vl)                         # real columns held here
         z = logits.reshape(-1, Vl)[:, :n_real]                        # [N, n_real]
         y = targets.reshape(-1)
-        local_max = z.max(axis=1) if n_real else np.full(len(y), -np.inf, logits.dtype)
+        xp = array_module()
+        local_max = z.max(axis=1) if n_real else xp.full(len(y), -np.inf, logits.dtype)
         m = tp.allreduce(local_max, "loss", op="max")                 # [N]
         e = np.exp(z - m[:, None])
         s = tp.allreduce(e.sum(axis=1), "loss")                       # [N]
         mine = (y >= lo) & (y < lo + n_real)                          # targets in this shard
         y_local = np.where(mine, y - lo, 0)
-        picked = z[np.arange(len(y)), y_local] if n_real else np.zeros(len(y), z.dtype)
+        picked = z[xp.arange(len(y)), y_local] if n_real else xp.zeros(len(y), z.dtype)
         zy = tp.allreduce(np.where(mine, picked, 0.0), "loss")        # [N] target logits
         self.save(e / s[:, None], y_local, mine, norm, logits.shape)
         return float((np.log(s) + m - zy).sum() / norm)
 
     def backward(self):
         probs, y_local, mine, norm, shape = self.saved()
-        dz = np.zeros((probs.shape[0], shape[-1]), probs.dtype)
+        dz = array_module().zeros((probs.shape[0], shape[-1]), probs.dtype)
         dz[:, :probs.shape[1]] = probs
         dz[np.nonzero(mine)[0], y_local[mine]] -= 1.0
         dz /= norm
