@@ -3,20 +3,83 @@ PyTorch eager on the same GPU, same model, batch and dtype, side by side in one 
 
     python benchmarks/gpu_vs_torch.py                        # GPT-2 124M, batch 8 x 1024, float32
     python benchmarks/gpu_vs_torch.py --batch 4 --seq 512
+    python benchmarks/gpu_vs_torch.py --profile              # also: where each one's step goes
 
 PyTorch runs Hugging Face's GPT2LMHeadModel with SDPA attention; TF32 is off for both (plain
 float32 GEMMs: CuPy's default, and torch.backends.cuda.matmul.allow_tf32 = False). Prints
-tokens/s for each (best of --steps after a warm-up).
+tokens/s for each (best of --steps after a warm-up). With --profile, one more step of each
+is timed piece by piece on the GPU: refgpt's kernels and linear layers (CUDA events around
+each call; "other" is the rest: copies, residual adds, reshapes) and PyTorch's CUDA kernels
+(torch.profiler).
 """
 
 import argparse
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_vs_torch import timed  # noqa: E402
+
+
+def profile_ours(step):
+    """Print the GPU milliseconds of one step per kernel and per linear layer."""
+    import cupy as cp
+
+    from refgpt import backend
+    from refgpt.nn.embedding import TiedHead
+    from refgpt.nn.linear import Linear
+    events = defaultdict(list)
+
+    def timed_call(fn, label):
+        def call(*args, **kwargs):
+            start, end = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            out = fn(*args, **kwargs)
+            end.record()
+            events[label(args)].append((start, end))
+            return out
+        return call
+
+    def layer_name(args):
+        name = args[0].param_names.get("weight") or "wte"
+        return name.split(".", 2)[-1].rsplit(".", 1)[0] if name.startswith("h.") else name
+    saved = dict(backend._active)
+    methods = [(cls, m) for cls in (Linear, TiedHead) for m in ("forward", "backward")]
+    originals = [getattr(cls, m) for cls, m in methods]
+    for name, ref in backend._reference.items():                # CuPy's, or the reference
+        backend._active[name] = timed_call(saved.get(name, ref), lambda _, n=name: n)
+    for (cls, m), fn in zip(methods, originals):
+        setattr(cls, m, timed_call(fn, lambda a, m=m: f"{layer_name(a)} {m}"))
+    try:
+        start, end = cp.cuda.Event(), cp.cuda.Event()
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+    finally:
+        backend._active.clear()
+        backend._active.update(saved)
+        for (cls, m), fn in zip(methods, originals):
+            setattr(cls, m, fn)
+    total = cp.cuda.get_elapsed_time(start, end)
+    rows = {k: (len(v), sum(cp.cuda.get_elapsed_time(a, b) for a, b in v)) for k, v in events.items()}
+    rows["other"] = (0, total - sum(ms for _, ms in rows.values()))
+    print(f"refgpt cupy, one step {total:.1f} ms on the GPU:")
+    for k, (n, ms) in sorted(rows.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {k:32s} {n:4d} calls {ms:8.2f} ms")
+
+
+def profile_theirs(step):
+    """Print PyTorch's CUDA kernels of one step, by total GPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25))
 
 
 def main():
@@ -28,6 +91,7 @@ def main():
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="time one step of each piece by piece")
     args = ap.parse_args()
     import cupy as cp
     import torch
@@ -54,6 +118,8 @@ def main():
         model.backward()
         opt.step(1e-4)
     t_ours = timed(ours, args.steps, backend.synchronize)
+    if args.profile:
+        profile_ours(ours)
     del model, p, opt
     cp.get_default_memory_pool().free_all_blocks()
 
@@ -69,6 +135,8 @@ def main():
         tm(input_ids=tx, labels=tx).loss.backward()
         topt.step()
     t_theirs = timed(theirs, args.steps, torch.cuda.synchronize)
+    if args.profile:
+        profile_theirs(theirs)
     name = torch.cuda.get_device_name()
     print(f"{name}, L{L} h{h} V{V}, batch {b} x {s}, float32: "
           f"refgpt cupy {b * s / t_ours:.0f} tokens/s ({1e3 * t_ours:.0f} ms/step); PyTorch eager "

@@ -23,6 +23,7 @@ def cases(args, rng):
     f = np.float32
     x4 = rng.standard_normal((B, T, 4 * C)).astype(f)
     x, g, b = (rng.standard_normal(s).astype(f) for s in ((B, T, C), C, C))
+    b4 = rng.standard_normal(4 * C).astype(f)
     s = rng.standard_normal((B, H, T, T)).astype(f)
     z, y = rng.standard_normal((B * T, V)).astype(f), rng.integers(0, V, B * T)
     n = 12 * C * C + V * C                                         # ~ one block + the embeddings
@@ -37,6 +38,8 @@ def cases(args, rng):
     return {
         "gelu_forward": ((x4, "tanh"), None),
         "gelu_backward": ((x4, x4, "tanh"), None),
+        "bias_gelu_forward": ((x4, b4, "tanh"), None),              # adds b4 to x4 each call
+        "bias_gelu_backward": ((x4, x4, "tanh"), None),
         "layernorm_forward": ((x, g, b, 1e-5), None),
         "layernorm_backward": ((x, nn, rstd, g), None),
         "causal_softmax": ((s, 0), lambda a: (a[0].copy(), a[1])),

@@ -7,7 +7,12 @@ with the same dtype, batch and thread count.
 
 Prints ms per step for each refgpt backend and for PyTorch, the throughput ratio
 refgpt / PyTorch (> 1: refgpt is faster) and each one's model-FLOPs utilisation against this
-machine's sgemm rate measured in the same run.
+machine's sgemm rate measured in the same run. Then, per config, the step's GEMM floor: every
+matrix product of a numba step (the linear layers' and the tied head's forward and two
+backward products, through NumPy's matmul as the model calls them, and attention's causal
+products through the numba kernels), each timed on its own shape, summed. No step that does
+these products through this BLAS can be faster, so PyTorch's step time over the floor bounds
+the ratio any refgpt step can reach here, with all other work free.
 """
 
 from __future__ import annotations
@@ -71,6 +76,36 @@ def torch_step(cfg_tuple, threads):
     return step
 
 
+def gemm_floor(cfg_tuple, repeats=3):
+    """Seconds of one numba training step's matrix products, each timed alone (best of
+    repeats), summed: the layers' products once per layer, the head's once."""
+    from refgpt.kernels import numba_cpu
+    L, C, H, V, T, B = cfg_tuple
+    N, D, f = B * T, C // H, np.float32
+    Vp = -(-V // 128) * 128
+    rng = np.random.default_rng(0)
+    r = lambda *shape: rng.standard_normal(shape).astype(f)   # noqa: E731
+
+    def best(fn):
+        return min(timed(fn, 1) for _ in range(repeats))
+
+    def linear(n_in, n_out, w_t=False):
+        """forward x W, backward dy W^T and x^T dy (W stored [in, out]; the head's as wte
+        [out, in], w_t)."""
+        x, dy, w = r(N, n_in), r(N, n_out), (r(n_out, n_in) if w_t else r(n_in, n_out))
+        wf = w.T if w_t else w
+        return best(lambda: x @ wf) + best(lambda: dy @ wf.T) + best(lambda: x.T @ dy)
+    per_layer = sum(linear(i, o) for i, o in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)))
+    q = r(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)[0]
+    k, v, do = r(B, H, T, D), r(B, H, T, D), r(B, H, T, D)
+    p = np.tril(r(B, H, T, T))
+    k_nt, k_nn, k_tn = (numba_cpu.KERNELS[n] for n in ("causal_matmul_nt", "causal_matmul_nn",
+                                                       "causal_matmul_tn"))
+    per_layer += 2 * (best(lambda: k_nt(q, k, 0.125)) + best(lambda: k_nn(p, v))
+                      + best(lambda: k_tn(p, do)))
+    return L * per_layer + linear(C, Vp, w_t=True)
+
+
 def timed(step, n, sync=lambda: None):
     """Best of n calls of step after a warm-up; sync() waits for a GPU's queued work."""
     step()                                                     # warm-up
@@ -112,6 +147,9 @@ def main():
                 flops = metrics.model_flops(cfg, CONFIGS[name][5])
                 print(f"{name:>7} {backend:>7} {1e3 * r:10.1f} {1e3 * t:10.1f} {t / r:6.2f} "
                       f"{100 * flops / r / sgemm:9.1f}% {100 * flops / t / sgemm:8.1f}%", flush=True)
+            floor = gemm_floor(CONFIGS[name])
+            print(f"{name:>7} GEMM floor {1e3 * floor:.1f} ms: no refgpt step through this BLAS "
+                  f"beats {t / floor:.2f}x PyTorch here", flush=True)
 
 
 if __name__ == "__main__":

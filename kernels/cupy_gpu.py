@@ -6,17 +6,20 @@ refgpt.nn run unchanged: NumPy hands ``np.tanh(x)``, ``x.mean(...)``, ``a @ b`` 
 replaces only what that cannot cover or does badly:
 
 * fused element-wise kernels (``cupy.ElementwiseKernel``, one CUDA thread per element): GELU
-  forward and backward, and the AdamW update, which NumPy-style code runs as many passes,
+  forward and backward (with c_fc's bias added in the forward's pass), the cross-entropy's
+  gradient, and the AdamW update, which NumPy-style code runs as many passes,
   each a kernel launch reading and writing the whole array;
 * fused row kernels (``cupy.RawModule``, one thread block per row, the row's max and sums
-  reduced in shared memory, sums in float64): LayerNorm forward and its backward's dx (dgamma
-  and dbeta are column sums, left to CuPy's reductions), the causal softmax (in place) and the
-  softmax backward;
-* the causal scores: the scale applied to the queries, and a row kernel that zeroes the
-  masked entries after cuBLAS's product; P^T x computed as (x^T P)^T;
-* references that build index arrays with NumPy (the target picks of the cross-entropy) or
-  call NumPy-only functions (``np.add.at``: cupy.add.at here);
-  these are the references' own lines with the arrays made on the GPU.
+  reduced in shared memory, sums in float64): LayerNorm forward and its backward, the
+  causal softmax (in place), the
+  softmax backward, and the cross-entropy (the row's max and sum of exponentials in one
+  pass, as a running pair per thread). The softmax rows are held in registers, so each is
+  read once;
+* column sums (the gradients of biases, LayerNorm's gain and bias) in float64 over blocks of
+  rows, each thread one column (CuPy's own sum over axis 0 ran at about 125 GB/s here);
+* attention's causal products (refgpt.kernels.cupy_attention): cuBLAS GEMMs on blocks of
+  rows that skip what the causal mask hides;
+* the reference that calls a NumPy-only function (``np.add.at``: cupy.add.at here).
 
 Each is tested against its reference (tests/test_cupy.py, skipped where no GPU exists).
 """
@@ -27,29 +30,32 @@ import math
 
 import cupy as cp
 
-_GELU_FWD = cp.ElementwiseKernel(
-    "T x, bool tanh_form", "T y",
-    """
-    double xd = x;
-    double g = tanh_form ? tanh(0.7978845608028654 * (xd + 0.044715 * xd * xd * xd))
-                         : erf(xd * 0.7071067811865476);
-    y = (T)(0.5 * xd * (1.0 + g));
-    """, "refgpt_gelu_forward")
+from .cupy_attention import causal_matmul_nn, causal_matmul_nt, causal_matmul_tn
 
-_GELU_BWD = cp.ElementwiseKernel(
-    "T x, T dy, bool tanh_form", "T dx",
-    """
-    double xd = x, d;
+_GELU = """
+template <typename T> __device__ T gelu_value(T x, bool tanh_form) {
+    T g = tanh_form ? tanh((T)0.7978845608028654 * (x + (T)0.044715 * x * x * x))
+                    : erf(x * (T)0.7071067811865476);
+    return (T)0.5 * x * ((T)1 + g);
+}
+template <typename T> __device__ T gelu_slope(T x, bool tanh_form) {
     if (tanh_form) {
-        double t = tanh(0.7978845608028654 * (xd + 0.044715 * xd * xd * xd));
-        d = 0.5 * (1.0 + t) + 0.5 * xd * (1.0 - t * t) * 0.7978845608028654
-            * (1.0 + 3.0 * 0.044715 * xd * xd);
-    } else {
-        d = 0.5 * (1.0 + erf(xd * 0.7071067811865476))
-            + xd * exp(-0.5 * xd * xd) * 0.3989422804014327;
+        T t = tanh((T)0.7978845608028654 * (x + (T)0.044715 * x * x * x));
+        return (T)0.5 * ((T)1 + t) + (T)0.5 * x * ((T)1 - t * t) * (T)0.7978845608028654
+               * ((T)1 + (T)(3.0 * 0.044715) * x * x);
     }
-    dx = (T)(dy * d);
-    """, "refgpt_gelu_backward")
+    return (T)0.5 * ((T)1 + erf(x * (T)0.7071067811865476))
+           + x * exp((T)-0.5 * x * x) * (T)0.3989422804014327;
+}
+"""
+_GELU_FWD = cp.ElementwiseKernel("T x, bool tanh_form", "T y", "y = gelu_value(x, tanh_form);",
+                                 "refgpt_gelu_forward", preamble=_GELU)
+_GELU_BWD = cp.ElementwiseKernel("T x, T dy, bool tanh_form", "T dx",
+                                 "dx = dy * gelu_slope(x, tanh_form);",
+                                 "refgpt_gelu_backward", preamble=_GELU)
+_BIAS_GELU_FWD = cp.ElementwiseKernel("T b, bool tanh_form", "T f, T y",
+                                      "f = f + b; y = gelu_value(f, tanh_form);",
+                                      "refgpt_bias_gelu_forward", preamble=_GELU)
 
 _ADAMW = cp.ElementwiseKernel(
     "T g, float64 step, float64 b1, float64 b2, float64 eps, float64 rbc2",
@@ -90,43 +96,122 @@ __device__ double block_max(double v, double* buf) {
     return m;
 }
 
+// A row of up to ROW_ITEMS * blockDim.x entries lives in registers, ROW_ITEMS per thread,
+// so the row softmax and its backward read each input once.
+#define ROW_ITEMS 8
+
 template <typename T>
 __global__ void causal_softmax(T* s, int T_, int Tk, int p0) {
-    __shared__ double buf[256];
+    __shared__ double buf[1024];
     T* sr = s + (size_t)blockIdx.x * Tk;
     int last = min(p0 + (int)(blockIdx.x % T_), Tk - 1);       // keys 0..last are visible
+    T v[ROW_ITEMS];
     double m = -1.0e308;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) m = fmax(m, (double)sr[j]);
-    m = block_max<T>(m, buf);
+    #pragma unroll
+    for (int i = 0; i < ROW_ITEMS; ++i) {
+        int j = threadIdx.x + i * blockDim.x;
+        v[i] = j <= last ? sr[j] : (T)0;
+        if (j <= last) m = fmax(m, (double)v[i]);
+    }
+    T mx = (T)block_max<T>(m, buf);                    // one of the row's values: exact in T
     double total = 0.0;
-    for (int j = threadIdx.x; j <= last; j += blockDim.x) total += exp((double)sr[j] - m);
-    double inv = 1.0 / block_sum<T>(total, buf);
-    for (int j = threadIdx.x; j < Tk; j += blockDim.x)
-        sr[j] = j <= last ? (T)(exp((double)sr[j] - m) * inv) : (T)0;
+    #pragma unroll
+    for (int i = 0; i < ROW_ITEMS; ++i) {
+        int j = threadIdx.x + i * blockDim.x;
+        v[i] = j <= last ? exp(v[i] - mx) : (T)0;
+        total += v[i];
+    }
+    T inv = (T)(1.0 / block_sum<T>(total, buf));
+    #pragma unroll
+    for (int i = 0; i < ROW_ITEMS; ++i) {
+        int j = threadIdx.x + i * blockDim.x;
+        if (j < Tk) sr[j] = v[i] * inv;
+    }
 }
 
 template <typename T>
-__global__ void causal_zero(T* s, int T_, int Tk) {
-    T* sr = s + (size_t)blockIdx.x * Tk;
-    int last = Tk - T_ + (int)(blockIdx.x % T_);                 // keys 0..last are visible
-    for (int j = last + 1 + threadIdx.x; j < Tk; j += blockDim.x) sr[j] = (T)0;
+__global__ void cross_entropy_forward(const T* z, long long ld, int V, const long long* y,
+                                      T* probs, double* loss) {
+    // one block per row; each thread keeps a running (max m, sum of exp(z - m)) over its
+    // columns (one exp per element), then the block combines the pairs in shared memory
+    __shared__ double bm[256], bs[256];
+    const T* zr = z + (size_t)blockIdx.x * ld;
+    double m = -1.0e308, s = 0.0;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) {
+        double v = zr[j];
+        if (v > m) { s = s * exp(m - v) + 1.0; m = v; } else s += exp((T)(v - m));
+    }
+    bm[threadIdx.x] = m; bs[threadIdx.x] = s;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) {
+            double m1 = bm[threadIdx.x], m2 = bm[threadIdx.x + k], mx = fmax(m1, m2);
+            double s1 = bs[threadIdx.x], s2 = bs[threadIdx.x + k];   // 0: no columns seen
+            bs[threadIdx.x] = (s1 > 0.0 ? s1 * exp(m1 - mx) : 0.0) + (s2 > 0.0 ? s2 * exp(m2 - mx) : 0.0);
+            bm[threadIdx.x] = mx;
+        }
+        __syncthreads();
+    }
+    T mx = (T)bm[0];
+    double total = bs[0];
+    T inv = (T)(1.0 / total);
+    T* pr = probs + (size_t)blockIdx.x * V;
+    for (int j = threadIdx.x; j < V; j += blockDim.x) pr[j] = exp(zr[j] - mx) * inv;
+    if (threadIdx.x == 0) loss[blockIdx.x] = (double)mx + log(total) - (double)zr[y[blockIdx.x]];
+}
+
+template <typename T>
+__global__ void cross_entropy_backward(const T* probs, int V, int Vp, const long long* y,
+                                       double inv_norm, T* dz) {
+    // (probs - onehot(y)) / norm on the real columns, 0 on the padding; one block per row
+    const T* pr = probs + (size_t)blockIdx.x * V;
+    T* dr = dz + (size_t)blockIdx.x * Vp;
+    int target = (int)y[blockIdx.x];
+    for (int c = threadIdx.x; c < Vp; c += blockDim.x) {
+        double v = c < V ? (double)pr[c] : 0.0;
+        dr[c] = (T)((c == target ? v - 1.0 : v) * inv_norm);
+    }
 }
 
 template <typename T>
 __global__ void softmax_backward(const T* p, const T* dp, T* ds, int C) {
-    __shared__ double buf[256];
+    __shared__ double buf[1024];
     size_t row = (size_t)blockIdx.x * C;
+    double pv[ROW_ITEMS], dv[ROW_ITEMS];
     double s = 0.0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) s += (double)dp[row + c] * p[row + c];
+    #pragma unroll
+    for (int i = 0; i < ROW_ITEMS; ++i) {
+        int c = threadIdx.x + i * blockDim.x;
+        pv[i] = c < C ? (double)p[row + c] : 0.0;
+        dv[i] = pv[i] != 0.0 ? (double)dp[row + c] : 0.0;    // dp is not read where p is 0
+        s += pv[i] * dv[i];
+    }
     double dot = block_sum<T>(s, buf);
-    for (int c = threadIdx.x; c < C; c += blockDim.x)
-        ds[row + c] = (T)(p[row + c] * ((double)dp[row + c] - dot));
+    #pragma unroll
+    for (int i = 0; i < ROW_ITEMS; ++i) {
+        int c = threadIdx.x + i * blockDim.x;
+        if (c < C) ds[row + c] = (T)(pv[i] * (dv[i] - dot));
+    }
+}
+
+template <typename T>
+__global__ void column_sums(const T* a, const T* b, int product, int R, int C, int rows,
+                            double* parts) {
+    // parts[k, c] = sum of a[r, c] (times b[r, c] if product) over rows k*rows .. (k+1)*rows-1
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    double s = 0.0;
+    for (int r = blockIdx.y * rows; r < min(R, (int)(blockIdx.y + 1) * rows); ++r) {
+        size_t i = (size_t)r * C + c;
+        s += product ? (double)a[i] * b[i] : (double)a[i];
+    }
+    parts[(size_t)blockIdx.y * C + c] = s;
 }
 
 template <typename T>
 __global__ void ln_forward(const T* x, const T* g, const T* b, double eps, T* y, T* n,
                            T* rstd, int C) {
-    __shared__ double buf[256];
+    __shared__ double buf[1024];
     const T* xr = x + (size_t)blockIdx.x * C;
     double s = 0.0;
     for (int c = threadIdx.x; c < C; c += blockDim.x) s += xr[c];
@@ -145,7 +230,7 @@ __global__ void ln_forward(const T* x, const T* g, const T* b, double eps, T* y,
 template <typename T>
 __global__ void ln_backward_dx(const T* dy, const T* n, const T* rstd, const T* g, T* dx,
                                int C) {
-    __shared__ double buf[256];
+    __shared__ double buf[1024];
     size_t row = (size_t)blockIdx.x * C;
     double s1 = 0.0, s2 = 0.0;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
@@ -160,8 +245,36 @@ __global__ void ln_backward_dx(const T* dy, const T* n, const T* rstd, const T* 
     }
 }
 """, name_expressions=[f"{k}<{t}>" for k in ("ln_forward", "ln_backward_dx", "causal_softmax",
-                                             "softmax_backward", "causal_zero") for t in ("float", "double")])
+                                             "softmax_backward", "cross_entropy_forward",
+                                             "cross_entropy_backward", "column_sums") for t in ("float", "double")])
 _CTYPE = {cp.dtype(cp.float32): "float", cp.dtype(cp.float64): "double"}
+
+
+def _row_threads(n):
+    """Threads for a row kernel over rows of n entries: the power of two (64 to 1024, as the
+    block reductions need) that holds the row in registers, ROW_ITEMS = 8 per thread."""
+    if n > 8 * 1024:
+        raise ValueError(f"rows of {n} entries exceed the row kernels' limit of 8192")
+    return max(64, 1 << (max(1, -(-n // 8)) - 1).bit_length())
+
+
+def _column_sums(a2, b2=None):
+    """a2 [R, C] (times b2 if given) summed over the rows, in float64 partial sums over
+    blocks of rows (CuPy's own sum over axis 0 ran at about 125 GB/s on an H100)."""
+    R, C = a2.shape
+    rows = max(1, -(-R // 128))
+    chunks = max(1, -(-R // rows))
+    parts = cp.zeros((chunks, C), cp.float64)
+    kern = _ROWS.get_function(f"column_sums<{_CTYPE[a2.dtype]}>")
+    a2 = cp.ascontiguousarray(a2)
+    b2 = a2 if b2 is None else cp.ascontiguousarray(b2)
+    kern((-(-C // 256), chunks), (256,), (a2, b2, cp.int32(b2 is not a2), cp.int32(R),
+                                          cp.int32(C), cp.int32(rows), parts))
+    return parts.sum(axis=0).astype(a2.dtype)
+
+
+def column_sum(a):
+    return _column_sums(a)
 
 
 def layernorm_forward(x, g, b, eps):
@@ -182,7 +295,7 @@ def layernorm_backward(dy, n, rstd, g):
     kern = _ROWS.get_function(f"ln_backward_dx<{_CTYPE[dy.dtype]}>")
     kern((dy2.shape[0],), (256,), (dy2, n2, cp.ascontiguousarray(rstd), cp.ascontiguousarray(g),
                                    dx, cp.int32(C)))
-    return dx.reshape(shape), (dy2 * n2).sum(axis=0), dy2.sum(axis=0)
+    return dx.reshape(shape), _column_sums(dy2, n2), _column_sums(dy2)
 
 
 def gelu_forward(x, kind):
@@ -191,6 +304,17 @@ def gelu_forward(x, kind):
 
 def gelu_backward(x, dy, kind):
     return _GELU_BWD(x, dy, kind == "tanh")
+
+
+def bias_gelu_forward(f, b, kind):
+    y = cp.empty_like(f)
+    _BIAS_GELU_FWD(b, kind == "tanh", f, y)
+    return y
+
+
+def bias_gelu_backward(x, dy, kind):
+    dx = _GELU_BWD(x, dy, kind == "tanh")
+    return dx, _column_sums(dx.reshape(-1, dx.shape[-1]))
 
 
 def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
@@ -202,26 +326,8 @@ def causal_softmax(s, p0):
     if not s.flags.c_contiguous:
         raise ValueError("causal_softmax works in place on a C-contiguous array")
     kern = _ROWS.get_function(f"causal_softmax<{_CTYPE[s.dtype]}>")
-    kern((s.size // Tk,), (256,), (s, cp.int32(T), cp.int32(Tk), cp.int32(p0)))
+    kern((s.size // Tk,), (_row_threads(Tk),), (s, cp.int32(T), cp.int32(Tk), cp.int32(p0)))
     return s
-
-
-def causal_matmul_nt(a, b, scale=1.0):
-    """(scale a) b^T, then a row kernel zeroes what the mask hides (it writes only those)."""
-    T, Tk = a.shape[-2], b.shape[-2]
-    s = cp.matmul(a * a.dtype.type(scale) if scale != 1.0 else a, b.swapaxes(-1, -2))
-    kern = _ROWS.get_function(f"causal_zero<{_CTYPE[s.dtype]}>")
-    kern((s.size // Tk,), (256,), (s, cp.int32(T), cp.int32(Tk)))
-    return s
-
-
-def causal_matmul_tn(p, x, scale=1.0):
-    """p^T x as (x^T p)^T: cuBLAS ran the batched product with a transposed T x Tk operand
-    3x slower than this one (GPT-2 124M, b8 T1024 on an H100)."""
-    out = cp.matmul(x.swapaxes(-1, -2), p).swapaxes(-1, -2)
-    if scale != 1.0:
-        out *= scale
-    return out
 
 
 def softmax_backward(p, dp):
@@ -229,24 +335,28 @@ def softmax_backward(p, dp):
     p2, dp2 = cp.ascontiguousarray(p).reshape(-1, C), cp.ascontiguousarray(dp).reshape(-1, C)
     ds = cp.empty_like(dp2)
     kern = _ROWS.get_function(f"softmax_backward<{_CTYPE[p.dtype]}>")
-    kern((p2.shape[0],), (256,), (p2, dp2, ds, cp.int32(C)))
+    kern((p2.shape[0],), (_row_threads(C),), (p2, dp2, ds, cp.int32(C)))
     return ds.reshape(dp.shape)
 
 
 def cross_entropy_forward(z, y):
-    m = z.max(axis=1, keepdims=True)
-    e = cp.exp(z - m)
-    s = e.sum(axis=1, keepdims=True)
-    lse = m[:, 0] + cp.log(s[:, 0])
-    losses = lse - z[cp.arange(len(y)), y]
-    return float(losses.sum()), e / s
+    N, V = z.shape
+    if z.strides[1] != z.itemsize:
+        raise ValueError("cross_entropy_forward needs rows of contiguous logits")
+    probs = cp.empty((N, V), z.dtype)
+    losses = cp.empty(N, cp.float64)
+    kern = _ROWS.get_function(f"cross_entropy_forward<{_CTYPE[z.dtype]}>")
+    kern((N,), (256,), (z, cp.int64(z.strides[0] // z.itemsize), cp.int32(V),
+                        cp.ascontiguousarray(y, dtype=cp.int64), probs, losses))
+    return float(losses.sum()), probs
 
 
 def cross_entropy_backward(probs, y, norm, Vp):
-    dz = cp.zeros((probs.shape[0], Vp), probs.dtype)
-    dz[:, :probs.shape[1]] = probs
-    dz[cp.arange(len(y)), y] -= 1.0
-    dz /= norm
+    N, V = probs.shape
+    dz = cp.empty((N, Vp), probs.dtype)
+    kern = _ROWS.get_function(f"cross_entropy_backward<{_CTYPE[probs.dtype]}>")
+    kern((N,), (256,), (cp.ascontiguousarray(probs), cp.int32(V), cp.int32(Vp),
+                        cp.ascontiguousarray(y, dtype=cp.int64), cp.float64(1.0 / norm), dz))
     return dz
 
 
@@ -254,7 +364,9 @@ def scatter_add_rows(table, idx, rows):
     cp.add.at(table, idx, rows)
 
 
-KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, adamw_update, causal_softmax,
+KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forward,
+                                   bias_gelu_backward, column_sum, adamw_update, causal_softmax,
                                    cross_entropy_forward, cross_entropy_backward,
                                    scatter_add_rows, layernorm_forward, layernorm_backward,
-                                   softmax_backward, causal_matmul_nt, causal_matmul_tn)}
+                                   softmax_backward, causal_matmul_nt, causal_matmul_nn,
+                                   causal_matmul_tn)}

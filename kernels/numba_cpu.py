@@ -46,26 +46,54 @@ def _tanh(u):
     return 1.0 - 2.0 / (1.0 + math.exp(2.0 * u))
 
 
+@njit(inline="always")
+def _gelu(x, tanh_form):
+    if tanh_form:
+        return 0.5 * x * (1.0 + _tanh(S2PI * (x + K * x * x * x)))
+    return 0.5 * x * (1.0 + math.erf(x * INV_SQRT2))
+
+
+@njit(inline="always")
+def _gelu_slope(x, tanh_form):
+    if tanh_form:
+        t = _tanh(S2PI * (x + K * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * S2PI * (1.0 + 3.0 * K * x * x)
+    return 0.5 * (1.0 + math.erf(x * INV_SQRT2)) + x * math.exp(-0.5 * x * x) * INV_SQRT_2PI
+
+
 @njit(**FLAGS)
 def _gelu_fwd(x, y, tanh_form):
     for i in prange(x.size):
-        xi = x[i]
-        if tanh_form:
-            y[i] = 0.5 * xi * (1.0 + _tanh(S2PI * (xi + K * xi * xi * xi)))
-        else:
-            y[i] = 0.5 * xi * (1.0 + math.erf(xi * INV_SQRT2))
+        y[i] = _gelu(x[i], tanh_form)
 
 
 @njit(**FLAGS)
 def _gelu_bwd(x, dy, dx, tanh_form):
     for i in prange(x.size):
-        xi = x[i]
-        if tanh_form:
-            t = _tanh(S2PI * (xi + K * xi * xi * xi))
-            d = 0.5 * (1.0 + t) + 0.5 * xi * (1.0 - t * t) * S2PI * (1.0 + 3.0 * K * xi * xi)
-        else:
-            d = 0.5 * (1.0 + math.erf(xi * INV_SQRT2)) + xi * math.exp(-0.5 * xi * xi) * INV_SQRT_2PI
-        dx[i] = dy[i] * d
+        dx[i] = dy[i] * _gelu_slope(x[i], tanh_form)
+
+
+@njit(**FLAGS)
+def _bias_gelu_fwd(f, b, y, tanh_form):
+    R, C = f.shape
+    for r in prange(R):
+        for c in range(C):
+            x = f[r, c] + b[c]
+            f[r, c] = x
+            y[r, c] = _gelu(x, tanh_form)
+
+
+@njit(**FLAGS)
+def _bias_gelu_bwd(x, dy, dx, db_parts, tanh_form):
+    R, C = x.shape
+    chunks = db_parts.shape[0]
+    for k in prange(chunks):
+        db = db_parts[k]
+        for r in range(k * R // chunks, (k + 1) * R // chunks):
+            for c in range(C):
+                dx[r, c] = dy[r, c] * _gelu_slope(x[r, c], tanh_form)
+            for c in range(C):                  # a loop of its own: it vectorises
+                db[c] += dx[r, c]
 
 
 def gelu_forward(x, kind):
@@ -80,6 +108,29 @@ def gelu_backward(x, dy, kind):
     dx = np.empty_like(dy)
     _gelu_bwd(x.reshape(-1), dy.reshape(-1), dx.reshape(-1), kind == "tanh")
     return dx
+
+
+def bias_gelu_forward(f, b, kind):
+    if not f.flags.c_contiguous:
+        raise ValueError("bias_gelu_forward adds the bias in place to a C-contiguous array")
+    y = np.empty_like(f)
+    C = f.shape[-1]
+    _bias_gelu_fwd(f.reshape(-1, C), b, y.reshape(-1, C), kind == "tanh")
+    return y
+
+
+def bias_gelu_backward(x, dy, kind):
+    C = x.shape[-1]
+    x2, dy2 = np.ascontiguousarray(x).reshape(-1, C), np.ascontiguousarray(dy).reshape(-1, C)
+    dx = np.empty_like(dy2)
+    db = _column_parts(dy2)
+    _bias_gelu_bwd(x2, dy2, dx, db, kind == "tanh")
+    return dx.reshape(dy.shape), db.sum(axis=0).astype(dy.dtype)
+
+
+def _column_parts(a2):
+    """Zeroed float64 partial column sums of a2 [R, C], one row per parallel chunk of rows."""
+    return np.zeros((min(numba.get_num_threads(), a2.shape[0]) or 1, a2.shape[1]))
 
 
 # -- LayerNorm --------------------------------------------------------------------------
@@ -134,8 +185,7 @@ def layernorm_forward(x, g, b, eps):
 def layernorm_backward(dy, n, rstd, g):
     shape, C = dy.shape, dy.shape[-1]
     dy2 = np.ascontiguousarray(dy).reshape(-1, C)
-    chunks = min(numba.get_num_threads(), dy2.shape[0]) or 1
-    dg, db = np.zeros((chunks, C)), np.zeros((chunks, C))       # float64 partial sums
+    dg, db = _column_parts(dy2), _column_parts(dy2)
     dx = np.empty_like(dy2)
     _ln_bwd(dy2, n.reshape(-1, C), rstd.reshape(-1), g, dx, dg, db)
     return dx.reshape(shape), dg.sum(axis=0).astype(dy.dtype), db.sum(axis=0).astype(dy.dtype)
@@ -249,7 +299,8 @@ def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
     _adamw(p, g, m, v, lr, b1, b2, eps, bc1, bc2)
 
 
-KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, layernorm_forward,
+KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forward,
+                                   bias_gelu_backward, layernorm_forward,
                                    layernorm_backward, causal_softmax, softmax_backward,
                                    cross_entropy_forward, cross_entropy_backward, adamw_update)}
 if numba_attention.GEMM is not None:

@@ -58,9 +58,10 @@ def check_layout(mcfg: ModelConfig, tcfg: TrainConfig, pcfg: ParallelConfig, tp:
     tcfg.validate(dp)
     mcfg.validate()
     stage = pcfg.zero_stage
-    if tcfg.backend == "cupy" and (tp > 1 or pp > 1 or stage):
-        raise ConfigError("--backend cupy supports data parallelism (one GPU per rank) but "
-                          "not yet tensor or pipeline parallelism or ZeRO (issue #8)")
+    if tcfg.backend == "cupy" and (stage or (tp > 1 and pcfg.tensor_parallel_mode == "2d")):
+        raise ConfigError("--backend cupy runs data, 1-D tensor and pipeline parallelism "
+                          "(collectives through the host) but not yet ZeRO or 2-D tensor "
+                          "parallelism (issue #8)")
     if stage >= 2 and pp > 1:
         raise ConfigError(ZERO_WITH_PP.format(stage=stage))
     if tp > 1 and pcfg.tensor_parallel_mode == "2d":
@@ -294,7 +295,8 @@ class Trainer:
         with self.timers("batch-generator"):
             for start in range(first, first + share, B):
                 ids = np.arange(start, start + B)
-                batches.append((*batch(self.train_data, ids), (self.iteration, ids)))
+                batches.append((*map(to_device, batch(self.train_data, ids)),
+                                (self.iteration, ids)))
         inject("forward", g.rank)
         inject("backward", g.rank)
         t0 = time.perf_counter()
@@ -308,7 +310,7 @@ class Trainer:
             model.reduce_replicated_grads()           # sequence parallelism's partial sums
             if g.emb_comm is not None:                # the two copies of the tied token table
                 wte = model.params.grads["wte.weight"]
-                wte[...] = g.emb_comm.allreduce(wte)
+                wte[...] = to_device(g.emb_comm.allreduce(to_host(wte)))
             if self.reducer:
                 self.reducer.start()
                 self.reducer.ready(list(model.params))
@@ -387,8 +389,8 @@ class Trainer:
         starts = range(g.dp_rank * share, (g.dp_rank + 1) * share, B)
         try:
             if self.pipe is not None:
-                batches = [(*batch(self.val_data, np.arange(s, s + B), sequential=True), None)
-                           for s in starts]
+                batches = [(*map(to_device, batch(self.val_data, np.arange(s, s + B),
+                                                  sequential=True)), None) for s in starts]
                 runner = PipelineExecutor(model, "forward", len(batches), self.act_shape, self.dtype)
                 total = g.pp_comm.allreduce(runner.run(batches, float(total_seqs * T)))
             else:

@@ -25,16 +25,25 @@ def cases(rng, dtype):
     return {
         "gelu_forward": [(r(3, 5, 7), "tanh"), (r(3, 5, 7), "erf")],
         "gelu_backward": [(r(4, 9), r(4, 9), "tanh"), (r(4, 9), r(4, 9), "erf")],
+        "bias_gelu_forward": [(r(3, 5, 7), r(7), "tanh"), (r(3, 5, 7), r(7), "erf")],
+        "bias_gelu_backward": [(r(4, 9), r(4, 9), "tanh"), (r(4, 9), r(4, 9), "erf")],
         "adamw_update": [(r(301), r(301), r(301), v, 1e-3, 0.9, 0.95, 1e-8, 0.19, 0.0975)],
-        "causal_softmax": [(r(2, 3, 5, 8), 3), (r(2, 3, 6, 6), 0), (r(1, 2, 300, 300), 0)],
-        "cross_entropy_forward": [(r(9, 45), rng.integers(0, 45, 9))],
+        "causal_softmax": [(r(2, 3, 5, 8), 3), (r(2, 3, 6, 6), 0), (r(1, 2, 300, 300), 0),
+                           (r(1, 1, 4, 1500), 1496)],
+        "column_sum": [(r(3, 7),), (np.round(8 * r(1000, 513)) / 8,)],   # sums exact in any order
+        "cross_entropy_forward": [(r(9, 45), rng.integers(0, 45, 9)),
+                                  (3 * r(5, 700)[:, :601], rng.integers(0, 601, 5))],
         "cross_entropy_backward": [(np.abs(r(9, 45)), rng.integers(0, 45, 9), 9.0, 64)],
         "scatter_add_rows": [(r(10, 4), rng.integers(0, 10, 20), r(20, 4))],
         "layernorm_forward": [(r(3, 5, 300) + 2.0, r(300), r(300), 1e-5)],
         "layernorm_backward": [(r(7, 300), r(7, 300), np.abs(r(7, 1)) + 0.5, r(300))],
-        "softmax_backward": [(np.abs(r(2, 3, 5, 300)), r(2, 3, 5, 300))],
+        "softmax_backward": [(np.abs(r(2, 3, 5, 300)), r(2, 3, 5, 300)),
+                             (np.tril(np.abs(r(1, 1, 9, 1500)), 1491), r(1, 1, 9, 1500))],
         "causal_matmul_nt": [(r(2, 3, 5, 4), r(2, 3, 9, 4), 0.5), (r(1, 2, 300, 8), r(1, 2, 300, 8))],
-        "causal_matmul_tn": [(np.tril(r(2, 3, 6, 6)), r(2, 3, 6, 4)), (r(1, 2, 5, 9), r(1, 2, 5, 3), 0.5)],
+        "causal_matmul_nn": [(np.tril(r(2, 3, 6, 6)), r(2, 3, 6, 4)),
+                             (np.tril(r(1, 2, 5, 9), 4), r(1, 2, 9, 3), 0.5)],
+        "causal_matmul_tn": [(np.tril(r(2, 3, 6, 6)), r(2, 3, 6, 4)),
+                             (np.tril(r(1, 2, 5, 9), 4), r(1, 2, 5, 3), 0.5)],
     }
 
 
@@ -48,13 +57,39 @@ def test_cupy_kernels_equal_their_references(dtype):
             gpu_args = [cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
             want = backend.reference(name)(*ref_args)
             got = cupy_gpu.KERNELS[name](*gpu_args)
-            if want is None:                                 # in place: compare the arrays
-                want, got = ref_args, [cp.asnumpy(a) if isinstance(a, cp.ndarray) else a
-                                       for a in gpu_args]
-            for w, g in zip(want if isinstance(want, (tuple, list)) else [want],
-                            got if isinstance(got, (tuple, list)) else [got]):
+            want = [] if want is None else want if isinstance(want, (tuple, list)) else [want]
+            got = [] if got is None else got if isinstance(got, (tuple, list)) else [got]
+            assert len(got) == len(want), name
+            # the results, then the arguments (which in-place kernels change)
+            arrays = [i for i, a in enumerate(args) if isinstance(a, np.ndarray)]
+            for w, g in zip([*want, *(ref_args[i] for i in arrays)],
+                            [*got, *(gpu_args[i] for i in arrays)]):
                 g = cp.asnumpy(g) if isinstance(g, cp.ndarray) else g
                 np.testing.assert_allclose(g, w, **TOL[dtype], err_msg=name)
+
+
+@pytest.mark.parametrize("blocks", [1, 3, 4])
+@pytest.mark.parametrize("T, Tk", [(64, 64), (1, 33), (50, 70)])
+def test_causal_products_on_views_of_the_qkv_projection(blocks, T, Tk, monkeypatch):
+    from refgpt.kernels import cupy_attention
+    monkeypatch.setattr(cupy_attention, "BLOCKS", blocks)
+    rng = np.random.default_rng(5)
+    B, H, D = 2, 3, 8
+    qkv = rng.standard_normal((B, Tk, 3, H, D))               # q: of the last T positions
+    p = np.tril(rng.standard_normal((B, H, T, Tk)), Tk - T)
+
+    def views(xp):
+        a = xp.asarray(qkv)
+        q = a[:, Tk - T:, 0].transpose(0, 2, 1, 3)              # [B, H, T, D], strided
+        k, v = a[:, :, 1].transpose(0, 2, 1, 3), a[:, :, 2].transpose(0, 2, 1, 3)
+        return q, k, v, xp.asarray(p)
+    (q, k, v, pn), (qg, kg, vg, pg) = views(np), views(cp)
+    for name, args, gpu in [("causal_matmul_nt", (q, k, 0.5), (qg, kg, 0.5)),
+                            ("causal_matmul_nn", (pn, v), (pg, vg)),
+                            ("causal_matmul_tn", (pn, q, 0.25), (pg, qg, 0.25))]:
+        want = backend.reference(name)(*args)
+        got = getattr(cupy_attention, name)(*gpu)
+        np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-12, atol=1e-12, err_msg=name)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

@@ -7,7 +7,7 @@ from refgpt.nn import GPT, Params, ParamSpec
 from refgpt.nn.attention import CausalSelfAttention
 from refgpt.nn.dropout import Dropout
 from refgpt.nn.embedding import Embedding, TiedHead
-from refgpt.nn.gelu import GELU
+from refgpt.nn.gelu import GELU, BiasGELU
 from refgpt.nn.layernorm import LayerNorm
 from refgpt.nn.linear import Linear
 from refgpt.nn.loss import CrossEntropy
@@ -77,6 +77,14 @@ def test_layernorm(rng):
 @pytest.mark.parametrize("kind", ["tanh", "erf"])
 def test_gelu(rng, kind):
     check_layer(GELU(kind), Params([], np.float64), 2 * rng.standard_normal((3, 7)))
+
+
+@pytest.mark.parametrize("kind", ["tanh", "erf"])
+def test_bias_gelu(rng, kind):
+    p = make_params([ParamSpec("fc.bias", (7,))])
+    layer = BiasGELU(p, "fc.bias", kind)
+    x = 2 * rng.standard_normal((3, 7))
+    check_layer(layer, p, x, forward=lambda x: layer.forward(x.copy()))   # forward adds b in place
 
 
 def test_gelu_large_inputs_are_finite():

@@ -56,3 +56,18 @@ def test_tensor_parallel_divisibility_errors():
     with pytest.raises(ConfigError, match="padded vocabulary"):
         check_divisible(ModelConfig(num_layers=1, hidden_size=24, num_attention_heads=3,
                                     vocab_size=50, vocab_multiple=8), 3, False)
+
+
+def test_the_gpu_backend_refuses_zero_and_2d_tensor_parallelism_by_name():
+    from refgpt.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+    from refgpt.engine import check_layout
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=45, vocab_multiple=16)
+    tcfg = TrainConfig(micro_batch_size=1, global_batch_size=4, backend="cupy")
+    check_layout(cfg, tcfg, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
+                                           pipeline_model_parallel_size=2), 2, 1, 2)  # fine
+    with pytest.raises(ConfigError, match="not yet ZeRO or 2-D tensor parallelism"):
+        check_layout(cfg, tcfg, ParallelConfig(zero_stage=1), 1, 2, 1)
+    with pytest.raises(ConfigError, match="not yet ZeRO or 2-D tensor parallelism"):
+        check_layout(cfg, tcfg, ParallelConfig(tensor_model_parallel_size=4,
+                                               tensor_parallel_mode="2d"), 4, 1, 1)

@@ -11,7 +11,7 @@ from refgpt.engine import Trainer
 from refgpt.kernels import numba_attention, numba_cpu
 from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matmul_tn,
                                  causal_softmax, softmax_backward)
-from refgpt.nn.gelu import gelu_backward, gelu_forward
+from refgpt.nn.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
 from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
 from refgpt.nn.loss import cross_entropy_backward, cross_entropy_forward
 from refgpt.optim.adamw import adamw_update
@@ -40,6 +40,19 @@ def test_gelu(dtype, kind):
     x, dy = rand(rng, (3, 7, 33), dtype, 3.0), rand(rng, (3, 7, 33), dtype)
     close(numba_cpu.gelu_forward(x, kind), gelu_forward.reference(x, kind), dtype)
     close(numba_cpu.gelu_backward(x, dy, kind), gelu_backward.reference(x, dy, kind), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", ["tanh", "erf"])
+def test_bias_gelu(dtype, kind):
+    rng = np.random.default_rng(0)
+    f, b, dy = rand(rng, (3, 7, 33), dtype, 3.0), rand(rng, 33, dtype), rand(rng, (3, 7, 33), dtype)
+    mine, ref = f.copy(), f.copy()
+    close(numba_cpu.bias_gelu_forward(mine, b, kind), bias_gelu_forward.reference(ref, b, kind),
+          dtype)
+    close(mine, ref, dtype)                                  # both now hold f + b
+    close(numba_cpu.bias_gelu_backward(ref, dy, kind),
+          bias_gelu_backward.reference(ref, dy, kind), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -124,7 +137,8 @@ def test_adamw_update(dtype):
 
 def test_every_numba_kernel_has_a_reference_and_is_tested():
     assert backend.kernel_names("numba") == sorted(
-        ["gelu_forward", "gelu_backward", "layernorm_forward", "layernorm_backward",
+        ["gelu_forward", "gelu_backward", "bias_gelu_forward", "bias_gelu_backward",
+         "layernorm_forward", "layernorm_backward",
          "causal_softmax", "softmax_backward", "cross_entropy_forward",
          "cross_entropy_backward", "adamw_update", "causal_matmul_nt", "causal_matmul_nn",
          "causal_matmul_tn"])

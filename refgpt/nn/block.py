@@ -3,6 +3,8 @@
     a = x + drop(attn(ln_1(x)))
     y = a + drop(c_proj(gelu(c_fc(ln_2(a)))))          c_fc: C -> 4C, c_proj: 4C -> C
 
+c_fc's bias is added by the GELU layer (refgpt.nn.gelu.BiasGELU), in the same pass.
+
 Backward runs the same lines in reverse; each residual adds the branch's input gradient
 to the gradient flowing straight through.
 """
@@ -13,7 +15,7 @@ import numpy as np
 
 from .attention import CausalSelfAttention, KVCache
 from .dropout import Dropout
-from .gelu import GELU
+from .gelu import BiasGELU
 from .layernorm import LayerNorm
 from .linear import Linear
 
@@ -27,8 +29,8 @@ class Block:
                                         cfg.dropout, seed)
         self.attn_resid_drop = Dropout(cfg.dropout, f"{p}.attn.resid_drop", seed)
         self.ln_2 = LayerNorm(params, f"{p}.ln_2", cfg.layernorm_eps)
-        self.c_fc = Linear(params, f"{p}.mlp.c_fc")
-        self.act = GELU(cfg.gelu)
+        self.c_fc = Linear(params, f"{p}.mlp.c_fc", bias=False)
+        self.act = BiasGELU(params, f"{p}.mlp.c_fc.bias", cfg.gelu)
         self.c_proj = Linear(params, f"{p}.mlp.c_proj")
         self.mlp_resid_drop = Dropout(cfg.dropout, f"{p}.mlp.resid_drop", seed)
         self.layers = [self.ln_1, self.attn, *self.attn.layers, self.attn_resid_drop,
@@ -42,7 +44,7 @@ class Block:
         a = x + self.attn_resid_drop.forward(h, key)                       # [B, T, C]
         n2 = self.ln_2.forward(a)
         f = self.c_fc.forward(n2)                                          # [B, T, 4C]
-        g = self.act.forward(f)
+        g = self.act.forward(f)                                            # f += bias
         m = self.c_proj.forward(g)                                         # [B, T, C]
         y = a + self.mlp_resid_drop.forward(m, key)                        # [B, T, C]
         if record is not None:

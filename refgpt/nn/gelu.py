@@ -8,6 +8,11 @@ tanh form, with u = sqrt(2/pi) (x + 0.044715 x^3), t = tanh(u):
 sech^2(u) is computed as 1 - t^2 (through cosh it would overflow in float32 for |u| > ~89).
 
 erf form: y = x Phi(x), dy/dx = Phi(x) + x phi(x), with Phi the normal CDF.
+
+BiasGELU is GELU with the bias of the layer before it (the MLP's c_fc, computed without its
+bias) folded in: y = gelu(f + b), db = sum over tokens of dy gelu'(f + b). The sums are the
+same as Linear's bias followed by GELU; a fused kernel makes the bias add and the bias
+gradient part of the passes GELU makes anyway.
 """
 
 from __future__ import annotations
@@ -18,18 +23,23 @@ import numpy as np
 from scipy.special import erf
 
 from ..backend import kernel
-from .layer import Layer
+from .layer import Layer, ParamRef
+from .linear import column_sum
 
 _S2PI = math.sqrt(2.0 / math.pi)
 _K = 0.044715
 
 
+def check_kind(kind: str) -> str:
+    if kind not in ("tanh", "erf"):
+        raise ValueError(f"unknown GELU kind {kind!r}")
+    return kind
+
+
 class GELU(Layer):
     def __init__(self, kind: str = "tanh"):
         super().__init__()
-        if kind not in ("tanh", "erf"):
-            raise ValueError(f"unknown GELU kind {kind!r}")
-        self.kind = kind
+        self.kind = check_kind(kind)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
@@ -38,6 +48,29 @@ class GELU(Layer):
     def backward(self, dy: np.ndarray) -> np.ndarray:
         (x,) = self.saved()
         return gelu_backward(x, dy, self.kind)
+
+
+class BiasGELU(Layer):
+    """y = gelu(f + b) for f = x W from a Linear without bias; b is that Linear's bias."""
+
+    b, gb = ParamRef("bias"), ParamRef("bias", grad=True)
+
+    def __init__(self, params, bias_name: str, kind: str = "tanh"):
+        super().__init__()
+        self.params, self.param_names = params, {"bias": bias_name}
+        self.kind = check_kind(kind)
+
+    def forward(self, f: np.ndarray) -> np.ndarray:
+        """f becomes f + b in place (the pre-activation, which backward needs)."""
+        y = bias_gelu_forward(f, self.b, self.kind)
+        self.save(f)
+        return y
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        (x,) = self.saved()
+        dx, db = bias_gelu_backward(x, dy, self.kind)
+        self.gb += db
+        return dx
 
 
 @kernel
@@ -57,3 +90,17 @@ def gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str) -> np.ndarray:
         pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
         dydx = cdf + x * pdf
     return dy * dydx.astype(dy.dtype, copy=False)
+
+
+@kernel
+def bias_gelu_forward(f: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
+    """gelu(f + b), leaving f + b in f."""
+    f += b
+    return gelu_forward(f, kind)
+
+
+@kernel
+def bias_gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str):
+    """(dx, db): dx = dy gelu'(x), db = dx summed over every axis but the last."""
+    dx = gelu_backward(x, dy, kind)
+    return dx, column_sum(dx.reshape(-1, dx.shape[-1]))

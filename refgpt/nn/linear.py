@@ -16,7 +16,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import kernel
 from .layer import Layer, ParamRef
+
+
+@kernel
+def column_sum(a: np.ndarray) -> np.ndarray:
+    """a [N, C] summed over its rows: [C] (a bias's gradient)."""
+    return a.sum(axis=0)
 
 
 class Linear(Layer):
@@ -49,4 +56,4 @@ class Linear(Layer):
     def weight_grad(self, x2: np.ndarray, dy2: np.ndarray) -> None:
         self.gw += x2.T @ dy2                           # [in, out]
         if self.gb is not None:
-            self.gb += dy2.sum(axis=0)                  # [out]
+            self.gb += column_sum(dy2)                  # [out]

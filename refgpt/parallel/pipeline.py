@@ -22,6 +22,7 @@ from collections import deque
 
 import numpy as np
 
+from ..backend import to_device, to_host
 from ..config import ConfigError
 from ..nn.gpt import GPT, Stage, param_specs
 from ..nn.linear import Linear
@@ -158,7 +159,7 @@ class PipelineExecutor:
         def received(kind, op):
             req, buf = recvs.pop((kind, op.mb, op.chunk))
             req.Wait()
-            return buf
+            return to_device(buf)                     # a GPU array under the cupy backend
 
         for op in self.program:
             t0 = time.perf_counter()
@@ -190,7 +191,8 @@ class PipelineExecutor:
                     lin.weight_grad(x2, dy2)
             elif op.kind in ("SEND_ACT", "SEND_GRAD"):
                 kind = "act" if op.kind == "SEND_ACT" else "grad"
-                buf = np.ascontiguousarray(outputs.pop((kind, op.mb, op.chunk)), self.dtype)
+                buf = np.ascontiguousarray(to_host(outputs.pop((kind, op.mb, op.chunk))),
+                                           self.dtype)
                 sends.append((comm.Isend(buf, dest=op.peer, tag=op.tag), buf))
             elif op.kind == "STEP":
                 MPI.Request.Waitall([req for req, _ in sends])

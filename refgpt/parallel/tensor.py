@@ -36,15 +36,16 @@ import math
 
 import numpy as np
 
+from ..backend import array_module
 from ..config import ConfigError
 from ..nn.attention import CausalSelfAttention
 from ..nn.dropout import Dropout
-from ..nn.gelu import GELU
+from ..nn.gelu import BiasGELU
 from ..nn.gpt import GPTBase, Stage, param_specs
-from ..nn.embedding import TokenTable
+from ..nn.embedding import TokenTable, scatter_add_rows
 from ..nn.layer import Layer, ParamRef
 from ..nn.layernorm import LayerNorm
-from ..nn.linear import Linear
+from ..nn.linear import Linear, column_sum
 from ..nn.params import Params, ParamSpec
 from ..optim.clip import sum_squares
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
@@ -115,7 +116,7 @@ class AddBias(Layer):
         return x + self.b
 
     def backward(self, dy):
-        self.gb += dy.reshape(-1, dy.shape[-1]).sum(axis=0)
+        self.gb += column_sum(dy.reshape(-1, dy.shape[-1]))
         return dy
 
 
@@ -141,8 +142,8 @@ class ParallelBlock:
         self.attn_resid_drop = Dropout(cfg.dropout, f"{p}.attn.resid_drop", seed, seq_part)
         self.ln_2 = LayerNorm(params, f"{p}.ln_2", cfg.layernorm_eps)
         self.mlp_in = enter(tp, f"{p}.mlp")
-        self.c_fc = Linear(params, f"{p}.mlp.c_fc")
-        self.act = GELU(cfg.gelu)
+        self.c_fc = Linear(params, f"{p}.mlp.c_fc", bias=False)
+        self.act = BiasGELU(params, f"{p}.mlp.c_fc.bias", cfg.gelu)
         self.c_proj = Linear(params, f"{p}.mlp.c_proj", bias=False)
         self.mlp_out = leave(tp, f"{p}.mlp")
         self.mlp_bias = AddBias(params, f"{p}.mlp.c_proj.bias")
@@ -191,7 +192,7 @@ class VocabParallelEmbedding(TokenTable):
         local, mine, p0 = self.saved()
         self.gwpe[p0:p0 + dx.shape[1]] += dx.sum(axis=0)
         dfull = self.reduce.backward(dx)                              # [B, T, C]
-        np.add.at(self.gwte, local[mine], dfull[mine])
+        scatter_add_rows(self.gwte, local[mine], dfull[mine])
 
 
 class VocabParallelHead(TokenTable):
@@ -226,20 +227,21 @@ class VocabParallelCrossEntropy(Layer):
         n_real = min(max(self.V - lo, 0), Vl)                         # real columns held here
         z = logits.reshape(-1, Vl)[:, :n_real]                        # [N, n_real]
         y = targets.reshape(-1)
-        local_max = z.max(axis=1) if n_real else np.full(len(y), -np.inf, logits.dtype)
+        xp = array_module()
+        local_max = z.max(axis=1) if n_real else xp.full(len(y), -np.inf, logits.dtype)
         m = tp.allreduce(local_max, "loss", op="max")                 # [N]
         e = np.exp(z - m[:, None])
         s = tp.allreduce(e.sum(axis=1), "loss")                       # [N]
         mine = (y >= lo) & (y < lo + n_real)                          # targets in this shard
         y_local = np.where(mine, y - lo, 0)
-        picked = z[np.arange(len(y)), y_local] if n_real else np.zeros(len(y), z.dtype)
+        picked = z[xp.arange(len(y)), y_local] if n_real else xp.zeros(len(y), z.dtype)
         zy = tp.allreduce(np.where(mine, picked, 0.0), "loss")        # [N] target logits
         self.save(e / s[:, None], y_local, mine, norm, logits.shape)
         return float((np.log(s) + m - zy).sum() / norm)
 
     def backward(self):
         probs, y_local, mine, norm, shape = self.saved()
-        dz = np.zeros((probs.shape[0], shape[-1]), probs.dtype)
+        dz = array_module().zeros((probs.shape[0], shape[-1]), probs.dtype)
         dz[:, :probs.shape[1]] = probs
         dz[np.nonzero(mine)[0], y_local[mine]] -= 1.0
         dz /= norm

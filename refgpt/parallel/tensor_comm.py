@@ -22,8 +22,20 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..backend import to_device, to_host
+
+
+def host_copy(x) -> np.ndarray:
+    """A contiguous host array holding x's values, not sharing x's memory (a GPU array is
+    copied to the host once the work queued on it is done): MPI reads and writes host memory."""
+    h = to_host(x)
+    return h.copy() if h is x else np.ascontiguousarray(h)
+
 
 class TPComm:
+    """Collectives over the tensor-parallel group, on host buffers: under the cupy backend
+    each goes through the host (copied over, reduced, copied back)."""
+
     def __init__(self, comm):
         self.comm = comm
         self.t, self.rank = comm.Get_size(), comm.Get_rank()
@@ -31,24 +43,24 @@ class TPComm:
 
     def allreduce(self, x: np.ndarray, site: str, op: str = "sum") -> np.ndarray:
         from mpi4py import MPI
-        buf = np.ascontiguousarray(x).copy()
+        buf = host_copy(x)
         self.comm.Allreduce(MPI.IN_PLACE, buf, op={"sum": MPI.SUM, "max": MPI.MAX}[op])
         self.volume[(site, "all-reduce")] += 2 * (self.t - 1) / self.t * buf.size
-        return buf
+        return to_device(buf)
 
     def allgather(self, x: np.ndarray, axis: int, site: str) -> np.ndarray:
-        x = np.ascontiguousarray(x)
+        x = np.ascontiguousarray(to_host(x))
         buf = np.empty((self.t, *x.shape), x.dtype)
         self.comm.Allgather(x, buf)
         self.volume[(site, "all-gather")] += (self.t - 1) / self.t * buf.size
-        return np.concatenate(list(buf), axis=axis)
+        return to_device(np.concatenate(list(buf), axis=axis))
 
     def reduce_scatter(self, x: np.ndarray, axis: int, site: str) -> np.ndarray:
-        chunks = np.ascontiguousarray(np.stack(np.split(x, self.t, axis=axis)))
+        chunks = np.ascontiguousarray(np.stack(np.split(to_host(x), self.t, axis=axis)))
         out = np.empty(chunks.shape[1:], x.dtype)
         self.comm.Reduce_scatter_block(chunks, out)
         self.volume[(site, "reduce-scatter")] += (self.t - 1) / self.t * x.size
-        return out
+        return to_device(out)
 
     def layer_volume(self, prefix: str) -> float:
         """Elements moved by the sites under prefix (e.g. "h.0.") since the counters began."""
