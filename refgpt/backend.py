@@ -13,8 +13,8 @@ is a plain function marked ``@kernel`` next to the layer that calls it. A backen
             __array_function__; GEMMs go to cuBLAS), and refgpt.kernels.cupy_gpu replaces the
             kernels that need it (fused element-wise kernels, and those that build index or
             mask arrays). Ranks use GPU (rank mod GPUs per node); data, 1-D tensor
-            (with sequence) and pipeline parallelism run their collectives through the host
-            (MPI is not assumed to read GPU memory); ZeRO and 2-D tensor parallelism do not
+            (with sequence) and pipeline parallelism and ZeRO run their collectives through
+            the host (MPI is not assumed to read GPU memory); 2-D tensor parallelism does not
             run on GPUs yet.
 
 A kernel the backend does not provide falls back to the reference, so a backend may be
