@@ -1,6 +1,7 @@
 """Parallel training on GPUs (the cupy backend, ranks sharing or owning GPUs, collectives
 through the host) equals the single-process numpy run in float64: data, 1-D tensor (with
-and without sequence parallelism) and pipeline parallelism, and ZeRO's three stages. Skipped where CuPy or a GPU is
+and without sequence parallelism), 2-D tensor and pipeline parallelism, and ZeRO's three
+stages. Skipped where CuPy or a GPU is
 missing (the CI machine); run on a GPU node with
 ``mpirun -n 2 python -m pytest --with-mpi mpi_tests/test_cupy_parallel.py``."""
 
@@ -31,6 +32,7 @@ LAYOUTS = {  # name: (tp, pp, ParallelConfig options)
     "dp-zero3": (1, 1, dict(zero_stage=3)),
     "tp2-zero3": (2, 1, dict(tensor_model_parallel_size=2, zero_stage=3)),
     "pp2-zero1": (1, 2, dict(pipeline_model_parallel_size=2, zero_stage=1)),
+    "tp4-2d": (4, 1, dict(tensor_model_parallel_size=4, tensor_parallel_mode="2d")),
 }
 
 
@@ -45,7 +47,8 @@ def test_gpu_parallel_training_equals_single_process_numpy(layout):
         pytest.skip(f"{layout} needs a multiple of {tp * pp} ranks")
 
     def run(name, grid, pcfg):
-        tcfg = TrainConfig(micro_batch_size=1, global_batch_size=2 * comm.size, train_iters=3,
+        micro = 2 if options.get("tensor_parallel_mode") == "2d" else 1   # divisible by q
+        tcfg = TrainConfig(micro_batch_size=micro, global_batch_size=2 * comm.size, train_iters=3,
                            lr=1e-2, dtype="float64", synthetic_data=True, eval_iters=1,
                            clip_grad=0.5, backend=name)
         cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
