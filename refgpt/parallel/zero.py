@@ -227,7 +227,7 @@ class ZeroParams(Params):
         unit.data = self.alloc(unit.size)
         unit.views = self.views_of(unit, unit.data)
         send = to_host(self.shard_data[a:b])                  # the views themselves on a CPU
-        recv = unit.data if to_host(unit.data) is unit.data else self.alloc(unit.size, host=True)
+        recv = unit.data if isinstance(unit.data, np.ndarray) else self.alloc(unit.size, host=True)
         unit.gathering = (self.comm.Iallgatherv(send, [recv, (unit.counts, unit.displs)]),
                           send, recv)
         self.comm_bytes += (unit.size - (b - a)) * self.dtype.itemsize
