@@ -1,6 +1,7 @@
 """Parallel training on GPUs (the cupy backend, ranks sharing or owning GPUs, collectives
 through the host) equals the single-process numpy run in float64: data, 1-D tensor (with
-and without sequence parallelism) and pipeline parallelism. Skipped where CuPy or a GPU is
+and without sequence parallelism), 2-D tensor and pipeline parallelism, and ZeRO's three
+stages. Skipped where CuPy or a GPU is
 missing (the CI machine); run on a GPU node with
 ``mpirun -n 2 python -m pytest --with-mpi mpi_tests/test_cupy_parallel.py``."""
 
@@ -14,6 +15,7 @@ except cp.cuda.runtime.CUDARuntimeError:
     GPUS = 0
 
 from refgpt import backend  # noqa: E402
+from refgpt.checkpoint import flat_to_named  # noqa: E402
 from refgpt.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 from refgpt.engine import Trainer  # noqa: E402
 from refgpt.parallel.grid import Grid  # noqa: E402
@@ -25,6 +27,12 @@ LAYOUTS = {  # name: (tp, pp, ParallelConfig options)
     "tp2-sp": (2, 1, dict(tensor_model_parallel_size=2, sequence_parallel=True)),
     "pp2-1f1b": (1, 2, dict(pipeline_model_parallel_size=2, pipeline_schedule="1f1b")),
     "tp2-pp2": (2, 2, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2)),
+    "dp-zero1": (1, 1, dict(zero_stage=1)),
+    "dp-zero2": (1, 1, dict(zero_stage=2)),
+    "dp-zero3": (1, 1, dict(zero_stage=3)),
+    "tp2-zero3": (2, 1, dict(tensor_model_parallel_size=2, zero_stage=3)),
+    "pp2-zero1": (1, 2, dict(pipeline_model_parallel_size=2, zero_stage=1)),
+    "tp4-2d": (4, 1, dict(tensor_model_parallel_size=4, tensor_parallel_mode="2d")),
 }
 
 
@@ -39,7 +47,8 @@ def test_gpu_parallel_training_equals_single_process_numpy(layout):
         pytest.skip(f"{layout} needs a multiple of {tp * pp} ranks")
 
     def run(name, grid, pcfg):
-        tcfg = TrainConfig(micro_batch_size=1, global_batch_size=2 * comm.size, train_iters=3,
+        micro = 2 if options.get("tensor_parallel_mode") == "2d" else 1   # divisible by q
+        tcfg = TrainConfig(micro_batch_size=micro, global_batch_size=2 * comm.size, train_iters=3,
                            lr=1e-2, dtype="float64", synthetic_data=True, eval_iters=1,
                            clip_grad=0.5, backend=name)
         cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
@@ -52,9 +61,11 @@ def test_gpu_parallel_training_equals_single_process_numpy(layout):
     got, par = run("cupy", Grid(comm, tp, pp), ParallelConfig(**options))
     ref, one = run("numpy", None, None)
     p_ref = one.model.params.data
-    full = {n: backend.to_host(v) for n, v in par.model.params.items()}
+    flat = backend.to_host(par.zero.full_data() if par.zero else par.model.params.data)
     if tp > 1 or pp > 1:                                   # this rank's shards and stages
-        full = par.model.full_tensors(backend.to_host(par.model.params.data))
+        full = par.model.full_tensors(flat)
+    else:
+        full = flat_to_named(flat, par.model.params)
     err = max(float(np.abs(full[n] - one.model.params[n]).max()) for n in full)
     ok = (np.allclose([h["loss"] for h in got], [h["loss"] for h in ref], rtol=1e-10, atol=0)
           and err <= 1e-10 * float(np.abs(p_ref).max()))

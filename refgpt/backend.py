@@ -12,10 +12,9 @@ is a plain function marked ``@kernel`` next to the layer that calls it. A backen
             references run on them through NumPy's dispatch (__array_ufunc__,
             __array_function__; GEMMs go to cuBLAS), and refgpt.kernels.cupy_gpu replaces the
             kernels that need it (fused element-wise kernels, and those that build index or
-            mask arrays). Ranks use GPU (rank mod GPUs per node); data, 1-D tensor
-            (with sequence) and pipeline parallelism run their collectives through the host
-            (MPI is not assumed to read GPU memory); ZeRO and 2-D tensor parallelism do not
-            run on GPUs yet.
+            mask arrays). Ranks use GPU (rank mod GPUs per node); every parallel layout
+            (data, 1-D and 2-D tensor, pipeline, ZeRO) runs its collectives through the host
+            (MPI is not assumed to read GPU memory).
 
 A kernel the backend does not provide falls back to the reference, so a backend may be
 partial; ``kernel_names(backend)`` lists what it replaces.

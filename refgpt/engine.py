@@ -58,10 +58,10 @@ def check_layout(mcfg: ModelConfig, tcfg: TrainConfig, pcfg: ParallelConfig, tp:
     tcfg.validate(dp)
     mcfg.validate()
     stage = pcfg.zero_stage
-    if tcfg.backend == "cupy" and (stage or (tp > 1 and pcfg.tensor_parallel_mode == "2d")):
-        raise ConfigError("--backend cupy runs data, 1-D tensor and pipeline parallelism "
-                          "(collectives through the host) but not yet ZeRO or 2-D tensor "
-                          "parallelism (issue #8)")
+    if tcfg.backend == "cupy" and pcfg.offload_optimizer:
+        raise ConfigError("--offload-optimizer keeps AdamW's moments in host memory-mapped "
+                          "files, which the GPU's AdamW kernel cannot update: drop it with "
+                          "--backend cupy")
     if stage >= 2 and pp > 1:
         raise ConfigError(ZERO_WITH_PP.format(stage=stage))
     if tp > 1 and pcfg.tensor_parallel_mode == "2d":

@@ -58,16 +58,16 @@ def test_tensor_parallel_divisibility_errors():
                                     vocab_size=50, vocab_multiple=8), 3, False)
 
 
-def test_the_gpu_backend_refuses_zero_and_2d_tensor_parallelism_by_name():
+def test_the_gpu_backend_refuses_optimizer_offload_by_name():
     from refgpt.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
     from refgpt.engine import check_layout
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                       vocab_size=45, vocab_multiple=16)
-    tcfg = TrainConfig(micro_batch_size=1, global_batch_size=4, backend="cupy")
+    tcfg = TrainConfig(micro_batch_size=2, global_batch_size=4, backend="cupy")
     check_layout(cfg, tcfg, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True,
-                                           pipeline_model_parallel_size=2), 2, 1, 2)  # fine
-    with pytest.raises(ConfigError, match="not yet ZeRO or 2-D tensor parallelism"):
-        check_layout(cfg, tcfg, ParallelConfig(zero_stage=1), 1, 2, 1)
-    with pytest.raises(ConfigError, match="not yet ZeRO or 2-D tensor parallelism"):
-        check_layout(cfg, tcfg, ParallelConfig(tensor_model_parallel_size=4,
-                                               tensor_parallel_mode="2d"), 4, 1, 1)
+                                           pipeline_model_parallel_size=2, zero_stage=1),
+                 2, 1, 2)                                             # these run on GPUs
+    check_layout(cfg, tcfg, ParallelConfig(tensor_model_parallel_size=4,
+                                           tensor_parallel_mode="2d"), 4, 1, 1)
+    with pytest.raises(ConfigError, match="--offload-optimizer .* drop it with --backend cupy"):
+        check_layout(cfg, tcfg, ParallelConfig(zero_stage=1, offload_optimizer="/tmp/x"), 1, 2, 1)

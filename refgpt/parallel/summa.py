@@ -35,6 +35,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from ..backend import array_module, to_device, to_host
+
 
 class SummaGrid:
     """The row and column communicators of a q x q tensor-parallel group (collective)."""
@@ -66,9 +68,12 @@ class SummaGrid:
 
 def _bcast_steps(comm, mine: np.ndarray, q: int, grid: SummaGrid, site: str):
     """Yield, for k = 0..q-1, the block that comm's rank k broadcasts (shape of mine), with
-    step k+1's broadcast already in flight while the caller uses step k's block."""
+    step k+1's broadcast already in flight while the caller uses step k's block. The
+    broadcasts run on host buffers (under the cupy backend a block is copied over before it
+    is sent and back when it has arrived)."""
+    mine_h = np.ascontiguousarray(to_host(mine))             # what MPI sends and receives
     def start(k):
-        buf = mine if comm.Get_rank() == k else np.empty_like(mine)
+        buf = mine_h if comm.Get_rank() == k else np.empty_like(mine_h)
         return buf, comm.Ibcast(buf, root=k)
     nxt = start(0)
     for k in range(q):
@@ -78,16 +83,18 @@ def _bcast_steps(comm, mine: np.ndarray, q: int, grid: SummaGrid, site: str):
         req.Wait()
         if comm.Get_rank() != k:
             grid.count(site, buf.size, 1)
-        yield buf
+            yield to_device(buf)
+        else:
+            yield mine
 
 
 def matmul_ab(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> np.ndarray:
     """C_ij = sum_k A_ik B_kj, for A_ij [M/q, K/q] and B_ij [K/q, N/q] on rank (i, j).
     site names the caller in the grid's counters."""
     q = grid.q
-    c = np.zeros((a.shape[0], b.shape[1]), np.result_type(a, b))
-    a_steps = _bcast_steps(grid.row, np.ascontiguousarray(a), q, grid, site)
-    b_steps = _bcast_steps(grid.col, np.ascontiguousarray(b), q, grid, site)
+    c = array_module().zeros((a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
+    a_steps = _bcast_steps(grid.row, a, q, grid, site)
+    b_steps = _bcast_steps(grid.col, b, q, grid, site)
     for a_ik, b_kj in zip(a_steps, b_steps):
         c += a_ik @ b_kj
     return c
@@ -110,14 +117,13 @@ def _reduce_products(grid, bcast_comm, moving, reduce_comm, my_coord: int, produ
     rank's term of the result block that reduce_comm's rank k owns, and is reduced there."""
     from mpi4py import MPI
     c = None
-    for k, blk in enumerate(_bcast_steps(bcast_comm, np.ascontiguousarray(moving), grid.q, grid,
-                                         site)):
-        part = np.ascontiguousarray(product(blk))
+    for k, blk in enumerate(_bcast_steps(bcast_comm, moving, grid.q, grid, site)):
+        part = np.ascontiguousarray(to_host(product(blk)))
         mine = my_coord == k
         out = np.empty_like(part) if mine else None
         reduce_comm.Reduce(part, out, op=MPI.SUM, root=k)
         if mine:
-            c = out
+            c = to_device(out)
         else:
             grid.count(site, 0, 1)
     grid.count(site, c.size * (grid.q - 1), 0)                 # q-1 partial sums arrive

@@ -31,9 +31,11 @@ import math
 
 import numpy as np
 
+from ..backend import array_module
 from ..config import ConfigError
 from ..nn.attention import CausalSelfAttention
 from ..nn.dropout import Dropout
+from ..nn.embedding import scatter_add_rows
 from ..nn.gelu import GELU
 from ..nn.gpt import GPTBase, Stage, param_specs
 from ..nn.layer import Layer, ParamRef
@@ -90,13 +92,13 @@ class Linear2D(Layer):
         self.defer: list | None = None
 
     def forward(self, x):
-        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+        x2 = x.reshape(-1, x.shape[-1])
         self.save(x2)
         return matmul_ab(self.grid, x2, self.w, self.site).reshape(*x.shape[:-1], -1)
 
     def backward(self, dy):
         (x2,) = self.saved()
-        dy2 = np.ascontiguousarray(dy.reshape(-1, dy.shape[-1]))
+        dy2 = dy.reshape(-1, dy.shape[-1])
         if self.defer is None:
             self.weight_grad(x2, dy2)
         else:
@@ -244,11 +246,11 @@ class Embedding2D(Layer):
     def backward(self, dx):
         local, mine = self.saved()
         P = self.params.specs["wpe.weight"].shape[0] * self.grid.q
-        dpos = np.zeros((P, dx.shape[-1]), dx.dtype)
+        dpos = array_module().zeros((P, dx.shape[-1]), dx.dtype)
         dpos[:dx.shape[1]] = dx.sum(axis=0)
         self.wpe.add_grad(dpos)
         dfull = self.col.allgather(dx, 0, "embed")               # [B, T, C/q]
-        np.add.at(self.gwte, local[mine], dfull[mine])
+        scatter_add_rows(self.gwte, local[mine], dfull[mine])
 
 
 class Head2D(Layer):
@@ -261,7 +263,7 @@ class Head2D(Layer):
         self.params, self.param_names, self.grid = params, {"wte": "wte.weight"}, grid
 
     def forward(self, x):
-        x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+        x2 = x.reshape(-1, x.shape[-1])
         self.save(x2, x.shape)
         return matmul_abt(self.grid, x2, self.wte, "head")       # [B/q T, Vp/q]
 

@@ -40,6 +40,10 @@ Per rank and step, for m micro-batches and b bytes per element (paper's K = 8 fo
 Traffic is counted per collective as the part of the buffer this rank does not own (what a
 reduce-scatter must send away, or an all-gather bring in), so the sums are exact. Temporary
 unit buffers are not persistent state; their high-water mark is reported as working_peak.
+
+Under the cupy backend the buffers live on the GPU and every collective goes through the
+host: what a rank sends is copied over once the GPU's queued work is done, and what it
+receives is copied back when the request completes (MPI is not assumed to read GPU memory).
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backend import array_module, to_device, to_host
 from ..nn.params import Params, unit_key
 from ..optim.clip import sum_squares
 from .data import IN_FLIGHT       # gradient collectives left running while backward goes on
@@ -72,7 +77,7 @@ class Unit:
     grad: np.ndarray | None = None       # stages 2-3: this micro-batch's gradients
     gviews: dict = field(default_factory=dict)
     refs: int = 0
-    gathering: object = None             # the pending MPI request of a prefetch
+    gathering: tuple | None = None       # a prefetch's pending request and host buffers
 
     @property
     def size(self) -> int:
@@ -116,12 +121,13 @@ class ZeroParams(Params):
         self.order = {"forward": self.units,
                       "backward": [u for u in self.units if u.key == "embed"]
                       + [u for u in reversed(self.units) if u.key != "embed"]}
+        xp = array_module()
         if stage == 3:
-            self.shard_data = np.zeros(S, self.dtype)
+            self.shard_data = xp.zeros(S, self.dtype)
             self._views = UnitViews(self, grad=False)
         if stage >= 2:
             self.grad = None
-            self.shard_grad = np.zeros(S, self.dtype)
+            self.shard_grad = xp.zeros(S, self.dtype)
             self.grads = UnitViews(self, grad=True)
         self.comm_bytes = 0                  # sent/received over DP for gradients and params
         self.working, self.working_peak = 0, 0
@@ -145,10 +151,13 @@ class ZeroParams(Params):
         return units
 
     # -- storage -----------------------------------------------------------------------
-    def alloc(self, n: int, zero: bool = False) -> np.ndarray:
+    def alloc(self, n: int, zero: bool = False, host: bool = False) -> np.ndarray:
+        """A temporary buffer of n elements on the device (host=True: in host memory, for
+        MPI to receive into)."""
         self.working += n * self.dtype.itemsize
         self.working_peak = max(self.working_peak, self.working)
-        return np.zeros(n, self.dtype) if zero else np.empty(n, self.dtype)
+        xp = np if host else array_module()
+        return xp.zeros(n, self.dtype) if zero else xp.empty(n, self.dtype)
 
     def free(self, a: np.ndarray) -> None:
         self.working -= a.nbytes
@@ -175,7 +184,7 @@ class ZeroParams(Params):
         lo, hi = self.slices[name]
         a, b = self.own_part(lo, hi)
         start = a + self.own[0] - lo
-        self.shard_data[a:b] = np.ravel(value)[start:start + b - a]
+        self.shard_data[a:b] = to_device(np.ravel(to_host(value))[start:start + b - a])
 
     def zero_grad(self) -> None:
         (self.shard_grad if self.stage >= 2 else self.grad)[...] = 0.0
@@ -190,9 +199,7 @@ class ZeroParams(Params):
         if unit.refs == 0:
             if unit.data is None:
                 self._gather(unit)
-            if unit.gathering is not None:
-                unit.gathering.Wait()
-                unit.gathering = None
+            self._gathered(unit)
             order = self.order[phase]
             nxt = order.index(unit) + 1
             if nxt < len(order) and order[nxt].data is None:
@@ -211,8 +218,7 @@ class ZeroParams(Params):
         changes the shards, a stale copy must not survive)."""
         for unit in self.units:
             if unit.refs == 0 and unit.data is not None:
-                if unit.gathering is not None:
-                    unit.gathering.Wait()
+                self._gathered(unit)
                 self.free(unit.data)
                 unit.data, unit.views, unit.gathering = None, {}, None
 
@@ -220,14 +226,29 @@ class ZeroParams(Params):
         a, b = self.own_part(unit.lo, unit.hi)
         unit.data = self.alloc(unit.size)
         unit.views = self.views_of(unit, unit.data)
-        unit.gathering = self.comm.Iallgatherv(
-            self.shard_data[a:b], [unit.data, (unit.counts, unit.displs)])
+        send = to_host(self.shard_data[a:b])                  # the views themselves on a CPU
+        recv = unit.data if isinstance(unit.data, np.ndarray) else self.alloc(unit.size, host=True)
+        unit.gathering = (self.comm.Iallgatherv(send, [recv, (unit.counts, unit.displs)]),
+                          send, recv)
         self.comm_bytes += (unit.size - (b - a)) * self.dtype.itemsize
+
+    def _gathered(self, unit: Unit) -> None:
+        """Complete the unit's pending gather, if any (and copy it to the device)."""
+        if unit.gathering is not None:
+            req, _, recv = unit.gathering
+            req.Wait()
+            if recv is not unit.data:
+                unit.data[...] = to_device(recv)
+                self.free(recv)
+            unit.gathering = None
 
     def gather_params(self) -> None:
         """Stages 1-2, after the optimizer step: every rank gets every updated shard."""
         from mpi4py import MPI
-        self.comm.Allgather(MPI.IN_PLACE, self.data)
+        buf = to_host(self.data)                             # self.data itself on a CPU
+        self.comm.Allgather(MPI.IN_PLACE, buf)
+        if buf is not self.data:
+            self.data[...] = to_device(buf)
         self.comm_bytes += (self.padded - self.padded // self.d) * self.dtype.itemsize
 
     # -- gradients: reduce-scatter unit by unit ------------------------------------------
@@ -247,10 +268,10 @@ class ZeroParams(Params):
             left.difference_update(names)
             if left:
                 continue
-            send = self.grad[unit.lo:unit.hi] if self.stage == 1 else unit.grad
-            piece = self.alloc(unit.counts[self.dp_rank])
+            send = to_host(self.grad[unit.lo:unit.hi] if self.stage == 1 else unit.grad)
+            piece = self.alloc(unit.counts[self.dp_rank], host=True)
             req = self.comm.Ireduce_scatter(send, piece, unit.counts, op=MPI.SUM)
-            self.reducing.append((unit, piece, req))
+            self.reducing.append((unit, piece, req, send))
             self.comm_bytes += (unit.size - len(piece)) * self.dtype.itemsize
             t0 = time.perf_counter()
             self._finish(self.reducing[:-IN_FLIGHT])  # bound what waits on the network
@@ -267,13 +288,13 @@ class ZeroParams(Params):
 
     def _finish(self, done: list) -> None:
         from mpi4py import MPI
-        MPI.Request.Waitall([req for _, _, req in done])
-        for unit, piece, _ in done:
+        MPI.Request.Waitall([req for _, _, req, _ in done])
+        for unit, piece, _, _ in done:
             a, b = self.own_part(unit.lo, unit.hi)
             if self.stage == 1:
-                self.grad[self.own[0] + a:self.own[0] + b] = piece
+                self.grad[self.own[0] + a:self.own[0] + b] = to_device(piece)
             else:
-                self.shard_grad[a:b] += piece
+                self.shard_grad[a:b] += to_device(piece)
                 self.free(unit.grad)
                 unit.grad, unit.gviews = None, {}
             self.free(piece)
@@ -292,7 +313,7 @@ class ZeroParams(Params):
     def gather_shards(self, shard: np.ndarray) -> np.ndarray:
         """The full flat buffer from every rank's shard of it (a temporary of P elements)."""
         full = np.empty(self.padded, shard.dtype)
-        self.comm.Allgather(np.ascontiguousarray(shard), full)
+        self.comm.Allgather(np.ascontiguousarray(to_host(shard)), full)
         return full
 
     def full_data(self) -> np.ndarray:
