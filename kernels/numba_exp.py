@@ -50,6 +50,7 @@ def _from_bits(typingctx, i):
     return types.float64(types.int64), codegen
 
 
+# Taylor coefficients 1/k!, named by k (numba reads module-level floats as constants)
 C13, C12, C11, C10, C9, C8, C7, C6, C5, C4, C3, C2, C1, C0 = INV_FACTORIAL[::-1]
 
 
