@@ -17,8 +17,10 @@ and float32 (tests/test_kernels.py). What they change is the memory traffic, not
   NumPy's BLAS exposes CBLAS). The model's other GEMMs go to BLAS through NumPy's matmul.
 
 Arithmetic runs in float64 inside the kernels for float64 inputs and in float32 for float32
-ones, except for reductions (row sums, means), which accumulate in float64. fastmath stays
-off: no reassociation beyond what the loop order states.
+ones, except for reductions (row sums, means), which accumulate in float64. No reassociation
+beyond what the loop order states; GELU's kernels allow fused multiply-adds (fastmath
+"contract") and call an exp written as arithmetic (refgpt.kernels.numba_exp), so that their
+loops vectorise.
 """
 
 from __future__ import annotations
@@ -30,20 +32,23 @@ import numpy as np
 from numba import njit, prange
 
 from . import numba_attention
+from .numba_exp import vexp
 
 S2PI = math.sqrt(2.0 / math.pi)
 K = 0.044715
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 FLAGS = dict(parallel=True, cache=True, nogil=True)
+VECTOR = dict(FLAGS, fastmath={"contract"})     # GELU's loops: vexp, with fused multiply-adds
 
 
 # -- GELU ------------------------------------------------------------------------------
 @njit(inline="always")
 def _tanh(u):
-    """tanh(u) = 1 - 2 / (1 + exp(2u)): exact, and libm's exp is about 3x faster than its tanh
-    (exp overflowing to inf gives 1, underflowing to 0 gives -1, as tanh does)."""
-    return 1.0 - 2.0 / (1.0 + math.exp(2.0 * u))
+    """tanh(u) = 1 - 2 / (1 + exp(2u)), with exp as arithmetic that vectorises
+    (refgpt.kernels.numba_exp; libm's tanh is a call per element, about 3x slower than its
+    exp). exp overflowing to inf gives 1, underflowing to 0 gives -1, as tanh does."""
+    return 1.0 - 2.0 / (1.0 + vexp(2.0 * u))
 
 
 @njit(inline="always")
@@ -58,22 +63,22 @@ def _gelu_slope(x, tanh_form):
     if tanh_form:
         t = _tanh(S2PI * (x + K * x * x * x))
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * S2PI * (1.0 + 3.0 * K * x * x)
-    return 0.5 * (1.0 + math.erf(x * INV_SQRT2)) + x * math.exp(-0.5 * x * x) * INV_SQRT_2PI
+    return 0.5 * (1.0 + math.erf(x * INV_SQRT2)) + x * vexp(-0.5 * x * x) * INV_SQRT_2PI
 
 
-@njit(**FLAGS)
+@njit(**VECTOR)
 def _gelu_fwd(x, y, tanh_form):
     for i in prange(x.size):
         y[i] = _gelu(x[i], tanh_form)
 
 
-@njit(**FLAGS)
+@njit(**VECTOR)
 def _gelu_bwd(x, dy, dx, tanh_form):
     for i in prange(x.size):
         dx[i] = dy[i] * _gelu_slope(x[i], tanh_form)
 
 
-@njit(**FLAGS)
+@njit(**VECTOR)
 def _bias_gelu_fwd(f, b, y, tanh_form):
     R, C = f.shape
     for r in prange(R):
@@ -83,7 +88,7 @@ def _bias_gelu_fwd(f, b, y, tanh_form):
             y[r, c] = _gelu(x, tanh_form)
 
 
-@njit(**FLAGS)
+@njit(**VECTOR)
 def _bias_gelu_bwd(x, dy, dx, db_parts, tanh_form):
     R, C = x.shape
     chunks = db_parts.shape[0]
