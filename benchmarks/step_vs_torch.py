@@ -86,23 +86,21 @@ def gemm_floor(cfg_tuple, repeats=3):
     rng = np.random.default_rng(0)
     r = lambda *shape: rng.standard_normal(shape).astype(f)   # noqa: E731
 
-    def best(fn):
-        return min(timed(fn, 1) for _ in range(repeats))
-
     def linear(n_in, n_out, w_t=False):
         """forward x W, backward dy W^T and x^T dy (W stored [in, out]; the head's as wte
         [out, in], w_t)."""
         x, dy, w = r(N, n_in), r(N, n_out), (r(n_out, n_in) if w_t else r(n_in, n_out))
         wf = w.T if w_t else w
-        return best(lambda: x @ wf) + best(lambda: dy @ wf.T) + best(lambda: x.T @ dy)
+        return (timed(lambda: x @ wf, repeats) + timed(lambda: dy @ wf.T, repeats)
+                + timed(lambda: x.T @ dy, repeats))
     per_layer = sum(linear(i, o) for i, o in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)))
     q = r(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)[0]
     k, v, do = r(B, H, T, D), r(B, H, T, D), r(B, H, T, D)
     p = np.tril(r(B, H, T, T))
     k_nt, k_nn, k_tn = (numba_cpu.KERNELS[n] for n in ("causal_matmul_nt", "causal_matmul_nn",
                                                        "causal_matmul_tn"))
-    per_layer += 2 * (best(lambda: k_nt(q, k, 0.125)) + best(lambda: k_nn(p, v))
-                      + best(lambda: k_tn(p, do)))
+    per_layer += 2 * (timed(lambda: k_nt(q, k, 0.125), repeats)
+                      + timed(lambda: k_nn(p, v), repeats) + timed(lambda: k_tn(p, do), repeats))
     return L * per_layer + linear(C, Vp, w_t=True)
 
 

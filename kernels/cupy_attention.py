@@ -31,7 +31,7 @@ __global__ void causal_zero(T* s, int T_, int Tk) {
     for (int j = last + 1 + threadIdx.x; j < Tk; j += blockDim.x) sr[j] = (T)0;
 }
 """, name_expressions=["causal_zero<float>", "causal_zero<double>"])
-_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}   # dtype: C type
 
 
 class _Batch:
@@ -75,7 +75,7 @@ def causal_matmul_nt(a, b, scale=1.0):
     for r0, r1 in _blocks(T):
         kv = min(Tk, r1 + Tk - T)                                # keys the block's rows see
         _gemm(False, True, r1 - r0, kv, D, scale, A, A.at(r0), B, B.at(0), S, S.at(r0))
-    kern = _ZERO.get_function(f"causal_zero<{_CTYPE[s.dtype]}>")
+    kern = _ZERO.get_function(f"causal_zero<{CTYPE[s.dtype]}>")
     kern((s.size // Tk,), (256,), (s, cp.int32(T), cp.int32(Tk)))
     return s
 

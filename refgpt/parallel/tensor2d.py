@@ -39,6 +39,7 @@ from ..nn.embedding import scatter_add_rows
 from ..nn.gelu import GELU
 from ..nn.gpt import GPTBase, Stage, param_specs
 from ..nn.layer import Layer, ParamRef
+from ..nn.linear import column_sum
 from ..nn.params import Params, ParamSpec
 from ..optim.clip import sum_squares
 from .summa import SummaGrid, matmul_ab, matmul_abt, matmul_atb
@@ -132,7 +133,7 @@ class Bias2D(Layer):
         return x + self.b.full()
 
     def backward(self, dy):
-        self.b.add_grad(dy.reshape(-1, dy.shape[-1]).sum(axis=0))
+        self.b.add_grad(column_sum(dy.reshape(-1, dy.shape[-1])))
         return dy
 
 
@@ -160,8 +161,8 @@ class LayerNorm2D(Layer):
     def backward(self, dy):
         n, rstd, g = self.saved()
         C = n.shape[-1]
-        self.g.add_grad((dy * n).reshape(-1, C).sum(axis=0))
-        self.b.add_grad(dy.reshape(-1, C).sum(axis=0))
+        self.g.add_grad(column_sum((dy * n).reshape(-1, C)))
+        self.b.add_grad(column_sum(dy.reshape(-1, C)))
         dn = dy * g
         return rstd * (dn - self._mean(dn) - n * self._mean(dn * n))
 
