@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+import refgpt  # noqa: F401  (before NumPy: OpenBLAS's idle spin, see refgpt/__init__.py)
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))

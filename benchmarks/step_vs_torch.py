@@ -22,6 +22,7 @@ import os
 import platform
 import time
 
+import refgpt  # noqa: F401  (before NumPy: OpenBLAS's idle spin, see refgpt/__init__.py)
 import numpy as np
 
 CONFIGS = {  # name: (layers, hidden, heads, vocab, seq, batch)

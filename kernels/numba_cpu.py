@@ -16,11 +16,14 @@ and float32 (tests/test_kernels.py). What they change is the memory traffic, not
   of queries, in parallel over (batch, head, block) (refgpt.kernels.numba_attention, where
   NumPy's BLAS exposes CBLAS). The model's other GEMMs go to BLAS through NumPy's matmul.
 
-Arithmetic runs in float64 inside the kernels for float64 inputs and in float32 for float32
-ones, except for reductions (row sums, means), which accumulate in float64. No reassociation
-beyond what the loop order states; GELU's kernels allow fused multiply-adds (fastmath
-"contract") and call an exp written as arithmetic (refgpt.kernels.numba_exp), so that their
-loops vectorise.
+Element-wise math runs in the array's precision: GELU and every exp run in float32 on float32
+arrays, as their NumPy references do (GELU's constants are passed in that precision, since
+Python floats would promote it to float64, which has half the SIMD lanes). Reductions (row
+sums, means, column sums) accumulate in float64, and what is computed from them (LayerNorm's
+normalisation, the softmax backward) is computed in float64 and rounded when stored. Row sums
+may be reassociated (see "row reductions" below); nothing else is, beyond fused
+multiply-adds (fastmath "contract"). Every exp is written as arithmetic
+(refgpt.kernels.numba_exp), so that its loop vectorises.
 """
 
 from __future__ import annotations
@@ -32,71 +35,79 @@ import numpy as np
 from numba import njit, prange
 
 from . import numba_attention
-from .numba_exp import vexp
+from .numba_exp import vexp_of
 
 S2PI = math.sqrt(2.0 / math.pi)
 K = 0.044715
 INV_SQRT2 = 1.0 / math.sqrt(2.0)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 FLAGS = dict(parallel=True, cache=True, nogil=True)
-VECTOR = dict(FLAGS, fastmath={"contract"})     # GELU's loops: vexp, with fused multiply-adds
+VECTOR = dict(FLAGS, fastmath={"contract"})     # GELU's loops: fused multiply-adds
 
 
 # -- GELU ------------------------------------------------------------------------------
+def _gelu_constants(dtype):
+    """GELU's constants in the array's precision (see the module's docstring): with them the
+    float32 bias+GELU forward ran 1.8 ms against 5.4 with Python floats (~5M shapes, 2 cores)."""
+    return tuple(dtype.type(c) for c in (0.5, 1.0, 2.0, 3.0, S2PI, K, INV_SQRT2, INV_SQRT_2PI))
+
+
 @njit(inline="always")
-def _tanh(u):
+def _tanh(u, one, two):
     """tanh(u) = 1 - 2 / (1 + exp(2u)), with exp as arithmetic that vectorises
     (refgpt.kernels.numba_exp; libm's tanh is a call per element, about 3x slower than its
     exp). exp overflowing to inf gives 1, underflowing to 0 gives -1, as tanh does."""
-    return 1.0 - 2.0 / (1.0 + vexp(2.0 * u))
+    return one - two / (one + vexp_of(two * u))
 
 
 @njit(inline="always")
-def _gelu(x, tanh_form):
+def _gelu(x, tanh_form, consts):
+    half, one, two, three, s2pi, kappa, inv_sqrt2, inv_sqrt_2pi = consts
     if tanh_form:
-        return 0.5 * x * (1.0 + _tanh(S2PI * (x + K * x * x * x)))
-    return 0.5 * x * (1.0 + math.erf(x * INV_SQRT2))
+        return half * x * (one + _tanh(s2pi * (x + kappa * x * x * x), one, two))
+    return half * x * (one + math.erf(x * inv_sqrt2))
 
 
 @njit(inline="always")
-def _gelu_slope(x, tanh_form):
+def _gelu_slope(x, tanh_form, consts):
+    half, one, two, three, s2pi, kappa, inv_sqrt2, inv_sqrt_2pi = consts
     if tanh_form:
-        t = _tanh(S2PI * (x + K * x * x * x))
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * S2PI * (1.0 + 3.0 * K * x * x)
-    return 0.5 * (1.0 + math.erf(x * INV_SQRT2)) + x * vexp(-0.5 * x * x) * INV_SQRT_2PI
+        t = _tanh(s2pi * (x + kappa * x * x * x), one, two)
+        return half * (one + t) + half * x * (one - t * t) * s2pi * (one + three * kappa * x * x)
+    return half * (one + math.erf(x * inv_sqrt2)) + x * vexp_of(-half * x * x) * inv_sqrt_2pi
 
 
 @njit(**VECTOR)
-def _gelu_fwd(x, y, tanh_form):
+def _gelu_fwd(x, y, tanh_form, consts):
     for i in prange(x.size):
-        y[i] = _gelu(x[i], tanh_form)
+        y[i] = _gelu(x[i], tanh_form, consts)
 
 
 @njit(**VECTOR)
-def _gelu_bwd(x, dy, dx, tanh_form):
+def _gelu_bwd(x, dy, dx, tanh_form, consts):
     for i in prange(x.size):
-        dx[i] = dy[i] * _gelu_slope(x[i], tanh_form)
+        dx[i] = dy[i] * _gelu_slope(x[i], tanh_form, consts)
 
 
 @njit(**VECTOR)
-def _bias_gelu_fwd(f, b, y, tanh_form):
+def _bias_gelu_fwd(f, b, y, tanh_form, consts):
     R, C = f.shape
     for r in prange(R):
         for c in range(C):
             x = f[r, c] + b[c]
             f[r, c] = x
-            y[r, c] = _gelu(x, tanh_form)
+            y[r, c] = _gelu(x, tanh_form, consts)
 
 
 @njit(**VECTOR)
-def _bias_gelu_bwd(x, dy, dx, db_parts, tanh_form):
+def _bias_gelu_bwd(x, dy, dx, db_parts, tanh_form, consts):
     R, C = x.shape
     chunks = db_parts.shape[0]
     for k in prange(chunks):
         db = db_parts[k]
         for r in range(k * R // chunks, (k + 1) * R // chunks):
             for c in range(C):
-                dx[r, c] = dy[r, c] * _gelu_slope(x[r, c], tanh_form)
+                dx[r, c] = dy[r, c] * _gelu_slope(x[r, c], tanh_form, consts)
             for c in range(C):                  # a loop of its own: it vectorises
                 db[c] += dx[r, c]
 
@@ -104,14 +115,15 @@ def _bias_gelu_bwd(x, dy, dx, db_parts, tanh_form):
 def gelu_forward(x, kind):
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
-    _gelu_fwd(x.reshape(-1), y.reshape(-1), kind == "tanh")
+    _gelu_fwd(x.reshape(-1), y.reshape(-1), kind == "tanh", _gelu_constants(x.dtype))
     return y
 
 
 def gelu_backward(x, dy, kind):
     x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
     dx = np.empty_like(dy)
-    _gelu_bwd(x.reshape(-1), dy.reshape(-1), dx.reshape(-1), kind == "tanh")
+    _gelu_bwd(x.reshape(-1), dy.reshape(-1), dx.reshape(-1), kind == "tanh",
+              _gelu_constants(dx.dtype))
     return dx
 
 
@@ -120,7 +132,8 @@ def bias_gelu_forward(f, b, kind):
         raise ValueError("bias_gelu_forward adds the bias in place to a C-contiguous array")
     y = np.empty_like(f)
     C = f.shape[-1]
-    _bias_gelu_fwd(f.reshape(-1, C), b, y.reshape(-1, C), kind == "tanh")
+    _bias_gelu_fwd(f.reshape(-1, C), b, y.reshape(-1, C), kind == "tanh",
+                   _gelu_constants(f.dtype))
     return y
 
 
@@ -129,7 +142,7 @@ def bias_gelu_backward(x, dy, kind):
     x2, dy2 = np.ascontiguousarray(x).reshape(-1, C), np.ascontiguousarray(dy).reshape(-1, C)
     dx = np.empty_like(dy2)
     db = _column_parts(dy2)
-    _bias_gelu_bwd(x2, dy2, dx, db, kind == "tanh")
+    _bias_gelu_bwd(x2, dy2, dx, db, kind == "tanh", _gelu_constants(dx.dtype))
     return dx.reshape(dy.shape), db.sum(axis=0).astype(dy.dtype)
 
 
@@ -138,20 +151,61 @@ def _column_parts(a2):
     return np.zeros((min(numba.get_num_threads(), a2.shape[0]) or 1, a2.shape[1]))
 
 
+# -- row reductions --------------------------------------------------------------------
+# Sums along a row, accumulated in float64. Each may be reassociated (fastmath "reassoc": LLVM
+# keeps a few vector-wide partial sums, so the loop vectorises; a strict left-to-right sum
+# waits on each add), so their last bits can differ between instruction sets, as NumPy's
+# pairwise sums do. They hold nothing but the sums: reassociation must not reach the exp's
+# arithmetic, whose rounding trick it would undo (refgpt.kernels.numba_exp).
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _row_sum(x):
+    total = 0.0
+    for j in range(x.size):
+        total += x[j]
+    return total
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _row_dot(a, b):
+    total = 0.0
+    for j in range(a.size):
+        total += a[j] * b[j]
+    return total
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _row_dot3(a, b, c):
+    total = 0.0
+    for j in range(a.size):
+        total += a[j] * b[j] * c[j]
+    return total
+
+
+@njit(nogil=True, cache=True, fastmath={"reassoc"})
+def _row_sq_dev(x, mu):
+    """sum_j (x_j - mu)^2"""
+    total = 0.0
+    for j in range(x.size):
+        d = x[j] - mu
+        total += d * d
+    return total
+
+
+@njit(nogil=True, cache=True)
+def _row_max(x):
+    mx = x[0]
+    for j in range(1, x.size):
+        mx = max(mx, x[j])
+    return mx
+
+
 # -- LayerNorm --------------------------------------------------------------------------
 @njit(**FLAGS)
 def _ln_fwd(x, g, b, eps, y, n, rstd):
     R, C = x.shape
     for r in prange(R):
-        mu = 0.0
-        for c in range(C):
-            mu += x[r, c]
-        mu /= C
-        var = 0.0
-        for c in range(C):
-            d = x[r, c] - mu
-            var += d * d
-        rs = 1.0 / math.sqrt(var / C + eps)
+        mu = _row_sum(x[r]) / C
+        rs = 1.0 / math.sqrt(_row_sq_dev(x[r], mu) / C + eps)
         rstd[r] = rs
         for c in range(C):
             nc = (x[r, c] - mu) * rs
@@ -165,15 +219,11 @@ def _ln_bwd(dy, n, rstd, g, dx, dg_parts, db_parts):
     chunks = dg_parts.shape[0]
     for k in prange(chunks):
         for r in range(k * R // chunks, (k + 1) * R // chunks):
-            mdn, mdnn = 0.0, 0.0
             for c in range(C):
-                dn = dy[r, c] * g[c]
-                mdn += dn
-                mdnn += dn * n[r, c]
                 dg_parts[k, c] += dy[r, c] * n[r, c]
                 db_parts[k, c] += dy[r, c]
-            mdn /= C
-            mdnn /= C
+            mdn = _row_dot(dy[r], g) / C                       # mean of dn = dy * g
+            mdnn = _row_dot3(dy[r], g, n[r]) / C                # mean of dn * n
             for c in range(C):
                 dx[r, c] = rstd[r] * (dy[r, c] * g[c] - mdn - n[r, c] * mdnn)
 
@@ -196,34 +246,36 @@ def layernorm_backward(dy, n, rstd, g):
     return dx.reshape(shape), dg.sum(axis=0).astype(dy.dtype), db.sum(axis=0).astype(dy.dtype)
 
 
+# -- softmax rows (attention's and the cross-entropy's) ------------------------------------
+@njit(nogil=True, cache=True, fastmath={"contract"})
+def _exp_normalise(x, mx, out):
+    """out = softmax(x) given its max (out may be x); returns the sum of exp(x - mx). Three
+    loops that vectorise: exp in x's own precision (vexp_of), the sum, the scaling."""
+    for j in range(x.size):
+        out[j] = vexp_of(x[j] - mx)
+    total = _row_sum(out)
+    inv = out.dtype.type(1.0 / total)
+    for j in range(x.size):
+        out[j] *= inv
+    return total
+
+
 # -- attention softmax ------------------------------------------------------------------
 @njit(**FLAGS)
 def _causal_softmax(s, T, p0):
     R, Tk = s.shape
     for r in prange(R):
         last = min(p0 + r % T, Tk - 1)                 # keys 0..last are visible
-        mx = s[r, 0]
-        for j in range(1, last + 1):
-            mx = max(mx, s[r, j])
-        total = 0.0
-        for j in range(last + 1):
-            e = math.exp(s[r, j] - mx)
-            s[r, j] = e
-            total += e
-        inv = 1.0 / total
-        for j in range(last + 1):
-            s[r, j] *= inv
-        for j in range(last + 1, Tk):
-            s[r, j] = 0.0
+        row = s[r]
+        _exp_normalise(row[:last + 1], _row_max(row[:last + 1]), row[:last + 1])
+        row[last + 1:] = 0.0
 
 
 @njit(**FLAGS)
 def _softmax_bwd(p, dp, ds):
     R, C = p.shape
     for r in prange(R):
-        dot = 0.0
-        for c in range(C):
-            dot += dp[r, c] * p[r, c]
+        dot = _row_dot(dp[r], p[r])
         for c in range(C):
             ds[r, c] = p[r, c] * (dp[r, c] - dot)
 
@@ -247,19 +299,9 @@ def softmax_backward(p, dp):
 # -- cross-entropy ----------------------------------------------------------------------
 @njit(**FLAGS)
 def _ce_fwd(z, y, probs, losses):
-    N, V = probs.shape
-    for r in prange(N):
-        mx = z[r, 0]
-        for v in range(1, V):
-            mx = max(mx, z[r, v])
-        total = 0.0
-        for v in range(V):
-            e = math.exp(z[r, v] - mx)
-            probs[r, v] = e
-            total += e
-        inv = 1.0 / total
-        for v in range(V):
-            probs[r, v] *= inv
+    for r in prange(probs.shape[0]):
+        mx = _row_max(z[r])
+        total = _exp_normalise(z[r], mx, probs[r])
         losses[r] = mx + math.log(total) - z[r, y[r]]
 
 
