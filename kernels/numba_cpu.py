@@ -151,61 +151,30 @@ def _column_parts(a2):
     return np.zeros((min(numba.get_num_threads(), a2.shape[0]) or 1, a2.shape[1]))
 
 
-# -- row reductions --------------------------------------------------------------------
-# Sums along a row, accumulated in float64. Each may be reassociated (fastmath "reassoc": LLVM
-# keeps a few vector-wide partial sums, so the loop vectorises; a strict left-to-right sum
-# waits on each add), so their last bits can differ between instruction sets, as NumPy's
-# pairwise sums do. They hold nothing but the sums: reassociation must not reach the exp's
-# arithmetic, whose rounding trick it would undo (refgpt.kernels.numba_exp).
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _row_sum(x):
-    total = 0.0
-    for j in range(x.size):
-        total += x[j]
-    return total
+# -- row kernels (LayerNorm, softmax, cross-entropy) -------------------------------------
+# Their sums along a row accumulate in float64 and may be reassociated (fastmath "reassoc"):
+# LLVM then keeps a few vector-wide partial sums and the loop vectorises, where a strict
+# left-to-right sum waits on each add. Their last bits can differ between instruction sets,
+# as NumPy's pairwise sums do. The exp they call is compiled on its own, without these flags
+# (reassociation would undo its rounding trick: refgpt.kernels.numba_exp; a test checks it).
+# Rows are indexed in place, a[r, j], rather than passed as views a[r]: a view per row cost
+# as much as the row's arithmetic (the causal softmax at 124M's shapes: 13.9 vs 7.0 ms).
+ROWS = dict(FLAGS, fastmath={"contract", "reassoc"})
 
 
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _row_dot(a, b):
-    total = 0.0
-    for j in range(a.size):
-        total += a[j] * b[j]
-    return total
-
-
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _row_dot3(a, b, c):
-    total = 0.0
-    for j in range(a.size):
-        total += a[j] * b[j] * c[j]
-    return total
-
-
-@njit(nogil=True, cache=True, fastmath={"reassoc"})
-def _row_sq_dev(x, mu):
-    """sum_j (x_j - mu)^2"""
-    total = 0.0
-    for j in range(x.size):
-        d = x[j] - mu
-        total += d * d
-    return total
-
-
-@njit(nogil=True, cache=True)
-def _row_max(x):
-    mx = x[0]
-    for j in range(1, x.size):
-        mx = max(mx, x[j])
-    return mx
-
-
-# -- LayerNorm --------------------------------------------------------------------------
-@njit(**FLAGS)
+@njit(**ROWS)
 def _ln_fwd(x, g, b, eps, y, n, rstd):
     R, C = x.shape
     for r in prange(R):
-        mu = _row_sum(x[r]) / C
-        rs = 1.0 / math.sqrt(_row_sq_dev(x[r], mu) / C + eps)
+        mu = 0.0
+        for c in range(C):
+            mu += x[r, c]
+        mu /= C
+        var = 0.0
+        for c in range(C):
+            d = x[r, c] - mu
+            var += d * d
+        rs = 1.0 / math.sqrt(var / C + eps)
         rstd[r] = rs
         for c in range(C):
             nc = (x[r, c] - mu) * rs
@@ -213,19 +182,23 @@ def _ln_fwd(x, g, b, eps, y, n, rstd):
             y[r, c] = nc * g[c] + b[c]
 
 
-@njit(**FLAGS)
+@njit(**ROWS)
 def _ln_bwd(dy, n, rstd, g, dx, dg_parts, db_parts):
     R, C = dy.shape
     chunks = dg_parts.shape[0]
     for k in prange(chunks):
         for r in range(k * R // chunks, (k + 1) * R // chunks):
+            mdn, mdnn = 0.0, 0.0                           # means of dn = dy g and of dn n
             for c in range(C):
-                dg_parts[k, c] += dy[r, c] * n[r, c]
-                db_parts[k, c] += dy[r, c]
-            mdn = _row_dot(dy[r], g) / C                       # mean of dn = dy * g
-            mdnn = _row_dot3(dy[r], g, n[r]) / C                # mean of dn * n
+                dn = dy[r, c] * g[c]
+                mdn += dn
+                mdnn += dn * n[r, c]
+            mdn /= C
+            mdnn /= C
             for c in range(C):
                 dx[r, c] = rstd[r] * (dy[r, c] * g[c] - mdn - n[r, c] * mdnn)
+                dg_parts[k, c] += dy[r, c] * n[r, c]
+                db_parts[k, c] += dy[r, c]
 
 
 def layernorm_forward(x, g, b, eps):
@@ -246,36 +219,43 @@ def layernorm_backward(dy, n, rstd, g):
     return dx.reshape(shape), dg.sum(axis=0).astype(dy.dtype), db.sum(axis=0).astype(dy.dtype)
 
 
-# -- softmax rows (attention's and the cross-entropy's) ------------------------------------
-@njit(nogil=True, cache=True, fastmath={"contract"})
-def _exp_normalise(x, mx, out):
-    """out = softmax(x) given its max (out may be x); returns the sum of exp(x - mx). Three
-    loops that vectorise: exp in x's own precision (vexp_of), the sum, the scaling."""
-    for j in range(x.size):
-        out[j] = vexp_of(x[j] - mx)
-    total = _row_sum(out)
+# -- softmax rows (attention's and the cross-entropy's) -------------------------------------
+@njit(inline="always")
+def _softmax_row(x, out, r, n):
+    """out[r, :n] = softmax(x[r, :n]) (out may be x); returns (max, sum of exp(x - max)).
+    Four loops, three of which vectorise: the max, exp in x's own precision (vexp_of), the
+    sum, the scaling."""
+    mx = x[r, 0]
+    for j in range(1, n):
+        mx = max(mx, x[r, j])
+    for j in range(n):
+        out[r, j] = vexp_of(x[r, j] - mx)
+    total = 0.0
+    for j in range(n):
+        total += out[r, j]
     inv = out.dtype.type(1.0 / total)
-    for j in range(x.size):
-        out[j] *= inv
-    return total
+    for j in range(n):
+        out[r, j] *= inv
+    return mx, total
 
 
-# -- attention softmax ------------------------------------------------------------------
-@njit(**FLAGS)
+@njit(**ROWS)
 def _causal_softmax(s, T, p0):
     R, Tk = s.shape
     for r in prange(R):
         last = min(p0 + r % T, Tk - 1)                 # keys 0..last are visible
-        row = s[r]
-        _exp_normalise(row[:last + 1], _row_max(row[:last + 1]), row[:last + 1])
-        row[last + 1:] = 0.0
+        _softmax_row(s, s, r, last + 1)
+        for j in range(last + 1, Tk):
+            s[r, j] = 0.0
 
 
-@njit(**FLAGS)
+@njit(**ROWS)
 def _softmax_bwd(p, dp, ds):
     R, C = p.shape
     for r in prange(R):
-        dot = _row_dot(dp[r], p[r])
+        dot = 0.0
+        for c in range(C):
+            dot += dp[r, c] * p[r, c]
         for c in range(C):
             ds[r, c] = p[r, c] * (dp[r, c] - dot)
 
@@ -297,11 +277,10 @@ def softmax_backward(p, dp):
 
 
 # -- cross-entropy ----------------------------------------------------------------------
-@njit(**FLAGS)
+@njit(**ROWS)
 def _ce_fwd(z, y, probs, losses):
     for r in prange(probs.shape[0]):
-        mx = _row_max(z[r])
-        total = _exp_normalise(z[r], mx, probs[r])
+        mx, total = _softmax_row(z, probs, r, z.shape[1])
         losses[r] = mx + math.log(total) - z[r, y[r]]
 
 
