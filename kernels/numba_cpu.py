@@ -20,10 +20,10 @@ Element-wise math runs in the array's precision: GELU and every exp run in float
 arrays, as their NumPy references do (GELU's constants are passed in that precision, since
 Python floats would promote it to float64, which has half the SIMD lanes). Reductions (row
 sums, means, column sums) accumulate in float64, and what is computed from them (LayerNorm's
-normalisation, the softmax backward) is computed in float64 and rounded when stored. Row sums
-may be reassociated (see "row reductions" below); nothing else is, beyond fused
-multiply-adds (fastmath "contract"). Every exp is written as arithmetic
-(refgpt.kernels.numba_exp), so that its loop vectorises.
+normalisation, the softmax backward) is computed in float64 and rounded when stored. On
+float32 arrays row sums may be reassociated (see "row kernels" below); nothing else is, beyond
+fused multiply-adds (fastmath "contract"). Every float32 exp is written as arithmetic
+(refgpt.kernels.numba_exp), so that its loop vectorises; float64 keeps libm's exp, as NumPy's.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _gelu_constants(dtype):
 
 @njit(inline="always")
 def _tanh(u, one, two):
-    """tanh(u) = 1 - 2 / (1 + exp(2u)), with exp as arithmetic that vectorises
+    """tanh(u) = 1 - 2 / (1 + exp(2u)): in float32 the exp is arithmetic that vectorises
     (refgpt.kernels.numba_exp; libm's tanh is a call per element, about 3x slower than its
     exp). exp overflowing to inf gives 1, underflowing to 0 gives -1, as tanh does."""
     return one - two / (one + vexp_of(two * u))
@@ -152,17 +152,29 @@ def _column_parts(a2):
 
 
 # -- row kernels (LayerNorm, softmax, cross-entropy) -------------------------------------
-# Their sums along a row accumulate in float64 and may be reassociated (fastmath "reassoc"):
-# LLVM then keeps a few vector-wide partial sums and the loop vectorises, where a strict
-# left-to-right sum waits on each add. Their last bits can differ between instruction sets,
-# as NumPy's pairwise sums do. The exp they call is compiled on its own, without these flags
-# (reassociation would undo its rounding trick: refgpt.kernels.numba_exp; a test checks it).
+# Their sums along a row accumulate in float64. On float32 arrays they may be reassociated
+# (fastmath "reassoc"): LLVM then keeps a few vector-wide partial sums and the loop
+# vectorises, where a strict left-to-right sum waits on each add; the last bits then depend
+# on the instruction set's vector width. On float64 arrays, the precision runs are validated
+# in, the sums stay left to right, the same on every machine. (Reassociated float64 sums also
+# moved a 3-D layout's parameters, after three AdamW steps, further from the single process:
+# 2.7e-12 of the largest against 6.1e-13, past the 1e-12 that mpi_tests/test_pipeline.py
+# allows.) The exp they call is compiled on its own, without these flags: reassociation
+# would undo its rounding trick (refgpt.kernels.numba_exp; a test checks it).
 # Rows are indexed in place, a[r, j], rather than passed as views a[r]: a view per row cost
 # as much as the row's arithmetic (the causal softmax at 124M's shapes: 13.9 vs 7.0 ms).
-ROWS = dict(FLAGS, fastmath={"contract", "reassoc"})
+def _rows(fn):
+    """fn compiled twice: reassociating sums for float32 arrays, strict ones otherwise. The
+    two share numba's cache file, told apart by their signatures (float32 vs float64)."""
+    fast = njit(**FLAGS, fastmath={"contract", "reassoc"})(fn)
+    strict = njit(**FLAGS)(fn)
+
+    def run(*args):
+        return (fast if args[0].dtype == np.float32 else strict)(*args)
+    return run
 
 
-@njit(**ROWS)
+@_rows
 def _ln_fwd(x, g, b, eps, y, n, rstd):
     R, C = x.shape
     for r in prange(R):
@@ -182,7 +194,7 @@ def _ln_fwd(x, g, b, eps, y, n, rstd):
             y[r, c] = nc * g[c] + b[c]
 
 
-@njit(**ROWS)
+@_rows
 def _ln_bwd(dy, n, rstd, g, dx, dg_parts, db_parts):
     R, C = dy.shape
     chunks = dg_parts.shape[0]
@@ -239,7 +251,7 @@ def _softmax_row(x, out, r, n):
     return mx, total
 
 
-@njit(**ROWS)
+@_rows
 def _causal_softmax(s, T, p0):
     R, Tk = s.shape
     for r in prange(R):
@@ -249,7 +261,7 @@ def _causal_softmax(s, T, p0):
             s[r, j] = 0.0
 
 
-@njit(**ROWS)
+@_rows
 def _softmax_bwd(p, dp, ds):
     R, C = p.shape
     for r in prange(R):
@@ -277,7 +289,7 @@ def softmax_backward(p, dp):
 
 
 # -- cross-entropy ----------------------------------------------------------------------
-@njit(**ROWS)
+@_rows
 def _ce_fwd(z, y, probs, losses):
     for r in prange(probs.shape[0]):
         mx, total = _softmax_row(z, probs, r, z.shape[1])
