@@ -19,11 +19,12 @@ and float32 (tests/test_kernels.py). What they change is the memory traffic, not
 Element-wise math runs in the array's precision: GELU and every exp run in float32 on float32
 arrays, as their NumPy references do (GELU's constants are passed in that precision, since
 Python floats would promote it to float64, which has half the SIMD lanes). Reductions (row
-sums, means, column sums) accumulate in float64, and what is computed from them (LayerNorm's
-normalisation, the softmax backward) is computed in float64 and rounded when stored. On
-float32 arrays row sums may be reassociated (see "row kernels" below); nothing else is, beyond
-fused multiply-adds (fastmath "contract"). Every float32 exp is written as arithmetic
-(refgpt.kernels.numba_exp), so that its loop vectorises; float64 keeps libm's exp, as NumPy's.
+sums, means, column sums) accumulate in float64 and are rounded to the array's precision
+before the element-wise math that uses them (LayerNorm's normalisation, the softmax
+backward). On float32 arrays row sums may be reassociated (see "row kernels" below); nothing
+else is, beyond fused multiply-adds (fastmath "contract"). Every float32 exp is written as
+arithmetic (refgpt.kernels.numba_exp), so that its loop vectorises; float64 keeps libm's exp,
+as NumPy's.
 """
 
 from __future__ import annotations
@@ -188,8 +189,9 @@ def _ln_fwd(x, g, b, eps, y, n, rstd):
             var += d * d
         rs = 1.0 / math.sqrt(var / C + eps)
         rstd[r] = rs
+        muf, rsf = x.dtype.type(mu), x.dtype.type(rs)             # the row's math in x's precision
         for c in range(C):
-            nc = (x[r, c] - mu) * rs
+            nc = (x[r, c] - muf) * rsf
             n[r, c] = nc
             y[r, c] = nc * g[c] + b[c]
 
@@ -205,10 +207,9 @@ def _ln_bwd(dy, n, rstd, g, dx, dg_parts, db_parts):
                 dn = dy[r, c] * g[c]
                 mdn += dn
                 mdnn += dn * n[r, c]
-            mdn /= C
-            mdnn /= C
+            mdnf, mdnnf = dy.dtype.type(mdn / C), dy.dtype.type(mdnn / C)
             for c in range(C):
-                dx[r, c] = rstd[r] * (dy[r, c] * g[c] - mdn - n[r, c] * mdnn)
+                dx[r, c] = rstd[r] * (dy[r, c] * g[c] - mdnf - n[r, c] * mdnnf)
                 dg_parts[k, c] += dy[r, c] * n[r, c]
                 db_parts[k, c] += dy[r, c]
 
@@ -268,8 +269,9 @@ def _softmax_bwd(p, dp, ds):
         dot = 0.0
         for c in range(C):
             dot += dp[r, c] * p[r, c]
+        dotf = p.dtype.type(dot)
         for c in range(C):
-            ds[r, c] = p[r, c] * (dp[r, c] - dot)
+            ds[r, c] = p[r, c] * (dp[r, c] - dotf)
 
 
 def causal_softmax(s, p0):
@@ -316,25 +318,28 @@ def cross_entropy_forward(z, y):
 
 def cross_entropy_backward(probs, y, norm, Vp):
     dz = np.empty((probs.shape[0], Vp), probs.dtype)
-    _ce_bwd(probs, np.ascontiguousarray(y), 1.0 / norm, dz)
+    _ce_bwd(probs, np.ascontiguousarray(y), probs.dtype.type(1.0 / norm), dz)
     return dz
 
 
 # -- AdamW ------------------------------------------------------------------------------
-@njit(**FLAGS)
-def _adamw(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
-    step, rbc2 = lr / bc1, 1.0 / math.sqrt(bc2)
+@njit(**VECTOR)
+def _adamw(p, g, m, v, lr, b1, b2, eps, bc1, bc2, one):
+    step, rbc2 = lr / bc1, one / math.sqrt(bc2)
     for i in prange(p.size):
         gi = g[i]
-        mi = b1 * m[i] + (1.0 - b1) * gi
-        vi = b2 * v[i] + (1.0 - b2) * (gi * gi)
+        mi = b1 * m[i] + (one - b1) * gi
+        vi = b2 * v[i] + (one - b2) * (gi * gi)
         m[i] = mi
         v[i] = vi
         p[i] -= step * (mi / (math.sqrt(vi) * rbc2 + eps))
 
 
 def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
-    _adamw(p, g, m, v, lr, b1, b2, eps, bc1, bc2)
+    """The scalars in the parameters' precision, as NumPy's reference computes: in float32
+    the update ran 3.0 ms against 5.5 with float64 scalars (2.9M parameters, 2 cores)."""
+    f = p.dtype.type
+    _adamw(p, g, m, v, f(lr), f(b1), f(b2), f(eps), f(bc1), f(bc2), f(1.0))
 
 
 KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forward,
