@@ -323,7 +323,7 @@ def cross_entropy_backward(probs, y, norm, Vp):
 
 
 # -- AdamW ------------------------------------------------------------------------------
-@njit(**VECTOR)
+@njit(**FLAGS)
 def _adamw(p, g, m, v, lr, b1, b2, eps, bc1, bc2, one):
     step, rbc2 = lr / bc1, one / math.sqrt(bc2)
     for i in prange(p.size):
@@ -337,7 +337,7 @@ def _adamw(p, g, m, v, lr, b1, b2, eps, bc1, bc2, one):
 
 def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
     """The scalars in the parameters' precision, as NumPy's reference computes: in float32
-    the update ran 3.0 ms against 5.5 with float64 scalars (2.9M parameters, 2 cores)."""
+    the update ran 3.5-3.7 ms against 5.0-5.5 with float64 scalars (2.9M parameters, 2 cores)."""
     f = p.dtype.type
     _adamw(p, g, m, v, f(lr), f(b1), f(b2), f(eps), f(bc1), f(bc2), f(1.0))
 
