@@ -95,6 +95,26 @@ def test_layernorm(dtype):
     close(numba_cpu.layernorm_backward(dy, n, rstd, g), layernorm_backward.reference(dy, n, rstd, g), dtype)
 
 
+def test_float64_row_sums_run_left_to_right():
+    """float64 is the precision runs are validated in: the row kernels must not reassociate its
+    sums (they do on float32; see refgpt.kernels.numba_cpu), so LayerNorm's rstd equals the
+    left-to-right computation bit for bit. Values over 12 orders of magnitude make any other
+    order round differently."""
+    rng = np.random.default_rng(3)
+    C = 203
+    x = rng.standard_normal((6, C)) * 10.0 ** rng.integers(-6, 7, (6, C))
+    _, _, rstd = numba_cpu.layernorm_forward(x, np.ones(C), np.zeros(C), 1e-5)
+    for r in range(len(x)):
+        mu = 0.0
+        for v in x[r].tolist():
+            mu += v
+        mu /= C
+        var = 0.0
+        for v in x[r].tolist():
+            var += (v - mu) * (v - mu)
+        assert rstd[r, 0] == 1.0 / math.sqrt(var / C + 1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("p0", [0, 3])
 def test_causal_softmax_and_its_backward(dtype, p0):
