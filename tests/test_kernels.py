@@ -18,8 +18,9 @@ from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
 from refgpt.nn.loss import cross_entropy_backward, cross_entropy_forward
 from refgpt.optim.adamw import adamw_update
 
-# float32: the kernels keep intermediates in float64 where NumPy rounds them to float32, so
-# values that cancel (GELU's slope near its minimum) differ by a few float32 ulps of O(1)
+# float32: the kernels round differently from NumPy (fused multiply-adds, their own exp and
+# tanh, row statistics summed in float64), so values that cancel (GELU's slope near its
+# minimum) differ by a few float32 ulps of O(1)
 TOL = {np.float64: dict(rtol=1e-12, atol=1e-14), np.float32: dict(rtol=2e-5, atol=1e-5)}
 DTYPES = [np.float64, np.float32]
 
