@@ -32,6 +32,19 @@ def layouts(world):
                 yield pp, schedule, v
 
 
+_SERIAL = {}
+
+
+def serial_run(dropout, tcfg):
+    """The single-process run (history, parameters) for this dropout and training config, run
+    once per session: it does not depend on the schedule, so every layout compares with it."""
+    key = (dropout, repr(tcfg))
+    if key not in _SERIAL:
+        ser = Trainer(model_cfg(dropout), tcfg, log=lambda *_: None)
+        _SERIAL[key] = ser.run(), ser.model.params
+    return _SERIAL[key]
+
+
 def agree(comm, ok):
     return all(comm.allgather(bool(ok)))
 
@@ -51,9 +64,8 @@ def test_every_schedule_equals_single_process(dropout):
         pcfg = ParallelConfig(pipeline_model_parallel_size=pp, pipeline_schedule=schedule,
                               num_virtual_stages=v)
         par = Trainer(model_cfg(dropout), tcfg, pcfg, Grid(comm, 1, pp), log=lambda *_: None)
-        ser = Trainer(model_cfg(dropout), tcfg, log=lambda *_: None)
-        hist, ref = par.run(), ser.run()
-        p, s = par.model.params, ser.model.params
+        hist, (ref, s) = par.run(), serial_run(dropout, tcfg)
+        p = par.model.params
         ok = (np.allclose([h["loss"] for h in hist], [h["loss"] for h in ref], rtol=1e-12, atol=0)
               and np.allclose([h["grad_norm"] for h in hist], [h["grad_norm"] for h in ref], rtol=1e-12)
               and np.allclose([h["val_loss"] for h in hist if "val_loss" in h],
@@ -131,11 +143,9 @@ def test_pipeline_with_tensor_parallelism(sp):
                               sequence_parallel=sp, pipeline_schedule=schedule,
                               num_virtual_stages=v)
         par = Trainer(model_cfg(0.1), tcfg, pcfg, Grid(comm, tp, pp), log=lambda *_: None)
-        ser = Trainer(model_cfg(0.1), tcfg, log=lambda *_: None)
-        hist, ref = par.run(), ser.run()
+        hist, (ref, s) = par.run(), serial_run(0.1, tcfg)
         grads = par.model.full_tensors(par.model.params.grad)
         params = par.model.full_tensors(par.model.params.data)
-        s = ser.model.params
         ok = (np.allclose([h["loss"] for h in hist], [h["loss"] for h in ref], rtol=1e-12, atol=0)
               and np.allclose([h["grad_norm"] for h in hist], [h["grad_norm"] for h in ref], rtol=1e-12)
               and all(close(grads[n], s.grads[n]) and close(params[n], s[n]) for n in grads))
