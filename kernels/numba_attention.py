@@ -20,18 +20,62 @@ slower than NumPy's. The calls read strided views (q, k and v where c_attn's out
 them, one row of 3C per token) and write strided views (O with its heads already merged), so
 no operand is copied. The (batch, head, block) triples run in parallel on numba's threads;
 BLAS is limited to one thread while they run (threadpoolctl restores its count after), so the
-cores are not oversubscribed. The block size (64) is the tile parameter.
+cores are not oversubscribed.
+
+The block size is the tile parameter. Smaller blocks skip more of the masked FLOPs; larger
+ones make GEMMs long enough for BLAS to run near its peak. Measured with
+``benchmarks/attention_blocks.py``, the fastest block grew with the sequence: about T / 8, but
+not below a smallest block that depends on the CPU (16 on the AVX2 development machine, 32 on
+an AVX-512 Xeon). ``PRESETS`` holds (smallest block, blocks per sequence) per CPU family,
+picked from the CPU that LLVM (and so Numba) reports. REFGPT_ATTENTION_BLOCK overrides it with
+a preset's name, or with one block size for every length.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 
+import llvmlite.binding as llvm
 import numpy as np
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
-BLOCK = 64
+PRESETS = {            # CPU family: (smallest block, blocks per sequence)
+    "avx2": (16, 8),
+    "avx512": (32, 8),
+    "a64fx": (32, 8),  # not measured (no A64FX was at hand): AVX-512's, the same vector width
+}
+
+
+def host_preset() -> str:
+    """The preset for this CPU: a64fx for Fujitsu's A64FX, avx512 for x86 with AVX-512F, and
+    avx2 otherwise (the development machine's)."""
+    if llvm.get_host_cpu_name() == "a64fx":
+        return "a64fx"
+    return "avx512" if llvm.get_host_cpu_features().get("avx512f") else "avx2"
+
+
+def tiling(setting: str | None = None) -> tuple[str, int | None]:
+    """(preset, fixed block or None) for REFGPT_ATTENTION_BLOCK's value: a preset's name, a
+    positive integer (that block at every length), or None (this CPU's preset)."""
+    if setting is None or setting in PRESETS:
+        return setting or host_preset(), None
+    if setting.isdigit() and int(setting) > 0:
+        return host_preset(), int(setting)
+    raise ValueError(f"REFGPT_ATTENTION_BLOCK must be one of {sorted(PRESETS)} or a positive "
+                     f"integer, got {setting!r}")
+
+
+PRESET, BLOCK = tiling(os.environ.get("REFGPT_ATTENTION_BLOCK"))
+
+
+def block_for(T: int) -> int:
+    """The block of queries (or keys) for sequences of length T."""
+    smallest, per_sequence = PRESETS[PRESET]
+    return BLOCK or max(smallest, T // per_sequence)
+
+
 FLAGS = dict(parallel=True, cache=True, nogil=True)
 ROW_MAJOR, NO_TRANS, TRANS = 101, 111, 112                      # CBLAS's enum values
 
@@ -144,7 +188,7 @@ def causal_matmul_nt(a, b, scale=1.0):
     a, b = _rows(a, b)
     out = np.empty((*a.shape[:-1], b.shape[-2]), a.dtype)
     with BLAS.limit(limits=1):
-        _nt(GEMM[a.dtype], a, b, out, scale, BLOCK)
+        _nt(GEMM[a.dtype], a, b, out, scale, block_for(a.shape[2]))
     return out
 
 
@@ -152,7 +196,7 @@ def causal_matmul_nn(p, v, scale=1.0):
     p, v = _rows(p, v)
     out = _merged(*p.shape[:3], v.shape[-1], p.dtype)
     with BLAS.limit(limits=1):
-        _nn(GEMM[p.dtype], p, v, out, scale, BLOCK)
+        _nn(GEMM[p.dtype], p, v, out, scale, block_for(p.shape[2]))
     return out
 
 
@@ -160,5 +204,5 @@ def causal_matmul_tn(p, x, scale=1.0):
     p, x = _rows(p, x)
     out = _merged(*p.shape[:2], p.shape[-1], x.shape[-1], p.dtype)
     with BLAS.limit(limits=1):
-        _tn(GEMM[p.dtype], p, x, out, scale, BLOCK)
+        _tn(GEMM[p.dtype], p, x, out, scale, block_for(p.shape[3]))
     return out

@@ -129,10 +129,11 @@ def test_causal_softmax_and_its_backward(dtype, p0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("T, Tk, block", [(7, 7, 64), (130, 130, 64), (130, 130, 16),
-                                          (5, 9, 2), (1, 10, 4)])
+                                          (5, 9, 2), (1, 10, 4), (300, 300, None)])
 def test_causal_products(dtype, T, Tk, block, monkeypatch):
     """Blocks that end mid-sequence, a partial last block, a KV-cache offset (Tk > T), one
-    query; q read from a strided view as attention passes it."""
+    query, the preset's block (None: T // 8 = 37 here); q read from a strided view as attention
+    passes it."""
     monkeypatch.setattr(numba_attention, "BLOCK", block)
     rng = np.random.default_rng(5)
     B, H, D = 2, 3, 8
@@ -146,6 +147,25 @@ def test_causal_products(dtype, T, Tk, block, monkeypatch):
     close(numba_attention.causal_matmul_tn(p, q, 0.5), causal_matmul_tn.reference(p, q, 0.5), dtype)
     with pytest.raises(ValueError, match=r"\[B, H, T, D\]"):
         numba_attention.causal_matmul_nn(p[0], v[0])
+
+
+def test_attention_block_presets_and_their_setting(monkeypatch):
+    """REFGPT_ATTENTION_BLOCK's values, and each preset's block: T / 8, not below its
+    smallest."""
+    assert numba_attention.host_preset() in numba_attention.PRESETS
+    assert numba_attention.tiling(None) == (numba_attention.host_preset(), None)
+    assert numba_attention.tiling("a64fx") == ("a64fx", None)
+    assert numba_attention.tiling("48")[1] == 48
+    for bad in ("0", "-8", "sve", ""):
+        with pytest.raises(ValueError, match="REFGPT_ATTENTION_BLOCK"):
+            numba_attention.tiling(bad)
+    monkeypatch.setattr(numba_attention, "BLOCK", None)
+    for preset, blocks in (("avx2", {128: 16, 256: 32, 1024: 128, 1: 16}),
+                           ("avx512", {128: 32, 256: 32, 1024: 128})):
+        monkeypatch.setattr(numba_attention, "PRESET", preset)
+        assert {T: numba_attention.block_for(T) for T in blocks} == blocks
+    monkeypatch.setattr(numba_attention, "BLOCK", 48)
+    assert numba_attention.block_for(1024) == 48
 
 
 def test_causal_products_leave_blas_threads_as_they_were():
