@@ -6,8 +6,9 @@ refgpt.kernels.numba_attention) on this machine, against NumPy's batched matmul.
 
 Times the six products of one attention layer's forward and backward (S = q k^T, O = P v;
 dP = dO v^T, dv = P^T dO, dq = dS k, dk = dS^T q) for each block size and for NumPy's
-matmul, best of --repeats taken round robin (so that a shared machine's drifting load falls on
-every variant alike), and prints which block is fastest. The presets
+matmul, best of --repeats taken round robin with the order rotated each round (so that a
+shared machine's drifting load, and whatever the previous variant leaves in the caches and
+BLAS's threads, falls on every variant alike), and prints which block is fastest. The presets
 (``numba_attention.PRESETS``) came from this sweep at T = 128, 256 and 1024; on a CPU without
 one, run it and set REFGPT_ATTENTION_BLOCK to the block it reports.
 """
@@ -65,8 +66,10 @@ def main():
                 | {f"block {b}": (b, fast) for b in args.blocks})
     best = dict.fromkeys(variants, float("inf"))
     with threadpool_limits(args.threads):
-        for r in range(args.repeats + 1):          # round robin, so drifting load hits all alike
-            for name, (block, fns) in variants.items():
+        names = list(variants)
+        for r in range(args.repeats + 1):          # round robin, so drifting load hits all alike,
+            for name in names[r % len(names):] + names[:r % len(names)]:   # each place in turn
+                block, fns = variants[name]
                 na.BLOCK = block                   # None: the preset's block for T
                 t = seconds(lambda: layer(*fns))
                 best[name] = min(best[name], t if r else float("inf"))     # round 0 warms up
