@@ -27,9 +27,9 @@ ones make GEMMs long enough for BLAS to run near its peak. Measured with
 ``benchmarks/attention_blocks.py``, the fastest block grew with the sequence: about T / 8, but
 not below a smallest block that depends on the CPU (16 on the AVX2 development machine, 32 on
 an AVX-512 Xeon; between neighbouring blocks the gaps were within the machines' run-to-run
-noise, see benchmarks/README.md). ``PRESETS`` holds (smallest block, blocks per sequence) per CPU family,
-picked from the CPU that LLVM (and so Numba) reports. REFGPT_ATTENTION_BLOCK overrides it with
-a preset's name, or with one block size for every length.
+noise, see benchmarks/README.md). ``PRESETS`` holds (smallest block, blocks per sequence)
+per CPU family, picked from the CPU that LLVM (and so Numba) reports. REFGPT_ATTENTION_BLOCK
+overrides it with a preset's name, or with one block size for every length.
 """
 
 from __future__ import annotations
