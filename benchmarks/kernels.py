@@ -45,8 +45,7 @@ def cases(args, rng):
         "layernorm_backward": ((x, nn, rstd, g), None),
         "causal_softmax": ((s, 0), lambda a: (a[0].copy(), a[1])),
         "softmax_backward": ((probs, s), None),
-        "cross_entropy_forward": ((z, y), None),
-        "cross_entropy_backward": ((z, y, float(B * T), V), None),
+        "cross_entropy": ((z, V, y, float(B * T), True), None),    # z becomes its gradient
         "adamw_update": ((p, gr, m, v, 1e-4, 0.9, 0.95, 1e-8, 0.1, 0.05), None),
         "causal_matmul_nt": ((q, k, 0.125), None),
         "causal_matmul_nn": ((probs, val), None),

@@ -6,15 +6,15 @@ refgpt.nn run unchanged: NumPy hands ``np.tanh(x)``, ``x.mean(...)``, ``a @ b`` 
 replaces only what that cannot cover or does badly:
 
 * fused element-wise kernels (``cupy.ElementwiseKernel``, one CUDA thread per element): GELU
-  forward and backward (with c_fc's bias added in the forward's pass), the cross-entropy's
-  gradient, and the AdamW update, which NumPy-style code runs as many passes,
-  each a kernel launch reading and writing the whole array;
+  forward and backward (with c_fc's bias added in the forward's pass) and the AdamW update,
+  which NumPy-style code runs as many passes, each a kernel launch reading and writing the
+  whole array;
 * fused row kernels (``cupy.RawModule``, one thread block per row, the row's max and sums
   reduced in shared memory, sums in float64): LayerNorm forward and its backward, the
   causal softmax (in place), the
   softmax backward, and the cross-entropy (the row's max and sum of exponentials in one
-  pass, as a running pair per thread). The softmax rows are held in registers, so each is
-  read once;
+  pass, as a running pair per thread, then the gradient written over the logits in a
+  second). The softmax rows are held in registers, so each is read once;
 * column sums (the gradients of biases, LayerNorm's gain and bias) in float64 over blocks of
   rows, each thread one column (CuPy's own sum over axis 0 ran at about 125 GB/s here);
 * attention's causal products (refgpt.kernels.cupy_attention): cuBLAS GEMMs on blocks of
@@ -130,12 +130,17 @@ __global__ void causal_softmax(T* s, int T_, int Tk, int p0) {
 }
 
 template <typename T>
-__global__ void cross_entropy_forward(const T* z, long long ld, int V, const long long* y,
-                                      T* probs, double* loss) {
+__global__ void cross_entropy(T* z, long long ld, int V, int Vp, const long long* y,
+                              double inv_norm, int grad, double* loss) {
     // one block per row; each thread keeps a running (max m, sum of exp(z - m)) over its
-    // columns (one exp per element), then the block combines the pairs in shared memory
+    // columns (one exp per element), then the block combines the pairs in shared memory.
+    // With grad, the row is overwritten with (softmax - onehot(y)) * inv_norm, 0 on the
+    // padding (columns V..Vp-1); the target's logit is read before that.
     __shared__ double bm[256], bs[256];
-    const T* zr = z + (size_t)blockIdx.x * ld;
+    __shared__ T zy;
+    T* zr = z + (size_t)blockIdx.x * ld;
+    int target = (int)y[blockIdx.x];
+    if (threadIdx.x == 0) zy = zr[target];
     double m = -1.0e308, s = 0.0;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
         double v = zr[j];
@@ -154,22 +159,12 @@ __global__ void cross_entropy_forward(const T* z, long long ld, int V, const lon
     }
     T mx = (T)bm[0];
     double total = bs[0];
+    if (threadIdx.x == 0) loss[blockIdx.x] = (double)mx + log(total) - (double)zy;
+    if (!grad) return;
     T inv = (T)(1.0 / total);
-    T* pr = probs + (size_t)blockIdx.x * V;
-    for (int j = threadIdx.x; j < V; j += blockDim.x) pr[j] = exp(zr[j] - mx) * inv;
-    if (threadIdx.x == 0) loss[blockIdx.x] = (double)mx + log(total) - (double)zr[y[blockIdx.x]];
-}
-
-template <typename T>
-__global__ void cross_entropy_backward(const T* probs, int V, int Vp, const long long* y,
-                                       double inv_norm, T* dz) {
-    // (probs - onehot(y)) / norm on the real columns, 0 on the padding; one block per row
-    const T* pr = probs + (size_t)blockIdx.x * V;
-    T* dr = dz + (size_t)blockIdx.x * Vp;
-    int target = (int)y[blockIdx.x];
-    for (int c = threadIdx.x; c < Vp; c += blockDim.x) {
-        double v = c < V ? (double)pr[c] : 0.0;
-        dr[c] = (T)((c == target ? v - 1.0 : v) * inv_norm);
+    for (int j = threadIdx.x; j < Vp; j += blockDim.x) {
+        double p = j < V ? (double)(T)(exp(zr[j] - mx) * inv) : 0.0;
+        zr[j] = (T)((j == target ? p - 1.0 : p) * inv_norm);
     }
 }
 
@@ -245,8 +240,7 @@ __global__ void ln_backward_dx(const T* dy, const T* n, const T* rstd, const T* 
     }
 }
 """, name_expressions=[f"{k}<{t}>" for k in ("ln_forward", "ln_backward_dx", "causal_softmax",
-                                             "softmax_backward", "cross_entropy_forward",
-                                             "cross_entropy_backward", "column_sums") for t in ("float", "double")])
+                                             "softmax_backward", "cross_entropy", "column_sums") for t in ("float", "double")])
 
 
 def _row_threads(n):
@@ -334,25 +328,17 @@ def softmax_backward(p, dp):
     return ds.reshape(dp.shape)
 
 
-def cross_entropy_forward(z, y):
-    N, V = z.shape
+def cross_entropy(z, V, y, norm, grad):
+    N = z.shape[0]
     if z.strides[1] != z.itemsize:
-        raise ValueError("cross_entropy_forward needs rows of contiguous logits")
-    probs = cp.empty((N, V), z.dtype)
+        raise ValueError("cross_entropy needs rows of contiguous logits")
     losses = cp.empty(N, cp.float64)
-    kern = _ROWS.get_function(f"cross_entropy_forward<{CTYPE[z.dtype]}>")
+    kern = _ROWS.get_function(f"cross_entropy<{CTYPE[z.dtype]}>")
     kern((N,), (256,), (z, cp.int64(z.strides[0] // z.itemsize), cp.int32(V),
-                        cp.ascontiguousarray(y, dtype=cp.int64), probs, losses))
-    return float(losses.sum()), probs
-
-
-def cross_entropy_backward(probs, y, norm, Vp):
-    N, V = probs.shape
-    dz = cp.empty((N, Vp), probs.dtype)
-    kern = _ROWS.get_function(f"cross_entropy_backward<{CTYPE[probs.dtype]}>")
-    kern((N,), (256,), (cp.ascontiguousarray(probs), cp.int32(V), cp.int32(Vp),
-                        cp.ascontiguousarray(y, dtype=cp.int64), cp.float64(1.0 / norm), dz))
-    return dz
+                        cp.int32(z.shape[1]), cp.ascontiguousarray(y, dtype=cp.int64),
+                        cp.float64(1.0 / norm),
+                        cp.int32(bool(grad)), losses))
+    return float(losses.sum())
 
 
 def scatter_add_rows(table, idx, rows):
@@ -361,7 +347,6 @@ def scatter_add_rows(table, idx, rows):
 
 KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forward,
                                    bias_gelu_backward, column_sum, adamw_update, causal_softmax,
-                                   cross_entropy_forward, cross_entropy_backward,
-                                   scatter_add_rows, layernorm_forward, layernorm_backward,
-                                   softmax_backward, causal_matmul_nt, causal_matmul_nn,
-                                   causal_matmul_tn)}
+                                   cross_entropy, scatter_add_rows, layernorm_forward,
+                                   layernorm_backward, softmax_backward, causal_matmul_nt,
+                                   causal_matmul_nn, causal_matmul_tn)}

@@ -292,34 +292,35 @@ def softmax_backward(p, dp):
 
 # -- cross-entropy ----------------------------------------------------------------------
 @_rows
-def _ce_fwd(z, y, probs, losses):
-    for r in prange(probs.shape[0]):
-        mx, total = _softmax_row(z, probs, r, z.shape[1])
-        losses[r] = mx + math.log(total) - z[r, y[r]]
+def _cross_entropy(z, V, y, scale, grad, losses):
+    """Per row: the loss; with grad, dz = (softmax - onehot) * scale written over z's row
+    (refgpt.nn.loss): the max, the exp in place with its sum, one scaling pass, the padding
+    zeroed. Without grad the row is only read."""
+    for r in prange(z.shape[0]):
+        zy = z[r, y[r]]                                    # read before the row is overwritten
+        if grad:
+            mx, total = _softmax_row(z, z, r, V)
+            for j in range(V):
+                z[r, j] *= scale
+            z[r, y[r]] -= scale
+            for j in range(V, z.shape[1]):
+                z[r, j] = 0.0
+        else:
+            mx = z[r, 0]
+            for j in range(1, V):
+                mx = max(mx, z[r, j])
+            total = 0.0
+            for j in range(V):
+                total += vexp_of(z[r, j] - mx)
+        losses[r] = mx + math.log(total) - zy
 
 
-@njit(**FLAGS)
-def _ce_bwd(probs, y, scale, dz):
-    N, V = probs.shape
-    for r in prange(N):
-        for v in range(V):
-            dz[r, v] = probs[r, v] * scale
-        dz[r, y[r]] -= scale
-        for v in range(V, dz.shape[1]):
-            dz[r, v] = 0.0
-
-
-def cross_entropy_forward(z, y):
-    probs = np.empty(z.shape, z.dtype)
+def cross_entropy(z, V, y, norm, grad):
+    if z.strides[1] != z.itemsize:
+        raise ValueError("cross_entropy needs rows of contiguous logits")
     losses = np.empty(z.shape[0])                                # float64
-    _ce_fwd(z, np.ascontiguousarray(y), probs, losses)
-    return float(losses.sum()), probs
-
-
-def cross_entropy_backward(probs, y, norm, Vp):
-    dz = np.empty((probs.shape[0], Vp), probs.dtype)
-    _ce_bwd(probs, np.ascontiguousarray(y), probs.dtype.type(1.0 / norm), dz)
-    return dz
+    _cross_entropy(z, V, np.ascontiguousarray(y), z.dtype.type(1.0 / norm), bool(grad), losses)
+    return float(losses.sum())
 
 
 # -- AdamW ------------------------------------------------------------------------------
@@ -346,7 +347,7 @@ def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
 KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forward,
                                    bias_gelu_backward, layernorm_forward,
                                    layernorm_backward, causal_softmax, softmax_backward,
-                                   cross_entropy_forward, cross_entropy_backward, adamw_update)}
+                                   cross_entropy, adamw_update)}
 if numba_attention.GEMM is not None:
     KERNELS.update(causal_matmul_nt=numba_attention.causal_matmul_nt,
                    causal_matmul_nn=numba_attention.causal_matmul_nn,

@@ -31,9 +31,9 @@ def cases(rng, dtype):
         "causal_softmax": [(r(2, 3, 5, 8), 3), (r(2, 3, 6, 6), 0), (r(1, 2, 300, 300), 0),
                            (r(1, 1, 4, 1500), 1496)],
         "column_sum": [(r(3, 7),), (np.round(8 * r(1000, 513)) / 8,)],   # sums exact in any order
-        "cross_entropy_forward": [(r(9, 45), rng.integers(0, 45, 9)),
-                                  (3 * r(5, 700)[:, :601], rng.integers(0, 601, 5))],
-        "cross_entropy_backward": [(np.abs(r(9, 45)), rng.integers(0, 45, 9), 9.0, 64)],
+        "cross_entropy": [(r(9, 64), 45, rng.integers(0, 45, 9), 9.0, True),   # in place
+                          (r(9, 64), 45, rng.integers(0, 45, 9), 9.0, False),
+                          (3 * r(5, 700), 601, rng.integers(0, 601, 5), 4.0, True)],
         "scatter_add_rows": [(r(10, 4), rng.integers(0, 10, 20), r(20, 4))],
         "layernorm_forward": [(r(3, 5, 300) + 2.0, r(300), r(300), 1e-5)],
         "layernorm_backward": [(r(7, 300), r(7, 300), np.abs(r(7, 1)) + 0.5, r(300))],

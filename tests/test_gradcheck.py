@@ -147,14 +147,21 @@ def test_cross_entropy_with_padded_vocab(rng):
     targets = rng.integers(0, 5, (2, 3))
 
     def loss():
-        v = ce.forward(logits, targets, norm=6.0)
+        v = ce.forward(logits.copy(), targets, norm=6.0)
         ce.stash.clear()
         return v
 
-    ce.forward(logits, targets, norm=6.0)
+    trained = logits.copy()
+    ce.forward(trained, targets, norm=6.0)
     d = ce.backward()
+    assert np.shares_memory(d, trained)                          # written over the logits
     assert_close(d, numeric_grad(loss, logits), "dlogits")
     assert np.all(d[..., 5:] == 0)
+    ce.keep = False                                              # evaluation: only read
+    seen = logits.copy()
+    assert ce.forward(seen, targets, norm=6.0) == loss()
+    np.testing.assert_array_equal(seen, logits)
+    ce.keep = True
     z = logits[..., :5]
     ref = -(z - np.log(np.exp(z).sum(-1, keepdims=True)))[np.arange(2)[:, None],
                                                           np.arange(3)[None], targets].sum() / 6

@@ -200,8 +200,8 @@ class GPT(GPTBase):
         """
         with self.params.hold("embed", "forward"):                # wte: embedding and head
             logits = self.head.forward(self.hidden(idx, key, None, record))  # [B, T, Vp]
-        if record is not None:
-            record["logits"] = logits[..., :self.cfg.vocab_size]
+        if record is not None:                                    # the loss overwrites them
+            record["logits"] = logits[..., :self.cfg.vocab_size].copy()
         return self.loss_fn.forward(logits, targets, norm)
 
     def logits(self, idx: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
