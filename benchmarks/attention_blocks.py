@@ -15,16 +15,14 @@ one, run it and set REFGPT_ATTENTION_BLOCK to the block it reports.
 
 import argparse
 import os
-import time
+import sys
+from pathlib import Path
 
 import refgpt  # noqa: F401  (before NumPy: OpenBLAS's idle spin, see refgpt/__init__.py)
 import numpy as np
 
-
-def seconds(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+sys.path.insert(0, str(Path(__file__).parent))
+from step_vs_torch import round_robin  # noqa: E402
 
 
 def main():
@@ -64,15 +62,13 @@ def main():
           f"preset {na.PRESET}: block {na.block_for(T)} at this T")
     variants = ({"numpy matmul": (None, refs), f"{na.PRESET} preset": (None, fast)}
                 | {f"block {b}": (b, fast) for b in args.blocks})
-    best = dict.fromkeys(variants, float("inf"))
+
+    def run(block, fns):
+        na.BLOCK = block                           # None: the preset's block for T
+        layer(*fns)
     with threadpool_limits(args.threads):
-        names = list(variants)
-        for r in range(args.repeats + 1):          # round robin, so drifting load hits all alike,
-            for name in names[r % len(names):] + names[:r % len(names)]:   # each place in turn
-                block, fns = variants[name]
-                na.BLOCK = block                   # None: the preset's block for T
-                t = seconds(lambda: layer(*fns))
-                best[name] = min(best[name], t if r else float("inf"))     # round 0 warms up
+        best = round_robin({name: lambda v=v: run(*v) for name, v in variants.items()},
+                           args.repeats)
     for name, t in best.items():
         print(f"{name:>14} {1e3 * t:8.2f} ms  {flops / t / 1e9:6.1f} GFLOP/s (full-product FLOPs)  "
               f"{best['numpy matmul'] / t:5.2f}x numpy")

@@ -5,7 +5,9 @@ with the same dtype, batch and thread count.
     python benchmarks/step_vs_torch.py                    # both configs, all cores, both backends
     python benchmarks/step_vs_torch.py --config 5m --threads 1 --steps 5 --backend numba
 
-Prints ms per step for each refgpt backend and for PyTorch, the throughput ratio
+The steps are timed round robin (one step of each per round, the order rotated each round;
+see round_robin), so that a shared machine's drifting load falls on both alike. Prints the
+best ms per step for each refgpt backend and for PyTorch, the throughput ratio
 refgpt / PyTorch (> 1: refgpt is faster) and each one's model-FLOPs utilisation against this
 machine's sgemm rate measured in the same run. Then, per config, the step's GEMM floor: every
 matrix product of a numba step (the linear layers' and the tied head's forward and two
@@ -105,6 +107,22 @@ def gemm_floor(cfg_tuple, repeats=3):
     return L * per_layer + linear(C, Vp, w_t=True)
 
 
+def round_robin(fns: dict, rounds: int, sync=lambda: None) -> dict:
+    """Best seconds of each of fns {name: call}, over rounds in which each is called once, in
+    an order rotated each round, after a first round that warms up: a shared machine's
+    drifting load, and whatever one call leaves in the caches and thread pools, then falls on
+    every call alike. sync() waits for a GPU's queued work."""
+    names, best = list(fns), dict.fromkeys(fns, float("inf"))
+    for r in range(rounds + 1):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            sync()
+            if r:
+                best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
 def timed(step, n, sync=lambda: None):
     """Best of n calls of step after a warm-up; sync() waits for a GPU's queued work."""
     step()                                                     # warm-up
@@ -122,7 +140,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=[*CONFIGS, "all"], default="all")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
-    ap.add_argument("--steps", type=int, default=3, help="timed steps each (best is reported)")
+    ap.add_argument("--steps", type=int, default=3,
+                    help="timed steps each, taken round robin (best is reported)")
     ap.add_argument("--backend", nargs="+", default=["numpy", "numba"], choices=["numpy", "numba"])
     args = ap.parse_args()
     from threadpoolctl import threadpool_limits
@@ -138,11 +157,13 @@ def main():
         print(f"{'config':>7} {'backend':>7} {'refgpt ms':>10} {'torch ms':>10} {'ratio':>6} "
               f"{'refgpt MFU':>10} {'torch MFU':>9}")
         for name in names:
-            tstep = torch_step(CONFIGS[name], args.threads)
-            t = timed(tstep, args.steps)
+            steps = {"torch": torch_step(CONFIGS[name], args.threads)}
             for backend in args.backend:
-                rstep, cfg = refgpt_step(CONFIGS[name], args.threads, backend)
-                r = timed(rstep, args.steps)
+                steps[backend], cfg = refgpt_step(CONFIGS[name], args.threads, backend)
+            best = round_robin(steps, args.steps)
+            t = best["torch"]
+            for backend in args.backend:
+                r = best[backend]
                 flops = metrics.model_flops(cfg, CONFIGS[name][5])
                 print(f"{name:>7} {backend:>7} {1e3 * r:10.1f} {1e3 * t:10.1f} {t / r:6.2f} "
                       f"{100 * flops / r / sgemm:9.1f}% {100 * flops / t / sgemm:8.1f}%", flush=True)
