@@ -58,14 +58,14 @@ _BIAS_GELU_FWD = cp.ElementwiseKernel("T b, bool tanh_form", "T f, T y",
                                       "refgpt_bias_gelu_forward", preamble=_GELU)
 
 _ADAMW = cp.ElementwiseKernel(
-    "T g, float64 step, float64 b1, float64 b2, float64 eps, float64 rbc2",
+    "T g, float64 step, float64 b1, float64 b2, float64 eps, float64 rbc2, float64 keep",
     "T p, T m, T v",
     """
     double mi = b1 * m + (1.0 - b1) * g;
     double vi = b2 * v + (1.0 - b2) * ((double)g * g);
     m = (T)mi;
     v = (T)vi;
-    p = (T)(p - step * (mi / (sqrt(vi) * rbc2 + eps)));
+    p = (T)((T)(p * (T)keep) - step * (mi / (sqrt(vi) * rbc2 + eps)));
     """, "refgpt_adamw")
 
 
@@ -306,8 +306,8 @@ def bias_gelu_backward(x, dy, kind):
     return dx, column_sum(dx.reshape(-1, dx.shape[-1]))
 
 
-def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2):
-    _ADAMW(g, lr / bc1, b1, b2, eps, 1.0 / math.sqrt(bc2), p, m, v)
+def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2, keep=1.0):
+    _ADAMW(g, lr / bc1, b1, b2, eps, 1.0 / math.sqrt(bc2), keep, p, m, v)
 
 
 def causal_softmax(s, p0):

@@ -27,7 +27,8 @@ def cases(rng, dtype):
         "gelu_backward": [(r(4, 9), r(4, 9), "tanh"), (r(4, 9), r(4, 9), "erf")],
         "bias_gelu_forward": [(r(3, 5, 7), r(7), "tanh"), (r(3, 5, 7), r(7), "erf")],
         "bias_gelu_backward": [(r(4, 9), r(4, 9), "tanh"), (r(4, 9), r(4, 9), "erf")],
-        "adamw_update": [(r(301), r(301), r(301), v, 1e-3, 0.9, 0.95, 1e-8, 0.19, 0.0975)],
+        "adamw_update": [(r(301), r(301), r(301), v, 1e-3, 0.9, 0.95, 1e-8, 0.19, 0.0975),
+                         (r(301), r(301), r(301), v, 1e-3, 0.9, 0.95, 1e-8, 0.19, 0.0975, 0.99)],
         "causal_softmax": [(r(2, 3, 5, 8), 3), (r(2, 3, 6, 6), 0), (r(1, 2, 300, 300), 0),
                            (r(1, 1, 4, 1500), 1496)],
         "column_sum": [(r(3, 7),), (np.round(8 * r(1000, 513)) / 8,)],   # sums exact in any order

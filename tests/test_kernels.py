@@ -15,6 +15,7 @@ from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matm
                                  causal_softmax, softmax_backward)
 from refgpt.nn.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
 from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
+from refgpt.nn.linear import add_matmul
 from refgpt.nn.loss import cross_entropy
 from refgpt.optim.adamw import adamw_update
 
@@ -194,12 +195,13 @@ def test_cross_entropy(dtype, grad):
         assert np.all(mine[:, V:] == 0) and np.allclose(mine.sum(axis=1), 0, atol=1e-6)
 
 
+@pytest.mark.parametrize("keep", [1.0, 1 - 3e-3 * 0.1])      # without, with weight decay
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_adamw_update(dtype):
+def test_adamw_update(dtype, keep):
     rng = np.random.default_rng(4)
     p, g, m = rand(rng, 1001, dtype), rand(rng, 1001, dtype), rand(rng, 1001, dtype)
     v = np.abs(rand(rng, 1001, dtype))
-    args = (3e-3, 0.9, 0.95, 1e-8, 0.19, 0.0975)
+    args = (3e-3, 0.9, 0.95, 1e-8, 0.19, 0.0975, keep)
     mine = [a.copy() for a in (p, g, m, v)]
     ref = [a.copy() for a in (p, g, m, v)]
     numba_cpu.adamw_update(*mine, *args)
@@ -208,11 +210,44 @@ def test_adamw_update(dtype):
         close(a, b, dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_add_matmul(dtype):
+    rng = np.random.default_rng(7)
+    x, dy, big = rand(rng, (37, 13), dtype), rand(rng, (37, 29), dtype), rand(rng, (40, 50), dtype)
+    cases = [(x.T, dy),                          # a weight's gradient: BLAS transposes a
+             (dy.T, x),                          # the tied head's
+             (x[:, :5].T, big[:37, 7:36]),       # views whose rows are longer than the matrix
+             (big[:13, 2:39], big[3:40, 10:20]),
+             (x[::2].T, dy[::2]),                # every other row
+             (x[:, ::2].T, dy)]                  # no unit stride: the reference's path
+    blas = [numba_cpu._blas_operand(a) is not None and numba_cpu._blas_operand(b) is not None
+            for a, b in cases]
+    assert blas == [True] * 5 + [False]
+    for a, b in cases:
+        for out in (rand(rng, (a.shape[0], b.shape[1]), dtype),
+                    rand(rng, (a.shape[0], b.shape[1] + 3), dtype)[:, 1:-2]):   # c a view too
+            want = out.copy()
+            add_matmul.reference(want, a, b)
+            numba_cpu.KERNELS["add_matmul"](out, a, b)
+            close(out, want, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_fill(dtype):
+    rng = np.random.default_rng(6)
+    a, b = rand(rng, 100003, dtype), rand(rng, (30, 40), dtype)
+    numba_cpu.zero_fill(a)
+    numba_cpu.zero_fill(b[:, ::3])                        # a strided view: only its elements
+    assert not a.any() and not b[:, ::3].any()
+    assert np.all(b[:, 1::3] != 0) and np.all(b[:, 2::3] != 0)
+
+
 def test_every_numba_kernel_has_a_reference_and_is_tested():
     assert backend.kernel_names("numba") == sorted(
         ["gelu_forward", "gelu_backward", "bias_gelu_forward", "bias_gelu_backward",
          "layernorm_forward", "layernorm_backward",
-         "causal_softmax", "softmax_backward", "cross_entropy", "adamw_update", "causal_matmul_nt", "causal_matmul_nn",
+         "causal_softmax", "softmax_backward", "cross_entropy", "adamw_update", "zero_fill",
+         "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
          "causal_matmul_tn"])
 
 

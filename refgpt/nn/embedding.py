@@ -18,6 +18,7 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer, ParamRef
+from .linear import add_matmul
 
 
 class TokenTable(Layer):
@@ -63,7 +64,7 @@ class TiedHead(TokenTable):
     def backward(self, dlogits: np.ndarray) -> np.ndarray:
         (x,) = self.saved()
         dl2 = dlogits.reshape(-1, dlogits.shape[-1])              # [N, Vp]
-        self.gwte += dl2.T @ x.reshape(-1, x.shape[-1])           # [Vp, C]
+        add_matmul(self.gwte, dl2.T, x.reshape(-1, x.shape[-1]))  # [Vp, C]
         return (dl2 @ self.wte).reshape(*dlogits.shape[:-1], -1)  # [B, T, C]
 
 

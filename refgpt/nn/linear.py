@@ -26,6 +26,12 @@ def column_sum(a: np.ndarray) -> np.ndarray:
     return a.sum(axis=0)
 
 
+@kernel
+def add_matmul(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """c += a @ b, in place (a weight's gradient accumulating x^T dy)."""
+    c += a @ b
+
+
 class Linear(Layer):
     w, gw = ParamRef("weight"), ParamRef("weight", grad=True)
     b, gb = ParamRef("bias"), ParamRef("bias", grad=True)
@@ -54,6 +60,6 @@ class Linear(Layer):
         return (dy2 @ self.w.T).reshape(*dy.shape[:-1], -1)   # [N, out] @ [out, in] -> [..., in]
 
     def weight_grad(self, x2: np.ndarray, dy2: np.ndarray) -> None:
-        self.gw += x2.T @ dy2                           # [in, out]
+        add_matmul(self.gw, x2.T, dy2)                  # gW += x^T dy: [in, out]
         if self.gb is not None:
             self.gb += column_sum(dy2)                  # [out]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import array_module, to_device
+from ..backend import array_module, kernel, to_device
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -139,7 +139,7 @@ class Params:
         self._views[name][...] = to_device(value)
 
     def zero_grad(self) -> None:
-        self.grad[...] = 0.0
+        zero_fill(self.grad)
 
     def decay_ranges(self) -> list[tuple[int, int]]:
         """The (start, stop) ranges of the flat buffer that AdamW decays."""
@@ -161,3 +161,11 @@ class Params:
                 raise ValueError(f"{name}: shape {tuple(value.shape)} != {self.specs[name].shape}")
         for name, value in tensors.items():
             self._write(name, value)
+
+
+@kernel
+def zero_fill(a: np.ndarray) -> None:
+    """a[...] = 0: a gradient buffer before the step's first backward. A kernel so that a
+    backend can fill it with all its threads (NumPy's fill runs on one: 66 ms a step for
+    GPT-2 124M's 500 MB of float32 gradients on a 16-core node)."""
+    a[...] = 0

@@ -48,13 +48,25 @@ class AdamW:
                 state.flush()
 
     def _update(self, lo: int, hi: int, lr: float) -> None:
-        p, g, m, v = self.p[lo:hi], self.g[lo:hi], self.m[lo:hi], self.v[lo:hi]
-        if self.wd:
-            for a, b in self.decay:
-                if a < hi and b > lo:
-                    p[max(a, lo) - lo:min(b, hi) - lo] *= 1.0 - lr * self.wd
-        adamw_update(p, g, m, v, lr, self.b1, self.b2, self.eps, 1.0 - self.b1 ** self.t,
-                     1.0 - self.b2 ** self.t)
+        bc1, bc2 = 1.0 - self.b1 ** self.t, 1.0 - self.b2 ** self.t
+        for a, b, keep in self._runs(lo, hi, 1.0 - lr * self.wd):
+            adamw_update(self.p[a:b], self.g[a:b], self.m[a:b], self.v[a:b], lr, self.b1,
+                         self.b2, self.eps, bc1, bc2, keep)
+
+    def _runs(self, lo: int, hi: int, keep: float):
+        """[lo, hi) cut into runs (a, b, factor): the decay factor `keep` inside the decayed
+        ranges, 1 outside (with no weight decay, one run)."""
+        start = lo
+        for a, b in self.decay if self.wd else ():
+            a, b = max(a, lo), min(b, hi)
+            if a >= b:
+                continue
+            if start < a:
+                yield start, a, 1.0
+            yield a, b, keep
+            start = b
+        if start < hi:
+            yield start, hi, 1.0
 
     def state_dict(self) -> dict:
         return {"t": self.t, "exp_avg": self.m, "exp_avg_sq": self.v}
@@ -67,8 +79,11 @@ class AdamW:
 
 @kernel
 def adamw_update(p, g, m, v, lr: float, b1: float, b2: float, eps: float, bc1: float,
-                 bc2: float) -> None:
-    """The moment updates and the step, in place (bc1, bc2: the bias corrections)."""
+                 bc2: float, keep: float = 1.0) -> None:
+    """The decay (p *= keep, keep = 1 - lr wd), the moment updates and the step, in place
+    (bc1, bc2: the bias corrections)."""
+    if keep != 1.0:
+        p *= keep
     m *= b1
     m += (1.0 - b1) * g
     v *= b2

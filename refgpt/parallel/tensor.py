@@ -45,7 +45,7 @@ from ..nn.gpt import GPTBase, Stage, param_specs
 from ..nn.embedding import TokenTable, scatter_add_rows
 from ..nn.layer import Layer, ParamRef
 from ..nn.layernorm import LayerNorm
-from ..nn.linear import Linear, column_sum
+from ..nn.linear import Linear, add_matmul, column_sum
 from ..nn.params import Params, ParamSpec
 from ..optim.clip import sum_squares
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
@@ -209,7 +209,7 @@ class VocabParallelHead(TokenTable):
 
     def backward(self, dz):
         (x,) = self.saved()
-        self.gwte += dz.reshape(-1, dz.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        add_matmul(self.gwte, dz.reshape(-1, dz.shape[-1]).T, x.reshape(-1, x.shape[-1]))
         return self.enter.backward(dz @ self.wte)
 
 

@@ -56,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import array_module, to_device, to_host
-from ..nn.params import Params, unit_key
+from ..nn.params import Params, unit_key, zero_fill
 from ..optim.clip import sum_squares
 from .data import IN_FLIGHT       # gradient collectives left running while backward goes on
 
@@ -187,7 +187,7 @@ class ZeroParams(Params):
         self.shard_data[a:b] = to_device(np.ravel(to_host(value))[start:start + b - a])
 
     def zero_grad(self) -> None:
-        (self.shard_grad if self.stage >= 2 else self.grad)[...] = 0.0
+        zero_fill(self.shard_grad if self.stage >= 2 else self.grad)
 
     # -- stage 3: parameters gathered while held -----------------------------------------
     def hold(self, key: str, phase: str):
