@@ -376,6 +376,27 @@ def add_matmul(c, a, b):
          ldb, 1.0, c.ctypes.data, c.strides[0] // c.itemsize)
 
 
+# -- the embedding's scatter-add ----------------------------------------------------------
+@njit(**FLAGS)
+def _scatter_add_rows(table, idx, rows):
+    """Threads take blocks of columns, so no two write the same element; within a column
+    the rows are added in index order, as np.add.at adds them."""
+    C = rows.shape[1]
+    for blk in prange((C + 63) // 64):
+        for i in range(idx.size):
+            t = idx[i]
+            for c in range(blk * 64, min(C, blk * 64 + 64)):
+                table[t, c] += rows[i, c]
+
+
+def scatter_add_rows(table, idx, rows):
+    """NumPy's add.at is a generic, unbuffered loop (3.5 ms a step at ~5M on 2 cores)."""
+    if table.ndim != 2 or rows.ndim != 2 or table.dtype != rows.dtype:
+        np.add.at(table, idx, rows)
+        return
+    _scatter_add_rows(table, np.ascontiguousarray(idx, dtype=np.int64), rows)
+
+
 # -- zeroing ----------------------------------------------------------------------------
 @njit(**FLAGS)
 def _zero(a):
@@ -393,7 +414,7 @@ def zero_fill(a):
 KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forward,
                                    bias_gelu_backward, layernorm_forward,
                                    layernorm_backward, causal_softmax, softmax_backward,
-                                   cross_entropy, adamw_update, zero_fill)}
+                                   cross_entropy, adamw_update, zero_fill, scatter_add_rows)}
 if numba_attention.GEMM is not None:                # NumPy's BLAS exposes CBLAS
     KERNELS.update(add_matmul=add_matmul, causal_matmul_nt=numba_attention.causal_matmul_nt,
                    causal_matmul_nn=numba_attention.causal_matmul_nn,

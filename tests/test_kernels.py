@@ -14,6 +14,7 @@ from refgpt.kernels import numba_attention, numba_cpu
 from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matmul_tn,
                                  causal_softmax, softmax_backward)
 from refgpt.nn.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
+from refgpt.nn.embedding import scatter_add_rows
 from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
 from refgpt.nn.linear import add_matmul
 from refgpt.nn.loss import cross_entropy
@@ -233,6 +234,18 @@ def test_add_matmul(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_scatter_add_rows(dtype):
+    rng = np.random.default_rng(8)
+    idx = rng.integers(0, 11, 300)                             # ids repeat
+    for C in (5, 64, 150):                                     # one, exactly one, several blocks
+        table, rows = rand(rng, (11, C), dtype), rand(rng, (300, C), dtype)
+        want = table.copy()
+        scatter_add_rows.reference(want, idx, rows)
+        numba_cpu.scatter_add_rows(table, idx, rows)
+        np.testing.assert_array_equal(table, want)             # the same order of additions
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_zero_fill(dtype):
     rng = np.random.default_rng(6)
     a, b = rand(rng, 100003, dtype), rand(rng, (30, 40), dtype)
@@ -247,6 +260,7 @@ def test_every_numba_kernel_has_a_reference_and_is_tested():
         ["gelu_forward", "gelu_backward", "bias_gelu_forward", "bias_gelu_backward",
          "layernorm_forward", "layernorm_backward",
          "causal_softmax", "softmax_backward", "cross_entropy", "adamw_update", "zero_fill",
+         "scatter_add_rows",
          "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
          "causal_matmul_tn"])
 

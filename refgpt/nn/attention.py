@@ -143,6 +143,7 @@ class CausalSelfAttention(Layer):
         scale = 1.0 / np.sqrt(D)
         dq = causal_matmul_nn(ds, k, scale)                           # [B, H, T, D]
         dk = causal_matmul_tn(ds, q, scale)                           # [B, H, T, D]
-        dqkv = np.stack([dq, dk, dv])                                 # [3, B, H, T, D]
-        dqkv = dqkv.transpose(1, 3, 0, 2, 4).reshape(B, T, 3 * H * D)  # [B, T, 3C]
-        return self.c_attn.backward(dqkv)
+        dqkv = np.empty_like(dq, shape=(B, T, 3, H, D))               # c_attn's output layout
+        for i, d in enumerate((dq, dk, dv)):
+            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)                   # [B, T, H, D]
+        return self.c_attn.backward(dqkv.reshape(B, T, 3 * H * D))    # [B, T, 3C]
