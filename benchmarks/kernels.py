@@ -34,6 +34,8 @@ def cases(args, rng):
     _, nn, rstd = layernorm_forward.reference(x, g, b, 1e-5)
     from refgpt.nn.attention import causal_softmax
     probs = causal_softmax.reference(s.copy(), 0)
+    gw, xs, dys = (rng.standard_normal(s).astype(f) for s in ((C, 4 * C), (B * T, C), (B * T, 4 * C)))
+    wte, ids = rng.standard_normal((V, C)).astype(f), rng.integers(0, V, B * T)
     qkv = rng.standard_normal((B, T, 3, H, 64)).astype(f)
     q, k, val = qkv.transpose(2, 0, 3, 1, 4)                        # strided, as attention has them
     return {
@@ -47,6 +49,9 @@ def cases(args, rng):
         "softmax_backward": ((probs, s), None),
         "cross_entropy": ((z, V, y, float(B * T), True), None),    # z becomes its gradient
         "adamw_update": ((p, gr, m, v, 1e-4, 0.9, 0.95, 1e-8, 0.1, 0.05), None),
+        "add_matmul": ((gw, xs.T, dys), None),                      # c_fc's weight gradient
+        "scatter_add_rows": ((wte, ids, xs), None),                 # the embedding's backward
+        "zero_fill": ((gr,), None),
         "causal_matmul_nt": ((q, k, 0.125), None),
         "causal_matmul_nn": ((probs, val), None),
         "causal_matmul_tn": ((probs, q), None),
