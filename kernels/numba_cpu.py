@@ -14,7 +14,14 @@ and float32 (tests/test_kernels.py). What they change is the memory traffic, not
   "workqueue": see refgpt.kernels).
 * attention's batched products skip the causal mask's zeros: they are BLAS calls on blocks
   of queries, in parallel over (batch, head, block) (refgpt.kernels.numba_attention, where
-  NumPy's BLAS exposes CBLAS). The model's other GEMMs go to BLAS through NumPy's matmul.
+  NumPy's BLAS exposes CBLAS). The model's other GEMMs go to BLAS through NumPy's matmul,
+  but for the weight gradients, which BLAS accumulates into the gradient buffer itself
+  (add_matmul, beta = 1).
+* no pass left on one thread: NumPy's own fill, add.at and in-place arithmetic run on one
+  core, and between multi-threaded GEMMs that showed: at GPT-2 124M on 16 threads the
+  gradient zeroing cost 66 ms a step and AdamW's separate weight decay 58 ms (now
+  zero_fill, and a factor inside adamw_update); the embedding's add.at took 2.5-3.5 ms of
+  the ~5M step on 2 cores (scatter_add_rows: 0.4 ms).
 
 Element-wise math runs in the array's precision: GELU and every exp run in float32 on float32
 arrays, as their NumPy references do (GELU's constants are passed in that precision, since
