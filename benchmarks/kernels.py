@@ -34,7 +34,8 @@ def cases(args, rng):
     _, nn, rstd = layernorm_forward.reference(x, g, b, 1e-5)
     from refgpt.nn.attention import causal_softmax
     probs = causal_softmax.reference(s.copy(), 0)
-    gw, xs, dys = (rng.standard_normal(s).astype(f) for s in ((C, 4 * C), (B * T, C), (B * T, 4 * C)))
+    gw, xs, dys = (rng.standard_normal(shape).astype(f)
+                   for shape in ((C, 4 * C), (B * T, C), (B * T, 4 * C)))
     wte, ids = rng.standard_normal((V, C)).astype(f), rng.integers(0, V, B * T)
     qkv = rng.standard_normal((B, T, 3, H, 64)).astype(f)
     q, k, val = qkv.transpose(2, 0, 3, 1, 4)                        # strided, as attention has them

@@ -36,7 +36,8 @@ def refgpt_tokens_per_s(args, cfg) -> float:
                "--num-attention-heads", str(a), "--vocab-size", str(V), "--seq-length", str(s),
                "--micro-batch-size", str(args.micro), "--global-batch-size", str(args.global_batch),
                "--train-iters", str(args.iters), "--eval-iters", "0", "--no-progress",
-               "--threads-per-rank", str(args.threads_per_rank), "--backend", args.backend, "--log-jsonl", str(log)]
+               "--threads-per-rank", str(args.threads_per_rank), "--backend", args.backend,
+               "--log-jsonl", str(log)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         rows = [json.loads(line) for line in log.read_text().splitlines()]
     return statistics.median(r["tokens_per_s"] for r in rows[1:])
@@ -70,7 +71,8 @@ def main():
     ours = refgpt_tokens_per_s(args, cfg)
     theirs = torch_tokens_per_s(args, cfg)
     print(f"{args.config}, global batch {args.global_batch} x {cfg[4]} tokens, float32: refgpt "
-          f"{args.ranks} ranks x {args.threads_per_rank} threads ({args.backend}) {ours:.0f} tokens/s; "
+          f"{args.ranks} ranks x {args.threads_per_rank} threads ({args.backend}) {ours:.0f} "
+          f"tokens/s; "
           f"PyTorch 1 process x {args.ranks * args.threads_per_rank} threads {theirs:.0f} "
           f"tokens/s; ratio {ours / theirs:.2f}")
 

@@ -241,13 +241,19 @@ def layernorm_backward(dy, n, rstd, g):
 
 # -- softmax rows (attention's and the cross-entropy's) -------------------------------------
 @njit(inline="always")
+def _row_max(x, r, n):
+    mx = x[r, 0]
+    for j in range(1, n):
+        mx = max(mx, x[r, j])
+    return mx
+
+
+@njit(inline="always")
 def _softmax_row(x, out, r, n):
     """out[r, :n] = softmax(x[r, :n]) (out may be x); returns (max, sum of exp(x - max)).
     Four loops, three of which vectorise: the max, exp in x's own precision (vexp_of), the
     sum, the scaling."""
-    mx = x[r, 0]
-    for j in range(1, n):
-        mx = max(mx, x[r, j])
+    mx = _row_max(x, r, n)
     for j in range(n):
         out[r, j] = vexp_of(x[r, j] - mx)
     total = 0.0
@@ -301,8 +307,9 @@ def softmax_backward(p, dp):
 @_rows
 def _cross_entropy(z, V, y, scale, grad, losses):
     """Per row: the loss; with grad, dz = (softmax - onehot) * scale written over z's row
-    (refgpt.nn.loss): the max, the exp in place with its sum, one scaling pass, the padding
-    zeroed. Without grad the row is only read."""
+    (refgpt.nn.loss): the softmax in place, then a pass that scales it by 1 / norm (two
+    roundings, as the reference's e / s and / norm), the padding zeroed. Without grad the
+    row is only read: its max and its sum of exponentials."""
     for r in prange(z.shape[0]):
         zy = z[r, y[r]]                                    # read before the row is overwritten
         if grad:
@@ -313,9 +320,7 @@ def _cross_entropy(z, V, y, scale, grad, losses):
             for j in range(V, z.shape[1]):
                 z[r, j] = 0.0
         else:
-            mx = z[r, 0]
-            for j in range(1, V):
-                mx = max(mx, z[r, j])
+            mx = _row_max(z, r, V)
             total = 0.0
             for j in range(V):
                 total += vexp_of(z[r, j] - mx)
@@ -371,16 +376,15 @@ def add_matmul(c, a, b):
     which at GPT-2 124M on 16 threads cost more than a tenth of the weight-gradient GEMMs.
     Operands BLAS cannot take as they are go through the reference."""
     gemm = numba_attention.GEMM.get(c.dtype)
-    ops = (_blas_operand(a), _blas_operand(b))
-    if (gemm is None or None in ops or a.dtype != c.dtype or b.dtype != c.dtype
-            or c.strides[1] != c.itemsize or c.strides[0] < c.itemsize * max(1, c.shape[1])
-            or 0 in a.shape or 0 in b.shape):
+    ops = (_blas_operand(a), _blas_operand(b), _blas_operand(c))
+    if (gemm is None or None in ops or ops[2][0] != numba_attention.NO_TRANS
+            or a.dtype != c.dtype or b.dtype != c.dtype or 0 in a.shape or 0 in b.shape):
         c += a @ b
         return
-    (ta, lda), (tb, ldb) = ops
+    (ta, lda), (tb, ldb), (_, ldc) = ops
     (M, K), N = a.shape, b.shape[1]
     gemm(numba_attention.ROW_MAJOR, ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data,
-         ldb, 1.0, c.ctypes.data, c.strides[0] // c.itemsize)
+         ldb, 1.0, c.ctypes.data, ldc)
 
 
 # -- the embedding's scatter-add ----------------------------------------------------------
