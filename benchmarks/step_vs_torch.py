@@ -11,9 +11,9 @@ best ms per step for each refgpt backend and for PyTorch, the throughput ratio
 refgpt / PyTorch (> 1: refgpt is faster) and each one's model-FLOPs utilisation against this
 machine's sgemm rate measured in the same run. Then, per config, the step's GEMM floor: every
 matrix product of a numba step (the linear layers' and the tied head's forward and two
-backward products, through NumPy's matmul as the model calls them, and attention's causal
-products through the numba kernels), each timed on its own shape, summed. No step that does
-these products through this BLAS can be faster, so PyTorch's step time over the floor bounds
+backward products, and attention's causal products, through the numba kernels the model
+calls), each timed on its own shape, summed. No step that does these products this way can be
+faster, so PyTorch's step time over the floor bounds
 the ratio any refgpt step can reach here, with all other work free.
 """
 
@@ -83,6 +83,7 @@ def gemm_floor(cfg_tuple, repeats=3):
     """Seconds of one numba training step's matrix products, each timed alone (best of
     repeats), summed: the layers' products once per layer, the head's once."""
     from refgpt.kernels import numba_cpu
+    matmul, add_matmul = numba_cpu.KERNELS["matmul"], numba_cpu.KERNELS["add_matmul"]
     L, C, H, V, T, B = cfg_tuple
     N, D, f = B * T, C // H, np.float32
     Vp = -(-V // 128) * 128
@@ -93,9 +94,10 @@ def gemm_floor(cfg_tuple, repeats=3):
         """forward x W, backward dy W^T and x^T dy (W stored [in, out]; the head's as wte
         [out, in], w_t)."""
         x, dy, w = r(N, n_in), r(N, n_out), (r(n_out, n_in) if w_t else r(n_in, n_out))
-        wf = w.T if w_t else w
-        return (timed(lambda: x @ wf, repeats) + timed(lambda: dy @ wf.T, repeats)
-                + timed(lambda: x.T @ dy, repeats))
+        wf, gw = (w.T if w_t else w), np.zeros_like(w)
+        grad = (lambda: add_matmul(gw, dy.T, x)) if w_t else (lambda: add_matmul(gw, x.T, dy))
+        return (timed(lambda: matmul(x, wf), repeats) + timed(lambda: matmul(dy, wf.T), repeats)
+                + timed(grad, repeats))
     per_layer = sum(linear(i, o) for i, o in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)))
     q = r(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)[0]
     k, v, do = r(B, H, T, D), r(B, H, T, D), r(B, H, T, D)
@@ -147,6 +149,9 @@ def main():
     from threadpoolctl import threadpool_limits
     from refgpt import metrics
     names = list(CONFIGS) if args.config == "all" else [args.config]
+    # PyTorch before Numba starts its OpenMP pool (refgpt.kernels): in the other order,
+    # PyTorch's step in this process ran 7x slower (1946 ms against 285 at ~5M, 2 cores)
+    import torch  # noqa: F401
     import numba
     import refgpt.kernels  # noqa: F401  (numba's thread pool: see refgpt.kernels)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

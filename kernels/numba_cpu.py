@@ -42,7 +42,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import numba_attention
+from . import numba_attention, numba_gemm
 from .numba_exp import vexp_of
 
 S2PI = math.sqrt(2.0 / math.pi)
@@ -358,35 +358,6 @@ def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2, keep=1.0):
     _adamw(p, g, m, v, f(lr), f(b1), f(b2), f(eps), f(bc1), f(bc2), f(keep))
 
 
-# -- a GEMM that accumulates into its output -------------------------------------------------
-def _blas_operand(a):
-    """(CBLAS transpose flag, leading dimension) of a 2-D array whose rows (or columns) are
-    contiguous, or None."""
-    n = a.itemsize
-    if a.strides[1] == n and a.strides[0] >= n * max(1, a.shape[1]) and a.strides[0] % n == 0:
-        return numba_attention.NO_TRANS, a.strides[0] // n
-    if a.strides[0] == n and a.strides[1] >= n * max(1, a.shape[0]) and a.strides[1] % n == 0:
-        return numba_attention.TRANS, a.strides[1] // n
-    return None
-
-
-def add_matmul(c, a, b):
-    """c += a @ b as one BLAS call with beta = 1 (NumPy's BLAS, through CBLAS), instead of a
-    temporary product and a NumPy add: the add is a single-threaded pass over the gradient,
-    which at GPT-2 124M on 16 threads cost more than a tenth of the weight-gradient GEMMs.
-    Operands BLAS cannot take as they are go through the reference."""
-    gemm = numba_attention.GEMM.get(c.dtype)
-    ops = (_blas_operand(a), _blas_operand(b), _blas_operand(c))
-    if (gemm is None or None in ops or ops[2][0] != numba_attention.NO_TRANS
-            or a.dtype != c.dtype or b.dtype != c.dtype or 0 in a.shape or 0 in b.shape):
-        c += a @ b
-        return
-    (ta, lda), (tb, ldb), (_, ldc) = ops
-    (M, K), N = a.shape, b.shape[1]
-    gemm(numba_attention.ROW_MAJOR, ta, tb, M, N, K, 1.0, a.ctypes.data, lda, b.ctypes.data,
-         ldb, 1.0, c.ctypes.data, ldc)
-
-
 # -- the embedding's scatter-add ----------------------------------------------------------
 @njit(**FLAGS)
 def _scatter_add_rows(table, idx, rows):
@@ -426,7 +397,8 @@ KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forwar
                                    bias_gelu_backward, layernorm_forward,
                                    layernorm_backward, causal_softmax, softmax_backward,
                                    cross_entropy, adamw_update, zero_fill, scatter_add_rows)}
+KERNELS.update(numba_gemm.KERNELS)
 if numba_attention.GEMM is not None:                # NumPy's BLAS exposes CBLAS
-    KERNELS.update(add_matmul=add_matmul, causal_matmul_nt=numba_attention.causal_matmul_nt,
+    KERNELS.update(causal_matmul_nt=numba_attention.causal_matmul_nt,
                    causal_matmul_nn=numba_attention.causal_matmul_nn,
                    causal_matmul_tn=numba_attention.causal_matmul_tn)

@@ -10,13 +10,13 @@ import pytest
 from refgpt import backend
 from refgpt.config import ModelConfig, TrainConfig
 from refgpt.engine import Trainer
-from refgpt.kernels import numba_attention, numba_cpu
+from refgpt.kernels import numba_attention, numba_cpu, numba_gemm
 from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matmul_tn,
                                  causal_softmax, softmax_backward)
 from refgpt.nn.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
 from refgpt.nn.embedding import scatter_add_rows
 from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
-from refgpt.nn.linear import add_matmul
+from refgpt.nn.linear import add_matmul, matmul
 from refgpt.nn.loss import cross_entropy
 from refgpt.optim.adamw import adamw_update
 
@@ -211,26 +211,59 @@ def test_adamw_update(dtype, keep):
         close(a, b, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_add_matmul(dtype):
-    rng = np.random.default_rng(7)
+def gemm_cases(rng, dtype):
     x, dy, big = rand(rng, (37, 13), dtype), rand(rng, (37, 29), dtype), rand(rng, (40, 50), dtype)
-    cases = [(x.T, dy),                          # a weight's gradient: BLAS transposes a
-             (dy.T, x),                          # the tied head's
-             (x[:, :5].T, big[:37, 7:36]),       # views whose rows are longer than the matrix
-             (big[:13, 2:39], big[3:40, 10:20]),
-             (x[::2].T, dy[::2]),                # every other row
-             (x[:, ::2].T, dy)]                  # no unit stride: the reference's path
-    blas = [numba_cpu._blas_operand(a) is not None and numba_cpu._blas_operand(b) is not None
+    return [(x.T, dy),                          # a weight's gradient: BLAS transposes a
+            (dy.T, x),                          # the tied head's
+            (dy, big[3:40, :29].T),             # b transposed
+            (x[:, :5].T, big[:37, 7:36]),       # views whose rows are longer than the matrix
+            (big[:13, 2:39], big[3:40, 10:20]),
+            (x[::2].T, dy[::2]),                # every other row
+            (x[:, ::2].T, dy)]                  # no unit stride: the reference's path
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matmul_and_add_matmul(dtype):
+    rng = np.random.default_rng(7)
+    cases = gemm_cases(rng, dtype)
+    blas = [numba_gemm._blas_operand(a) is not None and numba_gemm._blas_operand(b) is not None
             for a, b in cases]
-    assert blas == [True] * 5 + [False]
+    assert blas == [True] * 6 + [False]
     for a, b in cases:
+        close(numba_cpu.KERNELS["matmul"](a, b), matmul.reference(a, b), dtype)
         for out in (rand(rng, (a.shape[0], b.shape[1]), dtype),
                     rand(rng, (a.shape[0], b.shape[1] + 3), dtype)[:, 1:-2]):   # c a view too
             want = out.copy()
             add_matmul.reference(want, a, b)
             numba_cpu.KERNELS["add_matmul"](out, a, b)
             close(out, want, dtype)
+    x = cases[0][0]
+    with pytest.raises(ValueError, match="mismatch"):               # NumPy's error, not BLAS's
+        numba_cpu.KERNELS["matmul"](x, x)
+    with pytest.raises(ValueError):
+        numba_cpu.KERNELS["add_matmul"](np.zeros((13, 13), dtype), x, x.T[:, :5])
+
+
+@pytest.mark.parametrize("grid", [(1, 1), (2, 1), (1, 2), (3, 2), (2, 3), (5, 1)])
+def test_gemm_tiles_cover_the_product(grid):
+    """Every tile grid, whatever the thread count here: each element written once, right."""
+    rng = np.random.default_rng(9)
+    for a, b in gemm_cases(rng, np.float64)[:6]:
+        c = np.full((a.shape[0], b.shape[1]), np.nan)
+        ta, tb = a.strides[0] == a.itemsize, b.strides[0] == b.itemsize
+        numba_gemm._tiled(numba_attention.GEMM[c.dtype], ta, tb, a.T if ta else a,
+                          b.T if tb else b, 0.0, c, *grid)
+        close(c, a @ b, np.float64)
+
+
+def test_tile_grid_is_near_square_and_uses_every_thread():
+    assert numba_gemm.tile_grid(1024, 768, 1) == (1, 1)
+    assert numba_gemm.tile_grid(1024, 768, 2) == (2, 1)
+    assert numba_gemm.tile_grid(768, 3072, 2) == (1, 2)
+    assert numba_gemm.tile_grid(1024, 768, 16) == (4, 4)
+    assert numba_gemm.tile_grid(1024, 50304, 16) == (1, 16)
+    assert numba_gemm.tile_grid(3, 1000, 16) == (1, 16)
+    assert numba_gemm.tile_grid(1, 1, 4) == (1, 1)          # fewer tiles than threads
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -261,7 +294,7 @@ def test_every_numba_kernel_has_a_reference_and_is_tested():
          "layernorm_forward", "layernorm_backward",
          "causal_softmax", "softmax_backward", "cross_entropy", "adamw_update", "zero_fill",
          "scatter_add_rows",
-         "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
+         "matmul", "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
          "causal_matmul_tn"])
 
 

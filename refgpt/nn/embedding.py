@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer, ParamRef
-from .linear import add_matmul
+from .linear import add_matmul, matmul
 
 
 class TokenTable(Layer):
@@ -58,14 +58,14 @@ class TiedHead(TokenTable):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
-        z = x.reshape(-1, x.shape[-1]) @ self.wte.T               # [B T, C] @ [C, Vp]
+        z = matmul(x.reshape(-1, x.shape[-1]), self.wte.T)          # [B T, C] @ [C, Vp]
         return z.reshape(*x.shape[:-1], -1)                       # [B, T, Vp]
 
     def backward(self, dlogits: np.ndarray) -> np.ndarray:
         (x,) = self.saved()
         dl2 = dlogits.reshape(-1, dlogits.shape[-1])              # [N, Vp]
         add_matmul(self.gwte, dl2.T, x.reshape(-1, x.shape[-1]))  # [Vp, C]
-        return (dl2 @ self.wte).reshape(*dlogits.shape[:-1], -1)  # [B, T, C]
+        return matmul(dl2, self.wte).reshape(*dlogits.shape[:-1], -1)  # [B, T, C]
 
 
 @kernel

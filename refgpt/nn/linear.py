@@ -27,6 +27,12 @@ def column_sum(a: np.ndarray) -> np.ndarray:
 
 
 @kernel
+def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """a @ b for 2-D a and b (the layers' GEMMs)."""
+    return a @ b
+
+
+@kernel
 def add_matmul(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     """c += a @ b, in place (a weight's gradient accumulating x^T dy)."""
     c += a @ b
@@ -44,7 +50,7 @@ class Linear(Layer):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
-        y = x.reshape(-1, x.shape[-1]) @ self.w          # [N, in] @ [in, out]: one GEMM
+        y = matmul(x.reshape(-1, x.shape[-1]), self.w)  # [N, in] @ [in, out]: one GEMM
         if self.b is not None:
             y += self.b
         return y.reshape(*x.shape[:-1], y.shape[-1])     # [..., out]
@@ -57,7 +63,7 @@ class Linear(Layer):
             self.weight_grad(x2, dy2)
         else:
             self.defer.append((self, x2, dy2))
-        return (dy2 @ self.w.T).reshape(*dy.shape[:-1], -1)   # [N, out] @ [out, in] -> [..., in]
+        return matmul(dy2, self.w.T).reshape(*dy.shape[:-1], -1)  # [N, out] @ [out, in]
 
     def weight_grad(self, x2: np.ndarray, dy2: np.ndarray) -> None:
         add_matmul(self.gw, x2.T, dy2)                  # gW += x^T dy: [in, out]

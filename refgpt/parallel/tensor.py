@@ -45,7 +45,7 @@ from ..nn.gpt import GPTBase, Stage, param_specs
 from ..nn.embedding import TokenTable, scatter_add_rows
 from ..nn.layer import Layer, ParamRef
 from ..nn.layernorm import LayerNorm
-from ..nn.linear import Linear, add_matmul, column_sum
+from ..nn.linear import Linear, add_matmul, column_sum, matmul
 from ..nn.params import Params, ParamSpec
 from ..optim.clip import sum_squares
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
@@ -205,12 +205,14 @@ class VocabParallelHead(TokenTable):
     def forward(self, x):
         x = self.enter.forward(x)                                     # [B, T, C]
         self.save(x)
-        return x @ self.wte.T                                         # [B, T, Vp/t]
+        z = matmul(x.reshape(-1, x.shape[-1]), self.wte.T)           # [B T, C] @ [C, Vp/t]
+        return z.reshape(*x.shape[:-1], -1)                           # [B, T, Vp/t]
 
     def backward(self, dz):
         (x,) = self.saved()
-        add_matmul(self.gwte, dz.reshape(-1, dz.shape[-1]).T, x.reshape(-1, x.shape[-1]))
-        return self.enter.backward(dz @ self.wte)
+        dz2 = dz.reshape(-1, dz.shape[-1])                            # [B T, Vp/t]
+        add_matmul(self.gwte, dz2.T, x.reshape(-1, x.shape[-1]))
+        return self.enter.backward(matmul(dz2, self.wte).reshape(*dz.shape[:-1], -1))
 
 
 class VocabParallelCrossEntropy(Layer):

@@ -1,0 +1,112 @@
+"""The model's dense GEMMs for the numba backend, run on numba's threads.
+
+A training step alternates GEMMs with element-wise kernels, a hundred times or more. With
+NumPy's matmul, the GEMMs run on the BLAS's own thread pool and the kernels on numba's: two
+pools on the same cores, each going to sleep while the other works, so nearly every call
+first wakes a sleeping thread. On the 2-core development machine (a virtual machine) a wake
+costs 60-100 us: an empty parallel loop took 90 us, and the ~5M model's LayerNorm, 1024 rows
+of 256, took 214 us on two threads where its arithmetic takes under 70.
+
+So here the GEMMs run on numba's pool too, as tiles: C [M, N] is cut into a grid of
+pm x pn tiles, one per thread (pm pn = threads, the tiles as near square as the grid allows),
+and each thread calls the single-threaded BLAS on its tile:
+
+    C[i0:i1, j0:j1] = op(A)[i0:i1, :] op(B)[:, j0:j1]        (+ C[i0:i1, j0:j1]: add_matmul)
+
+The FLOPs are the same; each element is the same dot product over K, summed as the BLAS
+sums it. With one pool for everything, numba's pool can be one that waits by spinning
+(OpenMP's: see refgpt.kernels), and a launch costs about 2 us.
+
+    matmul(a, b)          a @ b, a new array
+    add_matmul(c, a, b)   c += a @ b in place (beta = 1): a weight gradient accumulates in its
+                          buffer, with no temporary product and no separate add
+
+Operands are 2-D arrays whose rows or columns are contiguous (a transposed view is BLAS's
+transpose flag, not a copy); anything else goes to the reference.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from .numba_attention import BLAS, GEMM, NO_TRANS, ROW_MAJOR, TRANS
+
+
+def _blas_operand(a):
+    """(CBLAS transpose flag, leading dimension) of a 2-D array whose rows (or columns) are
+    contiguous, or None."""
+    n = a.itemsize
+    if a.strides[1] == n and a.strides[0] >= n * max(1, a.shape[1]) and a.strides[0] % n == 0:
+        return NO_TRANS, a.strides[0] // n
+    if a.strides[0] == n and a.strides[1] >= n * max(1, a.shape[0]) and a.strides[1] % n == 0:
+        return TRANS, a.strides[1] // n
+    return None
+
+
+def tile_grid(M: int, N: int, threads: int) -> tuple[int, int]:
+    """(pm, pn): tiles down and across C [M, N], pm pn = threads (or fewer when a side has
+    fewer rows than that), chosen so that a tile's sides are closest in ratio."""
+    best = None
+    for pm in range(1, threads + 1):
+        if threads % pm:
+            continue
+        pn = threads // pm
+        if pm > M or pn > N:
+            continue
+        skew = abs(math.log((M / pm) / (N / pn)))
+        if best is None or skew < best[0]:
+            best = (skew, pm, pn)
+    return (best[1], best[2]) if best else (1, 1)
+
+
+@njit(parallel=True, cache=True, nogil=True)
+def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn):
+    """c = op(a) op(b) (+ c when beta = 1) in pm x pn tiles, one task each. a and b are the
+    arrays as stored (op transposes them when ta / tb), rows contiguous."""
+    M, N = c.shape
+    K = a.shape[0] if ta else a.shape[1]
+    lda, ldb, ldc = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize, c.strides[0] // c.itemsize
+    for t in prange(pm * pn):
+        i0, i1 = (t // pn) * M // pm, (t // pn + 1) * M // pm
+        j0, j1 = (t % pn) * N // pn, (t % pn + 1) * N // pn
+        a_rows = a[:, i0:] if ta else a[i0:]                      # op(a)[i0:, :]
+        b_cols = b[j0:] if tb else b[:, j0:]                      # op(b)[:, j0:]
+        gemm(ROW_MAJOR, TRANS if ta else NO_TRANS, TRANS if tb else NO_TRANS, i1 - i0, j1 - j0,
+             K, 1.0, a_rows.ctypes, lda, b_cols.ctypes, ldb, beta, c[i0:, j0:].ctypes, ldc)
+
+
+def _run(c, a, b, beta) -> bool:
+    """c = a @ b (+ c) through the tiled kernel; False when BLAS cannot take the operands."""
+    gemm = GEMM.get(c.dtype)
+    if (gemm is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]
+            or c.shape != (a.shape[0], b.shape[1]) or a.dtype != c.dtype or b.dtype != c.dtype
+            or 0 in a.shape or 0 in b.shape):
+        return False                            # the reference computes it, or says why not
+    ops = (_blas_operand(a), _blas_operand(b), _blas_operand(c))
+    if None in ops or ops[2][0] != NO_TRANS:
+        return False
+    ta, tb = ops[0][0] == TRANS, ops[1][0] == TRANS
+    pm, pn = tile_grid(*c.shape, numba.get_num_threads())
+    with BLAS.limit(limits=1):                  # one BLAS thread per tile: numba's threads
+        _tiled(gemm, ta, tb, a.T if ta else a, b.T if tb else b, float(beta), c, pm, pn)
+    return True
+
+
+def matmul(a, b):
+    if a.ndim == 2 and b.ndim == 2:
+        c = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
+        if _run(c, a, b, 0.0):
+            return c
+    return a @ b
+
+
+def add_matmul(c, a, b):
+    if not _run(c, a, b, 1.0):
+        c += a @ b
+
+
+KERNELS = dict(matmul=matmul, add_matmul=add_matmul) if GEMM is not None else {}
