@@ -50,7 +50,9 @@ def cases(args, rng):
         "softmax_backward": ((probs, s), None),
         "cross_entropy": ((z, V, y, float(B * T), True), None),    # z becomes its gradient
         "adamw_update": ((p, gr, m, v, 1e-4, 0.9, 0.95, 1e-8, 0.1, 0.05), None),
+        "matmul": ((xs, gw, b4), None),                             # c_fc's forward, its bias
         "add_matmul": ((gw, xs.T, dys), None),                      # c_fc's weight gradient
+        "column_sum": ((dys,), None),                               # a bias's gradient
         "scatter_add_rows": ((wte, ids, xs), None),                 # the embedding's backward
         "zero_fill": ((gr,), None),
         "causal_matmul_nt": ((q, k, 0.125), None),

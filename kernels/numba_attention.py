@@ -19,8 +19,8 @@ development machine (AMD EPYC), the OpenBLAS that SciPy bundles ran these block 
 slower than NumPy's. The calls read strided views (q, k and v where c_attn's output holds
 them, one row of 3C per token) and write strided views (O with its heads already merged), so
 no operand is copied. The (batch, head, block) triples run in parallel on numba's threads;
-BLAS is limited to one thread while they run (threadpoolctl restores its count after), so the
-cores are not oversubscribed.
+BLAS is limited to one thread while they run (OneBlasThread, restored after), so the cores
+are not oversubscribed.
 
 The block size is the tile parameter. Smaller blocks skip more of the masked FLOPs; larger
 ones make GEMMs long enough for BLAS to run near its peak. Measured with
@@ -107,6 +107,23 @@ BLAS = ThreadpoolController().select(user_api="blas")      # the BLAS libraries 
 GEMM = _find_cblas(BLAS)
 
 
+class OneBlasThread:
+    """BLAS on one thread while numba's threads each call it (restored after). threadpoolctl's
+    limit() does the same in about 8 us, which at a hundred calls a step was over 1% of the
+    ~5M step; its library controllers' get and set take about 1 us each."""
+
+    def __enter__(self):
+        self.saved = [(lib, lib.get_num_threads()) for lib in BLAS.lib_controllers]
+        for lib, n in self.saved:
+            if n != 1:
+                lib.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        for lib, n in self.saved:
+            if n != 1:
+                lib.set_num_threads(n)
+
+
 @njit(inline="always")
 def _gemm(gemm, ta, tb, m, n, k, alpha, a, lda, b, ldb, c, ldc):
     """Row-major c[m, n] = alpha op(a) op(b), where op transposes when ta / tb; a, b, c are
@@ -188,7 +205,7 @@ def _merged(B, H, T, D, dtype):
 def causal_matmul_nt(a, b, scale=1.0):
     a, b = _rows(a, b)
     out = np.empty((*a.shape[:-1], b.shape[-2]), a.dtype)
-    with BLAS.limit(limits=1):
+    with OneBlasThread():
         _nt(GEMM[a.dtype], a, b, out, scale, block_for(a.shape[2]))
     return out
 
@@ -196,7 +213,7 @@ def causal_matmul_nt(a, b, scale=1.0):
 def causal_matmul_nn(p, v, scale=1.0):
     p, v = _rows(p, v)
     out = _merged(*p.shape[:3], v.shape[-1], p.dtype)
-    with BLAS.limit(limits=1):
+    with OneBlasThread():
         _nn(GEMM[p.dtype], p, v, out, scale, block_for(p.shape[2]))
     return out
 
@@ -204,6 +221,6 @@ def causal_matmul_nn(p, v, scale=1.0):
 def causal_matmul_tn(p, x, scale=1.0):
     p, x = _rows(p, x)
     out = _merged(*p.shape[:2], p.shape[-1], x.shape[-1], p.dtype)
-    with BLAS.limit(limits=1):
+    with OneBlasThread():
         _tn(GEMM[p.dtype], p, x, out, scale, block_for(p.shape[3]))
     return out

@@ -159,6 +159,26 @@ def _column_parts(a2):
     return np.zeros((min(numba.get_num_threads(), a2.shape[0]) or 1, a2.shape[1]))
 
 
+@njit(**FLAGS)
+def _column_sum(a, parts):
+    R, C = a.shape
+    chunks = parts.shape[0]
+    for k in prange(chunks):
+        for r in range(k * R // chunks, (k + 1) * R // chunks):
+            for c in range(C):
+                parts[k, c] += a[r, c]
+
+
+def column_sum(a):
+    """A bias's gradient: partial sums of chunks of rows on numba's threads, in float64 as
+    the fused kernels' column sums (NumPy's a.sum(axis=0) runs on one core)."""
+    if a.ndim != 2 or a.strides[1] != a.itemsize:
+        return a.sum(axis=0)
+    parts = _column_parts(a)
+    _column_sum(a, parts)
+    return parts.sum(axis=0).astype(a.dtype)
+
+
 # -- row kernels (LayerNorm, softmax, cross-entropy) -------------------------------------
 # Their sums along a row accumulate in float64. On float32 arrays they may be reassociated
 # (fastmath "reassoc"): LLVM then keeps a few vector-wide partial sums and the loop
@@ -396,7 +416,8 @@ def zero_fill(a):
 KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forward,
                                    bias_gelu_backward, layernorm_forward,
                                    layernorm_backward, causal_softmax, softmax_backward,
-                                   cross_entropy, adamw_update, zero_fill, scatter_add_rows)}
+                                   cross_entropy, adamw_update, zero_fill, scatter_add_rows,
+                                   column_sum)}
 KERNELS.update(numba_gemm.KERNELS)
 if numba_attention.GEMM is not None:                # NumPy's BLAS exposes CBLAS
     KERNELS.update(causal_matmul_nt=numba_attention.causal_matmul_nt,

@@ -17,7 +17,7 @@ The FLOPs are the same; each element is the same dot product over K, summed as t
 sums it. With one pool for everything, numba's pool can be one that waits by spinning
 (OpenMP's: see refgpt.kernels), and a launch costs about 2 us.
 
-    matmul(a, b)          a @ b, a new array
+    matmul(a, b, bias)    a @ b (+ bias on every row), a new array
     add_matmul(c, a, b)   c += a @ b in place (beta = 1): a weight gradient accumulates in its
                           buffer, with no temporary product and no separate add
 
@@ -33,7 +33,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .numba_attention import BLAS, GEMM, NO_TRANS, ROW_MAJOR, TRANS
+from .numba_attention import GEMM, NO_TRANS, ROW_MAJOR, TRANS, OneBlasThread
 
 
 def _blas_operand(a):
@@ -64,9 +64,10 @@ def tile_grid(M: int, N: int, threads: int) -> tuple[int, int]:
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn):
-    """c = op(a) op(b) (+ c when beta = 1) in pm x pn tiles, one task each. a and b are the
-    arrays as stored (op transposes them when ta / tb), rows contiguous."""
+def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias):
+    """c = op(a) op(b) (+ c when beta = 1) (+ bias on every row when it is not empty) in
+    pm x pn tiles, one task each; the bias is added to a tile while it is in cache. a and b
+    are the arrays as stored (op transposes them when ta / tb), rows contiguous."""
     M, N = c.shape
     K = a.shape[0] if ta else a.shape[1]
     lda, ldb, ldc = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize, c.strides[0] // c.itemsize
@@ -77,31 +78,41 @@ def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn):
         b_cols = b[j0:] if tb else b[:, j0:]                      # op(b)[:, j0:]
         gemm(ROW_MAJOR, TRANS if ta else NO_TRANS, TRANS if tb else NO_TRANS, i1 - i0, j1 - j0,
              K, 1.0, a_rows.ctypes, lda, b_cols.ctypes, ldb, beta, c[i0:, j0:].ctypes, ldc)
+        if bias.size:
+            for i in range(i0, i1):
+                for j in range(j0, j1):
+                    c[i, j] += bias[j]
 
 
-def _run(c, a, b, beta) -> bool:
-    """c = a @ b (+ c) through the tiled kernel; False when BLAS cannot take the operands."""
+def _run(c, a, b, beta, bias=None) -> bool:
+    """c = a @ b (+ c) (+ bias) through the tiled kernel; False when BLAS cannot take the
+    operands."""
     gemm = GEMM.get(c.dtype)
     if (gemm is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]
             or c.shape != (a.shape[0], b.shape[1]) or a.dtype != c.dtype or b.dtype != c.dtype
-            or 0 in a.shape or 0 in b.shape):
+            or 0 in a.shape or 0 in b.shape
+            or bias is not None and (bias.shape != (c.shape[1],) or bias.dtype != c.dtype)):
         return False                            # the reference computes it, or says why not
     ops = (_blas_operand(a), _blas_operand(b), _blas_operand(c))
     if None in ops or ops[2][0] != NO_TRANS:
         return False
     ta, tb = ops[0][0] == TRANS, ops[1][0] == TRANS
     pm, pn = tile_grid(*c.shape, numba.get_num_threads())
-    with BLAS.limit(limits=1):                  # one BLAS thread per tile: numba's threads
-        _tiled(gemm, ta, tb, a.T if ta else a, b.T if tb else b, float(beta), c, pm, pn)
+    with OneBlasThread():                       # one BLAS thread per tile: numba's threads
+        _tiled(gemm, ta, tb, a.T if ta else a, b.T if tb else b, float(beta), c, pm, pn,
+               np.empty(0, c.dtype) if bias is None else bias)
     return True
 
 
-def matmul(a, b):
+def matmul(a, b, bias=None):
     if a.ndim == 2 and b.ndim == 2:
         c = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
-        if _run(c, a, b, 0.0):
+        if _run(c, a, b, 0.0, bias):
             return c
-    return a @ b
+    c = a @ b
+    if bias is not None:
+        c += bias
+    return c
 
 
 def add_matmul(c, a, b):

@@ -16,7 +16,7 @@ from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matm
 from refgpt.nn.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
 from refgpt.nn.embedding import scatter_add_rows
 from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
-from refgpt.nn.linear import add_matmul, matmul
+from refgpt.nn.linear import add_matmul, column_sum, matmul
 from refgpt.nn.loss import cross_entropy
 from refgpt.optim.adamw import adamw_update
 
@@ -230,7 +230,9 @@ def test_matmul_and_add_matmul(dtype):
             for a, b in cases]
     assert blas == [True] * 6 + [False]
     for a, b in cases:
+        bias = rand(rng, b.shape[1], dtype)
         close(numba_cpu.KERNELS["matmul"](a, b), matmul.reference(a, b), dtype)
+        close(numba_cpu.KERNELS["matmul"](a, b, bias), matmul.reference(a, b, bias), dtype)
         for out in (rand(rng, (a.shape[0], b.shape[1]), dtype),
                     rand(rng, (a.shape[0], b.shape[1] + 3), dtype)[:, 1:-2]):   # c a view too
             want = out.copy()
@@ -244,16 +246,26 @@ def test_matmul_and_add_matmul(dtype):
         numba_cpu.KERNELS["add_matmul"](np.zeros((13, 13), dtype), x, x.T[:, :5])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_column_sum(dtype):
+    rng = np.random.default_rng(10)
+    a = rand(rng, (301, 37), dtype)
+    for x in (a, a[::3], a[:, 5:9], a[:, ::2]):             # views; no unit stride: NumPy's
+        got = numba_cpu.column_sum(x)
+        close(got, column_sum.reference(x), dtype)
+
+
 @pytest.mark.parametrize("grid", [(1, 1), (2, 1), (1, 2), (3, 2), (2, 3), (5, 1)])
 def test_gemm_tiles_cover_the_product(grid):
     """Every tile grid, whatever the thread count here: each element written once, right."""
     rng = np.random.default_rng(9)
     for a, b in gemm_cases(rng, np.float64)[:6]:
         c = np.full((a.shape[0], b.shape[1]), np.nan)
+        bias = rng.standard_normal(c.shape[1])
         ta, tb = a.strides[0] == a.itemsize, b.strides[0] == b.itemsize
         numba_gemm._tiled(numba_attention.GEMM[c.dtype], ta, tb, a.T if ta else a,
-                          b.T if tb else b, 0.0, c, *grid)
-        close(c, a @ b, np.float64)
+                          b.T if tb else b, 0.0, c, *grid, bias)
+        close(c, a @ b + bias, np.float64)
 
 
 def test_tile_grid_is_near_square_and_uses_every_thread():
@@ -293,7 +305,7 @@ def test_every_numba_kernel_has_a_reference_and_is_tested():
         ["gelu_forward", "gelu_backward", "bias_gelu_forward", "bias_gelu_backward",
          "layernorm_forward", "layernorm_backward",
          "causal_softmax", "softmax_backward", "cross_entropy", "adamw_update", "zero_fill",
-         "scatter_add_rows",
+         "scatter_add_rows", "column_sum",
          "matmul", "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
          "causal_matmul_tn"])
 

@@ -27,9 +27,12 @@ def column_sum(a: np.ndarray) -> np.ndarray:
 
 
 @kernel
-def matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """a @ b for 2-D a and b (the layers' GEMMs)."""
-    return a @ b
+def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    """a @ b for 2-D a and b (the layers' GEMMs), plus bias on every row when given."""
+    y = a @ b
+    if bias is not None:
+        y += bias
+    return y
 
 
 @kernel
@@ -50,9 +53,7 @@ class Linear(Layer):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
-        y = matmul(x.reshape(-1, x.shape[-1]), self.w)  # [N, in] @ [in, out]: one GEMM
-        if self.b is not None:
-            y += self.b
+        y = matmul(x.reshape(-1, x.shape[-1]), self.w, self.b)  # [N, in] @ [in, out] + b
         return y.reshape(*x.shape[:-1], y.shape[-1])     # [..., out]
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
