@@ -80,18 +80,19 @@ def causal_matmul_nt(a, b, scale=1.0):
     return s
 
 
-def causal_matmul_nn(p, v, scale=1.0):
-    """scale p v for p [..., T, Tk], zero past the causal boundary; rows in blocks."""
+def causal_matmul_nn(p, v, scale=1.0, out=None):
+    """scale p v for p [..., T, Tk], zero past the causal boundary; rows in blocks. (cuBLAS's
+    strided batches take one stride per batch, so a given out is filled by a copy.)"""
     T, Tk, D = p.shape[-2], p.shape[-1], v.shape[-1]
-    out = cp.empty((*p.shape[:-1], D), p.dtype)
-    P, V, O = _Batch(p), _Batch(v), _Batch(out)
+    res = cp.empty((*p.shape[:-1], D), p.dtype)
+    P, V, O = _Batch(p), _Batch(v), _Batch(res)
     for r0, r1 in _blocks(T):
         kv = min(Tk, r1 + Tk - T)
         _gemm(False, False, r1 - r0, D, kv, scale, P, P.at(r0), V, V.at(0), O, O.at(r0))
-    return out
+    return _copied(res, out)
 
 
-def causal_matmul_tn(p, x, scale=1.0):
+def causal_matmul_tn(p, x, scale=1.0, out=None):
     """scale p^T x as (x^T p)^T for p [..., T, Tk], zero past the causal boundary; the
     result's rows (keys) in blocks, each summed over the queries that see them."""
     T, Tk, D = p.shape[-2], p.shape[-1], x.shape[-1]
@@ -101,4 +102,11 @@ def causal_matmul_tn(p, x, scale=1.0):
         r0 = max(0, c0 - (Tk - T))                               # first query that sees c0
         _gemm(True, False, D, c1 - c0, T - r0, scale, X, X.at(r0), P, P.at(r0, c0), O,
               O.at(0, c0))
-    return out_t.swapaxes(-1, -2)
+    return _copied(out_t.swapaxes(-1, -2), out)
+
+
+def _copied(result, out):
+    if out is None:
+        return result
+    out[...] = result
+    return out

@@ -194,7 +194,13 @@ def _rows(*arrays):
     if any(a.ndim != 4 for a in arrays):
         raise ValueError(f"numba's causal products take [B, H, T, D] arrays, got shapes "
                          f"{[a.shape for a in arrays]}")
-    return tuple(a if a.strides[-1] == a.itemsize else np.ascontiguousarray(a) for a in arrays)
+    return tuple(a if _blas_rows(a) else np.ascontiguousarray(a) for a in arrays)
+
+
+def _blas_rows(a):
+    """Whether BLAS can take a's matrices as they are: contiguous rows, and a row stride (its
+    leading dimension) no shorter than a row (a length-1 axis may carry any stride)."""
+    return a.strides[-1] == a.itemsize and a.strides[-2] >= a.shape[-1] * a.itemsize
 
 
 def _merged(B, H, T, D, dtype):
@@ -210,17 +216,32 @@ def causal_matmul_nt(a, b, scale=1.0):
     return out
 
 
-def causal_matmul_nn(p, v, scale=1.0):
+def _into(out, shape, dtype):
+    """Where a product goes: out when its rows are contiguous (BLAS writes it as it is),
+    else a new array in the heads-merged layout (copied into out after, when given)."""
+    if out is not None and _blas_rows(out):
+        return out
+    return _merged(*shape, dtype)
+
+
+def causal_matmul_nn(p, v, scale=1.0, out=None):
     p, v = _rows(p, v)
-    out = _merged(*p.shape[:3], v.shape[-1], p.dtype)
+    dest = _into(out, (*p.shape[:3], v.shape[-1]), p.dtype)
     with OneBlasThread():
-        _nn(GEMM[p.dtype], p, v, out, scale, block_for(p.shape[2]))
-    return out
+        _nn(GEMM[p.dtype], p, v, dest, scale, block_for(p.shape[2]))
+    return _copied(dest, out)
 
 
-def causal_matmul_tn(p, x, scale=1.0):
+def causal_matmul_tn(p, x, scale=1.0, out=None):
     p, x = _rows(p, x)
-    out = _merged(*p.shape[:2], p.shape[-1], x.shape[-1], p.dtype)
+    dest = _into(out, (*p.shape[:2], p.shape[-1], x.shape[-1]), p.dtype)
     with OneBlasThread():
-        _tn(GEMM[p.dtype], p, x, out, scale, block_for(p.shape[3]))
+        _tn(GEMM[p.dtype], p, x, dest, scale, block_for(p.shape[3]))
+    return _copied(dest, out)
+
+
+def _copied(dest, out):
+    if out is None or out is dest:
+        return dest
+    out[...] = dest
     return out

@@ -399,6 +399,24 @@ def scatter_add_rows(table, idx, rows):
     _scatter_add_rows(table, np.ascontiguousarray(idx, dtype=np.int64), rows)
 
 
+# -- the residual connections' sums ------------------------------------------------------
+@njit(**FLAGS)
+def _add(a, b, out):
+    for i in prange(a.size):
+        out[i] = a[i] + b[i]
+
+
+def residual(x, branch):
+    """x + branch on numba's threads (NumPy's add runs on one core: at GPT-2 124M on 16
+    threads, a block's four residual sums took about 3.5 ms of each layer's step)."""
+    if (x.shape != branch.shape or x.dtype != branch.dtype or not x.flags.c_contiguous
+            or not branch.flags.c_contiguous):
+        return x + branch
+    out = np.empty_like(x)
+    _add(x.reshape(-1), branch.reshape(-1), out.reshape(-1))
+    return out
+
+
 # -- zeroing ----------------------------------------------------------------------------
 @njit(**FLAGS)
 def _zero(a):
@@ -417,7 +435,7 @@ KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forwar
                                    bias_gelu_backward, layernorm_forward,
                                    layernorm_backward, causal_softmax, softmax_backward,
                                    cross_entropy, adamw_update, zero_fill, scatter_add_rows,
-                                   column_sum)}
+                                   column_sum, residual)}
 KERNELS.update(numba_gemm.KERNELS)
 if numba_attention.GEMM is not None:                # NumPy's BLAS exposes CBLAS
     KERNELS.update(causal_matmul_nt=numba_attention.causal_matmul_nt,

@@ -70,7 +70,8 @@ def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias):
     are the arrays as stored (op transposes them when ta / tb), rows contiguous."""
     M, N = c.shape
     K = a.shape[0] if ta else a.shape[1]
-    lda, ldb, ldc = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize, c.strides[0] // c.itemsize
+    lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize      # leading dimensions
+    ldc = c.strides[0] // c.itemsize
     for t in prange(pm * pn):
         i0, i1 = (t // pn) * M // pm, (t // pn + 1) * M // pm
         j0, j1 = (t % pn) * N // pn, (t % pn + 1) * N // pn

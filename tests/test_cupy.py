@@ -91,6 +91,10 @@ def test_causal_products_on_views_of_the_qkv_projection(blocks, T, Tk, monkeypat
         want = backend.reference(name)(*args)
         got = getattr(cupy_attention, name)(*gpu)
         np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-12, atol=1e-12, err_msg=name)
+        if name != "causal_matmul_nt":                          # into a strided view
+            into = cp.zeros((B, Tk, 3, H, D))[:, :want.shape[2], 1].transpose(0, 2, 1, 3)
+            assert getattr(cupy_attention, name)(*gpu, out=into) is into
+            np.testing.assert_allclose(cp.asnumpy(into), want, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

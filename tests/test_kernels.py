@@ -11,8 +11,10 @@ from refgpt import backend
 from refgpt.config import ModelConfig, TrainConfig
 from refgpt.engine import Trainer
 from refgpt.kernels import numba_attention, numba_cpu, numba_gemm
+from refgpt.nn import attention
 from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matmul_tn,
                                  causal_softmax, softmax_backward)
+from refgpt.nn.block import residual
 from refgpt.nn.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
 from refgpt.nn.embedding import scatter_add_rows
 from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
@@ -147,6 +149,15 @@ def test_causal_products(dtype, T, Tk, block, monkeypatch):
     close(numba_attention.causal_matmul_nn(p, v), causal_matmul_nn.reference(p, v), dtype)
     close(numba_attention.causal_matmul_nn(p, v, 0.5), causal_matmul_nn.reference(p, v, 0.5), dtype)
     close(numba_attention.causal_matmul_tn(p, q, 0.5), causal_matmul_tn.reference(p, q, 0.5), dtype)
+    for name, args in (("nn", (p, v)), ("tn", (p, v[:, :, Tk - T:]))):   # into given views:
+        fn = getattr(numba_attention, f"causal_matmul_{name}")
+        want = getattr(attention, f"causal_matmul_{name}").reference(*args, 0.5)
+        grads = np.zeros((B, T if name == "nn" else Tk, 3, H, D), dtype)   # c_attn's layout
+        for out in (grads.transpose(2, 0, 3, 1, 4)[1],                      # rows contiguous
+                    np.zeros((B, H, D, want.shape[2]), dtype).swapaxes(-1, -2)):   # or not
+            assert fn(*args, 0.5, out=out) is out
+            close(out, want, dtype)
+        assert not grads[:, :, 0].any() and not grads[:, :, 2].any()       # only its slot
     with pytest.raises(ValueError, match=r"\[B, H, T, D\]"):
         numba_attention.causal_matmul_nn(p[0], v[0])
 
@@ -255,6 +266,15 @@ def test_column_sum(dtype):
         close(got, column_sum.reference(x), dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_residual(dtype):
+    rng = np.random.default_rng(11)
+    x, h = rand(rng, (3, 17, 24), dtype), rand(rng, (3, 17, 24), dtype)
+    np.testing.assert_array_equal(numba_cpu.residual(x, h), residual.reference(x, h))
+    np.testing.assert_array_equal(numba_cpu.residual(x, h[:, :1]), x + h[:, :1])   # broadcast
+    np.testing.assert_array_equal(numba_cpu.residual(x[:, ::2], h[:, ::2]), x[:, ::2] + h[:, ::2])
+
+
 @pytest.mark.parametrize("grid", [(1, 1), (2, 1), (1, 2), (3, 2), (2, 3), (5, 1)])
 def test_gemm_tiles_cover_the_product(grid):
     """Every tile grid, whatever the thread count here: each element written once, right."""
@@ -305,7 +325,7 @@ def test_every_numba_kernel_has_a_reference_and_is_tested():
         ["gelu_forward", "gelu_backward", "bias_gelu_forward", "bias_gelu_backward",
          "layernorm_forward", "layernorm_backward",
          "causal_softmax", "softmax_backward", "cross_entropy", "adamw_update", "zero_fill",
-         "scatter_add_rows", "column_sum",
+         "scatter_add_rows", "column_sum", "residual",
          "matmul", "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
          "causal_matmul_tn"])
 

@@ -48,18 +48,22 @@ def causal_matmul_nt(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.nda
 
 
 @kernel
-def causal_matmul_nn(p: np.ndarray, v: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """scale p v for p [..., T, Tk] that is zero past the causal boundary."""
-    out = p @ v
+def causal_matmul_nn(p: np.ndarray, v: np.ndarray, scale: float = 1.0,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """scale p v for p [..., T, Tk] that is zero past the causal boundary; written into out
+    (a view of where the caller wants it) when given."""
+    out = np.matmul(p, v, out=out)
     if scale != 1.0:
         out *= scale
     return out
 
 
 @kernel
-def causal_matmul_tn(p: np.ndarray, x: np.ndarray, scale: float = 1.0) -> np.ndarray:
-    """scale p^T x for p [..., T, Tk] that is zero past the causal boundary."""
-    out = p.swapaxes(-1, -2) @ x
+def causal_matmul_tn(p: np.ndarray, x: np.ndarray, scale: float = 1.0,
+                     out: np.ndarray | None = None) -> np.ndarray:
+    """scale p^T x for p [..., T, Tk] that is zero past the causal boundary; into out when
+    given."""
+    out = np.matmul(p.swapaxes(-1, -2), x, out=out)
     if scale != 1.0:
         out *= scale
     return out
@@ -136,14 +140,13 @@ class CausalSelfAttention(Layer):
         B, H, T, D = q.shape
         do = self.c_proj.backward(dout)                               # [B, T, C]
         do = do.reshape(B, T, H, D).transpose(0, 2, 1, 3)             # [B, H, T, D]
+        dqkv = np.empty_like(q, shape=(B, T, 3, H, D))                # c_attn's output layout
+        dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                    # 3 x [B, H, T, D] views
         dpd = causal_matmul_nt(do, v)                                 # [B, H, T, T]
-        dv = causal_matmul_tn(pd, do)                                 # [B, H, T, D]
+        causal_matmul_tn(pd, do, out=dv)
         dp = self.attn_drop.backward(dpd)
         ds = softmax_backward(p, dp)
         scale = 1.0 / np.sqrt(D)
-        dq = causal_matmul_nn(ds, k, scale)                           # [B, H, T, D]
-        dk = causal_matmul_tn(ds, q, scale)                           # [B, H, T, D]
-        dqkv = np.empty_like(dq, shape=(B, T, 3, H, D))               # c_attn's output layout
-        for i, d in enumerate((dq, dk, dv)):
-            dqkv[:, :, i] = d.transpose(0, 2, 1, 3)                   # [B, T, H, D]
+        causal_matmul_nn(ds, k, scale, out=dq)
+        causal_matmul_tn(ds, q, scale, out=dk)
         return self.c_attn.backward(dqkv.reshape(B, T, 3 * H * D))    # [B, T, 3C]

@@ -6,18 +6,26 @@
 c_fc's bias is added by the GELU layer (refgpt.nn.gelu.BiasGELU), in the same pass.
 
 Backward runs the same lines in reverse; each residual adds the branch's input gradient
-to the gradient flowing straight through.
+to the gradient flowing straight through (both directions call ``residual``, a kernel: NumPy
+adds on one core).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..backend import kernel
 from .attention import CausalSelfAttention, KVCache
 from .dropout import Dropout
 from .gelu import BiasGELU
 from .layernorm import LayerNorm
 from .linear import Linear
+
+
+@kernel
+def residual(x: np.ndarray, branch: np.ndarray) -> np.ndarray:
+    """x + branch: a residual connection, or the sum of its two paths' gradients."""
+    return x + branch
 
 
 class Block:
@@ -41,12 +49,12 @@ class Block:
         """record: a dict that receives the block's intermediates under the dump names."""
         n1 = self.ln_1.forward(x)
         h = self.attn.forward(n1, key, cache, self.index, record)
-        a = x + self.attn_resid_drop.forward(h, key)                       # [B, T, C]
+        a = residual(x, self.attn_resid_drop.forward(h, key))             # [B, T, C]
         n2 = self.ln_2.forward(a)
         f = self.c_fc.forward(n2)                                          # [B, T, 4C]
         g = self.act.forward(f)                                            # f += bias
         m = self.c_proj.forward(g)                                         # [B, T, C]
-        y = a + self.mlp_resid_drop.forward(m, key)                        # [B, T, C]
+        y = residual(a, self.mlp_resid_drop.forward(m, key))              # [B, T, C]
         if record is not None:
             p = f"h.{self.index}"
             record.update({f"{p}.ln_1": n1, f"{p}.attn.out": h, f"{p}.resid_attn": a,
@@ -56,6 +64,7 @@ class Block:
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         dm = self.mlp_resid_drop.backward(dy)
-        da = dy + self.ln_2.backward(self.c_fc.backward(self.act.backward(self.c_proj.backward(dm))))
+        da = residual(dy, self.ln_2.backward(self.c_fc.backward(self.act.backward(
+            self.c_proj.backward(dm)))))
         dh = self.attn_resid_drop.backward(da)
-        return da + self.ln_1.backward(self.attn.backward(dh))
+        return residual(da, self.ln_1.backward(self.attn.backward(dh)))

@@ -39,6 +39,7 @@ import numpy as np
 from ..backend import array_module
 from ..config import ConfigError
 from ..nn.attention import CausalSelfAttention
+from ..nn.block import residual
 from ..nn.dropout import Dropout
 from ..nn.gelu import BiasGELU
 from ..nn.gpt import GPTBase, Stage, param_specs
@@ -154,17 +155,18 @@ class ParallelBlock:
 
     def forward(self, x, key=None):                     # x: [B, T, C] or, with SP, [B, T/t, C]
         h = self.attn.forward(self.attn_in.forward(self.ln_1.forward(x)), key)
-        a = x + self.attn_resid_drop.forward(self.attn_bias.forward(self.attn_out.forward(h)), key)
+        a = residual(x, self.attn_resid_drop.forward(
+            self.attn_bias.forward(self.attn_out.forward(h)), key))
         f = self.c_fc.forward(self.mlp_in.forward(self.ln_2.forward(a)))
         m = self.mlp_out.forward(self.c_proj.forward(self.act.forward(f)))
-        return a + self.mlp_resid_drop.forward(self.mlp_bias.forward(m), key)
+        return residual(a, self.mlp_resid_drop.forward(self.mlp_bias.forward(m), key))
 
     def backward(self, dy):
         dm = self.mlp_out.backward(self.mlp_bias.backward(self.mlp_resid_drop.backward(dy)))
         df = self.act.backward(self.c_proj.backward(dm))
-        da = dy + self.ln_2.backward(self.mlp_in.backward(self.c_fc.backward(df)))
+        da = residual(dy, self.ln_2.backward(self.mlp_in.backward(self.c_fc.backward(df))))
         dh = self.attn_out.backward(self.attn_bias.backward(self.attn_resid_drop.backward(da)))
-        return da + self.ln_1.backward(self.attn_in.backward(self.attn.backward(dh)))
+        return residual(da, self.ln_1.backward(self.attn_in.backward(self.attn.backward(dh))))
 
 
 class VocabParallelEmbedding(TokenTable):

@@ -34,6 +34,7 @@ import numpy as np
 from ..backend import array_module
 from ..config import ConfigError
 from ..nn.attention import CausalSelfAttention
+from ..nn.block import residual
 from ..nn.dropout import Dropout
 from ..nn.embedding import scatter_add_rows
 from ..nn.gelu import GELU
@@ -199,17 +200,17 @@ class Block2D:
 
     def forward(self, x, key=None):                              # x: [B/q, T, C/q]
         h = self.attn_bias.forward(self.attn.forward(self.ln_1.forward(x), key))
-        a = x + self.attn_resid_drop.forward(h, key)
+        a = residual(x, self.attn_resid_drop.forward(h, key))
         f = self.fc_bias.forward(self.c_fc.forward(self.ln_2.forward(a)))
         m = self.mlp_bias.forward(self.c_proj.forward(self.act.forward(f)))
-        return a + self.mlp_resid_drop.forward(m, key)
+        return residual(a, self.mlp_resid_drop.forward(m, key))
 
     def backward(self, dy):
         dm = self.mlp_bias.backward(self.mlp_resid_drop.backward(dy))
         df = self.act.backward(self.c_proj.backward(dm))
-        da = dy + self.ln_2.backward(self.c_fc.backward(self.fc_bias.backward(df)))
+        da = residual(dy, self.ln_2.backward(self.c_fc.backward(self.fc_bias.backward(df))))
         dh = self.attn_bias.backward(self.attn_resid_drop.backward(da))
-        return da + self.ln_1.backward(self.attn.backward(dh))
+        return residual(da, self.ln_1.backward(self.attn.backward(dh)))
 
 
 class _WithBias:
