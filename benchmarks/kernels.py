@@ -53,6 +53,7 @@ def cases(args, rng):
         "matmul": ((xs, gw, b4), None),                             # c_fc's forward, its bias
         "add_matmul": ((gw, xs.T, dys), None),                      # c_fc's weight gradient
         "column_sum": ((dys,), None),                               # a bias's gradient
+        "residual": ((x, nn), None),                                # a residual connection
         "scatter_add_rows": ((wte, ids, xs), None),                 # the embedding's backward
         "zero_fill": ((gr,), None),
         "causal_matmul_nt": ((q, k, 0.125), None),

@@ -65,9 +65,11 @@ def tile_grid(M: int, N: int, threads: int) -> tuple[int, int]:
 
 @njit(parallel=True, cache=True, nogil=True)
 def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias):
-    """c = op(a) op(b) (+ c when beta = 1) (+ bias on every row when it is not empty) in
-    pm x pn tiles, one task each; the bias is added to a tile while it is in cache. a and b
-    are the arrays as stored (op transposes them when ta / tb), rows contiguous."""
+    """c = op(a) op(b) (+ c when beta = 1) in pm x pn tiles, one task each. With a bias (not
+    empty; only for beta = 0), each tile is first filled with it and the GEMM adds to that
+    (beta = 1): BLAS itself zeroes C before it accumulates when beta = 0, so the bias costs
+    no pass of its own. a and b are the arrays as stored (op transposes them when ta / tb),
+    rows contiguous."""
     M, N = c.shape
     K = a.shape[0] if ta else a.shape[1]
     lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize      # leading dimensions
@@ -77,12 +79,13 @@ def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias):
         j0, j1 = (t % pn) * N // pn, (t % pn + 1) * N // pn
         a_rows = a[:, i0:] if ta else a[i0:]                      # op(a)[i0:, :]
         b_cols = b[j0:] if tb else b[:, j0:]                      # op(b)[:, j0:]
-        gemm(ROW_MAJOR, TRANS if ta else NO_TRANS, TRANS if tb else NO_TRANS, i1 - i0, j1 - j0,
-             K, 1.0, a_rows.ctypes, lda, b_cols.ctypes, ldb, beta, c[i0:, j0:].ctypes, ldc)
-        if bias.size:
+        tile_beta = beta
+        if bias.size:                   # the tile starts as the bias, and the GEMM adds to it
             for i in range(i0, i1):
-                for j in range(j0, j1):
-                    c[i, j] += bias[j]
+                c[i, j0:j1] = bias[j0:j1]
+            tile_beta = 1.0
+        gemm(ROW_MAJOR, TRANS if ta else NO_TRANS, TRANS if tb else NO_TRANS, i1 - i0, j1 - j0,
+             K, 1.0, a_rows.ctypes, lda, b_cols.ctypes, ldb, tile_beta, c[i0:, j0:].ctypes, ldc)
 
 
 def _run(c, a, b, beta, bias=None) -> bool:
