@@ -10,23 +10,25 @@ and float32 (tests/test_kernels.py). What they change is the memory traffic, not
   variance, normalise and scale per row while the row is in cache), the causal softmax and its
   backward, the cross-entropy with its gradient, and the AdamW update.
 * parallelism over rows (or elements) with ``prange``, on numba's thread pool, whose size
-  refgpt.parallel.threads sets together with the BLAS threads (the pool is numba's
-  "workqueue": see refgpt.kernels).
+  refgpt.parallel.threads sets together with the BLAS threads (the pool is OpenMP's: see
+  refgpt.kernels).
+* one pool for the whole step: every GEMM runs on numba's threads too, one tile per thread,
+  each a single-threaded BLAS call (refgpt.kernels.numba_gemm: matmul, with a layer's bias
+  at no extra pass, and add_matmul, which accumulates weight gradients with beta = 1), so no
+  call waits for a sleeping thread of another pool to wake.
 * attention's batched products skip the causal mask's zeros: they are BLAS calls on blocks
   of queries, in parallel over (batch, head, block) (refgpt.kernels.numba_attention, where
-  NumPy's BLAS exposes CBLAS). The model's other GEMMs go to BLAS through NumPy's matmul,
-  but for the weight gradients, which BLAS accumulates into the gradient buffer itself
-  (add_matmul, beta = 1).
-* no pass left on one thread: NumPy's own fill, add.at and in-place arithmetic run on one
-  core, and between multi-threaded GEMMs that showed: at GPT-2 124M on 16 threads the
+  NumPy's BLAS exposes CBLAS).
+* no pass left on one thread: NumPy's own fill, add.at, sums and in-place arithmetic run on
+  one core, and between multi-threaded GEMMs that showed: at GPT-2 124M on 16 threads the
   gradient zeroing cost 66 ms a step and AdamW's separate weight decay 58 ms (now
-  zero_fill, and a factor inside adamw_update); the embedding's add.at took 2.5-3.5 ms of
-  the ~5M step on 2 cores (scatter_add_rows: 0.4 ms).
+  zero_fill, and a factor inside adamw_update), the residual sums 41 ms (residual); the
+  embedding's add.at took 2.5-3.5 ms of the ~5M step on 2 cores (scatter_add_rows: 0.4 ms).
 
 Element-wise math runs in the array's precision: GELU and every exp run in float32 on float32
 arrays, as their NumPy references do (GELU's constants are passed in that precision, since
 Python floats would promote it to float64, which has half the SIMD lanes). Reductions (row
-sums, means, column sums) accumulate in float64 and are rounded to the array's precision
+sums, means, the fused kernels' column sums) accumulate in float64 and are rounded to the array's precision
 before the element-wise math that uses them (LayerNorm's normalisation, the softmax
 backward). On float32 arrays row sums may be reassociated (see "row kernels" below); nothing
 else is, beyond fused multiply-adds (fastmath "contract"). Every float32 exp is written as
@@ -170,13 +172,14 @@ def _column_sum(a, parts):
 
 
 def column_sum(a):
-    """A bias's gradient: partial sums of chunks of rows on numba's threads, in float64 as
-    the fused kernels' column sums (NumPy's a.sum(axis=0) runs on one core)."""
+    """A bias's gradient: partial sums of chunks of rows on numba's threads, then their sum
+    (NumPy's a.sum(axis=0) runs on one core). In the array's precision, as NumPy's sum over
+    rows: float64 partials made it 1.4x slower on 2 threads at [1024, 3072] float32."""
     if a.ndim != 2 or a.strides[1] != a.itemsize:
         return a.sum(axis=0)
-    parts = _column_parts(a)
+    parts = np.zeros((min(numba.get_num_threads(), a.shape[0]) or 1, a.shape[1]), a.dtype)
     _column_sum(a, parts)
-    return parts.sum(axis=0).astype(a.dtype)
+    return parts.sum(axis=0)
 
 
 # -- row kernels (LayerNorm, softmax, cross-entropy) -------------------------------------
