@@ -11,7 +11,10 @@ about 2 us, where the workqueue pool, whose threads sleep at once, took 60-100 u
 on the 2-core development machine (a virtual machine), and a step has a hundred launches.
 (Before the GEMMs moved onto Numba's threads, the two pools spinning against each other made
 the step 20% slower with OpenMP than with one Numba thread.) The pool must be chosen before
-Numba starts one, so code that sets Numba's thread count imports this package first.
+Numba starts one, so code that sets Numba's thread count imports this package first. Two
+cautions that come with OpenMP: a process that also runs PyTorch should import torch before
+Numba starts its pool (in the other order PyTorch's step ran 7x slower in the benchmarks'
+process), and GNU OpenMP's pool does not survive fork() (refgpt starts no forked workers).
 """
 
 import os
