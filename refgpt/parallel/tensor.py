@@ -219,7 +219,9 @@ class VocabParallelHead(TokenTable):
 
 class VocabParallelCrossEntropy(Layer):
     """refgpt.nn.loss.CrossEntropy over logits split by vocabulary (formulas above);
-    padded columns (global index >= V) are left out, as in the single process."""
+    padded columns (global index >= V) are left out, as in the single process. As there,
+    while training the forward writes dz over this rank's logits, which nothing reads after
+    the loss, and backward returns them."""
 
     def __init__(self, vocab_size: int, tp: TPComm):
         super().__init__()
@@ -229,7 +231,8 @@ class VocabParallelCrossEntropy(Layer):
         tp, Vl = self.tp, logits.shape[-1]
         lo = tp.rank * Vl
         n_real = min(max(self.V - lo, 0), Vl)                         # real columns held here
-        z = logits.reshape(-1, Vl)[:, :n_real]                        # [N, n_real]
+        zl = logits.reshape(-1, Vl)                                   # [N, Vl], a view
+        z = zl[:, :n_real]                                            # [N, n_real]
         y = targets.reshape(-1)
         xp = array_module()
         local_max = z.max(axis=1) if n_real else xp.full(len(y), -np.inf, logits.dtype)
@@ -240,15 +243,17 @@ class VocabParallelCrossEntropy(Layer):
         y_local = np.where(mine, y - lo, 0)
         picked = z[xp.arange(len(y)), y_local] if n_real else xp.zeros(len(y), z.dtype)
         zy = tp.allreduce(np.where(mine, picked, 0.0), "loss")        # [N] target logits
-        self.save(e / s[:, None], y_local, mine, norm, logits.shape)
-        return float((np.log(s) + m - zy).sum() / norm)
+        loss = float((np.log(s) + m - zy).sum() / norm)
+        if self.keep:                                                 # z becomes dz
+            z[...] = e / s[:, None]                                   # softmax
+            z[np.nonzero(mine)[0], y_local[mine]] -= 1.0
+            z /= norm
+            zl[:, n_real:] = 0.0
+            self.save(zl, logits.shape)
+        return loss
 
     def backward(self):
-        probs, y_local, mine, norm, shape = self.saved()
-        dz = array_module().zeros((probs.shape[0], shape[-1]), probs.dtype)
-        dz[:, :probs.shape[1]] = probs
-        dz[np.nonzero(mine)[0], y_local[mine]] -= 1.0
-        dz /= norm
+        dz, shape = self.saved()
         return dz.reshape(shape)
 
 
