@@ -288,6 +288,15 @@ def test_gemm_tiles_cover_the_product(grid):
         close(c, a @ b + bias, np.float64)
 
 
+def test_idle_threads_sleep_only_where_threads_outnumber_cores():
+    from refgpt.parallel.threads import oversubscribed
+    assert not oversubscribed(1, 2, node_cores=2, my_cores=2)        # the default on 2 cores
+    assert oversubscribed(2, 2, node_cores=2, my_cores=2)            # 2 ranks x 2 threads
+    assert oversubscribed(4, 1, node_cores=16, my_cores=1)           # bound to one core
+    assert not oversubscribed(4, 4, node_cores=16, my_cores=16)      # 4 x 4, --bind-to none
+    assert not oversubscribed(16, 1, node_cores=16, my_cores=16)
+
+
 def test_tile_grid_is_near_square_and_uses_every_thread():
     assert numba_gemm.tile_grid(1024, 768, 1) == (1, 1)
     assert numba_gemm.tile_grid(1024, 768, 2) == (2, 1)
