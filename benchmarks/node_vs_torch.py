@@ -4,6 +4,7 @@ against PyTorch eager with one process and a thread per core, on the same model 
     python benchmarks/node_vs_torch.py --ranks 16 --launcher "mpirun --allow-run-as-root --oversubscribe"
     python benchmarks/node_vs_torch.py --ranks 4 --threads-per-rank 4 --launcher "mpirun --bind-to none"
     python benchmarks/node_vs_torch.py --ranks 2 --config 5m          # a laptop
+    python benchmarks/node_vs_torch.py --train-args "--zero-stage 1"  # more refgpt.train flags
 
 refgpt runs ``python -m refgpt.train`` (synthetic data, float32, --backend numba by default)
 for --iters steps and reports the median tokens/s of the steps after the first; PyTorch runs the
@@ -37,7 +38,7 @@ def refgpt_tokens_per_s(args, cfg) -> float:
                "--micro-batch-size", str(args.micro), "--global-batch-size", str(args.global_batch),
                "--train-iters", str(args.iters), "--eval-iters", "0", "--no-progress",
                "--threads-per-rank", str(args.threads_per_rank), "--backend", args.backend,
-               "--log-jsonl", str(log)]
+               "--log-jsonl", str(log), *shlex.split(args.train_args)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         rows = [json.loads(line) for line in log.read_text().splitlines()]
     return statistics.median(r["tokens_per_s"] for r in rows[1:])
@@ -66,12 +67,15 @@ def main():
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--launcher", default="mpiexec")
+    ap.add_argument("--train-args", default="",
+                    help='more refgpt.train flags, e.g. "--zero-stage 1"')
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
     ours = refgpt_tokens_per_s(args, cfg)
     theirs = torch_tokens_per_s(args, cfg)
     print(f"{args.config}, global batch {args.global_batch} x {cfg[4]} tokens, float32: refgpt "
-          f"{args.ranks} ranks x {args.threads_per_rank} threads ({args.backend}) {ours:.0f} "
+          f"{args.ranks} ranks x {args.threads_per_rank} threads ({args.backend}"
+          f"{' ' + args.train_args if args.train_args else ''}) {ours:.0f} "
           f"tokens/s; "
           f"PyTorch 1 process x {args.ranks * args.threads_per_rank} threads {theirs:.0f} "
           f"tokens/s; ratio {ours / theirs:.2f}")
