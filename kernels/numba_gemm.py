@@ -27,6 +27,7 @@ transpose flag, not a copy); anything else goes to the reference.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -47,6 +48,7 @@ def _blas_operand(a):
     return None
 
 
+@functools.lru_cache(maxsize=256)
 def tile_grid(M: int, N: int, threads: int) -> tuple[int, int]:
     """(pm, pn): tiles down and across C [M, N], pm pn = threads (or fewer when a side has
     fewer rows than that), chosen so that a tile's sides are closest in ratio."""
