@@ -240,7 +240,8 @@ __global__ void ln_backward_dx(const T* dy, const T* n, const T* rstd, const T* 
     }
 }
 """, name_expressions=[f"{k}<{t}>" for k in ("ln_forward", "ln_backward_dx", "causal_softmax",
-                                             "softmax_backward", "cross_entropy", "column_sums") for t in ("float", "double")])
+                                             "softmax_backward", "cross_entropy", "column_sums")
+                      for t in ("float", "double")])
 
 
 def _row_threads(n):

@@ -197,10 +197,22 @@ def _rows(*arrays):
     return tuple(a if _blas_rows(a) else np.ascontiguousarray(a) for a in arrays)
 
 
+def blas_operand(a):
+    """(CBLAS transpose flag, leading dimension) of the matrices in a's last two axes when
+    their rows (or columns) are contiguous with a stride BLAS can take, or None (a length-1
+    axis may carry any stride, which BLAS cannot take as a leading dimension)."""
+    n, (rows, cols), (row_stride, col_stride) = a.itemsize, a.shape[-2:], a.strides[-2:]
+    if col_stride == n and row_stride >= n * max(1, cols) and row_stride % n == 0:
+        return NO_TRANS, row_stride // n
+    if row_stride == n and col_stride >= n * max(1, rows) and col_stride % n == 0:
+        return TRANS, col_stride // n
+    return None
+
+
 def _blas_rows(a):
-    """Whether BLAS can take a's matrices as they are: contiguous rows, and a row stride (its
-    leading dimension) no shorter than a row (a length-1 axis may carry any stride)."""
-    return a.strides[-1] == a.itemsize and a.strides[-2] >= a.shape[-1] * a.itemsize
+    """Whether BLAS can take a's matrices as they are, row by row (as the kernels pass them)."""
+    layout = blas_operand(a)
+    return layout is not None and layout[0] == NO_TRANS
 
 
 def _merged(B, H, T, D, dtype):

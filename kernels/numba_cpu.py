@@ -25,15 +25,15 @@ and float32 (tests/test_kernels.py). What they change is the memory traffic, not
   zero_fill, and a factor inside adamw_update), the residual sums 41 ms (residual); the
   embedding's add.at took 2.5-3.5 ms of the ~5M step on 2 cores (scatter_add_rows: 0.4 ms).
 
-Element-wise math runs in the array's precision: GELU and every exp run in float32 on float32
-arrays, as their NumPy references do (GELU's constants are passed in that precision, since
-Python floats would promote it to float64, which has half the SIMD lanes). Reductions (row
-sums, means, the fused kernels' column sums) accumulate in float64 and are rounded to the array's precision
-before the element-wise math that uses them (LayerNorm's normalisation, the softmax
-backward). On float32 arrays row sums may be reassociated (see "row kernels" below); nothing
-else is, beyond fused multiply-adds (fastmath "contract"). Every float32 exp is written as
-arithmetic (refgpt.kernels.numba_exp), so that its loop vectorises; float64 keeps libm's exp,
-as NumPy's.
+Element-wise math runs in the array's precision: GELU and every exp run in float32 on
+float32 arrays, as their NumPy references do (GELU's constants are passed in that precision,
+since Python floats would promote it to float64, which has half the SIMD lanes). Reductions
+(row sums, means, the fused kernels' column sums) accumulate in float64 and are rounded to
+the array's precision before the element-wise math that uses them (LayerNorm's
+normalisation, the softmax backward). On float32 arrays row sums may be reassociated (see
+"row kernels" below); nothing else is, beyond fused multiply-adds (fastmath "contract").
+Every float32 exp is written as arithmetic (refgpt.kernels.numba_exp), so that its loop
+vectorises; float64 keeps libm's exp, as NumPy's.
 """
 
 from __future__ import annotations
@@ -156,9 +156,9 @@ def bias_gelu_backward(x, dy, kind):
     return dx.reshape(dy.shape), db.sum(axis=0).astype(dy.dtype)
 
 
-def _column_parts(a2):
-    """Zeroed float64 partial column sums of a2 [R, C], one row per parallel chunk of rows."""
-    return np.zeros((min(numba.get_num_threads(), a2.shape[0]) or 1, a2.shape[1]))
+def _column_parts(a2, dtype=np.float64):
+    """Zeroed partial column sums of a2 [R, C], one row per parallel chunk of rows."""
+    return np.zeros((min(numba.get_num_threads(), a2.shape[0]) or 1, a2.shape[1]), dtype)
 
 
 @njit(**FLAGS)
@@ -177,7 +177,7 @@ def column_sum(a):
     rows: float64 partials made it 1.4x slower on 2 threads at [1024, 3072] float32."""
     if a.ndim != 2 or a.strides[1] != a.itemsize:
         return a.sum(axis=0)
-    parts = np.zeros((min(numba.get_num_threads(), a.shape[0]) or 1, a.shape[1]), a.dtype)
+    parts = _column_parts(a, a.dtype)
     _column_sum(a, parts)
     return parts.sum(axis=0)
 

@@ -34,18 +34,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .numba_attention import GEMM, NO_TRANS, ROW_MAJOR, TRANS, OneBlasThread
-
-
-def _blas_operand(a):
-    """(CBLAS transpose flag, leading dimension) of a 2-D array whose rows (or columns) are
-    contiguous, or None."""
-    n = a.itemsize
-    if a.strides[1] == n and a.strides[0] >= n * max(1, a.shape[1]) and a.strides[0] % n == 0:
-        return NO_TRANS, a.strides[0] // n
-    if a.strides[0] == n and a.strides[1] >= n * max(1, a.shape[0]) and a.strides[1] % n == 0:
-        return TRANS, a.strides[1] // n
-    return None
+from .numba_attention import GEMM, NO_TRANS, ROW_MAJOR, TRANS, OneBlasThread, blas_operand
 
 
 @functools.lru_cache(maxsize=256)
@@ -99,7 +88,7 @@ def _run(c, a, b, beta, bias=None) -> bool:
             or 0 in a.shape or 0 in b.shape
             or bias is not None and (bias.shape != (c.shape[1],) or bias.dtype != c.dtype)):
         return False                            # the reference computes it, or says why not
-    ops = (_blas_operand(a), _blas_operand(b), _blas_operand(c))
+    ops = (blas_operand(a), blas_operand(b), blas_operand(c))
     if None in ops or ops[2][0] != NO_TRANS:
         return False
     ta, tb = ops[0][0] == TRANS, ops[1][0] == TRANS

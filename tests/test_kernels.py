@@ -237,8 +237,8 @@ def gemm_cases(rng, dtype):
 def test_matmul_and_add_matmul(dtype):
     rng = np.random.default_rng(7)
     cases = gemm_cases(rng, dtype)
-    blas = [numba_gemm._blas_operand(a) is not None and numba_gemm._blas_operand(b) is not None
-            for a, b in cases]
+    op = numba_attention.blas_operand
+    blas = [op(a) is not None and op(b) is not None for a, b in cases]
     assert blas == [True] * 6 + [False]
     for a, b in cases:
         bias = rand(rng, b.shape[1], dtype)

@@ -104,13 +104,15 @@ def matmul_ab(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> 
 def matmul_abt(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> np.ndarray:
     """C = A B^T: C_ik = sum_j A_ij B_kj^T, for A_ij [M/q, N/q], B_ij [K/q, N/q]; returns
     C_ij [M/q, K/q] on rank (i, j) (the sum over the row, reduced to its owner)."""
-    return _reduce_products(grid, grid.col, b, grid.row, grid.j, lambda b_kj: matmul(a, b_kj.T), site)
+    return _reduce_products(grid, grid.col, b, grid.row, grid.j,
+                            lambda b_kj: matmul(a, b_kj.T), site)
 
 
 def matmul_atb(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> np.ndarray:
     """C = A^T B: C_kj = sum_i A_ik^T B_ij, for A_ij [M/q, K/q], B_ij [M/q, N/q]; returns
     C_ij [K/q, N/q] on rank (i, j) (the sum over the column, reduced to its owner)."""
-    return _reduce_products(grid, grid.row, a, grid.col, grid.i, lambda a_ik: matmul(a_ik.T, b), site)
+    return _reduce_products(grid, grid.row, a, grid.col, grid.i,
+                            lambda a_ik: matmul(a_ik.T, b), site)
 
 
 def _reduce_products(grid, bcast_comm, moving, reduce_comm, my_coord: int, product, site):

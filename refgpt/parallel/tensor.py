@@ -43,10 +43,10 @@ from ..nn.block import residual
 from ..nn.dropout import Dropout
 from ..nn.gelu import BiasGELU
 from ..nn.gpt import GPTBase, Stage, param_specs
-from ..nn.embedding import TokenTable, scatter_add_rows
+from ..nn.embedding import TiedHead, TokenTable, scatter_add_rows
 from ..nn.layer import Layer, ParamRef
 from ..nn.layernorm import LayerNorm
-from ..nn.linear import Linear, add_matmul, column_sum, matmul
+from ..nn.linear import Linear, column_sum
 from ..nn.params import Params, ParamSpec
 from ..optim.clip import sum_squares
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
@@ -197,24 +197,20 @@ class VocabParallelEmbedding(TokenTable):
         scatter_add_rows(self.gwte, local[mine], dfull[mine])
 
 
-class VocabParallelHead(TokenTable):
-    """Logits of this rank's vocabulary shard, tied to its wte rows: z_r = x wte_r^T."""
+class VocabParallelHead(TiedHead):
+    """Logits of this rank's vocabulary shard, tied to its wte rows: z_r = x wte_r^T (the
+    single process's tied head on this rank's rows of wte, after the input enters the
+    group)."""
 
     def __init__(self, params, tp: TPComm, sp: bool):
-        super().__init__(params, positions=False)
+        super().__init__(params)
         self.enter = GatherSeq(tp, "head") if sp else CopyToTP(tp, "head")
 
     def forward(self, x):
-        x = self.enter.forward(x)                                     # [B, T, C]
-        self.save(x)
-        z = matmul(x.reshape(-1, x.shape[-1]), self.wte.T)           # [B T, C] @ [C, Vp/t]
-        return z.reshape(*x.shape[:-1], -1)                           # [B, T, Vp/t]
+        return super().forward(self.enter.forward(x))                 # [B, T, Vp/t]
 
     def backward(self, dz):
-        (x,) = self.saved()
-        dz2 = dz.reshape(-1, dz.shape[-1])                            # [B T, Vp/t]
-        add_matmul(self.gwte, dz2.T, x.reshape(-1, x.shape[-1]))
-        return self.enter.backward(matmul(dz2, self.wte).reshape(*dz.shape[:-1], -1))
+        return self.enter.backward(super().backward(dz))
 
 
 class VocabParallelCrossEntropy(Layer):
