@@ -5,13 +5,19 @@ against PyTorch eager with one process and a thread per core, on the same model 
     python benchmarks/node_vs_torch.py --ranks 4 --threads-per-rank 4 --launcher "mpirun --bind-to none"
     python benchmarks/node_vs_torch.py --ranks 2 --config 5m          # a laptop
     python benchmarks/node_vs_torch.py --train-args "--zero-stage 1"  # more refgpt.train flags
+    python benchmarks/node_vs_torch.py --train-args "" --train-args "--zero-stage 1" \
+        --train-args "--zero-stage 1 --dp-shared-memory"             # side by side, one PyTorch
 
 refgpt runs ``python -m refgpt.train`` (synthetic data, float32, --backend numba by default)
 for --iters steps and reports the median tokens/s of the steps after the first; PyTorch runs the
 same global batch as one batch (its best case) with ``torch.set_num_threads(ranks x
-threads per rank)``, best of --iters steps after a warm-up. Prints both and the ratio
-refgpt / PyTorch. Fewer ranks with more threads each exchange less gradient per token (one
-all-reduce per rank and step), at the price of BLAS's and numba's threading.
+threads per rank)``, best of --iters steps after a warm-up. Prints both, the ratio
+refgpt / PyTorch, and where refgpt's step goes: forward + backward, the gradient sum and the
+optimizer, each the longest over the ranks (so the gradient sum includes waiting for the
+slowest rank's backward), medians over the steps. Fewer ranks with more threads each exchange
+less gradient per token (one all-reduce per rank and step), at the price of BLAS's and
+numba's threading. ``--dp-shared-memory`` (with ``--zero-stage 1``) sums the gradients
+through the node's shared memory instead (refgpt.parallel.shared).
 """
 
 import argparse
@@ -28,7 +34,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from step_vs_torch import CONFIGS, torch_step  # noqa: E402
 
 
-def refgpt_tokens_per_s(args, cfg) -> float:
+def refgpt_run(args, cfg, extra: str) -> tuple[float, dict]:
+    """(median tokens/s, median ms per phase: its longest rank's) over the steps after the
+    first, of refgpt.train with the flags in extra."""
     L, h, a, V, s, _ = cfg
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "log.jsonl"
@@ -37,11 +45,16 @@ def refgpt_tokens_per_s(args, cfg) -> float:
                "--num-attention-heads", str(a), "--vocab-size", str(V), "--seq-length", str(s),
                "--micro-batch-size", str(args.micro), "--global-batch-size", str(args.global_batch),
                "--train-iters", str(args.iters), "--eval-iters", "0", "--no-progress",
-               "--threads-per-rank", str(args.threads_per_rank), "--backend", args.backend,
-               "--log-jsonl", str(log), *shlex.split(args.train_args)]
+               "--log-interval", "1", "--threads-per-rank", str(args.threads_per_rank),
+               "--backend", args.backend, "--log-jsonl", str(log), *shlex.split(extra)]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-        rows = [json.loads(line) for line in log.read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in rows[1:])
+        rows = [json.loads(line) for line in log.read_text().splitlines()][1:]
+    phases = {"compute": ("forward", "backward"), "grad sum": ("grads-all-reduce",),
+              "optimizer": ("optimizer",)}
+    ms = {k: statistics.median(sum(r["timers_ms"][n][1] for n in names) for r in rows)
+          for k, names in phases.items()}
+    ms["step"] = statistics.median(1e3 * r["step_time_s"] for r in rows)
+    return statistics.median(r["tokens_per_s"] for r in rows), ms
 
 
 def torch_tokens_per_s(args, cfg) -> float:
@@ -67,18 +80,21 @@ def main():
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--launcher", default="mpiexec")
-    ap.add_argument("--train-args", default="",
-                    help='more refgpt.train flags, e.g. "--zero-stage 1"')
+    ap.add_argument("--train-args", action="append",
+                    help='more refgpt.train flags, e.g. "--zero-stage 1"; give it again to '
+                         'compare several settings against the same PyTorch run')
     args = ap.parse_args()
     cfg = CONFIGS[args.config]
-    ours = refgpt_tokens_per_s(args, cfg)
+    variants = args.train_args or [""]
+    ours = {extra: refgpt_run(args, cfg, extra) for extra in variants}
     theirs = torch_tokens_per_s(args, cfg)
-    print(f"{args.config}, global batch {args.global_batch} x {cfg[4]} tokens, float32: refgpt "
-          f"{args.ranks} ranks x {args.threads_per_rank} threads ({args.backend}"
-          f"{' ' + args.train_args if args.train_args else ''}) {ours:.0f} "
-          f"tokens/s; "
-          f"PyTorch 1 process x {args.ranks * args.threads_per_rank} threads {theirs:.0f} "
-          f"tokens/s; ratio {ours / theirs:.2f}")
+    print(f"{args.config}, global batch {args.global_batch} x {cfg[4]} tokens, float32; "
+          f"PyTorch 1 process x {args.ranks * args.threads_per_rank} threads {theirs:.0f} tokens/s")
+    for extra, (tokens, ms) in ours.items():
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in ms.items())
+        print(f"refgpt {args.ranks} ranks x {args.threads_per_rank} threads ({args.backend}"
+              f"{' ' + extra if extra else ''}): {tokens:.0f} tokens/s, ratio "
+              f"{tokens / theirs:.2f}; ms per step (each phase: its longest rank): {phases}")
 
 
 if __name__ == "__main__":

@@ -179,3 +179,76 @@ def test_zero_checkpoints_load_in_any_layout(stage):
           and all(close(v, ref[n]) for n, v in full_params(resumed).items())
           and np.isclose(resumed.history[-1]["loss"], straight.history[-1]["loss"], rtol=1e-12))
     assert agree(comm, ok)
+
+
+def shared_trainer(comm, tcfg, grid, **pcfg):
+    return Trainer(model_cfg(), tcfg, ParallelConfig(zero_stage=1, dp_shared_memory=True, **pcfg),
+                   grid, **QUIET)
+
+
+def as_nodes(monkeypatch, comm, per_node):
+    """Make the trainer's shared-memory ZeRO treat groups of per_node ranks as nodes."""
+    import functools
+    import refgpt.engine
+    from refgpt.parallel.shared import SharedParams
+
+    def node_comm_of(dp_comm):
+        return dp_comm.Split(dp_comm.Get_rank() // per_node, dp_comm.Get_rank())
+
+    monkeypatch.setattr(refgpt.engine, "SharedParams", lambda specs, dtype, comm: SharedParams(
+        specs, dtype, comm, node_comm=node_comm_of(comm)))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("micro_batches", [1, 3])
+@pytest.mark.parametrize("per_node", [None, 2])
+def test_shared_memory_equals_single_process(monkeypatch, micro_batches, per_node):
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    d = comm.size
+    if per_node is not None:
+        if d % per_node or d == per_node:
+            pytest.skip("needs at least two groups of 2 ranks")
+        as_nodes(monkeypatch, comm, per_node)
+    tcfg = train_cfg(d, micro_batches)
+    par = shared_trainer(comm, tcfg, Grid(comm))
+    ser = Trainer(model_cfg(), tcfg, **QUIET)
+    hist, ref = par.run(), ser.run()
+    p = par.zero
+    node = per_node or d
+    ok = same_run(par, ser, hist, ref) and p.padded % node == 0
+    S, c = p.padded // node, d // node            # reads P - S elements, all-reduces S over c
+    expect = ((p.padded - S) + 2 * S * (c - 1) / c) * 8
+    ok = ok and all(abs(h["dp_comm_bytes"] - expect) <= 1e-9 * expect for h in hist)
+    mem = hist[-1]["memory_bytes"]
+    held = mem["params"] + mem["grads"] + mem["optimizer"]
+    ok = ok and held == formula_bytes(1, p.padded, node, 8, shared=True) == mem["formula"]
+    assert agree(comm, ok), (micro_batches, per_node)
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_shared_memory_with_tensor_and_pipeline_parallelism(layout):
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    tp, pp = (2, 1) if layout == "tp" else (1, 2)
+    tcfg = train_cfg(comm.size // (tp * pp), 4)
+    par = shared_trainer(comm, tcfg, Grid(comm, tp, pp), tensor_model_parallel_size=tp,
+                         pipeline_model_parallel_size=pp, sequence_parallel=tp > 1)
+    ser = Trainer(model_cfg(), tcfg, **QUIET)
+    hist, ref = par.run(), ser.run()
+    assert agree(comm, same_run(par, ser, hist, ref)), layout
+
+
+@pytest.mark.mpi(min_size=2)
+def test_shared_memory_checkpoints_load_in_any_layout():
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    straight, serial, resumed = checkpoint_roundtrip(
+        comm, model_cfg, train_cfg(comm.size, 2),
+        lambda tcfg: shared_trainer(comm, tcfg, Grid(comm)))
+    ref = dict(straight.model.params.items())
+    ok = (all(close(v, ref[n]) for n, v in serial.model.params.items())
+          and all(close(v, ref[n]) for n, v in full_params(resumed).items())
+          and np.isclose(resumed.history[-1]["loss"], straight.history[-1]["loss"], rtol=1e-12))
+    assert agree(comm, ok)

@@ -58,6 +58,7 @@ def _table(name: str) -> dict:
 def set_backend(name: str) -> None:
     global _current
     from . import nn, optim  # noqa: F401  (importing them registers every reference)
+    from .parallel import shared  # noqa: F401
     table = _table(name)
     unknown = set(table) - set(_reference)
     if unknown:
@@ -80,6 +81,7 @@ def current() -> str:
 def reference(name: str):
     """The NumPy reference of a kernel."""
     from . import nn, optim  # noqa: F401
+    from .parallel import shared  # noqa: F401
     return _reference[name]
 
 

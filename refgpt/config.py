@@ -169,6 +169,7 @@ class ParallelConfig:
     timing_log_level: int = 1
     tensor_parallel_mode: str = "1d"  # 1d: Megatron; 2d: SUMMA on a q x q grid (t = q^2)
     zero_stage: int = 0  # ZeRO over the data-parallel group: 1 optimizer state, 2 + grads, 3 + params
+    dp_shared_memory: bool = False  # ZeRO-1 through node-shared memory (refgpt.parallel.shared)
     offload_optimizer: str = ""  # folder for AdamW's moments as np.memmap files ("": in memory)
 
     def validate(self) -> None:
@@ -190,6 +191,9 @@ class ParallelConfig:
                               "--sequence-parallel (2-D already splits every activation)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.dp_shared_memory and self.zero_stage != 1:
+            raise ConfigError("--dp-shared-memory is a way to run ZeRO-1 (the optimizer's state "
+                              "and update split over a node's ranks): add --zero-stage 1")
         if self.timing_log_level not in (0, 1, 2):
             raise ConfigError(f"--timing-log-level must be 0, 1 or 2, got {self.timing_log_level}")
 

@@ -8,7 +8,9 @@ micro-batches accumulate locally, and the last micro-batch's backward all-reduce
 the data-parallel group in buckets (refgpt.parallel.data). Every rank then holds the
 gradient of the whole batch and takes the same AdamW step, so the parameters stay identical
 across data-parallel ranks, and equal the single-process run's up to rounding. With ZeRO
-(refgpt.parallel.zero) the sum is a reduce-scatter instead and each rank updates its shard.
+(refgpt.parallel.zero) the sum is a reduce-scatter instead and each rank updates its shard;
+with --dp-shared-memory (refgpt.parallel.shared) the ranks of a node share one copy of the
+parameters and sum the gradients by reading each other's buffers.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from .parallel.data import GradReducer
 from .parallel.faults import inject
 from .parallel.grid import Grid
 from .parallel.pipeline import PipelineExecutor, PipelineModel, check_pipeline
+from .parallel.shared import SharedParams
 from .parallel.tensor import ParallelGPT, check_divisible
 from .parallel.summa import SummaGrid
 from .parallel.tensor2d import ParallelGPT2D, check_2d
@@ -62,6 +65,10 @@ def check_layout(mcfg: ModelConfig, tcfg: TrainConfig, pcfg: ParallelConfig, tp:
         raise ConfigError("--offload-optimizer keeps AdamW's moments in host memory-mapped "
                           "files, which the GPU's AdamW kernel cannot update: drop it with "
                           "--backend cupy")
+    if tcfg.backend == "cupy" and pcfg.dp_shared_memory:
+        raise ConfigError("--dp-shared-memory shares host memory between processes; with "
+                          "--backend cupy the parameters and gradients live on the GPUs: "
+                          "drop it")
     if stage >= 2 and pp > 1:
         raise ConfigError(ZERO_WITH_PP.format(stage=stage))
     if tp > 1 and pcfg.tensor_parallel_mode == "2d":
@@ -103,7 +110,9 @@ class Trainer:
         self.pipe = None
         stage = self.pcfg.zero_stage
         make_params = Params
-        if stage:
+        if self.pcfg.dp_shared_memory:
+            make_params = functools.partial(SharedParams, comm=self._dp_comm())
+        elif stage:
             make_params = functools.partial(ZeroParams, stage=stage, comm=self._dp_comm())
         if g.pp_size > 1:
             pc = self.pcfg
@@ -332,8 +341,8 @@ class Trainer:
         """The memory registry, the ZeRO formula for the same buffers and the peak RSS."""
         p, stage = self.model.params, self.pcfg.zero_stage
         mem = memory_bytes(p, self.opt)
-        mem["formula"] = formula_bytes(stage, p.padded, self.grid.dp_size if stage else 1,
-                                       p.dtype.itemsize)
+        mem["formula"] = formula_bytes(stage, p.padded, p.d if stage else 1, p.dtype.itemsize,
+                                       shared=self.pcfg.dp_shared_memory)
         mem["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
         return mem
 
@@ -460,7 +469,9 @@ class Trainer:
         return (f"memory per rank (MiB): parameters {mem['params'] * mb:.1f}, gradients "
                 f"{mem['grads'] * mb:.1f}, optimizer {mem['optimizer'] * mb:.1f}"
                 + (f" (+ {mem['optimizer_offloaded'] * mb:.1f} on disk)" if mem["optimizer_offloaded"] else "")
-                + f"; total {held * mb:.1f}, ZeRO-{stage} formula {mem['formula'] * mb:.1f}")
+                + f"; total {held * mb:.1f}, ZeRO-{stage}"
+                + (" (node-shared parameters)" if self.pcfg.dp_shared_memory else "")
+                + f" formula {mem['formula'] * mb:.1f}")
 
     def run(self) -> list[dict]:
         t, rank0 = self.tcfg, self.grid.rank == 0

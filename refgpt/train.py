@@ -124,6 +124,9 @@ def build_parser(prog: str = "python -m refgpt.train", description: str = __doc_
                     dest="overlap_grad_reduce",
                     help="all-reduce gradient buckets during the last backward (non-blocking); "
                          "--no-overlap-grad-reduce: after it, blocking [default: overlap]")
+    ap.add_argument("--dp-shared-memory", action="store_true", dest="dp_shared_memory",
+                    help="with --zero-stage 1: one copy of the parameters per node in MPI shared "
+                         "memory; gradients summed by reading the other ranks' buffers")
     ap.add_argument("--pp", type=int, dest="pipeline_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_false", dest="progress",
                     help="no progress bar (log lines only)")
@@ -149,7 +152,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
     values.update(given)
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
     fields[1].add("synthetic_data")
-    fields[2].update({"sequence_parallel", "overlap_grad_reduce"})
+    fields[2].update({"sequence_parallel", "overlap_grad_reduce", "dp_shared_memory"})
     other_fields = {"progress"}
     unknown = set(values) - set().union(*fields) - other_fields
     if unknown:

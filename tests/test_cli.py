@@ -66,6 +66,9 @@ def test_mpiexec_runs_and_bad_layouts_exit_2_with_one_message():
     assert ok.returncode == 0, ok.stderr
     ok = cli("-m", "refgpt.train", *TINY, "--train-iters", "1", launcher=(mpiexec, "-n", "2"))
     assert ok.returncode == 0 and "tp 1 x dp 2 x pp 1" in ok.stdout, ok.stderr
+    ok = cli("-m", "refgpt.train", *TINY, "--train-iters", "1", "--zero-stage", "1",
+             "--dp-shared-memory", launcher=(mpiexec, "-n", "2"))
+    assert ok.returncode == 0 and "ZeRO-1 (node-shared parameters)" in ok.stdout, ok.stderr
     for extra, message in ((["--global-batch-size", "6"], "not divisible by --micro-batch-size 2 x "
                                                           "data-parallel size 2"),
                            (["--pp", "3"], "world size 2 is not divisible by --tp 1 x --pp 3"),
@@ -94,6 +97,7 @@ def one_line_error(capsys, main, argv, match):
     (["--lr-decay-style", "step"], "--lr-decay-style must be one of"),
     (["--tp", "2"], "the world size 1 is not divisible by --tp 2 x --pp 1"),
     (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--dp-shared-memory"], "--dp-shared-memory is a way to run ZeRO-1"),
     (["--seq-length", "16", "--max-position-embeddings", "8"], "smaller than --seq-length"),
 ])
 def test_bad_settings(capsys, argv, match):

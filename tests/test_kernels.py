@@ -329,12 +329,30 @@ def test_zero_fill(dtype):
     assert np.all(b[:, 1::3] != 0) and np.all(b[:, 2::3] != 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sum_rows(dtype):
+    from refgpt.parallel.shared import CHUNK, sum_rows
+    rng = np.random.default_rng(7)
+    rows = rand(rng, (5, 3 * CHUNK + 123), dtype)
+    lo, hi = 17, rows.shape[1] - 5                        # a rank's shard of the columns
+    want = (((rows[0] + rows[1]) + rows[2]) + rows[3]) + rows[4]     # in rank order
+    want = want[lo:hi]
+    for impl in (sum_rows.reference, numba_cpu.sum_rows):
+        got = rows.copy()
+        impl(got, lo, hi, got[2, lo:hi])                 # into one of the rows, in place
+        np.testing.assert_array_equal(got[2, lo:hi], want)
+        np.testing.assert_array_equal(np.delete(got, 2, axis=0), np.delete(rows, 2, axis=0))
+    out = np.zeros(2 * (hi - lo), dtype)
+    numba_cpu.sum_rows(rows, lo, hi, out[::2])            # a strided output: the reference's way
+    np.testing.assert_array_equal(out[::2], want)
+
+
 def test_every_numba_kernel_has_a_reference_and_is_tested():
     assert backend.kernel_names("numba") == sorted(
         ["gelu_forward", "gelu_backward", "bias_gelu_forward", "bias_gelu_backward",
          "layernorm_forward", "layernorm_backward",
          "causal_softmax", "softmax_backward", "cross_entropy", "adamw_update", "zero_fill",
-         "scatter_add_rows", "column_sum", "residual",
+         "scatter_add_rows", "column_sum", "residual", "sum_rows",
          "matmul", "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
          "causal_matmul_tn"])
 

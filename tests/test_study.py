@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -27,6 +28,7 @@ def test_layouts():
     assert parse_layout("tp2pp4") == Layout("tp2pp4", 2, 4)
     assert parse_layout("dp-z1") == Layout("dp-z1", 1, 1, 1)
     assert parse_layout("tp2-z0") == Layout("tp2-z0", 2, 1, 0)
+    assert parse_layout("dp-shm") == Layout("dp-shm", 1, 1, 1, shared=True)
     for bad in ("", "dp2", "pp2tp2", "tp", "tp0", "-z1", "dp-z4"):
         with pytest.raises(ConfigError, match="layout"):
             parse_layout(bad)
@@ -42,8 +44,9 @@ def test_plan_keeps_the_global_batch_and_says_why_a_layout_cannot_run():
     assert "not divisible by tp x pp = 2" in plan["1:pp2"].skip
     assert "--global-batch-size 8 is not divisible" in plan["3:dp"].skip
     assert "--num-attention-heads 4" in plan["3:tp3"].skip
-    zero = make_plan([1, 2], [parse_layout("dp-z1")], m, t, ParallelConfig())
-    assert zero[0].skip == "ZeRO needs data parallelism > 1" and not zero[1].skip
+    for name in ("dp-z1", "dp-shm"):
+        zero = make_plan([1, 2], [parse_layout(name)], m, t, ParallelConfig())
+        assert zero[0].skip == "ZeRO needs data parallelism > 1" and not zero[1].skip
 
 
 def test_cost_model_by_hand():
@@ -56,6 +59,8 @@ def test_cost_model_by_hand():
     assert p["compute_s"] == pytest.approx(model_flops(m, 16) / (8 * g))
     params = (model_params(m) + 32 * 64) // 2
     assert p["allreduce_s"] == pytest.approx(2 * 3 / 4 * params * 4 / b)
+    shm = predict(replace(cfg, layout=parse_layout("tp2-shm")), m, t, ParallelConfig(), g, b)
+    assert shm["allreduce_s"] == pytest.approx(3 / 4 * params * 4 / b)     # reads, no sends
     assert p["tensor_s"] == pytest.approx(2 * 4 * 4 * 2 * 1 / 2 * (2 * 32 * 64) * 4 / b)
     total = p["compute_s"] + p["allreduce_s"] + p["tensor_s"]
     assert p["allreduce_share"] == pytest.approx(p["allreduce_s"] / total)

@@ -6,7 +6,7 @@ mpi_tests/test_zero.py."""
 import numpy as np
 import pytest
 
-from refgpt.config import ModelConfig, ParallelConfig, TrainConfig
+from refgpt.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from refgpt.engine import Trainer
 from refgpt.nn import GPT
 from refgpt.nn.linear import Linear
@@ -18,18 +18,18 @@ def cfg():
                        vocab_size=45, vocab_multiple=16)
 
 
-def run(stage, offload=""):
+def run(stage, offload="", shared=False, **train):
     tcfg = TrainConfig(micro_batch_size=1, global_batch_size=3, train_iters=3, lr=1e-2,
                        dtype="float64", clip_grad=0.5, weight_decay=0.1, synthetic_data=True,
-                       eval_iters=1, eval_interval=2, log_interval=100)
-    t = Trainer(cfg(), tcfg, ParallelConfig(zero_stage=stage, offload_optimizer=offload),
-                log=lambda *_: None)
+                       eval_iters=1, eval_interval=2, log_interval=100, **train)
+    t = Trainer(cfg(), tcfg, ParallelConfig(zero_stage=stage, offload_optimizer=offload,
+                                            dp_shared_memory=shared), log=lambda *_: None)
     return t, t.run()
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_every_stage_on_one_rank_equals_the_plain_run(stage, tmp_path):
-    (plain, ref), (zero, hist) = run(0), run(stage, str(tmp_path))
+@pytest.mark.parametrize("stage, shared", [(1, False), (2, False), (3, False), (1, True)])
+def test_every_stage_on_one_rank_equals_the_plain_run(stage, shared, tmp_path):
+    (plain, ref), (zero, hist) = run(0), run(stage, str(tmp_path), shared)
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([h[key] for h in hist], [h[key] for h in ref], rtol=1e-12)
     n = plain.model.params.numel
@@ -38,6 +38,13 @@ def test_every_stage_on_one_rank_equals_the_plain_run(stage, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank00000.exp_avg.npy",
                                                           "rank00000.exp_avg_sq.npy"]
     assert hist[-1]["dp_comm_bytes"] == 0.0            # d = 1: nothing leaves the rank
+
+
+def test_shared_memory_is_a_way_to_run_zero_1():
+    with pytest.raises(ConfigError, match="add --zero-stage 1"):
+        ParallelConfig(dp_shared_memory=True).validate()
+    with pytest.raises(ConfigError, match="drop it"):
+        run(1, shared=True, backend="cupy")
 
 
 def test_stage_3_reads_parameters_only_inside_a_hold():
@@ -69,6 +76,7 @@ def test_formulas_of_the_paper():
     P, d, b = 1200, 4, 4                                 # float32: the paper's K = 8
     assert [formula_bytes(s, P, d, b) for s in range(4)] == [16 * P, 8 * P + 8 * P // d,
                                                               4 * P + 12 * P // d, 16 * P // d]
+    assert formula_bytes(1, P, d, b, shared=True) == 4 * P + 12 * P // d
     m = 5
     assert [formula_traffic(s, P, d, m, 1) for s in range(4)] == [
         2 * P * 3 / 4, 2 * P * 3 / 4, (m + 1) * P * 3 / 4, 3 * m * P * 3 / 4]

@@ -103,11 +103,15 @@ class Params:
         self.padded = -(-offset // pad_to) * pad_to
         self.data = self.grad = None
         if allocate:
-            xp = array_module()                         # numpy, or cupy on a GPU
-            self.data = xp.zeros(self.padded, self.dtype)
-            self.grad = xp.zeros(self.padded, self.dtype)
+            self.data, self.grad = self._buffers()
             self._views = {n: self._view(self.data, n) for n in names}
             self.grads = {n: self._view(self.grad, n) for n in names}
+
+    def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The zeroed flat parameter and gradient buffers (a subclass may place them in memory
+        other processes share: refgpt.parallel.shared)."""
+        xp = array_module()                             # numpy, or cupy on a GPU
+        return xp.zeros(self.padded, self.dtype), xp.zeros(self.padded, self.dtype)
 
     def _view(self, buf: np.ndarray, name: str) -> np.ndarray:
         lo, hi = self.slices[name]

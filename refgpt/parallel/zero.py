@@ -174,6 +174,10 @@ class ZeroParams(Params):
     def param_shard(self) -> np.ndarray:
         return self.shard_data if self.stage == 3 else self.data[self.own[0]:self.own[1]]
 
+    def param_bytes(self) -> int:
+        """Bytes of parameters this rank holds."""
+        return self.param_shard().nbytes if self.stage == 3 else self.data.nbytes
+
     def grad_shard(self) -> np.ndarray:
         return self.shard_grad if self.stage >= 2 else self.grad[self.own[0]:self.own[1]]
 
@@ -181,10 +185,16 @@ class ZeroParams(Params):
         if self.stage < 3:
             super()._write(name, value)
             return
+        a, b, piece = self.own_piece(name, value)
+        self.shard_data[a:b] = to_device(piece)
+
+    def own_piece(self, name: str, value: np.ndarray) -> tuple[int, int, np.ndarray]:
+        """(a, b, piece): the part of a full parameter value that lies in this rank's shard,
+        and where it goes there ([a, b) as offsets into the shard)."""
         lo, hi = self.slices[name]
         a, b = self.own_part(lo, hi)
         start = a + self.own[0] - lo
-        self.shard_data[a:b] = to_device(np.ravel(to_host(value))[start:start + b - a])
+        return a, b, np.ravel(to_host(value))[start:start + b - a]
 
     def zero_grad(self) -> None:
         zero_fill(self.shard_grad if self.stage >= 2 else self.grad)
@@ -329,9 +339,13 @@ def offload_moments(folder, rank: int, n: int, dtype) -> tuple[np.ndarray, np.nd
                  for name in ("exp_avg", "exp_avg_sq"))
 
 
-def formula_bytes(stage: int, padded: int, d: int, itemsize: int) -> int:
-    """Persistent bytes per rank for parameters + gradients + AdamW moments (table above)."""
+def formula_bytes(stage: int, padded: int, d: int, itemsize: int, shared: bool = False) -> int:
+    """Persistent bytes per rank for parameters + gradients + AdamW moments (table above).
+    shared: stage 1 with one parameter copy per node of d ranks (refgpt.parallel.shared), of
+    which each rank is counted its d-th part: b P + 3 b P/d."""
     per_element = {0: (4, 0), 1: (2, 2), 2: (1, 3), 3: (0, 4)}[stage]   # (full, per shard)
+    if shared:
+        per_element = (1, 3)
     return (per_element[0] * padded + per_element[1] * padded // d) * itemsize
 
 
@@ -345,10 +359,9 @@ def memory_bytes(params, opt) -> dict[str, int]:
     """The registry: bytes this rank holds for parameters, gradients and optimizer state
     (moments on disk are counted as offloaded), and the peak of ZeRO's temporary buffers."""
     zero = isinstance(params, ZeroParams)
-    p = params.param_shard() if zero and params.stage == 3 else params.data
     g = params.grad_shard() if zero and params.stage >= 2 else params.grad
     moments = opt.m.nbytes + opt.v.nbytes
     on_disk = isinstance(opt.m, np.memmap)
-    return {"params": p.nbytes, "grads": g.nbytes, "optimizer": 0 if on_disk else moments,
+    return {"params": params.param_bytes() if zero else params.data.nbytes, "grads": g.nbytes, "optimizer": 0 if on_disk else moments,
             "optimizer_offloaded": moments if on_disk else 0,
             "working_peak": params.working_peak if zero else 0}

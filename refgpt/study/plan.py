@@ -2,7 +2,8 @@
 
 A *layout* fixes the model-parallel sizes and lets the rank count set the data-parallel size:
 ``dp`` (t = p = 1), ``tp2``, ``pp4``, ``tp2pp2``; a suffix ``-zK`` sets ZeRO stage K for that
-layout (``dp-z1``), otherwise --zero-stage applies. On R ranks the data-parallel size is
+layout (``dp-z1``), otherwise --zero-stage applies; ``-shm`` runs ZeRO-1 through the node's
+shared memory (``dp-shm``: --zero-stage 1 --dp-shared-memory). On R ranks the data-parallel size is
 d = R / (t p), and each data-parallel rank processes m = G / (d B) micro-batches of B
 sequences, accumulating their gradients. The global batch G, and so the optimisation and
 every loss, is the same at every R: this is strong scaling.
@@ -14,7 +15,10 @@ g, a rank's GEMM rate, and b, the bytes a rank moves per second inside an all-re
                                                     all at GEMM speed, so C is a lower bound
     all-reduce   A = 2 (d-1)/d P_r w / b            ring all-reduce of a rank's gradient, P_r =
                                                     P / (t p) parameters of w bytes; ZeRO moves
-                                                    zero.formula_traffic instead; not overlapped
+                                                    zero.formula_traffic instead; not overlapped;
+                                                    shared memory: the (d-1)/d P_r w bytes a
+                                                    rank reads, at the same rate (an upper bound:
+                                                    they are loads, not messages)
     tensor       T = m (l/p) 4 [2 (t-1)/t] B s h w / b    1-D: two all-reduces of B s h in forward,
                                                     two in backward, per layer (same volume
                                                     with sequence parallelism)
@@ -35,7 +39,7 @@ from ..metrics import model_flops, model_params
 from ..parallel.schedules import simulate
 from ..parallel.zero import formula_traffic
 
-LAYOUT = re.compile(r"^(dp|(?:tp(\d+))?(?:pp(\d+))?)(?:-z([0-3]))?$")
+LAYOUT = re.compile(r"^(dp|(?:tp(\d+))?(?:pp(\d+))?)(?:-z([0-3])|-(shm))?$")
 
 
 @dataclass(frozen=True)
@@ -44,17 +48,21 @@ class Layout:
     tp: int
     pp: int
     zero_stage: int | None = None      # None: the run's --zero-stage
+    shared: bool = False               # ZeRO-1 through shared memory (refgpt.parallel.shared)
 
 
 def parse_layout(text: str) -> Layout:
     match = LAYOUT.match(text)
     if not match or not match.group(1):
         raise ConfigError(f"layout {text!r}: expected dp, tpT, ppP or tpTppP, optionally with "
-                          f"-zK for ZeRO stage K (e.g. tp2, pp4, tp2pp2, dp-z1)")
-    _, tp, pp, zero = match.groups()
+                          f"-zK for ZeRO stage K or -shm for ZeRO-1 through shared memory (e.g. tp2, "
+                          f"pp4, tp2pp2, dp-z1, dp-shm)")
+    _, tp, pp, zero, shm = match.groups()
     tp, pp = int(tp or 1), int(pp or 1)
     if tp < 1 or pp < 1:
         raise ConfigError(f"layout {text!r}: sizes must be >= 1")
+    if shm:
+        return Layout(text, tp, pp, 1, shared=True)
     return Layout(text, tp, pp, None if zero is None else int(zero))
 
 
@@ -84,7 +92,8 @@ def parallel_config(pcfg, layout: Layout):
                    sequence_parallel=pcfg.sequence_parallel and tp,
                    tensor_parallel_mode=pcfg.tensor_parallel_mode if tp else "1d",
                    num_virtual_stages=pcfg.num_virtual_stages if layout.pp > 1 else 1,
-                   zero_stage=pcfg.zero_stage if layout.zero_stage is None else layout.zero_stage)
+                   zero_stage=pcfg.zero_stage if layout.zero_stage is None else layout.zero_stage,
+                   dp_shared_memory=layout.shared or pcfg.dp_shared_memory)
 
 
 def make_plan(ranks, layouts, mcfg, tcfg, pcfg) -> list[Config]:
@@ -120,6 +129,8 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | 
     compute = model_flops(mcfg, tcfg.global_batch_size) / (cfg.ranks * gemm_rate)
     per_rank = (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p)
     moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w)
+    if pcfg.dp_shared_memory:
+        moved /= 2
     tokens = tcfg.micro_batch_size * mcfg.seq_length * mcfg.hidden_size
     tensor = m * mcfg.num_layers / p * 4 * 2 * (t - 1) / t * tokens * w
     bubble = 0.0
