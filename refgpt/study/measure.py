@@ -98,7 +98,7 @@ def machine(world) -> dict:
     mpi = "none (one process)"
     if world is not None:
         from mpi4py import MPI
-        mpi = MPI.Get_library_version().strip().splitlines()[0]
+        mpi = MPI.Get_library_version().strip("\x00 \n").splitlines()[0]
     nodes = 1 if world is None else len(set(world.allgather(platform.node())))
     return {"cpu": cpu, "cores_per_node": os.cpu_count(), "nodes": nodes, "mpi": mpi,
             "python": platform.python_version(), "numpy": np.__version__}
