@@ -22,11 +22,11 @@ def test_study_inside_one_job():
     ranks = [r for r in (1, 2, 4) if r <= world.size]
     folder = world.bcast(tempfile.mkdtemp() if world.rank == 0 else None)
     status = main([*TINY, "--ranks", *map(str, ranks), "--layouts", "dp", "tp2", "pp2",
-                   "--out", folder])
+                   "dp-shm", "--out", folder])
     rows = world.bcast(list(csv.DictReader(open(f"{folder}/scaling.csv")))
                        if world.rank == 0 else None)
     assert status == 0
-    expected = [(1, "dp")] + [(r, lay) for r in ranks[1:] for lay in ("dp", "tp2", "pp2")]
+    expected = [(1, "dp")] + [(r, lay) for r in ranks[1:] for lay in ("dp", "tp2", "pp2", "dp-shm")]
     assert [(int(r["ranks"]), r["layout"]) for r in rows] == expected
     assert all(tuple(r) == COLUMNS and all(v != "" for v in r.values()) for r in rows)
     assert all(r["losses_match"] == "yes" for r in rows)

@@ -223,6 +223,9 @@ def test_shared_memory_equals_single_process(monkeypatch, micro_batches, per_nod
     mem = hist[-1]["memory_bytes"]
     held = mem["params"] + mem["grads"] + mem["optimizer"]
     ok = ok and held == formula_bytes(1, p.padded, node, 8, shared=True) == mem["formula"]
+    par.close()                                  # the windows go back to MPI, collectively
+    ser.close()                                  # nothing shared: a no-op
+    ok = ok and p.windows == [] and par.model is None
     assert agree(comm, ok), (micro_batches, per_node)
 
 

@@ -228,6 +228,14 @@ class Trainer:
         self.iteration = ckpt.state["iteration"]
         self.consumed = ckpt.state["consumed_samples"]
 
+    def close(self) -> None:
+        """Free what the run holds in memory shared between ranks (--dp-shared-memory's
+        windows); collective: every rank calls it. The trainer cannot train afterwards (one
+        job that runs several trainers in turn, as the scaling study does, calls it)."""
+        params = self.model.params
+        self.model = self.opt = self.zero = self.reducer = self.pipe = None
+        params.free()
+
     # -- one optimizer step ------------------------------------------------------------
     def lr_at(self, iteration: int) -> float:
         t = self.tcfg

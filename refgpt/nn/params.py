@@ -113,6 +113,10 @@ class Params:
         xp = array_module()                             # numpy, or cupy on a GPU
         return xp.zeros(self.padded, self.dtype), xp.zeros(self.padded, self.dtype)
 
+    def free(self) -> None:
+        """Give back storage shared with other processes (refgpt.parallel.shared); plain
+        buffers are left to the garbage collector."""
+
     def _view(self, buf: np.ndarray, name: str) -> np.ndarray:
         lo, hi = self.slices[name]
         return buf[lo:hi].reshape(self.specs[name].shape)

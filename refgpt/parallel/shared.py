@@ -98,6 +98,16 @@ class SharedParams(ZeroParams):
         self.sync()
         return data, self.rows[me]
 
+    def free(self) -> None:
+        """Give the windows back to MPI (collective over the node). Every array into them is
+        dropped here; whoever else still holds one must drop it first (Trainer.close)."""
+        self.data = self.grad = self.rows = None
+        self._views, self.grads = {}, {}
+        for w in self.windows:
+            w.Unlock_all()
+            w.Free()
+        self.windows = []
+
     def sync(self) -> None:
         """Every rank of the node sees every write made before it (module docstring)."""
         for w in self.windows:

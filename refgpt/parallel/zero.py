@@ -362,6 +362,7 @@ def memory_bytes(params, opt) -> dict[str, int]:
     g = params.grad_shard() if zero and params.stage >= 2 else params.grad
     moments = opt.m.nbytes + opt.v.nbytes
     on_disk = isinstance(opt.m, np.memmap)
-    return {"params": params.param_bytes() if zero else params.data.nbytes, "grads": g.nbytes, "optimizer": 0 if on_disk else moments,
+    return {"params": params.param_bytes() if zero else params.data.nbytes, "grads": g.nbytes,
+            "optimizer": 0 if on_disk else moments,
             "optimizer_offloaded": moments if on_disk else 0,
             "working_peak": params.working_peak if zero else 0}

@@ -156,6 +156,7 @@ def _measure(comm, cfg: Config, base, warmup: int, iters: int, say) -> dict | No
         phases /= R
         gemm = comm.allreduce(gemm) / R
         rss = comm.allreduce(rss, op=MPI.MAX)
+    trainer.close()
     del trainer
     if rank != 0:
         return None

@@ -55,8 +55,8 @@ def parse_layout(text: str) -> Layout:
     match = LAYOUT.match(text)
     if not match or not match.group(1):
         raise ConfigError(f"layout {text!r}: expected dp, tpT, ppP or tpTppP, optionally with "
-                          f"-zK for ZeRO stage K or -shm for ZeRO-1 through shared memory (e.g. tp2, "
-                          f"pp4, tp2pp2, dp-z1, dp-shm)")
+                          f"-zK for ZeRO stage K or -shm for ZeRO-1 through shared memory "
+                          f"(e.g. tp2, pp4, tp2pp2, dp-z1, dp-shm)")
     _, tp, pp, zero, shm = match.groups()
     tp, pp = int(tp or 1), int(pp or 1)
     if tp < 1 or pp < 1:
