@@ -24,7 +24,9 @@ and rank r owns the columns [r S, (r+1) S), S = P/d, as ZeRO-1's shard. A step:
 Each rank reads P elements and writes S in the reduce (an all-reduce moves about 2 P), and
 nothing is gathered afterwards, since every rank reads the same ``data``. Between the syncs
 a rank writes only its own row and its own columns of ``data``, so no two processes write
-the same element, and no element is read while another process writes it. A sync is
+the same element, and no element is read while another process writes it. (A step skipped
+for a non-finite gradient norm has no second sync: the norm's all-reduce, which every rank
+enters after its sum, orders those reads before the next step's writes.) A sync is
 MPI_Win_sync on both windows, a barrier over the node, and MPI_Win_sync again (the memory
 barrier the unified memory model of MPI-3 asks for).
 
