@@ -83,8 +83,12 @@ class SharedParams(ZeroParams):
                               f"ranks on every node, got {sorted(sizes)}")
         self.cross = comm.Split(self.node.Get_rank(), comm.Get_rank())   # one rank per node
         super().__init__(specs, dtype, stage=1, comm=self.node)
+        self.param_shard()[...] = 0                     # MPI does not zero a window; each rank
+        self.grad[...] = 0                              # touches its own part first
+        self.sync()
 
     def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The two windows, mapped (not yet zeroed: __init__ does it once the shard is known)."""
         from mpi4py import MPI
         n, item = self.padded, self.dtype.itemsize
         me, d = self.node.Get_rank(), self.node.Get_size()
@@ -94,10 +98,6 @@ class SharedParams(ZeroParams):
             w.Lock_all(MPI.MODE_NOCHECK)             # a passive epoch for Win.Sync, never ended
         data, rows = (np.frombuffer(w.Shared_query(0)[0], self.dtype) for w in self.windows)
         self.rows = rows.reshape(d, n)
-        S = n // d
-        data[me * S:(me + 1) * S] = 0                   # MPI does not zero a window; each rank
-        self.rows[me] = 0                               # touches its own part first
-        self.sync()
         return data, self.rows[me]
 
     def free(self) -> None:

@@ -3,8 +3,8 @@
 A *layout* fixes the model-parallel sizes and lets the rank count set the data-parallel size:
 ``dp`` (t = p = 1), ``tp2``, ``pp4``, ``tp2pp2``; a suffix ``-zK`` sets ZeRO stage K for that
 layout (``dp-z1``), otherwise --zero-stage applies; ``-shm`` runs ZeRO-1 through the node's
-shared memory (``dp-shm``: --zero-stage 1 --dp-shared-memory). On R ranks the data-parallel size is
-d = R / (t p), and each data-parallel rank processes m = G / (d B) micro-batches of B
+shared memory (``dp-shm``: --zero-stage 1 --dp-shared-memory). On R ranks the data-parallel
+size is d = R / (t p), and each data-parallel rank processes m = G / (d B) micro-batches of B
 sequences, accumulating their gradients. The global batch G, and so the optimisation and
 every loss, is the same at every R: this is strong scaling.
 
@@ -129,8 +129,8 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | 
     compute = model_flops(mcfg, tcfg.global_batch_size) / (cfg.ranks * gemm_rate)
     per_rank = (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p)
     moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w)
-    if pcfg.dp_shared_memory:
-        moved /= 2
+    if pcfg.dp_shared_memory:                        # what a rank reads of the other rows
+        moved = (d - 1) / d * int(per_rank) * w
     tokens = tcfg.micro_batch_size * mcfg.seq_length * mcfg.hidden_size
     tensor = m * mcfg.num_layers / p * 4 * 2 * (t - 1) / t * tokens * w
     bubble = 0.0
