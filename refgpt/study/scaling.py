@@ -216,9 +216,8 @@ class Study:
         report.write_csv(rows, self.folder / "scaling.csv")
         images = report.plot(rows, self.folder, self.title)
         about = results[0]["machine"]
-        mpi = about["mpi"].strip("\x00 ")          # older results kept MPI's trailing NUL
         lines = [f"machine: {about['cpu']}, {about['cores_per_node']} cores per node; "
-                 f"{mpi}; Python {about['python']}, NumPy {about['numpy']}",
+                 f"{about['mpi']}; Python {about['python']}, NumPy {about['numpy']}",
                  *[f"command: `{cmd}`" for cmd in dict.fromkeys(r["command"] for r in results)],
                  f"measured {time.strftime('%Y-%m-%d', time.localtime(results[0]['time']))}; "
                  f"{results[0]['warmup']} warm-up + {results[0]['iters']} measured iterations "
