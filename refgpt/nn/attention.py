@@ -20,6 +20,11 @@ Every T x Tk matrix here is zero past the causal boundary (P, P~ and dS are; S a
 only needed inside it), so the six products go through three kernels that may skip that half:
 causal_matmul_nt (a b^T, set to zero past the boundary), causal_matmul_nn (P v) and
 causal_matmul_tn (P^T x). The references below compute the full products.
+
+The whole of it, from q, k, v to O and back, is itself a pair of kernels, attention_forward
+and attention_backward, so that a backend may compute it without ever storing a T x Tk
+matrix (the cupy backend's flash-style kernels, refgpt.kernels.cupy_flash); what the forward
+saves for the backward is then up to the backend.
 """
 
 from __future__ import annotations
@@ -86,6 +91,34 @@ def causal_softmax(s: np.ndarray, p0: int) -> np.ndarray:
     return s
 
 
+@kernel
+def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, dropout=None,
+                      keep_probs: bool = False) -> tuple:
+    """O = dropout(P) v with P = softmax(mask(q k^T / sqrt(D))), for q [B, H, T, D] and k, v
+    [B, H, Tk, D]; returns O [B, H, T, D] and what attention_backward needs (here P and
+    dropout(P)). dropout: the layer's dropout as a function of P, or None; keep_probs: the
+    caller reads P from the second result (a fused backend then takes this path)."""
+    s = causal_matmul_nt(q, k, 1.0 / np.sqrt(q.shape[-1]))         # [B, H, T, Tk]
+    p = causal_softmax(s, p0)
+    pd = p if dropout is None else dropout(p)
+    return causal_matmul_nn(pd, v), (p, pd)
+
+
+@kernel
+def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, o: np.ndarray, saved,
+                       do: np.ndarray, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+                       dropout_backward=None) -> None:
+    """dq, dk, dv (written into the given arrays) from dO and what attention_forward saved."""
+    p, pd = saved
+    dpd = causal_matmul_nt(do, v)                                   # [B, H, T, Tk]
+    causal_matmul_tn(pd, do, out=dv)
+    dp = dpd if dropout_backward is None else dropout_backward(dpd)
+    ds = softmax_backward(p, dp)
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    causal_matmul_nn(ds, k, scale, out=dq)
+    causal_matmul_tn(ds, q, scale, out=dk)
+
+
 class KVCache:
     """Keys and values of the positions seen so far, per layer: [B, H, Tk, D] each."""
 
@@ -125,28 +158,23 @@ class CausalSelfAttention(Layer):
                 k = np.concatenate([cache.k[layer], k], axis=2)       # [B, H, Tk, D]
                 v = np.concatenate([cache.v[layer], v], axis=2)
             cache.k[layer], cache.v[layer] = k, v
-        s = causal_matmul_nt(q, k, 1.0 / np.sqrt(D))                  # [B, H, T, Tk]
-        p = causal_softmax(s, p0)                                     # [B, H, T, Tk]
+        drop = self.attn_drop.p > 0 and key is not None
+        o, saved = attention_forward(q, k, v, p0,
+                                     (lambda p: self.attn_drop.forward(p, key)) if drop else None,
+                                     keep_probs=record is not None)
         if record is not None:
-            record[f"{self.prefix}.qkv"], record[f"{self.prefix}.probs"] = qkv, p
-        pd = self.attn_drop.forward(p, key)
-        o = causal_matmul_nn(pd, v)                                   # [B, H, T, D]
-        self.save(q, k, v, p, pd)
+            record[f"{self.prefix}.qkv"], record[f"{self.prefix}.probs"] = qkv, saved[0]
+        self.save(q, k, v, o, saved, drop)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, H * D)              # heads merged
         return self.c_proj.forward(o)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
-        q, k, v, p, pd = self.saved()
+        q, k, v, o, saved, drop = self.saved()
         B, H, T, D = q.shape
         do = self.c_proj.backward(dout)                               # [B, T, C]
         do = do.reshape(B, T, H, D).transpose(0, 2, 1, 3)             # [B, H, T, D]
         dqkv = np.empty_like(q, shape=(B, T, 3, H, D))                # c_attn's output layout
         dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                    # 3 x [B, H, T, D] views
-        dpd = causal_matmul_nt(do, v)                                 # [B, H, T, T]
-        causal_matmul_tn(pd, do, out=dv)
-        dp = self.attn_drop.backward(dpd)
-        ds = softmax_backward(p, dp)
-        scale = 1.0 / np.sqrt(D)
-        causal_matmul_nn(ds, k, scale, out=dq)
-        causal_matmul_tn(ds, q, scale, out=dk)
+        attention_backward(q, k, v, o, saved, do, dq, dk, dv,
+                           self.attn_drop.backward if drop else None)
         return self.c_attn.backward(dqkv.reshape(B, T, 3 * H * D))    # [B, T, 3C]
