@@ -17,8 +17,10 @@ replaces only what that cannot cover or does badly:
   second). The softmax rows are held in registers, so each is read once;
 * column sums (the gradients of biases, LayerNorm's gain and bias) in float64 over blocks of
   rows, each thread one column (CuPy's own sum over axis 0 ran at about 125 GB/s here);
-* attention's causal products (refgpt.kernels.cupy_attention): cuBLAS GEMMs on blocks of
-  rows that skip what the causal mask hides;
+* attention as one fused pair of kernels that never stores a T x Tk matrix
+  (refgpt.kernels.cupy_flash), and, where that path does not apply (attention dropout, the
+  probabilities recorded), its causal products as cuBLAS GEMMs on blocks of rows that skip
+  what the causal mask hides (refgpt.kernels.cupy_attention);
 * the reference that calls a NumPy-only function (``np.add.at``: cupy.add.at here).
 
 Each is tested against its reference (tests/test_cupy.py, skipped where no GPU exists).
@@ -31,6 +33,7 @@ import math
 import cupy as cp
 
 from .cupy_attention import CTYPE, causal_matmul_nn, causal_matmul_nt, causal_matmul_tn
+from .cupy_flash import attention_backward, attention_forward
 
 _GELU = """
 template <typename T> __device__ T gelu_value(T x, bool tanh_form) {
@@ -350,4 +353,5 @@ KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forwar
                                    bias_gelu_backward, column_sum, adamw_update, causal_softmax,
                                    cross_entropy, scatter_add_rows, layernorm_forward,
                                    layernorm_backward, softmax_backward, causal_matmul_nt,
-                                   causal_matmul_nn, causal_matmul_tn)}
+                                   causal_matmul_nn, causal_matmul_tn, attention_forward,
+                                   attention_backward)}

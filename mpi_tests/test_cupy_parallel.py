@@ -1,7 +1,8 @@
 """Parallel training on GPUs (the cupy backend, ranks sharing or owning GPUs, collectives
 through the host) equals the single-process numpy run in float64: data, 1-D tensor (with
 and without sequence parallelism), 2-D tensor and pipeline parallelism, and ZeRO's three
-stages. Skipped where CuPy or a GPU is
+stages; with attention dropout (the cuBLAS products) and without it (the fused attention
+kernels). Skipped where CuPy or a GPU is
 missing (the CI machine); run on a GPU node with
 ``mpirun -n 2 python -m pytest --with-mpi mpi_tests/test_cupy_parallel.py``."""
 
@@ -39,7 +40,8 @@ LAYOUTS = {  # name: (tp, pp, ParallelConfig options)
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.skipif(GPUS == 0, reason="no NVIDIA GPU")
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_gpu_parallel_training_equals_single_process_numpy(layout):
+@pytest.mark.parametrize("dropout", [0.1, 0.0])
+def test_gpu_parallel_training_equals_single_process_numpy(layout, dropout):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     tp, pp, options = LAYOUTS[layout]
@@ -51,8 +53,8 @@ def test_gpu_parallel_training_equals_single_process_numpy(layout):
         tcfg = TrainConfig(micro_batch_size=micro, global_batch_size=2 * comm.size, train_iters=3,
                            lr=1e-2, dtype="float64", synthetic_data=True, eval_iters=1,
                            clip_grad=0.5, backend=name)
-        cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
-                          vocab_size=45, vocab_multiple=16, dropout=0.1)
+        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=40,
+                          vocab_size=45, vocab_multiple=16, dropout=dropout)
         t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
         try:
             return t.run(), t

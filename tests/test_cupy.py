@@ -51,7 +51,8 @@ def cases(rng, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_cupy_kernels_equal_their_references(dtype):
     from refgpt.kernels import cupy_gpu
-    assert sorted(cupy_gpu.KERNELS) == sorted(cases(np.random.default_rng(0), dtype))
+    fused = {"attention_forward", "attention_backward"}           # their own test, below
+    assert sorted(set(cupy_gpu.KERNELS) - fused) == sorted(cases(np.random.default_rng(0), dtype))
     for name, calls in cases(np.random.default_rng(0), dtype).items():
         for args in calls:
             ref_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
@@ -97,14 +98,54 @@ def test_causal_products_on_views_of_the_qkv_projection(blocks, T, Tk, monkeypat
             np.testing.assert_allclose(cp.asnumpy(into), want, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("T, Tk, D", [(64, 64, 64), (50, 70, 16), (130, 130, 32), (1, 33, 128),
+                                      (200, 200, 64), (97, 97, 128)])
+def test_flash_attention_equals_the_reference(dtype, T, Tk, D):
+    """The fused kernels on views of the qkv projection (queries the last T of Tk positions,
+    as with a KV cache) against the reference, forward and backward; the backward twice, for
+    the same bits."""
+    from refgpt.kernels import cupy_flash
+    rng = np.random.default_rng(T + Tk + D)
+    B, H = 2, 3
+    qkv = rng.standard_normal((B, Tk, 3, H, D)).astype(dtype)
+    dout = rng.standard_normal((B, T, H, D)).astype(dtype)
+
+    def heads(qkv, dout):                                     # [B, H, T or Tk, D] views
+        return (qkv[:, Tk - T:, 0].transpose(0, 2, 1, 3), qkv[:, :, 1].transpose(0, 2, 1, 3),
+                qkv[:, :, 2].transpose(0, 2, 1, 3), dout.transpose(0, 2, 1, 3))
+    q, k, v, do = heads(qkv, dout)
+    o_ref, saved = backend.reference("attention_forward")(q, k, v, Tk - T)
+    want = [np.empty_like(q), np.empty_like(k), np.empty_like(v)]
+    backend.reference("attention_backward")(q, k, v, o_ref, saved, do, *want)
+    gq, gk, gv, gdo = heads(cp.asarray(qkv), cp.asarray(dout))
+    o, lse = cupy_flash.attention_forward(gq, gk, gv, Tk - T)
+    assert isinstance(lse, cp.ndarray)                           # the fused path, not the reference
+    tol = TOL[dtype] if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(cp.asnumpy(o), o_ref, **tol)
+    s = np.where(np.tril(np.ones((T, Tk), bool), Tk - T), q @ k.swapaxes(-1, -2) / np.sqrt(D),
+                 -np.inf)
+    np.testing.assert_allclose(cp.asnumpy(lse), np.logaddexp.reduce(s, axis=-1), **tol)
+    results = []
+    for _ in range(2):
+        dqkv = cp.full((B, Tk, 3, H, D), np.nan, dtype)
+        dq, dk, dv, _ = heads(dqkv, dout)
+        cupy_flash.attention_backward(gq, gk, gv, o, lse, gdo, dq, dk, dv)
+        for g, w in zip((dq, dk, dv), want):
+            np.testing.assert_allclose(cp.asnumpy(g), w, **tol)
+        results.append(cp.asnumpy(dqkv))
+    np.testing.assert_array_equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_training_on_the_gpu_equals_numpy(dtype, tmp_path):
+@pytest.mark.parametrize("dropout", [0.1, 0.0])          # 0.0: the fused attention kernels
+def test_training_on_the_gpu_equals_numpy(dtype, dropout, tmp_path):
     def run(name):
         tcfg = TrainConfig(micro_batch_size=2, global_batch_size=4, train_iters=3, lr=1e-2,
                            dtype=dtype, synthetic_data=True, eval_iters=1, backend=name,
                            save=str(tmp_path / name))
-        cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
-                          vocab_size=45, vocab_multiple=16, dropout=0.1)
+        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=80,
+                          vocab_size=45, vocab_multiple=16, dropout=dropout)
         t = Trainer(cfg, tcfg, log=lambda *_: None)
         try:
             return t.run(), backend.to_host(t.model.params.data).copy()

@@ -1,0 +1,416 @@
+"""Fused causal attention on the GPU, flash-style: the ``cupy`` backend's attention_forward and
+attention_backward (their references, which build the T x Tk matrices, are in
+refgpt.nn.attention).
+
+Forward, per (batch, head) and block of BQ queries, over blocks of BK keys j = 0, 1, ...
+up to the causal boundary (the online softmax; m, l and O are per query row):
+
+    S_j = q K_j^T / sqrt(D), masked          m' = max(m, rowmax S_j)
+    P_j = exp(S_j - m')                      l  = l exp(m - m') + rowsum P_j
+    O   = O exp(m - m') + P_j V_j            m  = m'
+    at the end: O = O / l,  lse = m + log l  (the log of the softmax's normaliser)
+
+so no T x Tk matrix is ever written: the block's S_j and P_j live in registers and shared
+memory. The backward recomputes them from lse (P = exp(S - lse) is the softmax exactly), per
+block of BK keys, over the blocks of queries that see it:
+
+    dV_j += P^T dO      dP = dO V_j^T      dS = P * (dP - delta),  delta = rowsum(dO * O)
+    dK_j += dS^T q / sqrt(D)               dQ   = sum over j of dS K_j / sqrt(D)
+
+delta equals the reference's rowsum(dP * P). Each key block writes its part of dQ to a buffer
+of its own, and a second kernel adds the parts in the order of the blocks: no atomics, so a
+run gives the same bits every time. That buffer, T / BK times the size of q, lives only
+during one layer's backward; what the forward keeps for the backward is O and lse, where the
+reference keeps P (B H T Tk per layer). Each block's products are tiles of 16 x TY threads,
+a thread RM x RN of the outputs, with one operand (and, where its rows allow, both) read as
+aligned vectors from shared memory. TILES holds (BQ, BK, TY); benchmarks/gpu_attention.py
+--sweep times other shapes.
+
+What this path does not cover falls back to the reference (cuBLAS products on blocks of rows,
+refgpt.kernels.cupy_attention): attention dropout, recording the probabilities, head sizes
+that are not a multiple of 16 up to 128, and tiles that need more shared memory than the GPU
+gives a block. ENABLED = False sends every call there (benchmarks compare the two paths).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import cupy as cp
+import numpy as np
+
+from refgpt.backend import reference
+
+from .cupy_attention import CTYPE
+
+ENABLED = True                     # False: every call takes the reference (cuBLAS) path
+
+# (BQ queries, BK keys, TY rows of 16 threads) per element size, for the forward and backward
+TILES = {4: {"forward": (64, 64, 8), "backward": (32, 64, 16)},
+         8: {"forward": (32, 32, 8), "backward": (32, 32, 8)}}
+
+_SOURCE = r"""
+template <typename T> __device__ __forceinline__ T ex(T x) { return exp(x); }
+template <> __device__ __forceinline__ float ex<float>(float x) { return __expf(x); }
+template <typename T> __device__ __forceinline__ T inf();
+template <> __device__ __forceinline__ float inf<float>() { return __int_as_float(0x7f800000); }
+template <> __device__ __forceinline__ double inf<double>() {
+    return __longlong_as_double(0x7ff0000000000000LL);
+}
+
+// r[0..N) = p[0..N), as 16-byte loads where p's alignment allows (p: a multiple of 16 bytes)
+template <typename T, int N>
+__device__ __forceinline__ void load_vec(T (&r)[N], const T* p) {
+    if constexpr (sizeof(T) == 4 && N % 4 == 0) {
+        #pragma unroll
+        for (int i = 0; i < N; i += 4) {
+            float4 x = *reinterpret_cast<const float4*>(p + i);
+            r[i] = x.x; r[i + 1] = x.y; r[i + 2] = x.z; r[i + 3] = x.w;
+        }
+    } else if constexpr (sizeof(T) == 4 && N == 2) {
+        float2 x = *reinterpret_cast<const float2*>(p);
+        r[0] = x.x; r[1] = x.y;
+    } else if constexpr (sizeof(T) == 8 && N % 2 == 0) {
+        #pragma unroll
+        for (int i = 0; i < N; i += 2) {
+            double2 x = *reinterpret_cast<const double2*>(p + i);
+            r[i] = x.x; r[i + 1] = x.y;
+        }
+    } else {
+        #pragma unroll
+        for (int i = 0; i < N; ++i) r[i] = p[i];
+    }
+}
+
+// acc[i][j] += sum over k < K of A(m0 + i, k) B(k, col j), where A(m, k) = a[k LDA + m] (a
+// thread's RM rows are contiguous: vector loads) and B(k, n) = b[k BK_ + n BN]. A thread's
+// columns are n0 + 16 j (the 16 threads of a row of threads read 16 neighbours), or, with
+// VN (BN = 1), the contiguous n0 + j, read as vectors.
+template <typename T, int RM, int RN, int K, int LDA, int BK_, int BN, bool VN = false>
+__device__ __forceinline__ void mac(T (&acc)[RM][RN], const T* a, const T* b, int m0, int n0) {
+    static_assert(!VN || BN == 1, "vector columns need unit stride");
+    #pragma unroll 4
+    for (int k = 0; k < K; ++k) {
+        T x[RM], y[RN];
+        load_vec<T, RM>(x, a + k * LDA + m0);
+        if constexpr (VN) {
+            load_vec<T, RN>(y, b + k * BK_ + n0);
+        } else {
+            #pragma unroll
+            for (int j = 0; j < RN; ++j) y[j] = b[k * BK_ + (n0 + 16 * j) * BN];
+        }
+        #pragma unroll
+        for (int i = 0; i < RM; ++i)
+            #pragma unroll
+            for (int j = 0; j < RN; ++j) acc[i][j] += x[i] * y[j];
+    }
+}
+
+template <typename T, int N, int M>
+__device__ __forceinline__ void zero(T (&a)[N][M]) {
+    #pragma unroll
+    for (int i = 0; i < N; ++i)
+        #pragma unroll
+        for (int j = 0; j < M; ++j) a[i][j] = (T)0;
+}
+
+// One block: BQ queries of one (batch, head); lse[bh T + t] = m + log l of each row.
+template <typename T, int D, int BQ, int BK, int TY>
+__global__ void __launch_bounds__(16 * TY) flash_forward(
+        const T* q, const T* k, const T* v, T* o, T* lse,
+        long long qb, long long qh, long long qt, long long kb, long long kh, long long kt,
+        long long vb, long long vh, long long vt, long long ob, long long oh, long long ot,
+        int H, int T_, int Tk, T scale) {
+    constexpr int NT = 16 * TY, RM = BQ / TY, RN = BK / 16, RD = D / 16;
+    constexpr int LQ = BQ + 4;                 // row pitch of Qt and Pt (4: keeps 16-byte rows)
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* Qt = reinterpret_cast<T*>(smem);        // [D][LQ]: Qt[d LQ + t] = q[t][d]
+    T* Vs = Qt + D * LQ;                       // [BK][D]
+    T* Ks = Vs + BK * D;                       // [BK][D + 1], then
+    T* Pt = Ks;                                // [BK][LQ]: Pt[key LQ + t] = P[t][key]
+    const T NEG = -inf<T>();
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, r0 = ty * RM;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, off = Tk - T_;
+    const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;          // the longest rows first
+    q += b * qb + h * qh; k += b * kb + h * kh; v += b * vb + h * vh; o += b * ob + h * oh;
+    for (int i = tid; i < BQ * D; i += NT) {
+        int t = i / D, d = i % D;
+        Qt[d * LQ + t] = q0 + t < T_ ? q[(q0 + t) * qt + d] : (T)0;
+    }
+    T m[RM], l[RM], acc[RM][RD];
+    #pragma unroll
+    for (int i = 0; i < RM; ++i) { m[i] = NEG; l[i] = (T)0; }
+    zero(acc);
+    const int last = min(Tk - 1, q0 + BQ - 1 + off);            // the block's last visible key
+    for (int k0 = 0; k0 <= last; k0 += BK) {
+        __syncthreads();
+        for (int i = tid; i < BK * D; i += NT) {
+            int t = i / D, d = i % D;
+            bool in = k0 + t < Tk;
+            Ks[t * (D + 1) + d] = in ? k[(k0 + t) * kt + d] : (T)0;
+            Vs[t * D + d] = in ? v[(k0 + t) * vt + d] : (T)0;
+        }
+        __syncthreads();
+        T s[RM][RN];
+        zero(s);
+        mac<T, RM, RN, D, LQ, 1, D + 1>(s, Qt, Ks, r0, tx);
+        #pragma unroll
+        for (int i = 0; i < RM; ++i) {
+            const int row = q0 + r0 + i;
+            T mx = NEG;
+            #pragma unroll
+            for (int j = 0; j < RN; ++j) {
+                const int key = k0 + tx + 16 * j;
+                s[i][j] = key <= row + off && key < Tk ? s[i][j] * scale : NEG;
+                mx = max(mx, s[i][j]);
+            }
+            #pragma unroll
+            for (int w = 8; w > 0; w >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, w));
+            const T mnew = max(m[i], mx);      // finite: key 0 is in the first block
+            const T alpha = ex(m[i] - mnew);
+            T sum = (T)0;
+            #pragma unroll
+            for (int j = 0; j < RN; ++j) { s[i][j] = ex(s[i][j] - mnew); sum += s[i][j]; }
+            #pragma unroll
+            for (int w = 8; w > 0; w >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, w);
+            l[i] = l[i] * alpha + sum;
+            m[i] = mnew;
+            #pragma unroll
+            for (int d = 0; d < RD; ++d) acc[i][d] *= alpha;
+        }
+        __syncthreads();                       // every thread is done with Ks: P takes its place
+        #pragma unroll
+        for (int j = 0; j < RN; ++j)
+            #pragma unroll
+            for (int i = 0; i < RM; ++i) Pt[(tx + 16 * j) * LQ + r0 + i] = s[i][j];
+        __syncthreads();
+        mac<T, RM, RD, BK, LQ, D, 1, true>(acc, Pt, Vs, r0, tx * RD);
+    }
+    #pragma unroll
+    for (int i = 0; i < RM; ++i) {
+        const int row = q0 + r0 + i;
+        if (row >= T_) continue;
+        #pragma unroll
+        for (int d = 0; d < RD; ++d) o[row * ot + tx * RD + d] = acc[i][d] / l[i];
+        if (tx == 0) lse[(long long)bh * T_ + row] = m[i] + log(l[i]);
+    }
+}
+
+// One block: BK keys of one (batch, head), over the blocks of queries that see them. Writes
+// dK, dV, and this key block's part of dQ (unscaled) to dqp[kb][bh][t][d].
+template <typename T, int D, int BQ, int BK, int TY>
+__global__ void __launch_bounds__(16 * TY) flash_backward(
+        const T* q, const T* k, const T* v, const T* dout, const T* lse, const T* delta,
+        T* dk, T* dv, T* dqp,
+        long long qb, long long qh, long long qt, long long kb, long long kh, long long kt,
+        long long vb, long long vh, long long vt, long long gb, long long gh, long long gt,
+        long long kgb, long long kgh, long long kgt, long long vgb, long long vgh, long long vgt,
+        int H, int T_, int Tk, T scale) {
+    constexpr int NT = 16 * TY, RK = BK / TY, RQ = BQ / 16, RD = D / 16, RQ2 = BQ / TY;
+    constexpr int LK = BK + 4, LQ = BQ + 4;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* Kt = reinterpret_cast<T*>(smem);        // [D][LK]: Kt[d LK + key] = k[key][d]
+    T* Vt = Kt + D * LK;                       // [D][LK]
+    T* Ks = Vt + D * LK;                       // [BK][D]
+    T* Ps = Ks + BK * D;                       // [BQ][LK]: P (then dS) [t][key]
+    T* St = Ps + BQ * LK;                      // [BK][LQ]: dS^T [key][t]
+    T* Qs = St + BK * LQ;                      // [BQ][D + 1]
+    T* Gs = Qs + BQ * (D + 1);                 // [BQ][D + 1]: dO
+    T* Ls = Gs + BQ * (D + 1);                 // [BQ]: lse
+    T* Es = Ls + BQ;                           // [BQ]: delta
+    const T INF = inf<T>();
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H, off = Tk - T_;
+    const int k0 = blockIdx.x * BK;
+    q += b * qb + h * qh; k += b * kb + h * kh; v += b * vb + h * vh; dout += b * gb + h * gh;
+    dk += b * kgb + h * kgh; dv += b * vgb + h * vgh;
+    lse += (long long)bh * T_; delta += (long long)bh * T_;
+    dqp += ((long long)blockIdx.x * gridDim.y + bh) * T_ * D;
+    for (int i = tid; i < BK * D; i += NT) {
+        int t = i / D, d = i % D;
+        bool in = k0 + t < Tk;
+        T kv = in ? k[(k0 + t) * kt + d] : (T)0;
+        Kt[d * LK + t] = kv;
+        Ks[t * D + d] = kv;
+        Vt[d * LK + t] = in ? v[(k0 + t) * vt + d] : (T)0;
+    }
+    T gk[RK][RD], gv[RK][RD];
+    zero(gk); zero(gv);
+    for (int q0 = max(0, k0 - off) / BQ * BQ; q0 < T_; q0 += BQ) {
+        __syncthreads();
+        for (int i = tid; i < BQ * D; i += NT) {
+            int t = i / D, d = i % D;
+            bool in = q0 + t < T_;
+            Qs[t * (D + 1) + d] = in ? q[(q0 + t) * qt + d] : (T)0;
+            Gs[t * (D + 1) + d] = in ? dout[(q0 + t) * gt + d] : (T)0;
+        }
+        for (int t = tid; t < BQ; t += NT) {
+            Ls[t] = q0 + t < T_ ? lse[q0 + t] : INF;                 // P = 0 past the end
+            Es[t] = q0 + t < T_ ? delta[q0 + t] : (T)0;
+        }
+        __syncthreads();
+        T s[RK][RQ], dp[RK][RQ];                                     // S^T, dP^T: [key][t]
+        zero(s); zero(dp);
+        mac<T, RK, RQ, D, LK, 1, D + 1>(s, Kt, Qs, ty * RK, tx);
+        mac<T, RK, RQ, D, LK, 1, D + 1>(dp, Vt, Gs, ty * RK, tx);
+        #pragma unroll
+        for (int i = 0; i < RK; ++i)
+            #pragma unroll
+            for (int j = 0; j < RQ; ++j) {
+                const int key = k0 + ty * RK + i, t = tx + 16 * j;
+                const T p = key <= q0 + t + off ? ex(s[i][j] * scale - Ls[t]) : (T)0;
+                s[i][j] = p;
+                dp[i][j] = p * (dp[i][j] - Es[t]);
+                Ps[t * LK + ty * RK + i] = p;
+            }
+        __syncthreads();
+        mac<T, RK, RD, BQ, LK, D + 1, 1>(gv, Ps, Gs, ty * RK, tx);    // dV += P^T dO
+        __syncthreads();
+        #pragma unroll
+        for (int i = 0; i < RK; ++i)
+            #pragma unroll
+            for (int j = 0; j < RQ; ++j) {
+                const int t = tx + 16 * j;
+                Ps[t * LK + ty * RK + i] = dp[i][j];
+                St[(ty * RK + i) * LQ + t] = dp[i][j];
+            }
+        __syncthreads();
+        mac<T, RK, RD, BQ, LK, D + 1, 1>(gk, Ps, Qs, ty * RK, tx);    // dK += dS^T q
+        T gq[RQ2][RD];
+        zero(gq);
+        mac<T, RQ2, RD, BK, LQ, D, 1, true>(gq, St, Ks, ty * RQ2, tx * RD);   // dQ part = dS K
+        #pragma unroll
+        for (int i = 0; i < RQ2; ++i) {
+            const int row = q0 + ty * RQ2 + i;
+            if (row >= T_) continue;
+            #pragma unroll
+            for (int d = 0; d < RD; ++d) dqp[(long long)row * D + tx * RD + d] = gq[i][d];
+        }
+    }
+    #pragma unroll
+    for (int i = 0; i < RK; ++i) {
+        const int key = k0 + ty * RK + i;
+        if (key >= Tk) continue;
+        #pragma unroll
+        for (int d = 0; d < RD; ++d) {
+            dk[key * kgt + tx + 16 * d] = gk[i][d] * scale;
+            dv[key * vgt + tx + 16 * d] = gv[i][d];
+        }
+    }
+}
+
+// dq[b, h, t, :] = scale * the sum of the key blocks' parts, in block order.
+template <typename T>
+__global__ void flash_dq(const T* dqp, T* dq, long long db, long long dh, long long dt,
+                         int H, int T_, int Tk, int D, int BK, int BH, T scale) {
+    long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (long long)BH * T_ * D) return;
+    const int d = i % D, row = (i / D) % T_, bh = i / ((long long)D * T_);
+    const int last = min(Tk - 1, row + Tk - T_) / BK;
+    T sum = (T)0;
+    for (int j = 0; j <= last; ++j)
+        sum += dqp[((long long)j * BH + bh) * T_ * D + (long long)row * D + d];
+    dq[(bh / H) * db + (bh % H) * dh + row * dt + d] = sum * scale;
+}
+"""
+
+
+@functools.cache
+def _module(ctype: str, D: int, forward: tuple, backward: tuple):
+    fwd = f"flash_forward<{ctype}, {D}, {', '.join(map(str, forward))}>"
+    bwd = f"flash_backward<{ctype}, {D}, {', '.join(map(str, backward))}>"
+    dq = f"flash_dq<{ctype}>"
+    mod = cp.RawModule(code=_SOURCE, options=("--std=c++17",), name_expressions=[fwd, bwd, dq])
+    return mod.get_function(fwd), mod.get_function(bwd), mod.get_function(dq)
+
+
+def _kernel(which: str, dtype, D: int, shared: int):
+    tiles = TILES[dtype.itemsize]
+    f = _module(CTYPE[dtype], D, tiles["forward"], tiles["backward"])
+    kern = f[("forward", "backward", "dq").index(which)]
+    if shared > kern.max_dynamic_shared_size_bytes:
+        kern.max_dynamic_shared_size_bytes = shared
+    return kern
+
+
+def shared_bytes(which: str, itemsize: int, D: int) -> int:
+    BQ, BK, _ = TILES[itemsize][which]
+    if which == "forward":
+        return itemsize * (D * (BQ + 4) + BK * D + BK * max(D + 1, BQ + 4))
+    return itemsize * (2 * D * (BK + 4) + BK * D + BQ * (BK + 4) + BK * (BQ + 4)
+                       + 2 * BQ * (D + 1) + 2 * BQ)
+
+
+def _strides(a) -> list:
+    return [np.int64(s // a.itemsize) for s in a.strides[:3]]
+
+
+def _ptr(a):
+    return np.uint64(a.data.ptr)
+
+
+def _fits(q, k, v) -> bool:
+    D, size = q.shape[-1], q.itemsize
+    if not (ENABLED and size in TILES and D % 16 == 0 and D <= 128
+            and all(x.ndim == 4 and x.dtype == q.dtype and x.strides[-1] == size
+                    for x in (q, k, v))):
+        return False
+    limit = _shared_limit(cp.cuda.Device().id)
+    return max(shared_bytes(w, size, D) for w in ("forward", "backward")) <= limit
+
+
+@functools.cache
+def _shared_limit(device: int) -> int:
+    """The most shared memory a block of this GPU may ask for (227 KiB on an H100)."""
+    return cp.cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"]
+
+
+def attention_forward(q, k, v, p0, dropout=None, keep_probs=False):
+    """O [B, H, T, D] (a view of a [B, T, H, D] array: heads merged for free) and the rows'
+    log-normalisers lse [B, H, T]."""
+    if dropout is not None or keep_probs or not _fits(q, k, v):
+        return reference("attention_forward")(q, k, v, p0, dropout, keep_probs)
+    B, H, T, D = q.shape
+    Tk = k.shape[2]
+    if p0 != Tk - T:
+        raise ValueError(f"queries must be the last {T} of the {Tk} positions (p0 = {p0})")
+    o = cp.empty((B, T, H, D), q.dtype).transpose(0, 2, 1, 3)
+    lse = cp.empty((B, H, T), q.dtype)
+    BQ, _, TY = TILES[q.itemsize]["forward"]
+    shared = shared_bytes("forward", q.itemsize, D)
+    kern = _kernel("forward", q.dtype, D, shared)
+    kern((-(-T // BQ), B * H), (16 * TY,),
+         (_ptr(q), _ptr(k), _ptr(v), _ptr(o), lse, *_strides(q), *_strides(k), *_strides(v),
+          *_strides(o), np.int32(H), np.int32(T), np.int32(Tk), q.dtype.type(1 / math.sqrt(D))),
+         shared_mem=shared)
+    return o, lse
+
+
+def attention_backward(q, k, v, o, saved, do, dq, dk, dv, dropout_backward=None):
+    """dq, dk, dv (written into the given views) from the forward's O and lse."""
+    if isinstance(saved, tuple):                        # the forward took the reference path
+        return reference("attention_backward")(q, k, v, o, saved, do, dq, dk, dv,
+                                               dropout_backward)
+    if do.strides[-1] != do.itemsize:
+        do = cp.ascontiguousarray(do)
+    if any(g.strides[-1] != g.itemsize for g in (dq, dk, dv)):
+        raise ValueError("dq, dk and dv need contiguous rows of D")
+    B, H, T, D = q.shape
+    Tk = k.shape[2]
+    BQ, BK, TY = TILES[q.itemsize]["backward"]
+    delta = (do * o).sum(axis=-1)                       # [B, H, T]: rowsum(dO * O)
+    blocks = -(-Tk // BK)
+    parts = cp.empty((blocks, B * H, T, D), q.dtype)
+    scale = q.dtype.type(1 / math.sqrt(D))
+    shared = shared_bytes("backward", q.itemsize, D)
+    kern = _kernel("backward", q.dtype, D, shared)
+    kern((blocks, B * H), (16 * TY,),
+         (_ptr(q), _ptr(k), _ptr(v), _ptr(do), saved, delta, _ptr(dk), _ptr(dv), parts,
+          *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
+          np.int32(H), np.int32(T), np.int32(Tk), scale), shared_mem=shared)
+    n = B * H * T * D
+    _kernel("dq", q.dtype, D, 0)((-(-n // 256),), (256,),
+                                 (parts, _ptr(dq), *_strides(dq), np.int32(H), np.int32(T),
+                                  np.int32(Tk), np.int32(D), np.int32(BK), np.int32(B * H),
+                                  scale))
