@@ -4,13 +4,17 @@ PyTorch eager on the same GPU, same model, batch and dtype, side by side in one 
     python benchmarks/gpu_vs_torch.py                        # GPT-2 124M, batch 8 x 1024, float32
     python benchmarks/gpu_vs_torch.py --batch 4 --seq 512
     python benchmarks/gpu_vs_torch.py --profile              # also: where each one's step goes
+    python benchmarks/gpu_vs_torch.py --attention fused blocked   # refgpt's two attention paths
 
 PyTorch runs Hugging Face's GPT2LMHeadModel with SDPA attention; TF32 is off for both (plain
 float32 GEMMs: CuPy's default, and torch.backends.cuda.matmul.allow_tf32 = False). Prints
 tokens/s for each (best of --steps after a warm-up). With --profile, one more step of each
 is timed piece by piece on the GPU: refgpt's kernels and linear layers (CUDA events around
 each call; "other" is the rest: copies, residual adds, reshapes) and PyTorch's CUDA kernels
-(torch.profiler).
+(torch.profiler). --attention picks refgpt's attention: the fused (flash-style) kernels, the
+default, or the cuBLAS products on blocks of rows (refgpt.kernels.cupy_flash.ENABLED off);
+each given path is timed on the same model, and each line also gives the GPU memory CuPy's
+pool holds after the steps.
 """
 
 import argparse
@@ -92,6 +96,8 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="time one step of each piece by piece")
+    ap.add_argument("--attention", nargs="+", choices=("fused", "blocked"), default=["fused"],
+                    help="refgpt's attention path(s) to time")
     args = ap.parse_args()
     import cupy as cp
     import torch
@@ -117,9 +123,15 @@ def main():
         model.forward(x, y, float(b * s))
         model.backward()
         opt.step(1e-4)
-    t_ours = timed(ours, args.steps, backend.synchronize)
-    if args.profile:
-        profile_ours(ours)
+    from refgpt.kernels import cupy_flash
+    pool = cp.get_default_memory_pool()
+    t_ours = {}
+    for path in args.attention:
+        cupy_flash.ENABLED = path == "fused"
+        pool.free_all_blocks()
+        t_ours[path] = timed(ours, args.steps, backend.synchronize), pool.total_bytes() / 2**30
+        if args.profile:
+            profile_ours(ours)
     del model, p, opt
     cp.get_default_memory_pool().free_all_blocks()
 
@@ -138,10 +150,12 @@ def main():
     if args.profile:
         profile_theirs(theirs)
     name = torch.cuda.get_device_name()
-    print(f"{name}, L{L} h{h} V{V}, batch {b} x {s}, float32: "
-          f"refgpt cupy {b * s / t_ours:.0f} tokens/s ({1e3 * t_ours:.0f} ms/step); PyTorch eager "
-          f"{b * s / t_theirs:.0f} tokens/s ({1e3 * t_theirs:.0f} ms/step); ratio "
-          f"{t_theirs / t_ours:.2f}")
+    print(f"{name}, L{L} h{h} V{V}, batch {b} x {s}, float32: PyTorch eager "
+          f"{b * s / t_theirs:.0f} tokens/s ({1e3 * t_theirs:.0f} ms/step, "
+          f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved)")
+    for path, (t, gib) in t_ours.items():
+        print(f"  refgpt cupy, {path} attention: {b * s / t:.0f} tokens/s ({1e3 * t:.0f} ms/step, "
+              f"{gib:.1f} GiB in CuPy's pool); ratio {t_theirs / t:.2f}")
 
 
 if __name__ == "__main__":
