@@ -17,14 +17,17 @@ block of BK keys, over the blocks of queries that see it:
     dV_j += P^T dO      dP = dO V_j^T      dS = P * (dP - delta),  delta = rowsum(dO * O)
     dK_j += dS^T q / sqrt(D)               dQ   = sum over j of dS K_j / sqrt(D)
 
-delta equals the reference's rowsum(dP * P). Each key block writes its part of dQ to a buffer
-of its own, and a second kernel adds the parts in the order of the blocks: no atomics, so a
-run gives the same bits every time. That buffer, T / BK times the size of q, lives only
-during one layer's backward; what the forward keeps for the backward is O and lse, where the
-reference keeps P (B H T Tk per layer). Each block's products are tiles of 16 x TY threads,
-a thread RM x RN of the outputs, with one operand (and, where its rows allow, both) read as
-aligned vectors from shared memory. TILES holds (BQ, BK, TY); benchmarks/gpu_attention.py
---sweep times other shapes.
+delta equals the reference's rowsum(dP * P); a small kernel computes it first, a warp per
+row. Each key block writes its part of dQ to a buffer of its own, and a last kernel adds the
+parts in the order of the blocks: no atomics, so a run gives the same bits every time. That
+buffer, T / BK times the size of q, lives only during one layer's backward; what the forward
+keeps for the backward is O and lse, where the reference keeps P (B H T Tk per layer).
+
+Each block's products are tiles of 16 x TY threads, a thread RM x RN of the outputs. The
+tiles sit in shared memory laid out so that both operands of a product are read as aligned
+vectors (q and dO are kept both ways round in the backward for that), and the backward
+loads the next block of queries into registers while it multiplies the current one. TILES
+holds (BQ, BK, TY); benchmarks/gpu_attention.py --sweep times other shapes.
 
 What this path does not cover falls back to the reference (cuBLAS products on blocks of rows,
 refgpt.kernels.cupy_attention): attention dropout, recording the probabilities, head sizes
@@ -47,8 +50,8 @@ from .cupy_attention import CTYPE
 ENABLED = True                     # False: every call takes the reference (cuBLAS) path
 
 # (BQ queries, BK keys, TY rows of 16 threads) per element size, for the forward and backward
-TILES = {4: {"forward": (64, 64, 8), "backward": (32, 64, 16)},
-         8: {"forward": (32, 32, 8), "backward": (32, 32, 8)}}
+TILES = {4: {"forward": (64, 64, 8), "backward": (32, 64, 8)},
+         8: {"forward": (32, 32, 8), "backward": (16, 32, 8)}}
 
 _SOURCE = r"""
 template <typename T> __device__ __forceinline__ T ex(T x) { return exp(x); }
@@ -80,6 +83,25 @@ __device__ __forceinline__ void load_vec(T (&r)[N], const T* p) {
     } else {
         #pragma unroll
         for (int i = 0; i < N; ++i) r[i] = p[i];
+    }
+}
+
+// p[0..N) = r[0..N), as 16-byte stores where p's alignment allows
+template <typename T, int N>
+__device__ __forceinline__ void store_vec(T* p, const T (&r)[N]) {
+    if constexpr (sizeof(T) == 4 && N % 4 == 0) {
+        #pragma unroll
+        for (int i = 0; i < N; i += 4)
+            *reinterpret_cast<float4*>(p + i) = make_float4(r[i], r[i + 1], r[i + 2], r[i + 3]);
+    } else if constexpr (sizeof(T) == 4 && N == 2) {
+        *reinterpret_cast<float2*>(p) = make_float2(r[0], r[1]);
+    } else if constexpr (sizeof(T) == 8 && N % 2 == 0) {
+        #pragma unroll
+        for (int i = 0; i < N; i += 2)
+            *reinterpret_cast<double2*>(p + i) = make_double2(r[i], r[i + 1]);
+    } else {
+        #pragma unroll
+        for (int i = 0; i < N; ++i) p[i] = r[i];
     }
 }
 
@@ -123,12 +145,12 @@ __global__ void __launch_bounds__(16 * TY) flash_forward(
         long long vb, long long vh, long long vt, long long ob, long long oh, long long ot,
         int H, int T_, int Tk, T scale) {
     constexpr int NT = 16 * TY, RM = BQ / TY, RN = BK / 16, RD = D / 16;
-    constexpr int LQ = BQ + 4;                 // row pitch of Qt and Pt (4: keeps 16-byte rows)
+    constexpr int LQ = BQ + 4, LK = BK + 4;    // row pitches (+ 4: keeps 16-byte rows)
     extern __shared__ __align__(16) unsigned char smem[];
     T* Qt = reinterpret_cast<T*>(smem);        // [D][LQ]: Qt[d LQ + t] = q[t][d]
     T* Vs = Qt + D * LQ;                       // [BK][D]
-    T* Ks = Vs + BK * D;                       // [BK][D + 1], then
-    T* Pt = Ks;                                // [BK][LQ]: Pt[key LQ + t] = P[t][key]
+    T* Kt = Vs + BK * D;                       // [D][LK]: Kt[d LK + key] = k[key][d], then
+    T* Pt = Kt;                                // [BK][LQ]: Pt[key LQ + t] = P[t][key]
     const T NEG = -inf<T>();
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, r0 = ty * RM;
     const int bh = blockIdx.y, b = bh / H, h = bh % H, off = Tk - T_;
@@ -148,20 +170,20 @@ __global__ void __launch_bounds__(16 * TY) flash_forward(
         for (int i = tid; i < BK * D; i += NT) {
             int t = i / D, d = i % D;
             bool in = k0 + t < Tk;
-            Ks[t * (D + 1) + d] = in ? k[(k0 + t) * kt + d] : (T)0;
+            Kt[d * LK + t] = in ? k[(k0 + t) * kt + d] : (T)0;
             Vs[t * D + d] = in ? v[(k0 + t) * vt + d] : (T)0;
         }
         __syncthreads();
         T s[RM][RN];
         zero(s);
-        mac<T, RM, RN, D, LQ, 1, D + 1>(s, Qt, Ks, r0, tx);
+        mac<T, RM, RN, D, LQ, LK, 1, true>(s, Qt, Kt, r0, tx * RN);
         #pragma unroll
         for (int i = 0; i < RM; ++i) {
             const int row = q0 + r0 + i;
             T mx = NEG;
             #pragma unroll
             for (int j = 0; j < RN; ++j) {
-                const int key = k0 + tx + 16 * j;
+                const int key = k0 + tx * RN + j;
                 s[i][j] = key <= row + off && key < Tk ? s[i][j] * scale : NEG;
                 mx = max(mx, s[i][j]);
             }
@@ -179,11 +201,14 @@ __global__ void __launch_bounds__(16 * TY) flash_forward(
             #pragma unroll
             for (int d = 0; d < RD; ++d) acc[i][d] *= alpha;
         }
-        __syncthreads();                       // every thread is done with Ks: P takes its place
+        __syncthreads();                       // every thread is done with Kt: P takes its place
         #pragma unroll
-        for (int j = 0; j < RN; ++j)
+        for (int j = 0; j < RN; ++j) {
+            T col[RM];
             #pragma unroll
-            for (int i = 0; i < RM; ++i) Pt[(tx + 16 * j) * LQ + r0 + i] = s[i][j];
+            for (int i = 0; i < RM; ++i) col[i] = s[i][j];
+            store_vec(Pt + (tx * RN + j) * LQ + r0, col);
+        }
         __syncthreads();
         mac<T, RM, RD, BK, LQ, D, 1, true>(acc, Pt, Vs, r0, tx * RD);
     }
@@ -208,16 +233,20 @@ __global__ void __launch_bounds__(16 * TY) flash_backward(
         long long kgb, long long kgh, long long kgt, long long vgb, long long vgh, long long vgt,
         int H, int T_, int Tk, T scale) {
     constexpr int NT = 16 * TY, RK = BK / TY, RQ = BQ / 16, RD = D / 16, RQ2 = BQ / TY;
-    constexpr int LK = BK + 4, LQ = BQ + 4;
+    constexpr int LK = BK + 4, LQ = BQ + 4, LD = D + 4, PF = (BQ * D + NT - 1) / NT;
+    static_assert(BQ <= NT, "a thread per query row of the block");
     extern __shared__ __align__(16) unsigned char smem[];
     T* Kt = reinterpret_cast<T*>(smem);        // [D][LK]: Kt[d LK + key] = k[key][d]
     T* Vt = Kt + D * LK;                       // [D][LK]
     T* Ks = Vt + D * LK;                       // [BK][D]
-    T* Ps = Ks + BK * D;                       // [BQ][LK]: P (then dS) [t][key]
-    T* St = Ps + BQ * LK;                      // [BK][LQ]: dS^T [key][t]
-    T* Qs = St + BK * LQ;                      // [BQ][D + 1]
-    T* Gs = Qs + BQ * (D + 1);                 // [BQ][D + 1]: dO
-    T* Ls = Gs + BQ * (D + 1);                 // [BQ]: lse
+    T* Ps = Ks + BK * D;                       // [BQ][LK]: P [t][key]
+    T* Ds = Ps + BQ * LK;                      // [BQ][LK]: dS [t][key]
+    T* St = Ds + BQ * LK;                      // [BK][LQ]: dS^T [key][t]
+    T* Qs = St + BK * LQ;                      // [BQ][LD]
+    T* Gs = Qs + BQ * LD;                      // [BQ][LD]: dO
+    T* Qt = Gs + BQ * LD;                      // [D][LQ]: q^T
+    T* Gt = Qt + D * LQ;                       // [D][LQ]: dO^T
+    T* Ls = Gt + D * LQ;                       // [BQ]: lse
     T* Es = Ls + BQ;                           // [BQ]: delta
     const T INF = inf<T>();
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
@@ -235,48 +264,62 @@ __global__ void __launch_bounds__(16 * TY) flash_backward(
         Ks[t * D + d] = kv;
         Vt[d * LK + t] = in ? v[(k0 + t) * vt + d] : (T)0;
     }
+    // a block of queries' q, dO, lse and delta, loaded into registers while the block before
+    // it is multiplied, then stored to shared memory
+    T pq[PF], pg[PF], pl = INF, pe = (T)0;                           // P = 0 past the end
+    auto fetch = [&](int q0) {
+        #pragma unroll
+        for (int r = 0; r < PF; ++r) {
+            const int i = tid + r * NT, t = i / D, d = i % D;
+            const bool in = i < BQ * D && q0 + t < T_;
+            pq[r] = in ? q[(q0 + t) * qt + d] : (T)0;
+            pg[r] = in ? dout[(q0 + t) * gt + d] : (T)0;
+        }
+        pl = tid < BQ && q0 + tid < T_ ? lse[q0 + tid] : INF;
+        pe = tid < BQ && q0 + tid < T_ ? delta[q0 + tid] : (T)0;
+    };
     T gk[RK][RD], gv[RK][RD];
     zero(gk); zero(gv);
-    for (int q0 = max(0, k0 - off) / BQ * BQ; q0 < T_; q0 += BQ) {
-        __syncthreads();
-        for (int i = tid; i < BQ * D; i += NT) {
-            int t = i / D, d = i % D;
-            bool in = q0 + t < T_;
-            Qs[t * (D + 1) + d] = in ? q[(q0 + t) * qt + d] : (T)0;
-            Gs[t * (D + 1) + d] = in ? dout[(q0 + t) * gt + d] : (T)0;
+    int q0 = max(0, k0 - off) / BQ * BQ;
+    if (q0 < T_) fetch(q0);
+    for (; q0 < T_; q0 += BQ) {
+        __syncthreads();                       // the block before is done with the buffers
+        #pragma unroll
+        for (int r = 0; r < PF; ++r) {
+            const int i = tid + r * NT, t = i / D, d = i % D;
+            if (i < BQ * D) {
+                Qs[t * LD + d] = pq[r]; Gs[t * LD + d] = pg[r];
+                Qt[d * LQ + t] = pq[r]; Gt[d * LQ + t] = pg[r];
+            }
         }
-        for (int t = tid; t < BQ; t += NT) {
-            Ls[t] = q0 + t < T_ ? lse[q0 + t] : INF;                 // P = 0 past the end
-            Es[t] = q0 + t < T_ ? delta[q0 + t] : (T)0;
-        }
+        if (tid < BQ) { Ls[tid] = pl; Es[tid] = pe; }
+        if (q0 + BQ < T_) fetch(q0 + BQ);
         __syncthreads();
         T s[RK][RQ], dp[RK][RQ];                                     // S^T, dP^T: [key][t]
         zero(s); zero(dp);
-        mac<T, RK, RQ, D, LK, 1, D + 1>(s, Kt, Qs, ty * RK, tx);
-        mac<T, RK, RQ, D, LK, 1, D + 1>(dp, Vt, Gs, ty * RK, tx);
+        mac<T, RK, RQ, D, LK, LQ, 1, true>(s, Kt, Qt, ty * RK, tx * RQ);
+        mac<T, RK, RQ, D, LK, LQ, 1, true>(dp, Vt, Gt, ty * RK, tx * RQ);
         #pragma unroll
-        for (int i = 0; i < RK; ++i)
+        for (int j = 0; j < RQ; ++j) {
+            const int t = tx * RQ + j;
+            T pc[RK];
             #pragma unroll
-            for (int j = 0; j < RQ; ++j) {
-                const int key = k0 + ty * RK + i, t = tx + 16 * j;
-                const T p = key <= q0 + t + off ? ex(s[i][j] * scale - Ls[t]) : (T)0;
-                s[i][j] = p;
-                dp[i][j] = p * (dp[i][j] - Es[t]);
-                Ps[t * LK + ty * RK + i] = p;
+            for (int i = 0; i < RK; ++i) {
+                const int key = k0 + ty * RK + i;
+                pc[i] = key <= q0 + t + off ? ex(s[i][j] * scale - Ls[t]) : (T)0;
+                dp[i][j] = pc[i] * (dp[i][j] - Es[t]);              // dS
             }
-        __syncthreads();
-        mac<T, RK, RD, BQ, LK, D + 1, 1>(gv, Ps, Gs, ty * RK, tx);    // dV += P^T dO
-        __syncthreads();
+            store_vec(Ps + t * LK + ty * RK, pc);
+            T dc[RK];
+            #pragma unroll
+            for (int i = 0; i < RK; ++i) dc[i] = dp[i][j];
+            store_vec(Ds + t * LK + ty * RK, dc);
+        }
         #pragma unroll
-        for (int i = 0; i < RK; ++i)
-            #pragma unroll
-            for (int j = 0; j < RQ; ++j) {
-                const int t = tx + 16 * j;
-                Ps[t * LK + ty * RK + i] = dp[i][j];
-                St[(ty * RK + i) * LQ + t] = dp[i][j];
-            }
+        for (int i = 0; i < RK; ++i) store_vec(St + (ty * RK + i) * LQ + tx * RQ, dp[i]);
         __syncthreads();
-        mac<T, RK, RD, BQ, LK, D + 1, 1>(gk, Ps, Qs, ty * RK, tx);    // dK += dS^T q
+        mac<T, RK, RD, BQ, LK, LD, 1, true>(gv, Ps, Gs, ty * RK, tx * RD);   // dV += P^T dO
+        mac<T, RK, RD, BQ, LK, LD, 1, true>(gk, Ds, Qs, ty * RK, tx * RD);   // dK += dS^T q
         T gq[RQ2][RD];
         zero(gq);
         mac<T, RQ2, RD, BK, LQ, D, 1, true>(gq, St, Ks, ty * RQ2, tx * RD);   // dQ part = dS K
@@ -294,10 +337,27 @@ __global__ void __launch_bounds__(16 * TY) flash_backward(
         if (key >= Tk) continue;
         #pragma unroll
         for (int d = 0; d < RD; ++d) {
-            dk[key * kgt + tx + 16 * d] = gk[i][d] * scale;
-            dv[key * vgt + tx + 16 * d] = gv[i][d];
+            dk[key * kgt + tx * RD + d] = gk[i][d] * scale;
+            dv[key * vgt + tx * RD + d] = gv[i][d];
         }
     }
+}
+
+// delta[bh T + t] = sum over d of dO[b, h, t, d] O[b, h, t, d]: a warp per row.
+template <typename T>
+__global__ void flash_delta(const T* dout, const T* o, T* delta, long long gb, long long gh,
+                            long long gt, long long ob, long long oh, long long ot,
+                            int H, int T_, int D, int rows) {
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const int t = row % T_, bh = row / T_, b = bh / H, h = bh % H;
+    dout += b * gb + h * gh + t * gt;
+    o += b * ob + h * oh + t * ot;
+    T sum = (T)0;
+    for (int d = lane; d < D; d += 32) sum += dout[d] * o[d];
+    #pragma unroll
+    for (int w = 16; w > 0; w >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, w);
+    if (lane == 0) delta[row] = sum;
 }
 
 // dq[b, h, t, :] = scale * the sum of the key blocks' parts, in block order.
@@ -320,15 +380,15 @@ __global__ void flash_dq(const T* dqp, T* dq, long long db, long long dh, long l
 def _module(ctype: str, D: int, forward: tuple, backward: tuple):
     fwd = f"flash_forward<{ctype}, {D}, {', '.join(map(str, forward))}>"
     bwd = f"flash_backward<{ctype}, {D}, {', '.join(map(str, backward))}>"
-    dq = f"flash_dq<{ctype}>"
-    mod = cp.RawModule(code=_SOURCE, options=("--std=c++17",), name_expressions=[fwd, bwd, dq])
-    return mod.get_function(fwd), mod.get_function(bwd), mod.get_function(dq)
+    names = [fwd, bwd, f"flash_dq<{ctype}>", f"flash_delta<{ctype}>"]
+    mod = cp.RawModule(code=_SOURCE, options=("--std=c++17",), name_expressions=names)
+    return [mod.get_function(n) for n in names]
 
 
 def _kernel(which: str, dtype, D: int, shared: int):
     tiles = TILES[dtype.itemsize]
     f = _module(CTYPE[dtype], D, tiles["forward"], tiles["backward"])
-    kern = f[("forward", "backward", "dq").index(which)]
+    kern = f[("forward", "backward", "dq", "delta").index(which)]
     if shared > kern.max_dynamic_shared_size_bytes:
         kern.max_dynamic_shared_size_bytes = shared
     return kern
@@ -337,9 +397,9 @@ def _kernel(which: str, dtype, D: int, shared: int):
 def shared_bytes(which: str, itemsize: int, D: int) -> int:
     BQ, BK, _ = TILES[itemsize][which]
     if which == "forward":
-        return itemsize * (D * (BQ + 4) + BK * D + BK * max(D + 1, BQ + 4))
-    return itemsize * (2 * D * (BK + 4) + BK * D + BQ * (BK + 4) + BK * (BQ + 4)
-                       + 2 * BQ * (D + 1) + 2 * BQ)
+        return itemsize * (D * (BQ + 4) + BK * D + max(D * (BK + 4), BK * (BQ + 4)))
+    return itemsize * (2 * D * (BK + 4) + BK * D + 2 * BQ * (BK + 4) + BK * (BQ + 4)
+                       + 2 * BQ * (D + 4) + 2 * D * (BQ + 4) + 2 * BQ)
 
 
 def _strides(a) -> list:
@@ -399,7 +459,10 @@ def attention_backward(q, k, v, o, saved, do, dq, dk, dv, dropout_backward=None)
     B, H, T, D = q.shape
     Tk = k.shape[2]
     BQ, BK, TY = TILES[q.itemsize]["backward"]
-    delta = (do * o).sum(axis=-1)                       # [B, H, T]: rowsum(dO * O)
+    delta = cp.empty((B, H, T), q.dtype)                # rowsum(dO * O)
+    _kernel("delta", q.dtype, D, 0)((-(-B * H * T // 8),), (256,),
+                                    (_ptr(do), _ptr(o), delta, *_strides(do), *_strides(o),
+                                     np.int32(H), np.int32(T), np.int32(D), np.int32(B * H * T)))
     blocks = -(-Tk // BK)
     parts = cp.empty((blocks, B * H, T, D), q.dtype)
     scale = q.dtype.type(1 / math.sqrt(D))
