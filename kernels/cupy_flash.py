@@ -108,24 +108,29 @@ __device__ __forceinline__ void store_vec(T* p, const T (&r)[N]) {
 // acc[i][j] += sum over k < K of A(m0 + i, k) B(k, col j), where A(m, k) = a[k LDA + m] (a
 // thread's RM rows are contiguous: vector loads) and B(k, n) = b[k BK_ + n BN]. A thread's
 // columns are n0 + 16 j (the 16 threads of a row of threads read 16 neighbours), or, with
-// VN (BN = 1), the contiguous n0 + j, read as vectors.
+// VN (BN = 1), the contiguous n0 + j, read as vectors. Step k + 1's operands are loaded
+// before step k's products, so that the loads' latency overlaps them.
 template <typename T, int RM, int RN, int K, int LDA, int BK_, int BN, bool VN = false>
 __device__ __forceinline__ void mac(T (&acc)[RM][RN], const T* a, const T* b, int m0, int n0) {
     static_assert(!VN || BN == 1, "vector columns need unit stride");
-    #pragma unroll 4
-    for (int k = 0; k < K; ++k) {
-        T x[RM], y[RN];
-        load_vec<T, RM>(x, a + k * LDA + m0);
+    T x[2][RM], y[2][RN];
+    auto load = [&](int k, T (&xk)[RM], T (&yk)[RN]) {
+        load_vec<T, RM>(xk, a + k * LDA + m0);
         if constexpr (VN) {
-            load_vec<T, RN>(y, b + k * BK_ + n0);
+            load_vec<T, RN>(yk, b + k * BK_ + n0);
         } else {
             #pragma unroll
-            for (int j = 0; j < RN; ++j) y[j] = b[k * BK_ + (n0 + 16 * j) * BN];
+            for (int j = 0; j < RN; ++j) yk[j] = b[k * BK_ + (n0 + 16 * j) * BN];
         }
+    };
+    load(0, x[0], y[0]);
+    #pragma unroll 8
+    for (int k = 0; k < K; ++k) {
+        if (k + 1 < K) load(k + 1, x[(k + 1) & 1], y[(k + 1) & 1]);
         #pragma unroll
         for (int i = 0; i < RM; ++i)
             #pragma unroll
-            for (int j = 0; j < RN; ++j) acc[i][j] += x[i] * y[j];
+            for (int j = 0; j < RN; ++j) acc[i][j] += x[k & 1][i] * y[k & 1][j];
     }
 }
 
