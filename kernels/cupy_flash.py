@@ -62,7 +62,7 @@ template <> __device__ __forceinline__ double inf<double>() {
     return __longlong_as_double(0x7ff0000000000000LL);
 }
 
-// r[0..N) = p[0..N), as 16-byte loads where p's alignment allows (p: a multiple of 16 bytes)
+// r[0..N) = p[0..N), as float4 / float2 / double2 loads where N allows (p aligned to them)
 template <typename T, int N>
 __device__ __forceinline__ void load_vec(T (&r)[N], const T* p) {
     if constexpr (sizeof(T) == 4 && N % 4 == 0) {
@@ -86,7 +86,7 @@ __device__ __forceinline__ void load_vec(T (&r)[N], const T* p) {
     }
 }
 
-// p[0..N) = r[0..N), as 16-byte stores where p's alignment allows
+// p[0..N) = r[0..N), as vector stores where N allows (p aligned to them)
 template <typename T, int N>
 __device__ __forceinline__ void store_vec(T* p, const T (&r)[N]) {
     if constexpr (sizeof(T) == 4 && N % 4 == 0) {
