@@ -35,7 +35,7 @@ def gpu_ms(fn, repeats, event, elapsed):
 
 
 def refgpt_paths(B, H, T, D, repeats, dtype=np.float32):
-    """{path: (forward ms, forward + backward ms, MB allocated)} for the fused and the blocked path."""
+    """{path: (forward ms, forward + backward ms, MB allocated)}, fused and blocked paths."""
     import cupy as cp
 
     from refgpt import backend
@@ -57,7 +57,7 @@ def refgpt_paths(B, H, T, D, repeats, dtype=np.float32):
 
         def step():
             o, saved = forward(q, k, v, 0)
-            backward(q, k, v, o, saved, do, dq, dk, dv)
+            backward(q, k, v, saved, do, dq, dk, dv)
         f_ms = gpu_ms(lambda: forward(q, k, v, 0), repeats, event, elapsed)
         fb_ms = gpu_ms(step, repeats, event, elapsed)
         pool.free_all_blocks()

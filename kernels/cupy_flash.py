@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import cupy as cp
 import numpy as np
@@ -431,9 +432,15 @@ def _shared_limit(device: int) -> int:
     return cp.cuda.Device(device).attributes["MaxSharedMemoryPerBlockOptin"]
 
 
+@dataclass
+class Saved:
+    """What the fused forward keeps for its backward: O and the rows' log-normalisers."""
+    o: cp.ndarray                  # [B, H, T, D]
+    lse: cp.ndarray                # [B, H, T]
+
+
 def attention_forward(q, k, v, p0, dropout=None, keep_probs=False):
-    """O [B, H, T, D] (a view of a [B, T, H, D] array: heads merged for free) and the rows'
-    log-normalisers lse [B, H, T]."""
+    """O [B, H, T, D] (a view of a [B, T, H, D] array: heads merged for free) and Saved."""
     if dropout is not None or keep_probs or not _fits(q, k, v):
         return reference("attention_forward")(q, k, v, p0, dropout, keep_probs)
     B, H, T, D = q.shape
@@ -449,14 +456,14 @@ def attention_forward(q, k, v, p0, dropout=None, keep_probs=False):
          (_ptr(q), _ptr(k), _ptr(v), _ptr(o), lse, *_strides(q), *_strides(k), *_strides(v),
           *_strides(o), np.int32(H), np.int32(T), np.int32(Tk), q.dtype.type(1 / math.sqrt(D))),
          shared_mem=shared)
-    return o, lse
+    return o, Saved(o, lse)
 
 
-def attention_backward(q, k, v, o, saved, do, dq, dk, dv, dropout_backward=None):
+def attention_backward(q, k, v, saved, do, dq, dk, dv, dropout_backward=None):
     """dq, dk, dv (written into the given views) from the forward's O and lse."""
-    if isinstance(saved, tuple):                        # the forward took the reference path
-        return reference("attention_backward")(q, k, v, o, saved, do, dq, dk, dv,
-                                               dropout_backward)
+    if not isinstance(saved, Saved):                    # the forward took the reference path
+        return reference("attention_backward")(q, k, v, saved, do, dq, dk, dv, dropout_backward)
+    o = saved.o
     if do.strides[-1] != do.itemsize:
         do = cp.ascontiguousarray(do)
     if any(g.strides[-1] != g.itemsize for g in (dq, dk, dv)):
@@ -474,7 +481,7 @@ def attention_backward(q, k, v, o, saved, do, dq, dk, dv, dropout_backward=None)
     shared = shared_bytes("backward", q.itemsize, D)
     kern = _kernel("backward", q.dtype, D, shared)
     kern((blocks, B * H), (16 * TY,),
-         (_ptr(q), _ptr(k), _ptr(v), _ptr(do), saved, delta, _ptr(dk), _ptr(dv), parts,
+         (_ptr(q), _ptr(k), _ptr(v), _ptr(do), saved.lse, delta, _ptr(dk), _ptr(dv), parts,
           *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
           np.int32(H), np.int32(T), np.int32(Tk), scale), shared_mem=shared)
     n = B * H * T * D

@@ -117,10 +117,11 @@ def test_flash_attention_equals_the_reference(dtype, T, Tk, D):
     q, k, v, do = heads(qkv, dout)
     o_ref, saved = backend.reference("attention_forward")(q, k, v, Tk - T)
     want = [np.empty_like(q), np.empty_like(k), np.empty_like(v)]
-    backend.reference("attention_backward")(q, k, v, o_ref, saved, do, *want)
+    backend.reference("attention_backward")(q, k, v, saved, do, *want)
     gq, gk, gv, gdo = heads(cp.asarray(qkv), cp.asarray(dout))
-    o, lse = cupy_flash.attention_forward(gq, gk, gv, Tk - T)
-    assert isinstance(lse, cp.ndarray)                           # the fused path, not the reference
+    o, saved = cupy_flash.attention_forward(gq, gk, gv, Tk - T)
+    assert isinstance(saved, cupy_flash.Saved) and saved.o is o   # the fused path
+    lse = saved.lse
     tol = TOL[dtype] if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(cp.asnumpy(o), o_ref, **tol)
     s = np.where(np.tril(np.ones((T, Tk), bool), Tk - T), q @ k.swapaxes(-1, -2) / np.sqrt(D),
@@ -130,7 +131,7 @@ def test_flash_attention_equals_the_reference(dtype, T, Tk, D):
     for _ in range(2):
         dqkv = cp.full((B, Tk, 3, H, D), np.nan, dtype)
         dq, dk, dv, _ = heads(dqkv, dout)
-        cupy_flash.attention_backward(gq, gk, gv, o, lse, gdo, dq, dk, dv)
+        cupy_flash.attention_backward(gq, gk, gv, saved, gdo, dq, dk, dv)
         for g, w in zip((dq, dk, dv), want):
             np.testing.assert_allclose(cp.asnumpy(g), w, **tol)
         results.append(cp.asnumpy(dqkv))

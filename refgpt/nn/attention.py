@@ -105,8 +105,8 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, drop
 
 
 @kernel
-def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, o: np.ndarray, saved,
-                       do: np.ndarray, dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
+def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, saved, do: np.ndarray,
+                       dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
                        dropout_backward=None) -> None:
     """dq, dk, dv (written into the given arrays) from dO and what attention_forward saved."""
     p, pd = saved
@@ -164,17 +164,17 @@ class CausalSelfAttention(Layer):
                                      keep_probs=record is not None)
         if record is not None:
             record[f"{self.prefix}.qkv"], record[f"{self.prefix}.probs"] = qkv, saved[0]
-        self.save(q, k, v, o, saved, drop)
+        self.save(q, k, v, saved, drop)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, H * D)              # heads merged
         return self.c_proj.forward(o)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
-        q, k, v, o, saved, drop = self.saved()
+        q, k, v, saved, drop = self.saved()
         B, H, T, D = q.shape
         do = self.c_proj.backward(dout)                               # [B, T, C]
         do = do.reshape(B, T, H, D).transpose(0, 2, 1, 3)             # [B, H, T, D]
         dqkv = np.empty_like(q, shape=(B, T, 3, H, D))                # c_attn's output layout
         dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                    # 3 x [B, H, T, D] views
-        attention_backward(q, k, v, o, saved, do, dq, dk, dv,
+        attention_backward(q, k, v, saved, do, dq, dk, dv,
                            self.attn_drop.backward if drop else None)
         return self.c_attn.backward(dqkv.reshape(B, T, 3 * H * D))    # [B, T, 3C]
