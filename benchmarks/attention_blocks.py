@@ -18,8 +18,11 @@ import os
 import sys
 from pathlib import Path
 
-import refgpt  # noqa: F401  (before NumPy: OpenBLAS's idle spin, see refgpt/__init__.py)
-import numpy as np
+from refgpt.parallel.threads import quiet_openblas
+
+quiet_openblas()                        # before NumPy loads OpenBLAS: refgpt.parallel.threads
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_vs_torch import round_robin  # noqa: E402
@@ -39,7 +42,8 @@ def main():
     import numba
     from threadpoolctl import threadpool_limits
 
-    import refgpt.kernels  # noqa: F401  (numba's thread pool: see refgpt.kernels)
+    from refgpt.kernels import select_thread_pool
+    select_thread_pool()
     from refgpt.kernels import numba_attention as na
     from refgpt.nn import attention
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))

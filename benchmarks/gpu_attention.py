@@ -17,6 +17,7 @@ PyTorch's peak).
 """
 
 import argparse
+import functools
 
 import numpy as np
 
@@ -34,13 +35,15 @@ def gpu_ms(fn, repeats, event, elapsed):
     return best
 
 
-def refgpt_paths(B, H, T, D, repeats, dtype=np.float32):
-    """{path: (forward ms, forward + backward ms, MB allocated)}, fused and blocked paths."""
+def refgpt_paths(B, H, T, D, repeats, dtype=np.float32, tiles=None, paths=("fused", "blocked")):
+    """{path: (forward ms, forward + backward ms, MB allocated)}: the fused kernels (with
+    these tiles, default cupy_flash.TILES) and the blocked cuBLAS path (the references, under
+    Backend("cupy", fused_attention=False))."""
     import cupy as cp
 
-    from refgpt import backend
+    from refgpt.backend import Backend
     from refgpt.kernels import cupy_flash
-    backend.set_backend("cupy")
+    from refgpt.nn import attention
     rng = cp.random.default_rng(0)
     qkv = rng.standard_normal((B, T, 3, H, D), dtype=dtype)
     dout = rng.standard_normal((B, T, H, D), dtype=dtype)
@@ -48,24 +51,26 @@ def refgpt_paths(B, H, T, D, repeats, dtype=np.float32):
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
     do = dout.transpose(0, 2, 1, 3)
-    forward, backward = cupy_flash.attention_forward, cupy_flash.attention_backward
+    kernels = {"fused": (functools.partial(cupy_flash.attention_forward, tiles=tiles),
+                         cupy_flash.attention_backward),
+               "blocked": (attention.attention_forward, attention.attention_backward)}
     event, elapsed = cp.cuda.Event, cp.cuda.get_elapsed_time
     pool = cp.get_default_memory_pool()
     out = {}
-    for name, enabled in (("fused", True), ("blocked", False)):
-        cupy_flash.ENABLED = enabled
+    with Backend("cupy", fused_attention=False):
+        for name in paths:
+            forward, backward = kernels[name]
 
-        def step():
-            o, saved = forward(q, k, v, 0)
-            backward(q, k, v, saved, do, dq, dk, dv)
-        f_ms = gpu_ms(lambda: forward(q, k, v, 0), repeats, event, elapsed)
-        fb_ms = gpu_ms(step, repeats, event, elapsed)
-        pool.free_all_blocks()
-        before = pool.total_bytes()
-        step()
-        cp.cuda.Device().synchronize()
-        out[name] = (f_ms, fb_ms, (pool.total_bytes() - before) / 2**20)
-    cupy_flash.ENABLED = True
+            def step():
+                o, saved = forward(q, k, v, 0)
+                backward(q, k, v, saved, do, dq, dk, dv)
+            f_ms = gpu_ms(lambda: forward(q, k, v, 0), repeats, event, elapsed)
+            fb_ms = gpu_ms(step, repeats, event, elapsed)
+            pool.free_all_blocks()
+            before = pool.total_bytes()
+            step()
+            cp.cuda.Device().synchronize()
+            out[name] = (f_ms, fb_ms, (pool.total_bytes() - before) / 2**20)
     return out
 
 
@@ -128,22 +133,21 @@ def main():
 def sweep(B, H, T, D, repeats):
     """Forward and backward tile shapes (BQ, BK, TY) of the fused path, float32."""
     from refgpt.kernels import cupy_flash
-    default = dict(cupy_flash.TILES[4])
+    default = cupy_flash.TILES[4]
     for which, shapes in (("forward", [(64, 64, 8), (64, 64, 4), (128, 64, 16), (128, 64, 8),
                                        (64, 32, 8), (32, 64, 8), (64, 128, 8)]),
                           ("backward", [(64, 64, 16), (64, 64, 8), (32, 64, 8), (32, 64, 16),
                                         (64, 32, 8), (32, 32, 8), (128, 64, 16), (64, 128, 16)])):
         for shape in shapes:
-            cupy_flash.TILES[4] = {**default, which: shape}
-            if cupy_flash.shared_bytes(which, 4, D) > 227 * 1024:
+            tiles = {**default, which: shape}
+            if cupy_flash.shared_bytes(which, 4, D, tiles) > 227 * 1024:
                 continue
             try:
-                res = refgpt_paths(B, H, T, D, repeats)["fused"]
+                res = refgpt_paths(B, H, T, D, repeats, tiles=tiles, paths=("fused",))["fused"]
             except Exception as e:                       # a shape the GPU cannot launch
                 print(f"  {which} {shape}: {type(e).__name__}: {e}")
                 continue
             print(f"  {which} tiles {shape}: forward {res[0]:.3f} ms, fwd+bwd {res[1]:.3f} ms")
-    cupy_flash.TILES[4] = default
 
 
 if __name__ == "__main__":

@@ -9,12 +9,12 @@ PyTorch eager on the same GPU, same model, batch and dtype, side by side in one 
 PyTorch runs Hugging Face's GPT2LMHeadModel with SDPA attention; TF32 is off for both (plain
 float32 GEMMs: CuPy's default, and torch.backends.cuda.matmul.allow_tf32 = False). Prints
 tokens/s for each (best of --steps after a warm-up). With --profile, one more step of each
-is timed piece by piece on the GPU: refgpt's kernels and linear layers (CUDA events around
-each call; "other" is the rest: copies, residual adds, reshapes) and PyTorch's CUDA kernels
-(torch.profiler). --attention picks refgpt's attention: the fused (flash-style) kernels, the
-default, or the cuBLAS products on blocks of rows (refgpt.kernels.cupy_flash.ENABLED off);
-each given path is timed on the same model, and each line also gives the GPU memory CuPy's
-pool holds after the steps.
+is timed piece by piece on the GPU: refgpt's kernels, GEMMs by their shapes (CUDA events
+around each call, through the backend's instrument hook; "other" is the rest: copies,
+reshapes) and PyTorch's CUDA kernels (torch.profiler). --attention picks refgpt's
+attention: the fused (flash-style) kernels, the default, or the cuBLAS products on blocks of
+rows (refgpt.backend.Backend("cupy", fused_attention=False)); each given path is timed on
+the same model, and each line also gives the GPU memory CuPy's pool holds after the steps.
 """
 
 import argparse
@@ -28,46 +28,35 @@ sys.path.insert(0, str(Path(__file__).parent))
 from step_vs_torch import timed  # noqa: E402
 
 
-def profile_ours(step):
-    """Print the GPU milliseconds of one step per kernel and per linear layer."""
+def profile_ours(step, fused: bool):
+    """Print the GPU milliseconds of one step per kernel (GEMMs by their shapes, which name
+    the layers), through the backend's instrument hook."""
     import cupy as cp
 
-    from refgpt import backend
-    from refgpt.nn.embedding import TiedHead
-    from refgpt.nn.linear import Linear
+    from refgpt.backend import Backend
     events = defaultdict(list)
 
-    def timed_call(fn, label):
+    def label(name, args):
+        if name in ("matmul", "add_matmul"):                      # c = a @ b: [M, K] x [K, N]
+            a, b = args[-2:]
+            return f"{name} {a.shape[0]}x{a.shape[1]}x{b.shape[1]}"
+        return name
+
+    def timed_call(name, fn):
         def call(*args, **kwargs):
             start, end = cp.cuda.Event(), cp.cuda.Event()
             start.record()
             out = fn(*args, **kwargs)
             end.record()
-            events[label(args)].append((start, end))
+            events[label(name, args)].append((start, end))
             return out
         return call
-
-    def layer_name(args):
-        name = args[0].param_names.get("weight") or "wte"
-        return name.split(".", 2)[-1].rsplit(".", 1)[0] if name.startswith("h.") else name
-    saved = dict(backend._active)
-    methods = [(cls, m) for cls in (Linear, TiedHead) for m in ("forward", "backward")]
-    originals = [getattr(cls, m) for cls, m in methods]
-    for name, ref in backend._reference.items():                # CuPy's, or the reference
-        backend._active[name] = timed_call(saved.get(name, ref), lambda _, n=name: n)
-    for (cls, m), fn in zip(methods, originals):
-        setattr(cls, m, timed_call(fn, lambda a, m=m: f"{layer_name(a)} {m}"))
-    try:
+    with Backend("cupy", fused_attention=fused, instrument=timed_call):
         start, end = cp.cuda.Event(), cp.cuda.Event()
         start.record()
         step()
         end.record()
         end.synchronize()
-    finally:
-        backend._active.clear()
-        backend._active.update(saved)
-        for (cls, m), fn in zip(methods, originals):
-            setattr(cls, m, fn)
     total = cp.cuda.get_elapsed_time(start, end)
     rows = {k: (len(v), sum(cp.cuda.get_elapsed_time(a, b) for a, b in v)) for k, v in events.items()}
     rows["other"] = (0, total - sum(ms for _, ms in rows.values()))
@@ -103,16 +92,16 @@ def main():
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from refgpt import backend
+    from refgpt.backend import Backend, synchronize
     from refgpt.config import ModelConfig
     from refgpt.nn import GPT
     from refgpt.optim import AdamW
     L, h, V, s, b = args.layers, args.hidden, args.vocab, args.seq, args.batch
     torch.backends.cuda.matmul.allow_tf32 = False
-    backend.set_backend("cupy")
     cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=h // 64, seq_length=s,
                       vocab_size=V)
-    model = GPT(cfg, np.float32, seed=0)
+    with Backend("cupy"):
+        model = GPT(cfg, np.float32, seed=0)
     p = model.params
     opt = AdamW(p.data, p.grad, p.decay_ranges(), weight_decay=0.1)
     rng = np.random.default_rng(0)
@@ -123,15 +112,14 @@ def main():
         model.forward(x, y, float(b * s))
         model.backward()
         opt.step(1e-4)
-    from refgpt.kernels import cupy_flash
     pool = cp.get_default_memory_pool()
     t_ours = {}
     for path in args.attention:
-        cupy_flash.ENABLED = path == "fused"
         pool.free_all_blocks()
-        t_ours[path] = timed(ours, args.steps, backend.synchronize), pool.total_bytes() / 2**30
+        with Backend("cupy", fused_attention=path == "fused"):
+            t_ours[path] = timed(ours, args.steps, synchronize), pool.total_bytes() / 2**30
         if args.profile:
-            profile_ours(ours)
+            profile_ours(ours, path == "fused")
     del model, p, opt
     cp.get_default_memory_pool().free_all_blocks()
 

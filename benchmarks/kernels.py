@@ -12,8 +12,11 @@ import os
 import sys
 from pathlib import Path
 
-import refgpt  # noqa: F401  (before NumPy: OpenBLAS's idle spin, see refgpt/__init__.py)
-import numpy as np
+from refgpt.parallel.threads import quiet_openblas
+
+quiet_openblas()                        # before NumPy loads OpenBLAS: refgpt.parallel.threads
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_vs_torch import timed  # noqa: E402
@@ -75,19 +78,25 @@ def main():
     import numba
     from threadpoolctl import threadpool_limits
 
-    import refgpt.kernels  # noqa: F401  (numba's thread pool: see refgpt.kernels)
+    from refgpt.kernels import select_thread_pool
+    select_thread_pool()
     from refgpt import backend
-    from refgpt.kernels import numba_cpu
+    from refgpt.nn import attention, block, embedding, gelu, layernorm, linear, loss, params
+    from refgpt.optim import adamw
+    from refgpt.parallel import shared
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
-    refs = {name: backend.reference(name) for name in backend.kernel_names("numba")}
+    fast = backend.Backend("numba")
+    kernels = backend.kernels_in(attention, block, embedding, gelu, layernorm, linear, loss,
+                                 params, adamw, shared)
+    impls = {name: fast.implementation(k) for name, k in kernels.items() if fast.replaces(k)}
     print(f"{os.cpu_count()} cores, threads {args.threads}; shapes of B {args.batch} T {args.seq} "
           f"C {args.hidden} V {args.vocab}, float32")
     print(f"{'kernel':>24} {'numpy ms':>9} {'numba ms':>9} {'speed-up':>8}")
     with threadpool_limits(args.threads):
         for name, (a, fresh) in cases(args, np.random.default_rng(0)).items():
             prep = fresh or (lambda a: a)
-            t_ref = timed(lambda: refs[name](*prep(a)), args.repeats)
-            t_new = timed(lambda: numba_cpu.KERNELS[name](*prep(a)), args.repeats)
+            t_ref = timed(lambda: kernels[name].reference(*prep(a)), args.repeats)
+            t_new = timed(lambda: impls[name](*prep(a)), args.repeats)
             print(f"{name:>24} {1e3 * t_ref:9.2f} {1e3 * t_new:9.2f} {t_ref / t_new:7.2f}x",
                   flush=True)
 

@@ -24,8 +24,11 @@ import os
 import platform
 import time
 
-import refgpt  # noqa: F401  (before NumPy: OpenBLAS's idle spin, see refgpt/__init__.py)
-import numpy as np
+from refgpt.parallel.threads import quiet_openblas
+
+quiet_openblas()                        # before NumPy loads OpenBLAS: refgpt.parallel.threads
+
+import numpy as np  # noqa: E402
 
 CONFIGS = {  # name: (layers, hidden, heads, vocab, seq, batch)
     "5m": (4, 256, 4, 8192, 128, 8),
@@ -34,14 +37,14 @@ CONFIGS = {  # name: (layers, hidden, heads, vocab, seq, batch)
 
 
 def refgpt_step(cfg_tuple, threads, backend="numpy"):
-    from refgpt.backend import set_backend
+    from refgpt.backend import Backend
     from refgpt.config import ModelConfig
     from refgpt.nn import GPT
     from refgpt.optim import AdamW
     L, h, a, V, s, b = cfg_tuple
     cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=a, seq_length=s,
                       vocab_size=V)
-    set_backend(backend)
+    backend = Backend(backend)
     model = GPT(cfg, np.float32, seed=0)
     p = model.params
     opt = AdamW(p.data, p.grad, p.decay_ranges(), weight_decay=0.1)
@@ -50,11 +53,11 @@ def refgpt_step(cfg_tuple, threads, backend="numpy"):
     y = rng.integers(0, V, (b, s))
 
     def step():
-        set_backend(backend)
-        p.zero_grad()
-        model.forward(x, y, float(b * s))
-        model.backward()
-        opt.step(1e-4)
+        with backend:
+            p.zero_grad()
+            model.forward(x, y, float(b * s))
+            model.backward()
+            opt.step(1e-4)
     return step, cfg
 
 
@@ -82,8 +85,8 @@ def torch_step(cfg_tuple, threads):
 def gemm_floor(cfg_tuple, repeats=3):
     """Seconds of one numba training step's matrix products, each timed alone (best of
     repeats), summed: the layers' products once per layer, the head's once."""
-    from refgpt.kernels import numba_cpu
-    matmul, add_matmul = numba_cpu.KERNELS["matmul"], numba_cpu.KERNELS["add_matmul"]
+    from refgpt.kernels.numba_attention import causal_matmul_nn, causal_matmul_nt, causal_matmul_tn
+    from refgpt.kernels.numba_gemm import add_matmul, matmul
     L, C, H, V, T, B = cfg_tuple
     N, D, f = B * T, C // H, np.float32
     Vp = -(-V // 128) * 128
@@ -102,8 +105,7 @@ def gemm_floor(cfg_tuple, repeats=3):
     q = r(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)[0]
     k, v, do = r(B, H, T, D), r(B, H, T, D), r(B, H, T, D)
     p = np.tril(r(B, H, T, T))
-    k_nt, k_nn, k_tn = (numba_cpu.KERNELS[n] for n in ("causal_matmul_nt", "causal_matmul_nn",
-                                                       "causal_matmul_tn"))
+    k_nt, k_nn, k_tn = causal_matmul_nt, causal_matmul_nn, causal_matmul_tn
     per_layer += 2 * (timed(lambda: k_nt(q, k, 0.125), repeats)
                       + timed(lambda: k_nn(p, v), repeats) + timed(lambda: k_tn(p, do), repeats))
     return L * per_layer + linear(C, Vp, w_t=True)
@@ -150,10 +152,12 @@ def main():
     from refgpt import metrics
     names = list(CONFIGS) if args.config == "all" else [args.config]
     # PyTorch before Numba starts its OpenMP pool (refgpt.kernels): in the other order,
-    # PyTorch's step in this process ran 7x slower (1946 ms against 285 at ~5M, 2 cores)
+    # PyTorch's step in this process ran several times slower (benchmarks/README.md)
     import torch  # noqa: F401
     import numba
-    import refgpt.kernels  # noqa: F401  (numba's thread pool: see refgpt.kernels)
+
+    from refgpt.kernels import select_thread_pool
+    select_thread_pool()
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     with threadpool_limits(args.threads):
         sgemm = metrics.measure_gemm_rate(np.float32, 2048)

@@ -22,31 +22,33 @@ import numpy as np
 from mpi4py import MPI
 
 from refgpt.config import ModelConfig
-from refgpt.parallel.tensor import ParallelGPT
-from refgpt.parallel.tensor2d import ParallelGPT2D
+from refgpt.nn import GPT
+from refgpt.parallel.summa import SummaGrid
+from refgpt.parallel.tensor import TensorParallel
+from refgpt.parallel.tensor2d import Tensor2D
 from refgpt.parallel.tensor_comm import TPComm
 
 
-def counters(model):
-    if isinstance(model, ParallelGPT2D):
-        return model.layer_volume("h.0.")
-    return model.tp.layer_volume("h.0."), 0
+def counters(mode, parts):
+    """(elements received, SUMMA messages) by block 0's communication."""
+    return parts.layer_volume("h.0.") if mode == "2d" else (parts.tp.layer_volume("h.0."), 0)
 
 
 def run(mode, layers, N, h, comm, B):
     cfg = ModelConfig(num_layers=layers, hidden_size=h, num_attention_heads=max(h // 64, comm.size),
                       seq_length=N // B, vocab_size=1024)
     if mode == "2d":
-        model = ParallelGPT2D(cfg, np.float32, 0, comm, B)
+        parts = Tensor2D(cfg, 0, SummaGrid(comm))
     else:
-        model = ParallelGPT(cfg, np.float32, 0, TPComm(comm))
+        parts = TensorParallel(cfg, 0, TPComm(comm))
+    model = GPT(cfg, np.float32, 0, parts=parts)
     x = np.random.default_rng(0).integers(0, 1024, (B, N // B))
     comm.Barrier()
     t0 = time.perf_counter()
     model.forward(x, x, float(N))
     model.backward()
     comm.Barrier()
-    return (*counters(model), time.perf_counter() - t0)
+    return (*counters(mode, parts), time.perf_counter() - t0)
 
 
 def main():

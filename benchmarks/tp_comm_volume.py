@@ -17,7 +17,8 @@ import numpy as np
 from mpi4py import MPI
 
 from refgpt.config import ModelConfig
-from refgpt.parallel.tensor import ParallelGPT
+from refgpt.nn import GPT
+from refgpt.parallel.tensor import TensorParallel
 from refgpt.parallel.tensor_comm import TPComm
 
 
@@ -40,7 +41,7 @@ def main():
     rows = []
     for sp in (False, True):
         tp = TPComm(comm)
-        model = ParallelGPT(cfg, np.float32, 0, tp, sp)
+        model = GPT(cfg, np.float32, 0, parts=TensorParallel(cfg, 0, tp, sp))
         x = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T))
         model.forward(x, x, float(N))
         model.backward()

@@ -38,7 +38,7 @@ def measure(grid, schedule, v, m, op_cost, cfg):
     grid.world.Barrier()
     trace = []
     t0 = MPI.Wtime()
-    ex.run(batches, float(m * B * T), trace, op_cost)
+    ex.run(batches, float(m * B * T), trace=trace, op_cost=op_cost)
     grid.world.Barrier()
     step = MPI.Wtime() - t0
     busy = sum(end - start for _, _, _, start, end, _ in trace)

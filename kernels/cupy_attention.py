@@ -8,7 +8,7 @@ strided-batched GEMM per block, batched over every (batch, head) pair at once. T
 write into the full result in place (cuBLAS takes the row pitch and the batch stride), so
 nothing is copied; the scores' masked entries are then set to zero by a row kernel that
 writes only those. P^T x is computed as (x^T P)^T, which keeps the T x Tk operand
-untransposed (cuBLAS ran the transposed form 3x slower on an H100).
+untransposed (cuBLAS ran the transposed form several times slower on an H100).
 
 cuBLAS is column-major: a row-major matrix with row pitch ld is, to cuBLAS, its transpose
 with leading dimension ld, so a row-major C = op(A) op(B) is the column-major

@@ -27,12 +27,15 @@ Each block's products are tiles of 16 x TY threads, a thread RM x RN of the outp
 tiles sit in shared memory laid out so that both operands of a product are read as aligned
 vectors (q and dO are kept both ways round in the backward for that), and the backward
 loads the next block of queries into registers while it multiplies the current one. TILES
-holds (BQ, BK, TY); benchmarks/gpu_attention.py --sweep times other shapes.
+holds (BQ, BK, TY) per element size; attention_forward's ``tiles`` argument runs others (the
+backward takes the forward's), which benchmarks/gpu_attention.py --sweep times.
 
-What this path does not cover falls back to the reference (cuBLAS products on blocks of rows,
-refgpt.kernels.cupy_attention): attention dropout, recording the probabilities, head sizes
-that are not a multiple of 16 up to 128, and tiles that need more shared memory than the GPU
-gives a block. ENABLED = False sends every call there (benchmarks compare the two paths).
+What this path does not cover it declines (returns NotImplemented), and the reference runs
+(cuBLAS products on blocks of rows, refgpt.kernels.cupy_attention): attention dropout,
+recording the probabilities, head sizes that are not a multiple of 16 up to 128, and tiles
+that need more shared memory than the GPU gives a block. refgpt.backend's
+``Backend("cupy", fused_attention=False)`` sends every call there (the benchmarks compare
+the two paths).
 """
 
 from __future__ import annotations
@@ -44,11 +47,7 @@ from dataclasses import dataclass
 import cupy as cp
 import numpy as np
 
-from refgpt.backend import reference
-
 from .cupy_attention import CTYPE
-
-ENABLED = True                     # False: every call takes the reference (cuBLAS) path
 
 # (BQ queries, BK keys, TY rows of 16 threads) per element size, for the forward and backward
 TILES = {4: {"forward": (64, 64, 8), "backward": (32, 64, 8)},
@@ -391,8 +390,7 @@ def _module(ctype: str, D: int, forward: tuple, backward: tuple):
     return [mod.get_function(n) for n in names]
 
 
-def _kernel(which: str, dtype, D: int, shared: int):
-    tiles = TILES[dtype.itemsize]
+def _kernel(which: str, dtype, D: int, shared: int, tiles: dict):
     f = _module(CTYPE[dtype], D, tiles["forward"], tiles["backward"])
     kern = f[("forward", "backward", "dq", "delta").index(which)]
     if shared > kern.max_dynamic_shared_size_bytes:
@@ -400,8 +398,8 @@ def _kernel(which: str, dtype, D: int, shared: int):
     return kern
 
 
-def shared_bytes(which: str, itemsize: int, D: int) -> int:
-    BQ, BK, _ = TILES[itemsize][which]
+def shared_bytes(which: str, itemsize: int, D: int, tiles: dict | None = None) -> int:
+    BQ, BK, _ = (tiles or TILES[itemsize])[which]
     if which == "forward":
         return itemsize * (D * (BQ + 4) + BK * D + max(D * (BK + 4), BK * (BQ + 4)))
     return itemsize * (2 * D * (BK + 4) + BK * D + 2 * BQ * (BK + 4) + BK * (BQ + 4)
@@ -416,14 +414,14 @@ def _ptr(a):
     return np.uint64(a.data.ptr)
 
 
-def _fits(q, k, v) -> bool:
+def _fits(q, k, v, tiles: dict | None) -> bool:
     D, size = q.shape[-1], q.itemsize
-    if not (ENABLED and size in TILES and D % 16 == 0 and D <= 128
+    if not ((tiles or size in TILES) and D % 16 == 0 and D <= 128
             and all(x.ndim == 4 and x.dtype == q.dtype and x.strides[-1] == size
                     for x in (q, k, v))):
         return False
     limit = _shared_limit(cp.cuda.Device().id)
-    return max(shared_bytes(w, size, D) for w in ("forward", "backward")) <= limit
+    return max(shared_bytes(w, size, D, tiles) for w in ("forward", "backward")) <= limit
 
 
 @functools.cache
@@ -437,32 +435,35 @@ class Saved:
     """What the fused forward keeps for its backward: O and the rows' log-normalisers."""
     o: cp.ndarray                  # [B, H, T, D]
     lse: cp.ndarray                # [B, H, T]
+    tiles: dict                    # the tile shapes the forward ran with
 
 
-def attention_forward(q, k, v, p0, dropout=None, keep_probs=False):
-    """O [B, H, T, D] (a view of a [B, T, H, D] array: heads merged for free) and Saved."""
-    if dropout is not None or keep_probs or not _fits(q, k, v):
-        return reference("attention_forward")(q, k, v, p0, dropout, keep_probs)
+def attention_forward(q, k, v, p0, dropout=None, keep_probs=False, tiles=None):
+    """O [B, H, T, D] (a view of a [B, T, H, D] array: heads merged for free) and Saved.
+    tiles: {"forward": (BQ, BK, TY), "backward": ...} instead of TILES' (a tile sweep)."""
+    tiles = tiles or TILES.get(q.itemsize)
+    if dropout is not None or keep_probs or not _fits(q, k, v, tiles):
+        return NotImplemented                           # the reference's cuBLAS path
     B, H, T, D = q.shape
     Tk = k.shape[2]
     if p0 != Tk - T:
         raise ValueError(f"queries must be the last {T} of the {Tk} positions (p0 = {p0})")
     o = cp.empty((B, T, H, D), q.dtype).transpose(0, 2, 1, 3)
     lse = cp.empty((B, H, T), q.dtype)
-    BQ, _, TY = TILES[q.itemsize]["forward"]
-    shared = shared_bytes("forward", q.itemsize, D)
-    kern = _kernel("forward", q.dtype, D, shared)
+    BQ, _, TY = tiles["forward"]
+    shared = shared_bytes("forward", q.itemsize, D, tiles)
+    kern = _kernel("forward", q.dtype, D, shared, tiles)
     kern((-(-T // BQ), B * H), (16 * TY,),
          (_ptr(q), _ptr(k), _ptr(v), _ptr(o), lse, *_strides(q), *_strides(k), *_strides(v),
           *_strides(o), np.int32(H), np.int32(T), np.int32(Tk), q.dtype.type(1 / math.sqrt(D))),
          shared_mem=shared)
-    return o, Saved(o, lse)
+    return o, Saved(o, lse, tiles)
 
 
 def attention_backward(q, k, v, saved, do, dq, dk, dv, dropout_backward=None):
     """dq, dk, dv (written into the given views) from the forward's O and lse."""
     if not isinstance(saved, Saved):                    # the forward took the reference path
-        return reference("attention_backward")(q, k, v, saved, do, dq, dk, dv, dropout_backward)
+        return NotImplemented
     o = saved.o
     if do.strides[-1] != do.itemsize:
         do = cp.ascontiguousarray(do)
@@ -470,22 +471,24 @@ def attention_backward(q, k, v, saved, do, dq, dk, dv, dropout_backward=None):
         raise ValueError("dq, dk and dv need contiguous rows of D")
     B, H, T, D = q.shape
     Tk = k.shape[2]
-    BQ, BK, TY = TILES[q.itemsize]["backward"]
+    tiles = saved.tiles
+    BQ, BK, TY = tiles["backward"]
     delta = cp.empty((B, H, T), q.dtype)                # rowsum(dO * O)
-    _kernel("delta", q.dtype, D, 0)((-(-B * H * T // 8),), (256,),
-                                    (_ptr(do), _ptr(o), delta, *_strides(do), *_strides(o),
-                                     np.int32(H), np.int32(T), np.int32(D), np.int32(B * H * T)))
+    _kernel("delta", q.dtype, D, 0, tiles)((-(-B * H * T // 8),), (256,),
+                                           (_ptr(do), _ptr(o), delta, *_strides(do),
+                                            *_strides(o), np.int32(H), np.int32(T), np.int32(D),
+                                            np.int32(B * H * T)))
     blocks = -(-Tk // BK)
     parts = cp.empty((blocks, B * H, T, D), q.dtype)
     scale = q.dtype.type(1 / math.sqrt(D))
-    shared = shared_bytes("backward", q.itemsize, D)
-    kern = _kernel("backward", q.dtype, D, shared)
+    shared = shared_bytes("backward", q.itemsize, D, tiles)
+    kern = _kernel("backward", q.dtype, D, shared, tiles)
     kern((blocks, B * H), (16 * TY,),
          (_ptr(q), _ptr(k), _ptr(v), _ptr(do), saved.lse, delta, _ptr(dk), _ptr(dv), parts,
           *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
           np.int32(H), np.int32(T), np.int32(Tk), scale), shared_mem=shared)
     n = B * H * T * D
-    _kernel("dq", q.dtype, D, 0)((-(-n // 256),), (256,),
-                                 (parts, _ptr(dq), *_strides(dq), np.int32(H), np.int32(T),
-                                  np.int32(Tk), np.int32(D), np.int32(BK), np.int32(B * H),
-                                  scale))
+    _kernel("dq", q.dtype, D, 0, tiles)((-(-n // 256),), (256,),
+                                        (parts, _ptr(dq), *_strides(dq), np.int32(H), np.int32(T),
+                                         np.int32(Tk), np.int32(D), np.int32(BK), np.int32(B * H),
+                                         scale))

@@ -16,7 +16,7 @@ replaces only what that cannot cover or does badly:
   pass, as a running pair per thread, then the gradient written over the logits in a
   second). The softmax rows are held in registers, so each is read once;
 * column sums (the gradients of biases, LayerNorm's gain and bias) in float64 over blocks of
-  rows, each thread one column (CuPy's own sum over axis 0 ran at about 125 GB/s here);
+  rows, each thread one column (CuPy's own sum over axis 0 is far from the memory's speed);
 * attention as one fused pair of kernels that never stores a T x Tk matrix
   (refgpt.kernels.cupy_flash), and, where that path does not apply (attention dropout, the
   probabilities recorded), its causal products as cuBLAS GEMMs on blocks of rows that skip
@@ -32,8 +32,7 @@ import math
 
 import cupy as cp
 
-from .cupy_attention import CTYPE, causal_matmul_nn, causal_matmul_nt, causal_matmul_tn
-from .cupy_flash import attention_backward, attention_forward
+from .cupy_attention import CTYPE
 
 _GELU = """
 template <typename T> __device__ T gelu_value(T x, bool tanh_form) {
@@ -257,7 +256,7 @@ def _row_threads(n):
 
 def column_sum(a2, b2=None):
     """a2 [R, C] (times b2 if given) summed over the rows, in float64 partial sums over
-    blocks of rows (CuPy's own sum over axis 0 ran at about 125 GB/s on an H100)."""
+    blocks of rows (CuPy's own sum over axis 0 is far from the memory's speed)."""
     R, C = a2.shape
     rows = max(1, -(-R // 128))
     chunks = max(1, -(-R // rows))
@@ -347,11 +346,3 @@ def cross_entropy(z, V, y, norm, grad):
 
 def scatter_add_rows(table, idx, rows):
     cp.add.at(table, idx, rows)
-
-
-KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forward,
-                                   bias_gelu_backward, column_sum, adamw_update, causal_softmax,
-                                   cross_entropy, scatter_add_rows, layernorm_forward,
-                                   layernorm_backward, softmax_backward, causal_matmul_nt,
-                                   causal_matmul_nn, causal_matmul_tn, attention_forward,
-                                   attention_backward)}

@@ -14,11 +14,10 @@ queries [i, T) with i = max(0, j0 - p0). Each block is then one GEMM over its vi
 With n blocks per sequence that is (n + 1) / 2n of the full products' FLOPs (62% at n = 4,
 53% at n = 16). The blocks' GEMMs are calls to the CBLAS sgemm/dgemm of the BLAS that NumPy
 links (passed to the kernels as first-class functions; where none is found, the backend
-leaves these three products to the references). Calling it directly matters: on the
-development machine (AMD EPYC), the OpenBLAS that SciPy bundles ran these block shapes 3.5x
-slower than NumPy's. The calls read strided views (q, k and v where c_attn's output holds
-them, one row of 3C per token) and write strided views (O with its heads already merged), so
-no operand is copied. The (batch, head, block) triples run in parallel on numba's threads;
+leaves these three products to the references). Calling NumPy's own BLAS matters: the
+OpenBLAS that SciPy bundles ran these block shapes several times slower. The calls read
+strided views (q, k and v where c_attn's output holds them, one row of 3C per token) and
+write strided views (O with its heads already merged), so no operand is copied. The (batch, head, block) triples run in parallel on numba's threads;
 BLAS is limited to one thread while they run (OneBlasThread, restored after), so the cores
 are not oversubscribed.
 
@@ -108,9 +107,9 @@ GEMM = _find_cblas(BLAS)
 
 
 class OneBlasThread:
-    """BLAS on one thread while numba's threads each call it (restored after). threadpoolctl's
-    limit() does the same in about 8 us, which at a hundred calls a step was over 1% of the
-    ~5M step; its library controllers' get and set take about 1 us each."""
+    """BLAS on one thread while numba's threads each call it (restored after), through
+    threadpoolctl's library controllers' get and set: its limit() does the same at several
+    times the cost, at a hundred calls a step."""
 
     def __enter__(self):
         self.saved = [(lib, lib.get_num_threads()) for lib in BLAS.lib_controllers]
@@ -221,6 +220,8 @@ def _merged(B, H, T, D, dtype):
 
 
 def causal_matmul_nt(a, b, scale=1.0):
+    if GEMM is None:                            # NumPy's BLAS exposes no CBLAS
+        return NotImplemented
     a, b = _rows(a, b)
     out = np.empty((*a.shape[:-1], b.shape[-2]), a.dtype)
     with OneBlasThread():
@@ -237,6 +238,8 @@ def _into(out, shape, dtype):
 
 
 def causal_matmul_nn(p, v, scale=1.0, out=None):
+    if GEMM is None:                            # NumPy's BLAS exposes no CBLAS
+        return NotImplemented
     p, v = _rows(p, v)
     dest = _into(out, (*p.shape[:3], v.shape[-1]), p.dtype)
     with OneBlasThread():
@@ -245,6 +248,8 @@ def causal_matmul_nn(p, v, scale=1.0, out=None):
 
 
 def causal_matmul_tn(p, x, scale=1.0, out=None):
+    if GEMM is None:                            # NumPy's BLAS exposes no CBLAS
+        return NotImplemented
     p, x = _rows(p, x)
     dest = _into(out, (*p.shape[:2], p.shape[-1], x.shape[-1]), p.dtype)
     with OneBlasThread():

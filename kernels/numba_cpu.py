@@ -20,10 +20,9 @@ and float32 (tests/test_kernels.py). What they change is the memory traffic, not
   of queries, in parallel over (batch, head, block) (refgpt.kernels.numba_attention, where
   NumPy's BLAS exposes CBLAS).
 * no pass left on one thread: NumPy's own fill, add.at, sums and in-place arithmetic run on
-  one core, and between multi-threaded GEMMs that showed: at GPT-2 124M on 16 threads the
-  gradient zeroing cost 66 ms a step and AdamW's separate weight decay 58 ms (now
-  zero_fill, and a factor inside adamw_update), the residual sums 41 ms (residual); the
-  embedding's add.at took 2.5-3.5 ms of the ~5M step on 2 cores (scatter_add_rows: 0.4 ms).
+  one core, and between multi-threaded GEMMs each such pass costs as much as several
+  kernels (zero_fill, the weight decay inside adamw_update, residual, scatter_add_rows;
+  benchmarks/README.md has the figures).
 
 Element-wise math runs in the array's precision: GELU and every exp run in float32 on
 float32 arrays, as their NumPy references do (GELU's constants are passed in that precision,
@@ -57,16 +56,16 @@ VECTOR = dict(FLAGS, fastmath={"contract"})     # GELU's loops: fused multiply-a
 
 # -- GELU ------------------------------------------------------------------------------
 def _gelu_constants(dtype):
-    """GELU's constants in the array's precision (see the module's docstring): with them the
-    float32 bias+GELU forward ran 1.8 ms against 5.4 with Python floats (~5M shapes, 2 cores)."""
+    """GELU's constants in the array's precision (see the module's docstring): Python floats
+    would make the float32 loops compute in float64, with half the SIMD lanes."""
     return tuple(dtype.type(c) for c in (0.5, 1.0, 2.0, 3.0, S2PI, K, INV_SQRT2, INV_SQRT_2PI))
 
 
 @njit(inline="always")
 def _tanh(u, one, two):
     """tanh(u) = 1 - 2 / (1 + exp(2u)): in float32 the exp is arithmetic that vectorises
-    (refgpt.kernels.numba_exp; libm's tanh is a call per element, about 3x slower than its
-    exp). exp overflowing to inf gives 1, underflowing to 0 gives -1, as tanh does."""
+    (refgpt.kernels.numba_exp; libm's tanh is a call per element, which does not). exp
+    overflowing to inf gives 1, underflowing to 0 gives -1, as tanh does."""
     return one - two / (one + vexp_of(two * u))
 
 
@@ -174,7 +173,7 @@ def _column_sum(a, parts):
 def column_sum(a):
     """A bias's gradient: partial sums of chunks of rows on numba's threads, then their sum
     (NumPy's a.sum(axis=0) runs on one core). In the array's precision, as NumPy's sum over
-    rows: float64 partials made it 1.4x slower on 2 threads at [1024, 3072] float32."""
+    rows (float64 partials cost time and give NumPy's result no better)."""
     if a.ndim != 2 or a.strides[1] != a.itemsize:
         return a.sum(axis=0)
     parts = _column_parts(a, a.dtype)
@@ -192,8 +191,8 @@ def column_sum(a):
 # 2.7e-12 of the largest against 6.1e-13, past the 1e-12 that mpi_tests/test_pipeline.py
 # allows.) The exp they call is compiled on its own, without these flags: reassociation
 # would undo its rounding trick (refgpt.kernels.numba_exp; a test checks it).
-# Rows are indexed in place, a[r, j], rather than passed as views a[r]: a view per row cost
-# as much as the row's arithmetic (the causal softmax at 124M's shapes: 13.9 vs 7.0 ms).
+# Rows are indexed in place, a[r, j], rather than passed as views a[r]: a view per row costs
+# as much as the row's arithmetic.
 def _rows(fn):
     """fn compiled twice: reassociating sums for float32 arrays, strict ones otherwise. The
     two share numba's cache file, told apart by their signatures (float32 vs float64)."""
@@ -373,10 +372,9 @@ def _adamw(p, g, m, v, lr, b1, b2, eps, bc1, bc2, keep):
 
 
 def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2, keep=1.0):
-    """The scalars in the parameters' precision, as NumPy's reference computes: in float32
-    the update ran 3.5-3.7 ms against 5.0-5.5 with float64 scalars (2.9M parameters, 2 cores).
-    The weight decay is the same pass (it was a NumPy pass of its own, single-threaded: at
-    GPT-2 124M on 16 threads it cost 58 ms a step, against 74 for this kernel)."""
+    """The scalars in the parameters' precision, as NumPy's reference computes (float64
+    scalars would make the float32 update compute in float64). The weight decay is the same
+    pass: as a NumPy pass of its own it ran on one core."""
     f = p.dtype.type
     _adamw(p, g, m, v, f(lr), f(b1), f(b2), f(eps), f(bc1), f(bc2), f(keep))
 
@@ -395,7 +393,7 @@ def _scatter_add_rows(table, idx, rows):
 
 
 def scatter_add_rows(table, idx, rows):
-    """NumPy's add.at is a generic, unbuffered loop (3.5 ms a step at ~5M on 2 cores)."""
+    """NumPy's add.at is a generic, unbuffered loop, on one core."""
     if table.ndim != 2 or rows.ndim != 2 or table.dtype != rows.dtype:
         np.add.at(table, idx, rows)
         return
@@ -410,8 +408,7 @@ def _add(a, b, out):
 
 
 def residual(x, branch):
-    """x + branch on numba's threads (NumPy's add runs on one core: at GPT-2 124M on 16
-    threads, a block's four residual sums took about 3.5 ms of each layer's step)."""
+    """x + branch on numba's threads (NumPy's add runs on one core)."""
     if (x.shape != branch.shape or x.dtype != branch.dtype or not x.flags.c_contiguous
             or not branch.flags.c_contiguous):
         return x + branch
@@ -448,23 +445,9 @@ def _sum_rows(rows, lo, hi, out, block):
 
 def sum_rows(rows, lo, hi, out):
     """The node's gradient rows summed in rank order (as the reference, so the same bits),
-    blocks of columns on numba's threads: a rank with 4 threads reads its shard of the other
-    rows about 4 times as fast. On whole rows (slices of them vectorise; element loops indexing
-    rows[r, a + j] did not, and ran 3.6x slower than NumPy's adds on one thread)."""
+    blocks of columns on numba's threads, so a rank with several threads reads its shard of
+    the other rows that many times as fast. On whole rows: slices of them vectorise, where
+    element loops indexing rows[r, a + j] did not."""
     if not (rows.flags.c_contiguous and out.flags.c_contiguous):
-        from refgpt.backend import reference
-        reference("sum_rows")(rows, lo, hi, out)
-        return
+        return NotImplemented
     _sum_rows(rows, lo, hi, out, 1 << 14)
-
-
-KERNELS = {f.__name__: f for f in (gelu_forward, gelu_backward, bias_gelu_forward,
-                                   bias_gelu_backward, layernorm_forward,
-                                   layernorm_backward, causal_softmax, softmax_backward,
-                                   cross_entropy, adamw_update, zero_fill, scatter_add_rows,
-                                   column_sum, residual, sum_rows)}
-KERNELS.update(numba_gemm.KERNELS)
-if numba_attention.GEMM is not None:                # NumPy's BLAS exposes CBLAS
-    KERNELS.update(causal_matmul_nt=numba_attention.causal_matmul_nt,
-                   causal_matmul_nn=numba_attention.causal_matmul_nn,
-                   causal_matmul_tn=numba_attention.causal_matmul_tn)

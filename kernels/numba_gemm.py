@@ -3,9 +3,8 @@
 A training step alternates GEMMs with element-wise kernels, a hundred times or more. With
 NumPy's matmul, the GEMMs run on the BLAS's own thread pool and the kernels on numba's: two
 pools on the same cores, each going to sleep while the other works, so nearly every call
-first wakes a sleeping thread. On the 2-core development machine (a virtual machine) a wake
-costs 60-100 us: an empty parallel loop took 90 us, and the ~5M model's LayerNorm, 1024 rows
-of 256, took 214 us on two threads where its arithmetic takes under 70.
+first wakes a sleeping thread, which on a virtual machine takes longer than a small kernel's
+arithmetic (benchmarks/README.md, "One thread pool for the step").
 
 So here the GEMMs run on numba's pool too, as tiles: C [M, N] is cut into a grid of
 pm x pn tiles, one per thread (pm pn = threads, the tiles as near square as the grid allows),
@@ -15,7 +14,7 @@ and each thread calls the single-threaded BLAS on its tile:
 
 The FLOPs are the same; each element is the same dot product over K, summed as the BLAS
 sums it. With one pool for everything, numba's pool can be one that waits by spinning
-(OpenMP's: see refgpt.kernels), and a launch costs about 2 us.
+(OpenMP's: see refgpt.kernels), and a launch is cheap.
 
     matmul(a, b, bias)    a @ b (+ bias on every row), a new array
     add_matmul(c, a, b)   c += a @ b in place (beta = 1): a weight gradient accumulates in its
@@ -114,5 +113,3 @@ def add_matmul(c, a, b):
     if not _run(c, a, b, 1.0):
         c += a @ b
 
-
-KERNELS = dict(matmul=matmul, add_matmul=add_matmul) if GEMM is not None else {}

@@ -25,7 +25,8 @@ def one_blas_thread_per_rank():
     import numba
     from threadpoolctl import threadpool_limits
 
-    import refgpt.kernels  # noqa: F401  (numba's thread pool: see refgpt.kernels)
+    from refgpt.kernels import select_thread_pool
+    select_thread_pool()
     numba.set_num_threads(1)
     with threadpool_limits(limits=1):
         yield

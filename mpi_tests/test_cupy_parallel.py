@@ -16,7 +16,6 @@ except cp.cuda.runtime.CUDARuntimeError:
     GPUS = 0
 
 from refgpt import backend  # noqa: E402
-from refgpt.checkpoint import flat_to_named  # noqa: E402
 from refgpt.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 from refgpt.engine import Trainer  # noqa: E402
 from refgpt.parallel.grid import Grid  # noqa: E402
@@ -56,18 +55,11 @@ def test_gpu_parallel_training_equals_single_process_numpy(layout, dropout):
         cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=40,
                           vocab_size=45, vocab_multiple=16, dropout=dropout)
         t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
-        try:
-            return t.run(), t
-        finally:
-            backend.set_backend("numpy")
+        return t.run(), t
     got, par = run("cupy", Grid(comm, tp, pp), ParallelConfig(**options))
     ref, one = run("numpy", None, None)
     p_ref = one.model.params.data
-    flat = backend.to_host(par.zero.full_data() if par.zero else par.model.params.data)
-    if tp > 1 or pp > 1:                                   # this rank's shards and stages
-        full = par.model.full_tensors(flat)
-    else:
-        full = flat_to_named(flat, par.model.params)
+    full = par.model.full_tensors(backend.to_host(par.model.params.full_data()))
     err = max(float(np.abs(full[n] - one.model.params[n]).max()) for n in full)
     ok = (np.allclose([h["loss"] for h in got], [h["loss"] for h in ref], rtol=1e-10, atol=0)
           and err <= 1e-10 * float(np.abs(p_ref).max()))

@@ -55,7 +55,7 @@ def test_data_parallel_equals_single_process():
     comm = MPI.COMM_WORLD
     d = comm.size
     t = assert_equal_to_serial(comm, train_cfg(global_batch=d, micro=1))
-    assert t.reducer is not None and len(t.reducer.buckets) == 1
+    assert len(t.sync.buckets) == 1
 
 
 @pytest.mark.mpi(min_size=2)
@@ -65,7 +65,7 @@ def test_data_parallel_with_accumulation_and_many_buckets(overlap):
     comm = MPI.COMM_WORLD
     t = assert_equal_to_serial(comm, train_cfg(global_batch=4 * comm.size, micro=2), bucket=300,
                                overlap=overlap)
-    assert len(t.reducer.buckets) > 5 and t.reducer.overlap == overlap
+    assert len(t.sync.buckets) > 5 and t.sync.overlap == overlap
 
 
 @pytest.mark.mpi(min_size=2)

@@ -178,7 +178,7 @@ def test_trace_records_every_compute_op_and_the_stash():
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 45, (1, 8)), rng.integers(0, 45, (1, 8)), None) for _ in range(m)]
     trace = []
-    ex.run(batches, float(m * 8), trace)
+    ex.run(batches, float(m * 8), trace=trace)
     ops = compute_ops(p, m, 1, "1f1b")[grid.pp_rank]
     held = [b for *_, b in trace]
     ok = ([(k, mb, c) for k, mb, c, *_ in trace] == [(o.kind, o.mb, o.chunk) for o in ops]

@@ -57,7 +57,7 @@ def test_linear_2d_forward_and_backward_equal_dense():
     x, w, dy = full(rng, n, d_in), full(rng, d_in, d_out), full(rng, n, d_out)
     params = Params([ParamSpec("fc.weight", block(w, g).shape)], np.float64)
     params["fc.weight"][...] = block(w, g)
-    layer, gw = Linear2D(params, "fc.weight", g), params.grads["fc.weight"]
+    layer, gw = Linear2D(params, "fc", g), params.grads["fc.weight"]
     y = layer.forward(np.ascontiguousarray(block(x, g)))
     dx = layer.backward(np.ascontiguousarray(block(dy, g)))
     ok = (np.allclose(y, block(x @ w, g), rtol=1e-12, atol=1e-12)

@@ -9,7 +9,8 @@ from refgpt.config import ModelConfig, ParallelConfig, TrainConfig
 from refgpt.engine import Trainer
 from refgpt.parallel.grid import Grid
 from roundtrip import checkpoint_roundtrip
-from refgpt.parallel.tensor import ParallelGPT, shard, shard_kind, unshard
+from refgpt.nn import GPT
+from refgpt.parallel.tensor import TensorParallel, shard, shard_kind, unshard
 from refgpt.parallel.tensor_comm import TPComm
 
 
@@ -77,7 +78,7 @@ def test_volume_per_layer_and_sequence_parallel_grads():
         grid = Grid(world, tp_size)
         tp = TPComm(grid.tp_comm)
         cfg = model_cfg()
-        model = ParallelGPT(cfg, np.float64, 3, tp, sp)
+        model = GPT(cfg, np.float64, 3, parts=TensorParallel(cfg, 3, tp, sp))
         rng = np.random.default_rng(grid.dp_rank)
         B, T = 3, cfg.seq_length
         x, y = rng.integers(0, 45, (B, T)), rng.integers(0, 45, (B, T))
@@ -88,7 +89,7 @@ def test_volume_per_layer_and_sequence_parallel_grads():
         ok = all(abs(v - 8 * N * h * (t - 1) / t) < 1e-9 for v in volumes)
         ln = model.params.grads["h.0.ln_1.weight"].copy()
         differs = not all(np.array_equal(ln, o) for o in grid.tp_comm.allgather(ln))
-        model.reduce_replicated_grads(["h.0.ln_1.weight"])
+        model.complete_grads(["h.0.ln_1.weight"])
         ln = model.params.grads["h.0.ln_1.weight"]
         same = all(np.array_equal(ln, o) for o in grid.tp_comm.allgather(ln))
         ok = ok and (differs == sp) and same

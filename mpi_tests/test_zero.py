@@ -42,11 +42,7 @@ def close(a, b):
 
 def full_params(t):
     """Every full parameter of a trainer's model (ZeRO and TP shards gathered)."""
-    p = t.model.params
-    flat = t.zero.full_data() if t.zero else p.data
-    if hasattr(t.model, "full_tensors"):
-        return t.model.full_tensors(flat)
-    return {n: flat[lo:hi].reshape(p.specs[n].shape) for n, (lo, hi) in p.slices.items()}
+    return t.model.full_tensors(t.model.params.full_data())
 
 
 def same_run(par, ser, hist, ref):
@@ -58,8 +54,8 @@ def same_run(par, ser, hist, ref):
                           [h["val_loss"] for h in ref if "val_loss" in h], rtol=1e-12))
     mine, theirs = full_params(par), dict(ser.model.params.items())
     ok = ok and all(close(v, theirs[n]) for n, v in mine.items())
-    z = par.zero
-    if z is not None and par.grid.tp_size == par.grid.pp_size == 1:   # same flat layout
+    z = par.model.params
+    if par.pcfg.zero_stage and par.grid.tp_size == par.grid.pp_size == 1:   # same flat layout
         lo, hi = z.own
         hi_real = min(hi, z.numel)
         if hi_real > lo:
@@ -79,7 +75,7 @@ def test_zero_equals_single_process(stage, micro_batches):
     ser = Trainer(model_cfg(), tcfg, **QUIET)
     hist, ref = par.run(), ser.run()
     assert agree(comm, same_run(par, ser, hist, ref)), (stage, micro_batches)
-    p = par.zero
+    p = par.model.params
     assert agree(comm, p.padded % d == 0 and p.param_shard().size == p.padded // d)
 
 
@@ -157,9 +153,9 @@ def test_offload_equals_in_memory(stage):
     runs = [Trainer(model_cfg(), tcfg, ParallelConfig(zero_stage=stage, offload_optimizer=f),
                     Grid(comm), **QUIET) for f in ("", folder)]
     hists = [t.run() for t in runs]
-    mem, off = runs[1].opt.m, runs[1].zero.param_shard()
+    mem, off = runs[1].opt.m, runs[1].model.params.param_shard()
     ok = (isinstance(mem, np.memmap) and hists[1][-1]["memory_bytes"]["optimizer"] == 0
-          and np.array_equal(runs[0].zero.param_shard(), off)
+          and np.array_equal(runs[0].model.params.param_shard(), off)
           and np.array_equal(runs[0].opt.v, runs[1].opt.v)
           and [h["loss"] for h in hists[0]] == [h["loss"] for h in hists[1]])
     assert agree(comm, ok)
@@ -188,14 +184,15 @@ def shared_trainer(tcfg, grid, **pcfg):
 
 def as_nodes(monkeypatch, per_node):
     """Make the trainer's shared-memory ZeRO treat groups of per_node ranks as nodes."""
-    import refgpt.engine
+    import refgpt.parallel.build
     from refgpt.parallel.shared import SharedParams
 
     def node_comm_of(dp_comm):
         return dp_comm.Split(dp_comm.Get_rank() // per_node, dp_comm.Get_rank())
 
-    monkeypatch.setattr(refgpt.engine, "SharedParams", lambda specs, dtype, comm: SharedParams(
-        specs, dtype, comm, node_comm=node_comm_of(comm)))
+    monkeypatch.setattr(refgpt.parallel.build, "SharedParams",
+                        lambda specs, dtype, comm: SharedParams(specs, dtype, comm,
+                                                                node_comm=node_comm_of(comm)))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -214,7 +211,7 @@ def test_shared_memory_equals_single_process(monkeypatch, micro_batches, nodes):
     par = shared_trainer(tcfg, Grid(comm))
     ser = Trainer(model_cfg(), tcfg, **QUIET)
     hist, ref = par.run(), ser.run()
-    p = par.zero
+    p = par.model.params
     ok = same_run(par, ser, hist, ref) and p.padded % node == 0
     S, c = p.padded // node, d // node            # reads P - S elements, all-reduces S over c
     expect = ((p.padded - S) + 2 * S * (c - 1) / c) * 8

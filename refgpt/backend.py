@@ -2,104 +2,158 @@
 
 The model's math is written once, in NumPy, in refgpt.nn: every piece that a faster backend
 may replace (a fused element-wise pass, the attention's batched products, the AdamW update)
-is a plain function marked ``@kernel`` next to the layer that calls it. A backend is a table
-{function name: implementation}; ``set_backend`` makes it current for the whole process:
+is a plain function marked ``@kernel(...)`` next to the layer that calls it. The decorator
+names, per backend, the module of refgpt.kernels that holds a function of the same name and
+contract:
 
     numpy   the readable reference (the @kernel functions themselves)
-    numba   fused, parallel CPU kernels from refgpt.kernels.numba_cpu, each tested against
-            its reference in float64 and float32 (tests/test_kernels.py)
+    numba   fused, parallel CPU kernels (refgpt.kernels.numba_*), each tested against its
+            reference in float64 and float32 (tests/test_kernels.py)
     cupy    the same model on an NVIDIA GPU: arrays are CuPy arrays (``array_module``), the
             references run on them through NumPy's dispatch (__array_ufunc__,
-            __array_function__; GEMMs go to cuBLAS), and refgpt.kernels.cupy_gpu replaces the
-            kernels that need it (fused element-wise kernels, and those that build index or
-            mask arrays). Ranks use GPU (rank mod GPUs per node); every parallel layout
-            (data, 1-D and 2-D tensor, pipeline, ZeRO) runs its collectives through the host
-            (MPI is not assumed to read GPU memory).
+            __array_function__; GEMMs go to cuBLAS), and refgpt.kernels.cupy_* replace the
+            kernels that need it (fused element-wise kernels, those that build index or mask
+            arrays, flash-style attention). Ranks use GPU (rank mod GPUs per node); every
+            parallel layout runs its collectives through the host (MPI is not assumed to read
+            GPU memory).
 
-A kernel the backend does not provide falls back to the reference, so a backend may be
-partial; ``kernel_names(backend)`` lists what it replaces.
+A kernel the backend does not name falls back to the reference, and so does a call that an
+implementation declines by returning NotImplemented (a shape or a case it does not cover),
+so a backend may be partial. refgpt.kernels imports nothing from refgpt: the table of what
+replaces what lives here, in the decorators, beside the references.
+
+The backend in use is a context, as decimal's local contexts are: inside ``with
+Backend("numba"):`` every @kernel call runs numba's implementation, and the previous backend
+returns on exit; outside any ``with`` the references run. So nothing has to be reset, and
+two models with different backends can run in one process (the tests compare them so).
+Options are arguments: ``Backend("cupy", fused_attention=False)`` keeps the cuBLAS attention
+path; ``instrument`` wraps every kernel call (a profiler's hook).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
+from contextvars import ContextVar
 
-BACKENDS = ("numpy", "numba", "cupy")
-_reference: dict = {}
-_active: dict = {}
-_current = "numpy"
-_xp = None                                       # cupy under the cupy backend, else numpy
+import numpy as np
 
+from .config import BACKENDS
 
-def kernel(fn):
-    """Mark fn as the reference of a replaceable kernel (called through the current backend)."""
-    name = fn.__name__
-    _reference[name] = fn
+_current: ContextVar = ContextVar("refgpt_backend", default=None)
 
-    @functools.wraps(fn)
-    def dispatch(*args, **kwargs):
-        return _active.get(name, fn)(*args, **kwargs)
-    dispatch.reference = fn
-    return dispatch
+# kernels whose cupy implementation is the fused attention (Backend(fused_attention=False)
+# leaves them to the references, which run the cuBLAS products)
+FUSED_ATTENTION = ("attention_forward", "attention_backward")
 
 
-def _table(name: str) -> dict:
-    if name == "numpy":
-        return {}
-    if name == "numba":
-        from .kernels import numba_cpu
-        return numba_cpu.KERNELS
-    if name == "cupy":
-        from .kernels import cupy_gpu
-        return cupy_gpu.KERNELS
-    raise ValueError(f"--backend must be one of {BACKENDS}, got {name!r}")
-
-
-def set_backend(name: str) -> None:
-    global _current
-    from . import nn, optim  # noqa: F401  (importing them registers every reference)
-    from .parallel import shared  # noqa: F401
-    table = _table(name)
-    unknown = set(table) - set(_reference)
+def kernel(**implementations):
+    """Mark a function as the reference of a replaceable kernel. implementations: backend name
+    -> module of refgpt.kernels holding the replacement under the function's own name."""
+    unknown = set(implementations) - set(BACKENDS)
     if unknown:
-        raise RuntimeError(f"backend {name} provides kernels with no reference: {sorted(unknown)}")
-    _active.clear()
-    _active.update(table)
-    _current = name
-    global _xp
-    if name == "cupy":
-        import cupy
-        _xp = cupy
-    else:
-        _xp = None
+        raise ValueError(f"unknown backends {sorted(unknown)}")
+
+    def mark(fn):
+        @functools.wraps(fn)
+        def dispatch(*args, **kwargs):
+            backend = _current.get()
+            return (fn if backend is None else backend.resolve(dispatch))(*args, **kwargs)
+        dispatch.reference = fn
+        dispatch.implementations = implementations
+        return dispatch
+    return mark
 
 
-def current() -> str:
-    return _current
+def kernels_in(*modules) -> dict:
+    """{name: kernel} of every @kernel function defined in the given modules."""
+    return {name: f for m in modules for name, f in vars(m).items()
+            if callable(f) and hasattr(f, "implementations")}
 
 
-def reference(name: str):
-    """The NumPy reference of a kernel."""
-    from . import nn, optim  # noqa: F401
-    from .parallel import shared  # noqa: F401
-    return _reference[name]
+class Backend:
+    """A backend by name, with its options; ``with backend:`` makes it the current one."""
+
+    def __init__(self, name: str = "numpy", fused_attention: bool = True, instrument=None):
+        """instrument(name, fn) -> fn: wraps every kernel as it is resolved (timing)."""
+        if name not in BACKENDS:
+            raise ValueError(f"--backend must be one of {BACKENDS}, got {name!r}")
+        self.name, self.fused_attention, self.instrument = name, fused_attention, instrument
+        self.xp = np
+        if name == "cupy":
+            import cupy
+            self.xp = cupy
+        if name == "numba":                  # before numba starts a pool: refgpt.kernels
+            from .kernels import select_thread_pool
+            select_thread_pool()
+        self._resolved: dict = {}
+        self._tokens: list = []
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+    def __enter__(self) -> "Backend":
+        self._tokens.append(_current.set(self))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _current.reset(self._tokens.pop())
+
+    def replaces(self, kern) -> bool:
+        """Whether this backend runs its own implementation of kern."""
+        if self.name == "cupy" and not self.fused_attention and kern.__name__ in FUSED_ATTENTION:
+            return False
+        return self.name in kern.implementations
+
+    def implementation(self, kern):
+        """This backend's own function for kern (which may decline a call), or None."""
+        if not self.replaces(kern):
+            return None
+        module = importlib.import_module(f"refgpt.kernels.{kern.implementations[self.name]}")
+        return getattr(module, kern.__name__)
+
+    def resolve(self, kern):
+        """The function that runs kern here: the implementation, falling back to the
+        reference where there is none or where it declines (looked up once per backend)."""
+        fn = self._resolved.get(kern)
+        if fn is None:
+            impl = self.implementation(kern)
+            fn = kern.reference if impl is None else _with_fallback(impl, kern.reference)
+            if self.instrument is not None:
+                fn = self.instrument(kern.__name__, fn)
+            self._resolved[kern] = fn
+        return fn
+
+    def use_gpu(self, rank: int) -> None:
+        """Under cupy, rank r of a node's ranks uses GPU r mod (GPUs on the node)."""
+        if self.name == "cupy":
+            self.xp.cuda.Device(rank % self.xp.cuda.runtime.getDeviceCount()).use()
 
 
-def kernel_names(name: str) -> list[str]:
-    return sorted(_table(name))
+def _with_fallback(impl, reference):
+    """impl, or the reference where impl returns NotImplemented."""
+    @functools.wraps(impl)
+    def call(*args, **kwargs):
+        out = impl(*args, **kwargs)
+        return reference(*args, **kwargs) if out is NotImplemented else out
+    return call
+
+
+def current() -> Backend | None:
+    """The backend of the enclosing ``with``, or None (the references)."""
+    return _current.get()
 
 
 def array_module():
     """The module that creates arrays: numpy, or cupy under the cupy backend."""
-    if _xp is None:
-        import numpy
-        return numpy
-    return _xp
+    backend = _current.get()
+    return np if backend is None else backend.xp
 
 
 def to_device(a):
     """a as an array of the current backend (a no-op for numpy)."""
-    return a if _xp is None else _xp.asarray(a)
+    xp = array_module()
+    return a if xp is np else xp.asarray(a)
 
 
 def to_host(a):
@@ -109,11 +163,6 @@ def to_host(a):
 
 def synchronize() -> None:
     """Wait for the GPU's queued work (before timing it, or before MPI reads its memory)."""
-    if _xp is not None:
-        _xp.cuda.get_current_stream().synchronize()
-
-
-def use_gpu(rank: int) -> None:
-    """Under the cupy backend, rank r of a node's ranks uses GPU r mod (GPUs on the node)."""
-    if _xp is not None:
-        _xp.cuda.Device(rank % _xp.cuda.runtime.getDeviceCount()).use()
+    xp = array_module()
+    if xp is not np:
+        xp.cuda.get_current_stream().synchronize()

@@ -92,15 +92,25 @@ def resolve(path) -> Path:
     raise CheckpointError(f"no checkpoint at {path} (neither state.json nor latest found)")
 
 
-def load_checkpoint(path, with_optimizer: bool = True) -> Checkpoint:
+def read_state(path) -> tuple[Path, dict]:
+    """(iteration folder, its state.json) of a checkpoint, without reading its tensors."""
     folder = resolve(path)
     try:
         state = json.loads((folder / "state.json").read_text())
-        if state.get("format") != FORMAT:
-            raise CheckpointError(f"{folder}: unknown checkpoint format {state.get('format')!r}")
+    except (json.JSONDecodeError, OSError) as e:
+        raise CheckpointError(f"corrupt checkpoint {folder}: {e}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}: unknown checkpoint format "
+                              f"{state.get('format') if isinstance(state, dict) else state!r}")
+    return folder, state
+
+
+def load_checkpoint(path, with_optimizer: bool = True) -> Checkpoint:
+    folder, state = read_state(path)
+    try:
         params = load_file(str(folder / "model.safetensors"))
         opt = load_file(str(folder / "optimizer.safetensors")) if with_optimizer else None
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt checkpoint {folder}: {e}") from None
     return Checkpoint(folder, state, params, opt)
 

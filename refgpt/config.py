@@ -14,10 +14,14 @@ class ConfigError(ValueError):
     """A configuration that cannot run. The message is meant for the user, as is."""
 
 
+# The choices of the settings below, named once (the flags' help, the backends and the
+# pipeline schedules take them from here).
 DTYPES = ("float64", "float32")
 BACKENDS = ("numpy", "numba", "cupy")
 DECAY_STYLES = ("cosine", "linear", "constant")
 GELU_KINDS = ("tanh", "erf")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+TP_MODES = ("1d", "2d")
 
 
 @dataclass
@@ -114,9 +118,9 @@ class TrainConfig:
     log_interval: int = 10
     log_jsonl: str = ""
 
-    @property
-    def grad_accum_steps(self) -> int:
-        return self.global_batch_size // self.micro_batch_size
+    def micro_batches(self, data_parallel_size: int = 1) -> int:
+        """Micro-batches each data-parallel rank runs per step: G / (d B)."""
+        return self.global_batch_size // (data_parallel_size * self.micro_batch_size)
 
     def validate(self, data_parallel_size: int = 1) -> None:
         for name in ("micro_batch_size", "global_batch_size", "log_interval"):
@@ -177,15 +181,16 @@ class ParallelConfig:
         tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
         if self.sequence_parallel and tp == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        if self.pipeline_schedule not in ("gpipe", "1f1b", "interleaved", "zb-h1"):
-            raise ConfigError(f"--pipeline-schedule must be gpipe, 1f1b, interleaved or zb-h1, "
+        if self.pipeline_schedule not in SCHEDULES:
+            raise ConfigError(f"--pipeline-schedule must be one of {SCHEDULES}, "
                               f"got {self.pipeline_schedule!r}")
         if self.num_virtual_stages < 1:
             raise ConfigError("--num-virtual-stages must be >= 1")
         if self.ddp_bucket_size < 0 or self.threads_per_rank < 0:
             raise ConfigError("--ddp-bucket-size and --threads-per-rank must be >= 0")
-        if self.tensor_parallel_mode not in ("1d", "2d"):
-            raise ConfigError(f"--tensor-parallel-mode must be 1d or 2d, got {self.tensor_parallel_mode!r}")
+        if self.tensor_parallel_mode not in TP_MODES:
+            raise ConfigError(f"--tensor-parallel-mode must be one of {TP_MODES}, "
+                              f"got {self.tensor_parallel_mode!r}")
         if self.tensor_parallel_mode == "2d" and self.sequence_parallel:
             raise ConfigError("--tensor-parallel-mode 2d does not combine with "
                               "--sequence-parallel (2-D already splits every activation)")

@@ -14,6 +14,10 @@ synchronisation in the step (the min/max reduction runs only when a summary is l
 With pipeline parallelism forward and backward interleave inside the schedule: the executor
 times its compute ops, forward and backward are their sums (zero-bubble W counts as backward),
 and "pipeline-bubble" is the rest of the schedule's time (waiting for neighbours, sends).
+Inside the schedule the stages run different ops, so those timers never take a barrier.
+
+A timed phase is also where a phase begins: ``on_enter(name)`` is called as each one starts,
+at every level (the engine's test-only fault injection hangs there: refgpt.engine.faults).
 """
 
 from __future__ import annotations
@@ -28,16 +32,20 @@ NAMES = ("batch-generator", "forward", "backward", "pipeline-bubble", "grads-all
 
 
 class Timers:
-    def __init__(self, level: int = 1, comm=None):
-        self.level, self.comm = level, comm
+    def __init__(self, level: int = 1, comm=None, on_enter=None):
+        self.level, self.comm, self.on_enter = level, comm, on_enter
         self.elapsed = dict.fromkeys(NAMES, 0.0)
 
     @contextmanager
-    def __call__(self, name: str):
+    def __call__(self, name: str, barrier: bool = True):
+        """Time a phase; barrier=False: never wait for the other ranks (inside a pipeline
+        schedule)."""
+        if self.on_enter is not None:
+            self.on_enter(name)
         if self.level == 0:
             yield
             return
-        if self.level >= 2 and self.comm is not None:
+        if barrier and self.level >= 2 and self.comm is not None:
             self.comm.Barrier()
         t0 = time.perf_counter()
         try:

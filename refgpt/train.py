@@ -11,18 +11,23 @@ the accumulated gradient is that of the whole batch.
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-import traceback
-from pathlib import Path
+from .parallel.threads import quiet_openblas
 
-from .cli import USER_ERRORS, exit_on_user_error
-from .config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
-from .engine import Trainer
-from .parallel.grid import Grid, check_sizes
-from .parallel.launch import abort_job, launched_world_size
-from .parallel.threads import set_threads
+quiet_openblas()                        # before anything imports NumPy (and loads OpenBLAS)
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import traceback  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .cli import USER_ERRORS, exit_on_user_error  # noqa: E402
+from .config import (BACKENDS, DECAY_STYLES, DTYPES, GELU_KINDS, SCHEDULES, TP_MODES,  # noqa: E402
+                     ConfigError, ModelConfig, ParallelConfig, TrainConfig)
+from .engine import Trainer  # noqa: E402
+from .parallel.grid import Grid  # noqa: E402
+from .parallel.launch import abort_job, launched_world_size  # noqa: E402
+from .parallel.threads import set_threads  # noqa: E402
 
 try:
     import tomllib
@@ -42,7 +47,7 @@ MODEL_FLAGS = {
     "make-vocab-size-divisible-by": ("vocab_multiple", int,
                                      "pad the embedding table to a multiple of this (default 64)"),
     "dropout": ("dropout", float, "dropout probability for embeddings, attention, residuals"),
-    "gelu": ("gelu", str, "GELU form: tanh (GPT-2) or erf"),
+    "gelu": ("gelu", str, f"GELU form: {' or '.join(GELU_KINDS)} (tanh: GPT-2's)"),
 }
 TRAIN_FLAGS = {
     "micro-batch-size": ("micro_batch_size", int, "sequences per micro-batch"),
@@ -52,7 +57,7 @@ TRAIN_FLAGS = {
     "lr": ("lr", float, "peak learning rate"),
     "min-lr": ("min_lr", float, "learning rate at the end of decay"),
     "lr-warmup-iters": ("lr_warmup_iters", int, "linear warm-up steps"),
-    "lr-decay-style": ("lr_decay_style", str, "cosine, linear or constant"),
+    "lr-decay-style": ("lr_decay_style", str, ", ".join(DECAY_STYLES)),
     "lr-decay-iters": ("lr_decay_iters", int, "steps of decay (default: --train-iters)"),
     "weight-decay": ("weight_decay", float, "AdamW decoupled decay on 2-D weights"),
     "clip-grad": ("clip_grad", float, "global gradient-norm clip (0: off)"),
@@ -60,10 +65,10 @@ TRAIN_FLAGS = {
     "adam-beta2": ("adam_beta2", float, "AdamW beta2"),
     "adam-eps": ("adam_eps", float, "AdamW epsilon (added outside the square root)"),
     "seed": ("seed", int, "seed of initialisation, data order and dropout"),
-    "dtype": ("dtype", str, "float32 or float64 (the reference precision)"),
-    "backend": ("backend", str, "numba (fused CPU kernels, tested against the reference), "
-                                "numpy (the readable reference) or cupy (NVIDIA GPUs, one "
-                                "per rank; data parallelism only)"),
+    "dtype": ("dtype", str, f"{' or '.join(DTYPES)} (float64: the reference precision)"),
+    "backend": ("backend", str, f"one of {', '.join(BACKENDS)}: numba (fused CPU kernels, "
+                                "tested against the reference), numpy (the readable "
+                                "reference), cupy (NVIDIA GPUs, one per rank, every layout)"),
     "data-path": ("data_path", str, "folder written by python -m refgpt.prepare "
                                     "(default: the Python stdlib corpus, prepared on first use)"),
     "eval-interval": ("eval_interval", int, "evaluate every N iterations (0: only at the end)"),
@@ -78,10 +83,11 @@ PARALLEL_FLAGS = {
     "tensor-model-parallel-size": ("tensor_model_parallel_size", int,
                                    "Megatron 1-D tensor-parallel size (alias --tp)"),
     "tensor-parallel-mode": ("tensor_parallel_mode", str,
-                             "1d (Megatron) or 2d (SUMMA on a q x q grid; TP size q^2)"),
+                             f"{' or '.join(TP_MODES)}: 1d Megatron's, 2d SUMMA's on a q x q "
+                             "grid (TP size q^2)"),
     "pipeline-model-parallel-size": ("pipeline_model_parallel_size", int,
                                      "pipeline-parallel size (alias --pp)"),
-    "pipeline-schedule": ("pipeline_schedule", str, "gpipe, 1f1b, interleaved or zb-h1"),
+    "pipeline-schedule": ("pipeline_schedule", str, ", ".join(SCHEDULES)),
     "num-virtual-stages": ("num_virtual_stages", int,
                            "model chunks per pipeline rank (interleaved schedule)"),
     "ddp-bucket-size": ("ddp_bucket_size", int,
@@ -164,14 +170,10 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
 
 
 def setup(argv, world_comm) -> Trainer:
-    """Parse, validate, build the grid and the trainer. User errors raise here, before any
-    training collective: either the same on every rank, or agreed on by all ranks."""
+    """Parse, build the grid and the trainer (which validates the configuration before any
+    work). User errors raise here, before any training collective: either the same on every
+    rank, or agreed on by all ranks."""
     mcfg, tcfg, pcfg, given, other = parse_config(argv)
-    world = 1 if world_comm is None else world_comm.Get_size()
-    dp = check_sizes(world, pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size)
-    pcfg.validate()
-    tcfg.validate(dp)
-    mcfg.validate()
     grid = Grid(world_comm, pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size)
     threads = set_threads(world_comm, pcfg.threads_per_rank)
     error = trainer = None

@@ -43,7 +43,6 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from .backend import set_backend
 from .checkpoint import load_checkpoint
 from .cli import exit_on_user_error
 from .config import ConfigError, ModelConfig, TrainConfig
@@ -225,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     given = vars(args)
-    set_backend("numpy")                         # the readable reference is what is validated
+    # no backend is entered: the readable references are what is validated
     if args.micro_batch_size < 1 or args.steps < 0:
         raise ConfigError("--micro-batch-size must be >= 1 and --steps >= 0")
     if "dump" in given:

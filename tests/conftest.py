@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from refgpt import backend
 from refgpt.config import ModelConfig
 
 
@@ -14,3 +15,13 @@ def tiny_cfg():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def kernels():
+    """{name: kernel} of every @kernel reference of refgpt (refgpt.backend)."""
+    from refgpt.nn import attention, block, embedding, gelu, layernorm, linear, loss, params
+    from refgpt.optim import adamw
+    from refgpt.parallel import shared
+    return backend.kernels_in(attention, block, embedding, gelu, layernorm, linear, loss,
+                              params, adamw, shared)

@@ -139,10 +139,10 @@ def test_config_file_with_flag_override(tmp_path):
 
 def test_default_corpus_is_prepared_on_first_use_and_cached(monkeypatch, tmp_path, capsys):
     """`python -m refgpt.train` with no data flag: the stdlib corpus (here cut to 30 files)."""
-    from refgpt.data import corpus
+    from refgpt.data import corpus, prepared
     files = corpus.default_corpus_files()
     assert len(files) > 100 and all(f.suffix == ".py" for f in files)
-    monkeypatch.setattr(prepare, "default_corpus_files", lambda: files[:30])
+    monkeypatch.setattr(prepared, "default_corpus_files", lambda: files[:30])
     monkeypatch.setenv("REFGPT_CACHE", str(tmp_path))
     argv = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
             "--seq-length", "16", "--vocab-size", "512", "--train-iters", "2", "--eval-iters", "1",

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.skipif(GPUS == 0, reason="no NVIDIA GPU")
 from refgpt import backend  # noqa: E402
 from refgpt.config import ModelConfig, TrainConfig  # noqa: E402
 from refgpt.engine import Trainer  # noqa: E402
+from refgpt.nn import attention  # noqa: E402
 
 TOL = {np.float64: dict(rtol=1e-12, atol=1e-14), np.float32: dict(rtol=2e-5, atol=1e-5)}
 
@@ -49,16 +50,17 @@ def cases(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_cupy_kernels_equal_their_references(dtype):
-    from refgpt.kernels import cupy_gpu
+def test_cupy_kernels_equal_their_references(dtype, kernels):
+    gpu = backend.Backend("cupy")
     fused = {"attention_forward", "attention_backward"}           # their own test, below
-    assert sorted(set(cupy_gpu.KERNELS) - fused) == sorted(cases(np.random.default_rng(0), dtype))
+    replaced = {n for n, k in kernels.items() if gpu.replaces(k)}
+    assert sorted(replaced - fused) == sorted(cases(np.random.default_rng(0), dtype))
     for name, calls in cases(np.random.default_rng(0), dtype).items():
         for args in calls:
             ref_args = [a.copy() if isinstance(a, np.ndarray) else a for a in args]
             gpu_args = [cp.asarray(a) if isinstance(a, np.ndarray) else a for a in args]
-            want = backend.reference(name)(*ref_args)
-            got = cupy_gpu.KERNELS[name](*gpu_args)
+            want = kernels[name].reference(*ref_args)
+            got = gpu.implementation(kernels[name])(*gpu_args)
             want = [] if want is None else want if isinstance(want, (tuple, list)) else [want]
             got = [] if got is None else got if isinstance(got, (tuple, list)) else [got]
             assert len(got) == len(want), name
@@ -72,7 +74,7 @@ def test_cupy_kernels_equal_their_references(dtype):
 
 @pytest.mark.parametrize("blocks", [1, 3, 4])
 @pytest.mark.parametrize("T, Tk", [(64, 64), (1, 33), (50, 70)])
-def test_causal_products_on_views_of_the_qkv_projection(blocks, T, Tk, monkeypatch):
+def test_causal_products_on_views_of_the_qkv_projection(blocks, T, Tk, monkeypatch, kernels):
     from refgpt.kernels import cupy_attention
     monkeypatch.setattr(cupy_attention, "BLOCKS", blocks)
     rng = np.random.default_rng(5)
@@ -89,7 +91,7 @@ def test_causal_products_on_views_of_the_qkv_projection(blocks, T, Tk, monkeypat
     for name, args, gpu in [("causal_matmul_nt", (q, k, 0.5), (qg, kg, 0.5)),
                             ("causal_matmul_nn", (pn, v), (pg, vg)),
                             ("causal_matmul_tn", (pn, q, 0.25), (pg, qg, 0.25))]:
-        want = backend.reference(name)(*args)
+        want = kernels[name].reference(*args)
         got = getattr(cupy_attention, name)(*gpu)
         np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-12, atol=1e-12, err_msg=name)
         if name != "causal_matmul_nt":                          # into a strided view
@@ -115,9 +117,9 @@ def test_flash_attention_equals_the_reference(dtype, T, Tk, D):
         return (qkv[:, Tk - T:, 0].transpose(0, 2, 1, 3), qkv[:, :, 1].transpose(0, 2, 1, 3),
                 qkv[:, :, 2].transpose(0, 2, 1, 3), dout.transpose(0, 2, 1, 3))
     q, k, v, do = heads(qkv, dout)
-    o_ref, saved = backend.reference("attention_forward")(q, k, v, Tk - T)
+    o_ref, saved = attention.attention_forward.reference(q, k, v, Tk - T)
     want = [np.empty_like(q), np.empty_like(k), np.empty_like(v)]
-    backend.reference("attention_backward")(q, k, v, saved, do, *want)
+    attention.attention_backward.reference(q, k, v, saved, do, *want)
     gq, gk, gv, gdo = heads(cp.asarray(qkv), cp.asarray(dout))
     o, saved = cupy_flash.attention_forward(gq, gk, gv, Tk - T)
     assert isinstance(saved, cupy_flash.Saved) and saved.o is o   # the fused path
@@ -148,10 +150,7 @@ def test_training_on_the_gpu_equals_numpy(dtype, dropout, tmp_path):
         cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=80,
                           vocab_size=45, vocab_multiple=16, dropout=dropout)
         t = Trainer(cfg, tcfg, log=lambda *_: None)
-        try:
-            return t.run(), backend.to_host(t.model.params.data).copy()
-        finally:
-            backend.set_backend("numpy")
+        return t.run(), backend.to_host(t.model.params.data).copy()
     (ref, p_ref), (got, p_got) = run("numpy"), run("cupy")
     tol = 1e-10 if dtype == "float64" else 2e-4
     np.testing.assert_allclose([h["loss"] for h in got], [h["loss"] for h in ref], rtol=tol)

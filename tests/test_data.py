@@ -7,7 +7,7 @@ import pytest
 
 from refgpt.data.tokenizer import load_tokenizer
 from refgpt.data.tokens import SyntheticDataset, TokenDataset, batch
-from refgpt.prepare import prepare
+from refgpt.data.prepared import prepare
 from refgpt.engine import Trainer
 from refgpt.config import ModelConfig, TrainConfig
 

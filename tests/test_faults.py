@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from refgpt.parallel.faults import PHASES, inject, parse
+from refgpt.engine.faults import PHASES, Faults, parse
 
 JOB = ["-m", "refgpt.train", "--synthetic-data", "--num-layers", "1", "--hidden-size", "16",
        "--num-attention-heads", "2", "--seq-length", "8", "--vocab-size", "50",
@@ -44,7 +44,7 @@ def test_fault_spec():
 
 def test_no_fault_without_the_variable(monkeypatch):
     monkeypatch.delenv("REFGPT_FAULT", raising=False)
-    inject("forward", 0)
+    Faults(0)("forward")
     monkeypatch.setenv("REFGPT_FAULT", "rank=1,phase=forward")
-    inject("forward", 0)
-    inject("backward", 1)
+    Faults(0)("forward")
+    Faults(1)("backward")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from refgpt.config import ModelConfig
 from refgpt.nn import GPT, Params, ParamSpec
 from refgpt.nn.attention import CausalSelfAttention
 from refgpt.nn.dropout import Dropout
@@ -11,6 +12,7 @@ from refgpt.nn.gelu import GELU, BiasGELU
 from refgpt.nn.layernorm import LayerNorm
 from refgpt.nn.linear import Linear
 from refgpt.nn.loss import CrossEntropy
+from refgpt.nn.sublayers import Sublayers
 
 EPS = 1e-6
 
@@ -116,15 +118,20 @@ def attention_params(C):
                         ParamSpec("a.c_proj.bias", (C,))])
 
 
+def attention(heads, dropout):
+    """The attention layer of one process with these heads and dropout (refgpt.nn.sublayers)."""
+    return Sublayers(ModelConfig(num_attention_heads=heads, dropout=dropout), seed=0)
+
+
 def test_attention(rng):
     p = attention_params(6)
-    attn = CausalSelfAttention(p, "a", num_heads=2, dropout=0.0, seed=0)
+    attn = CausalSelfAttention(attention(2, 0.0), p, "a")
     check_layer(attn, p, rng.standard_normal((2, 5, 6)))
 
 
 def test_attention_with_dropout(rng):
     p = attention_params(4)
-    attn = CausalSelfAttention(p, "a", num_heads=2, dropout=0.3, seed=0)
+    attn = CausalSelfAttention(attention(2, 0.3), p, "a")
     check_layer(attn, p, rng.standard_normal((2, 4, 4)),
                 forward=lambda x: attn.forward(x, key=(5, [10, 11])))
 

@@ -60,7 +60,7 @@ def test_tensor_parallel_divisibility_errors():
 
 def test_the_gpu_backend_refuses_optimizer_offload_by_name():
     from refgpt.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
-    from refgpt.engine import check_layout
+    from refgpt.parallel.build import check_layout
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                       vocab_size=45, vocab_multiple=16)
     tcfg = TrainConfig(micro_batch_size=2, global_batch_size=4, backend="cupy")

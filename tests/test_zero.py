@@ -33,7 +33,7 @@ def test_every_stage_on_one_rank_equals_the_plain_run(stage, shared, tmp_path):
     for key in ("loss", "grad_norm"):
         np.testing.assert_allclose([h[key] for h in hist], [h[key] for h in ref], rtol=1e-12)
     n = plain.model.params.numel
-    np.testing.assert_allclose(zero.zero.full_data()[:n], plain.model.params.data[:n],
+    np.testing.assert_allclose(zero.model.params.full_data()[:n], plain.model.params.data[:n],
                                rtol=0, atol=1e-13)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank00000.exp_avg.npy",
                                                           "rank00000.exp_avg_sq.npy"]

@@ -32,9 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import kernel
-from .dropout import Dropout
-from .layer import Layer
-from .linear import Linear
+from .layer import Layer, primitives
 
 
 def causal_visible(T: int, Tk: int, p0: int) -> np.ndarray:
@@ -42,7 +40,7 @@ def causal_visible(T: int, Tk: int, p0: int) -> np.ndarray:
     return np.arange(Tk)[None, :] <= (p0 + np.arange(T))[:, None]
 
 
-@kernel
+@kernel(numba="numba_attention", cupy="cupy_attention")
 def causal_matmul_nt(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """scale a b^T [..., T, Tk] for queries a [..., T, D] and keys b [..., Tk, D], zero where
     key j comes after query i (queries are the last T of the Tk positions)."""
@@ -52,7 +50,7 @@ def causal_matmul_nt(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.nda
     return s
 
 
-@kernel
+@kernel(numba="numba_attention", cupy="cupy_attention")
 def causal_matmul_nn(p: np.ndarray, v: np.ndarray, scale: float = 1.0,
                      out: np.ndarray | None = None) -> np.ndarray:
     """scale p v for p [..., T, Tk] that is zero past the causal boundary; written into out
@@ -63,7 +61,7 @@ def causal_matmul_nn(p: np.ndarray, v: np.ndarray, scale: float = 1.0,
     return out
 
 
-@kernel
+@kernel(numba="numba_attention", cupy="cupy_attention")
 def causal_matmul_tn(p: np.ndarray, x: np.ndarray, scale: float = 1.0,
                      out: np.ndarray | None = None) -> np.ndarray:
     """scale p^T x for p [..., T, Tk] that is zero past the causal boundary; into out when
@@ -74,13 +72,13 @@ def causal_matmul_tn(p: np.ndarray, x: np.ndarray, scale: float = 1.0,
     return out
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def softmax_backward(p: np.ndarray, dp: np.ndarray) -> np.ndarray:
     """dS = P * (dP - rowsum(dP * P)): the gradient through a row softmax."""
     return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def causal_softmax(s: np.ndarray, p0: int) -> np.ndarray:
     """Row softmax of scores s [..., T, Tk] (in place) where query i sees keys j <= p0 + i."""
     T, Tk = s.shape[-2:]
@@ -91,7 +89,7 @@ def causal_softmax(s: np.ndarray, p0: int) -> np.ndarray:
     return s
 
 
-@kernel
+@kernel(cupy="cupy_flash")
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, dropout=None,
                       keep_probs: bool = False) -> tuple:
     """O = dropout(P) v with P = softmax(mask(q k^T / sqrt(D))), for q [B, H, T, D] and k, v
@@ -104,7 +102,7 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, drop
     return causal_matmul_nn(pd, v), (p, pd)
 
 
-@kernel
+@kernel(cupy="cupy_flash")
 def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, saved, do: np.ndarray,
                        dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
                        dropout_backward=None) -> None:
@@ -132,24 +130,23 @@ class KVCache:
 
 
 class CausalSelfAttention(Layer):
-    def __init__(self, params, prefix: str, num_heads: int, dropout: float, seed: int,
-                 proj_bias: bool = True, head_part: tuple | None = None):
-        """num_heads: the heads computed here. Tensor parallelism passes its share of the
-        heads (head_part = (slice of the heads, number of heads), for the dropout masks) and
-        adds c_proj's bias itself after the reduction (proj_bias=False)."""
+    """c_attn, the attention core over this rank's heads, c_proj: the two linear layers come
+    from the layout (refgpt.nn.sublayers), which splits them over a tensor-parallel group
+    (c_attn by heads, c_proj by its input rows) where there is one."""
+
+    def __init__(self, parts, params, prefix: str):
         super().__init__()
-        self.H, self.prefix = num_heads, prefix
-        self.c_attn = Linear(params, f"{prefix}.c_attn")
-        self.c_proj = Linear(params, f"{prefix}.c_proj", bias=proj_bias)
-        self.attn_drop = Dropout(dropout, f"{prefix}.attn_drop", seed,
-                                 None if head_part is None else (0, *head_part))
-        self.layers = [self.c_attn, self.c_proj, self.attn_drop]
+        self.H, self.prefix = parts.heads, prefix
+        self.c_attn = parts.column_linear(params, f"{prefix}.c_attn")
+        self.c_proj = parts.row_linear(params, f"{prefix}.c_proj")
+        self.attn_drop = parts.attention_dropout(f"{prefix}.attn_drop")
+        self.layers = primitives(self.c_attn, self.c_proj, self.attn_drop)
 
     def forward(self, x: np.ndarray, key=None, cache: KVCache | None = None,
                 layer: int = 0, record: dict | None = None) -> np.ndarray:
-        B, T, _ = x.shape
         qkv = self.c_attn.forward(x)                                  # [B, T, 3C]
-        H, D = self.H, qkv.shape[-1] // (3 * self.H)
+        (B, T, _), H = qkv.shape, self.H                              # (SP: T whole again)
+        D = qkv.shape[-1] // (3 * H)
         q, k, v = qkv.reshape(B, T, 3, H, D).transpose(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
         p0 = 0
         if cache is not None:

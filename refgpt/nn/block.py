@@ -3,11 +3,17 @@
     a = x + drop(attn(ln_1(x)))
     y = a + drop(c_proj(gelu(c_fc(ln_2(a)))))          c_fc: C -> 4C, c_proj: 4C -> C
 
-c_fc's bias is added by the GELU layer (refgpt.nn.gelu.BiasGELU), in the same pass.
+c_fc's bias is added by the activation (refgpt.nn.gelu.BiasGELU), in the same pass.
 
 Backward runs the same lines in reverse; each residual adds the branch's input gradient
 to the gradient flowing straight through (both directions call ``residual``, a kernel: NumPy
 adds on one core).
+
+This is the only block: every layer in it comes from the layout's sublayers
+(refgpt.nn.sublayers), so under tensor parallelism c_attn and c_fc are column-parallel and
+carry the communication that enters the tensor-parallel region, the two c_proj are
+row-parallel and carry the one that leaves it, and the LayerNorms and dropouts see the
+activations as that layout holds them (whole, split over tokens, or split over a 2-D grid).
 """
 
 from __future__ import annotations
@@ -16,37 +22,35 @@ import numpy as np
 
 from ..backend import kernel
 from .attention import CausalSelfAttention, KVCache
-from .dropout import Dropout
-from .gelu import BiasGELU
-from .layernorm import LayerNorm
-from .linear import Linear
+from .layer import primitives
 
 
-@kernel
+@kernel(numba="numba_cpu")
 def residual(x: np.ndarray, branch: np.ndarray) -> np.ndarray:
     """x + branch: a residual connection, or the sum of its two paths' gradients."""
     return x + branch
 
 
 class Block:
-    def __init__(self, params, i: int, cfg, seed: int):
+    def __init__(self, parts, params, i: int):
+        """parts: the layout's sublayers (refgpt.nn.sublayers.Sublayers or a parallel one)."""
         p = f"h.{i}"
-        self.index = i
-        self.ln_1 = LayerNorm(params, f"{p}.ln_1", cfg.layernorm_eps)
-        self.attn = CausalSelfAttention(params, f"{p}.attn", cfg.num_attention_heads,
-                                        cfg.dropout, seed)
-        self.attn_resid_drop = Dropout(cfg.dropout, f"{p}.attn.resid_drop", seed)
-        self.ln_2 = LayerNorm(params, f"{p}.ln_2", cfg.layernorm_eps)
-        self.c_fc = Linear(params, f"{p}.mlp.c_fc", bias=False)
-        self.act = BiasGELU(params, f"{p}.mlp.c_fc.bias", cfg.gelu)
-        self.c_proj = Linear(params, f"{p}.mlp.c_proj")
-        self.mlp_resid_drop = Dropout(cfg.dropout, f"{p}.mlp.resid_drop", seed)
-        self.layers = [self.ln_1, self.attn, *self.attn.layers, self.attn_resid_drop,
-                       self.ln_2, self.c_fc, self.act, self.c_proj, self.mlp_resid_drop]
+        self.index, self.unit = i, p                   # unit: what ZeRO-3 gathers (params.hold)
+        self.ln_1 = parts.layernorm(params, f"{p}.ln_1")
+        self.attn = CausalSelfAttention(parts, params, f"{p}.attn")
+        self.attn_resid_drop = parts.dropout(f"{p}.attn.resid_drop")
+        self.ln_2 = parts.layernorm(params, f"{p}.ln_2")
+        self.c_fc = parts.column_linear(params, f"{p}.mlp.c_fc", bias=False)
+        self.act = parts.bias_gelu(params, f"{p}.mlp.c_fc.bias")
+        self.c_proj = parts.row_linear(params, f"{p}.mlp.c_proj")
+        self.mlp_resid_drop = parts.dropout(f"{p}.mlp.resid_drop")
+        self.layers = primitives(self.ln_1, self.attn, self.attn_resid_drop, self.ln_2,
+                                 self.c_fc, self.act, self.c_proj, self.mlp_resid_drop)
 
     def forward(self, x: np.ndarray, key=None, cache: KVCache | None = None,
                 record: dict | None = None) -> np.ndarray:
-        """record: a dict that receives the block's intermediates under the dump names."""
+        """x [B, T, C] as the layout holds it; key: dropout's (step, sample ids), None for no
+        dropout; record: a dict that receives the block's intermediates under the dump names."""
         n1 = self.ln_1.forward(x)
         h = self.attn.forward(n1, key, cache, self.index, record)
         a = residual(x, self.attn_resid_drop.forward(h, key))             # [B, T, C]
@@ -56,7 +60,7 @@ class Block:
         m = self.c_proj.forward(g)                                         # [B, T, C]
         y = residual(a, self.mlp_resid_drop.forward(m, key))              # [B, T, C]
         if record is not None:
-            p = f"h.{self.index}"
+            p = self.unit
             record.update({f"{p}.ln_1": n1, f"{p}.attn.out": h, f"{p}.resid_attn": a,
                            f"{p}.ln_2": n2, f"{p}.mlp.fc": f, f"{p}.mlp.gelu": g,
                            f"{p}.mlp.out": m, f"{p}.resid_mlp": y})

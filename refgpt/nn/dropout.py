@@ -7,8 +7,10 @@ keyed by that name (see :func:`refgpt.nn.params.name_stream`):
 
 so a data-parallel rank (or a micro-batch) holding sample s draws the same mask a single
 process would. A layout that shards one axis of each sample (tensor parallelism: heads;
-sequence parallelism: tokens) passes part = (axis, slice, full length): it draws the whole sample's mask
-and keeps its slice, so the numbers still match one process.
+sequence parallelism: tokens; 2-D: the hidden axis) passes part = (axis, slice, full
+length): it draws the whole sample's mask and keeps its slice, so the numbers still match one
+process. One that holds block i of q of each micro-batch's samples (2-D: its batch rows)
+passes rows = (i, q).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from .params import name_stream
 
 
 class Dropout(Layer):
-    def __init__(self, p: float, site: str, seed: int, part: tuple | None = None):
+    def __init__(self, p: float, site: str, seed: int, part: tuple | None = None,
+                 rows: tuple | None = None):
         super().__init__()
-        self.p, self.site, self.seed, self.part = p, site, seed, part
+        self.p, self.site, self.seed, self.part, self.rows = p, site, seed, part, rows
 
     def forward(self, x: np.ndarray, key=None) -> np.ndarray:
         """key = (step, sample_ids) enables dropout; None (evaluation) is the identity."""
@@ -31,6 +34,10 @@ class Dropout(Layer):
             self.save(None)
             return x
         step, samples = key
+        if self.rows is not None:                      # this rank's block of the samples
+            i, q = self.rows
+            n = len(samples) // q
+            samples = samples[i * n:(i + 1) * n]
         shape, index = list(x.shape[1:]), [slice(None)] * (x.ndim - 1)
         if self.part is not None:                      # draw the whole sample, keep a slice
             axis, sl, full = self.part

@@ -68,7 +68,7 @@ class TiedHead(TokenTable):
         return matmul(dl2, self.wte).reshape(*dlogits.shape[:-1], -1)  # [B, T, C]
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def scatter_add_rows(table: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
     """table[idx[i]] += rows[i] for every i, repeated ids included."""
     np.add.at(table, idx, rows)

@@ -73,14 +73,14 @@ class BiasGELU(Layer):
         return dx
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def gelu_forward(x: np.ndarray, kind: str) -> np.ndarray:
     if kind == "tanh":
         return 0.5 * x * (1.0 + np.tanh(_S2PI * (x + _K * x**3)))
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str) -> np.ndarray:
     if kind == "tanh":
         t = np.tanh(_S2PI * (x + _K * x**3))
@@ -92,14 +92,14 @@ def gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str) -> np.ndarray:
     return dy * dydx.astype(dy.dtype, copy=False)
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def bias_gelu_forward(f: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
     """gelu(f + b), leaving f + b in f."""
     f += b
     return gelu_forward(f, kind)
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def bias_gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str):
     """(dx, db): dx = dy gelu'(x), db = dx summed over every axis but the last."""
     dx = gelu_backward(x, dy, kind)

@@ -20,11 +20,9 @@ import numpy as np
 
 from .attention import KVCache
 from .block import Block
-from .dropout import Dropout
-from .embedding import Embedding, TiedHead
-from .layernorm import LayerNorm
-from .loss import CrossEntropy
+from .layer import primitives
 from .params import Params, ParamSpec, unit_key
+from .sublayers import Sublayers
 
 
 @dataclass(frozen=True)
@@ -69,35 +67,78 @@ def param_specs(cfg, stage: Stage | None = None) -> list[ParamSpec]:
     return specs
 
 
-class GPTBase:
-    """What the single-process GPT and the tensor-parallel one share: backward through the
-    same stack of layers, the order in which it finalises gradients, and the switch that
-    stops forwards from saving for backward. A subclass sets cfg, params, embed, embed_drop,
-    blocks, ln_f, head, loss_fn and layers."""
+class GPT:
+    """A GPT-2 model, or one pipeline stage of it, on flat buffers, in any tensor-parallel
+    layout: ``forward`` returns the loss, ``backward`` accumulates every parameter's gradient
+    into ``params.grad``.
 
-    def set_grad_enabled(self, enabled: bool) -> None:
-        """With False, forwards save nothing for backward (evaluation, generation)."""
-        for layer in self.layers:
-            layer.keep = enabled
-            if not enabled:
-                layer.stash.clear()
+    What the engine uses, whatever the layout (refgpt.parallel.build makes the model):
 
-    def forward_stage(self, x, targets=None, norm: float | None = None, key=None):
-        """The stage's forward: x is token ids on the first stage, else the activations of the
-        previous stage; returns the loss on the last stage, else this stage's activations."""
+        params                      the flat parameter and gradient buffers of this rank
+        forward, backward           one micro-batch (backward reports finished gradients)
+        complete_grads(names)       what the layout must still sum once accumulation is over
+        counted(name)               whether this rank counts a parameter in the global norm
+        full_tensors(flat)          full tensors of a params-shaped buffer (collective)
+        shard(name, value)          this rank's part of a full tensor
+        set_grad_enabled(enabled)   training, or evaluation (nothing saved for backward)
+    """
+
+    def __init__(self, cfg, dtype=np.float32, seed: int = 1234, stage: Stage | None = None,
+                 params: Params | None = None, parts: Sublayers | None = None,
+                 make_params=Params):
+        """stage: build only that part of the model (pipeline parallelism); params: take the
+        (initialised) parameters from this buffer; else make_params(specs, dtype) makes it
+        (refgpt.parallel.zero passes partitioned storage); parts: the layout's sublayers
+        (default: one process's)."""
+        stage = stage or Stage(range(cfg.num_layers))
+        self.parts = parts = parts or Sublayers(cfg, seed)
+        self.cfg, self.dtype = cfg, np.dtype(dtype)
+        if params is None:
+            params = make_params(parts.local_specs(param_specs(cfg, stage)), self.dtype)
+            params.initialise(seed, parts.shard)
+        self.params = params
+        first, last = stage.first, stage.last
+        self.embed = parts.embedding(params) if first else None
+        self.embed_drop = parts.dropout("embed_drop") if first else None
+        self.blocks = [Block(parts, params, i) for i in stage.blocks]
+        self.ln_f = parts.layernorm(params, "ln_f") if last else None
+        self.head = parts.head(params) if last else None
+        self.loss_fn = parts.loss() if last else None
+        self.layers = primitives(self.embed, self.embed_drop, *self.blocks, self.ln_f,
+                                 self.head, self.loss_fn)
+
+    def forward(self, x: np.ndarray, targets: np.ndarray | None = None, norm: float = 1.0,
+                key=None, cache: KVCache | None = None, record: dict | None = None):
+        """One micro-batch through this stage. x: token ids [B, T] on the first stage, else
+        the previous stage's output. Returns, on the last stage, the loss (the sum of the token
+        losses divided by norm) or, without targets, the logits; elsewhere the activations.
+
+        key = (step, sample_ids) turns dropout on (training); None turns it off. cache: the
+        keys and values of earlier positions (generation). record: a dict that receives every
+        intermediate activation under the names of :mod:`refgpt.dump`.
+        """
         hold = self.params.hold                 # where ZeRO-3 gathers a unit's parameters
         with hold("embed", "forward"):          # wte: read by the embedding and the tied head
             if self.embed is not None:
-                x = self.embed_drop.forward(self.embed.forward(x), key)
+                x = self.embed.forward(x, cache.length if cache is not None else 0)
+                x = self.embed_drop.forward(x, key)                       # [B, T, C]
+                _note(record, "embed", x)
             for block in self.blocks:
-                with hold(f"h.{block.index}", "forward"):
-                    x = block.forward(x, key)
+                with hold(block.unit, "forward"):
+                    x = block.forward(x, key, cache, record)
             if self.head is None:
                 return x
             with hold("ln_f", "forward"):
-                return self.loss_fn.forward(self.head.forward(self.ln_f.forward(x)), targets, norm)
+                x = self.ln_f.forward(x)
+            _note(record, "ln_f", x)
+            logits = self.head.forward(x)                                 # [B, T, Vp]
+        if record is not None:                                            # the loss overwrites them
+            record["logits"] = logits[..., :self.cfg.vocab_size].copy()
+        if targets is None:
+            return logits
+        return self.loss_fn.forward(logits, targets, norm)
 
-    def backward_stage(self, dy=None, on_ready=None):
+    def backward(self, dy: np.ndarray | None = None, on_ready=None):
         """Backward of the oldest pending forward: from d(loss) = 1 on the last stage, else
         from dy; returns the gradient of the stage's input activations (None on the first).
 
@@ -109,11 +150,12 @@ class GPTBase:
         hold = self.params.hold
         with hold("embed", "backward"):
             if self.head is not None:
+                dy = self.head.backward(self.loss_fn.backward())
                 with hold("ln_f", "backward"):
-                    dy = self.ln_f.backward(self.head.backward(self.loss_fn.backward()))
+                    dy = self.ln_f.backward(dy)
                 notify()
             for block in reversed(self.blocks):
-                with hold(f"h.{block.index}", "backward"):
+                with hold(block.unit, "backward"):
                     dy = block.backward(dy)
                 notify()
             if self.embed is not None:
@@ -123,96 +165,50 @@ class GPTBase:
             on_ready(names)
         return dy
 
-    def backward(self, on_ready=None) -> None:
-        """Backward of the whole model's oldest pending forward, from d(loss) = 1."""
-        self.backward_stage(None, on_ready)
-
     def ready_groups(self) -> list[list[str]]:
         """Parameter names in the order backward finalises them, one group per unit
         (refgpt.nn.params.unit_key): ln_f, the blocks from last to first, then the embeddings
         (wte also receives the tied head's gradient, at the start). Within a group, names run
         backwards through the flat buffer, as the groups do."""
         names = list(self.params)
-        keys = ["ln_f"] + [f"h.{b.index}" for b in reversed(self.blocks)] + ["embed"]
+        keys = ["ln_f"] + [b.unit for b in reversed(self.blocks)] + ["embed"]
         groups = [[n for n in reversed(names) if unit_key(n) == k] for k in keys]
         return [g for g in groups if g]
 
-    def norm_counted(self, name: str) -> bool:
-        """Whether this rank counts the parameter in the global gradient norm (a parallel
-        layout counts each element of the model once)."""
-        return True
+    # -- what the layout decides -------------------------------------------------------------
+    def complete_grads(self, names) -> None:
+        self.parts.complete_grads(self.params, names)
 
+    def counted(self, name: str) -> bool:
+        return self.parts.counted(name)
 
-class GPT(GPTBase):
-    """A GPT-2 model on flat buffers: ``forward`` returns the loss, ``backward`` accumulates
-    every parameter's gradient into ``params.grad``."""
+    def full_tensors(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        return self.parts.full_tensors(self.params, flat)
 
-    def __init__(self, cfg, dtype=np.float32, seed: int = 1234, stage: Stage | None = None,
-                 params: Params | None = None, make_params=Params):
-        """stage: build only that part of the model (pipeline parallelism); params: take the
-        (initialised) parameters from this buffer; else make_params(specs, dtype) makes it
-        (refgpt.parallel.zero passes partitioned storage)."""
-        cfg.validate()
-        stage = stage or Stage(range(cfg.num_layers))
-        self.cfg = cfg
-        self.dtype = np.dtype(dtype)
-        if params is None:
-            params = make_params(param_specs(cfg, stage), self.dtype)
-            params.initialise(seed)
-        self.params = params
-        first, last = stage.first, stage.last
-        self.embed = Embedding(params) if first else None
-        self.embed_drop = Dropout(cfg.dropout, "embed_drop", seed) if first else None
-        self.blocks = [Block(params, i, cfg, seed) for i in stage.blocks]
-        self.ln_f = LayerNorm(params, "ln_f", cfg.layernorm_eps) if last else None
-        self.head = TiedHead(params) if last else None
-        self.loss_fn = CrossEntropy(cfg.vocab_size) if last else None
-        self.layers = [l for l in (self.embed, self.embed_drop,
-                                   *(l for b in self.blocks for l in b.layers),
-                                   self.ln_f, self.head, self.loss_fn) if l is not None]
+    def shard(self, name: str, value: np.ndarray) -> np.ndarray:
+        return self.parts.shard(name, value)
 
-
-    def hidden(self, idx: np.ndarray, key=None, cache: KVCache | None = None,
-               record: dict | None = None) -> np.ndarray:
-        """ln_f output [B, T, C] for token ids idx [B, T]."""
-        p0 = cache.length if cache is not None else 0
-        hold = self.params.hold
-        with hold("embed", "forward"):
-            x = self.embed_drop.forward(self.embed.forward(idx, p0), key)   # [B, T, C]
-        if record is not None:
-            record["embed"] = x
-        for block in self.blocks:
-            with hold(f"h.{block.index}", "forward"):
-                x = block.forward(x, key, cache, record)
-        with hold("ln_f", "forward"):
-            x = self.ln_f.forward(x)
-        if record is not None:
-            record["ln_f"] = x
-        return x
-
-    def forward(self, idx: np.ndarray, targets: np.ndarray, norm: float, key=None,
-                record: dict | None = None) -> float:
-        """Loss of one micro-batch: the sum of its token losses divided by ``norm``.
-
-        key = (step, sample_ids) turns dropout on (training); None turns it off.
-        record: a dict that receives every intermediate activation under the names of
-        :mod:`refgpt.dump` ("embed", "h.0.ln_1", ..., "ln_f", "logits").
-        """
-        with self.params.hold("embed", "forward"):                # wte: embedding and head
-            logits = self.head.forward(self.hidden(idx, key, None, record))  # [B, T, Vp]
-        if record is not None:                                    # the loss overwrites them
-            record["logits"] = logits[..., :self.cfg.vocab_size].copy()
-        return self.loss_fn.forward(logits, targets, norm)
+    # -- evaluation and generation -----------------------------------------------------------
+    def set_grad_enabled(self, enabled: bool) -> None:
+        """With False, forwards save nothing for backward (evaluation, generation)."""
+        for layer in self.layers:
+            layer.keep = enabled
+            if not enabled:
+                layer.stash.clear()
 
     def logits(self, idx: np.ndarray, cache: KVCache | None = None) -> np.ndarray:
-        """Logits over the real vocabulary [B, T, V], no dropout, nothing saved."""
+        """Logits over the real vocabulary [B, T, V] (one process), no dropout, nothing saved."""
         keep = self.embed.keep
         self.set_grad_enabled(False)
         try:
-            with self.params.hold("embed", "forward"):
-                return self.head.forward(self.hidden(idx, None, cache))[..., :self.cfg.vocab_size]
+            return self.forward(idx, cache=cache)[..., :self.cfg.vocab_size]
         finally:
             self.set_grad_enabled(keep)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.num_layers)
+
+
+def _note(record: dict | None, name: str, x: np.ndarray) -> None:
+    if record is not None:
+        record[name] = x

@@ -53,3 +53,34 @@ class ParamRef:
     def __set__(self, layer, value) -> None:
         if value is not self.__get__(layer):             # `x += y` sets back the same array
             raise AttributeError(f"{self.key}: update the parameter array in place")
+
+
+class Sequence:
+    """Layers applied one after another (forward in order, backward in reverse), as one layer:
+    what a parallel layout supplies where the single process has one layer (a linear layer
+    with the communication that enters or leaves a tensor-parallel region, say)."""
+
+    def __init__(self, *steps):
+        self.steps = steps
+        self.layers = primitives(*steps)
+
+    def forward(self, x):
+        for step in self.steps:
+            x = step.forward(x)
+        return x
+
+    def backward(self, dy):
+        for step in reversed(self.steps):
+            dy = step.backward(dy)
+        return dy
+
+
+def primitives(*modules) -> list[Layer]:
+    """Every Layer in modules and in what they are built of (their ``layers`` lists), in
+    order: the layers that keep a stash (``set_grad_enabled`` and the stash count walk them)."""
+    out = []
+    for m in modules:
+        if isinstance(m, Layer):
+            out.append(m)
+        out += getattr(m, "layers", [])
+    return out

@@ -43,7 +43,7 @@ class LayerNorm(Layer):
         return dx
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def layernorm_forward(x, g, b, eps: float):
     """(y, n, rstd) for x [..., C]: the output, the normalised input and 1/std [..., 1]."""
     mu = x.mean(axis=-1, keepdims=True)                             # [..., 1]
@@ -53,7 +53,7 @@ def layernorm_forward(x, g, b, eps: float):
     return n * g + b, n, rstd
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def layernorm_backward(dy, n, rstd, g):
     """(dx, dgamma, dbeta) from dy and the forward's n and rstd."""
     C = n.shape[-1]

@@ -20,13 +20,13 @@ from ..backend import kernel
 from .layer import Layer, ParamRef
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def column_sum(a: np.ndarray) -> np.ndarray:
     """a [N, C] summed over its rows: [C] (a bias's gradient)."""
     return a.sum(axis=0)
 
 
-@kernel
+@kernel(numba="numba_gemm")
 def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
     """a @ b for 2-D a and b (the layers' GEMMs), plus bias on every row when given."""
     y = a @ b
@@ -35,13 +35,16 @@ def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.n
     return y
 
 
-@kernel
+@kernel(numba="numba_gemm")
 def add_matmul(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     """c += a @ b, in place (a weight's gradient accumulating x^T dy)."""
     c += a @ b
 
 
 class Linear(Layer):
+    """y = x W (+ b). A layout that computes the products otherwise (SUMMA on a process grid:
+    refgpt.parallel.tensor2d) overrides the three products and keeps the rest."""
+
     w, gw = ParamRef("weight"), ParamRef("weight", grad=True)
     b, gb = ParamRef("bias"), ParamRef("bias", grad=True)
 
@@ -53,7 +56,7 @@ class Linear(Layer):
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         self.save(x)
-        y = matmul(x.reshape(-1, x.shape[-1]), self.w, self.b)  # [N, in] @ [in, out] + b
+        y = self.product(x.reshape(-1, x.shape[-1]))
         return y.reshape(*x.shape[:-1], y.shape[-1])     # [..., out]
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
@@ -64,7 +67,13 @@ class Linear(Layer):
             self.weight_grad(x2, dy2)
         else:
             self.defer.append((self, x2, dy2))
-        return matmul(dy2, self.w.T).reshape(*dy.shape[:-1], -1)  # [N, out] @ [out, in]
+        return self.input_grad(dy2).reshape(*dy.shape[:-1], -1)
+
+    def product(self, x2: np.ndarray) -> np.ndarray:
+        return matmul(x2, self.w, self.b)               # [N, in] @ [in, out] + b
+
+    def input_grad(self, dy2: np.ndarray) -> np.ndarray:
+        return matmul(dy2, self.w.T)                    # dx = dy W^T: [N, out] @ [out, in]
 
     def weight_grad(self, x2: np.ndarray, dy2: np.ndarray) -> None:
         add_matmul(self.gw, x2.T, dy2)                  # gW += x^T dy: [in, out]

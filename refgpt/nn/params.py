@@ -101,6 +101,8 @@ class Params:
             offset += s.size
         self.numel = offset
         self.padded = -(-offset // pad_to) * pad_to
+        self.own = (0, self.padded)             # the part of the buffers this rank updates
+        self.working_peak = 0                   # temporary buffers' high-water mark (ZeRO)
         self.data = self.grad = None
         if allocate:
             self.data, self.grad = self._buffers()
@@ -116,6 +118,28 @@ class Params:
     def free(self) -> None:
         """Give back storage shared with other processes (refgpt.parallel.shared); plain
         buffers are left to the garbage collector."""
+
+    # -- what the optimizer updates, and what a checkpoint reads: here the whole buffers; ZeRO
+    #    (refgpt.parallel.zero) keeps a shard of them and gathers the rest on demand ------------
+    def param_shard(self) -> np.ndarray:
+        return self.data
+
+    def grad_shard(self) -> np.ndarray:
+        return self.grad
+
+    def full_data(self) -> np.ndarray:
+        """The whole flat parameter buffer."""
+        return self.data
+
+    def gather_shards(self, shard: np.ndarray) -> np.ndarray:
+        """The whole flat buffer of which shard is this rank's part (an optimizer moment)."""
+        return shard
+
+    def param_bytes(self) -> int:
+        return self.data.nbytes
+
+    def grad_bytes(self) -> int:
+        return self.grad.nbytes
 
     def _view(self, buf: np.ndarray, name: str) -> np.ndarray:
         lo, hi = self.slices[name]
@@ -171,9 +195,9 @@ class Params:
             self._write(name, value)
 
 
-@kernel
+@kernel(numba="numba_cpu")
 def zero_fill(a: np.ndarray) -> None:
     """a[...] = 0: a gradient buffer before the step's first backward. A kernel so that a
-    backend can fill it with all its threads (NumPy's fill runs on one: 66 ms a step for
-    GPT-2 124M's 500 MB of float32 gradients on a 16-core node)."""
+    backend can fill it with all its threads (NumPy's fill runs on one, and at GPT-2 124M a
+    gradient buffer is 500 MB)."""
     a[...] = 0

@@ -77,7 +77,7 @@ class AdamW:
         self.v[...] = state["exp_avg_sq"]
 
 
-@kernel
+@kernel(numba="numba_cpu", cupy="cupy_gpu")
 def adamw_update(p, g, m, v, lr: float, b1: float, b2: float, eps: float, bc1: float,
                  bc2: float, keep: float = 1.0) -> None:
     """The decay (p *= keep, keep = 1 - lr wd), the moment updates and the step, in place

@@ -7,7 +7,7 @@ exactly the single-process gradient:
 
     g = sum_{r < d} sum_{j < m} grad L_{r,j},    L_{r,j} = (token losses of micro-batch j of rank r) / (G T)
 
-The sum runs over the flat gradient buffer in *buckets*: contiguous runs of whole parameters,
+The sum (GradAllReduce) runs over the flat gradient buffer in *buckets*: contiguous runs of whole parameters,
 filled in the order backward finishes them (last block first). During the last micro-batch's
 backward, a bucket's non-blocking all-reduce (MPI_Iallreduce, in place) starts as soon as all
 of its parameters are final, so communication overlaps the rest of backward; the optimizer
@@ -34,24 +34,22 @@ import time
 import numpy as np
 
 from ..backend import synchronize, to_device, to_host
+from .sync import GradSync, squares
 
 IN_FLIGHT = 2      # gradient collectives left running while backward goes on (also ZeRO's)
 
 
-class GradReducer:
-    def __init__(self, params, dp_comm, ready_order: list[list[str]], bucket_elems: int,
-                 overlap: bool = True):
-        """ready_order: parameter names grouped in the order backward finalises them (for a
-        GPT this is the reverse of the flat buffer's order, so buckets are contiguous).
-        overlap False: no all-reduce during backward; wait() reduces the buckets one after
+class GradAllReduce(GradSync):
+    """The all-reduce of the gradient buffer in buckets, over the data-parallel group (the
+    gradient-sync interface of refgpt.parallel.sync)."""
+
+    def __init__(self, params, dp_comm, bucket_elems: int, overlap: bool = True):
+        """Backward finishes the parameters in the reverse of the flat buffer's order (last
+        block first; refgpt.nn.gpt), so buckets are runs of whole parameters from the end.
+        overlap False: no all-reduce during backward; finish() reduces the buckets one after
         another with blocking MPI_Allreduce (MPI's tuned algorithms, no progress needed)."""
-        self.grad, self.comm, self.overlap = params.grad, dp_comm, overlap
-        names = [n for group in ready_order for n in group]
-        if sorted(names) != sorted(params.slices):
-            raise ValueError("ready_order must name every parameter exactly once")
-        offsets = [params.slices[n][0] for n in names]
-        if offsets != sorted(offsets, reverse=True):
-            raise ValueError("ready_order must run backwards through the flat buffer")
+        self.params, self.grad, self.comm, self.overlap = params, params.grad, dp_comm, overlap
+        names = sorted(params.slices, key=lambda n: params.slices[n][0], reverse=True)
         self.buckets: list[tuple[int, int, set]] = []        # (lo, hi, parameter names)
         current, count = [], 0
         for n in names:
@@ -91,7 +89,7 @@ class GradReducer:
                         self._land(self.pending.pop(0))
                         self.blocked_s += time.perf_counter() - t0
 
-    def wait(self) -> None:
+    def finish(self) -> None:
         """Block until every bucket is reduced (before clipping and the optimizer)."""
         from mpi4py import MPI
         if any(self.waiting):
@@ -105,6 +103,10 @@ class GradReducer:
         for p in self.pending:
             self._land(p)
         self.pending = []
+
+    def grad_squares(self, counted) -> float:
+        """Every rank holds the whole sum: data-parallel rank 0 counts it."""
+        return squares(self.params, counted) if self.comm.Get_rank() == 0 else 0.0
 
     def _host(self, lo: int, hi: int):
         """The bucket as MPI will read it (a GPU bucket: a host copy, also returned second);

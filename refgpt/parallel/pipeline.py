@@ -17,6 +17,7 @@ GEMMs deferred into a per-chunk queue, and W runs the oldest entry.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import deque
 
@@ -27,11 +28,8 @@ from ..config import ConfigError
 from ..nn.gpt import GPT, Stage, param_specs
 from ..nn.linear import Linear
 from ..nn.params import Params
-from ..optim.clip import sum_squares
+from ..nn.sublayers import Sublayers
 from .schedules import COST, check, forward_only_ops, instructions
-from .tensor2d import Linear2D, ParallelGPT2D, block2d, full_tensors_2d, local_specs_2d
-from .tensor import (ParallelGPT, counted_once, full_tensors, grad_squares, local_specs, rank_shard,
-                     reduce_replicated_grads)
 
 
 def stage_of(g: int, p: int, v: int, num_layers: int) -> Stage:
@@ -51,80 +49,52 @@ def check_pipeline(cfg, p: int, v: int, micro_batches: int, schedule: str) -> No
 
 
 class PipelineModel:
-    """This rank's chunks of the model over one flat parameter buffer; with tp (a TPComm)
-    the chunks are tensor-parallel (refgpt.parallel.tensor) and the buffer holds shards."""
+    """This rank's chunks of the model (refgpt.nn.GPT over a range of blocks each) over one
+    flat parameter buffer, in the layout the sublayers give (tensor-parallel chunks hold
+    shards); the model interface of refgpt.nn.GPT, with the chunks run by PipelineExecutor."""
 
-    def __init__(self, cfg, dtype, seed: int, grid, v: int, tp=None, sequence_parallel=False,
-                 make_params=Params, summa=None, micro_batch: int = 1):
-        """summa: a SummaGrid for 2-D tensor-parallel chunks (refgpt.parallel.tensor2d)."""
+    def __init__(self, cfg, dtype, seed: int, grid, v: int, parts=None, make_params=Params):
         p, r = grid.pp_size, grid.pp_rank
-        self.cfg, self.grid, self.v, self.tp, self.sp = cfg, grid, v, tp, sequence_parallel
-        self.summa = summa
+        self.cfg, self.grid, self.v = cfg, grid, v
         self.stages = [stage_of(c * p + r, p, v, cfg.num_layers) for c in range(v)]
+        self.parts = parts = parts or Sublayers(cfg, seed)
         specs = [s for st in self.stages for s in param_specs(cfg, st)]
-        if summa is not None:
-            self.params = make_params(local_specs_2d(specs, summa), dtype)
-            self.params.initialise(seed, self.shard)
-            self.chunks = [ParallelGPT2D(cfg, dtype, seed, grid.tp_comm, micro_batch, stage=st,
-                                         params=self.params, grid=summa) for st in self.stages]
-        elif tp is None:
-            self.params = make_params(specs, dtype)
-            self.params.initialise(seed)
-            self.chunks = [GPT(cfg, dtype, seed, st, self.params) for st in self.stages]
-        else:
-            self.params = make_params(local_specs(specs, tp), dtype)
-            self.params.initialise(seed, self.shard)
-            self.chunks = [ParallelGPT(cfg, dtype, seed, tp, sequence_parallel, st, self.params)
-                           for st in self.stages]
+        self.params = make_params(parts.local_specs(specs), dtype)
+        self.params.initialise(seed, parts.shard)
+        self.chunks = [GPT(cfg, dtype, seed, st, self.params, parts) for st in self.stages]
         self.layers = [layer for ch in self.chunks for layer in ch.layers]
-        self.linears = [[l for l in ch.layers if isinstance(l, (Linear, Linear2D))]
-                        for ch in self.chunks]
+        self.linears = [[l for l in ch.layers if isinstance(l, Linear)] for ch in self.chunks]
         self.first, self.last = self.stages[0].first, self.stages[-1].last
 
     def set_grad_enabled(self, enabled: bool) -> None:
         for ch in self.chunks:
             ch.set_grad_enabled(enabled)
 
-    def ready_order(self) -> list[list[str]]:
-        return [list(reversed(list(self.params)))]
+    def complete_grads(self, names) -> None:
+        """The layout's sums, then the two copies of the tied token table summed between the
+        first and the last stage, so they stay equal."""
+        self.parts.complete_grads(self.params, names)
+        emb = self.grid.emb_comm
+        if emb is not None and "wte.weight" in names:
+            wte = self.params.grads["wte.weight"]
+            wte[...] = to_device(emb.allreduce(to_host(wte)))
 
-    def owned_once(self, name: str) -> bool:
-        """Counts in the gradient norm here: the last stage's wte copy is counted on the first."""
-        return not (name == "wte.weight" and self.last and not self.first)
-
-    def norm_counted(self, name: str) -> bool:
-        return self.owned_once(name) and (self.tp is None or counted_once(name, self.tp))
-
-    def grad_squares(self) -> float:
-        """This rank's share of the squared global gradient norm (sum it over the model-
-        parallel group): each parameter once over the pipeline, each shard once over TP
-        (2-D chunks come with tp None: every element lives on one TP rank)."""
-        if self.tp is not None:
-            return grad_squares(self.params, self.tp, self.owned_once)
-        return sum(sum_squares(g) for n, g in self.params.grads.items() if self.owned_once(n))
-
-    def shard(self, name: str, value: np.ndarray) -> np.ndarray:
-        if self.summa is not None:
-            return block2d(name, value, self.summa.i, self.summa.j, self.summa.q)
-        return value if self.tp is None else rank_shard(name, value, self.tp)
+    def counted(self, name: str) -> bool:
+        """As the layout says, with the last stage's wte copy counted on the first only."""
+        copy = name == "wte.weight" and self.last and not self.first
+        return not copy and self.parts.counted(name)
 
     def full_tensors(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        """This rank's tensors of a params-shaped buffer, TP shards gathered (collective)."""
-        if self.summa is not None:
-            return full_tensors_2d(self.params, self.grid.tp_comm, self.summa.q, flat)
-        if self.tp is None:
-            return {n: flat[lo:hi].reshape(self.params.specs[n].shape)
-                    for n, (lo, hi) in self.params.slices.items()}
-        return full_tensors(self.params, self.tp, flat)
+        """This rank's tensors of a params-shaped buffer, TP parts gathered (collective)."""
+        return self.parts.full_tensors(self.params, flat)
+
+    def shard(self, name: str, value: np.ndarray) -> np.ndarray:
+        return self.parts.shard(name, value)
 
     def stash_bytes(self) -> int:
         """Bytes of the arrays the layers hold for backward."""
         return sum(a.nbytes for layer in self.layers for ctx in layer.stash for a in ctx
                    if isinstance(a, np.ndarray))
-
-    def reduce_replicated_grads(self) -> None:
-        if self.tp is not None:
-            reduce_replicated_grads(self.params, self.tp, self.sp, list(self.params))
 
 
 class PipelineExecutor:
@@ -137,24 +107,27 @@ class PipelineExecutor:
         self.program = instructions(p, micro_batches, v, schedule, ops)[g.pp_rank]
         self.act_shape, self.dtype = act_shape, dtype
 
-    def run(self, batches, norm: float, trace: list | None = None, op_cost: float = 0.0) -> float:
+    def run(self, batches, norm: float, timers=None, trace: list | None = None,
+            op_cost: float = 0.0) -> float:
         """Run one step's instructions over the micro-batches [(x, y, key), ...]; returns the
         sum of the micro-batch losses on the rank holding the last stage, 0 elsewhere.
 
-        trace: a list that receives (kind, micro-batch, chunk, start s, end s, bytes held
-        for backward after the op, zero-bubble W inputs included) for every compute op. op_cost: seconds added to each
+        timers: refgpt.timers.Timers, which times each compute op, from when its input is at
+        hand, as "forward" (F) or "backward" (B, BW and W), with no barrier. trace: a list that
+        receives (kind, micro-batch, chunk, start s, end s, bytes held for backward after the
+        op, zero-bubble W inputs included) for every compute op. op_cost: seconds added to each
         op per unit of cost (F = B = W = 1, BW = 2, divided by v), to measure a schedule's
         bubble with known, equal op costs."""
         from mpi4py import MPI
-        chunks, comm = self.model.chunks, self.comm
+        comm = self.comm
         recvs = {}
         for op in self.program:                       # every receive of the step, posted now
             if op.kind.startswith("RECV"):
                 buf = np.empty(self.act_shape, self.dtype)
                 recvs[(op.kind, op.mb, op.chunk)] = (comm.Irecv(buf, source=op.peer, tag=op.tag), buf)
-        outputs, sends, loss = {}, [], 0.0
-        w_queue = [deque() for _ in chunks]
-        self.busy = {"F": 0.0, "B": 0.0, "W": 0.0}  # seconds in compute ops (BW counts as B)
+        self.outputs, sends, loss = {}, [], 0.0
+        self.w_queue = [deque() for _ in self.model.chunks]
+        phase = timers or (lambda name, barrier: contextlib.nullcontext())
 
         def received(kind, op):
             req, buf = recvs.pop((kind, op.mb, op.chunk))
@@ -162,47 +135,54 @@ class PipelineExecutor:
             return to_device(buf)                     # a GPU array under the cupy backend
 
         for op in self.program:
-            t0 = time.perf_counter()
-            chunk = chunks[op.chunk] if op.kind != "STEP" else None
-            if op.kind == "F":
-                x, y, key = batches[op.mb]
-                inp = x if chunk.embed is not None else received("RECV_ACT", op)
-                t0 = time.perf_counter()                    # busy from here: input at hand
-                out = chunk.forward_stage(inp, y, norm, key)
-                if chunk.head is not None:
-                    loss += out
-                else:
-                    outputs[("act", op.mb, op.chunk)] = out
-            elif op.kind in ("B", "BW"):
-                dout = None if chunk.head is not None else received("RECV_GRAD", op)
-                t0 = time.perf_counter()
-                if op.kind == "B":
-                    store = []
-                    for lin in self.model.linears[op.chunk]:
-                        lin.defer = store
-                    w_queue[op.chunk].append(store)
-                din = chunk.backward_stage(dout)
-                for lin in self.model.linears[op.chunk]:
-                    lin.defer = None
-                if din is not None:
-                    outputs[("grad", op.mb, op.chunk)] = din
-            elif op.kind == "W":
-                for lin, x2, dy2 in w_queue[op.chunk].popleft():
-                    lin.weight_grad(x2, dy2)
+            chunk = self.model.chunks[op.chunk]
+            if op.kind in COST:
+                inp = None                            # the op's input from a neighbour, if any
+                if op.kind == "F" and chunk.embed is None:
+                    inp = received("RECV_ACT", op)
+                elif op.kind in ("B", "BW") and chunk.head is None:
+                    inp = received("RECV_GRAD", op)
+                with phase("forward" if op.kind == "F" else "backward", barrier=False):
+                    t0 = time.perf_counter()
+                    loss += self._compute(op, chunk, inp, batches, norm)
+                    if op_cost:
+                        time.sleep(op_cost * COST[op.kind] / self.model.v)
+                if trace is not None:
+                    queued = sum(x.nbytes + dy.nbytes for q in self.w_queue for store in q
+                                 for _, x, dy in store)
+                    trace.append((op.kind, op.mb, op.chunk, t0, time.perf_counter(),
+                                  self.model.stash_bytes() + queued))
             elif op.kind in ("SEND_ACT", "SEND_GRAD"):
                 kind = "act" if op.kind == "SEND_ACT" else "grad"
-                buf = np.ascontiguousarray(to_host(outputs.pop((kind, op.mb, op.chunk))),
+                buf = np.ascontiguousarray(to_host(self.outputs.pop((kind, op.mb, op.chunk))),
                                            self.dtype)
                 sends.append((comm.Isend(buf, dest=op.peer, tag=op.tag), buf))
             elif op.kind == "STEP":
                 MPI.Request.Waitall([req for req, _ in sends])
-            if op.kind in COST:
-                if op_cost:
-                    time.sleep(op_cost * COST[op.kind] / self.model.v)
-                self.busy[op.kind[0]] += time.perf_counter() - t0
-                if trace is not None:
-                    queued = sum(x.nbytes + dy.nbytes for q in w_queue for store in q
-                                 for _, x, dy in store)
-                    trace.append((op.kind, op.mb, op.chunk, t0, time.perf_counter(),
-                                  self.model.stash_bytes() + queued))
         return loss
+
+    def _compute(self, op, chunk, inp, batches, norm: float) -> float:
+        """One compute op; returns its loss (a last stage's forward), else 0. What it sends on
+        waits in self.outputs; zero-bubble's B queues its weight gradients for the W op."""
+        linears = self.model.linears[op.chunk]
+        if op.kind == "F":
+            x, y, key = batches[op.mb]
+            out = chunk.forward(x if inp is None else inp, y, norm, key)
+            if chunk.head is not None:
+                return out
+            self.outputs[("act", op.mb, op.chunk)] = out
+        elif op.kind in ("B", "BW"):
+            if op.kind == "B":                        # weight gradients deferred to W
+                store = []
+                for lin in linears:
+                    lin.defer = store
+                self.w_queue[op.chunk].append(store)
+            din = chunk.backward(inp)
+            for lin in linears:
+                lin.defer = None
+            if din is not None:
+                self.outputs[("grad", op.mb, op.chunk)] = din
+        else:                                         # W
+            for lin, x2, dy2 in self.w_queue[op.chunk].popleft():
+                lin.weight_grad(x2, dy2)
+        return 0.0

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+from ..config import SCHEDULES
 COST = {"F": 1.0, "B": 1.0, "W": 1.0, "BW": 2.0}
 
 

@@ -53,7 +53,7 @@ from .zero import ZeroParams
 CHUNK = 1 << 16        # elements summed at a time (256 KiB in float32: stays in L2)
 
 
-@kernel
+@kernel(numba="numba_cpu")
 def sum_rows(rows: np.ndarray, lo: int, hi: int, out: np.ndarray) -> None:
     """out[...] = rows[0, lo:hi] + rows[1, lo:hi] + ... + rows[d-1, lo:hi], added in that order
     (out may be part of a row), CHUNK columns at a time so that the partial sum stays in
@@ -135,15 +135,15 @@ class SharedParams(ZeroParams):
         """This rank's part of the node's one copy."""
         return self.data.nbytes // self.d
 
-    def gather_params(self) -> None:
+    def after_step(self) -> None:
         """After the optimizer: nothing to gather, only to wait until every shard is written."""
         self.sync()
 
     # -- gradients: summed by reading the other rows ------------------------------------
-    def reduce_grads(self, names) -> None:
-        """Nothing starts during backward: the sum reads finished rows (wait_grads)."""
+    def ready(self, names) -> None:
+        """Nothing starts during backward: the sum reads finished rows (finish)."""
 
-    def wait_grads(self) -> None:
+    def finish(self) -> None:
         from mpi4py import MPI
         self.sync()
         lo, hi = self.own

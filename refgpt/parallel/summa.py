@@ -47,7 +47,7 @@ class SummaGrid:
         q = int(round(t ** 0.5))
         if q * q != t:
             raise ValueError(f"2-D tensor parallelism needs a square TP size, got {t}")
-        self.q, self.rank = q, tp_comm.Get_rank()
+        self.comm, self.q, self.rank = tp_comm, q, tp_comm.Get_rank()
         self.i, self.j = divmod(self.rank, q)
         self.row = tp_comm.Split(color=self.i, key=self.j)       # same i, ordered by j
         self.col = tp_comm.Split(color=self.j, key=self.i)       # same j, ordered by i

@@ -10,9 +10,12 @@ Each of the t ranks of a tensor-parallel group holds a 1/t shard of every large 
     wte     vocab-parallel: rows r*Vp/t .. (r+1)*Vp/t - 1                       [Vp/t, C]
     LayerNorms, row-parallel biases, wpe: replicated
 
-A block is then  f -> c_attn -> local attention -> c_proj -> g (+ bias)  and
-f -> c_fc -> GELU -> c_proj -> g (+ bias), with f and g from refgpt.parallel.tensor_comm: two
-all-reduces forward and two backward per layer. The embedding looks up the ids of its vocab
+A block (refgpt.nn.block, the same for every layout) is then  f -> c_attn -> local attention
+-> c_proj -> g (+ bias)  and  f -> c_fc -> GELU -> c_proj -> g (+ bias), with f and g from
+refgpt.parallel.tensor_comm: two all-reduces forward and two backward per layer.
+TensorParallel supplies those layers: a column-parallel linear layer is f followed by the
+layer on its column shard, a row-parallel one the layer on its row shard, then g, then the
+bias. The embedding looks up the ids of its vocab
 shard (others give 0) and all-reduces; the tied head computes the logits of its shard, and
 the vocab-parallel cross-entropy needs only three all-reduces of per-token scalars:
 
@@ -32,23 +35,16 @@ every layout starts from the single process's weights.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 from ..backend import array_module
 from ..config import ConfigError
-from ..nn.attention import CausalSelfAttention
-from ..nn.block import residual
 from ..nn.dropout import Dropout
-from ..nn.gelu import BiasGELU
-from ..nn.gpt import GPTBase, Stage, param_specs
 from ..nn.embedding import TiedHead, TokenTable, scatter_add_rows
-from ..nn.layer import Layer, ParamRef
-from ..nn.layernorm import LayerNorm
+from ..nn.layer import Layer, ParamRef, Sequence
 from ..nn.linear import Linear, column_sum
-from ..nn.params import Params, ParamSpec
-from ..optim.clip import sum_squares
+from ..nn.params import ParamSpec
+from ..nn.sublayers import Sublayers
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
 
 SHARDED = {"c_attn": "qkv", "mlp.c_fc": "cols", "attn.c_proj.weight": "rows",
@@ -74,11 +70,6 @@ def shard(value: np.ndarray, kind: str | None, r: int, t: int) -> np.ndarray:
         return np.split(value, t, axis=-1)[r]
     q_k_v = value.reshape(*value.shape[:-1], 3, value.shape[-1] // 3)          # kind == "qkv"
     return np.split(q_k_v, t, axis=-1)[r].reshape(*value.shape[:-1], -1)
-
-
-def rank_shard(name: str, value: np.ndarray, tp) -> np.ndarray:
-    """This TP rank's part of the full value of the parameter called name."""
-    return shard(value, shard_kind(name), tp.rank, tp.t)
 
 
 def unshard(parts: list[np.ndarray], kind: str | None) -> np.ndarray:
@@ -121,54 +112,6 @@ class AddBias(Layer):
         return dy
 
 
-class ParallelBlock:
-    """refgpt.nn.block.Block with its matrices sharded and f/g (or their SP forms) around the
-    two tensor-parallel regions."""
-
-    def __init__(self, params, i: int, cfg, seed: int, tp: TPComm, sp: bool):
-        p, t, r = f"h.{i}", tp.t, tp.rank
-        self.index = i
-        heads = cfg.num_attention_heads // t
-        enter, leave = (GatherSeq, ScatterSeq) if sp else (CopyToTP, ReduceFromTP)
-        tokens = cfg.seq_length // t
-        seq_part = (0, slice(r * tokens, (r + 1) * tokens), cfg.seq_length) if sp else None
-        self.ln_1 = LayerNorm(params, f"{p}.ln_1", cfg.layernorm_eps)
-        self.attn_in = enter(tp, f"{p}.attn")
-        self.attn = CausalSelfAttention(params, f"{p}.attn", heads, cfg.dropout, seed,
-                                        proj_bias=False,
-                                        head_part=(slice(r * heads, (r + 1) * heads),
-                                                   cfg.num_attention_heads))
-        self.attn_out = leave(tp, f"{p}.attn")
-        self.attn_bias = AddBias(params, f"{p}.attn.c_proj.bias")
-        self.attn_resid_drop = Dropout(cfg.dropout, f"{p}.attn.resid_drop", seed, seq_part)
-        self.ln_2 = LayerNorm(params, f"{p}.ln_2", cfg.layernorm_eps)
-        self.mlp_in = enter(tp, f"{p}.mlp")
-        self.c_fc = Linear(params, f"{p}.mlp.c_fc", bias=False)
-        self.act = BiasGELU(params, f"{p}.mlp.c_fc.bias", cfg.gelu)
-        self.c_proj = Linear(params, f"{p}.mlp.c_proj", bias=False)
-        self.mlp_out = leave(tp, f"{p}.mlp")
-        self.mlp_bias = AddBias(params, f"{p}.mlp.c_proj.bias")
-        self.mlp_resid_drop = Dropout(cfg.dropout, f"{p}.mlp.resid_drop", seed, seq_part)
-        self.layers = [self.ln_1, self.attn, *self.attn.layers, self.attn_bias,
-                       self.attn_resid_drop, self.ln_2, self.c_fc, self.act, self.c_proj,
-                       self.mlp_bias, self.mlp_resid_drop]
-
-    def forward(self, x, key=None):                     # x: [B, T, C] or, with SP, [B, T/t, C]
-        h = self.attn.forward(self.attn_in.forward(self.ln_1.forward(x)), key)
-        a = residual(x, self.attn_resid_drop.forward(
-            self.attn_bias.forward(self.attn_out.forward(h)), key))
-        f = self.c_fc.forward(self.mlp_in.forward(self.ln_2.forward(a)))
-        m = self.mlp_out.forward(self.c_proj.forward(self.act.forward(f)))
-        return residual(a, self.mlp_resid_drop.forward(self.mlp_bias.forward(m), key))
-
-    def backward(self, dy):
-        dm = self.mlp_out.backward(self.mlp_bias.backward(self.mlp_resid_drop.backward(dy)))
-        df = self.act.backward(self.c_proj.backward(dm))
-        da = residual(dy, self.ln_2.backward(self.mlp_in.backward(self.c_fc.backward(df))))
-        dh = self.attn_out.backward(self.attn_bias.backward(self.attn_resid_drop.backward(da)))
-        return residual(da, self.ln_1.backward(self.attn_in.backward(self.attn.backward(dh))))
-
-
 class VocabParallelEmbedding(TokenTable):
     """x = wte[idx] + wpe[pos], with wte's rows split over the group: each rank looks up the
     ids in its range (others contribute 0), then the partial sums are reduced (all-reduce, or
@@ -181,12 +124,12 @@ class VocabParallelEmbedding(TokenTable):
         self.reduce = ScatterSeq(tp, "embed") if sp else ReduceFromTP(tp, "embed")
         self.tp, self.sp = tp, sp
 
-    def forward(self, idx):                                          # idx [B, T], all tokens
+    def forward(self, idx, pos0: int = 0):                           # idx [B, T], all tokens
         mine = (idx >= self.lo) & (idx < self.hi)
         local = np.where(mine, idx - self.lo, 0)
         x = self.reduce.forward(self.wte[local] * mine[..., None])    # [B, T(/t), C]
         T = x.shape[1]
-        p0 = self.tp.rank * T if self.sp else 0
+        p0 = pos0 + (self.tp.rank * T if self.sp else 0)
         self.save(local, mine, p0)
         return x + self.wpe[p0:p0 + T]
 
@@ -253,95 +196,75 @@ class VocabParallelCrossEntropy(Layer):
         return dz.reshape(shape)
 
 
-class ParallelGPT(GPTBase):
-    """refgpt.nn.GPT over a tensor-parallel group: the same training interface (forward,
-    backward, ready_groups, set_grad_enabled); the parameters are this rank's shards. With
-    sequence parallelism the caller completes the replicated parameters' gradients with
-    reduce_replicated_grads once accumulation is over."""
+class TensorParallel(Sublayers):
+    """The sublayers of Megatron's 1-D tensor parallelism (module docstring) on this TP rank,
+    with sequence parallelism when sequence_parallel."""
 
-    def __init__(self, cfg, dtype, seed: int, tp: TPComm, sequence_parallel: bool = False,
-                 stage: Stage | None = None, params: Params | None = None, make_params=Params):
-        """stage / params / make_params: as refgpt.nn.GPT."""
-        cfg.validate()
-        check_divisible(cfg, tp.t, sequence_parallel)
-        stage = stage or Stage(range(cfg.num_layers))
-        self.cfg, self.tp, self.sp = cfg, tp, sequence_parallel
-        self.dtype = np.dtype(dtype)
-        if params is None:
-            params = make_params(local_specs(param_specs(cfg, stage), tp), self.dtype)
-            params.initialise(seed, lambda n, v: rank_shard(n, v, tp))
-        self.params = params
-        T = cfg.seq_length // tp.t
-        seq_part = (0, slice(tp.rank * T, (tp.rank + 1) * T), cfg.seq_length) if sequence_parallel else None
-        first, last = stage.first, stage.last
-        self.embed = VocabParallelEmbedding(params, tp, sequence_parallel) if first else None
-        self.embed_drop = Dropout(cfg.dropout, "embed_drop", seed, seq_part) if first else None
-        self.blocks = [ParallelBlock(params, i, cfg, seed, tp, sequence_parallel)
-                       for i in stage.blocks]
-        self.ln_f = LayerNorm(params, "ln_f", cfg.layernorm_eps) if last else None
-        self.head = VocabParallelHead(params, tp, sequence_parallel) if last else None
-        self.loss_fn = VocabParallelCrossEntropy(cfg.vocab_size, tp) if last else None
-        self.layers = [l for l in (self.embed, self.embed_drop,
-                                   *(l for b in self.blocks for l in b.layers),
-                                   self.ln_f, self.head, self.loss_fn) if l is not None]
+    def __init__(self, cfg, seed: int, tp: TPComm, sequence_parallel: bool = False):
+        super().__init__(cfg, seed)
+        self.tp, self.sp = tp, sequence_parallel
+        a, t, r = cfg.num_attention_heads, tp.t, tp.rank
+        self.head_part = (0, slice(r * a // t, (r + 1) * a // t), a)        # dropout on [H, T, T]
+        T = cfg.seq_length // t
+        self.seq_part = (0, slice(r * T, (r + 1) * T), cfg.seq_length) if sequence_parallel else None
+        self.enter, self.leave = (GatherSeq, ScatterSeq) if sequence_parallel else (CopyToTP, ReduceFromTP)
+
+    # -- parameters ------------------------------------------------------------------------
+    def local_specs(self, specs: list[ParamSpec]) -> list[ParamSpec]:
+        t, r = self.tp.t, self.tp.rank
+        return [ParamSpec(s.name, shard(np.empty(s.shape, bool), shard_kind(s.name), r, t).shape,
+                          s.init, s.std, s.valid_rows, s.shape) for s in specs]
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
-        return rank_shard(name, value, self.tp)
+        return shard(value, shard_kind(name), self.tp.rank, self.tp.t)
 
-    def forward(self, idx, targets, norm: float, key=None) -> float:
-        return self.forward_stage(idx, targets, norm, key)
+    def full_tensors(self, params, flat: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for n, (lo, hi) in params.slices.items():
+            part = flat[lo:hi].reshape(params.specs[n].shape)
+            out[n] = unshard(self.tp.comm.allgather(part), shard_kind(n))
+        return out
 
-    def reduce_replicated_grads(self, names) -> None:
-        reduce_replicated_grads(self.params, self.tp, self.sp, names)
+    def counted(self, name: str) -> bool:
+        """Shards count on every TP rank, replicated parameters on TP rank 0 only."""
+        return shard_kind(name) is not None or self.tp.rank == 0
 
-    def norm_counted(self, name: str) -> bool:
-        return counted_once(name, self.tp)
+    def complete_grads(self, params, names) -> None:
+        """With SP the replicated parameters saw only this rank's tokens: their gradients are
+        summed over the TP group."""
+        if self.sp:
+            for n in names:
+                if shard_kind(n) is None:
+                    params.grads[n][...] = self.tp.allreduce(params.grads[n], "sp-grads")
 
-    def grad_norm(self) -> float:
-        """Global gradient norm: shards' squares summed over the group, replicated
-        parameters counted once (on TP rank 0)."""
-        return math.sqrt(self.tp.comm.allreduce(grad_squares(self.params, self.tp)))
+    def activation_shape(self, micro_batch: int) -> tuple:
+        T = self.cfg.seq_length // (self.tp.t if self.sp else 1)
+        return micro_batch, T, self.cfg.hidden_size
 
-    def full_tensors(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        return full_tensors(self.params, self.tp, flat)
+    # -- layers ------------------------------------------------------------------------------
+    @property
+    def heads(self) -> int:
+        return self.cfg.num_attention_heads // self.tp.t
 
+    def dropout(self, site: str) -> Dropout:                 # with SP: this rank's tokens
+        return Dropout(self.cfg.dropout, site, self.seed, self.seq_part)
 
-def local_specs(specs: list[ParamSpec], tp: TPComm) -> list[ParamSpec]:
-    """This rank's shard of each parameter (full shape kept for initialisation)."""
-    return [ParamSpec(s.name, shard(np.empty(s.shape, bool), shard_kind(s.name), tp.rank,
-                                    tp.t).shape, s.init, s.std, s.valid_rows, s.shape)
-            for s in specs]
+    def attention_dropout(self, site: str) -> Dropout:       # this rank's heads
+        return Dropout(self.cfg.dropout, site, self.seed, self.head_part)
 
+    def column_linear(self, params, prefix: str, bias: bool = True):
+        return Sequence(self.enter(self.tp, prefix), Linear(params, prefix, bias))
 
-def reduce_replicated_grads(params, tp: TPComm, sequence_parallel: bool, names) -> None:
-    """With SP, sum the replicated parameters' gradients among names over the TP group
-    (each rank saw only its tokens). Call once per step, on accumulated gradients."""
-    if sequence_parallel:
-        for n in names:
-            if shard_kind(n) is None:
-                params.grads[n][...] = tp.allreduce(params.grads[n], "sp-grads")
+    def row_linear(self, params, prefix: str):
+        return Sequence(Linear(params, prefix, bias=False), self.leave(self.tp, prefix),
+                        AddBias(params, f"{prefix}.bias"))
 
+    def embedding(self, params):
+        return VocabParallelEmbedding(params, self.tp, self.sp)
 
-def counted_once(name: str, tp: TPComm) -> bool:
-    """Shards count on every TP rank, replicated parameters on TP rank 0 only."""
-    return shard_kind(name) is not None or tp.rank == 0
+    def head(self, params):
+        return VocabParallelHead(params, self.tp, self.sp)
 
+    def loss(self):
+        return VocabParallelCrossEntropy(self.cfg.vocab_size, self.tp)
 
-def grad_squares(params, tp: TPComm, counted=lambda name: True) -> float:
-    """This rank's share of the squared gradient norm: its shards, and the replicated
-    parameters on TP rank 0 only; counted(name) can leave out more (pipeline copies)."""
-    sq = 0.0
-    for n, g in params.grads.items():
-        if counted(n) and counted_once(n, tp):
-            sq += sum_squares(g)
-    return sq
-
-
-def full_tensors(params, tp: TPComm, flat: np.ndarray) -> dict[str, np.ndarray]:
-    """Every full parameter-shaped tensor of a buffer laid out like params.data (the
-    parameters themselves, or an optimizer moment), gathered from the TP group."""
-    out = {}
-    for n, (lo, hi) in params.slices.items():
-        part = flat[lo:hi].reshape(params.specs[n].shape)
-        out[n] = unshard(tp.comm.allgather(part), shard_kind(n))
-    return out

@@ -33,16 +33,13 @@ import numpy as np
 
 from ..backend import array_module
 from ..config import ConfigError
-from ..nn.attention import CausalSelfAttention
-from ..nn.block import residual
 from ..nn.dropout import Dropout
 from ..nn.embedding import scatter_add_rows
 from ..nn.gelu import GELU
-from ..nn.gpt import GPTBase, Stage, param_specs
-from ..nn.layer import Layer, ParamRef
-from ..nn.linear import column_sum
-from ..nn.params import Params, ParamSpec
-from ..optim.clip import sum_squares
+from ..nn.layer import Layer, ParamRef, Sequence
+from ..nn.linear import Linear, column_sum
+from ..nn.params import ParamSpec
+from ..nn.sublayers import Sublayers
 from .summa import SummaGrid, matmul_ab, matmul_abt, matmul_atb
 from .tensor import VocabParallelCrossEntropy, shard
 from .tensor_comm import TPComm
@@ -81,31 +78,20 @@ def check_2d(cfg, t: int, micro_batch: int) -> int:
     return q
 
 
-class Linear2D(Layer):
-    """y = x W (+ b: a separate Bias2D) with x [..., in/q] and W_ij [in/q, out/q]. As
-    refgpt.nn.linear.Linear, a ``defer`` list postpones the weight gradient (zero-bubble W)."""
+class Linear2D(Linear):
+    """y = x W (its bias is a separate Bias2D) with x [..., in/q] and W_ij [in/q, out/q]: the
+    three products of refgpt.nn.linear.Linear as SUMMA products on the grid (a ``defer`` list
+    postpones the weight gradient, as there)."""
 
-    w, gw = ParamRef("weight"), ParamRef("weight", grad=True)
+    def __init__(self, params, prefix: str, grid: SummaGrid):
+        super().__init__(params, prefix, bias=False)
+        self.grid, self.site = grid, prefix                  # counters: h.0.mlp.c_fc, ...
 
-    def __init__(self, params, name: str, grid: SummaGrid):
-        super().__init__()
-        self.params, self.param_names, self.grid = params, {"weight": name}, grid
-        self.site = name.rsplit(".", 1)[0]                       # counters: h.0.mlp.c_fc, ...
-        self.defer: list | None = None
+    def product(self, x2):
+        return matmul_ab(self.grid, x2, self.w, self.site)
 
-    def forward(self, x):
-        x2 = x.reshape(-1, x.shape[-1])
-        self.save(x2)
-        return matmul_ab(self.grid, x2, self.w, self.site).reshape(*x.shape[:-1], -1)
-
-    def backward(self, dy):
-        (x2,) = self.saved()
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if self.defer is None:
-            self.weight_grad(x2, dy2)
-        else:
-            self.defer.append((self, x2, dy2))
-        return matmul_abt(self.grid, dy2, self.w, self.site).reshape(*dy.shape[:-1], -1)
+    def input_grad(self, dy2):
+        return matmul_abt(self.grid, dy2, self.w, self.site)
 
     def weight_grad(self, x2, dy2) -> None:
         self.gw += matmul_atb(self.grid, x2, dy2, self.site)
@@ -168,64 +154,6 @@ class LayerNorm2D(Layer):
         return rstd * (dn - self._mean(dn) - n * self._mean(dn * n))
 
 
-class Block2D:
-    """refgpt.nn.block.Block on the grid."""
-
-    def __init__(self, params, index: int, cfg, seed: int, grid, row: TPComm, col: TPComm):
-        p, q, j = f"h.{index}", grid.q, grid.j
-        C, a = cfg.hidden_size, cfg.num_attention_heads
-        self.index = index
-        hidden = (1, slice(j * C // q, (j + 1) * C // q), C)     # dropout: this hidden block
-        self.ln_1 = LayerNorm2D(params, f"{p}.ln_1", cfg.layernorm_eps, row, col, C)
-        self.attn = CausalSelfAttention(params, f"{p}.attn", a // q, cfg.dropout, seed,
-                                        proj_bias=False,
-                                        head_part=(slice(j * a // q, (j + 1) * a // q), a))
-        self.qkv = Linear2D(params, f"{p}.attn.c_attn.weight", grid)
-        self.qkv_bias = Bias2D(params, f"{p}.attn.c_attn.bias", col)
-        self.attn.c_attn = _WithBias(self.qkv, self.qkv_bias)      # what attention calls
-        self.attn.c_proj = Linear2D(params, f"{p}.attn.c_proj.weight", grid)
-        self.attn_bias = Bias2D(params, f"{p}.attn.c_proj.bias", col)
-        self.attn_resid_drop = Dropout(cfg.dropout, f"{p}.attn.resid_drop", seed, hidden)
-        self.ln_2 = LayerNorm2D(params, f"{p}.ln_2", cfg.layernorm_eps, row, col, C)
-        self.c_fc = Linear2D(params, f"{p}.mlp.c_fc.weight", grid)
-        self.fc_bias = Bias2D(params, f"{p}.mlp.c_fc.bias", col)
-        self.act = GELU(cfg.gelu)
-        self.c_proj = Linear2D(params, f"{p}.mlp.c_proj.weight", grid)
-        self.mlp_bias = Bias2D(params, f"{p}.mlp.c_proj.bias", col)
-        self.mlp_resid_drop = Dropout(cfg.dropout, f"{p}.mlp.resid_drop", seed, hidden)
-        self.layers = [self.ln_1, self.qkv, self.qkv_bias, self.attn, self.attn.attn_drop,
-                       self.attn.c_proj, self.attn_bias, self.attn_resid_drop, self.ln_2,
-                       self.c_fc, self.fc_bias, self.act, self.c_proj, self.mlp_bias,
-                       self.mlp_resid_drop]
-
-    def forward(self, x, key=None):                              # x: [B/q, T, C/q]
-        h = self.attn_bias.forward(self.attn.forward(self.ln_1.forward(x), key))
-        a = residual(x, self.attn_resid_drop.forward(h, key))
-        f = self.fc_bias.forward(self.c_fc.forward(self.ln_2.forward(a)))
-        m = self.mlp_bias.forward(self.c_proj.forward(self.act.forward(f)))
-        return residual(a, self.mlp_resid_drop.forward(m, key))
-
-    def backward(self, dy):
-        dm = self.mlp_bias.backward(self.mlp_resid_drop.backward(dy))
-        df = self.act.backward(self.c_proj.backward(dm))
-        da = residual(dy, self.ln_2.backward(self.c_fc.backward(self.fc_bias.backward(df))))
-        dh = self.attn_bias.backward(self.attn_resid_drop.backward(da))
-        return residual(da, self.ln_1.backward(self.attn.backward(dh)))
-
-
-class _WithBias:
-    """c_attn followed by its bias, as the one layer CausalSelfAttention calls."""
-
-    def __init__(self, linear, bias):
-        self.linear, self.bias = linear, bias
-
-    def forward(self, x):
-        return self.bias.forward(self.linear.forward(x))
-
-    def backward(self, dy):
-        return self.linear.backward(self.bias.backward(dy))
-
-
 class Embedding2D(Layer):
     """x = wte[idx] + wpe[positions] for this rank's batch block and hidden block."""
 
@@ -237,19 +165,19 @@ class Embedding2D(Layer):
         self.wpe = Vector2D(params, "wpe.weight", col)
         self.rows = params.specs["wte.weight"].shape[0]
 
-    def forward(self, idx):                                      # idx [B, T]: the whole batch
-        lo = self.grid.i * self.rows
+    def forward(self, idx, pos0: int = 0):                       # idx [B, T]: the whole batch
+        lo, T = self.grid.i * self.rows, idx.shape[1]
         mine = (idx >= lo) & (idx < lo + self.rows)
         local = np.where(mine, idx - lo, 0)
         x = self.col.reduce_scatter(self.wte[local] * mine[..., None], 0, "embed")
-        self.save(local, mine)
-        return x + self.wpe.full()[:idx.shape[1]]                # [B/q, T, C/q]
+        self.save(local, mine, pos0)
+        return x + self.wpe.full()[pos0:pos0 + T]                # [B/q, T, C/q]
 
     def backward(self, dx):
-        local, mine = self.saved()
+        local, mine, pos0 = self.saved()
         P = self.params.specs["wpe.weight"].shape[0] * self.grid.q
         dpos = array_module().zeros((P, dx.shape[-1]), dx.dtype)
-        dpos[:dx.shape[1]] = dx.sum(axis=0)
+        dpos[pos0:pos0 + dx.shape[1]] = dx.sum(axis=0)
         self.wpe.add_grad(dpos)
         dfull = self.col.allgather(dx, 0, "embed")               # [B, T, C/q]
         scatter_add_rows(self.gwte, local[mine], dfull[mine])
@@ -282,6 +210,7 @@ class Loss2D(Layer):
     def __init__(self, vocab_size: int, grid: SummaGrid, row: TPComm, col: TPComm):
         super().__init__()
         self.ce, self.grid, self.col = VocabParallelCrossEntropy(vocab_size, row), grid, col
+        self.layers = [self.ce]                                  # what keeps the stash
 
     def forward(self, logits, targets, norm):
         rows = targets.shape[0] // self.grid.q
@@ -293,65 +222,39 @@ class Loss2D(Layer):
         return self.ce.backward()
 
 
-def local_specs_2d(specs, grid: SummaGrid) -> list[ParamSpec]:
-    """This rank's block of each parameter (full shape kept for initialisation)."""
-    return [ParamSpec(s.name, block2d(s.name, np.empty(s.shape, bool), grid.i, grid.j,
-                                      grid.q).shape, s.init, s.std, s.valid_rows, s.shape)
-            for s in specs]
+class Tensor2D(Sublayers):
+    """The sublayers of 2-D tensor parallelism (module docstring) on rank (i, j) of the grid."""
 
+    def __init__(self, cfg, seed: int, grid: SummaGrid):
+        super().__init__(cfg, seed)
+        self.grid, self.row, self.col = grid, TPComm(grid.row), TPComm(grid.col)
+        q, i, j, C, a = grid.q, grid.i, grid.j, cfg.hidden_size, cfg.num_attention_heads
+        self.hidden_part = (1, slice(j * C // q, (j + 1) * C // q), C)   # dropout on [T, C]
+        self.head_part = (0, slice(j * a // q, (j + 1) * a // q), a)     # dropout on [H, T, T]
+        self.rows = (i, q)                                             # batch block i of q
 
-class ParallelGPT2D(GPTBase):
-    """The GPT over a q x q tensor-parallel grid, with the training interface of
-    refgpt.nn.GPT; the parameters are this rank's blocks and pieces."""
-
-    def __init__(self, cfg, dtype, seed: int, tp_comm, micro_batch: int, make_params=Params,
-                 stage: Stage | None = None, params: Params | None = None,
-                 grid: SummaGrid | None = None):
-        """stage / params: a pipeline stage over a shared buffer, as refgpt.nn.GPT; grid: the
-        SummaGrid of tp_comm, if one exists already."""
-        cfg.validate()
-        self.cfg, self.dtype = cfg, np.dtype(dtype)
-        check_2d(cfg, tp_comm.Get_size(), micro_batch)
-        self.grid = grid = grid or SummaGrid(tp_comm)
-        self.tp_comm, self.row, self.col = tp_comm, TPComm(grid.row), TPComm(grid.col)
-        stage = stage or Stage(range(cfg.num_layers))
-        if params is None:
-            params = make_params(local_specs_2d(param_specs(cfg, stage), grid), self.dtype)
-            params.initialise(seed, self.shard)
-        self.params = params
-        C, first, last = cfg.hidden_size, stage.first, stage.last
-        hidden = (1, slice(grid.j * C // grid.q, (grid.j + 1) * C // grid.q), C)
-        self.embed = Embedding2D(params, grid, self.col) if first else None
-        self.embed_drop = Dropout(cfg.dropout, "embed_drop", seed, hidden) if first else None
-        self.blocks = [Block2D(params, i, cfg, seed, grid, self.row, self.col)
-                       for i in stage.blocks]
-        self.ln_f = LayerNorm2D(params, "ln_f", cfg.layernorm_eps, self.row, self.col, C) if last else None
-        self.head = Head2D(params, grid) if last else None
-        self.loss_fn = Loss2D(cfg.vocab_size, grid, self.row, self.col) if last else None
-        self.layers = [l for l in (self.embed, self.embed_drop,
-                                   *(l for b in self.blocks for l in b.layers), self.ln_f,
-                                   self.head, self.loss_fn.ce if last else None) if l is not None]
+    # -- parameters ------------------------------------------------------------------------
+    def local_specs(self, specs: list[ParamSpec]) -> list[ParamSpec]:
+        g = self.grid
+        return [ParamSpec(s.name, block2d(s.name, np.empty(s.shape, bool), g.i, g.j, g.q).shape,
+                          s.init, s.std, s.valid_rows, s.shape) for s in specs]
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return block2d(name, value, self.grid.i, self.grid.j, self.grid.q)
 
-    def forward_stage(self, x, targets=None, norm=None, key=None):
-        """x, targets: the whole micro-batch on every TP rank (or, after the first stage, this
-        rank's activation block); key as refgpt.nn.GPT, cut to this rank's batch block."""
-        if key is not None:                                      # dropout: this batch block
-            rows = len(key[1]) // self.grid.q
-            key = (key[0], key[1][self.grid.i * rows:(self.grid.i + 1) * rows])
-        return super().forward_stage(x, targets, norm, key)
+    def full_tensors(self, params, flat: np.ndarray) -> dict[str, np.ndarray]:
+        out = {}
+        for n, (lo, hi) in params.slices.items():
+            part = np.ascontiguousarray(flat[lo:hi].reshape(params.specs[n].shape))
+            out[n] = unblock2d(n, self.grid.comm.allgather(part), self.grid.q)
+        return out
 
-    def forward(self, idx, targets, norm: float, key=None) -> float:
-        return self.forward_stage(idx, targets, norm, key)
+    def counted(self, name: str) -> bool:
+        return True                             # every element lives on one TP rank
 
-    def grad_norm(self) -> float:
-        """Every element lives on one TP rank: the squares summed over the group."""
-        return math.sqrt(self.tp_comm.allreduce(sum_squares(self.params.grad)))
-
-    def full_tensors(self, flat: np.ndarray) -> dict[str, np.ndarray]:
-        return full_tensors_2d(self.params, self.tp_comm, self.grid.q, flat)
+    def activation_shape(self, micro_batch: int) -> tuple:
+        q = self.grid.q
+        return micro_batch // q, self.cfg.seq_length, self.cfg.hidden_size // q
 
     def layer_volume(self, prefix: str) -> tuple[float, int]:
         """(elements received, SUMMA messages) by the sites under prefix ("h.0." = block 0)
@@ -359,11 +262,38 @@ class ParallelGPT2D(GPTBase):
         elements, messages = self.grid.layer_volume(prefix)
         return elements + self.row.layer_volume(prefix) + self.col.layer_volume(prefix), messages
 
+    # -- layers ------------------------------------------------------------------------------
+    @property
+    def heads(self) -> int:
+        return self.cfg.num_attention_heads // self.grid.q
 
-def full_tensors_2d(params, tp_comm, q: int, flat: np.ndarray) -> dict[str, np.ndarray]:
-    """Every full parameter-shaped tensor of a buffer laid out like params.data (collective)."""
-    out = {}
-    for n, (lo, hi) in params.slices.items():
-        part = np.ascontiguousarray(flat[lo:hi].reshape(params.specs[n].shape))
-        out[n] = unblock2d(n, tp_comm.allgather(part), q)
-    return out
+    def dropout(self, site: str) -> Dropout:                 # this rank's hidden and batch block
+        return Dropout(self.cfg.dropout, site, self.seed, self.hidden_part, self.rows)
+
+    def attention_dropout(self, site: str) -> Dropout:       # its heads and batch block
+        return Dropout(self.cfg.dropout, site, self.seed, self.head_part, self.rows)
+
+    def layernorm(self, params, prefix: str):
+        return LayerNorm2D(params, prefix, self.cfg.layernorm_eps, self.row, self.col,
+                           self.cfg.hidden_size)
+
+    def column_linear(self, params, prefix: str, bias: bool = True):
+        linear = Linear2D(params, prefix, self.grid)
+        return Sequence(linear, Bias2D(params, f"{prefix}.bias", self.col)) if bias else linear
+
+    def row_linear(self, params, prefix: str):
+        """A SUMMA product's output has its input's layout: no region to leave, the same
+        layer as column_linear's."""
+        return self.column_linear(params, prefix)
+
+    def bias_gelu(self, params, bias: str):
+        return Sequence(Bias2D(params, bias, self.col), GELU(self.cfg.gelu))
+
+    def embedding(self, params):
+        return Embedding2D(params, self.grid, self.col)
+
+    def head(self, params):
+        return Head2D(params, self.grid)
+
+    def loss(self):
+        return Loss2D(self.cfg.vocab_size, self.grid, self.row, self.col)

@@ -59,6 +59,7 @@ from ..backend import array_module, to_device, to_host
 from ..nn.params import Params, unit_key, zero_fill
 from ..optim.clip import sum_squares
 from .data import IN_FLIGHT       # gradient collectives left running while backward goes on
+from .sync import GradSync
 
 
 @dataclass
@@ -102,10 +103,11 @@ class UnitViews:
         return unit.views[name]
 
 
-class ZeroParams(Params):
+class ZeroParams(Params, GradSync):
     """refgpt.nn.params.Params with ZeRO storage: the same names, views and flat layout for
     the model, with optimizer shards (stage >= 1), gradient shards (>= 2) and parameter
-    shards (3) over the data-parallel communicator comm."""
+    shards (3) over the data-parallel communicator comm; and the gradient-sync interface
+    (refgpt.parallel.sync) that fills and uses them."""
 
     def __init__(self, specs, dtype, stage: int, comm):
         if stage not in (1, 2, 3):
@@ -130,6 +132,7 @@ class ZeroParams(Params):
             self.shard_grad = xp.zeros(S, self.dtype)
             self.grads = UnitViews(self, grad=True)
         self.comm_bytes = 0                  # sent/received over DP for gradients and params
+        self.reduces_every_micro_batch = stage >= 2
         self.working, self.working_peak = 0, 0
         self.reducing: list = []
         self.waiting: dict[str, set] = {}
@@ -159,7 +162,8 @@ class ZeroParams(Params):
         xp = np if host else array_module()
         return xp.zeros(n, self.dtype) if zero else xp.empty(n, self.dtype)
 
-    def free(self, a: np.ndarray) -> None:
+    def release(self, a: np.ndarray) -> None:
+        """A temporary buffer is no longer used (its bytes leave the working count)."""
         self.working -= a.nbytes
 
     def views_of(self, unit: Unit, buf: np.ndarray) -> dict:
@@ -180,6 +184,10 @@ class ZeroParams(Params):
 
     def grad_shard(self) -> np.ndarray:
         return self.shard_grad if self.stage >= 2 else self.grad[self.own[0]:self.own[1]]
+
+    def grad_bytes(self) -> int:
+        """Bytes of gradients this rank holds (stages 2-3: its shard)."""
+        return self.shard_grad.nbytes if self.stage >= 2 else self.grad.nbytes
 
     def _write(self, name: str, value: np.ndarray) -> None:
         if self.stage < 3:
@@ -220,7 +228,7 @@ class ZeroParams(Params):
         finally:
             unit.refs -= 1
             if unit.refs == 0:
-                self.free(unit.data)
+                self.release(unit.data)
                 unit.data, unit.views = None, {}
 
     def drop_prefetched(self) -> None:
@@ -229,7 +237,7 @@ class ZeroParams(Params):
         for unit in self.units:
             if unit.refs == 0 and unit.data is not None:
                 self._gathered(unit)
-                self.free(unit.data)
+                self.release(unit.data)
                 unit.data, unit.views, unit.gathering = None, {}, None
 
     def _gather(self, unit: Unit) -> None:
@@ -249,11 +257,14 @@ class ZeroParams(Params):
             req.Wait()
             if recv is not unit.data:
                 unit.data[...] = to_device(recv)
-                self.free(recv)
+                self.release(recv)
             unit.gathering = None
 
-    def gather_params(self) -> None:
-        """Stages 1-2, after the optimizer step: every rank gets every updated shard."""
+    def after_step(self) -> None:
+        """Stages 1-2, after the optimizer step: every rank gets every updated shard (stage 3
+        keeps only its shard)."""
+        if self.stage == 3:
+            return
         from mpi4py import MPI
         buf = to_host(self.data)                             # self.data itself on a CPU
         self.comm.Allgather(MPI.IN_PLACE, buf)
@@ -262,12 +273,12 @@ class ZeroParams(Params):
         self.comm_bytes += (self.padded - self.padded // self.d) * self.dtype.itemsize
 
     # -- gradients: reduce-scatter unit by unit ------------------------------------------
-    def start_reduce(self) -> None:
+    def start(self) -> None:
         """Arm the units before a backward whose gradients are to be reduced."""
         self.waiting = {u.key: set(u.names) for u in self.units}
-        self.blocked_s = 0.0         # seconds reduce_grads waits for older units (IN_FLIGHT)
+        self.blocked_s = 0.0         # seconds ready() waits for older units (IN_FLIGHT)
 
-    def reduce_grads(self, names) -> None:
+    def ready(self, names) -> None:
         """Backward calls this with parameters whose gradients (of this backward) are final;
         a unit whose parameters are all final starts its reduce-scatter."""
         from mpi4py import MPI
@@ -284,19 +295,23 @@ class ZeroParams(Params):
             self.reducing.append((unit, piece, req, send))
             self.comm_bytes += (unit.size - len(piece)) * self.dtype.itemsize
             t0 = time.perf_counter()
-            self._finish(self.reducing[:-IN_FLIGHT])  # bound what waits on the network
+            self._complete(self.reducing[:-IN_FLIGHT])  # bound what waits on the network
             self.blocked_s += time.perf_counter() - t0
 
-    def wait_grads(self) -> None:
+    def finish(self) -> None:
         """Finish the reduce-scatters: stage 1 stores the summed own part into the full
-        gradient; stages 2-3 add it into the gradient shard and free the unit buffers."""
+        gradient; stages 2-3 add it into the gradient shard and free the unit buffers. Stage 3
+        then drops any unit gathered ahead and never held, so that no stale copy outlives the
+        optimizer's update of the shards."""
         if any(self.waiting.values()):
             raise RuntimeError("some ZeRO gradient units were never ready: backward skipped a "
                                "parameter")
-        self._finish(self.reducing)
+        self._complete(self.reducing)
         self.waiting = {}
+        if self.stage == 3:
+            self.drop_prefetched()
 
-    def _finish(self, done: list) -> None:
+    def _complete(self, done: list) -> None:
         from mpi4py import MPI
         MPI.Request.Waitall([req for _, _, req, _ in done])
         for unit, piece, _, _ in done:
@@ -305,9 +320,9 @@ class ZeroParams(Params):
                 self.grad[self.own[0] + a:self.own[0] + b] = to_device(piece)
             else:
                 self.shard_grad[a:b] += to_device(piece)
-                self.free(unit.grad)
+                self.release(unit.grad)
                 unit.grad, unit.gviews = None, {}
-            self.free(piece)
+            self.release(piece)
         self.reducing = self.reducing[len(done):]
 
     def grad_squares(self, counted) -> float:
@@ -353,16 +368,3 @@ def formula_traffic(stage: int, padded: int, d: int, micro_batches: int, itemsiz
     """Bytes each rank sends or receives over the data-parallel group in one step."""
     passes = {0: 2, 1: 2, 2: micro_batches + 1, 3: 3 * micro_batches}[stage]
     return passes * padded * (d - 1) / d * itemsize
-
-
-def memory_bytes(params, opt) -> dict[str, int]:
-    """The registry: bytes this rank holds for parameters, gradients and optimizer state
-    (moments on disk are counted as offloaded), and the peak of ZeRO's temporary buffers."""
-    zero = isinstance(params, ZeroParams)
-    g = params.grad_shard() if zero and params.stage >= 2 else params.grad
-    moments = opt.m.nbytes + opt.v.nbytes
-    on_disk = isinstance(opt.m, np.memmap)
-    return {"params": params.param_bytes() if zero else params.data.nbytes, "grads": g.nbytes,
-            "optimizer": 0 if on_disk else moments,
-            "optimizer_offloaded": moments if on_disk else 0,
-            "working_peak": params.working_peak if zero else 0}

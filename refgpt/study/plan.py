@@ -34,7 +34,7 @@ import re
 from dataclasses import dataclass, replace
 
 from ..config import ConfigError
-from ..engine import check_layout
+from ..parallel.build import check_layout
 from ..metrics import model_flops, model_params
 from ..parallel.schedules import simulate
 from ..parallel.zero import formula_traffic

@@ -1,0 +1,94 @@
+"""What a run reports: each step's record (the log line and --log-jsonl's object), the timers,
+the start-up banner and the memory registry.
+
+The record's throughput figures follow refgpt.metrics: TFLOP/s by Megatron's formula and by
+model FLOPs, and MFU against the GEMM rate measured at start-up. The memory registry is
+computed from the buffers this rank holds, not sampled: parameters, gradients and AdamW's
+moments (on disk when offloaded), ZeRO's temporaries' high-water mark, beside the ZeRO
+formula for the same buffers (refgpt.parallel.zero.formula_bytes), and the peak RSS.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+
+import numpy as np
+
+from .. import metrics
+from ..parallel.zero import formula_bytes
+
+MIB = 1 / 2**20
+
+
+def memory(params, opt, pcfg) -> dict[str, int]:
+    """The memory registry of this rank (bytes)."""
+    moments = opt.m.nbytes + opt.v.nbytes
+    on_disk = isinstance(opt.m, np.memmap)
+    d = params.d if pcfg.zero_stage else 1
+    return {"params": params.param_bytes(), "grads": params.grad_bytes(),
+            "optimizer": 0 if on_disk else moments,
+            "optimizer_offloaded": moments if on_disk else 0,
+            "working_peak": params.working_peak,
+            "formula": formula_bytes(pcfg.zero_stage, params.padded, d, params.dtype.itemsize,
+                                     shared=pcfg.dp_shared_memory),
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+
+
+def step_record(mcfg, tcfg, iteration: int, consumed: int, loss: float, lr: float,
+                gnorm: float, skipped: bool, seconds: float, gemm_rate: float, world_size: int,
+                dp_bytes: float, mem: dict) -> dict:
+    """One step's record: what the log line prints and --log-jsonl writes."""
+    G, T = tcfg.global_batch_size, mcfg.seq_length
+    mflops = metrics.model_flops(mcfg, G)
+    return {"iter": iteration, "consumed_samples": consumed, "loss": loss, "lr": lr,
+            "grad_norm": gnorm, "skipped": int(skipped), "step_time_s": seconds,
+            "tokens_per_s": G * T / seconds,
+            "tflops": metrics.megatron_flops(G, T, mcfg.num_layers, mcfg.hidden_size,
+                                             mcfg.padded_vocab) / seconds / 1e12,
+            "model_tflops": mflops / seconds / 1e12,
+            "mfu": mflops / seconds / (gemm_rate * world_size),
+            "dp_comm_bytes": dp_bytes, "memory_bytes": mem}
+
+
+def log_line(r: dict, tcfg) -> str:
+    return (f" iteration {r['iter']:8d}/{tcfg.train_iters:8d} |"
+            f" consumed samples: {r['consumed_samples']:10d} |"
+            f" elapsed time per iteration (ms): {1e3 * r['step_time_s']:.1f} |"
+            f" learning rate: {r['lr']:.3E} | global batch size: {tcfg.global_batch_size:5d} |"
+            f" lm loss: {r['loss']:.6E} | grad norm: {r['grad_norm']:.3f} |"
+            f" skipped iterations: {r['skipped']} | tokens/s: {r['tokens_per_s']:.0f} |"
+            f" TFLOP/s: {r['tflops']:.3f} | MFU: {100 * r['mfu']:.1f}%")
+
+
+def timers_line(timers_ms: dict) -> str:
+    return " time per iteration (ms), min/max over ranks | " + " | ".join(
+        f"{name}: {lo:.1f}/{hi:.1f}" for name, (lo, hi) in timers_ms.items())
+
+
+def validation_line(r: dict) -> str:
+    return (f" validation loss at iteration {r['iter']}: {r['val_loss']:.6E} | "
+            f"perplexity: {math.exp(min(r['val_loss'], 50)):.3f}")
+
+
+def banner(mcfg, tcfg, pcfg, grid, numel: int, buckets: int, gemm_rate: float,
+           mem: dict) -> str:
+    m, t = mcfg, tcfg
+    return (f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} "
+            f"heads, seq {m.seq_length}, vocab {m.vocab_size} (padded {m.padded_vocab}), "
+            f"{numel:,} parameters, {t.dtype}\n"
+            f"layout: {grid.describe()}; global batch {t.global_batch_size} = data-parallel "
+            f"{grid.dp_size} x {t.micro_batches(grid.dp_size)} micro-batches x "
+            f"{t.micro_batch_size} sequences; gradient buckets: {buckets}; measured GEMM rate "
+            f"{gemm_rate / 1e9:.1f} GFLOP/s per rank\n" + memory_line(mem, pcfg))
+
+
+def memory_line(mem: dict, pcfg) -> str:
+    held = mem["params"] + mem["grads"] + mem["optimizer"] + mem["optimizer_offloaded"]
+    return (f"memory per rank (MiB): parameters {mem['params'] * MIB:.1f}, gradients "
+            f"{mem['grads'] * MIB:.1f}, optimizer {mem['optimizer'] * MIB:.1f}"
+            + (f" (+ {mem['optimizer_offloaded'] * MIB:.1f} on disk)"
+               if mem["optimizer_offloaded"] else "")
+            + f"; total {held * MIB:.1f}, ZeRO-{pcfg.zero_stage}"
+            + (" (node-shared parameters)" if pcfg.dp_shared_memory else "")
+            + f" formula {mem['formula'] * MIB:.1f}")

@@ -1,0 +1,112 @@
+"""One optimizer step on one rank, and one evaluation pass.
+
+    batches     this rank's micro-batches of the step (refgpt.engine.batches)
+    forward, backward
+                micro-batch by micro-batch, gradients accumulating in the model's buffer;
+                or, with pipeline parallelism, by the schedule's executor
+                (refgpt.parallel.pipeline), forwards and backwards interleaved over the stages
+    grads-all-reduce
+                as backward finishes each unit's gradients, the model completes them over its
+                own groups (sequence parallelism's replicated parameters, the pipeline's tied
+                token table) and the gradient sync (refgpt.parallel.sync) starts their sum
+                over the data-parallel group: during the last micro-batch's backward (every
+                micro-batch's for ZeRO 2-3), after the schedule's flush with pipelining
+    optimizer   the global gradient norm (each element counted once over the world), clipping,
+                AdamW on what this rank updates (all of it, or its ZeRO shard), then the sync
+                makes the updated parameters readable everywhere; a step whose norm is not
+                finite is skipped on every rank alike
+
+Each phase is a timer (refgpt.timers), and where a phase begins is where a test injects a
+fault (refgpt.engine.faults).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from ..optim import clip_grad_
+from ..parallel.pipeline import PipelineExecutor
+
+
+class Step:
+    def __init__(self, model, sync, opt, grid, timers, pipeline: PipelineExecutor | None = None,
+                 clip: float = 0.0):
+        self.model, self.sync, self.opt, self.grid = model, sync, opt, grid
+        self.timers, self.pipeline, self.clip = timers, pipeline, clip
+
+    def run(self, batches: list[tuple], norm: float, lr: float) -> tuple[float, float, bool]:
+        """(loss of the global batch, gradient norm, whether the step was skipped)."""
+        self.model.params.zero_grad()
+        if self.pipeline is None:
+            loss = self._accumulate(batches, norm)
+        else:
+            loss = self._pipelined(batches, norm)
+        with self.timers("grads-all-reduce"):
+            loss = self._sum(loss, self.grid.dp_comm)
+        with self.timers("optimizer"):
+            gnorm = math.sqrt(self._sum(self.sync.grad_squares(self.model.counted), self.grid.world))
+            skipped = not math.isfinite(gnorm)
+            if not skipped:
+                clip_grad_(self.opt.g, self.clip, gnorm)
+                self.opt.step(lr)
+                self.sync.after_step()
+        return loss, gnorm, skipped
+
+    def _accumulate(self, batches, norm: float) -> float:
+        """Micro-batch after micro-batch; the gradients of those that reduce are summed as
+        backward finishes them."""
+        timers, sync, loss = self.timers, self.sync, 0.0
+        for j, (x, y, key) in enumerate(batches):
+            with timers("forward"):
+                loss += self.model.forward(x, y, norm, key)
+            reduce = j == len(batches) - 1 or sync.reduces_every_micro_batch
+            if reduce:
+                sync.start()
+            with timers("backward"):
+                self.model.backward(on_ready=self._ready if reduce else None)
+            if reduce:                  # waits for the network inside backward: the reduction's
+                timers.add("backward", -sync.blocked_s)
+                timers.add("grads-all-reduce", sync.blocked_s)
+                with timers("grads-all-reduce"):
+                    sync.finish()
+        return loss
+
+    def _ready(self, names) -> None:
+        self.model.complete_grads(names)
+        self.sync.ready(names)
+
+    def _pipelined(self, batches, norm: float) -> float:
+        """The schedule, then every gradient completed and summed (after the flush)."""
+        timers = self.timers
+        t0, busy = time.perf_counter(), timers.elapsed["forward"] + timers.elapsed["backward"]
+        loss = self.pipeline.run(batches, norm, timers)
+        busy = timers.elapsed["forward"] + timers.elapsed["backward"] - busy
+        timers.add("pipeline-bubble", time.perf_counter() - t0 - busy)
+        with timers("grads-all-reduce"):
+            names = list(self.model.params)
+            self.model.complete_grads(names)
+            self.sync.start()
+            self.sync.ready(names)
+            self.sync.finish()
+        return self._sum(loss, self.grid.pp_comm)          # held by the last stage
+
+    def evaluate(self, batches: list[tuple], norm: float) -> float:
+        """The summed loss of the validation micro-batches over the data-parallel group."""
+        model, total = self.model, 0.0
+        model.set_grad_enabled(False)
+        try:
+            if self.pipeline is None:
+                for x, y, _ in batches:
+                    total += model.forward(x, y, norm)
+            else:
+                p = self.pipeline
+                runner = PipelineExecutor(model, "forward", len(batches), p.act_shape, p.dtype)
+                total = self._sum(runner.run(batches, norm), self.grid.pp_comm)
+        finally:
+            model.set_grad_enabled(True)
+        return self._sum(total, self.grid.dp_comm)
+
+    @staticmethod
+    def _sum(value: float, comm) -> float:
+        return value if comm is None else comm.allreduce(value)

@@ -1,0 +1,206 @@
+"""The training loop of one rank: set-up, steps, evaluation, checkpoints and logs.
+
+Set-up resolves the model's shape (from a checkpoint being resumed, or the data's
+vocabulary), validates the whole configuration once (refgpt.parallel.build.check_layout),
+then prepares the data, builds the rank's model and gradient sync (refgpt.parallel.build)
+under the run's backend (refgpt.backend), makes AdamW over what the rank updates and restores
+a checkpoint. ``run`` then trains: a step (refgpt.engine.step), evaluation and saving at
+their intervals, a log line (refgpt.engine.report).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import metrics
+from ..backend import Backend, synchronize
+from ..checkpoint import load_checkpoint, read_state
+from ..config import ModelConfig, ParallelConfig
+from ..optim import AdamW, learning_rate
+from ..parallel.build import build, check_layout
+from ..parallel.grid import Grid
+from ..parallel.zero import offload_moments
+from ..timers import Timers
+from . import checkpoints, report
+from .batches import Batches, data_folder, fit_vocabulary
+from .faults import Faults
+from .step import Step
+
+
+def on_backend(method):
+    """Run the method under the trainer's backend (refgpt.backend: a context)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self.backend:
+            return method(self, *args, **kwargs)
+    return call
+
+
+class Trainer:
+    """Owns the model, optimizer and data of one rank; ``run()`` trains and returns the log
+    (the same on every rank: losses and norms are reduced over the data-parallel group)."""
+
+    def __init__(self, mcfg: ModelConfig, tcfg, pcfg: ParallelConfig | None = None,
+                 grid: Grid | None = None, given: set = frozenset(), log=print,
+                 progress: bool = False):
+        """given: the settings the user gave (a data folder's vocabulary yields to
+        --vocab-size). Raises ConfigError (or CheckpointError, FileNotFoundError) before any
+        work if the configuration cannot run."""
+        self.pcfg, self.grid = pcfg or ParallelConfig(), grid or Grid()
+        g = self.grid
+        self.log = log if g.rank == 0 else (lambda *_: None)
+        self.progress = progress and g.rank == 0
+        if tcfg.load:                               # the model's shape is the checkpoint's
+            mcfg = ModelConfig.from_dict(read_state(tcfg.load)[1]["model"])
+        fit_vocabulary(mcfg, tcfg, given, bool(tcfg.load))
+        check_layout(mcfg, tcfg, self.pcfg, g.tp_size, g.dp_size, g.pp_size)
+        self.mcfg, self.tcfg = mcfg, tcfg
+        ckpt = load_checkpoint(tcfg.load) if tcfg.load else None
+        if ckpt is not None:
+            self.log(f"resuming from {ckpt.path} (iteration {ckpt.state['iteration']}); "
+                     f"model shape taken from the checkpoint")
+        self.batches = Batches(mcfg, tcfg, g, data_folder(tcfg, mcfg, g.world, self.log))
+        self.faults = Faults(g.rank)
+        self.timers = Timers(self.pcfg.timing_log_level, g.world, on_enter=self.faults)
+        self.backend = Backend(tcfg.backend)
+        self.backend.use_gpu(g.rank)
+        self.iteration, self.consumed, self.history = 0, 0, []
+        self._set_up(ckpt)
+        self.faults("init")
+
+    @on_backend
+    def _set_up(self, ckpt) -> None:
+        built = build(self.mcfg, self.tcfg, self.pcfg, self.grid)
+        self.model, self.sync = built.model, built.sync
+        self.opt = self._optimizer(self.model.params)
+        self.step = Step(self.model, self.sync, self.opt, self.grid, self.timers,
+                         built.pipeline, self.tcfg.clip_grad)
+        if ckpt is not None:
+            checkpoints.restore(ckpt, self.model, self.opt, self.mcfg)
+            self.iteration = ckpt.state["iteration"]
+            self.consumed = ckpt.state["consumed_samples"]
+        self.gemm_rate = metrics.measure_gemm_rate(np.dtype(self.tcfg.dtype))
+
+    def _optimizer(self, p) -> AdamW:
+        """AdamW over what this rank updates: the whole buffer, or with ZeRO its shard."""
+        t = self.tcfg
+        lo, hi = p.own
+        decay = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in p.decay_ranges() if a < hi and b > lo]
+        folder = self.pcfg.offload_optimizer
+        moments = (offload_moments(folder, self.grid.rank, hi - lo, p.dtype) if folder else None)
+        return AdamW(p.param_shard(), p.grad_shard(), decay, betas=(t.adam_beta1, t.adam_beta2),
+                     eps=t.adam_eps, weight_decay=t.weight_decay, moments=moments)
+
+    def close(self) -> None:
+        """Free what the run holds in memory shared between ranks (--dp-shared-memory's
+        windows); collective: every rank calls it. The trainer cannot train afterwards (one
+        job that runs several trainers in turn, as the scaling study does, calls it)."""
+        params = self.model.params
+        self.model = self.opt = self.sync = self.step = None
+        params.free()
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def lr_at(self, iteration: int) -> float:
+        t = self.tcfg
+        return learning_rate(iteration, lr=t.lr, min_lr=t.min_lr, warmup=t.lr_warmup_iters,
+                             decay_iters=t.lr_decay_iters or t.train_iters, style=t.lr_decay_style)
+
+    @on_backend
+    def train_step(self) -> dict:
+        t0, traffic = time.perf_counter(), self.sync.comm_bytes
+        with self.timers("batch-generator"):
+            batches = self.batches.step(self.consumed, self.iteration)
+        lr = self.lr_at(self.iteration)
+        loss, gnorm, skipped = self.step.run(batches, self.batches.norm, lr)
+        self.iteration += 1
+        self.consumed += self.tcfg.global_batch_size
+        synchronize()
+        return report.step_record(self.mcfg, self.tcfg, self.iteration, self.consumed, loss, lr,
+                                  gnorm, skipped, time.perf_counter() - t0, self.gemm_rate,
+                                  self.grid.world_size, self.sync.comm_bytes - traffic,
+                                  self.memory())
+
+    @on_backend
+    def evaluate(self) -> float:
+        """Mean loss over eval_iters global batches of the validation split, in order; the
+        batches are shared out over the data-parallel ranks like training batches."""
+        return self.step.evaluate(*self.batches.validation())
+
+    def memory(self) -> dict:
+        return report.memory(self.model.params, self.opt, self.pcfg)
+
+    @on_backend
+    def save(self) -> Path | None:
+        """Every rank's parts assembled into full tensors, written by world rank 0."""
+        self.faults("checkpoint")
+        t = self.tcfg
+        state = {"consumed_samples": self.consumed, "dtype": t.dtype, "seed": t.seed,
+                 "model": self.mcfg.to_dict(), "train": t.to_dict()}
+        path = checkpoints.save(t.save, self.iteration, self.model, self.opt, self.grid, state,
+                                self.batches.tokenizer)
+        if path is not None:
+            self.log(f"saved checkpoint {path}")
+        return path
+
+    # -- the loop ------------------------------------------------------------------------------
+    @on_backend
+    def run(self) -> list[dict]:
+        t, rank0 = self.tcfg, self.grid.rank == 0
+        self.log(report.banner(self.mcfg, t, self.pcfg, self.grid, self.model.params.numel,
+                               len(self.sync.buckets), self.gemm_rate,
+                               self.memory()))
+        jsonl = None
+        if t.log_jsonl and rank0:
+            Path(t.log_jsonl).parent.mkdir(parents=True, exist_ok=True)
+            jsonl = open(t.log_jsonl, "a" if t.load else "w")
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=t.train_iters, initial=self.iteration, unit="it", disable=None,
+                       dynamic_ncols=True)
+            self.log = bar.write
+        last_log = self.iteration
+        try:
+            while self.iteration < t.train_iters:
+                r = self.train_step()
+                last = self.iteration == t.train_iters
+                stop = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
+                if t.eval_iters and ((t.eval_interval and self.iteration % t.eval_interval == 0)
+                                     or last):
+                    r["val_loss"] = self.evaluate()
+                logging = self.iteration % t.log_interval == 0 or last or stop
+                if logging and self.timers.level:
+                    n = self.iteration - last_log
+                    r["timers_ms"] = {k: [1e3 * lo / n, 1e3 * hi / n]
+                                      for k, (lo, hi) in self.timers.summary(self.grid.world).items()}
+                    last_log = self.iteration
+                self.history.append(r)
+                if jsonl:
+                    jsonl.write(json.dumps(r) + "\n")
+                    jsonl.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}")
+                if logging:
+                    self.log(report.log_line(r, t))
+                    if "timers_ms" in r:
+                        self.log(report.timers_line(r["timers_ms"]))
+                if "val_loss" in r:
+                    self.log(report.validation_line(r))
+                if t.save and ((t.save_interval and self.iteration % t.save_interval == 0)
+                               or last or stop):
+                    self.save()
+                if stop:
+                    self.log(f"exiting at iteration {self.iteration} (--exit-interval)")
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+            if jsonl:
+                jsonl.close()
+        return self.history

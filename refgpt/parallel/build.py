@@ -1,0 +1,127 @@
+"""One rank's model, built from the configuration: what the engine trains, whatever the layout.
+
+The model is written once (refgpt.nn: one Block, one GPT); a layout only decides how it is
+split, as torchtitan's model-then-parallelize does. ``build`` makes, for this rank of the grid:
+
+    sublayers   the layers the GPT is made of: one process's (refgpt.nn.sublayers), Megatron's
+                1-D tensor-parallel ones (refgpt.parallel.tensor) or SUMMA's 2-D ones
+                (refgpt.parallel.tensor2d)
+    storage     the flat parameter buffers: plain, ZeRO's shards (refgpt.parallel.zero), or
+                one copy per node in shared memory (refgpt.parallel.shared)
+    model       a GPT, or with pipeline parallelism this rank's chunks of it
+                (refgpt.parallel.pipeline) and the executor of its schedule
+    sync        the gradient synchronisation over the data-parallel group
+                (refgpt.parallel.sync: nothing, an all-reduce, ZeRO's reduce-scatter)
+
+``check_layout`` says, before any of it is made, why a configuration cannot be built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from ..config import ConfigError
+from ..nn.gpt import GPT
+from ..nn.params import Params
+from ..nn.sublayers import Sublayers
+from .data import GradAllReduce
+from .pipeline import PipelineExecutor, PipelineModel, check_pipeline
+from .shared import SharedParams
+from .summa import SummaGrid
+from .sync import GradSync, LocalGrads
+from .tensor import TensorParallel, check_divisible
+from .tensor2d import Tensor2D, check_2d
+from .tensor_comm import TPComm
+from .zero import ZeroParams
+
+ZERO_WITH_PP = ("--zero-stage {stage} with pipeline parallelism is refused: the pipeline keeps "
+                "m micro-batches in flight, so stage 2 would reduce-scatter every micro-batch's "
+                "gradients inside the schedule (m times the traffic of stage 1) and stage 3 would "
+                "also gather every stage's parameters 2-3 times per micro-batch, coupling the "
+                "stages through data-parallel collectives and swelling the bubble. Use "
+                "--zero-stage 1 with --pipeline-model-parallel-size > 1.")
+
+
+def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
+    """Raise the ConfigError a run with this model, batch and tp x dp x pp layout would meet,
+    before any communicator or array exists (the entry points and the scaling study's planner
+    call it; the world size's fit is refgpt.parallel.grid.check_sizes)."""
+    pcfg.validate()
+    tcfg.validate(dp)
+    mcfg.validate()
+    stage = pcfg.zero_stage
+    if tcfg.backend == "cupy" and pcfg.offload_optimizer:
+        raise ConfigError("--offload-optimizer keeps AdamW's moments in host memory-mapped "
+                          "files, which the GPU's AdamW kernel cannot update: drop it with "
+                          "--backend cupy")
+    if tcfg.backend == "cupy" and pcfg.dp_shared_memory:
+        raise ConfigError("--dp-shared-memory shares host memory between processes; with "
+                          "--backend cupy the parameters and gradients live on the GPUs: "
+                          "drop it")
+    if stage >= 2 and pp > 1:
+        raise ConfigError(ZERO_WITH_PP.format(stage=stage))
+    if tp > 1 and pcfg.tensor_parallel_mode == "2d":
+        check_2d(mcfg, tp, tcfg.micro_batch_size)
+    elif tp > 1:
+        check_divisible(mcfg, tp, pcfg.sequence_parallel)
+    if pp > 1:
+        check_pipeline(mcfg, pp, pcfg.num_virtual_stages, tcfg.micro_batches(dp),
+                       pcfg.pipeline_schedule)
+
+
+@dataclass
+class Built:
+    model: GPT | PipelineModel
+    sync: GradSync
+    pipeline: PipelineExecutor | None         # the schedule's executor, with pipelining
+
+
+def sublayers(mcfg, seed: int, grid, pcfg) -> Sublayers:
+    """The layout's sublayers on this rank."""
+    if grid.tp_size == 1:
+        return Sublayers(mcfg, seed)
+    if pcfg.tensor_parallel_mode == "2d":
+        return Tensor2D(mcfg, seed, SummaGrid(grid.tp_comm))
+    return TensorParallel(mcfg, seed, TPComm(grid.tp_comm), pcfg.sequence_parallel)
+
+
+def storage(pcfg, grid):
+    """make_params(specs, dtype): the flat buffers, plain or partitioned over the data-parallel
+    group (a single process's ZeRO runs over MPI's COMM_SELF, with trivial collectives)."""
+    if not pcfg.zero_stage:
+        return Params
+    dp_comm = grid.dp_comm
+    if dp_comm is None:
+        from mpi4py import MPI
+        dp_comm = MPI.COMM_SELF
+    if pcfg.dp_shared_memory:
+        return partial(SharedParams, comm=dp_comm)
+    return partial(ZeroParams, stage=pcfg.zero_stage, comm=dp_comm)
+
+
+def build(mcfg, tcfg, pcfg, grid) -> Built:
+    """This rank's model, its gradient synchronisation and (pipelining) its schedule, under
+    the current backend (refgpt.backend: the arrays are made on its device)."""
+    dtype, seed = np.dtype(tcfg.dtype), tcfg.seed
+    parts = sublayers(mcfg, seed, grid, pcfg)
+    make_params = storage(pcfg, grid)
+    pipeline = None
+    if grid.pp_size > 1:
+        model = PipelineModel(mcfg, dtype, seed, grid, pcfg.num_virtual_stages, parts,
+                              make_params)
+        pipeline = PipelineExecutor(model, pcfg.pipeline_schedule,
+                                    tcfg.micro_batches(grid.dp_size),
+                                    parts.activation_shape(tcfg.micro_batch_size), dtype)
+    else:
+        model = GPT(mcfg, dtype, seed, parts=parts, make_params=make_params)
+    params = model.params
+    if pcfg.zero_stage:                               # ZeRO's storage is its own sync
+        sync = params
+    elif grid.dp_size > 1:
+        sync = GradAllReduce(params, grid.dp_comm, pcfg.ddp_bucket_size, pcfg.overlap_grad_reduce)
+    else:
+        sync = LocalGrads(params)
+    return Built(model, sync, pipeline)
