@@ -21,7 +21,7 @@ import cupy as cp
 import numpy as np
 from cupy_backends.cuda.libs import cublas
 
-BLOCKS = 4                         # blocks of rows; 1 computes the full products
+BLOCKS = 4                         # blocks of rows by default; 1 computes the full products
 
 _ZERO = cp.RawModule(code=r"""
 template <typename T>
@@ -62,17 +62,17 @@ def _gemm(ta: bool, tb: bool, m: int, n: int, k: int, alpha: float, a: _Batch, a
          c.count)
 
 
-def _blocks(n: int):
-    size = -(-n // BLOCKS)
+def _blocks(n: int, blocks: int):
+    size = -(-n // blocks)
     return [(r, min(n, r + size)) for r in range(0, n, size)]
 
 
-def causal_matmul_nt(a, b, scale=1.0):
+def causal_matmul_nt(a, b, scale=1.0, blocks=BLOCKS):
     """scale a b^T, zero where key j comes after query i; rows of queries in blocks."""
     T, D, Tk = a.shape[-2], a.shape[-1], b.shape[-2]
     s = cp.empty((*a.shape[:-2], T, Tk), a.dtype)
     A, B, S = _Batch(a), _Batch(b), _Batch(s)
-    for r0, r1 in _blocks(T):
+    for r0, r1 in _blocks(T, blocks):
         kv = min(Tk, r1 + Tk - T)                                # keys the block's rows see
         _gemm(False, True, r1 - r0, kv, D, scale, A, A.at(r0), B, B.at(0), S, S.at(r0))
     kern = _ZERO.get_function(f"causal_zero<{CTYPE[s.dtype]}>")
@@ -80,25 +80,25 @@ def causal_matmul_nt(a, b, scale=1.0):
     return s
 
 
-def causal_matmul_nn(p, v, scale=1.0, out=None):
+def causal_matmul_nn(p, v, scale=1.0, out=None, blocks=BLOCKS):
     """scale p v for p [..., T, Tk], zero past the causal boundary; rows in blocks. (cuBLAS's
     strided batches take one stride per batch, so a given out is filled by a copy.)"""
     T, Tk, D = p.shape[-2], p.shape[-1], v.shape[-1]
     res = cp.empty((*p.shape[:-1], D), p.dtype)
     P, V, O = _Batch(p), _Batch(v), _Batch(res)
-    for r0, r1 in _blocks(T):
+    for r0, r1 in _blocks(T, blocks):
         kv = min(Tk, r1 + Tk - T)
         _gemm(False, False, r1 - r0, D, kv, scale, P, P.at(r0), V, V.at(0), O, O.at(r0))
     return _copied(res, out)
 
 
-def causal_matmul_tn(p, x, scale=1.0, out=None):
+def causal_matmul_tn(p, x, scale=1.0, out=None, blocks=BLOCKS):
     """scale p^T x as (x^T p)^T for p [..., T, Tk], zero past the causal boundary; the
     result's rows (keys) in blocks, each summed over the queries that see them."""
     T, Tk, D = p.shape[-2], p.shape[-1], x.shape[-1]
     out_t = cp.empty((*p.shape[:-2], D, Tk), p.dtype)
     P, X, O = _Batch(p), _Batch(x), _Batch(out_t)
-    for c0, c1 in _blocks(Tk):
+    for c0, c1 in _blocks(Tk, blocks):
         r0 = max(0, c0 - (Tk - T))                               # first query that sees c0
         _gemm(True, False, D, c1 - c0, T - r0, scale, X, X.at(r0), P, P.at(r0, c0), O,
               O.at(0, c0))

@@ -79,15 +79,20 @@ class Backend:
         if name not in BACKENDS:
             raise ValueError(f"--backend must be one of {BACKENDS}, got {name!r}")
         self.name, self.fused_attention, self.instrument = name, fused_attention, instrument
-        self.xp = np
-        if name == "cupy":
-            import cupy
-            self.xp = cupy
+        self._xp = np if name != "cupy" else None
         if name == "numba":                  # before numba starts a pool: refgpt.kernels
             from .kernels import select_thread_pool
             select_thread_pool()
         self._resolved: dict = {}
         self._tokens: list = []
+
+    @property
+    def xp(self):
+        """The array module: numpy, or cupy (imported when first needed)."""
+        if self._xp is None:
+            import cupy
+            self._xp = cupy
+        return self._xp
 
     def __repr__(self) -> str:
         return f"Backend({self.name!r})"

@@ -74,9 +74,8 @@ def test_cupy_kernels_equal_their_references(dtype, kernels):
 
 @pytest.mark.parametrize("blocks", [1, 3, 4])
 @pytest.mark.parametrize("T, Tk", [(64, 64), (1, 33), (50, 70)])
-def test_causal_products_on_views_of_the_qkv_projection(blocks, T, Tk, monkeypatch, kernels):
+def test_causal_products_on_views_of_the_qkv_projection(blocks, T, Tk, kernels):
     from refgpt.kernels import cupy_attention
-    monkeypatch.setattr(cupy_attention, "BLOCKS", blocks)
     rng = np.random.default_rng(5)
     B, H, D = 2, 3, 8
     qkv = rng.standard_normal((B, Tk, 3, H, D))               # q: of the last T positions
@@ -89,14 +88,14 @@ def test_causal_products_on_views_of_the_qkv_projection(blocks, T, Tk, monkeypat
         return q, k, v, xp.asarray(p)
     (q, k, v, pn), (qg, kg, vg, pg) = views(np), views(cp)
     for name, args, gpu in [("causal_matmul_nt", (q, k, 0.5), (qg, kg, 0.5)),
-                            ("causal_matmul_nn", (pn, v), (pg, vg)),
+                            ("causal_matmul_nn", (pn, v), (pg, vg, 1.0)),
                             ("causal_matmul_tn", (pn, q, 0.25), (pg, qg, 0.25))]:
         want = kernels[name].reference(*args)
-        got = getattr(cupy_attention, name)(*gpu)
+        got = getattr(cupy_attention, name)(*gpu, blocks=blocks)
         np.testing.assert_allclose(cp.asnumpy(got), want, rtol=1e-12, atol=1e-12, err_msg=name)
         if name != "causal_matmul_nt":                          # into a strided view
             into = cp.zeros((B, Tk, 3, H, D))[:, :want.shape[2], 1].transpose(0, 2, 1, 3)
-            assert getattr(cupy_attention, name)(*gpu, out=into) is into
+            assert getattr(cupy_attention, name)(*gpu, out=into, blocks=blocks) is into
             np.testing.assert_allclose(cp.asnumpy(into), want, rtol=1e-12, atol=1e-12)
 
 

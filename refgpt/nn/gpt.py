@@ -86,10 +86,11 @@ class GPT:
     def __init__(self, cfg, dtype=np.float32, seed: int = 1234, stage: Stage | None = None,
                  params: Params | None = None, parts: Sublayers | None = None,
                  make_params=Params):
-        """stage: build only that part of the model (pipeline parallelism); params: take the
-        (initialised) parameters from this buffer; else make_params(specs, dtype) makes it
-        (refgpt.parallel.zero passes partitioned storage); parts: the layout's sublayers
-        (default: one process's)."""
+        """cfg: a valid ModelConfig (ModelConfig.validate; the trainer checks the whole
+        configuration once, refgpt.parallel.build.check_layout). stage: build only that part
+        of the model (pipeline parallelism); params: take the (initialised) parameters from
+        this buffer; else make_params(specs, dtype) makes it (refgpt.parallel.zero passes
+        partitioned storage); parts: the layout's sublayers (default: one process's)."""
         stage = stage or Stage(range(cfg.num_layers))
         self.parts = parts = parts or Sublayers(cfg, seed)
         self.cfg, self.dtype = cfg, np.dtype(dtype)

@@ -21,6 +21,9 @@ AB^T with the token table, giving logits [tokens of block i, vocabulary block j]
 is the vocab-parallel cross-entropy of refgpt.parallel.tensor over the row, summed over the
 column.
 
+Tensor2D supplies these layers to the one block and model of refgpt.nn (refgpt.nn.sublayers);
+dropout masks are the single process's, cut to the rank's batch and hidden (or head) block.
+
 Needs q^2 = TP size, q dividing the heads, the micro-batch size, the padded vocabulary and
 the position table, and q^2 dividing the hidden size.
 """

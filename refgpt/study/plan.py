@@ -106,7 +106,7 @@ def make_plan(ranks, layouts, mcfg, tcfg, pcfg) -> list[Config]:
                 out.append(Config(R, lay, skip=f"{R} ranks are not divisible by tp x pp = {mp}"))
                 continue
             d = R // mp
-            micro = tcfg.global_batch_size // (d * tcfg.micro_batch_size)
+            micro = tcfg.micro_batches(d)
             if lay.zero_stage and d == 1:
                 out.append(Config(R, lay, d, micro, skip="ZeRO needs data parallelism > 1"))
                 continue

@@ -26,25 +26,29 @@ baseline's and exits with status 1 if any does not.
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import os
-import shlex
-import subprocess
-import sys
-import time
-from pathlib import Path
+from ..parallel.threads import quiet_openblas
 
-from ..cli import USER_ERRORS
-from ..config import ConfigError
-from ..metrics import model_params
-from ..parallel.launch import abort_job, launched_world_size
-from ..parallel.threads import set_threads
-from ..train import build_parser, configs_from
-from . import report
-from .measure import core_gemm_rate, link_rate, machine, on_rank0, run_config
-from .plan import make_plan, parse_layout, predict
+quiet_openblas()                        # before anything imports NumPy (and loads OpenBLAS)
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import shlex  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from ..cli import USER_ERRORS  # noqa: E402
+from ..config import ConfigError  # noqa: E402
+from ..metrics import model_params  # noqa: E402
+from ..parallel.launch import abort_job, launched_world_size  # noqa: E402
+from ..parallel.threads import set_threads  # noqa: E402
+from ..train import build_parser, configs_from  # noqa: E402
+from . import report  # noqa: E402
+from .measure import core_gemm_rate, link_rate, machine, on_rank0, run_config  # noqa: E402
+from .plan import make_plan, parse_layout, predict  # noqa: E402
 
 STUDY_FLAGS = ("ranks", "layouts", "warmup_iters", "iters", "out", "launcher", "dry_run",
                "allreduce_bandwidth", "loss_rtol", "fresh", "only_ranks", "no_report",
