@@ -1,8 +1,12 @@
 """Write a refgpt-compatible dump (names in refgpt.dump) from a Hugging Face GPT-2 model.
 
-    python -m refgpt.convert --to hf runs/mine/ hf_mine/           # or any GPT-2 folder
-    python examples/hf_dump.py hf_mine/ theirs.safetensors --batch 2 --seq 64 --dtype float64
+    python -m refgpt.convert --to hf runs/mine hf_mine             # or any GPT-2 folder
+    python examples/hf_dump.py hf_mine theirs.safetensors           # batch 2 x n_positions, float64
     python -m refgpt.validate --compare theirs.safetensors         # vs refgpt on the same weights
+
+The tokens are drawn as ``refgpt.validate --dump`` draws them (seed, batch, and the model's
+positions as the length), so a refgpt dump of the same checkpoint with the same --seed and
+--micro-batch-size holds the same batch and the two compare tensor by tensor.
 
 The same recipe works for any framework: run one batch, capture each named activation
 (here with forward hooks), compute the mean token cross-entropy, backpropagate, and save
@@ -15,18 +19,20 @@ import json
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import save_file
 from transformers import GPT2LMHeadModel
+
+from refgpt.checkpoint import write_tensors
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("hf_dir")
-    ap.add_argument("out")
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("hf_dir", help="a Hugging Face GPT-2 folder (config.json, model.safetensors)")
+    ap.add_argument("out", help="the dump to write (.safetensors)")
+    ap.add_argument("--batch", type=int, default=2, help="sequences (default 2)")
     ap.add_argument("--seq", type=int, default=0, help="tokens per sequence (default: n_positions)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the tokens (default 0)")
+    ap.add_argument("--dtype", choices=["float32", "float64"], default="float64",
+                    help="(default float64)")
     args = ap.parse_args()
 
     model = GPT2LMHeadModel.from_pretrained(args.hf_dir, attn_implementation="eager")
@@ -76,8 +82,9 @@ def main():
     gelu = "erf" if conf.activation_function == "gelu" else "tanh"
     meta = {"refgpt_model": json.dumps({"gelu": gelu, "layernorm_eps": conf.layer_norm_epsilon}),
             "source": f"transformers GPT2LMHeadModel from {args.hf_dir}"}
-    save_file({k: np.require(v, requirements="C") for k, v in dump.items()}, args.out, metadata=meta)
-    print(f"wrote {args.out}: {len(dump)} tensors")
+    path = write_tensors(dump, args.out, metadata=meta)
+    print(f"wrote {path}: {len(dump)} tensors, {path.stat().st_size / 2**20:.1f} MiB "
+          f"({args.batch} sequences of {T} tokens, {args.dtype})")
 
 
 if __name__ == "__main__":

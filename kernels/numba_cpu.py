@@ -43,7 +43,6 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from . import numba_attention, numba_gemm
 from .numba_exp import vexp_of
 
 S2PI = math.sqrt(2.0 / math.pi)

@@ -51,6 +51,18 @@ def flat_to_named(flat: np.ndarray, params) -> dict[str, np.ndarray]:
     return {n: flat[lo:hi].reshape(params.specs[n].shape) for n, (lo, hi) in params.slices.items()}
 
 
+def write_tensors(tensors: dict, path, metadata: dict | None = None) -> Path:
+    """safetensors' save_file, with the file's permissions as the umask asks (save_file
+    writes 0600 whatever the umask; state.json and every other file get 0666 & ~umask)."""
+    path = Path(path)
+    save_file({n: np.require(v, requirements="C") for n, v in tensors.items()}, str(path),
+              metadata=metadata)                      # (require keeps 0-d tensors 0-d)
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
+    return path
+
+
 def save_checkpoint(root, iteration: int, params: dict[str, np.ndarray],
                     moments: dict[str, dict[str, np.ndarray]], step: int, state: dict,
                     tokenizer: Path | None = None) -> Path:
@@ -62,9 +74,9 @@ def save_checkpoint(root, iteration: int, params: dict[str, np.ndarray],
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({n: np.ascontiguousarray(v) for n, v in params.items()}, str(tmp / "model.safetensors"))
-    save_file({f"{key}.{n}": np.ascontiguousarray(v) for key, named in moments.items()
-               for n, v in named.items()}, str(tmp / "optimizer.safetensors"))
+    write_tensors(params, tmp / "model.safetensors")
+    write_tensors({f"{key}.{n}": v for key, named in moments.items() for n, v in named.items()},
+                  tmp / "optimizer.safetensors")
     full_state = {"format": FORMAT, "iteration": iteration, "optimizer_step": step, **state}
     (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
     if tokenizer is not None:

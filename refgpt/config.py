@@ -98,6 +98,7 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr: float = 1e-4
     lr_warmup_iters: int = 20
+    lr_warmup_init: float = 0.0
     lr_decay_style: str = "cosine"
     lr_decay_iters: int = 0  # 0: same as train_iters
     weight_decay: float = 0.1
@@ -117,6 +118,14 @@ class TrainConfig:
     save_interval: int = 0  # 0: only at the end
     log_interval: int = 10
     log_jsonl: str = ""
+    tensorboard_dir: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """The settings a checkpoint recorded (those this version does not know are left out,
+        those it adds since keep their defaults)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     def micro_batches(self, data_parallel_size: int = 1) -> int:
         """Micro-batches each data-parallel rank runs per step: G / (d B)."""
@@ -143,6 +152,8 @@ class TrainConfig:
             raise ConfigError(f"--lr-decay-style must be one of {DECAY_STYLES}, got {self.lr_decay_style!r}")
         if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"need 0 <= --min-lr <= --lr, got --lr {self.lr} --min-lr {self.min_lr}")
+        if not 0 <= self.lr_warmup_init <= self.lr:
+            raise ConfigError(f"need 0 <= --lr-warmup-init <= --lr, got {self.lr_warmup_init}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ConfigError("--adam-beta1 and --adam-beta2 must be in [0, 1)")
         if self.adam_eps <= 0:
@@ -178,8 +189,7 @@ class ParallelConfig:
 
     def validate(self) -> None:
         """Settings on their own; the fit to the world size is refgpt.parallel.grid.check_sizes."""
-        tp, pp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size
-        if self.sequence_parallel and tp == 1:
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.pipeline_schedule not in SCHEDULES:
             raise ConfigError(f"--pipeline-schedule must be one of {SCHEDULES}, "

@@ -13,18 +13,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import exit_on_user_error
+from .cli import exit_on_user_error, parser
 from .interop import export_hf, import_hf
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m refgpt.convert", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("refgpt.convert", __doc__)
     way = ap.add_mutually_exclusive_group(required=True)
     way.add_argument("--to", choices=["hf"], help="refgpt checkpoint SRC -> format DST")
     way.add_argument("--from", dest="source", choices=["hf"], help="format SRC -> refgpt checkpoint DST")
-    ap.add_argument("src")
-    ap.add_argument("dst")
+    ap.add_argument("src", help="--to: a refgpt checkpoint folder; --from: a Hugging Face "
+                                "GPT-2 folder (config.json, model.safetensors)")
+    ap.add_argument("dst", help="the folder to write")
     ap.add_argument("--dtype", choices=["float32", "float64"], default="float32",
                     help="dtype of the refgpt checkpoint written by --from (default float32)")
     return ap

@@ -80,15 +80,17 @@ def compare(other: dict, ref: dict, rtol: float) -> list[tuple]:
     """Rows (name, shape, max abs err, max rel err, ok) for every tensor in ``ref``.
 
     The relative error is scaled by the reference tensor's largest magnitude:
-    max|a - b| / max|b|. Integer tensors must match exactly; a tensor missing from ``other``
-    or of another shape fails.
+    max|a - b| / max|b|. Integer tensors must match exactly. A tensor missing from ``other``
+    fails with shape "missing", one of another shape with shape "A here, B in the reference"
+    (two dumps of different batches: the table's first row says so), and no errors.
     """
     rows = []
     for name in canonical_order(ref):
         b = ref[name]
         a = other.get(name)
         if a is None or a.shape != b.shape:
-            rows.append((name, b.shape, float("nan"), float("inf"), False))
+            why = "missing" if a is None else f"{tuple(a.shape)} here, {tuple(b.shape)} in the reference"
+            rows.append((name, why, float("nan"), float("nan"), False))
             continue
         if np.issubdtype(b.dtype, np.integer):
             bad = int(np.sum(a != b))
@@ -103,15 +105,22 @@ def compare(other: dict, ref: dict, rtol: float) -> list[tuple]:
 
 
 def format_table(rows: list[tuple], rtol: float) -> str:
-    """The per-tensor table, then the first divergence, then ``max_rel_err=<x> PASS|FAIL``."""
+    """The per-tensor table, then the first divergence, then ``max_rel_err=<x> PASS|FAIL``
+    (the largest error of the tensors compared; a tensor missing or of another shape fails
+    without one)."""
     width = max([len(r[0]) for r in rows] + [4])
     lines = [f"{'name':<{width}}  {'shape':<18} {'max abs err':>12} {'max rel err':>12}  result"]
     for name, shape, abs_err, rel, ok in rows:
+        if isinstance(shape, str):                         # not compared: say why
+            lines.append(f"{name:<{width}}  {shape:<44}  FAIL")
+            continue
         lines.append(f"{name:<{width}}  {str(tuple(shape)):<18} {abs_err:12.3e} {rel:12.3e}  "
                      f"{'pass' if ok else 'FAIL'}")
-    failed = [r[0] for r in rows if not r[4]]
-    worst = max((r[3] for r in rows), default=0.0)
+    failed = [r for r in rows if not r[4]]
+    worst = max((r[3] for r in rows if not isinstance(r[1], str)), default=0.0)
     if failed:
-        lines.append(f"first divergence: {failed[0]} ({len(failed)} of {len(rows)} tensors fail)")
+        why = f": {failed[0][1]}" if isinstance(failed[0][1], str) else ""
+        lines.append(f"first divergence: {failed[0][0]}{why} ({len(failed)} of {len(rows)} "
+                     f"tensors fail)")
     lines.append(f"max_rel_err={worst:.3e} {'FAIL' if failed else 'PASS'} (tolerance {rtol:g})")
     return "\n".join(lines)

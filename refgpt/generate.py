@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from .checkpoint import load_checkpoint
-from .cli import exit_on_user_error
+from .cli import exit_on_user_error, parser
 from .config import ModelConfig
 from .data.tokenizer import EOT, load_tokenizer
 from .nn import GPT
@@ -59,24 +59,28 @@ def generate(model: GPT, prompt: list[int], max_new_tokens: int, temperature: fl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m refgpt.generate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("refgpt.generate", __doc__)
     ap.add_argument("--load", required=True, help="checkpoint folder (written by --save)")
     group = ap.add_mutually_exclusive_group(required=True)
     group.add_argument("--prompt", help="text to continue (needs the checkpoint's tokenizer)")
     group.add_argument("--prompt-ids", help="comma-separated token ids to continue")
-    ap.add_argument("--max-new-tokens", type=int, default=100)
-    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    ap.add_argument("--top-k", type=int, default=40, help="0: no top-k filtering")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=100,
+                    help="tokens to add at most; generation also stops at <|endoftext|> and at "
+                         "the end of the position table [default: 100]")
+    ap.add_argument("--temperature", type=float, default=0.8, help="0: greedy [default: 0.8]")
+    ap.add_argument("--top-k", type=int, default=40,
+                    help="sample among the k likeliest tokens (0: all) [default: 40]")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the sampling [default: 0]")
     return ap
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.temperature < 0:
-        raise ValueError("--temperature must be >= 0")
+    for flag, value in (("--temperature", args.temperature), ("--max-new-tokens", args.max_new_tokens),
+                        ("--top-k", args.top_k)):
+        if value < 0:
+            raise ValueError(f"{flag} must be >= 0, got {value}")
     ckpt = load_checkpoint(args.load, with_optimizer=False)
     cfg = ModelConfig.from_dict(ckpt.state["model"])
     model = GPT(cfg, np.dtype(ckpt.state["dtype"]))
@@ -91,15 +95,21 @@ def main(argv=None) -> int:
         try:
             prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
         except ValueError:
-            raise ValueError(f"--prompt-ids must be comma-separated integers") from None
+            raise ValueError("--prompt-ids must be comma-separated integers") from None
         if any(not 0 <= t < cfg.vocab_size for t in prompt):
             raise ValueError(f"--prompt-ids must lie in [0, {cfg.vocab_size})")
     stop = tok.token_to_id(EOT) if tok else None
     new = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed, stop)
-    if tok is not None:
+    if tok is None:
+        print(",".join(map(str, prompt + new)))
+    elif args.prompt is not None:
         print(args.prompt + tok.decode(new))
     else:
-        print(",".join(map(str, prompt + new)))
+        print(tok.decode(prompt + new))
+    room = cfg.n_positions - len(prompt)
+    if len(new) < args.max_new_tokens and len(new) == room:
+        print(f"(stopped after {len(new)} new tokens: the model's position table holds "
+              f"{cfg.n_positions})", file=sys.stderr)
     return 0
 
 

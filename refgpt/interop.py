@@ -19,8 +19,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
+from .checkpoint import load_checkpoint, write_tensors
 from .cli import CheckpointError
 from .config import ModelConfig
 
@@ -87,13 +88,12 @@ def refgpt_state_dict(sd: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, 
 
 def export_hf(ckpt_path, outdir) -> Path:
     """Write a refgpt checkpoint as a Hugging Face folder (config.json, model.safetensors)."""
-    from .checkpoint import load_checkpoint
     ckpt = load_checkpoint(ckpt_path, with_optimizer=False)
     cfg = ModelConfig.from_dict(ckpt.state["model"])
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(hf_state_dict(ckpt.params, cfg), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    write_tensors(hf_state_dict(ckpt.params, cfg), out / "model.safetensors",
+                  metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
     if ckpt.tokenizer:
         shutil.copyfile(ckpt.tokenizer, out / "tokenizer.json")

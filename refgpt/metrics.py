@@ -12,17 +12,22 @@ hidden h, vocabulary V and N parameters:
   N counts every parameter that takes part in a GEMM or elementwise op, i.e. all but the
   position table, with the real (unpadded) vocabulary.
 
-MFU = F_model / time / (measured GEMM rate of this process), the rate being the best of a few
-square matmuls in the run's dtype, timed at start-up.
+MFU = F_model / time / (GEMM rate x ranks). The rate is the best this machine has shown for
+the run's dtype, backend and thread count: square matmuls timed at start-up (for a fraction
+of a second, so that one slow moment cannot decide it), the best of earlier runs kept in a
+file of refgpt's cache, and raised to what a step achieves. A busy start-up therefore cannot
+make MFU pass 100%: the figure is against the best rate seen, not the last.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 import numpy as np
 
-from .backend import synchronize, to_device
+from .backend import array_module, synchronize, to_device
 
 
 def megatron_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int) -> float:
@@ -42,18 +47,64 @@ def model_flops(cfg, batch: int) -> float:
     return batch * s * (6.0 * model_params(cfg) + 12.0 * L * h * s)
 
 
-def measure_gemm_rate(dtype=np.float32, n: int = 1024, repeats: int = 3) -> float:
+def measure_gemm_rate(dtype=np.float32, n: int = 1024, seconds: float = 0.3) -> float:
     """Best FLOP/s of an n x n x n matmul in this process (threads as currently set), on the
-    current backend's device (a GPU under the cupy backend)."""
+    current backend's device, over at least three matmuls and `seconds`."""
     rng = np.random.default_rng(0)
     a = to_device(rng.standard_normal((n, n)).astype(dtype))
     b = to_device(rng.standard_normal((n, n)).astype(dtype))
     a @ b                                                        # warm-up
     synchronize()
-    best = float("inf")
-    for _ in range(repeats):
+    best, start, runs = float("inf"), time.perf_counter(), 0
+    while runs < 3 or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         a @ b
         synchronize()
         best = min(best, time.perf_counter() - t0)
+        runs += 1
     return 2.0 * n**3 / best
+
+
+class GemmRate:
+    """The GEMM rate MFU divides by (module docstring): measured now, never below the best of
+    earlier runs with the same key (remembered in `path`), raised to what a step achieves."""
+
+    def __init__(self, measured: float, key: str, path=None):
+        self.key, self.path = key, path
+        self.known = self._read()
+        self.rate = max(measured, self.known.get(key, 0.0))
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text()) if self.path else {}
+        except (OSError, ValueError):
+            return {}                           # no file yet, or a damaged one: start afresh
+
+    def observe(self, flops_per_s: float) -> None:
+        """A step computed at this rate (per rank): the machine can, so the rate is at least it."""
+        self.rate = max(self.rate, flops_per_s)
+
+    def save(self) -> None:
+        """Remember the rate for later runs (one writer: world rank 0)."""
+        if self.path is None or self.rate <= self.known.get(self.key, 0.0):
+            return
+        self.known[self.key] = self.rate
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f"{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(self.known, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def machine_key(backend: str, dtype) -> str:
+    """What a GEMM rate depends on: the device (the CPU, or the GPU), the BLAS threads of this
+    process, the dtype and the backend."""
+    xp = array_module()
+    if xp is not np:
+        device = xp.cuda.runtime.getDeviceProperties(xp.cuda.Device().id)["name"].decode()
+    else:
+        import llvmlite.binding as llvm
+        from threadpoolctl import threadpool_info
+        threads = max((i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"),
+                      default=1)
+        device = f"{llvm.get_host_cpu_name()} x{os.cpu_count()} cores, {threads} BLAS threads"
+    return f"{device}, {np.dtype(dtype).name}, {backend}"

@@ -13,14 +13,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import exit_on_user_error
+from .cli import exit_on_user_error, parser
+from .data.corpus import TEXT_SUFFIXES
 from .data.prepared import prepare
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m refgpt.prepare", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("inputs", nargs="*", help="text files or folders (default: the Python stdlib)")
+    ap = parser("refgpt.prepare", __doc__)
+    ap.add_argument("inputs", nargs="*",
+                    help="text files, or folders: the files under them whose suffix is one of "
+                         f"{' '.join(sorted(TEXT_SUFFIXES))} (name other files one by one) "
+                         "[default: the Python standard library's source]")
     ap.add_argument("--output", "-o", required=True, help="folder to write")
     ap.add_argument("--vocab-size", type=int, default=8192, help="BPE vocabulary size (default 8192)")
     ap.add_argument("--val-fraction", type=float, default=0.05,

@@ -7,6 +7,9 @@ standard library's source, tokenised on first use and cached). ``--help`` lists 
 One iteration = one optimizer step over --global-batch-size sequences, processed as
 global / micro micro-batches whose losses are each normalised by the global token count, so
 the accumulated gradient is that of the whole batch.
+
+--load resumes a run: the model's shape and the training settings are the checkpoint's, and
+the flags given override them (the run prints which).
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import argparse  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .cli import USER_ERRORS, exit_on_user_error  # noqa: E402
+from .checkpoint import read_state  # noqa: E402
+from .cli import USER_ERRORS, exit_on_user_error, parser  # noqa: E402
 from .config import (BACKENDS, DECAY_STYLES, DTYPES, GELU_KINDS, SCHEDULES, TP_MODES,  # noqa: E402
                      ConfigError, ModelConfig, ParallelConfig, TrainConfig)
 from .engine import Trainer  # noqa: E402
@@ -41,7 +46,7 @@ MODEL_FLAGS = {
     "num-attention-heads": ("num_attention_heads", int, "attention heads a (must divide h)"),
     "seq-length": ("seq_length", int, "tokens per sequence s"),
     "max-position-embeddings": ("max_position_embeddings", int,
-                                "rows of the position table (default: --seq-length)"),
+                                "rows of the position table (default, 0: --seq-length)"),
     "vocab-size": ("vocab_size", int, "vocabulary size (default: the tokenizer's; 8192 for the "
                                       "default corpus and synthetic data)"),
     "make-vocab-size-divisible-by": ("vocab_multiple", int,
@@ -56,9 +61,13 @@ TRAIN_FLAGS = {
     "exit-interval": ("exit_interval", int, "stop (after saving) when iteration %% N == 0"),
     "lr": ("lr", float, "peak learning rate"),
     "min-lr": ("min_lr", float, "learning rate at the end of decay"),
-    "lr-warmup-iters": ("lr_warmup_iters", int, "linear warm-up steps"),
+    "lr-warmup-iters": ("lr_warmup_iters", int, "linear warm-up steps, from --lr-warmup-init at "
+                                                "iteration 0 to --lr at this iteration "
+                                                "(Megatron-LM's schedule)"),
+    "lr-warmup-init": ("lr_warmup_init", float, "learning rate of iteration 0, where warm-up starts"),
     "lr-decay-style": ("lr_decay_style", str, ", ".join(DECAY_STYLES)),
-    "lr-decay-iters": ("lr_decay_iters", int, "steps of decay (default: --train-iters)"),
+    "lr-decay-iters": ("lr_decay_iters", int, "iteration where decay ends (default, 0: "
+                                              "--train-iters)"),
     "weight-decay": ("weight_decay", float, "AdamW decoupled decay on 2-D weights"),
     "clip-grad": ("clip_grad", float, "global gradient-norm clip (0: off)"),
     "adam-beta1": ("adam_beta1", float, "AdamW beta1"),
@@ -77,7 +86,10 @@ TRAIN_FLAGS = {
     "load": ("load", str, "checkpoint folder to resume from (model shape is taken from it)"),
     "save-interval": ("save_interval", int, "save every N iterations (0: only at the end)"),
     "log-interval": ("log_interval", int, "print a log line every N iterations"),
-    "log-jsonl": ("log_jsonl", str, "append one JSON object per iteration to this file"),
+    "log-jsonl": ("log_jsonl", str, "write one JSON object per iteration to this file (a "
+                                    "resumed run keeps the lines before its iteration)"),
+    "tensorboard-dir": ("tensorboard_dir", str, "write TensorBoard scalars (loss, learning rate, "
+                                                "grad norm, throughput, memory, timers) here"),
 }
 PARALLEL_FLAGS = {
     "tensor-model-parallel-size": ("tensor_model_parallel_size", int,
@@ -104,19 +116,19 @@ PARALLEL_FLAGS = {
 
 
 def add_flags(ap: argparse.ArgumentParser, title: str, table: dict, defaults) -> None:
-    """One argument group with a flag per table entry; values land on the config's field names."""
+    """One argument group with a flag per table entry; values land on the config's field names.
+    The help ends with the default unless it says what the default is, or there is none."""
     group = ap.add_argument_group(title)
     for flag, (field, typ, text) in table.items():
-        group.add_argument(f"--{flag}", type=typ, dest=field,
-                           help=f"{text} [default: {getattr(defaults, field)!r}]")
+        value = getattr(defaults, field)
+        shown = "" if "default" in text or value == "" else f" [default: {value}]"
+        group.add_argument(f"--{flag}", type=typ, dest=field, help=text + shown)
 
 
-def build_parser(prog: str = "python -m refgpt.train", description: str = __doc__
+def build_parser(module: str = "refgpt.train", description: str = __doc__
                  ) -> argparse.ArgumentParser:
     """Every training flag; a flag not given is absent from the parsed namespace."""
-    ap = argparse.ArgumentParser(prog=prog, description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 argument_default=argparse.SUPPRESS)
+    ap = parser(module, description, argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", help="TOML file with the same keys as these flags")
     add_flags(ap, "model", MODEL_FLAGS, ModelConfig())
     add_flags(ap, "training", TRAIN_FLAGS, TrainConfig())
@@ -169,15 +181,28 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
     return mcfg, tcfg, pcfg, set(values), other
 
 
+def resumed(tcfg: TrainConfig, given: set) -> tuple[TrainConfig, list[str]]:
+    """With --load: the checkpoint's training settings, but for those given (flags or
+    --config), and the list of what they change ("name old -> new")."""
+    saved = TrainConfig.from_dict(read_state(tcfg.load)[1].get("train", {}))
+    fields = set(saved.to_dict()) & (set(given) | {"load"})
+    changes = [f"--{k.replace('_', '-')} {getattr(saved, k)!r} -> {getattr(tcfg, k)!r}"
+               for k in sorted(fields - {"load"}) if getattr(saved, k) != getattr(tcfg, k)]
+    return replace(saved, **{k: getattr(tcfg, k) for k in fields}), changes
+
+
 def setup(argv, world_comm) -> Trainer:
     """Parse, build the grid and the trainer (which validates the configuration before any
     work). User errors raise here, before any training collective: either the same on every
-    rank, or agreed on by all ranks."""
+    rank, or agreed on by all ranks. Resuming (--load) continues the saved run: the model's
+    shape and the training settings are the checkpoint's, but for the flags given."""
     mcfg, tcfg, pcfg, given, other = parse_config(argv)
     grid = Grid(world_comm, pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size)
     threads = set_threads(world_comm, pcfg.threads_per_rank)
-    error = trainer = None
+    error = trainer = changes = None
     try:
+        if tcfg.load:
+            tcfg, changes = resumed(tcfg, given)
         trainer = Trainer(mcfg, tcfg, pcfg, grid, given, progress=other.get("progress", True))
     except USER_ERRORS as e:                   # e.g. data or checkpoint missing on some rank
         error = e
@@ -190,6 +215,9 @@ def setup(argv, world_comm) -> Trainer:
     if error is not None:
         raise error
     trainer.log(threads)
+    if changes is not None:
+        trainer.log("training settings from the checkpoint" + (
+            "; changed by flags: " + ", ".join(changes) if changes else ", none changed by flags"))
     return trainer
 
 

@@ -41,10 +41,9 @@ import sys
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from .checkpoint import load_checkpoint
-from .cli import exit_on_user_error
+from .checkpoint import load_checkpoint, write_tensors
+from .cli import exit_on_user_error, parser
 from .config import ConfigError, ModelConfig, TrainConfig
 from .dump import compare, format_table, make_dump
 from .interop import refgpt_state_dict
@@ -53,7 +52,8 @@ from .optim import AdamW, clip_grad_, grad_norm, learning_rate
 from .train import MODEL_FLAGS, TRAIN_FLAGS, add_flags
 
 TOLERANCE = {"float64": 1e-10, "float32": 1e-4}
-OPT_FLAGS = {k: TRAIN_FLAGS[k] for k in ("lr", "min-lr", "lr-warmup-iters", "lr-decay-style",
+OPT_FLAGS = {k: TRAIN_FLAGS[k] for k in ("lr", "min-lr", "lr-warmup-iters", "lr-warmup-init",
+                                         "lr-decay-style",
                                          "weight-decay", "clip-grad", "adam-beta1", "adam-beta2",
                                          "adam-eps")}
 
@@ -124,7 +124,7 @@ def against_hf(cfg: ModelConfig, opt: TrainConfig, steps: int, size: int, seed: 
         if steps == 0:
             break
         lr = learning_rate(k, lr=opt.lr, min_lr=opt.min_lr, warmup=opt.lr_warmup_iters,
-                           decay_iters=steps, style=opt.lr_decay_style)
+                           decay_iters=steps, style=opt.lr_decay_style, init=opt.lr_warmup_init)
         clip_grad_(p.grad, opt.clip_grad, grad_norm(p.grad))
         mine.step(lr)
         if opt.clip_grad > 0:
@@ -192,14 +192,14 @@ def write_dump(args) -> None:
     else:
         x, y = next(batches(cfg, args.micro_batch_size, args.seed))
     meta = {"refgpt_model": json.dumps(cfg.to_dict()), "checkpoint": str(ckpt.path)}
-    save_file(make_dump(model, x, y), args.dump, metadata=meta)
-    print(f"wrote {args.dump}: {len(x)} sequences of {cfg.seq_length} tokens, {dtype}")
+    dump = make_dump(model, x, y)
+    path = write_tensors(dump, args.dump, metadata=meta)
+    print(f"wrote {path}: {len(dump)} tensors, {path.stat().st_size / 2**20:.1f} MiB "
+          f"({len(x)} sequences of {cfg.seq_length} tokens, {dtype})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m refgpt.validate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 argument_default=argparse.SUPPRESS)
+    ap = parser("refgpt.validate", __doc__, argument_default=argparse.SUPPRESS)
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--against", choices=["hf"], help="compare with Hugging Face GPT-2 (PyTorch)")
     mode.add_argument("--dump", metavar="FILE", help="write a dump of one batch (needs --load)")
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
     if other is not None:
         rows = compare(other, ref, rtol)
     else:
-        rows = [(n, s, a, r, r <= rtol) for n, s, a, r, _ in rows]
+        rows = [(n, s, a, r, r <= rtol) for n, s, a, r, _ in rows]          # --rtol applies
     print(format_table(rows, rtol))
     return 0 if all(r[4] for r in rows) else 1
 

@@ -66,15 +66,28 @@ def test_clip_matches_torch(max_norm):
     np.testing.assert_allclose(g, t.grad.numpy(), rtol=1e-15)
 
 
-def test_lr_schedule():
+def test_lr_schedule_is_megatrons_step_for_step():
+    """Megatron-LM's OptimizerParamScheduler: with warm-up 3 and peak 3e-3 the first three
+    iterations run at 0, 1e-3 and 2e-3 (the peak at iteration 3); then the decay over
+    iterations (W, D], min_lr after D."""
+    warm = [learning_rate(i, lr=3e-3, min_lr=0.0, warmup=3, decay_iters=10, style="cosine")
+            for i in range(4)]
+    assert warm == pytest.approx([0.0, 1e-3, 2e-3, 3e-3], abs=1e-18)
+    assert learning_rate(1, lr=3e-3, min_lr=0.0, warmup=3, decay_iters=10, style="cosine",
+                         init=3e-4) == pytest.approx(3e-4 + 2.7e-3 / 3)
     kw = dict(lr=1.0, min_lr=0.1, warmup=10, decay_iters=110)
-    assert learning_rate(0, style="cosine", **kw) == pytest.approx(0.1)
-    assert learning_rate(9, style="cosine", **kw) == pytest.approx(1.0)
+    assert learning_rate(0, style="cosine", **kw) == 0.0
+    assert learning_rate(9, style="cosine", **kw) == pytest.approx(0.9)
     assert learning_rate(10, style="cosine", **kw) == pytest.approx(1.0)
     assert learning_rate(60, style="cosine", **kw) == pytest.approx(0.55)
     assert learning_rate(60, style="linear", **kw) == pytest.approx(0.55)
     assert learning_rate(35, style="linear", **kw) == pytest.approx(1.0 - 0.9 * 0.25)
     assert learning_rate(35, style="cosine", **kw) == pytest.approx(
         0.1 + 0.45 * (1 + math.cos(math.pi * 0.25)))
-    assert learning_rate(500, style="cosine", **kw) == pytest.approx(0.1)
+    assert learning_rate(110, style="cosine", **kw) == pytest.approx(0.1)
+    assert learning_rate(500, style="cosine", **kw) == 0.1
     assert learning_rate(500, style="constant", **kw) == 1.0
+    assert learning_rate(0, lr=1.0, min_lr=0.1, warmup=0, decay_iters=10,
+                         style="cosine") == 1.0                   # no warm-up: the peak first
+    assert learning_rate(15, lr=1.0, min_lr=0.1, warmup=20, decay_iters=10,
+                         style="cosine") == 0.75                  # W >= D: warm-up to the end

@@ -57,7 +57,7 @@ def test_validation_catches_decaying_every_tensor(capsys, monkeypatch):
             super().__init__(p, g, [(0, len(p))], **kw)
     monkeypatch.setattr(validate, "AdamW", DecayEverything)
     code, out = run_validate(capsys, ["--against", "hf", "--steps", "2", "--weight-decay", "0.1",
-                                      *SHAPES["gpt2ish"]])
+                                      "--lr-warmup-iters", "0", *SHAPES["gpt2ish"]])
     assert code == 1 and out[-1].split()[-3] == "FAIL"
     assert out[-2].startswith("first divergence: step1.loss")     # the loss after one step
     rows = {line.split()[0]: line.split()[-1] for line in out[1:-2]}
@@ -130,6 +130,7 @@ def test_hf_example_dump_matches_refgpt(ckpt, capsys, tmp_path):
     r = subprocess.run([sys.executable, "examples/hf_dump.py", str(ckpt / "hf"), str(theirs),
                         "--seq", "8"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert f"wrote {theirs}: 82 tensors" in r.stdout and "MiB" in r.stdout   # says what it wrote
     capsys.readouterr()
     code, out = run_validate(capsys, ["--compare", str(theirs)])
     assert code == 0, out[-3:]

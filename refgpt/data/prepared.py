@@ -28,10 +28,13 @@ def prepare(inputs: list[str], output: Path, vocab_size: int, val_fraction: floa
         raise FileNotFoundError("no input files")
     t0 = time.perf_counter()
     texts = [t for t in read_texts(files) if t]
-    log(f"prepare: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} M characters")
+    log(f"prepare: {len(texts)} documents, {sum(map(len, texts)) / 1e6:.1f} M characters; "
+        f"training a byte-level BPE tokenizer of {vocab_size} tokens ...")
     tok = train_bpe(texts, vocab_size)
+    log(f"prepare: encoding ({time.perf_counter() - t0:.0f} s so far) ...")
     eot = tok.token_to_id(EOT)
-    ids = [np.array(e.ids + [eot], dtype=np.int64) for e in tok.encode_batch(texts)]
+    # encode_batch_fast: the token ids without their character offsets (about 1.6x faster)
+    ids = [np.array(e.ids + [eot], dtype=np.int64) for e in tok.encode_batch_fast(texts)]
     stream = np.concatenate(ids)
     n_val = max(1, int(len(stream) * val_fraction))
     output.mkdir(parents=True, exist_ok=True)

@@ -19,19 +19,17 @@ from ..backend import to_device
 from ..config import ConfigError
 from ..data.prepared import default_data
 from ..data.tokens import SyntheticDataset, TokenDataset, batch, read_meta
+from ..parallel.launch import on_rank0
 
 
 def data_folder(tcfg, mcfg, world, log) -> Path | None:
     """The token folder to read (None: synthetic data). The default corpus is prepared on
-    first use by world rank 0 while the others wait."""
+    first use by world rank 0 while the others wait asleep (refgpt.parallel.launch)."""
     if tcfg.synthetic_data:
         return None
     if tcfg.data_path:
         return Path(tcfg.data_path)
-    if world is None:
-        return default_data(mcfg.vocab_size, log=log)
-    folder = default_data(mcfg.vocab_size, log=log) if world.Get_rank() == 0 else None
-    return Path(world.bcast(str(folder) if folder else None, root=0))
+    return on_rank0(world, default_data, mcfg.vocab_size, log)
 
 
 def fit_vocabulary(mcfg, tcfg, given: set, from_checkpoint: bool) -> None:

@@ -10,8 +10,10 @@ formula for the same buffers (refgpt.parallel.zero.formula_bytes), and the peak 
 
 from __future__ import annotations
 
+import json
 import math
 import resource
+from pathlib import Path
 
 import numpy as np
 
@@ -49,6 +51,113 @@ def step_record(mcfg, tcfg, iteration: int, consumed: int, loss: float, lr: floa
             "model_tflops": mflops / seconds / 1e12,
             "mfu": mflops / seconds / (gemm_rate * world_size),
             "dp_comm_bytes": dp_bytes, "memory_bytes": mem}
+
+
+def open_jsonl(path, iteration: int):
+    """--log-jsonl's file, open for appending the records after iteration: a resumed run
+    keeps the lines of the iterations before it (none of a later, lost stretch of the run),
+    so one file holds one history. Parent folders are made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = []
+    if iteration and path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["iter"] <= iteration:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue                          # a line cut off by a crash
+    path.write_text("".join(kept))
+    return open(path, "a")
+
+
+class RunLog:
+    """Where a run's records go, on world rank 0 (other ranks' go nowhere):
+
+        the log line    every --log-interval iterations, with the averages of the iterations
+                        since the last line for the time per iteration, tokens/s, TFLOP/s and
+                        MFU (Megatron's convention), the last iteration's loss, learning rate
+                        and gradient norm; then the timers' line, averaged the same way
+        --log-jsonl     every record as measured (per iteration)
+        --tensorboard-dir  every record's scalars, under Megatron's names where it has them
+                        (lm-loss, learning-rate, grad-norm, iteration-time, ...; TensorBoard
+                        takes no spaces), through tensorboardX
+        a tqdm bar      on a terminal, unless --no-progress
+    """
+
+    def __init__(self, tcfg, iteration: int, say, progress: bool):
+        """say: print, on world rank 0; None elsewhere. iteration: where the run starts."""
+        self.tcfg, self.print = tcfg, say
+        self.seconds, self.steps = 0.0, 0
+        self.jsonl = self.board = self.bar = None
+        if say is None:
+            return
+        if tcfg.log_jsonl:
+            self.jsonl = open_jsonl(tcfg.log_jsonl, iteration)
+        if tcfg.tensorboard_dir:
+            from tensorboardX import SummaryWriter
+            # a file per (re)start: its name's time has seconds only; purge_step hides the
+            # steps after the checkpoint that the earlier run had logged
+            self.board = SummaryWriter(tcfg.tensorboard_dir, purge_step=iteration + 1,
+                                       filename_suffix=f".from{iteration}")
+        if progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=tcfg.train_iters, initial=iteration, unit="it", disable=None,
+                            dynamic_ncols=True)
+
+    def say(self, text: str) -> None:
+        if self.print is not None:
+            (self.bar.write if self.bar is not None else self.print)(text)
+
+    def add(self, r: dict, logging: bool) -> None:
+        """One iteration's record; logging: print the log line (and the timers') now."""
+        self.seconds += r["step_time_s"]
+        self.steps += 1
+        if self.print is None:
+            return
+        if self.jsonl:
+            self.jsonl.write(json.dumps(r) + "\n")
+            self.jsonl.flush()
+        if self.board is not None:
+            for tag, value in scalars(r).items():
+                self.board.add_scalar(tag, value, r["iter"])
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}")
+        if logging:
+            self.say(log_line(averaged(r, self.seconds / self.steps), self.tcfg))
+            if "timers_ms" in r:
+                self.say(timers_line(r["timers_ms"]))
+            self.seconds, self.steps = 0.0, 0
+        if "val_loss" in r:
+            self.say(validation_line(r))
+
+    def close(self) -> None:
+        for out in (self.bar, self.jsonl, self.board):
+            if out is not None:
+                out.close()
+
+
+def averaged(r: dict, seconds: float) -> dict:
+    """The record with the rates of an iteration of `seconds` (an interval's average)."""
+    scale = r["step_time_s"] / seconds
+    return {**r, "step_time_s": seconds,
+            **{k: r[k] * scale for k in ("tokens_per_s", "tflops", "model_tflops", "mfu")}}
+
+
+def scalars(r: dict) -> dict[str, float]:
+    """A record's TensorBoard scalars."""
+    out = {"lm-loss": r["loss"], "learning-rate": r["lr"], "grad-norm": r["grad_norm"],
+           "skipped-iterations": r["skipped"], "iteration-time": r["step_time_s"],
+           "tokens-per-second": r["tokens_per_s"], "tflops": r["tflops"], "mfu": r["mfu"],
+           "dp-comm-bytes": r["dp_comm_bytes"]}
+    out.update({f"memory/{k}-mib": v * MIB for k, v in r["memory_bytes"].items()})
+    if "val_loss" in r:
+        out["lm-loss-validation"] = r["val_loss"]
+        out["lm-loss-validation-ppl"] = math.exp(min(r["val_loss"], 50))
+    for name, (_, hi) in r.get("timers_ms", {}).items():
+        out[f"{name}-time"] = hi                        # ms, the slowest rank's
+    return out
 
 
 def log_line(r: dict, tcfg) -> str:

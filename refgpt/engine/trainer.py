@@ -11,7 +11,6 @@ their intervals, a log line (refgpt.engine.report).
 from __future__ import annotations
 
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from .. import metrics
 from ..backend import Backend, synchronize
 from ..checkpoint import load_checkpoint, read_state
+from ..data.corpus import cache_dir
 from ..config import ModelConfig, ParallelConfig
 from ..optim import AdamW, learning_rate
 from ..parallel.build import build, check_layout
@@ -30,6 +30,7 @@ from . import checkpoints, report
 from .batches import Batches, data_folder, fit_vocabulary
 from .faults import Faults
 from .step import Step
+from .warmup import KernelWarmup
 
 
 def on_backend(method):
@@ -64,6 +65,7 @@ class Trainer:
         if ckpt is not None:
             self.log(f"resuming from {ckpt.path} (iteration {ckpt.state['iteration']}); "
                      f"model shape taken from the checkpoint")
+        warmup = KernelWarmup(tcfg.backend, tcfg.dtype, g.world)     # while the data is prepared
         self.batches = Batches(mcfg, tcfg, g, data_folder(tcfg, mcfg, g.world, self.log))
         self.faults = Faults(g.rank)
         self.timers = Timers(self.pcfg.timing_log_level, g.world, on_enter=self.faults)
@@ -71,6 +73,8 @@ class Trainer:
         self.backend.use_gpu(g.rank)
         self.iteration, self.consumed, self.history = 0, 0, []
         self._set_up(ckpt)
+        warmup.wait(self.log)
+        self.gemm = self._gemm_rate()
         self.faults("init")
 
     @on_backend
@@ -84,7 +88,18 @@ class Trainer:
             checkpoints.restore(ckpt, self.model, self.opt, self.mcfg)
             self.iteration = ckpt.state["iteration"]
             self.consumed = ckpt.state["consumed_samples"]
-        self.gemm_rate = metrics.measure_gemm_rate(np.dtype(self.tcfg.dtype))
+
+    @on_backend
+    def _gemm_rate(self) -> metrics.GemmRate:
+        """The GEMM rate MFU is against (refgpt.metrics): measured, and the best kept."""
+        dtype = np.dtype(self.tcfg.dtype)
+        return metrics.GemmRate(metrics.measure_gemm_rate(dtype),
+                                metrics.machine_key(self.tcfg.backend, dtype),
+                                cache_dir() / "gemm-rates.json")
+
+    @property
+    def gemm_rate(self) -> float:
+        return self.gemm.rate
 
     def _optimizer(self, p) -> AdamW:
         """AdamW over what this rank updates: the whole buffer, or with ZeRO its shard."""
@@ -93,6 +108,11 @@ class Trainer:
         decay = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in p.decay_ranges() if a < hi and b > lo]
         folder = self.pcfg.offload_optimizer
         moments = (offload_moments(folder, self.grid.rank, hi - lo, p.dtype) if folder else None)
+        if folder:
+            self.log(f"AdamW's moments are memory-mapped files in {folder} (rank*.exp_avg.npy, "
+                     f"rank*.exp_avg_sq.npy; {2 * (hi - lo) * p.dtype.itemsize / 2**20:.1f} MiB "
+                     f"for rank 0); they stay after the run: checkpoints hold the moments, so "
+                     f"delete the folder when done")
         return AdamW(p.param_shard(), p.grad_shard(), decay, betas=(t.adam_beta1, t.adam_beta2),
                      eps=t.adam_eps, weight_decay=t.weight_decay, moments=moments)
 
@@ -108,7 +128,8 @@ class Trainer:
     def lr_at(self, iteration: int) -> float:
         t = self.tcfg
         return learning_rate(iteration, lr=t.lr, min_lr=t.min_lr, warmup=t.lr_warmup_iters,
-                             decay_iters=t.lr_decay_iters or t.train_iters, style=t.lr_decay_style)
+                             decay_iters=t.lr_decay_iters or t.train_iters, style=t.lr_decay_style,
+                             init=t.lr_warmup_init)
 
     @on_backend
     def train_step(self) -> dict:
@@ -120,10 +141,12 @@ class Trainer:
         self.iteration += 1
         self.consumed += self.tcfg.global_batch_size
         synchronize()
+        seconds = time.perf_counter() - t0
+        self.gemm.observe(metrics.model_flops(self.mcfg, self.tcfg.global_batch_size)
+                          / seconds / self.grid.world_size)
         return report.step_record(self.mcfg, self.tcfg, self.iteration, self.consumed, loss, lr,
-                                  gnorm, skipped, time.perf_counter() - t0, self.gemm_rate,
-                                  self.grid.world_size, self.sync.comm_bytes - traffic,
-                                  self.memory())
+                                  gnorm, skipped, seconds, self.gemm_rate, self.grid.world_size,
+                                  self.sync.comm_bytes - traffic, self.memory())
 
     @on_backend
     def evaluate(self) -> float:
@@ -154,16 +177,8 @@ class Trainer:
         self.log(report.banner(self.mcfg, t, self.pcfg, self.grid, self.model.params.numel,
                                len(self.sync.buckets), self.gemm_rate,
                                self.memory()))
-        jsonl = None
-        if t.log_jsonl and rank0:
-            Path(t.log_jsonl).parent.mkdir(parents=True, exist_ok=True)
-            jsonl = open(t.log_jsonl, "a" if t.load else "w")
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-            bar = tqdm(total=t.train_iters, initial=self.iteration, unit="it", disable=None,
-                       dynamic_ncols=True)
-            self.log = bar.write
+        records = report.RunLog(t, self.iteration, self.log if rank0 else None, self.progress)
+        self.log = records.say
         last_log = self.iteration
         try:
             while self.iteration < t.train_iters:
@@ -178,20 +193,10 @@ class Trainer:
                     n = self.iteration - last_log
                     r["timers_ms"] = {k: [1e3 * lo / n, 1e3 * hi / n]
                                       for k, (lo, hi) in self.timers.summary(self.grid.world).items()}
+                if logging:
                     last_log = self.iteration
                 self.history.append(r)
-                if jsonl:
-                    jsonl.write(json.dumps(r) + "\n")
-                    jsonl.flush()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{r['loss']:.4f}", lr=f"{r['lr']:.2e}")
-                if logging:
-                    self.log(report.log_line(r, t))
-                    if "timers_ms" in r:
-                        self.log(report.timers_line(r["timers_ms"]))
-                if "val_loss" in r:
-                    self.log(report.validation_line(r))
+                records.add(r, logging)
                 if t.save and ((t.save_interval and self.iteration % t.save_interval == 0)
                                or last or stop):
                     self.save()
@@ -199,8 +204,7 @@ class Trainer:
                     self.log(f"exiting at iteration {self.iteration} (--exit-interval)")
                     break
         finally:
-            if bar is not None:
-                bar.close()
-            if jsonl:
-                jsonl.close()
+            records.close()
+            if rank0:
+                self.gemm.save()
         return self.history

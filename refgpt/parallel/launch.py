@@ -5,7 +5,9 @@ variables that launchers set (MPICH/Hydra, Intel MPI and Slurm's PMI: PMI_SIZE; 
 Fujitsu MPI: OMPI_COMM_WORLD_SIZE; MVAPICH2: MV2_COMM_WORLD_SIZE), and mpi4py is imported only
 when there is more than one process.
 
-`abort_job` ends a whole job from one rank without losing that rank's last words.
+`abort_job` ends a whole job from one rank without losing that rank's last words;
+`quiet_barrier` and `on_rank0` let ranks wait for one another asleep (MPI's own waits poll
+a core at 100%, which on a node of few cores takes it from the rank that works).
 """
 
 from __future__ import annotations
@@ -38,3 +40,32 @@ def abort_job(comm, message: str) -> None:
     sys.__stderr__.flush()
     time.sleep(ABORT_GRACE_S)
     comm.Abort(1)
+
+
+def quiet_barrier(comm, longest_s: float = 0.25) -> None:
+    """A barrier whose waiting ranks sleep (MPI_Barrier busy-polls a core in most MPIs), with
+    polls further and further apart: ranks waking every few milliseconds were seen to slow a
+    measured rank by 40% when processes are not bound to cores."""
+    if comm is None:
+        return
+    req, pause = comm.Ibarrier(), 0.001
+    while not req.Test():
+        time.sleep(pause)
+        pause = min(2 * pause, longest_s)
+
+
+def on_rank0(world, fn, *args):
+    """fn(*args) on world rank 0 while the other ranks sleep; its value, or its exception,
+    on every rank (so an error there cannot leave the others waiting)."""
+    value = error = None
+    if world is None or world.Get_rank() == 0:
+        try:
+            value = fn(*args)
+        except Exception as e:                       # noqa: BLE001 - re-raised on every rank
+            error = e
+    if world is not None:
+        quiet_barrier(world)
+        value, error = world.bcast((value, error), root=0)
+    if error is not None:
+        raise error
+    return value

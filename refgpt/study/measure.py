@@ -32,37 +32,9 @@ from ..config import ModelConfig
 from ..engine import Trainer
 from ..metrics import measure_gemm_rate, megatron_flops, model_flops
 from ..parallel.grid import Grid
+from ..parallel.launch import quiet_barrier
 from ..timers import NAMES
 from .plan import Config, parallel_config
-
-
-def quiet_barrier(comm, longest_s: float = 0.25) -> None:
-    """A barrier whose waiting ranks sleep (MPI_Barrier busy-polls a core in most MPIs), with
-    polls further and further apart: ranks waking every few milliseconds were seen to slow a
-    measured rank by 40% when processes are not bound to cores."""
-    if comm is None:
-        return
-    req, pause = comm.Ibarrier(), 0.001
-    while not req.Test():
-        time.sleep(pause)
-        pause = min(2 * pause, longest_s)
-
-
-def on_rank0(world, fn, *args):
-    """fn(*args) on world rank 0 while the other ranks sleep; its value, or its exception,
-    on every rank (so an error there cannot leave the others waiting)."""
-    value = error = None
-    if world is None or world.Get_rank() == 0:
-        try:
-            value = fn(*args)
-        except Exception as e:                       # noqa: BLE001 - re-raised on every rank
-            error = e
-    if world is not None:
-        quiet_barrier(world)
-        value, error = world.bcast((value, error), root=0)
-    if error is not None:
-        raise error
-    return value
 
 
 def core_gemm_rate(dtype) -> float:

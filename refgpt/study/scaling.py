@@ -47,7 +47,8 @@ from ..parallel.launch import abort_job, launched_world_size  # noqa: E402
 from ..parallel.threads import set_threads  # noqa: E402
 from ..train import build_parser, configs_from  # noqa: E402
 from . import report  # noqa: E402
-from .measure import core_gemm_rate, link_rate, machine, on_rank0, run_config  # noqa: E402
+from ..parallel.launch import on_rank0  # noqa: E402
+from .measure import core_gemm_rate, link_rate, machine, run_config  # noqa: E402
 from .plan import make_plan, parse_layout, predict  # noqa: E402
 
 STUDY_FLAGS = ("ranks", "layouts", "warmup_iters", "iters", "out", "launcher", "dry_run",
@@ -59,13 +60,13 @@ SET_BY_STUDY = ("train_iters", "exit_interval", "eval_iters", "eval_interval", "
 
 
 def build_study_parser():
-    ap = build_parser("python -m refgpt.study.scaling", __doc__)
+    ap = build_parser("refgpt.study.scaling", __doc__)
     g = ap.add_argument_group("study")
     g.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4],
                    help="rank counts to measure [default: 1 2 4]")
     g.add_argument("--layouts", nargs="+", default=["dp"],
-                   help="dp, tpT, ppP or tpTppP, -zK for ZeRO stage K (dp-z1); dp = ranks / "
-                        "(tp x pp) [default: dp]")
+                   help="dp, tpT, ppP or tpTppP; -zK for ZeRO stage K (dp-z1), -shm for ZeRO-1 "
+                        "through shared memory (dp-shm); dp = ranks / (tp x pp) [default: dp]")
     g.add_argument("--warmup-iters", type=int, default=1, help="unmeasured steps first [default: 1]")
     g.add_argument("--iters", type=int, default=3, help="measured steps [default: 3]")
     g.add_argument("--out", default="runs/scaling", help="folder of the results and report "
