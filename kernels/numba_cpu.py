@@ -450,3 +450,11 @@ def sum_rows(rows, lo, hi, out):
     if not (rows.flags.c_contiguous and out.flags.c_contiguous):
         return NotImplemented
     _sum_rows(rows, lo, hi, out, 1 << 14)
+
+
+def compiled_for(dtype) -> bool:
+    """Whether this process holds these kernels' machine code for arrays of dtype (compiled
+    here, or loaded from numba's cache): the residual's sum, which every step calls, stands
+    for them."""
+    kind = numba.from_dtype(np.dtype(dtype))
+    return any(sig[0].dtype == kind for sig in _add.signatures)

@@ -93,9 +93,8 @@ class Trainer:
     def _gemm_rate(self) -> metrics.GemmRate:
         """The GEMM rate MFU is against (refgpt.metrics): measured, and the best kept."""
         dtype = np.dtype(self.tcfg.dtype)
-        return metrics.GemmRate(metrics.measure_gemm_rate(dtype),
-                                metrics.machine_key(self.tcfg.backend, dtype),
-                                cache_dir() / "gemm-rates.json")
+        return metrics.GemmRate.measure(dtype, metrics.machine_key(self.tcfg.backend, dtype),
+                                        cache_dir() / "gemm-rates.json")
 
     @property
     def gemm_rate(self) -> float:

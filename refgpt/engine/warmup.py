@@ -8,7 +8,8 @@ under the run's backend and dtype: the same kernels with the same signatures. It
 corpus's preparation (the tokenizer's work runs outside the GIL). With several ranks, world
 rank 0 prepares the corpus and the other ranks compile; every rank then waits for them
 before its first step, so rank 0 reads their cache instead of compiling again. A wait longer
-than two seconds says what it waits for.
+than two seconds says what it waits for. A process that has the kernels already (a second
+trainer in one job) compiles nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class KernelWarmup:
         """backend: the run's backend's name (only numba compiles ahead); world: the world
         communicator, or None for one process."""
         self.world, self.error, self.thread = world, None, None
-        if backend == "numba" and (world is None or world.Get_rank() != 0):
+        if backend == "numba" and (world is None or world.Get_rank() != 0) and not _loaded(dtype):
             self.thread = threading.Thread(target=self._compile, args=(np.dtype(dtype),),
                                            name="refgpt-kernel-warmup", daemon=True)
             self.thread.start()
@@ -63,7 +64,7 @@ class KernelWarmup:
         try:
             if self.thread is not None:
                 self.thread.join()
-            quiet_barrier(self.world)
+            quiet_barrier(self.world, longest_s=0.02)   # usually a few ms: poll often
         finally:
             said.cancel()
         if self.error is not None:
@@ -71,3 +72,9 @@ class KernelWarmup:
         elapsed = time.perf_counter() - t0
         if elapsed > SAY_AFTER_S:
             log(f"kernels compiled ({elapsed:.0f} s)")
+
+
+def _loaded(dtype) -> bool:
+    """Whether this process has the kernels already (an earlier run in the same process)."""
+    from ..kernels import numba_cpu
+    return numba_cpu.compiled_for(dtype)
