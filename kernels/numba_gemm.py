@@ -22,6 +22,11 @@ sums it. With one pool for everything, numba's pool can be one that waits by spi
 
 Operands are 2-D arrays whose rows or columns are contiguous (a transposed view is BLAS's
 transpose flag, not a copy); anything else goes to the reference.
+
+16-bit operands (bfloat16, float16) go to the BLAS's 16-bit GEMM with fp32 accumulation where
+there is one (refgpt.kernels.blas16), tiled the same way into an fp32 C: matmul then rounds C
+once to 16 bits (or, rounded=False, returns it in fp32), add_matmul adds into its fp32 C
+directly. Without one they go to the reference (inputs widened, fp32 GEMM).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from .blas16 import gemm_for
 from .numba_attention import GEMM, NO_TRANS, ROW_MAJOR, TRANS, OneBlasThread, blas_operand
 
 
@@ -80,25 +86,37 @@ def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias):
 
 def _run(c, a, b, beta, bias=None) -> bool:
     """c = a @ b (+ c) (+ bias) through the tiled kernel; False when BLAS cannot take the
-    operands."""
-    gemm = GEMM.get(c.dtype)
+    operands. 16-bit a and b: c and bias are fp32, and the GEMM is the 16-bit one."""
+    half = a.dtype.itemsize == 2
+    gemm = gemm_for(a.dtype) if half else GEMM.get(c.dtype) if GEMM else None
+    kind = np.dtype(np.float32) if half else c.dtype
     if (gemm is None or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]
-            or c.shape != (a.shape[0], b.shape[1]) or a.dtype != c.dtype or b.dtype != c.dtype
-            or 0 in a.shape or 0 in b.shape
-            or bias is not None and (bias.shape != (c.shape[1],) or bias.dtype != c.dtype)):
+            or c.shape != (a.shape[0], b.shape[1]) or b.dtype != a.dtype or c.dtype != kind
+            or not half and a.dtype != c.dtype or 0 in a.shape or 0 in b.shape
+            or bias is not None and (bias.shape != (c.shape[1],) or bias.dtype != kind)):
         return False                            # the reference computes it, or says why not
     ops = (blas_operand(a), blas_operand(b), blas_operand(c))
     if None in ops or ops[2][0] != NO_TRANS:
         return False
     ta, tb = ops[0][0] == TRANS, ops[1][0] == TRANS
+    a, b = (a.T if ta else a), (b.T if tb else b)
+    if half:                                    # the BLAS reads 16-bit words
+        a, b = a.view(np.uint16), b.view(np.uint16)
     pm, pn = tile_grid(*c.shape, numba.get_num_threads())
     with OneBlasThread():                       # one BLAS thread per tile: numba's threads
-        _tiled(gemm, ta, tb, a.T if ta else a, b.T if tb else b, float(beta), c, pm, pn,
+        _tiled(gemm, ta, tb, a, b, float(beta), c, pm, pn,
                np.empty(0, c.dtype) if bias is None else bias)
     return True
 
 
-def matmul(a, b, bias=None):
+def matmul(a, b, bias=None, rounded=True):
+    if a.dtype.itemsize == 2:                   # 16 bits: the 16-bit GEMM, or the reference
+        if a.ndim != 2 or b.ndim != 2:
+            return NotImplemented
+        c = np.empty((a.shape[0], b.shape[1]), np.float32)
+        if not _run(c, a, b, 0.0, None if bias is None else bias.astype(np.float32)):
+            return NotImplemented
+        return c.astype(a.dtype) if rounded else c
     if a.ndim == 2 and b.ndim == 2:
         c = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
         if _run(c, a, b, 0.0, bias):
@@ -111,5 +129,6 @@ def matmul(a, b, bias=None):
 
 def add_matmul(c, a, b):
     if not _run(c, a, b, 1.0):
+        if a.dtype.itemsize == 2:
+            return NotImplemented
         c += a @ b
-

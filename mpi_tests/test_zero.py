@@ -191,8 +191,9 @@ def as_nodes(monkeypatch, per_node):
         return dp_comm.Split(dp_comm.Get_rank() // per_node, dp_comm.Get_rank())
 
     monkeypatch.setattr(refgpt.parallel.build, "SharedParams",
-                        lambda specs, dtype, comm: SharedParams(specs, dtype, comm,
-                                                                node_comm=node_comm_of(comm)))
+                        lambda specs, dtype, comm, grad_dtype=None: SharedParams(
+                            specs, dtype, comm, node_comm=node_comm_of(comm),
+                            grad_dtype=grad_dtype))
 
 
 @pytest.mark.mpi(min_size=2)

@@ -19,7 +19,8 @@ contract:
 
 A kernel the backend does not name falls back to the reference, and so does a call that an
 implementation declines by returning NotImplemented (a shape or a case it does not cover),
-so a backend may be partial. refgpt.kernels imports nothing from refgpt: the table of what
+so a backend may be partial. 16-bit arrays (refgpt.precision) go to an implementation only
+where the decorator lists its backend in ``half``; elsewhere the reference computes them. refgpt.kernels imports nothing from refgpt: the table of what
 replaces what lives here, in the decorators, beside the references.
 
 The backend in use is a context, as decimal's local contexts are: inside ``with
@@ -39,6 +40,7 @@ from contextvars import ContextVar
 import numpy as np
 
 from .config import BACKENDS
+from .precision import is_half
 
 _current: ContextVar = ContextVar("refgpt_backend", default=None)
 
@@ -47,10 +49,11 @@ _current: ContextVar = ContextVar("refgpt_backend", default=None)
 FUSED_ATTENTION = ("attention_forward", "attention_backward")
 
 
-def kernel(**implementations):
+def kernel(half: tuple = (), **implementations):
     """Mark a function as the reference of a replaceable kernel. implementations: backend name
-    -> module of refgpt.kernels holding the replacement under the function's own name."""
-    unknown = set(implementations) - set(BACKENDS)
+    -> module of refgpt.kernels holding the replacement under the function's own name; half:
+    the backends whose implementation also takes 16-bit arrays."""
+    unknown = (set(implementations) | set(half)) - set(BACKENDS)
     if unknown:
         raise ValueError(f"unknown backends {sorted(unknown)}")
 
@@ -61,6 +64,7 @@ def kernel(**implementations):
             return (fn if backend is None else backend.resolve(dispatch))(*args, **kwargs)
         dispatch.reference = fn
         dispatch.implementations = implementations
+        dispatch.half = half
         return dispatch
     return mark
 
@@ -123,7 +127,8 @@ class Backend:
         fn = self._resolved.get(kern)
         if fn is None:
             impl = self.implementation(kern)
-            fn = kern.reference if impl is None else _with_fallback(impl, kern.reference)
+            fn = (kern.reference if impl is None else
+                  _with_fallback(impl, kern.reference, self.name in kern.half))
             if self.instrument is not None:
                 fn = self.instrument(kern.__name__, fn)
             self._resolved[kern] = fn
@@ -135,13 +140,20 @@ class Backend:
             self.xp.cuda.Device(rank % self.xp.cuda.runtime.getDeviceCount()).use()
 
 
-def _with_fallback(impl, reference):
-    """impl, or the reference where impl returns NotImplemented."""
+def _with_fallback(impl, reference, half: bool):
+    """impl, or the reference where impl returns NotImplemented or (unless half) is given a
+    16-bit array."""
+    def half_array(a) -> bool:
+        return hasattr(a, "dtype") and is_half(a.dtype)
+
     @functools.wraps(impl)
     def call(*args, **kwargs):
+        if not half and any(half_array(a) for a in (*args, *kwargs.values())):
+            return reference(*args, **kwargs)
         out = impl(*args, **kwargs)
         return reference(*args, **kwargs) if out is NotImplemented else out
     return call
+
 
 
 def current() -> Backend | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .precision import DTYPE_NAMES
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message is meant for the user, as is."""
@@ -16,7 +18,7 @@ class ConfigError(ValueError):
 
 # The choices of the settings below, named once (the flags' help, the backends and the
 # pipeline schedules take them from here).
-DTYPES = ("float64", "float32")
+DTYPES = DTYPE_NAMES                    # float64, float32, and 16 bits (refgpt.precision)
 BACKENDS = ("numpy", "numba", "cupy")
 DECAY_STYLES = ("cosine", "linear", "constant")
 GELU_KINDS = ("tanh", "erf")
@@ -107,7 +109,12 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     seed: int = 1234
-    dtype: str = "float32"
+    dtype: str = "float32"  # bfloat16, float16: mixed precision (--bf16, --fp16)
+    loss_scale: float = 0.0  # a static loss scale; 0: dynamic with float16, none with bfloat16
+    initial_loss_scale: float = 2.0 ** 32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000  # overflow-free steps before the dynamic scale doubles
+    hysteresis: int = 2  # overflows in a row before it halves
     backend: str = "numba"  # numba (fused CPU kernels), numpy (the reference), cupy (GPUs)
     data_path: str = ""
     synthetic_data: bool = False
@@ -148,6 +155,17 @@ class TrainConfig:
             raise ConfigError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.loss_scale < 0 or self.initial_loss_scale <= 0 or self.min_loss_scale <= 0:
+            raise ConfigError("need --loss-scale >= 0 (0: dynamic), --initial-loss-scale > 0 and "
+                              "--min-loss-scale > 0")
+        if self.min_loss_scale > self.initial_loss_scale:
+            raise ConfigError(f"--min-loss-scale {self.min_loss_scale} is above "
+                              f"--initial-loss-scale {self.initial_loss_scale}")
+        if self.loss_scale_window < 1 or self.hysteresis < 1:
+            raise ConfigError("--loss-scale-window and --hysteresis must be >= 1")
+        if self.loss_scale and self.dtype not in ("bfloat16", "float16"):
+            raise ConfigError(f"--loss-scale scales 16-bit training (--fp16, --bf16); this run "
+                              f"is {self.dtype}")
         if self.lr_decay_style not in DECAY_STYLES:
             raise ConfigError(f"--lr-decay-style must be one of {DECAY_STYLES}, got {self.lr_decay_style!r}")
         if self.lr < 0 or self.min_lr < 0 or self.min_lr > self.lr:
@@ -186,6 +204,7 @@ class ParallelConfig:
     zero_stage: int = 0  # ZeRO over the data-parallel group: 1 optimizer state, 2 + grads, 3 + params
     dp_shared_memory: bool = False  # ZeRO-1 through node-shared memory (refgpt.parallel.shared)
     offload_optimizer: str = ""  # folder for AdamW's moments as np.memmap files ("": in memory)
+    grad_reduce_in_bf16: bool = False  # with --bf16: gradients accumulated and reduced in bf16
 
     def validate(self) -> None:
         """Settings on their own; the fit to the world size is refgpt.parallel.grid.check_sizes."""

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             raise ValueError(f"{flag} must be >= 0, got {value}")
     ckpt = load_checkpoint(args.load, with_optimizer=False)
     cfg = ModelConfig.from_dict(ckpt.state["model"])
-    model = GPT(cfg, np.dtype(ckpt.state["dtype"]))
+    model = GPT(cfg, ckpt.params["wte.weight"].dtype)    # fp32 for a 16-bit run's (its master)
     model.params.load_state_dict(ckpt.params)
     tok = load_tokenizer(ckpt.tokenizer) if ckpt.tokenizer else None
     if args.prompt is not None:

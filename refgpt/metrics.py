@@ -49,16 +49,18 @@ def model_flops(cfg, batch: int) -> float:
 
 def measure_gemm_rate(dtype=np.float32, n: int = 1024, seconds: float = 0.3) -> float:
     """Best FLOP/s of an n x n x n matmul in this process (threads as currently set), on the
-    current backend's device, over at least three matmuls and `seconds`."""
+    current backend's device, over at least three matmuls and `seconds`: the layers' GEMM
+    (refgpt.nn.linear.matmul: a 16-bit one where the backend has it)."""
+    from .nn.linear import matmul
     rng = np.random.default_rng(0)
     a = to_device(rng.standard_normal((n, n)).astype(dtype))
     b = to_device(rng.standard_normal((n, n)).astype(dtype))
-    a @ b                                                        # warm-up
+    matmul(a, b)                                                 # warm-up
     synchronize()
     best, start, runs = float("inf"), time.perf_counter(), 0
     while runs < 3 or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
-        a @ b
+        matmul(a, b)
         synchronize()
         best = min(best, time.perf_counter() - t0)
         runs += 1

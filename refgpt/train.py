@@ -74,7 +74,15 @@ TRAIN_FLAGS = {
     "adam-beta2": ("adam_beta2", float, "AdamW beta2"),
     "adam-eps": ("adam_eps", float, "AdamW epsilon (added outside the square root)"),
     "seed": ("seed", int, "seed of initialisation, data order and dropout"),
-    "dtype": ("dtype", str, f"{' or '.join(DTYPES)} (float64: the reference precision)"),
+    "dtype": ("dtype", str, f"{', '.join(DTYPES)} (float64: the reference precision; the "
+                            f"16-bit types: mixed precision, as --bf16 and --fp16)"),
+    "loss-scale": ("loss_scale", float, "static loss scale for 16-bit training (default, 0: "
+                                        "dynamic with --fp16, none with --bf16)"),
+    "initial-loss-scale": ("initial_loss_scale", float, "dynamic loss scale's start"),
+    "min-loss-scale": ("min_loss_scale", float, "dynamic loss scale's floor"),
+    "loss-scale-window": ("loss_scale_window", int,
+                          "overflow-free steps before the dynamic loss scale doubles"),
+    "hysteresis": ("hysteresis", int, "overflowing steps in a row before it halves"),
     "backend": ("backend", str, f"one of {', '.join(BACKENDS)}: numba (fused CPU kernels, "
                                 "tested against the reference), numpy (the readable "
                                 "reference), cupy (NVIDIA GPUs, one per rank, every layout)"),
@@ -91,6 +99,7 @@ TRAIN_FLAGS = {
     "tensorboard-dir": ("tensorboard_dir", str, "write TensorBoard scalars (loss, learning rate, "
                                                 "grad norm, throughput, memory, timers) here"),
 }
+HALF_FLAGS = {"bf16": "bfloat16", "fp16": "float16"}          # Megatron-LM's names for --dtype
 PARALLEL_FLAGS = {
     "tensor-model-parallel-size": ("tensor_model_parallel_size", int,
                                    "Megatron 1-D tensor-parallel size (alias --tp)"),
@@ -145,6 +154,15 @@ def build_parser(module: str = "refgpt.train", description: str = __doc__
     ap.add_argument("--dp-shared-memory", action="store_true", dest="dp_shared_memory",
                     help="with --zero-stage 1: one copy of the parameters per node in MPI shared "
                          "memory; gradients summed by reading the other ranks' buffers")
+    ap.add_argument("--bf16", action="store_true",
+                    help="mixed precision: bfloat16 parameters and activations, fp32 arithmetic, "
+                         "gradients and master weights (--dtype bfloat16)")
+    ap.add_argument("--fp16", action="store_true",
+                    help="the same in IEEE half precision, with dynamic loss scaling "
+                         "(--dtype float16)")
+    ap.add_argument("--grad-reduce-in-bf16", action="store_true", dest="grad_reduce_in_bf16",
+                    help="with --bf16: accumulate and all-reduce gradients in bfloat16 (half "
+                         "the data-parallel bytes; each micro-batch's sum rounded to 8 bits)")
     ap.add_argument("--pp", type=int, dest="pipeline_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_false", dest="progress",
                     help="no progress bar (log lines only)")
@@ -168,9 +186,16 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
     values.update(given)
+    half = [name for name in HALF_FLAGS if values.pop(name, False)]
+    if half:
+        if len(half) > 1 or values.get("dtype", HALF_FLAGS[half[0]]) != HALF_FLAGS[half[0]]:
+            raise ConfigError(f"--{half[0]} sets --dtype {HALF_FLAGS[half[0]]}: give one of "
+                              f"--bf16, --fp16 and --dtype")
+        values["dtype"] = HALF_FLAGS[half[0]]
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
     fields[1].add("synthetic_data")
-    fields[2].update({"sequence_parallel", "overlap_grad_reduce", "dp_shared_memory"})
+    fields[2].update({"sequence_parallel", "overlap_grad_reduce", "dp_shared_memory",
+                      "grad_reduce_in_bf16"})
     other_fields = {"progress"}
     unknown = set(values) - set().union(*fields) - other_fields
     if unknown:

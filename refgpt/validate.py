@@ -182,7 +182,7 @@ def write_dump(args) -> None:
     ckpt = load_checkpoint(args.load, with_optimizer=False)
     cfg = ModelConfig.from_dict(ckpt.state["model"])
     cfg.dropout = 0.0
-    dtype = getattr(args, "dtype", None) or ckpt.state["dtype"]
+    dtype = getattr(args, "dtype", None) or ckpt.params["wte.weight"].dtype.name   # as stored
     model = GPT(cfg, np.dtype(dtype))
     model.params.load_state_dict(ckpt.params)
     if getattr(args, "data_path", None):

@@ -93,7 +93,11 @@ def one_line_error(capsys, main, argv, match):
 @pytest.mark.parametrize("argv, match", [
     (["--hidden-size", "30", "--num-attention-heads", "4"], "not divisible by --num-attention-heads"),
     (["--global-batch-size", "10", "--micro-batch-size", "4"], "not divisible by --micro-batch-size"),
-    (["--dtype", "float16"], "--dtype must be one of"),
+    (["--dtype", "int8"], "--dtype must be one of"),
+    (["--bf16", "--fp16"], "give one of --bf16, --fp16 and --dtype"),
+    (["--grad-reduce-in-bf16"], "reduces the gradients of --bf16 training"),
+    (["--loss-scale", "128"], "--loss-scale scales 16-bit training"),
+    (["--fp16", "--hysteresis", "0"], "--hysteresis must be >= 1"),
     (["--lr-decay-style", "step"], "--lr-decay-style must be one of"),
     (["--tp", "2"], "the world size 1 is not divisible by --tp 2 x --pp 1"),
     (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # A module may import from its own layer and the ones below. The layers, bottom up:
 LAYERS = [
     ("refgpt.kernels",),                                          # compute kernels
-    ("refgpt.config", "refgpt.cli", "refgpt.backend"),            # settings, the backend
+    ("refgpt.config", "refgpt.cli", "refgpt.precision", "refgpt.backend"),   # settings, backend
     ("refgpt.nn", "refgpt.optim", "refgpt.data", "refgpt.timers", "refgpt.metrics",
      "refgpt.checkpoint", "refgpt.dump", "refgpt.interop"),       # the model and its parts
     ("refgpt.parallel",),                                         # the layouts

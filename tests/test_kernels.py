@@ -3,6 +3,7 @@ and float32, on awkward shapes (odd sizes, a KV-cache offset, padded vocabulary)
 whole model trained with the numba backend equals the numpy backend."""
 
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -380,3 +381,60 @@ def test_training_with_numba_equals_numpy(dtype):
     np.testing.assert_allclose([h["val_loss"] for h in got if "val_loss" in h],
                                [h["val_loss"] for h in ref if "val_loss" in h], rtol=tol)
     np.testing.assert_allclose(p_got, p_ref, rtol=tol, atol=tol * np.abs(p_ref).max())
+
+
+def sixteen_bit_gemms():
+    """Every 16-bit GEMM this machine has, whether or not this CPU takes it by default
+    (refgpt.kernels.blas16): MKL's where the mkl wheel is installed (x86 Linux: the dev extra)."""
+    from refgpt.kernels import blas16
+    found = {}
+    for choice in ("mkl", "openblas"):
+        source, gemms = blas16.find(choice)
+        if gemms and source not in {s for s, _ in found.values()}:
+            found.update({f"{choice}-{name}": (source, fn) for name, fn in gemms.items()})
+    return found
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the mkl wheel is x86's only")
+@pytest.mark.parametrize("which", sorted(sixteen_bit_gemms()) or ["none found"])
+def test_16_bit_blas_gemm_equals_the_fp32_gemm_of_the_same_values(which, monkeypatch):
+    """The BLAS's 16-bit GEMM, tiled on numba's threads, against the reference (the same
+    16-bit values widened, fp32 GEMM): equal to fp32 summation order, K 2^-24 relative of the
+    products' magnitudes; then rounded once to 16 bits, equal to one ulp."""
+    from refgpt.precision import dtype_of
+    assert which != "none found", "the dev extra installs mkl on x86 Linux: no 16-bit GEMM found"
+    name = which.split("-", 1)[1]
+    _, gemm = sixteen_bit_gemms()[which]
+    monkeypatch.setattr(numba_gemm, "gemm_for", lambda dtype: gemm if dtype.name == name else None)
+    t, rng = dtype_of(name), np.random.default_rng(3)
+    a, b = rand(rng, (70, 48), t), rand(rng, (48, 33), t)
+    bias, c0 = rand(rng, (33,), t), rand(rng, (48, 33), np.float32)
+    for x, y in ((a, b), (b.T, a.T), (a[:, :33].T.copy().T, b[:33].T.T)):     # transposed views
+        want = matmul.reference(x, y, rounded=False)
+        got = numba_gemm.matmul(x, y, rounded=False)
+        assert got.dtype == np.float32
+        assert np.all(np.abs(got - want) <= 48 * 2.0 ** -24 * np.abs(x.astype(np.float32))
+                      @ np.abs(y.astype(np.float32)) + 1e-30)
+    got = numba_gemm.matmul(a, b, bias)
+    want = matmul.reference(a, b, bias)
+    ulp = np.abs(want.astype(np.float32)) * 2.0 ** (-7 if name == "bfloat16" else -10)
+    assert got.dtype == t and np.all(np.abs(got.astype(np.float32) - want.astype(np.float32)) <= ulp)
+    c, c_ref = c0.copy(), c0.copy()
+    numba_gemm.add_matmul(c, a[:, :48].T, a[:, :33])
+    add_matmul.reference(c_ref, a[:, :48].T, a[:, :33])
+    assert np.all(np.abs(c - c_ref) <= 70 * 2.0 ** -24 * (np.abs(c0) + np.abs(
+        a[:, :48].T.astype(np.float32)) @ np.abs(a[:, :33].astype(np.float32))))
+
+
+def test_16_bit_arrays_reach_only_the_kernels_that_take_them():
+    """Under the numba backend a kernel without 16-bit support computes 16-bit arrays with
+    its reference (refgpt.backend); the GEMMs' implementation declines when no 16-bit GEMM
+    is taken, and the reference runs."""
+    from refgpt.precision import dtype_of
+    t, rng = dtype_of("bfloat16"), np.random.default_rng(4)
+    x, y = rand(rng, (4, 8), t), rand(rng, (4, 8), t)
+    with backend.Backend("numba"):
+        assert np.array_equal(residual(x, y), residual.reference(x, y))
+        a = matmul(x, y.T)
+    assert a.dtype == t and np.allclose(a.astype(np.float32),
+                                        matmul.reference(x, y.T).astype(np.float32), rtol=2 ** -7)

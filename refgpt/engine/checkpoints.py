@@ -2,8 +2,13 @@
 rank's parts taken from full tensors, so any layout loads what any other saved
 (refgpt.checkpoint writes and reads the files).
 
+The parameters saved are the optimizer's (``opt.p``): the model's own in float32 and float64
+runs, the fp32 master weights in 16-bit ones (refgpt.optim.mixed), so a checkpoint holds fp32
+or fp64 tensors whatever the run computed in, and loading one sets the master weights and
+rounds the model's 16-bit copy from them, as a step does.
+
 Saving, for the parameters and both AdamW moments: the flat buffer is made whole over the
-data-parallel group where ZeRO shards it (``params.full_data``, ``gather_shards``), split into
+data-parallel group where ZeRO shards it (``gather_shards``), split into
 full tensors by name over the tensor-parallel group (``model.full_tensors``), and the pipeline
 stages' tensors are gathered to world rank 0, which writes them. Loading: each rank keeps its
 part of each of its stage's tensors (``model.shard``) and the part of the moments it updates
@@ -23,7 +28,7 @@ from ..nn.gpt import param_specs
 def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None):
     """Write the checkpoint (collective; world rank 0 writes); returns its folder on rank 0."""
     p = model.params
-    flat = (p.full_data(), p.gather_shards(opt.m), p.gather_shards(opt.v))
+    flat = (p.gather_shards(opt.p), p.gather_shards(opt.m), p.gather_shards(opt.v))
     params, m, v = (model.full_tensors(to_host(f)) for f in flat)
     if grid.pp_comm is not None:                            # every stage's tensors to rank 0
         parts = grid.pp_comm.gather((params, m, v), root=0)
@@ -49,10 +54,13 @@ def restore(ckpt, model, opt, cfg) -> None:
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
     lo, hi = p.own
-    for prefix, state in (("exp_avg.", opt.m), ("exp_avg_sq.", opt.v)):
-        full = np.zeros(p.padded, p.dtype)
-        named_to_flat(_local(model, ckpt.optimizer, prefix), prefix, p, full)
+    for prefix, tensors, state in (("", ckpt.params, opt.p), ("exp_avg.", ckpt.optimizer, opt.m),
+                                   ("exp_avg_sq.", ckpt.optimizer, opt.v)):
+        full = np.zeros(p.padded, state.dtype)
+        named_to_flat(_local(model, tensors, prefix), prefix, p, full)
         state[...] = to_device(full[lo:hi])
+    if hasattr(opt, "round_to_model"):                   # the 16-bit copy, from the master
+        opt.round_to_model()
     opt.t = ckpt.state["optimizer_step"]
 
 

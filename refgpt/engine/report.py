@@ -18,33 +18,41 @@ from pathlib import Path
 import numpy as np
 
 from .. import metrics
+from ..optim import MasterAdamW
 from ..parallel.zero import formula_bytes
 
 MIB = 1 / 2**20
+HALF = ("bfloat16", "float16")
 
 
 def memory(params, opt, pcfg) -> dict[str, int]:
-    """The memory registry of this rank (bytes)."""
+    """The memory registry of this rank (bytes). The optimizer's state is AdamW's moments and,
+    in a 16-bit run, the fp32 master weights (refgpt.optim.mixed)."""
     moments = opt.m.nbytes + opt.v.nbytes
+    master = opt.p.nbytes if isinstance(opt, MasterAdamW) else 0
     on_disk = isinstance(opt.m, np.memmap)
     d = params.d if pcfg.zero_stage else 1
+    state = 2 * opt.m.itemsize + (opt.p.itemsize if master else 0)      # k, per element
     return {"params": params.param_bytes(), "grads": params.grad_bytes(),
-            "optimizer": 0 if on_disk else moments,
+            "optimizer": master + (0 if on_disk else moments),
             "optimizer_offloaded": moments if on_disk else 0,
             "working_peak": params.working_peak,
             "formula": formula_bytes(pcfg.zero_stage, params.padded, d, params.dtype.itemsize,
+                                     params.grad_dtype.itemsize, state,
                                      shared=pcfg.dp_shared_memory),
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
 
 
 def step_record(mcfg, tcfg, iteration: int, consumed: int, loss: float, lr: float,
                 gnorm: float, skipped: bool, seconds: float, gemm_rate: float, world_size: int,
-                dp_bytes: float, mem: dict) -> dict:
-    """One step's record: what the log line prints and --log-jsonl writes."""
+                dp_bytes: float, mem: dict, loss_scale: float = 1.0) -> dict:
+    """One step's record: what the log line prints and --log-jsonl writes (loss_scale: the
+    scale after this step's update, as Megatron logs it)."""
     G, T = tcfg.global_batch_size, mcfg.seq_length
     mflops = metrics.model_flops(mcfg, G)
     return {"iter": iteration, "consumed_samples": consumed, "loss": loss, "lr": lr,
-            "grad_norm": gnorm, "skipped": int(skipped), "step_time_s": seconds,
+            "grad_norm": gnorm, "skipped": int(skipped), "loss_scale": loss_scale,
+            "step_time_s": seconds,
             "tokens_per_s": G * T / seconds,
             "tflops": metrics.megatron_flops(G, T, mcfg.num_layers, mcfg.hidden_size,
                                              mcfg.padded_vocab) / seconds / 1e12,
@@ -148,7 +156,8 @@ def averaged(r: dict, seconds: float) -> dict:
 def scalars(r: dict) -> dict[str, float]:
     """A record's TensorBoard scalars."""
     out = {"lm-loss": r["loss"], "learning-rate": r["lr"], "grad-norm": r["grad_norm"],
-           "skipped-iterations": r["skipped"], "iteration-time": r["step_time_s"],
+           "skipped-iterations": r["skipped"], "loss-scale": r["loss_scale"],
+           "iteration-time": r["step_time_s"],
            "tokens-per-second": r["tokens_per_s"], "tflops": r["tflops"], "mfu": r["mfu"],
            "dp-comm-bytes": r["dp_comm_bytes"]}
     out.update({f"memory/{k}-mib": v * MIB for k, v in r["memory_bytes"].items()})
@@ -165,7 +174,9 @@ def log_line(r: dict, tcfg) -> str:
             f" consumed samples: {r['consumed_samples']:10d} |"
             f" elapsed time per iteration (ms): {1e3 * r['step_time_s']:.1f} |"
             f" learning rate: {r['lr']:.3E} | global batch size: {tcfg.global_batch_size:5d} |"
-            f" lm loss: {r['loss']:.6E} | grad norm: {r['grad_norm']:.3f} |"
+            f" lm loss: {r['loss']:.6E} |"
+            + (f" loss scale: {r['loss_scale']:.1f} |" if tcfg.dtype in HALF else "")
+            + f" grad norm: {r['grad_norm']:.3f} |"
             f" skipped iterations: {r['skipped']} | tokens/s: {r['tokens_per_s']:.0f} |"
             f" TFLOP/s: {r['tflops']:.3f} | MFU: {100 * r['mfu']:.1f}%")
 
@@ -185,11 +196,23 @@ def banner(mcfg, tcfg, pcfg, grid, numel: int, buckets: int, gemm_rate: float,
     m, t = mcfg, tcfg
     return (f"model: {m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} "
             f"heads, seq {m.seq_length}, vocab {m.vocab_size} (padded {m.padded_vocab}), "
-            f"{numel:,} parameters, {t.dtype}\n"
+            f"{numel:,} parameters, {precision(t, pcfg)}\n"
             f"layout: {grid.describe()}; global batch {t.global_batch_size} = data-parallel "
             f"{grid.dp_size} x {t.micro_batches(grid.dp_size)} micro-batches x "
             f"{t.micro_batch_size} sequences; gradient buckets: {buckets}; measured GEMM rate "
             f"{gemm_rate / 1e9:.1f} GFLOP/s per rank\n" + memory_line(mem, pcfg))
+
+
+def precision(t, pcfg) -> str:
+    """The run's precision in words (refgpt.precision, refgpt.optim.scaler)."""
+    if t.dtype not in HALF:
+        return t.dtype
+    scaling = (f"loss scale {t.loss_scale:g}" if t.loss_scale else
+               f"dynamic loss scale from {t.initial_loss_scale:g}" if t.dtype == "float16" else
+               "no loss scaling")
+    grads = "bfloat16 gradients" if pcfg.grad_reduce_in_bf16 else "fp32 gradients"
+    return (f"{t.dtype} mixed precision (fp32 arithmetic, {grads}, fp32 master weights and "
+            f"moments; {scaling})")
 
 
 def memory_line(mem: dict, pcfg) -> str:

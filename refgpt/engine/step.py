@@ -16,39 +16,62 @@
                 makes the updated parameters readable everywhere; a step whose norm is not
                 finite is skipped on every rank alike
 
+Loss scaling (16-bit runs, refgpt.optim.scaler): the micro-batches' losses are normalised by
+norm / S instead of norm, so backward yields S times the gradients; the reported loss is
+divided by S again and the gradients are multiplied by clip / S in one pass (S a power of two:
+both exact). The norm of the scaled gradients, over the world, decides the overflow for every
+rank at once.
+
 Each phase is a timer (refgpt.timers), and where a phase begins is where a test injects a
 fault (refgpt.engine.faults).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
-from ..optim import clip_grad_
+import numpy as np
+
+from ..precision import is_half
+from ..optim import ConstantScaler, clip_coefficient
 from ..parallel.pipeline import PipelineExecutor
 
 
 class Step:
     def __init__(self, model, sync, opt, grid, timers, pipeline: PipelineExecutor | None = None,
-                 clip: float = 0.0):
+                 clip: float = 0.0, scaler=None):
         self.model, self.sync, self.opt, self.grid = model, sync, opt, grid
         self.timers, self.pipeline, self.clip = timers, pipeline, clip
+        self.scaler = scaler or ConstantScaler()
 
     def run(self, batches: list[tuple], norm: float, lr: float) -> tuple[float, float, bool]:
-        """(loss of the global batch, gradient norm, whether the step was skipped)."""
+        """(loss of the global batch, gradient norm, whether the step was skipped). In 16-bit
+        runs an overflow is what loss scaling expects (the step is skipped and reported as
+        such), so NumPy's warnings about it are not printed."""
+        quiet = is_half(self.model.params.dtype)
+        with np.errstate(over="ignore", invalid="ignore") if quiet else contextlib.nullcontext():
+            return self._run(batches, norm, lr)
+
+    def _run(self, batches, norm: float, lr: float) -> tuple[float, float, bool]:
+        scale = self.scaler.scale
         self.model.params.zero_grad()
         if self.pipeline is None:
-            loss = self._accumulate(batches, norm)
+            loss = self._accumulate(batches, norm / scale)
         else:
-            loss = self._pipelined(batches, norm)
+            loss = self._pipelined(batches, norm / scale)
         with self.timers("grads-all-reduce"):
-            loss = self._sum(loss, self.grid.dp_comm)
+            loss = self._sum(loss, self.grid.dp_comm) / scale
         with self.timers("optimizer"):
-            gnorm = math.sqrt(self._sum(self.sync.grad_squares(self.model.counted), self.grid.world))
+            squares = self._sum(self.sync.grad_squares(self.model.counted), self.grid.world)
+            gnorm = math.sqrt(squares) / scale
             skipped = not math.isfinite(gnorm)
+            self.scaler.update(skipped)
             if not skipped:
-                clip_grad_(self.opt.g, self.clip, gnorm)
+                coef = clip_coefficient(self.clip, gnorm) / scale
+                if coef != 1.0:
+                    self.opt.g *= coef
                 self.opt.step(lr)
                 self.sync.after_step()
         return loss, gnorm, skipped

@@ -14,14 +14,14 @@ import functools
 import time
 from pathlib import Path
 
-import numpy as np
 
 from .. import metrics
 from ..backend import Backend, synchronize
 from ..checkpoint import load_checkpoint, read_state
 from ..data.corpus import cache_dir
 from ..config import ModelConfig, ParallelConfig
-from ..optim import AdamW, learning_rate
+from ..precision import compute_dtype, dtype_of, is_half
+from ..optim import AdamW, MasterAdamW, learning_rate, make_scaler
 from ..parallel.build import build, check_layout
 from ..parallel.grid import Grid
 from ..parallel.zero import offload_moments
@@ -82,17 +82,19 @@ class Trainer:
         built = build(self.mcfg, self.tcfg, self.pcfg, self.grid)
         self.model, self.sync = built.model, built.sync
         self.opt = self._optimizer(self.model.params)
+        self.scaler = make_scaler(self.tcfg)
         self.step = Step(self.model, self.sync, self.opt, self.grid, self.timers,
-                         built.pipeline, self.tcfg.clip_grad)
+                         built.pipeline, self.tcfg.clip_grad, self.scaler)
         if ckpt is not None:
             checkpoints.restore(ckpt, self.model, self.opt, self.mcfg)
+            self.scaler.load_state_dict(ckpt.state.get("loss_scaler", self.scaler.state_dict()))
             self.iteration = ckpt.state["iteration"]
             self.consumed = ckpt.state["consumed_samples"]
 
     @on_backend
     def _gemm_rate(self) -> metrics.GemmRate:
         """The GEMM rate MFU is against (refgpt.metrics): measured, and the best kept."""
-        dtype = np.dtype(self.tcfg.dtype)
+        dtype = dtype_of(self.tcfg.dtype)
         return metrics.GemmRate.measure(dtype, metrics.machine_key(self.tcfg.backend, dtype),
                                         cache_dir() / "gemm-rates.json")
 
@@ -101,19 +103,21 @@ class Trainer:
         return self.gemm.rate
 
     def _optimizer(self, p) -> AdamW:
-        """AdamW over what this rank updates: the whole buffer, or with ZeRO its shard."""
+        """AdamW over what this rank updates: the whole buffer, or with ZeRO its shard; in a
+        16-bit run, on fp32 master weights of it (refgpt.optim.mixed)."""
         t = self.tcfg
         lo, hi = p.own
         decay = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in p.decay_ranges() if a < hi and b > lo]
-        folder = self.pcfg.offload_optimizer
-        moments = (offload_moments(folder, self.grid.rank, hi - lo, p.dtype) if folder else None)
+        folder, state = self.pcfg.offload_optimizer, compute_dtype(p.dtype)
+        moments = (offload_moments(folder, self.grid.rank, hi - lo, state) if folder else None)
         if folder:
             self.log(f"AdamW's moments are memory-mapped files in {folder} (rank*.exp_avg.npy, "
-                     f"rank*.exp_avg_sq.npy; {2 * (hi - lo) * p.dtype.itemsize / 2**20:.1f} MiB "
+                     f"rank*.exp_avg_sq.npy; {2 * (hi - lo) * state.itemsize / 2**20:.1f} MiB "
                      f"for rank 0); they stay after the run: checkpoints hold the moments, so "
                      f"delete the folder when done")
-        return AdamW(p.param_shard(), p.grad_shard(), decay, betas=(t.adam_beta1, t.adam_beta2),
-                     eps=t.adam_eps, weight_decay=t.weight_decay, moments=moments)
+        kind = MasterAdamW if is_half(p.dtype) else AdamW
+        return kind(p.param_shard(), p.grad_shard(), decay, betas=(t.adam_beta1, t.adam_beta2),
+                    eps=t.adam_eps, weight_decay=t.weight_decay, moments=moments)
 
     def close(self) -> None:
         """Free what the run holds in memory shared between ranks (--dp-shared-memory's
@@ -145,7 +149,7 @@ class Trainer:
                           / seconds / self.grid.world_size)
         return report.step_record(self.mcfg, self.tcfg, self.iteration, self.consumed, loss, lr,
                                   gnorm, skipped, seconds, self.gemm_rate, self.grid.world_size,
-                                  self.sync.comm_bytes - traffic, self.memory())
+                                  self.sync.comm_bytes - traffic, self.memory(), self.scaler.scale)
 
     @on_backend
     def evaluate(self) -> float:
@@ -162,7 +166,8 @@ class Trainer:
         self.faults("checkpoint")
         t = self.tcfg
         state = {"consumed_samples": self.consumed, "dtype": t.dtype, "seed": t.seed,
-                 "model": self.mcfg.to_dict(), "train": t.to_dict()}
+                 "model": self.mcfg.to_dict(), "train": t.to_dict(),
+                 "loss_scaler": self.scaler.state_dict()}
         path = checkpoints.save(t.save, self.iteration, self.model, self.opt, self.grid, state,
                                 self.batches.tokenizer)
         if path is not None:

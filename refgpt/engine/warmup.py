@@ -22,7 +22,8 @@ import numpy as np
 from ..backend import Backend
 from ..config import ModelConfig
 from ..nn import GPT
-from ..optim import AdamW
+from ..precision import compute_dtype, dtype_of, is_half
+from ..optim import AdamW, MasterAdamW
 from ..parallel.launch import quiet_barrier
 
 SAY_AFTER_S = 2.0
@@ -34,7 +35,7 @@ class KernelWarmup:
         communicator, or None for one process."""
         self.world, self.error, self.thread = world, None, None
         if backend == "numba" and (world is None or world.Get_rank() != 0) and not _loaded(dtype):
-            self.thread = threading.Thread(target=self._compile, args=(np.dtype(dtype),),
+            self.thread = threading.Thread(target=self._compile, args=(dtype_of(dtype),),
                                            name="refgpt-kernel-warmup", daemon=True)
             self.thread.start()
 
@@ -45,7 +46,8 @@ class KernelWarmup:
             with Backend("numba"):                 # a backend of its own: contexts are per thread
                 model = GPT(cfg, dtype, seed=0)
                 p = model.params
-                opt = AdamW(p.data, p.grad, p.decay_ranges(), weight_decay=0.1)
+                kind = MasterAdamW if is_half(dtype) else AdamW
+                opt = kind(p.data, p.grad, p.decay_ranges(), weight_decay=0.1)
                 x = np.zeros((2, cfg.seq_length), np.int64)
                 p.zero_grad()
                 model.forward(x, x, float(x.size))
@@ -77,4 +79,4 @@ class KernelWarmup:
 def _loaded(dtype) -> bool:
     """Whether this process has the kernels already (an earlier run in the same process)."""
     from ..kernels import numba_cpu
-    return numba_cpu.compiled_for(dtype)
+    return numba_cpu.compiled_for(compute_dtype(dtype_of(dtype)))

@@ -21,6 +21,9 @@ only needed inside it), so the six products go through three kernels that may sk
 causal_matmul_nt (a b^T, set to zero past the boundary), causal_matmul_nn (P v) and
 causal_matmul_tn (P^T x). The references below compute the full products.
 
+In a 16-bit run (refgpt.precision) q, k, v, O and the probabilities P kept for backward
+are 16-bit; the scores S, dP~ and dS are fp32 temporaries, and every product sums in fp32.
+
 The whole of it, from q, k, v to O and back, is itself a pair of kernels, attention_forward
 and attention_backward, so that a backend may compute it without ever storing a T x Tk
 matrix (the cupy backend's flash-style kernels, refgpt.kernels.cupy_flash); what the forward
@@ -33,6 +36,7 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer, primitives
+from ..precision import narrow, wide
 
 
 def causal_visible(T: int, Tk: int, p0: int) -> np.ndarray:
@@ -43,38 +47,58 @@ def causal_visible(T: int, Tk: int, p0: int) -> np.ndarray:
 @kernel(numba="numba_attention", cupy="cupy_attention")
 def causal_matmul_nt(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """scale a b^T [..., T, Tk] for queries a [..., T, D] and keys b [..., Tk, D], zero where
-    key j comes after query i (queries are the last T of the Tk positions)."""
+    key j comes after query i (queries are the last T of the Tk positions). 16-bit a and b:
+    the result in fp32 (the scores and dP~ only feed the softmax and its backward)."""
     T, Tk = a.shape[-2], b.shape[-2]
-    s = a @ b.swapaxes(-1, -2)
+    s = wide(a) @ wide(b).swapaxes(-1, -2)
     s *= scale * causal_visible(T, Tk, Tk - T)
     return s
+
+
+def _into(res: np.ndarray, out: np.ndarray | None, dtype) -> np.ndarray:
+    """A product where it goes: out (rounded to out's type), else a new array of dtype."""
+    if out is None:
+        return narrow(res, dtype)
+    if res is not out:
+        out[...] = res
+    return out
+
+
+def _same(out: np.ndarray | None, dtype) -> np.ndarray | None:
+    """out, where the product can be written into it directly (it has the compute type)."""
+    return out if out is not None and out.dtype == dtype else None
 
 
 @kernel(numba="numba_attention", cupy="cupy_attention")
 def causal_matmul_nn(p: np.ndarray, v: np.ndarray, scale: float = 1.0,
                      out: np.ndarray | None = None) -> np.ndarray:
     """scale p v for p [..., T, Tk] that is zero past the causal boundary; written into out
-    (a view of where the caller wants it) when given."""
-    out = np.matmul(p, v, out=out)
+    (a view of where the caller wants it) when given. Summed in fp32 for 16-bit operands
+    (p may be fp32: dS), rounded once to out's type, or v's."""
+    pw, vw = wide(p), wide(v)
+    res = np.matmul(pw, vw, out=_same(out, np.result_type(pw, vw)))
     if scale != 1.0:
-        out *= scale
-    return out
+        res *= scale
+    return _into(res, out, v.dtype)
 
 
 @kernel(numba="numba_attention", cupy="cupy_attention")
 def causal_matmul_tn(p: np.ndarray, x: np.ndarray, scale: float = 1.0,
                      out: np.ndarray | None = None) -> np.ndarray:
     """scale p^T x for p [..., T, Tk] that is zero past the causal boundary; into out when
-    given."""
-    out = np.matmul(p.swapaxes(-1, -2), x, out=out)
+    given. Summed in fp32 for 16-bit operands, rounded once to out's type, or x's."""
+    pw, xw = wide(p), wide(x)
+    res = np.matmul(pw.swapaxes(-1, -2), xw, out=_same(out, np.result_type(pw, xw)))
     if scale != 1.0:
-        out *= scale
-    return out
+        res *= scale
+    return _into(res, out, x.dtype)
 
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def softmax_backward(p: np.ndarray, dp: np.ndarray) -> np.ndarray:
-    """dS = P * (dP - rowsum(dP * P)): the gradient through a row softmax."""
+    """dS = P * (dP - rowsum(dP * P)): the gradient through a row softmax (in fp32 for a
+    16-bit P; dS stays fp32, a temporary)."""
+    p, dp = wide(p), wide(dp)
     return p * (dp - (dp * p).sum(axis=-1, keepdims=True))
 
 
@@ -97,7 +121,7 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, drop
     dropout(P)). dropout: the layer's dropout as a function of P, or None; keep_probs: the
     caller reads P from the second result (a fused backend then takes this path)."""
     s = causal_matmul_nt(q, k, 1.0 / np.sqrt(q.shape[-1]))         # [B, H, T, Tk]
-    p = causal_softmax(s, p0)
+    p = narrow(causal_softmax(s, p0), q.dtype)                      # kept in 16 bits
     pd = p if dropout is None else dropout(p)
     return causal_matmul_nn(pd, v), (p, pd)
 

@@ -23,12 +23,14 @@ import numpy as np
 from ..backend import kernel
 from .attention import CausalSelfAttention, KVCache
 from .layer import primitives
+from ..precision import narrow, wide
 
 
 @kernel(numba="numba_cpu")
 def residual(x: np.ndarray, branch: np.ndarray) -> np.ndarray:
-    """x + branch: a residual connection, or the sum of its two paths' gradients."""
-    return x + branch
+    """x + branch: a residual connection, or the sum of its two paths' gradients (16 bits: the
+    sum in fp32, rounded once)."""
+    return narrow(wide(x) + wide(branch), x.dtype)
 
 
 class Block:

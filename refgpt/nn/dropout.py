@@ -5,6 +5,8 @@ keyed by that name (see :func:`refgpt.nn.params.name_stream`):
 
     keep = U[0,1)(seed, "site/k/s") >= p          y = x * keep / (1 - p)       dx = dy * keep / (1 - p)
 
+(the mask in fp32 for 16-bit x, so that 1 / (1 - p) is not rounded to 16 bits; y rounded once)
+
 so a data-parallel rank (or a micro-batch) holding sample s draws the same mask a single
 process would. A layout that shards one axis of each sample (tensor parallelism: heads;
 sequence parallelism: tokens; 2-D: the hidden axis) passes part = (axis, slice, full
@@ -20,6 +22,7 @@ import numpy as np
 from ..backend import to_device
 from .layer import Layer
 from .params import name_stream
+from ..precision import compute_dtype, narrow, wide
 
 
 class Dropout(Layer):
@@ -44,10 +47,10 @@ class Dropout(Layer):
             shape[axis], index[axis] = full, sl
         keep = np.stack([name_stream(self.seed, f"{self.site}/{step}/{s}").random(shape)[tuple(index)]
                          >= self.p for s in samples])
-        mask = to_device(keep.astype(x.dtype) / (1.0 - self.p))
+        mask = to_device(keep.astype(compute_dtype(x.dtype)) / (1.0 - self.p))
         self.save(mask)
-        return x * mask
+        return narrow(wide(x) * mask, x.dtype)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         (mask,) = self.saved()
-        return dy if mask is None else dy * mask
+        return dy if mask is None else narrow(wide(dy) * mask, dy.dtype)

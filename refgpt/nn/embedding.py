@@ -19,6 +19,7 @@ import numpy as np
 from ..backend import kernel
 from .layer import Layer, ParamRef
 from .linear import add_matmul, matmul
+from ..precision import wide
 
 
 class TokenTable(Layer):
@@ -49,7 +50,7 @@ class Embedding(TokenTable):
         idx, pos0 = self.saved()
         C = dx.shape[-1]
         scatter_add_rows(self.gwte, idx.ravel(), dx.reshape(-1, C))
-        self.gwpe[pos0:pos0 + idx.shape[1]] += dx.sum(axis=0)
+        self.gwpe[pos0:pos0 + idx.shape[1]] += wide(dx).sum(axis=0)
 
 
 class TiedHead(TokenTable):
@@ -65,10 +66,14 @@ class TiedHead(TokenTable):
         (x,) = self.saved()
         dl2 = dlogits.reshape(-1, dlogits.shape[-1])              # [N, Vp]
         add_matmul(self.gwte, dl2.T, x.reshape(-1, x.shape[-1]))  # [Vp, C]
-        return matmul(dl2, self.wte).reshape(*dlogits.shape[:-1], -1)  # [B, T, C]
+        return self.input_grad(dl2).reshape(*dlogits.shape[:-1], -1)  # [B, T, C]
+
+    def input_grad(self, dl2: np.ndarray) -> np.ndarray:
+        return matmul(dl2, self.wte)                              # [N, Vp] @ [Vp, C]
 
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def scatter_add_rows(table: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
-    """table[idx[i]] += rows[i] for every i, repeated ids included."""
-    np.add.at(table, idx, rows)
+    """table[idx[i]] += rows[i] for every i, repeated ids included (16-bit rows into the fp32
+    gradient table: added in fp32)."""
+    np.add.at(table, idx, rows.astype(table.dtype, copy=False))

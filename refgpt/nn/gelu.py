@@ -25,6 +25,7 @@ from scipy.special import erf
 from ..backend import kernel
 from .layer import Layer, ParamRef
 from .linear import column_sum
+from ..precision import narrow, wide
 
 _S2PI = math.sqrt(2.0 / math.pi)
 _K = 0.044715
@@ -75,32 +76,51 @@ class BiasGELU(Layer):
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def gelu_forward(x: np.ndarray, kind: str) -> np.ndarray:
+    """gelu(x); for 16-bit x computed in fp32 and rounded once."""
+    xw = wide(x)
     if kind == "tanh":
-        return 0.5 * x * (1.0 + np.tanh(_S2PI * (x + _K * x**3)))
-    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+        y = 0.5 * xw * (1.0 + np.tanh(_S2PI * (xw + _K * xw**3)))
+    else:
+        y = 0.5 * xw * (1.0 + erf(xw / math.sqrt(2.0)))
+    return narrow(y, x.dtype)
+
+
+def _slope(x: np.ndarray, kind: str) -> np.ndarray:
+    """gelu'(x), in x's type."""
+    if kind == "tanh":
+        t = np.tanh(_S2PI * (x + _K * x**3))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _S2PI * (1.0 + 3.0 * _K * x * x)
+    cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
+    pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return cdf + x * pdf
+
+
+def _input_grad(x: np.ndarray, dy: np.ndarray, kind: str) -> np.ndarray:
+    """dy gelu'(x) in dy's compute type (fp32 for 16 bits), not yet rounded."""
+    dyw = wide(dy)
+    return dyw * _slope(wide(x), kind).astype(dyw.dtype, copy=False)
 
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "tanh":
-        t = np.tanh(_S2PI * (x + _K * x**3))
-        dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _S2PI * (1.0 + 3.0 * _K * x * x)
-    else:
-        cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
-        pdf = np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-        dydx = cdf + x * pdf
-    return dy * dydx.astype(dy.dtype, copy=False)
+    """dy gelu'(x); for 16-bit operands computed in fp32 and rounded once to dy's type."""
+    return narrow(_input_grad(x, dy, kind), dy.dtype)
 
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def bias_gelu_forward(f: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
-    """gelu(f + b), leaving f + b in f."""
-    f += b
+    """gelu(f + b), leaving f + b in f (16 bits: the sum rounded into f, and gelu taken of
+    that rounded pre-activation, the one backward sees)."""
+    fw = wide(f)
+    fw += wide(b)                                 # in place where f is its own compute type
+    if fw is not f:
+        f[...] = fw
     return gelu_forward(f, kind)
 
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def bias_gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str):
-    """(dx, db): dx = dy gelu'(x), db = dx summed over every axis but the last."""
-    dx = gelu_backward(x, dy, kind)
-    return dx, column_sum(dx.reshape(-1, dx.shape[-1]))
+    """(dx, db): dx = dy gelu'(x), db = dx summed over every axis but the last (16 bits: db
+    summed from the fp32 dx, before dx is rounded)."""
+    dxw = _input_grad(x, dy, kind)
+    return narrow(dxw, dy.dtype), column_sum(dxw.reshape(-1, dxw.shape[-1]))

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer, ParamRef
+from ..precision import narrow, wide
 
 
 class LayerNorm(Layer):
@@ -45,20 +46,24 @@ class LayerNorm(Layer):
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def layernorm_forward(x, g, b, eps: float):
-    """(y, n, rstd) for x [..., C]: the output, the normalised input and 1/std [..., 1]."""
-    mu = x.mean(axis=-1, keepdims=True)                             # [..., 1]
-    xc = x - mu                                                     # [..., C]
+    """(y, n, rstd) for x [..., C]: the output, the normalised input and 1/std [..., 1]. For a
+    16-bit x computed in fp32: y and n rounded to x's type, rstd kept in fp32."""
+    xw = wide(x)
+    mu = xw.mean(axis=-1, keepdims=True)                            # [..., 1]
+    xc = xw - mu                                                    # [..., C]
     rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + eps)
     n = xc * rstd                                                   # [..., C]
-    return n * g + b, n, rstd
+    return narrow(n * wide(g) + wide(b), x.dtype), narrow(n, x.dtype), rstd
 
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def layernorm_backward(dy, n, rstd, g):
-    """(dx, dgamma, dbeta) from dy and the forward's n and rstd."""
+    """(dx, dgamma, dbeta) from dy and the forward's n and rstd; for 16-bit dy and n computed
+    in fp32, dx rounded to dy's type, dgamma and dbeta left in fp32 (the gradient buffer's)."""
+    dyw, n = wide(dy), wide(n)
     C = n.shape[-1]
-    dg = (dy * n).reshape(-1, C).sum(axis=0)
-    db = dy.reshape(-1, C).sum(axis=0)
-    dn = dy * g                                                     # [..., C]
+    dg = (dyw * n).reshape(-1, C).sum(axis=0)
+    db = dyw.reshape(-1, C).sum(axis=0)
+    dn = dyw * wide(g)                                              # [..., C]
     dx = rstd * (dn - dn.mean(axis=-1, keepdims=True) - n * (dn * n).mean(axis=-1, keepdims=True))
-    return dx, dg, db
+    return narrow(dx, dy.dtype), dg, db

@@ -18,27 +18,33 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer, ParamRef
+from ..precision import narrow, wide
 
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def column_sum(a: np.ndarray) -> np.ndarray:
-    """a [N, C] summed over its rows: [C] (a bias's gradient)."""
-    return a.sum(axis=0)
+    """a [N, C] summed over its rows: [C] (a bias's gradient; fp32 for a 16-bit a)."""
+    return wide(a).sum(axis=0)
 
 
-@kernel(numba="numba_gemm")
-def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """a @ b for 2-D a and b (the layers' GEMMs), plus bias on every row when given."""
-    y = a @ b
+@kernel(numba="numba_gemm", half=("numba",))
+def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None,
+           rounded: bool = True) -> np.ndarray:
+    """a @ b for 2-D a and b (the layers' GEMMs), plus bias on every row when given. 16-bit
+    operands: the products summed in fp32, the bias added, the result rounded once to a's type;
+    rounded=False leaves it in fp32 (a partial sum, which a tensor-parallel reduction completes
+    and rounds once, where one process rounds its whole sum)."""
+    y = wide(a) @ wide(b)
     if bias is not None:
-        y += bias
-    return y
+        y += wide(bias)
+    return narrow(y, a.dtype) if rounded else y
 
 
-@kernel(numba="numba_gemm")
+@kernel(numba="numba_gemm", half=("numba",))
 def add_matmul(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-    """c += a @ b, in place (a weight's gradient accumulating x^T dy)."""
-    c += a @ b
+    """c += a @ b, in place (a weight's gradient accumulating x^T dy): with 16-bit a and b, into
+    an fp32 c, with no rounding of the product to 16 bits."""
+    c += wide(a) @ wide(b)
 
 
 class Linear(Layer):

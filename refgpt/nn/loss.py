@@ -25,6 +25,7 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer
+from ..precision import wide
 
 
 class CrossEntropy(Layer):
@@ -50,16 +51,20 @@ class CrossEntropy(Layer):
 @kernel(numba="numba_cpu", cupy="cupy_gpu")
 def cross_entropy(z: np.ndarray, V: int, y: np.ndarray, norm: float, grad: bool) -> float:
     """The sum of the token losses of logits z [N, Vp] (real columns :V) for targets y [N];
-    with grad, z is overwritten with the gradient of (that sum / norm): dz as above."""
+    with grad, z is overwritten with the gradient of (that sum / norm): dz as above. 16-bit
+    logits: everything in fp32, the gradient rounded once into z."""
     zr = z[:, :V]                                                 # [N, V] real columns (a view)
+    zw = wide(zr)                                                 # the same, for fp32 logits
     rows = np.arange(len(y))
-    m = zr.max(axis=1, keepdims=True)                             # [N, 1]
-    e = np.exp(zr - m)                                            # [N, V]
+    m = zw.max(axis=1, keepdims=True)                             # [N, 1]
+    e = np.exp(zw - m)                                            # [N, V]
     s = e.sum(axis=1, keepdims=True)
-    total = float((m[:, 0] + np.log(s[:, 0]) - zr[rows, y]).sum())   # before z is overwritten
+    total = float((m[:, 0] + np.log(s[:, 0]) - zw[rows, y]).sum())   # before z is overwritten
     if grad:
-        zr[...] = e / s                                           # softmax
-        zr[rows, y] -= 1.0
-        zr /= norm
+        zw[...] = e / s                                           # softmax
+        zw[rows, y] -= 1.0
+        zw /= norm
+        if zw is not zr:                                          # 16-bit logits: rounded once
+            zr[...] = zw
         z[:, V:] = 0.0
     return total

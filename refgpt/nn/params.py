@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import array_module, kernel, to_device
+from ..precision import compute_dtype
 
 @dataclass(frozen=True)
 class ParamSpec:
@@ -86,15 +87,17 @@ class Params:
     """
 
     def __init__(self, specs: list[ParamSpec], dtype=np.float64, pad_to: int = 1,
-                 allocate: bool = True):
+                 allocate: bool = True, grad_dtype=None):
         """pad_to: make the buffers' length a multiple of this (ZeRO shards them evenly);
         the padding is zero and belongs to no parameter. allocate=False: a subclass
-        provides the storage (refgpt.parallel.zero)."""
+        provides the storage (refgpt.parallel.zero). grad_dtype: the gradient buffer's type
+        (default: fp32 for 16-bit parameters, refgpt.precision; else the parameters')."""
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
             raise ValueError("duplicate parameter names")
         self.specs = {s.name: s for s in specs}
         self.dtype = np.dtype(dtype)
+        self.grad_dtype = np.dtype(grad_dtype or compute_dtype(self.dtype))
         self.slices, offset = {}, 0
         for s in specs:
             self.slices[s.name] = (offset, offset + s.size)
@@ -113,7 +116,7 @@ class Params:
         """The zeroed flat parameter and gradient buffers (a subclass may place them in memory
         other processes share: refgpt.parallel.shared)."""
         xp = array_module()                             # numpy, or cupy on a GPU
-        return xp.zeros(self.padded, self.dtype), xp.zeros(self.padded, self.dtype)
+        return xp.zeros(self.padded, self.dtype), xp.zeros(self.padded, self.grad_dtype)
 
     def free(self) -> None:
         """Give back storage shared with other processes (refgpt.parallel.shared); plain

@@ -1,7 +1,11 @@
-"""AdamW, learning-rate schedule and gradient clipping on flat buffers."""
+"""AdamW (on fp32 master weights in 16-bit runs), learning-rate schedule, gradient clipping
+and loss scaling, on flat buffers."""
 
 from .adamw import AdamW
-from .clip import clip_grad_, grad_norm
+from .clip import clip_coefficient, clip_grad_, grad_norm
+from .mixed import MasterAdamW
+from .scaler import ConstantScaler, DynamicScaler, make_scaler
 from .schedule import learning_rate
 
-__all__ = ["AdamW", "clip_grad_", "grad_norm", "learning_rate"]
+__all__ = ["AdamW", "ConstantScaler", "DynamicScaler", "MasterAdamW", "clip_coefficient",
+           "clip_grad_", "grad_norm", "learning_rate", "make_scaler"]

@@ -50,7 +50,8 @@ class AdamW:
     def _update(self, lo: int, hi: int, lr: float) -> None:
         bc1, bc2 = 1.0 - self.b1 ** self.t, 1.0 - self.b2 ** self.t
         for a, b, keep in self._runs(lo, hi, 1.0 - lr * self.wd):
-            adamw_update(self.p[a:b], self.g[a:b], self.m[a:b], self.v[a:b], lr, self.b1,
+            g = self.g[a:b].astype(self.p.dtype, copy=False)     # bf16 gradients: widened
+            adamw_update(self.p[a:b], g, self.m[a:b], self.v[a:b], lr, self.b1,
                          self.b2, self.eps, bc1, bc2, keep)
 
     def _runs(self, lo: int, hi: int, keep: float):

@@ -30,9 +30,14 @@ def grad_norm(grad: np.ndarray) -> float:
     return math.sqrt(sum_squares(grad))
 
 
+def clip_coefficient(max_norm: float, norm: float) -> float:
+    """The factor that brings a gradient of this norm to at most max_norm (0 disables): 1 or
+    less."""
+    return min(1.0, max_norm / (norm + 1e-6)) if max_norm > 0 else 1.0
+
+
 def clip_grad_(grad: np.ndarray, max_norm: float, norm: float) -> None:
     """Scale grad in place so its global norm is at most max_norm (0 disables)."""
-    if max_norm > 0:
-        coef = max_norm / (norm + 1e-6)
-        if coef < 1.0:
-            grad *= coef
+    coef = clip_coefficient(max_norm, norm)
+    if coef < 1.0:
+        grad *= coef

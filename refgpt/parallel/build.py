@@ -21,11 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
-import numpy as np
 
 from ..config import ConfigError
 from ..nn.gpt import GPT
 from ..nn.params import Params
+from ..precision import dtype_of
 from ..nn.sublayers import Sublayers
 from .data import GradAllReduce
 from .pipeline import PipelineExecutor, PipelineModel, check_pipeline
@@ -53,6 +53,13 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
     tcfg.validate(dp)
     mcfg.validate()
     stage = pcfg.zero_stage
+    try:
+        dtype_of(tcfg.dtype)
+    except ModuleNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    if pcfg.grad_reduce_in_bf16 and tcfg.dtype != "bfloat16":
+        raise ConfigError(f"--grad-reduce-in-bf16 reduces the gradients of --bf16 training in "
+                          f"bfloat16; this run is {tcfg.dtype}")
     if tcfg.backend == "cupy" and pcfg.offload_optimizer:
         raise ConfigError("--offload-optimizer keeps AdamW's moments in host memory-mapped "
                           "files, which the GPU's AdamW kernel cannot update: drop it with "
@@ -90,22 +97,24 @@ def sublayers(mcfg, seed: int, grid, pcfg) -> Sublayers:
 
 def storage(pcfg, grid):
     """make_params(specs, dtype): the flat buffers, plain or partitioned over the data-parallel
-    group (a single process's ZeRO runs over MPI's COMM_SELF, with trivial collectives)."""
+    group (a single process's ZeRO runs over MPI's COMM_SELF, with trivial collectives). The
+    gradients are fp32 in 16-bit runs (refgpt.precision) but with --grad-reduce-in-bf16."""
+    grad_dtype = dtype_of("bfloat16") if pcfg.grad_reduce_in_bf16 else None
     if not pcfg.zero_stage:
-        return Params
+        return partial(Params, grad_dtype=grad_dtype)
     dp_comm = grid.dp_comm
     if dp_comm is None:
         from mpi4py import MPI
         dp_comm = MPI.COMM_SELF
     if pcfg.dp_shared_memory:
-        return partial(SharedParams, comm=dp_comm)
-    return partial(ZeroParams, stage=pcfg.zero_stage, comm=dp_comm)
+        return partial(SharedParams, comm=dp_comm, grad_dtype=grad_dtype)
+    return partial(ZeroParams, stage=pcfg.zero_stage, comm=dp_comm, grad_dtype=grad_dtype)
 
 
 def build(mcfg, tcfg, pcfg, grid) -> Built:
     """This rank's model, its gradient synchronisation and (pipelining) its schedule, under
     the current backend (refgpt.backend: the arrays are made on its device)."""
-    dtype, seed = np.dtype(tcfg.dtype), tcfg.seed
+    dtype, seed = dtype_of(tcfg.dtype), tcfg.seed
     parts = sublayers(mcfg, seed, grid, pcfg)
     make_params = storage(pcfg, grid)
     pipeline = None

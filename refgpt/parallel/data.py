@@ -35,6 +35,7 @@ import numpy as np
 
 from ..backend import synchronize, to_device, to_host
 from .sync import GradSync, squares
+from .wire import moved, sum_op
 
 IN_FLIGHT = 2      # gradient collectives left running while backward goes on (also ZeRO's)
 
@@ -82,7 +83,7 @@ class GradAllReduce(GradSync):
                 left.difference_update(names)
                 if not left and self.overlap:
                     buf, host = self._host(lo, hi)
-                    req = self.comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                    req = self.comm.Iallreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
                     self.pending.append((req, lo, hi, host))
                     if len(self.pending) > IN_FLIGHT:
                         t0 = time.perf_counter()
@@ -97,7 +98,7 @@ class GradAllReduce(GradSync):
         if not self.overlap:
             for lo, hi, _ in self.buckets:
                 buf, host = self._host(lo, hi)
-                self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                self.comm.Allreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
                 self.pending.append((MPI.REQUEST_NULL, lo, hi, host))
         MPI.Request.Waitall([p[0] for p in self.pending])
         for p in self.pending:

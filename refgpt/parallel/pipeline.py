@@ -30,6 +30,7 @@ from ..nn.linear import Linear
 from ..nn.params import Params
 from ..nn.sublayers import Sublayers
 from .schedules import COST, check, forward_only_ops, instructions
+from .wire import moved
 
 
 def stage_of(g: int, p: int, v: int, num_layers: int) -> Stage:
@@ -124,7 +125,8 @@ class PipelineExecutor:
         for op in self.program:                       # every receive of the step, posted now
             if op.kind.startswith("RECV"):
                 buf = np.empty(self.act_shape, self.dtype)
-                recvs[(op.kind, op.mb, op.chunk)] = (comm.Irecv(buf, source=op.peer, tag=op.tag), buf)
+                recvs[(op.kind, op.mb, op.chunk)] = (comm.Irecv(moved(buf), source=op.peer,
+                                                                tag=op.tag), buf)
         self.outputs, sends, loss = {}, [], 0.0
         self.w_queue = [deque() for _ in self.model.chunks]
         phase = timers or (lambda name, barrier: contextlib.nullcontext())
@@ -156,7 +158,7 @@ class PipelineExecutor:
                 kind = "act" if op.kind == "SEND_ACT" else "grad"
                 buf = np.ascontiguousarray(to_host(self.outputs.pop((kind, op.mb, op.chunk))),
                                            self.dtype)
-                sends.append((comm.Isend(buf, dest=op.peer, tag=op.tag), buf))
+                sends.append((comm.Isend(moved(buf), dest=op.peer, tag=op.tag), buf))
             elif op.kind == "STEP":
                 MPI.Request.Waitall([req for req, _ in sends])
         return loss

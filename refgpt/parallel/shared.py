@@ -48,6 +48,7 @@ import numpy as np
 
 from ..backend import kernel
 from ..config import ConfigError
+from .wire import moved, sum_op
 from .zero import ZeroParams
 
 CHUNK = 1 << 16        # elements summed at a time (256 KiB in float32: stays in L2)
@@ -73,7 +74,7 @@ class SharedParams(ZeroParams):
     communicator; node_comm: its ranks that share memory (default: MPI_COMM_TYPE_SHARED;
     tests pass smaller groups to act as several nodes)."""
 
-    def __init__(self, specs, dtype, comm, node_comm=None):
+    def __init__(self, specs, dtype, comm, node_comm=None, grad_dtype=None):
         from mpi4py import MPI
         self.node = node_comm if node_comm is not None else comm.Split_type(
             MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
@@ -82,7 +83,7 @@ class SharedParams(ZeroParams):
             raise ConfigError(f"--dp-shared-memory needs the same number of data-parallel "
                               f"ranks on every node, got {sorted(sizes)}")
         self.cross = comm.Split(self.node.Get_rank(), comm.Get_rank())   # one rank per node
-        super().__init__(specs, dtype, stage=1, comm=self.node)
+        super().__init__(specs, dtype, stage=1, comm=self.node, grad_dtype=grad_dtype)
         self.param_shard()[...] = 0                     # MPI does not zero a window; each rank
         self.grad[...] = 0                              # touches its own part first
         self.sync()
@@ -90,13 +91,15 @@ class SharedParams(ZeroParams):
     def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
         """The two windows, mapped (not yet zeroed: __init__ does it once the shard is known)."""
         from mpi4py import MPI
-        n, item = self.padded, self.dtype.itemsize
+        n = self.padded
         me, d = self.node.Get_rank(), self.node.Get_size()
-        self.windows = [MPI.Win.Allocate_shared(size * item if me == 0 else 0, item,
-                                                comm=self.node) for size in (n, d * n)]
+        kinds = ((n, self.dtype), (d * n, self.grad_dtype))  # the parameters, the gradient rows
+        self.windows = [MPI.Win.Allocate_shared(size * t.itemsize if me == 0 else 0, t.itemsize,
+                                                comm=self.node) for size, t in kinds]
         for w in self.windows:
             w.Lock_all(MPI.MODE_NOCHECK)             # a passive epoch for Win.Sync, never ended
-        data, rows = (np.frombuffer(w.Shared_query(0)[0], self.dtype) for w in self.windows)
+        data, rows = (np.frombuffer(w.Shared_query(0)[0], t)
+                      for w, (_, t) in zip(self.windows, kinds))
         self.rows = rows.reshape(d, n)
         return data, self.rows[me]
 
@@ -148,11 +151,11 @@ class SharedParams(ZeroParams):
         self.sync()
         lo, hi = self.own
         sum_rows(self.rows, lo, hi, self.grad[lo:hi])
-        item, S = self.dtype.itemsize, hi - lo
+        item, S = self.grad_dtype.itemsize, hi - lo
         self.comm_bytes += (self.padded - S) * item          # read from the other rows
         c = self.cross.Get_size()
         if c > 1:
-            self.cross.Allreduce(MPI.IN_PLACE, self.grad[lo:hi], op=MPI.SUM)
+            self.cross.Allreduce(MPI.IN_PLACE, moved(self.grad[lo:hi]), op=sum_op(self.grad_dtype))
             self.comm_bytes += 2 * S * (c - 1) / c * item
 
     def grad_squares(self, counted) -> float:

@@ -37,6 +37,8 @@ import numpy as np
 
 from ..backend import array_module, to_device, to_host
 from ..nn.linear import add_matmul, matmul
+from ..precision import compute_dtype, narrow, wide
+from .wire import moved
 
 
 class SummaGrid:
@@ -75,7 +77,7 @@ def _bcast_steps(comm, mine: np.ndarray, q: int, grid: SummaGrid, site: str):
     mine_h = np.ascontiguousarray(to_host(mine))             # what MPI sends and receives
     def start(k):
         buf = mine_h if comm.Get_rank() == k else np.empty_like(mine_h)
-        return buf, comm.Ibcast(buf, root=k)
+        return buf, comm.Ibcast(moved(buf), root=k)
     nxt = start(0)
     for k in range(q):
         buf, req = nxt
@@ -89,30 +91,37 @@ def _bcast_steps(comm, mine: np.ndarray, q: int, grid: SummaGrid, site: str):
             yield mine
 
 
-def matmul_ab(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> np.ndarray:
+def matmul_ab(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "",
+              keep_wide: bool = False) -> np.ndarray:
     """C_ij = sum_k A_ik B_kj, for A_ij [M/q, K/q] and B_ij [K/q, N/q] on rank (i, j).
-    site names the caller in the grid's counters."""
-    q = grid.q
-    c = array_module().zeros((a.shape[0], b.shape[1]), np.result_type(a.dtype, b.dtype))
+    site names the caller in the grid's counters. 16-bit operands: summed in fp32, and
+    rounded once at the end unless keep_wide."""
+    q, dtype = grid.q, np.result_type(a.dtype, b.dtype)
+    c = array_module().zeros((a.shape[0], b.shape[1]), compute_dtype(dtype))
     a_steps = _bcast_steps(grid.row, a, q, grid, site)
     b_steps = _bcast_steps(grid.col, b, q, grid, site)
     for a_ik, b_kj in zip(a_steps, b_steps):
-        add_matmul(c, a_ik, b_kj)
-    return c
+        add_matmul(c, a_ik, b_kj)                          # 16 bits: summed in fp32
+    return c if keep_wide else narrow(c, dtype)
 
 
 def matmul_abt(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> np.ndarray:
     """C = A B^T: C_ik = sum_j A_ij B_kj^T, for A_ij [M/q, N/q], B_ij [K/q, N/q]; returns
-    C_ij [M/q, K/q] on rank (i, j) (the sum over the row, reduced to its owner)."""
-    return _reduce_products(grid, grid.col, b, grid.row, grid.j,
-                            lambda b_kj: matmul(a, b_kj.T), site)
+    C_ij [M/q, K/q] on rank (i, j) (the sum over the row, reduced to its owner; 16 bits:
+    the partial products and their sum in fp32, rounded once)."""
+    aw = wide(a)
+    c = _reduce_products(grid, grid.col, b, grid.row, grid.j,
+                         lambda b_kj: matmul(aw, wide(b_kj).T), site)
+    return narrow(c, np.result_type(a.dtype, b.dtype))
 
 
 def matmul_atb(grid: SummaGrid, a: np.ndarray, b: np.ndarray, site: str = "") -> np.ndarray:
     """C = A^T B: C_kj = sum_i A_ik^T B_ij, for A_ij [M/q, K/q], B_ij [M/q, N/q]; returns
-    C_ij [K/q, N/q] on rank (i, j) (the sum over the column, reduced to its owner)."""
+    C_ij [K/q, N/q] on rank (i, j) (the sum over the column, reduced to its owner; in fp32 for
+    16-bit operands, left in fp32: it is a weight's gradient)."""
+    bw = wide(b)
     return _reduce_products(grid, grid.row, a, grid.col, grid.i,
-                            lambda a_ik: matmul(a_ik.T, b), site)
+                            lambda a_ik: matmul(wide(a_ik).T, bw), site)
 
 
 def _reduce_products(grid, bcast_comm, moving, reduce_comm, my_coord: int, product, site):

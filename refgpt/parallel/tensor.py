@@ -42,8 +42,9 @@ from ..config import ConfigError
 from ..nn.dropout import Dropout
 from ..nn.embedding import TiedHead, TokenTable, scatter_add_rows
 from ..nn.layer import Layer, ParamRef, Sequence
-from ..nn.linear import Linear, column_sum
+from ..nn.linear import Linear, column_sum, matmul
 from ..nn.params import ParamSpec
+from ..precision import narrow, wide
 from ..nn.sublayers import Sublayers
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
 
@@ -105,11 +106,28 @@ class AddBias(Layer):
         self.params, self.param_names = params, {"bias": name}
 
     def forward(self, x):
-        return x + self.b
+        """x: the reduced sum (fp32 in a 16-bit run: rounded once here, with the bias)."""
+        return narrow(wide(x) + wide(self.b), self.b.dtype)
 
     def backward(self, dy):
         self.gb += column_sum(dy.reshape(-1, dy.shape[-1]))
         return dy
+
+
+class ColumnLinear(Linear):
+    """A column-parallel layer: its input gradient sums over this rank's output columns only,
+    a partial sum left in fp32 in a 16-bit run for the group's reduction to round once."""
+
+    def input_grad(self, dy2):
+        return matmul(dy2, self.w.T, rounded=False)
+
+
+class RowLinear(Linear):
+    """A row-parallel layer's product: a partial sum, left in fp32 in a 16-bit run until the
+    group has summed it (then AddBias rounds it once, where one process rounds its GEMM)."""
+
+    def product(self, x2):
+        return matmul(x2, self.w, rounded=False)
 
 
 class VocabParallelEmbedding(TokenTable):
@@ -127,15 +145,15 @@ class VocabParallelEmbedding(TokenTable):
     def forward(self, idx, pos0: int = 0):                           # idx [B, T], all tokens
         mine = (idx >= self.lo) & (idx < self.hi)
         local = np.where(mine, idx - self.lo, 0)
-        x = self.reduce.forward(self.wte[local] * mine[..., None])    # [B, T(/t), C]
+        x = self.reduce.forward(wide(self.wte[local]) * mine[..., None])   # [B, T(/t), C]
         T = x.shape[1]
         p0 = pos0 + (self.tp.rank * T if self.sp else 0)
         self.save(local, mine, p0)
-        return x + self.wpe[p0:p0 + T]
+        return narrow(x + wide(self.wpe[p0:p0 + T]), self.wte.dtype)
 
     def backward(self, dx):
         local, mine, p0 = self.saved()
-        self.gwpe[p0:p0 + dx.shape[1]] += dx.sum(axis=0)
+        self.gwpe[p0:p0 + dx.shape[1]] += wide(dx).sum(axis=0)
         dfull = self.reduce.backward(dx)                              # [B, T, C]
         scatter_add_rows(self.gwte, local[mine], dfull[mine])
 
@@ -155,6 +173,9 @@ class VocabParallelHead(TiedHead):
     def backward(self, dz):
         return self.enter.backward(super().backward(dz))
 
+    def input_grad(self, dl2):
+        return matmul(dl2, self.wte, rounded=False)       # a partial sum over the vocabulary
+
 
 class VocabParallelCrossEntropy(Layer):
     """refgpt.nn.loss.CrossEntropy over logits split by vocabulary (formulas above);
@@ -171,10 +192,11 @@ class VocabParallelCrossEntropy(Layer):
         lo = tp.rank * Vl
         n_real = min(max(self.V - lo, 0), Vl)                         # real columns held here
         zl = logits.reshape(-1, Vl)                                   # [N, Vl], a view
-        z = zl[:, :n_real]                                            # [N, n_real]
+        zr = zl[:, :n_real]                                           # [N, n_real]
+        z = wide(zr)                                                  # fp32 for 16-bit logits
         y = targets.reshape(-1)
         xp = array_module()
-        local_max = z.max(axis=1) if n_real else xp.full(len(y), -np.inf, logits.dtype)
+        local_max = z.max(axis=1) if n_real else xp.full(len(y), -np.inf, z.dtype)
         m = tp.allreduce(local_max, "loss", op="max")                 # [N]
         e = np.exp(z - m[:, None])
         s = tp.allreduce(e.sum(axis=1), "loss")                       # [N]
@@ -187,6 +209,8 @@ class VocabParallelCrossEntropy(Layer):
             z[...] = e / s[:, None]                                   # softmax
             z[np.nonzero(mine)[0], y_local[mine]] -= 1.0
             z /= norm
+            if z is not zr:                                           # rounded once
+                zr[...] = z
             zl[:, n_real:] = 0.0
             self.save(zl, logits.shape)
         return loss
@@ -253,10 +277,10 @@ class TensorParallel(Sublayers):
         return Dropout(self.cfg.dropout, site, self.seed, self.head_part)
 
     def column_linear(self, params, prefix: str, bias: bool = True):
-        return Sequence(self.enter(self.tp, prefix), Linear(params, prefix, bias))
+        return Sequence(self.enter(self.tp, prefix), ColumnLinear(params, prefix, bias))
 
     def row_linear(self, params, prefix: str):
-        return Sequence(Linear(params, prefix, bias=False), self.leave(self.tp, prefix),
+        return Sequence(RowLinear(params, prefix, bias=False), self.leave(self.tp, prefix),
                         AddBias(params, f"{prefix}.bias"))
 
     def embedding(self, params):

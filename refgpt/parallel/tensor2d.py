@@ -42,6 +42,7 @@ from ..nn.gelu import GELU
 from ..nn.layer import Layer, ParamRef, Sequence
 from ..nn.linear import Linear, column_sum
 from ..nn.params import ParamSpec
+from ..precision import compute_dtype, narrow, wide
 from ..nn.sublayers import Sublayers
 from .summa import SummaGrid, matmul_ab, matmul_abt, matmul_atb
 from .tensor import VocabParallelCrossEntropy, shard
@@ -86,12 +87,14 @@ class Linear2D(Linear):
     three products of refgpt.nn.linear.Linear as SUMMA products on the grid (a ``defer`` list
     postpones the weight gradient, as there)."""
 
-    def __init__(self, params, prefix: str, grid: SummaGrid):
+    def __init__(self, params, prefix: str, grid: SummaGrid, keep_wide: bool = False):
+        """keep_wide: a bias follows, so a 16-bit run's product stays fp32 (Bias2D rounds
+        it once, with the bias, as one process's GEMM)."""
         super().__init__(params, prefix, bias=False)
-        self.grid, self.site = grid, prefix                  # counters: h.0.mlp.c_fc, ...
+        self.grid, self.site, self.keep_wide = grid, prefix, keep_wide   # site: h.0.mlp.c_fc, ...
 
     def product(self, x2):
-        return matmul_ab(self.grid, x2, self.w, self.site)
+        return matmul_ab(self.grid, x2, self.w, self.site, self.keep_wide)
 
     def input_grad(self, dy2):
         return matmul_abt(self.grid, dy2, self.w, self.site)
@@ -120,7 +123,9 @@ class Bias2D(Layer):
         self.b = Vector2D(params, name, col)
 
     def forward(self, x):
-        return x + self.b.full()
+        """x: the product (fp32 in a 16-bit run: rounded once here, with the bias)."""
+        b = self.b.full()
+        return narrow(wide(x) + wide(b), b.dtype)
 
     def backward(self, dy):
         self.b.add_grad(column_sum(dy.reshape(-1, dy.shape[-1])))
@@ -141,20 +146,23 @@ class LayerNorm2D(Layer):
         return self.row.allreduce(v.sum(axis=-1, keepdims=True), self.site) / self.C
 
     def forward(self, x):
-        xc = x - self._mean(x)
+        """16-bit x: computed in fp32 as refgpt.nn.layernorm (n kept rounded, rstd in fp32)."""
+        xw = wide(x)
+        xc = xw - self._mean(xw)
         rstd = 1.0 / np.sqrt(self._mean(xc * xc) + self.eps)
         n = xc * rstd
         g = self.g.full()
-        self.save(n, rstd, g)
-        return n * g + self.b.full()
+        self.save(narrow(n, x.dtype), rstd, g)
+        return narrow(n * wide(g) + wide(self.b.full()), x.dtype)
 
     def backward(self, dy):
         n, rstd, g = self.saved()
+        dyw, n = wide(dy), wide(n)
         C = n.shape[-1]
-        self.g.add_grad(column_sum((dy * n).reshape(-1, C)))
-        self.b.add_grad(column_sum(dy.reshape(-1, C)))
-        dn = dy * g
-        return rstd * (dn - self._mean(dn) - n * self._mean(dn * n))
+        self.g.add_grad(column_sum((dyw * n).reshape(-1, C)))
+        self.b.add_grad(column_sum(dyw.reshape(-1, C)))
+        dn = dyw * wide(g)
+        return narrow(rstd * (dn - self._mean(dn) - n * self._mean(dn * n)), dy.dtype)
 
 
 class Embedding2D(Layer):
@@ -172,15 +180,15 @@ class Embedding2D(Layer):
         lo, T = self.grid.i * self.rows, idx.shape[1]
         mine = (idx >= lo) & (idx < lo + self.rows)
         local = np.where(mine, idx - lo, 0)
-        x = self.col.reduce_scatter(self.wte[local] * mine[..., None], 0, "embed")
+        x = self.col.reduce_scatter(wide(self.wte[local]) * mine[..., None], 0, "embed")
         self.save(local, mine, pos0)
-        return x + self.wpe.full()[pos0:pos0 + T]                # [B/q, T, C/q]
+        return narrow(x + wide(self.wpe.full()[pos0:pos0 + T]), self.wte.dtype)   # [B/q, T, C/q]
 
     def backward(self, dx):
         local, mine, pos0 = self.saved()
         P = self.params.specs["wpe.weight"].shape[0] * self.grid.q
-        dpos = array_module().zeros((P, dx.shape[-1]), dx.dtype)
-        dpos[pos0:pos0 + dx.shape[1]] = dx.sum(axis=0)
+        dpos = array_module().zeros((P, dx.shape[-1]), compute_dtype(dx.dtype))
+        dpos[pos0:pos0 + dx.shape[1]] = wide(dx).sum(axis=0)
         self.wpe.add_grad(dpos)
         dfull = self.col.allgather(dx, 0, "embed")               # [B, T, C/q]
         scatter_add_rows(self.gwte, local[mine], dfull[mine])
@@ -281,7 +289,7 @@ class Tensor2D(Sublayers):
                            self.cfg.hidden_size)
 
     def column_linear(self, params, prefix: str, bias: bool = True):
-        linear = Linear2D(params, prefix, self.grid)
+        linear = Linear2D(params, prefix, self.grid, keep_wide=bias)
         return Sequence(linear, Bias2D(params, f"{prefix}.bias", self.col)) if bias else linear
 
     def row_linear(self, params, prefix: str):

@@ -23,6 +23,8 @@ from collections import defaultdict
 import numpy as np
 
 from ..backend import to_device, to_host
+from ..precision import narrow, wide
+from .wire import moved
 
 
 def host_copy(x) -> np.ndarray:
@@ -34,33 +36,36 @@ def host_copy(x) -> np.ndarray:
 
 class TPComm:
     """Collectives over the tensor-parallel group, on host buffers: under the cupy backend
-    each goes through the host (copied over, reduced, copied back)."""
+    each goes through the host (copied over, reduced, copied back). 16-bit activations are
+    summed in fp32 and rounded once, and gathered as their bytes (refgpt.parallel.wire)."""
 
     def __init__(self, comm):
         self.comm = comm
         self.t, self.rank = comm.Get_size(), comm.Get_rank()
         self.volume: dict[tuple[str, str], float] = defaultdict(float)
 
-    def allreduce(self, x: np.ndarray, site: str, op: str = "sum") -> np.ndarray:
+    def allreduce(self, x: np.ndarray, site: str, op: str = "sum", dtype=None) -> np.ndarray:
+        """The sum (or max) over the group, in x's compute type, rounded to dtype (x's)."""
         from mpi4py import MPI
-        buf = host_copy(x)
+        buf = host_copy(wide(x))
         self.comm.Allreduce(MPI.IN_PLACE, buf, op={"sum": MPI.SUM, "max": MPI.MAX}[op])
         self.volume[(site, "all-reduce")] += 2 * (self.t - 1) / self.t * buf.size
-        return to_device(buf)
+        return to_device(narrow(buf, dtype or x.dtype))
 
     def allgather(self, x: np.ndarray, axis: int, site: str) -> np.ndarray:
         x = np.ascontiguousarray(to_host(x))
         buf = np.empty((self.t, *x.shape), x.dtype)
-        self.comm.Allgather(x, buf)
+        self.comm.Allgather(moved(x), moved(buf))
         self.volume[(site, "all-gather")] += (self.t - 1) / self.t * buf.size
         return to_device(np.concatenate(list(buf), axis=axis))
 
-    def reduce_scatter(self, x: np.ndarray, axis: int, site: str) -> np.ndarray:
-        chunks = np.ascontiguousarray(np.stack(np.split(to_host(x), self.t, axis=axis)))
-        out = np.empty(chunks.shape[1:], x.dtype)
+    def reduce_scatter(self, x: np.ndarray, axis: int, site: str, dtype=None) -> np.ndarray:
+        """This rank's chunk (along axis) of the sum over the group, rounded to dtype (x's)."""
+        chunks = np.ascontiguousarray(np.stack(np.split(wide(to_host(x)), self.t, axis=axis)))
+        out = np.empty(chunks.shape[1:], chunks.dtype)
         self.comm.Reduce_scatter_block(chunks, out)
         self.volume[(site, "reduce-scatter")] += (self.t - 1) / self.t * x.size
-        return to_device(out)
+        return to_device(narrow(out, dtype or x.dtype))
 
     def layer_volume(self, prefix: str) -> float:
         """Elements moved by the sites under prefix (e.g. "h.0.") since the counters began."""
@@ -68,14 +73,19 @@ class TPComm:
 
 
 class CopyToTP:
+    """Identity forward; backward sums the partial input gradients (fp32 in a 16-bit run,
+    refgpt.parallel.tensor) and rounds them to the activations' type."""
+
     def __init__(self, tp: TPComm, site: str):
         self.tp, self.site = tp, site
+        self.dtype = None
 
     def forward(self, x):
+        self.dtype = x.dtype
         return x
 
     def backward(self, dy):
-        return self.tp.allreduce(dy, self.site)
+        return self.tp.allreduce(dy, self.site, dtype=self.dtype)
 
 
 class ReduceFromTP:
@@ -90,14 +100,19 @@ class ReduceFromTP:
 
 
 class GatherSeq:
+    """Forward gathers the sequence; backward reduce-scatters the partial input gradients,
+    rounded to the activations' type as CopyToTP's."""
+
     def __init__(self, tp: TPComm, site: str):
         self.tp, self.site = tp, site
+        self.dtype = None
 
     def forward(self, x):                                   # [B, T/t, C] -> [B, T, C]
+        self.dtype = x.dtype
         return self.tp.allgather(x, 1, self.site)
 
     def backward(self, dy):                                 # [B, T, C] -> [B, T/t, C]
-        return self.tp.reduce_scatter(dy, 1, self.site)
+        return self.tp.reduce_scatter(dy, 1, self.site, dtype=self.dtype)
 
 
 class ScatterSeq:

@@ -29,13 +29,16 @@ next in that phase's order (prefetch: it overlaps the current unit's compute); t
 release frees it. Each micro-batch gathers every unit once for forward and once for backward.
 The embeddings unit is held for the whole pass, since the tied head reads wte at the far end.
 
-Per rank and step, for m micro-batches and b bytes per element (paper's K = 8 for fp32 Adam):
+Per rank and step, for m micro-batches, with p, g and k bytes per element of parameters,
+gradients and optimizer state (float32: p = g = 4, k = 8 for AdamW's two moments; a 16-bit
+run, refgpt.optim.mixed: p = 2, g = 4, or 2 with --grad-reduce-in-bf16, k = 12 with the fp32
+master weights; the ZeRO paper's 2 + 2 + K):
 
-    stage   persistent bytes            elements sent and received over DP
-    0       4 b P                       2 P (d-1)/d   (all-reduce)
-    1       2 b P + 2 b P/d             2 P (d-1)/d   (reduce-scatter + all-gather)
-    2       b P + 3 b P/d               (m+1) P (d-1)/d
-    3       4 b P/d                     3 m P (d-1)/d
+    stage   persistent bytes              bytes sent and received over DP
+    0       (p + g + k) P                 2 g P (d-1)/d               (all-reduce)
+    1       (p + g) P + k P/d             (g + p) P (d-1)/d           (reduce-scatter, all-gather)
+    2       p P + (g + k) P/d             (m g + p) P (d-1)/d
+    3       (p + g + k) P/d               (m g + 2 m p) P (d-1)/d
 
 Traffic is counted per collective as the part of the buffer this rank does not own (what a
 reduce-scatter must send away, or an all-gather bring in), so the sums are exact. Temporary
@@ -60,6 +63,7 @@ from ..nn.params import Params, unit_key, zero_fill
 from ..optim.clip import sum_squares
 from .data import IN_FLIGHT       # gradient collectives left running while backward goes on
 from .sync import GradSync
+from .wire import moved, sum_op
 
 
 @dataclass
@@ -95,7 +99,7 @@ class UnitViews:
         unit = self.p.unit_of[name]
         if self.grad:
             if unit.grad is None:                        # first write of this backward
-                unit.grad = self.p.alloc(unit.size, zero=True)
+                unit.grad = self.p.alloc(unit.size, zero=True, dtype=self.p.grad_dtype)
                 unit.gviews = self.p.views_of(unit, unit.grad)
             return unit.gviews[name]
         if unit.data is None:
@@ -109,12 +113,12 @@ class ZeroParams(Params, GradSync):
     shards (3) over the data-parallel communicator comm; and the gradient-sync interface
     (refgpt.parallel.sync) that fills and uses them."""
 
-    def __init__(self, specs, dtype, stage: int, comm):
+    def __init__(self, specs, dtype, stage: int, comm, grad_dtype=None):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
         self.stage, self.comm = stage, comm
         self.d, self.dp_rank = comm.Get_size(), comm.Get_rank()
-        super().__init__(specs, dtype, pad_to=self.d, allocate=stage < 3)
+        super().__init__(specs, dtype, pad_to=self.d, allocate=stage < 3, grad_dtype=grad_dtype)
         S = self.padded // self.d
         self.own = (self.dp_rank * S, (self.dp_rank + 1) * S)
         self.units = self._units()
@@ -129,7 +133,7 @@ class ZeroParams(Params, GradSync):
             self._views = UnitViews(self, grad=False)
         if stage >= 2:
             self.grad = None
-            self.shard_grad = xp.zeros(S, self.dtype)
+            self.shard_grad = xp.zeros(S, self.grad_dtype)
             self.grads = UnitViews(self, grad=True)
         self.comm_bytes = 0                  # sent/received over DP for gradients and params
         self.reduces_every_micro_batch = stage >= 2
@@ -154,13 +158,14 @@ class ZeroParams(Params, GradSync):
         return units
 
     # -- storage -----------------------------------------------------------------------
-    def alloc(self, n: int, zero: bool = False, host: bool = False) -> np.ndarray:
-        """A temporary buffer of n elements on the device (host=True: in host memory, for
-        MPI to receive into)."""
-        self.working += n * self.dtype.itemsize
+    def alloc(self, n: int, zero: bool = False, host: bool = False, dtype=None) -> np.ndarray:
+        """A temporary buffer of n elements (of the parameters' type, or dtype) on the device
+        (host=True: in host memory, for MPI to receive into)."""
+        dtype = np.dtype(dtype or self.dtype)
+        self.working += n * dtype.itemsize
         self.working_peak = max(self.working_peak, self.working)
         xp = np if host else array_module()
-        return xp.zeros(n, self.dtype) if zero else xp.empty(n, self.dtype)
+        return xp.zeros(n, dtype) if zero else xp.empty(n, dtype)
 
     def release(self, a: np.ndarray) -> None:
         """A temporary buffer is no longer used (its bytes leave the working count)."""
@@ -246,7 +251,8 @@ class ZeroParams(Params, GradSync):
         unit.views = self.views_of(unit, unit.data)
         send = to_host(self.shard_data[a:b])                  # the views themselves on a CPU
         recv = unit.data if isinstance(unit.data, np.ndarray) else self.alloc(unit.size, host=True)
-        unit.gathering = (self.comm.Iallgatherv(send, [recv, (unit.counts, unit.displs)]),
+        unit.gathering = (self.comm.Iallgatherv(moved(send), [moved(recv),
+                                                              (unit.counts, unit.displs)]),
                           send, recv)
         self.comm_bytes += (unit.size - (b - a)) * self.dtype.itemsize
 
@@ -267,7 +273,7 @@ class ZeroParams(Params, GradSync):
             return
         from mpi4py import MPI
         buf = to_host(self.data)                             # self.data itself on a CPU
-        self.comm.Allgather(MPI.IN_PLACE, buf)
+        self.comm.Allgather(MPI.IN_PLACE, moved(buf))
         if buf is not self.data:
             self.data[...] = to_device(buf)
         self.comm_bytes += (self.padded - self.padded // self.d) * self.dtype.itemsize
@@ -281,7 +287,6 @@ class ZeroParams(Params, GradSync):
     def ready(self, names) -> None:
         """Backward calls this with parameters whose gradients (of this backward) are final;
         a unit whose parameters are all final starts its reduce-scatter."""
-        from mpi4py import MPI
         for unit in self.units:
             left = self.waiting.get(unit.key)
             if not left:
@@ -290,10 +295,11 @@ class ZeroParams(Params, GradSync):
             if left:
                 continue
             send = to_host(self.grad[unit.lo:unit.hi] if self.stage == 1 else unit.grad)
-            piece = self.alloc(unit.counts[self.dp_rank], host=True)
-            req = self.comm.Ireduce_scatter(send, piece, unit.counts, op=MPI.SUM)
+            piece = self.alloc(unit.counts[self.dp_rank], host=True, dtype=self.grad_dtype)
+            req = self.comm.Ireduce_scatter(moved(send), moved(piece), unit.counts,
+                                            op=sum_op(self.grad_dtype))
             self.reducing.append((unit, piece, req, send))
-            self.comm_bytes += (unit.size - len(piece)) * self.dtype.itemsize
+            self.comm_bytes += (unit.size - len(piece)) * self.grad_dtype.itemsize
             t0 = time.perf_counter()
             self._complete(self.reducing[:-IN_FLIGHT])  # bound what waits on the network
             self.blocked_s += time.perf_counter() - t0
@@ -338,7 +344,7 @@ class ZeroParams(Params, GradSync):
     def gather_shards(self, shard: np.ndarray) -> np.ndarray:
         """The full flat buffer from every rank's shard of it (a temporary of P elements)."""
         full = np.empty(self.padded, shard.dtype)
-        self.comm.Allgather(np.ascontiguousarray(to_host(shard)), full)
+        self.comm.Allgather(moved(np.ascontiguousarray(to_host(shard))), moved(full))
         return full
 
     def full_data(self) -> np.ndarray:
@@ -354,17 +360,25 @@ def offload_moments(folder, rank: int, n: int, dtype) -> tuple[np.ndarray, np.nd
                  for name in ("exp_avg", "exp_avg_sq"))
 
 
-def formula_bytes(stage: int, padded: int, d: int, itemsize: int, shared: bool = False) -> int:
-    """Persistent bytes per rank for parameters + gradients + AdamW moments (table above).
-    shared: stage 1 with one parameter copy per node of d ranks (refgpt.parallel.shared), of
-    which each rank is counted its d-th part: b P + 3 b P/d."""
-    per_element = {0: (4, 0), 1: (2, 2), 2: (1, 3), 3: (0, 4)}[stage]   # (full, per shard)
+def formula_bytes(stage: int, padded: int, d: int, p: int, g: int | None = None,
+                  k: int | None = None, shared: bool = False) -> int:
+    """Persistent bytes per rank for parameters + gradients + optimizer state (table above;
+    g defaults to p, k to AdamW's 2 p). shared: stage 1 with one parameter copy per node of d
+    ranks (refgpt.parallel.shared), of which each rank is counted its d-th part:
+    g P + (p + k) P/d."""
+    g = p if g is None else g
+    k = 2 * p if k is None else k
+    full, per_shard = {0: (p + g + k, 0), 1: (p + g, k), 2: (p, g + k), 3: (0, p + g + k)}[stage]
     if shared:
-        per_element = (1, 3)
-    return (per_element[0] * padded + per_element[1] * padded // d) * itemsize
+        full, per_shard = g, p + k
+    return full * padded + per_shard * padded // d
 
 
-def formula_traffic(stage: int, padded: int, d: int, micro_batches: int, itemsize: int) -> float:
-    """Bytes each rank sends or receives over the data-parallel group in one step."""
-    passes = {0: 2, 1: 2, 2: micro_batches + 1, 3: 3 * micro_batches}[stage]
-    return passes * padded * (d - 1) / d * itemsize
+def formula_traffic(stage: int, padded: int, d: int, micro_batches: int, p: int,
+                    g: int | None = None) -> float:
+    """Bytes each rank sends or receives over the data-parallel group in one step (p, g:
+    bytes per parameter and gradient element; g defaults to p)."""
+    g = p if g is None else g
+    m = micro_batches
+    per_element = {0: 2 * g, 1: g + p, 2: m * g + p, 3: m * g + 2 * m * p}[stage]
+    return per_element * padded * (d - 1) / d

@@ -34,6 +34,7 @@ from ..metrics import measure_gemm_rate, megatron_flops, model_flops
 from ..parallel.grid import Grid
 from ..parallel.launch import quiet_barrier
 from ..timers import NAMES
+from ..precision import compute_dtype, dtype_of
 from .plan import Config, parallel_config
 
 
@@ -41,14 +42,16 @@ def core_gemm_rate(dtype) -> float:
     """FLOP/s of one core alone: the GEMM rate with one BLAS thread."""
     from threadpoolctl import threadpool_limits
     with threadpool_limits(limits=1):
-        return measure_gemm_rate(np.dtype(dtype))
+        return measure_gemm_rate(dtype_of(dtype))
 
 
 def link_rate(world, elements: int, dtype) -> float:
     """Bytes per second a rank moves in an all-reduce of `elements` over the whole world
-    (a ring moves 2 (d-1)/d of the buffer per rank): best of three."""
+    (a ring moves 2 (d-1)/d of the buffer per rank): best of three. The gradients' type:
+    fp32 in a 16-bit run (refgpt.precision), unless the caller says bfloat16."""
     from mpi4py import MPI
     d = world.Get_size()
+    dtype = compute_dtype(dtype_of(dtype))
     buf = np.ones(elements, dtype)
     best = float("inf")
     for _ in range(3):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from ..config import ConfigError
 from ..parallel.build import check_layout
 from ..metrics import model_flops, model_params
+from ..precision import compute_dtype, dtype_of
 from ..parallel.schedules import simulate
 from ..parallel.zero import formula_traffic
 
@@ -125,12 +126,13 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | 
     (docs/tensor-parallel.md has its volume)."""
     t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
     pcfg = parallel_config(pcfg, cfg.layout)
-    w = 8 if tcfg.dtype == "float64" else 4
+    w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
+    g = 2 if pcfg.grad_reduce_in_bf16 else compute_dtype(dtype_of(tcfg.dtype)).itemsize
     compute = model_flops(mcfg, tcfg.global_batch_size) / (cfg.ranks * gemm_rate)
     per_rank = (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p)
-    moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w)
+    moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w, g)
     if pcfg.dp_shared_memory:                        # what a rank reads of the other rows
-        moved = (d - 1) / d * int(per_rank) * w
+        moved = (d - 1) / d * int(per_rank) * g
     tokens = tcfg.micro_batch_size * mcfg.seq_length * mcfg.hidden_size
     tensor = m * mcfg.num_layers / p * 4 * 2 * (t - 1) / t * tokens * w
     bubble = 0.0
