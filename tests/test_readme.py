@@ -33,6 +33,7 @@ HOW = {
         "",
     "python -m refgpt.train --synthetic-data --dtype float64 --train-iters 20":
         f"+ {SMALL} --train-iters 3",
+    "python -m refgpt.train --bf16 --save runs/bf16": f"+ {SMALL} --train-iters 3",
     "python -m refgpt.study.scaling --ranks 1 2 4 --layouts dp tp2 pp2 --dry-run":
         "+ --synthetic-data --num-layers 2 --hidden-size 32 --num-attention-heads 2 "
         "--seq-length 32",
