@@ -29,6 +29,10 @@ an AVX-512 Xeon; between neighbouring blocks the gaps were within the machines' 
 noise, see benchmarks/README.md). ``PRESETS`` holds (smallest block, blocks per sequence)
 per CPU family, picked from the CPU that LLVM (and so Numba) reports. REFGPT_ATTENTION_BLOCK
 overrides it with a preset's name, or with one block size for every length.
+
+16-bit operands are widened to float32 (refgpt.kernels.numba_half): the scores of
+causal_matmul_nt stay fp32, the products of causal_matmul_nn and _tn are rounded once to the
+16-bit type, as the references do.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import llvmlite.binding as llvm
 import numpy as np
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
+
+from .numba_half import is_half, narrow, widen
 
 PRESETS = {            # CPU family: (smallest block, blocks per sequence)
     "avx2": (16, 8),
@@ -220,6 +226,8 @@ def _merged(B, H, T, D, dtype):
 
 
 def causal_matmul_nt(a, b, scale=1.0):
+    if is_half(a):                              # 16 bits: the scores in fp32
+        return causal_matmul_nt(widen(a), widen(b), scale)
     if GEMM is None:                            # NumPy's BLAS exposes no CBLAS
         return NotImplemented
     a, b = _rows(a, b)
@@ -238,6 +246,9 @@ def _into(out, shape, dtype):
 
 
 def causal_matmul_nn(p, v, scale=1.0, out=None):
+    if is_half(v):                              # 16 bits: in fp32, rounded once to v's type
+        res = causal_matmul_nn(widen(p) if is_half(p) else p, widen(v), scale)
+        return res if res is NotImplemented else narrow(res, v.dtype, out=out)
     if GEMM is None:                            # NumPy's BLAS exposes no CBLAS
         return NotImplemented
     p, v = _rows(p, v)
@@ -248,6 +259,9 @@ def causal_matmul_nn(p, v, scale=1.0, out=None):
 
 
 def causal_matmul_tn(p, x, scale=1.0, out=None):
+    if is_half(x):                              # 16 bits: in fp32, rounded once to x's type
+        res = causal_matmul_tn(widen(p) if is_half(p) else p, widen(x), scale)
+        return res if res is NotImplemented else narrow(res, x.dtype, out=out)
     if GEMM is None:                            # NumPy's BLAS exposes no CBLAS
         return NotImplemented
     p, x = _rows(p, x)

@@ -33,6 +33,12 @@ normalisation, the softmax backward). On float32 arrays row sums may be reassoci
 "row kernels" below); nothing else is, beyond fused multiply-adds (fastmath "contract").
 Every float32 exp is written as arithmetic (refgpt.kernels.numba_exp), so that its loop
 vectorises; float64 keeps libm's exp, as NumPy's.
+
+16-bit arrays (bfloat16, float16: refgpt.precision) are widened to float32, computed by the
+float32 kernels and their 16-bit results rounded once (refgpt.kernels.numba_half); what stays
+fp32 (LayerNorm's 1/std, bias and LayerNorm gradients, dS, the loss) is returned in fp32, as
+the references do. One difference from the reference: bias_gelu_forward takes GELU of the
+unrounded f + b, where the reference takes it of the rounded sum it stores (within an ulp).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import numpy as np
 from numba import njit, prange
 
 from .numba_exp import vexp_of
+from .numba_half import is_half, narrow, widen
 
 S2PI = math.sqrt(2.0 / math.pi)
 K = 0.044715
@@ -121,6 +128,8 @@ def _bias_gelu_bwd(x, dy, dx, db_parts, tanh_form, consts):
 
 
 def gelu_forward(x, kind):
+    if is_half(x):
+        return narrow(gelu_forward(widen(x), kind), x.dtype)
     x = np.ascontiguousarray(x)
     y = np.empty_like(x)
     _gelu_fwd(x.reshape(-1), y.reshape(-1), kind == "tanh", _gelu_constants(x.dtype))
@@ -128,6 +137,8 @@ def gelu_forward(x, kind):
 
 
 def gelu_backward(x, dy, kind):
+    if is_half(dy):
+        return narrow(gelu_backward(widen(x), widen(dy), kind), dy.dtype)
     x, dy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
     dx = np.empty_like(dy)
     _gelu_bwd(x.reshape(-1), dy.reshape(-1), dx.reshape(-1), kind == "tanh",
@@ -136,6 +147,11 @@ def gelu_backward(x, dy, kind):
 
 
 def bias_gelu_forward(f, b, kind):
+    if is_half(f):                  # f + b rounded into f; gelu of the unrounded sum, rounded
+        f32 = widen(f)
+        y = bias_gelu_forward(f32, widen(b), kind)
+        narrow(f32, f.dtype, out=f)
+        return narrow(y, f.dtype)
     if not f.flags.c_contiguous:
         raise ValueError("bias_gelu_forward adds the bias in place to a C-contiguous array")
     y = np.empty_like(f)
@@ -146,6 +162,9 @@ def bias_gelu_forward(f, b, kind):
 
 
 def bias_gelu_backward(x, dy, kind):
+    if is_half(dy):                 # dx rounded, db in fp32
+        dx, db = bias_gelu_backward(widen(x), widen(dy), kind)
+        return narrow(dx, dy.dtype), db
     C = x.shape[-1]
     x2, dy2 = np.ascontiguousarray(x).reshape(-1, C), np.ascontiguousarray(dy).reshape(-1, C)
     dx = np.empty_like(dy2)
@@ -172,7 +191,9 @@ def _column_sum(a, parts):
 def column_sum(a):
     """A bias's gradient: partial sums of chunks of rows on numba's threads, then their sum
     (NumPy's a.sum(axis=0) runs on one core). In the array's precision, as NumPy's sum over
-    rows (float64 partials cost time and give NumPy's result no better)."""
+    rows (float64 partials cost time and give NumPy's result no better); fp32 for 16 bits."""
+    if is_half(a):
+        return column_sum(widen(a))
     if a.ndim != 2 or a.strides[1] != a.itemsize:
         return a.sum(axis=0)
     parts = _column_parts(a, a.dtype)
@@ -243,6 +264,9 @@ def _ln_bwd(dy, n, rstd, g, dx, dg_parts, db_parts):
 
 
 def layernorm_forward(x, g, b, eps):
+    if is_half(x):                  # y and n rounded, rstd in fp32
+        y, n, rstd = layernorm_forward(widen(x), widen(g), widen(b), eps)
+        return narrow(y, x.dtype), narrow(n, x.dtype), rstd
     shape, C = x.shape, x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, C)
     y, n = np.empty_like(x2), np.empty_like(x2)
@@ -252,6 +276,9 @@ def layernorm_forward(x, g, b, eps):
 
 
 def layernorm_backward(dy, n, rstd, g):
+    if is_half(dy):                 # dx rounded, dg and db in fp32
+        dx, dg, db = layernorm_backward(widen(dy), widen(n), rstd, widen(g))
+        return narrow(dx, dy.dtype), dg, db
     shape, C = dy.shape, dy.shape[-1]
     dy2 = np.ascontiguousarray(dy).reshape(-1, C)
     dg, db = _column_parts(dy2), _column_parts(dy2)
@@ -317,6 +344,8 @@ def causal_softmax(s, p0):
 
 
 def softmax_backward(p, dp):
+    if is_half(p) or is_half(dp):   # dS in fp32
+        return softmax_backward(*(widen(a) if is_half(a) else a for a in (p, dp)))
     C = p.shape[-1]
     p2, dp2 = np.ascontiguousarray(p).reshape(-1, C), np.ascontiguousarray(dp).reshape(-1, C)
     ds = np.empty_like(dp2)
@@ -349,6 +378,12 @@ def _cross_entropy(z, V, y, scale, grad, losses):
 
 
 def cross_entropy(z, V, y, norm, grad):
+    if is_half(z):                  # the loss in fp32, the gradient rounded into z
+        z32 = widen(z)
+        total = cross_entropy(z32, V, y, norm, grad)
+        if grad:
+            narrow(z32, z.dtype, out=z)
+        return total
     if z.strides[1] != z.itemsize:
         raise ValueError("cross_entropy needs rows of contiguous logits")
     losses = np.empty(z.shape[0])                                # float64
@@ -392,7 +427,9 @@ def _scatter_add_rows(table, idx, rows):
 
 
 def scatter_add_rows(table, idx, rows):
-    """NumPy's add.at is a generic, unbuffered loop, on one core."""
+    """NumPy's add.at is a generic, unbuffered loop, on one core. 16-bit rows: widened."""
+    if is_half(rows) and not is_half(table):
+        rows = widen(rows)
     if table.ndim != 2 or rows.ndim != 2 or table.dtype != rows.dtype:
         np.add.at(table, idx, rows)
         return
@@ -407,7 +444,9 @@ def _add(a, b, out):
 
 
 def residual(x, branch):
-    """x + branch on numba's threads (NumPy's add runs on one core)."""
+    """x + branch on numba's threads (NumPy's add runs on one core); 16 bits: rounded once."""
+    if is_half(x) and x.dtype == branch.dtype:
+        return narrow(residual(widen(x), widen(branch)), x.dtype)
     if (x.shape != branch.shape or x.dtype != branch.dtype or not x.flags.c_contiguous
             or not branch.flags.c_contiguous):
         return x + branch
@@ -424,6 +463,8 @@ def _zero(a):
 
 
 def zero_fill(a):
+    if is_half(a):                              # zero is zero in every type: as 16-bit words
+        a = a.view(np.uint16)
     if a.flags.c_contiguous:
         _zero(a.reshape(-1))
     else:

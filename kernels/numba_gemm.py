@@ -26,7 +26,8 @@ transpose flag, not a copy); anything else goes to the reference.
 16-bit operands (bfloat16, float16) go to the BLAS's 16-bit GEMM with fp32 accumulation where
 there is one (refgpt.kernels.blas16), tiled the same way into an fp32 C: matmul then rounds C
 once to 16 bits (or, rounded=False, returns it in fp32), add_matmul adds into its fp32 C
-directly. Without one they go to the reference (inputs widened, fp32 GEMM).
+directly. Without one, the fallback: the operands widened to fp32 on numba's threads
+(refgpt.kernels.numba_half) and the fp32 GEMM above.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blas16 import gemm_for
+from .numba_half import is_half, narrow, widen
 from .numba_attention import GEMM, NO_TRANS, ROW_MAJOR, TRANS, OneBlasThread, blas_operand
 
 
@@ -110,13 +112,14 @@ def _run(c, a, b, beta, bias=None) -> bool:
 
 
 def matmul(a, b, bias=None, rounded=True):
-    if a.dtype.itemsize == 2:                   # 16 bits: the 16-bit GEMM, or the reference
-        if a.ndim != 2 or b.ndim != 2:
+    if is_half(a):                              # 16 bits: the 16-bit GEMM, else the fallback
+        if a.ndim != 2 or b.ndim != 2 or b.dtype != a.dtype:
             return NotImplemented
         c = np.empty((a.shape[0], b.shape[1]), np.float32)
-        if not _run(c, a, b, 0.0, None if bias is None else bias.astype(np.float32)):
-            return NotImplemented
-        return c.astype(a.dtype) if rounded else c
+        bias32 = None if bias is None else widen(bias)
+        if not _run(c, a, b, 0.0, bias32):
+            c = matmul(widen(a), widen(b), bias32)
+        return narrow(c, a.dtype) if rounded else c
     if a.ndim == 2 and b.ndim == 2:
         c = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))
         if _run(c, a, b, 0.0, bias):
@@ -128,7 +131,11 @@ def matmul(a, b, bias=None, rounded=True):
 
 
 def add_matmul(c, a, b):
-    if not _run(c, a, b, 1.0):
-        if a.dtype.itemsize == 2:
+    if _run(c, a, b, 1.0):
+        return None
+    if is_half(a):                              # the fallback, into an fp32 c
+        if c.dtype != np.float32 or b.dtype != a.dtype:
             return NotImplemented
-        c += a @ b
+        return add_matmul(c, widen(a), widen(b))
+    c += a @ b
+    return None

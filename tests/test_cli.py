@@ -98,6 +98,7 @@ def one_line_error(capsys, main, argv, match):
     (["--grad-reduce-in-bf16"], "reduces the gradients of --bf16 training"),
     (["--loss-scale", "128"], "--loss-scale scales 16-bit training"),
     (["--fp16", "--hysteresis", "0"], "--hysteresis must be >= 1"),
+    (["--bf16", "--backend", "cupy"], "--backend cupy does not run bfloat16 yet"),
     (["--lr-decay-style", "step"], "--lr-decay-style must be one of"),
     (["--tp", "2"], "the world size 1 is not divisible by --tp 2 x --pp 1"),
     (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),

@@ -438,3 +438,63 @@ def test_16_bit_arrays_reach_only_the_kernels_that_take_them():
         a = matmul(x, y.T)
     assert a.dtype == t and np.allclose(a.astype(np.float32),
                                         matmul.reference(x, y.T).astype(np.float32), rtol=2 ** -7)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_16_bit_conversions_round_as_ml_dtypes(name):
+    from refgpt.kernels import numba_half
+    from refgpt.precision import dtype_of
+    t = dtype_of(name)
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.standard_normal(4099) * 10.0 ** rng.integers(-8, 8, 4099),
+                        np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 3.4e38, 1e-40,
+                                  1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 1 + 2.0 ** -11]
+                                 )]).astype(np.float32).reshape(7, -1)
+    with np.errstate(over="ignore"):                    # float16: 3.4e38 becomes inf
+        got, want = numba_half.narrow(x, t), x.astype(t)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert np.array_equal(numba_half.widen(want), want.astype(np.float32), equal_nan=True)
+
+
+def sixteen_bit_cases(t, rng):
+    """(kernel, arguments) of every kernel the numba backend runs on 16-bit arrays."""
+    x, dy = rand(rng, (3, 5, 64), t), rand(rng, (3, 5, 64), t)
+    g, b = rand(rng, (64,), t), rand(rng, (64,), t)
+    n = layernorm_forward.reference(x, g, b, 1e-5)
+    q, k = rand(rng, (2, 3, 9, 8), t), rand(rng, (2, 3, 9, 8), t)
+    p = causal_softmax(causal_matmul_nt.reference(q, k, 0.3), 0).astype(t)
+    return [(gelu_forward, (x, "tanh")), (gelu_backward, (x, dy, "erf")),
+            (bias_gelu_backward, (x, dy, "tanh")), (column_sum, (x.reshape(-1, 64),)),
+            (layernorm_forward, (x, g, b, 1e-5)), (layernorm_backward, (dy, n[1], n[2], g)),
+            (residual, (x, dy)), (causal_matmul_nt, (q, k, 0.3)),
+            (causal_matmul_nn, (p, k, 0.5)), (causal_matmul_tn, (p, q, 0.5)),
+            (softmax_backward, (p, causal_matmul_nt.reference(q, k)))]
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_numba_kernels_on_16_bit_arrays_round_as_the_references(name):
+    """Each numba kernel on 16-bit arrays against its reference: the same result types; fp32
+    results to float32's tolerance, 16-bit ones within one 16-bit ulp (the fp32 values they
+    round differ in their last bits)."""
+    from refgpt.precision import dtype_of
+    t = dtype_of(name)
+    ulp = 2.0 ** (-7 if name == "bfloat16" else -10)
+    for kern, args in sixteen_bit_cases(t, np.random.default_rng(6)):
+        with backend.Backend("numba"):
+            got = kern(*[a.copy() if isinstance(a, np.ndarray) else a for a in args])
+        want = kern.reference(*[a.copy() if isinstance(a, np.ndarray) else a for a in args])
+        for g_, w in zip(got if isinstance(got, tuple) else (got,),
+                         want if isinstance(want, tuple) else (want,)):
+            assert g_.dtype == w.dtype, (kern.__name__, g_.dtype, w.dtype)
+            g32, w32 = g_.astype(np.float32), w.astype(np.float32)
+            tol = (ulp * np.abs(w32) + ulp * 1e-3 * np.abs(w32).max() if g_.dtype == t else
+                   1e-5 * np.abs(w32) + 1e-6 * np.abs(w32).max())
+            assert np.all(np.abs(g32 - w32) <= tol), kern.__name__
+    z = rand(np.random.default_rng(7), (6, 16), t, 3.0)
+    y = np.array([0, 5, 9, 2, 11, 3])
+    z_ref = z.copy()
+    with backend.Backend("numba"):
+        total = cross_entropy(z, 12, y, 6.0, True)
+    assert abs(total - cross_entropy.reference(z_ref, 12, y, 6.0, True)) <= 1e-5 * abs(total)
+    assert np.all(np.abs(z.astype(np.float32) - z_ref.astype(np.float32))
+                  <= ulp * np.abs(z_ref.astype(np.float32)) + 1e-7)

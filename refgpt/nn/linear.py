@@ -21,7 +21,7 @@ from .layer import Layer, ParamRef
 from ..precision import narrow, wide
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu")
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
 def column_sum(a: np.ndarray) -> np.ndarray:
     """a [N, C] summed over its rows: [C] (a bias's gradient; fp32 for a 16-bit a)."""
     return wide(a).sum(axis=0)

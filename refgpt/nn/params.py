@@ -198,7 +198,7 @@ class Params:
             self._write(name, value)
 
 
-@kernel(numba="numba_cpu")
+@kernel(numba="numba_cpu", half=("numba",))
 def zero_fill(a: np.ndarray) -> None:
     """a[...] = 0: a gradient buffer before the step's first backward. A kernel so that a
     backend can fill it with all its threads (NumPy's fill runs on one, and at GPT-2 124M a
