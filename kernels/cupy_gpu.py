@@ -23,6 +23,12 @@ replaces only what that cannot cover or does badly:
   what the causal mask hides (refgpt.kernels.cupy_attention);
 * the reference that calls a NumPy-only function (``np.add.at``: cupy.add.at here).
 
+16-bit arrays (bfloat16, float16: refgpt.precision): the row kernels are templates over the
+stored type and the wide type, reading 16-bit values into fp32 (double for their row sums)
+and rounding each 16-bit result once; what stays fp32 (LayerNorm's 1/std, bias and LayerNorm
+gradients, dS, the loss) is written in fp32, as the references do. The element-wise kernels
+of a 16-bit run (GELU, bias + GELU, the residual add) are refgpt.kernels.cupy_half's.
+
 Each is tested against its reference (tests/test_cupy.py, skipped where no GPU exists).
 """
 
@@ -33,6 +39,7 @@ import math
 import cupy as cp
 
 from .cupy_attention import CTYPE
+from .cupy_half import SOURCE, Elementwise, ctype, is_half, narrow, wide_dtype, widen
 
 _GELU = """
 template <typename T> __device__ T gelu_value(T x, bool tanh_form) {
@@ -71,7 +78,10 @@ _ADAMW = cp.ElementwiseKernel(
     """, "refgpt_adamw")
 
 
-_ROWS = cp.RawModule(code=r"""
+# (stored type, wide type) of the row kernels' instances: 16-bit arrays keep fp32 results
+_TYPES = [("float", "float"), ("double", "double"), ("bf16", "float"), ("f16", "float")]
+
+_ROWS = cp.RawModule(code=SOURCE + r"""
 template <typename T>
 __device__ double block_sum(double v, double* buf) {
     buf[threadIdx.x] = v;
@@ -131,22 +141,22 @@ __global__ void causal_softmax(T* s, int T_, int Tk, int p0) {
     }
 }
 
-template <typename T>
-__global__ void cross_entropy(T* z, long long ld, int V, int Vp, const long long* y,
+template <typename T, typename W>
+__global__ void cross_entropy(T* z, long long ldz, int V, int Vp, const long long* y,
                               double inv_norm, int grad, double* loss) {
     // one block per row; each thread keeps a running (max m, sum of exp(z - m)) over its
     // columns (one exp per element), then the block combines the pairs in shared memory.
     // With grad, the row is overwritten with (softmax - onehot(y)) * inv_norm, 0 on the
     // padding (columns V..Vp-1); the target's logit is read before that.
     __shared__ double bm[256], bs[256];
-    __shared__ T zy;
-    T* zr = z + (size_t)blockIdx.x * ld;
+    __shared__ W zy;
+    T* zr = z + (size_t)blockIdx.x * ldz;
     int target = (int)y[blockIdx.x];
-    if (threadIdx.x == 0) zy = zr[target];
+    if (threadIdx.x == 0) zy = ld(zr[target]);
     double m = -1.0e308, s = 0.0;
     for (int j = threadIdx.x; j < V; j += blockDim.x) {
-        double v = zr[j];
-        if (v > m) { s = s * exp(m - v) + 1.0; m = v; } else s += exp((T)(v - m));
+        double v = ld(zr[j]);
+        if (v > m) { s = s * exp(m - v) + 1.0; m = v; } else s += exp((W)(v - m));
     }
     bm[threadIdx.x] = m; bs[threadIdx.x] = s;
     __syncthreads();
@@ -159,19 +169,19 @@ __global__ void cross_entropy(T* z, long long ld, int V, int Vp, const long long
         }
         __syncthreads();
     }
-    T mx = (T)bm[0];
+    W mx = (W)bm[0];
     double total = bs[0];
     if (threadIdx.x == 0) loss[blockIdx.x] = (double)mx + log(total) - (double)zy;
     if (!grad) return;
-    T inv = (T)(1.0 / total);
+    W inv = (W)(1.0 / total);
     for (int j = threadIdx.x; j < Vp; j += blockDim.x) {
-        double p = j < V ? (double)(T)(exp(zr[j] - mx) * inv) : 0.0;
-        zr[j] = (T)((j == target ? p - 1.0 : p) * inv_norm);
+        double p = j < V ? (double)(W)(exp(ld(zr[j]) - mx) * inv) : 0.0;
+        zr[j] = st<T>((j == target ? p - 1.0 : p) * inv_norm);
     }
 }
 
-template <typename T>
-__global__ void softmax_backward(const T* p, const T* dp, T* ds, int C) {
+template <typename P, typename T>
+__global__ void softmax_backward(const P* p, const T* dp, T* ds, int C) {
     __shared__ double buf[1024];
     size_t row = (size_t)blockIdx.x * C;
     double pv[ROW_ITEMS], dv[ROW_ITEMS];
@@ -179,7 +189,7 @@ __global__ void softmax_backward(const T* p, const T* dp, T* ds, int C) {
     #pragma unroll
     for (int i = 0; i < ROW_ITEMS; ++i) {
         int c = threadIdx.x + i * blockDim.x;
-        pv[i] = c < C ? (double)p[row + c] : 0.0;
+        pv[i] = c < C ? (double)ld(p[row + c]) : 0.0;
         dv[i] = pv[i] != 0.0 ? (double)dp[row + c] : 0.0;    // dp is not read where p is 0
         s += pv[i] * dv[i];
     }
@@ -200,50 +210,51 @@ __global__ void column_sums(const T* a, const T* b, int product, int R, int C, i
     double s = 0.0;
     for (int r = blockIdx.y * rows; r < min(R, (int)(blockIdx.y + 1) * rows); ++r) {
         size_t i = (size_t)r * C + c;
-        s += product ? (double)a[i] * b[i] : (double)a[i];
+        s += product ? (double)ld(a[i]) * ld(b[i]) : (double)ld(a[i]);
     }
     parts[(size_t)blockIdx.y * C + c] = s;
 }
 
-template <typename T>
+template <typename T, typename W>
 __global__ void ln_forward(const T* x, const T* g, const T* b, double eps, T* y, T* n,
-                           T* rstd, int C) {
+                           W* rstd, int C) {
     __shared__ double buf[1024];
     const T* xr = x + (size_t)blockIdx.x * C;
     double s = 0.0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) s += xr[c];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) s += ld(xr[c]);
     double mu = block_sum<T>(s, buf) / C;
     s = 0.0;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) { double d = xr[c] - mu; s += d * d; }
+    for (int c = threadIdx.x; c < C; c += blockDim.x) { double d = ld(xr[c]) - mu; s += d * d; }
     double rs = 1.0 / sqrt(block_sum<T>(s, buf) / C + eps);
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        double nc = (xr[c] - mu) * rs;
-        n[(size_t)blockIdx.x * C + c] = (T)nc;
-        y[(size_t)blockIdx.x * C + c] = (T)(nc * g[c] + b[c]);
+        double nc = (ld(xr[c]) - mu) * rs;
+        n[(size_t)blockIdx.x * C + c] = st<T>(nc);
+        y[(size_t)blockIdx.x * C + c] = st<T>(nc * ld(g[c]) + ld(b[c]));
     }
-    if (threadIdx.x == 0) rstd[blockIdx.x] = (T)rs;
+    if (threadIdx.x == 0) rstd[blockIdx.x] = st<W>(rs);
 }
 
-template <typename T>
-__global__ void ln_backward_dx(const T* dy, const T* n, const T* rstd, const T* g, T* dx,
+template <typename T, typename W>
+__global__ void ln_backward_dx(const T* dy, const T* n, const W* rstd, const T* g, T* dx,
                                int C) {
     __shared__ double buf[1024];
     size_t row = (size_t)blockIdx.x * C;
     double s1 = 0.0, s2 = 0.0;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        double dn = (double)dy[row + c] * g[c];
+        double dn = (double)ld(dy[row + c]) * ld(g[c]);
         s1 += dn;
-        s2 += dn * n[row + c];
+        s2 += dn * ld(n[row + c]);
     }
     double mdn = block_sum<T>(s1, buf) / C, mdnn = block_sum<T>(s2, buf) / C;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        double dn = (double)dy[row + c] * g[c];
-        dx[row + c] = (T)(rstd[blockIdx.x] * (dn - mdn - n[row + c] * mdnn));
+        double dn = (double)ld(dy[row + c]) * ld(g[c]);
+        dx[row + c] = st<T>(rstd[blockIdx.x] * (dn - mdn - ld(n[row + c]) * mdnn));
     }
 }
-""", name_expressions=[f"{k}<{t}>" for k in ("ln_forward", "ln_backward_dx", "causal_softmax",
-                                             "softmax_backward", "cross_entropy", "column_sums")
-                      for t in ("float", "double")])
+""", name_expressions=[f"{k}<{t}>" for k in ("causal_softmax",) for t in ("float", "double")]
+    + [f"column_sums<{t}>" for t, _ in _TYPES]
+    + [f"{k}<{t}, {w}>" for k in ("ln_forward", "ln_backward_dx", "cross_entropy",
+                                  "softmax_backward") for t, w in _TYPES])
 
 
 def _row_threads(n):
@@ -256,25 +267,31 @@ def _row_threads(n):
 
 def column_sum(a2, b2=None):
     """a2 [R, C] (times b2 if given) summed over the rows, in float64 partial sums over
-    blocks of rows (CuPy's own sum over axis 0 is far from the memory's speed)."""
+    blocks of rows (CuPy's own sum over axis 0 is far from the memory's speed); fp32 for
+    16 bits."""
     R, C = a2.shape
     rows = max(1, -(-R // 128))
     chunks = max(1, -(-R // rows))
     parts = cp.zeros((chunks, C), cp.float64)
-    kern = _ROWS.get_function(f"column_sums<{CTYPE[a2.dtype]}>")
+    kern = _ROWS.get_function(f"column_sums<{ctype(a2.dtype)}>")
     a2 = cp.ascontiguousarray(a2)
     b2 = a2 if b2 is None else cp.ascontiguousarray(b2)
     kern((-(-C // 256), chunks), (256,), (a2, b2, cp.int32(b2 is not a2), cp.int32(R),
                                           cp.int32(C), cp.int32(rows), parts))
-    return parts.sum(axis=0).astype(a2.dtype)
+    return parts.sum(axis=0).astype(wide_dtype(a2.dtype))
+
+
+def _types(dtype) -> str:
+    """The template arguments of a row kernel for arrays of dtype."""
+    return f"{ctype(dtype)}, {ctype(wide_dtype(dtype))}"
 
 
 def layernorm_forward(x, g, b, eps):
     shape, C = x.shape, x.shape[-1]
     x2 = cp.ascontiguousarray(x).reshape(-1, C)
     y, n = cp.empty_like(x2), cp.empty_like(x2)
-    rstd = cp.empty(x2.shape[0], x.dtype)
-    kern = _ROWS.get_function(f"ln_forward<{CTYPE[x.dtype]}>")
+    rstd = cp.empty(x2.shape[0], wide_dtype(x.dtype))
+    kern = _ROWS.get_function(f"ln_forward<{_types(x.dtype)}>")
     kern((x2.shape[0],), (256,), (x2, cp.ascontiguousarray(g), cp.ascontiguousarray(b),
                                   cp.float64(eps), y, n, rstd, cp.int32(C)))
     return y.reshape(shape), n.reshape(shape), rstd.reshape(*shape[:-1], 1)
@@ -284,29 +301,49 @@ def layernorm_backward(dy, n, rstd, g):
     shape, C = dy.shape, dy.shape[-1]
     dy2, n2 = cp.ascontiguousarray(dy).reshape(-1, C), cp.ascontiguousarray(n).reshape(-1, C)
     dx = cp.empty_like(dy2)
-    kern = _ROWS.get_function(f"ln_backward_dx<{CTYPE[dy.dtype]}>")
+    kern = _ROWS.get_function(f"ln_backward_dx<{_types(dy.dtype)}>")
     kern((dy2.shape[0],), (256,), (dy2, n2, cp.ascontiguousarray(rstd), cp.ascontiguousarray(g),
                                    dx, cp.int32(C)))
     return dx.reshape(shape), column_sum(dy2, n2), column_sum(dy2)
 
 
+_HALF = Elementwise(_GELU)          # the 16-bit element-wise kernels (compiled on first use)
+
+
 def gelu_forward(x, kind):
+    if is_half(x):
+        return _HALF.gelu_forward(x, kind == "tanh")
     return _GELU_FWD(x, kind == "tanh")
 
 
 def gelu_backward(x, dy, kind):
+    if is_half(dy):
+        return _HALF.gelu_backward(x, dy, kind == "tanh", dy.dtype)
     return _GELU_BWD(x, dy, kind == "tanh")
 
 
 def bias_gelu_forward(f, b, kind):
+    if is_half(f):
+        return _HALF.bias_gelu_forward(f, b, kind == "tanh")
     y = cp.empty_like(f)
     _BIAS_GELU_FWD(b, kind == "tanh", f, y)
     return y
 
 
 def bias_gelu_backward(x, dy, kind):
+    if is_half(dy):                 # db summed from the fp32 dx, dx rounded once
+        dx = _HALF.gelu_backward(x, dy, kind == "tanh", cp.float32)
+        return narrow(dx, dy.dtype), column_sum(dx.reshape(-1, dx.shape[-1]))
     dx = _GELU_BWD(x, dy, kind == "tanh")
     return dx, column_sum(dx.reshape(-1, dx.shape[-1]))
+
+
+def residual(x, branch):
+    """x + branch rounded once, in one pass (16 bits; float32 and float64 decline: NumPy's
+    add on CuPy arrays is already one kernel)."""
+    if not (is_half(x) and branch.dtype == x.dtype and branch.shape == x.shape):
+        return NotImplemented
+    return _HALF.residual(x, branch)
 
 
 def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2, keep=1.0):
@@ -323,10 +360,12 @@ def causal_softmax(s, p0):
 
 
 def softmax_backward(p, dp):
+    if is_half(dp):                 # dS is fp32: from a 16-bit P, with an fp32 dP
+        dp = widen(dp)
     C = p.shape[-1]
     p2, dp2 = cp.ascontiguousarray(p).reshape(-1, C), cp.ascontiguousarray(dp).reshape(-1, C)
     ds = cp.empty_like(dp2)
-    kern = _ROWS.get_function(f"softmax_backward<{CTYPE[p.dtype]}>")
+    kern = _ROWS.get_function(f"softmax_backward<{ctype(p.dtype)}, {ctype(dp.dtype)}>")
     kern((p2.shape[0],), (_row_threads(C),), (p2, dp2, ds, cp.int32(C)))
     return ds.reshape(dp.shape)
 
@@ -336,7 +375,7 @@ def cross_entropy(z, V, y, norm, grad):
     if z.strides[1] != z.itemsize:
         raise ValueError("cross_entropy needs rows of contiguous logits")
     losses = cp.empty(N, cp.float64)
-    kern = _ROWS.get_function(f"cross_entropy<{CTYPE[z.dtype]}>")
+    kern = _ROWS.get_function(f"cross_entropy<{_types(z.dtype)}>")
     kern((N,), (256,), (z, cp.int64(z.strides[0] // z.itemsize), cp.int32(V),
                         cp.int32(z.shape[1]), cp.ascontiguousarray(y, dtype=cp.int64),
                         cp.float64(1.0 / norm),
@@ -345,4 +384,11 @@ def cross_entropy(z, V, y, norm, grad):
 
 
 def scatter_add_rows(table, idx, rows):
-    cp.add.at(table, idx, rows)
+    """cupy.add.at in fp32: 16-bit rows widened; a 16-bit table (--grad-reduce-in-bf16) gets
+    its sums in fp32, rounded once into it (as the numba kernel)."""
+    if is_half(table):
+        wide = widen(table)
+        scatter_add_rows(wide, idx, rows)
+        narrow(wide, table.dtype, out=table)
+        return
+    cp.add.at(table, idx, widen(rows) if is_half(rows) else rows)

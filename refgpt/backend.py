@@ -28,7 +28,9 @@ Backend("numba"):`` every @kernel call runs numba's implementation, and the prev
 returns on exit; outside any ``with`` the references run. So nothing has to be reset, and
 two models with different backends can run in one process (the tests compare them so).
 Options are arguments: ``Backend("cupy", fused_attention=False)`` keeps the cuBLAS attention
-path; ``instrument`` wraps every kernel call (a profiler's hook).
+path; ``Backend("cupy", tf32=True)`` lets cuBLAS run float32 GEMMs on the tensor cores in
+TF32 (inputs rounded to 10 mantissa bits, sums in fp32: ``--tf32``, as PyTorch's
+allow_tf32); ``instrument`` wraps every kernel call (a profiler's hook).
 """
 
 from __future__ import annotations
@@ -78,11 +80,15 @@ def kernels_in(*modules) -> dict:
 class Backend:
     """A backend by name, with its options; ``with backend:`` makes it the current one."""
 
-    def __init__(self, name: str = "numpy", fused_attention: bool = True, instrument=None):
+    def __init__(self, name: str = "numpy", fused_attention: bool = True, instrument=None,
+                 tf32: bool = False):
         """instrument(name, fn) -> fn: wraps every kernel as it is resolved (timing)."""
         if name not in BACKENDS:
             raise ValueError(f"--backend must be one of {BACKENDS}, got {name!r}")
+        if tf32 and name != "cupy":
+            raise ValueError("tf32 is a GPU's mode: Backend('cupy', tf32=True)")
         self.name, self.fused_attention, self.instrument = name, fused_attention, instrument
+        self.tf32 = tf32
         self._xp = np if name != "cupy" else None
         if name == "numba":                  # before numba starts a pool: refgpt.kernels
             from .kernels import select_thread_pool
@@ -135,9 +141,13 @@ class Backend:
         return fn
 
     def use_gpu(self, rank: int) -> None:
-        """Under cupy, rank r of a node's ranks uses GPU r mod (GPUs on the node)."""
+        """Under cupy, rank r of a node's ranks uses GPU r mod (GPUs on the node); with tf32,
+        its cuBLAS handle may run float32 GEMMs in TF32 (CUBLAS_TF32_TENSOR_OP_MATH)."""
         if self.name == "cupy":
             self.xp.cuda.Device(rank % self.xp.cuda.runtime.getDeviceCount()).use()
+            from cupy_backends.cuda.libs import cublas
+            mode = 3 if self.tf32 else 0     # CUBLAS_TF32_TENSOR_OP_MATH, CUBLAS_DEFAULT_MATH
+            cublas.setMathMode(self.xp.cuda.device.get_cublas_handle(), mode)
 
 
 def _with_fallback(impl, reference, half: bool):

@@ -116,6 +116,7 @@ class TrainConfig:
     loss_scale_window: int = 1000  # overflow-free steps before the dynamic scale doubles
     hysteresis: int = 2  # overflows in a row before it halves
     backend: str = "numba"  # numba (fused CPU kernels), numpy (the reference), cupy (GPUs)
+    tf32: bool = False  # with --backend cupy, float32: cuBLAS's float32 GEMMs on tensor cores
     data_path: str = ""
     synthetic_data: bool = False
     eval_interval: int = 100
@@ -155,6 +156,10 @@ class TrainConfig:
             raise ConfigError(f"--backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.tf32 and (self.backend != "cupy" or self.dtype != "float32"):
+            raise ConfigError(f"--tf32 runs the float32 GEMMs of a GPU on its tensor cores: it "
+                              f"needs --backend cupy and float32 (got --backend {self.backend}, "
+                              f"{self.dtype})")
         if self.loss_scale < 0 or self.initial_loss_scale <= 0 or self.min_loss_scale <= 0:
             raise ConfigError("need --loss-scale >= 0 (0: dynamic), --initial-loss-scale > 0 and "
                               "--min-loss-scale > 0")

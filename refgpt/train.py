@@ -160,6 +160,9 @@ def build_parser(module: str = "refgpt.train", description: str = __doc__
     ap.add_argument("--fp16", action="store_true",
                     help="the same in IEEE half precision, with dynamic loss scaling "
                          "(--dtype float16)")
+    ap.add_argument("--tf32", action="store_true", dest="tf32",
+                    help="with --backend cupy, float32: cuBLAS's float32 GEMMs on tensor cores "
+                         "in TF32 (10-bit mantissa inputs, fp32 sums), as PyTorch's allow_tf32")
     ap.add_argument("--grad-reduce-in-bf16", action="store_true", dest="grad_reduce_in_bf16",
                     help="with --bf16: accumulate and all-reduce gradients in bfloat16 (half "
                          "the data-parallel bytes; each micro-batch's sum rounded to 8 bits)")
@@ -193,7 +196,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
                               f"--bf16, --fp16 and --dtype")
         values["dtype"] = HALF_FLAGS[half[0]]
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
-    fields[1].add("synthetic_data")
+    fields[1].update({"synthetic_data", "tf32"})
     fields[2].update({"sequence_parallel", "overlap_grad_reduce", "dp_shared_memory",
                       "grad_reduce_in_bf16"})
     other_fields = {"progress"}

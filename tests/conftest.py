@@ -25,3 +25,14 @@ def kernels():
     from refgpt.parallel import shared
     return backend.kernels_in(attention, block, embedding, gelu, layernorm, linear, loss,
                               params, adamw, shared)
+
+
+@pytest.fixture
+def conversion_values():
+    """float32 values for the 16-bit conversions: every magnitude, infinities, a nan, zeros of
+    both signs, the largest float32, a subnormal and ties to round to even."""
+    rng = np.random.default_rng(5)
+    return np.concatenate([rng.standard_normal(4099) * 10.0 ** rng.integers(-8, 8, 4099),
+                           np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 3.4e38, 1e-40,
+                                     1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 1 + 2.0 ** -11])
+                           ]).astype(np.float32).reshape(7, -1)

@@ -7,6 +7,7 @@ import pytest
 from refgpt.backend import Backend, array_module, current, kernel
 from refgpt.nn.attention import attention_forward
 from refgpt.nn.block import residual
+from refgpt.nn.params import zero_fill
 
 
 def test_the_references_run_outside_any_backend_and_the_context_nests():
@@ -51,4 +52,4 @@ def test_options_and_bad_names():
         kernel(fortran="x")
     gpu, blocked = Backend("cupy"), Backend("cupy", fused_attention=False)   # cupy not imported
     assert gpu.replaces(attention_forward) and not blocked.replaces(attention_forward)
-    assert blocked.replaces(residual) is False and gpu.replaces(residual) is False
+    assert blocked.replaces(zero_fill) is False and gpu.replaces(zero_fill) is False

@@ -69,7 +69,7 @@ class Trainer:
         self.batches = Batches(mcfg, tcfg, g, data_folder(tcfg, mcfg, g.world, self.log))
         self.faults = Faults(g.rank)
         self.timers = Timers(self.pcfg.timing_log_level, g.world, on_enter=self.faults)
-        self.backend = Backend(tcfg.backend)
+        self.backend = Backend(tcfg.backend, tf32=tcfg.tf32)
         self.backend.use_gpu(g.rank)
         self.iteration, self.consumed, self.history = 0, 0, []
         self._set_up(ckpt)

@@ -44,7 +44,7 @@ def causal_visible(T: int, Tk: int, p0: int) -> np.ndarray:
     return np.arange(Tk)[None, :] <= (p0 + np.arange(T))[:, None]
 
 
-@kernel(numba="numba_attention", cupy="cupy_attention", half=("numba",))
+@kernel(numba="numba_attention", cupy="cupy_attention", half=("numba", "cupy"))
 def causal_matmul_nt(a: np.ndarray, b: np.ndarray, scale: float = 1.0) -> np.ndarray:
     """scale a b^T [..., T, Tk] for queries a [..., T, D] and keys b [..., Tk, D], zero where
     key j comes after query i (queries are the last T of the Tk positions). 16-bit a and b:
@@ -69,7 +69,7 @@ def _same(out: np.ndarray | None, dtype) -> np.ndarray | None:
     return out if out is not None and out.dtype == dtype else None
 
 
-@kernel(numba="numba_attention", cupy="cupy_attention", half=("numba",))
+@kernel(numba="numba_attention", cupy="cupy_attention", half=("numba", "cupy"))
 def causal_matmul_nn(p: np.ndarray, v: np.ndarray, scale: float = 1.0,
                      out: np.ndarray | None = None) -> np.ndarray:
     """scale p v for p [..., T, Tk] that is zero past the causal boundary; written into out
@@ -82,7 +82,7 @@ def causal_matmul_nn(p: np.ndarray, v: np.ndarray, scale: float = 1.0,
     return _into(res, out, v.dtype)
 
 
-@kernel(numba="numba_attention", cupy="cupy_attention", half=("numba",))
+@kernel(numba="numba_attention", cupy="cupy_attention", half=("numba", "cupy"))
 def causal_matmul_tn(p: np.ndarray, x: np.ndarray, scale: float = 1.0,
                      out: np.ndarray | None = None) -> np.ndarray:
     """scale p^T x for p [..., T, Tk] that is zero past the causal boundary; into out when
@@ -94,7 +94,7 @@ def causal_matmul_tn(p: np.ndarray, x: np.ndarray, scale: float = 1.0,
     return _into(res, out, x.dtype)
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def softmax_backward(p: np.ndarray, dp: np.ndarray) -> np.ndarray:
     """dS = P * (dP - rowsum(dP * P)): the gradient through a row softmax (in fp32 for a
     16-bit P; dS stays fp32, a temporary)."""

@@ -26,7 +26,7 @@ from .layer import primitives
 from ..precision import narrow, wide
 
 
-@kernel(numba="numba_cpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def residual(x: np.ndarray, branch: np.ndarray) -> np.ndarray:
     """x + branch: a residual connection, or the sum of its two paths' gradients (16 bits: the
     sum in fp32, rounded once)."""

@@ -72,7 +72,7 @@ class TiedHead(TokenTable):
         return matmul(dl2, self.wte)                              # [N, Vp] @ [Vp, C]
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def scatter_add_rows(table: np.ndarray, idx: np.ndarray, rows: np.ndarray) -> None:
     """table[idx[i]] += rows[i] for every i, repeated ids included (16-bit rows into the fp32
     gradient table: added in fp32)."""

@@ -74,7 +74,7 @@ class BiasGELU(Layer):
         return dx
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def gelu_forward(x: np.ndarray, kind: str) -> np.ndarray:
     """gelu(x); for 16-bit x computed in fp32 and rounded once."""
     xw = wide(x)
@@ -101,13 +101,13 @@ def _input_grad(x: np.ndarray, dy: np.ndarray, kind: str) -> np.ndarray:
     return dyw * _slope(wide(x), kind).astype(dyw.dtype, copy=False)
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str) -> np.ndarray:
     """dy gelu'(x); for 16-bit operands computed in fp32 and rounded once to dy's type."""
     return narrow(_input_grad(x, dy, kind), dy.dtype)
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def bias_gelu_forward(f: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
     """gelu(f + b), leaving f + b in f (16 bits: the sum rounded into f, and gelu taken of
     that rounded pre-activation, the one backward sees)."""
@@ -118,7 +118,7 @@ def bias_gelu_forward(f: np.ndarray, b: np.ndarray, kind: str) -> np.ndarray:
     return gelu_forward(f, kind)
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def bias_gelu_backward(x: np.ndarray, dy: np.ndarray, kind: str):
     """(dx, db): dx = dy gelu'(x), db = dx summed over every axis but the last (16 bits: db
     summed from the fp32 dx, before dx is rounded)."""

@@ -44,7 +44,7 @@ class LayerNorm(Layer):
         return dx
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def layernorm_forward(x, g, b, eps: float):
     """(y, n, rstd) for x [..., C]: the output, the normalised input and 1/std [..., 1]. For a
     16-bit x computed in fp32: y and n rounded to x's type, rstd kept in fp32."""
@@ -56,7 +56,7 @@ def layernorm_forward(x, g, b, eps: float):
     return narrow(n * wide(g) + wide(b), x.dtype), narrow(n, x.dtype), rstd
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def layernorm_backward(dy, n, rstd, g):
     """(dx, dgamma, dbeta) from dy and the forward's n and rstd; for 16-bit dy and n computed
     in fp32, dx rounded to dy's type, dgamma and dbeta left in fp32 (the gradient buffer's)."""

@@ -21,13 +21,13 @@ from .layer import Layer, ParamRef
 from ..precision import narrow, wide
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def column_sum(a: np.ndarray) -> np.ndarray:
     """a [N, C] summed over its rows: [C] (a bias's gradient; fp32 for a 16-bit a)."""
     return wide(a).sum(axis=0)
 
 
-@kernel(numba="numba_gemm", half=("numba",))
+@kernel(numba="numba_gemm", cupy="cupy_gemm", half=("numba", "cupy"))
 def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None,
            rounded: bool = True) -> np.ndarray:
     """a @ b for 2-D a and b (the layers' GEMMs), plus bias on every row when given. 16-bit
@@ -40,7 +40,7 @@ def matmul(a: np.ndarray, b: np.ndarray, bias: np.ndarray | None = None,
     return narrow(y, a.dtype) if rounded else y
 
 
-@kernel(numba="numba_gemm", half=("numba",))
+@kernel(numba="numba_gemm", cupy="cupy_gemm", half=("numba", "cupy"))
 def add_matmul(c: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
     """c += a @ b, in place (a weight's gradient accumulating x^T dy): with 16-bit a and b, into
     an fp32 c, with no rounding of the product to 16 bits."""

@@ -48,7 +48,7 @@ class CrossEntropy(Layer):
         return dz.reshape(shape)
 
 
-@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba",))
+@kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))
 def cross_entropy(z: np.ndarray, V: int, y: np.ndarray, norm: float, grad: bool) -> float:
     """The sum of the token losses of logits z [N, Vp] (real columns :V) for targets y [N];
     with grad, z is overwritten with the gradient of (that sum / norm): dz as above. 16-bit

@@ -57,10 +57,6 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
         dtype_of(tcfg.dtype)
     except ModuleNotFoundError as e:
         raise ConfigError(str(e)) from None
-    if tcfg.backend == "cupy" and tcfg.dtype in ("bfloat16", "float16"):
-        raise ConfigError(f"--backend cupy does not run {tcfg.dtype} yet (its kernels take "
-                          f"float32 and float64): use --backend numba or numpy for 16-bit "
-                          f"training, or float32 on the GPU")
     if pcfg.grad_reduce_in_bf16 and tcfg.dtype != "bfloat16":
         raise ConfigError(f"--grad-reduce-in-bf16 reduces the gradients of --bf16 training in "
                           f"bfloat16; this run is {tcfg.dtype}")
