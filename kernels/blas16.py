@@ -3,18 +3,19 @@
     C (fp32) = alpha op(A) op(B) + beta C        A, B: bfloat16 or float16, as 16-bit words
 
     MKL       cblas_gemm_bf16bf16f32, cblas_gemm_f16f16f32 (the ``mkl`` wheel: libmkl_rt in
-              the environment's lib folder): AVX512-BF16 and AMX-BF16 units on Intel CPUs;
-              elsewhere MKL's own emulation (on an AMD Zen 4 it still beat the fallback, at
-              0.8-0.9x the fp32 GEMM: benchmarks/README.md)
+              the environment's lib folder): AVX512-BF16 and AMX-BF16 units on Intel CPUs
+              (2.1-2.7x the sgemm with AMX); elsewhere MKL's own emulation, so it is taken by
+              default on Intel CPUs only (on an AMD Zen 4 the fallback beat it: 167-180
+              against 114-150 GFLOP/s, docs/mixed-precision.md)
     OpenBLAS  cblas_sbgemm (bfloat16), in builds made with BUILD_BFLOAT16, such as the
               OpenBLAS of some Linux distributions (NumPy's own does not export it)
 
 Each is a CBLAS call of the same shape as cblas_sgemm, so the numba backend tiles it over its
 threads exactly as it tiles sgemm (refgpt.kernels.numba_gemm). Where none is found, 16-bit
-GEMMs take the documented fallback of refgpt.nn.linear: the 16-bit values widened to fp32
-and multiplied by the fp32 GEMM (the same memory and communication savings, fp32's speed).
-REFGPT_BLAS16 chooses one: ``mkl``, ``openblas`` (where found) or ``none`` (to measure the
-fallback).
+GEMMs take the documented fallback (refgpt.kernels.numba_gemm): the 16-bit values widened to
+fp32 and multiplied by the fp32 GEMM (the same memory and communication savings, fp32's
+speed). REFGPT_BLAS16 chooses one: ``mkl`` (on any CPU), ``openblas`` (where found) or
+``none`` (to measure the fallback).
 
 MKL runs sequentially here (its own threads would compete with numba's, which call it one
 tile each), and with 32-bit integers (LP64).
@@ -43,6 +44,15 @@ def _function(lib, name, index=ctypes.c_int):
     """The C function as a ctypes function pointer numba can call, or None."""
     fn = getattr(lib, name, None)
     return None if fn is None else _signature(index)(ctypes.cast(fn, ctypes.c_void_p).value)
+
+
+def _intel_cpu() -> bool:
+    """Whether this CPU is Intel's (the one MKL runs its bf16 and AMX code paths on)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return any("GenuineIntel" in line for line in info if line.startswith("vendor_id"))
+    except OSError:
+        return False
 
 
 def _mkl():
@@ -80,11 +90,13 @@ def _openblas_sbgemm():
 
 def find(choice: str | None = None) -> tuple[str, dict]:
     """(where the 16-bit GEMMs come from, {dtype name: cblas function}); ("none ...", {}).
-    choice: REFGPT_BLAS16's value (module docstring); by default MKL, else OpenBLAS."""
+    choice: REFGPT_BLAS16's value (module docstring); by default MKL on an Intel CPU, else
+    OpenBLAS."""
     choice = (choice or "").lower()
     if choice == "none":
         return "none (REFGPT_BLAS16=none)", {}
-    found = ((_mkl() if choice in ("", "mkl") else None)
+    mkl = choice == "mkl" or (choice == "" and _intel_cpu())
+    found = ((_mkl() if mkl else None)
              or (_openblas_sbgemm() if choice in ("", "openblas") else None))
     return found or ("none (the fallback: widened to fp32, the fp32 GEMM)", {})
 

@@ -37,8 +37,7 @@ vectorises; float64 keeps libm's exp, as NumPy's.
 16-bit arrays (bfloat16, float16: refgpt.precision) are widened to float32, computed by the
 float32 kernels and their 16-bit results rounded once (refgpt.kernels.numba_half); what stays
 fp32 (LayerNorm's 1/std, bias and LayerNorm gradients, dS, the loss) is returned in fp32, as
-the references do. One difference from the reference: bias_gelu_forward takes GELU of the
-unrounded f + b, where the reference takes it of the rounded sum it stores (within an ulp).
+the references do.
 """
 
 from __future__ import annotations
@@ -147,11 +146,10 @@ def gelu_backward(x, dy, kind):
 
 
 def bias_gelu_forward(f, b, kind):
-    if is_half(f):                  # f + b rounded into f; gelu of the unrounded sum, rounded
+    if is_half(f):                  # f + b rounded into f, GELU of that sum rounded
         f32 = widen(f)
-        y = bias_gelu_forward(f32, widen(b), kind)
-        narrow(f32, f.dtype, out=f)
-        return narrow(y, f.dtype)
+        f32 += widen(b)
+        return gelu_forward(narrow(f32, f.dtype, out=f), kind)
     if not f.flags.c_contiguous:
         raise ValueError("bias_gelu_forward adds the bias in place to a C-contiguous array")
     y = np.empty_like(f)
@@ -427,8 +425,15 @@ def _scatter_add_rows(table, idx, rows):
 
 
 def scatter_add_rows(table, idx, rows):
-    """NumPy's add.at is a generic, unbuffered loop, on one core. 16-bit rows: widened."""
-    if is_half(rows) and not is_half(table):
+    """NumPy's add.at is a generic, unbuffered loop, on one core. 16-bit rows: widened; a
+    16-bit table (--grad-reduce-in-bf16) gets its sums in fp32, rounded once into it (the
+    reference rounds after each add: the two agree within an ulp per repeated id)."""
+    if is_half(table):
+        wide = widen(table)
+        scatter_add_rows(wide, idx, rows)
+        narrow(wide, table.dtype, out=table)
+        return
+    if is_half(rows):
         rows = widen(rows)
     if table.ndim != 2 or rows.ndim != 2 or table.dtype != rows.dtype:
         np.add.at(table, idx, rows)

@@ -44,25 +44,63 @@ def _f32_to_bf16(src, dst):
             dst[i] = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
 
 
+@njit(**FLAGS)
+def _bf16_to_f32_strided(src, dst):
+    """The same for 4-D arrays of any strides (views of a qkv projection, a transpose)."""
+    A, B, C, D = src.shape
+    for ab in prange(A * B):
+        i, j = ab // B, ab % B
+        for k in range(C):
+            for m in range(D):
+                dst[i, j, k, m] = np.uint32(src[i, j, k, m]) << 16
+
+
+@njit(**FLAGS)
+def _f32_to_bf16_strided(src, dst):
+    A, B, C, D = src.shape
+    for ab in prange(A * B):
+        i, j = ab // B, ab % B
+        for k in range(C):
+            for m in range(D):
+                u = src[i, j, k, m]
+                if (u & 0x7FFFFFFF) > 0x7F800000:
+                    dst[i, j, k, m] = (u >> 16) | 0x40
+                else:
+                    dst[i, j, k, m] = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+
+
+def _as_4d(a: np.ndarray) -> np.ndarray | None:
+    """a viewed as 4-D (leading axes of 1 added, no copy), or None above 4 axes."""
+    return a.reshape((1,) * (4 - a.ndim) + a.shape) if a.ndim <= 4 else None
+
+
 def widen(x: np.ndarray) -> np.ndarray:
-    """A C-contiguous float32 array of x's values (x 16-bit)."""
+    """A float32 array of x's values (x 16-bit): C-contiguous, or the transpose of one where
+    x is a transpose (W^T, x^T), so that the GEMM takes it without a copy."""
     if x.dtype.kind == "f":                                         # float16
         return np.ascontiguousarray(x, dtype=np.float32)
-    x = np.ascontiguousarray(x)
+    if not x.flags.c_contiguous and x.T.flags.c_contiguous:
+        return widen(x.T).T
     out = np.empty(x.shape, np.float32)
-    _bf16_to_f32(x.reshape(-1).view(np.uint16), out.reshape(-1).view(np.uint32))
+    if x.flags.c_contiguous:
+        _bf16_to_f32(x.reshape(-1).view(np.uint16), out.reshape(-1).view(np.uint32))
+    elif x.ndim <= 4:
+        _bf16_to_f32_strided(_as_4d(x).view(np.uint16), _as_4d(out).view(np.uint32))
+    else:
+        out[...] = x
     return out
 
 
 def narrow(y: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
-    """y rounded to the 16-bit dtype, into out when given (then returned); the bit kernel
-    for float32 y and contiguous arrays, else the array library's cast."""
+    """y rounded to the 16-bit dtype, into out when given (then returned): for float32 y the
+    bit kernels (contiguous, or up to 4-D of any strides), else the array library's cast."""
     dtype = np.dtype(dtype)
     if out is None:
         out = np.empty(y.shape, dtype)
-    if (dtype.kind == "f" or y.dtype != np.float32
-            or not (y.flags.c_contiguous and out.flags.c_contiguous)):
+    if dtype.kind == "f" or y.dtype != np.float32 or y.ndim > 4 or y.shape != out.shape:
         out[...] = y                        # NumPy's or ml_dtypes' cast: the same rounding
-        return out
-    _f32_to_bf16(y.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16))
+    elif y.flags.c_contiguous and out.flags.c_contiguous:
+        _f32_to_bf16(y.reshape(-1).view(np.uint32), out.reshape(-1).view(np.uint16))
+    else:
+        _f32_to_bf16_strided(_as_4d(y).view(np.uint32), _as_4d(out).view(np.uint16))
     return out

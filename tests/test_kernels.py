@@ -427,9 +427,9 @@ def test_16_bit_blas_gemm_equals_the_fp32_gemm_of_the_same_values(which, monkeyp
 
 
 def test_16_bit_arrays_reach_only_the_kernels_that_take_them():
-    """Under the numba backend a kernel without 16-bit support computes 16-bit arrays with
-    its reference (refgpt.backend); the GEMMs' implementation declines when no 16-bit GEMM
-    is taken, and the reference runs."""
+    """Under the numba backend 16-bit arrays reach the kernels that take them (refgpt.backend):
+    the residual add rounds as its reference, and a GEMM gives the reference's result whether
+    this machine's 16-bit GEMM or the fallback runs it."""
     from refgpt.precision import dtype_of
     t, rng = dtype_of("bfloat16"), np.random.default_rng(4)
     x, y = rand(rng, (4, 8), t), rand(rng, (4, 8), t)
@@ -441,19 +441,21 @@ def test_16_bit_arrays_reach_only_the_kernels_that_take_them():
 
 
 @pytest.mark.parametrize("name", ["bfloat16", "float16"])
-def test_16_bit_conversions_round_as_ml_dtypes(name):
+def test_16_bit_conversions_round_as_ml_dtypes(name, conversion_values):
     from refgpt.kernels import numba_half
     from refgpt.precision import dtype_of
     t = dtype_of(name)
-    rng = np.random.default_rng(5)
-    x = np.concatenate([rng.standard_normal(4099) * 10.0 ** rng.integers(-8, 8, 4099),
-                        np.array([np.inf, -np.inf, np.nan, 0.0, -0.0, 3.4e38, 1e-40,
-                                  1 + 2.0 ** -8, 1 + 3 * 2.0 ** -8, 1 + 2.0 ** -11]
-                                 )]).astype(np.float32).reshape(7, -1)
+    x = conversion_values
     with np.errstate(over="ignore"):                    # float16: 3.4e38 becomes inf
         got, want = numba_half.narrow(x, t), x.astype(t)
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
     assert np.array_equal(numba_half.widen(want), want.astype(np.float32), equal_nan=True)
+    for view in (want.T, want.reshape(7, 1, 587)[:, :, ::3].transpose(2, 0, 1)):  # strided
+        assert np.array_equal(numba_half.widen(view), view.astype(np.float32), equal_nan=True)
+    into = np.zeros((587, 14), t)[:, ::2]                                   # a strided out
+    with np.errstate(over="ignore"):
+        assert numba_half.narrow(x.T, t, out=into) is into
+    assert np.array_equal(into.view(np.uint16), want.T.view(np.uint16))
 
 
 def sixteen_bit_cases(t, rng):
@@ -464,7 +466,7 @@ def sixteen_bit_cases(t, rng):
     q, k = rand(rng, (2, 3, 9, 8), t), rand(rng, (2, 3, 9, 8), t)
     p = causal_softmax(causal_matmul_nt.reference(q, k, 0.3), 0).astype(t)
     return [(gelu_forward, (x, "tanh")), (gelu_backward, (x, dy, "erf")),
-            (bias_gelu_backward, (x, dy, "tanh")), (column_sum, (x.reshape(-1, 64),)),
+            (bias_gelu_forward, (x, g, "tanh")), (bias_gelu_backward, (x, dy, "tanh")), (column_sum, (x.reshape(-1, 64),)),
             (layernorm_forward, (x, g, b, 1e-5)), (layernorm_backward, (dy, n[1], n[2], g)),
             (residual, (x, dy)), (causal_matmul_nt, (q, k, 0.3)),
             (causal_matmul_nn, (p, k, 0.5)), (causal_matmul_tn, (p, q, 0.5)),
@@ -498,3 +500,11 @@ def test_numba_kernels_on_16_bit_arrays_round_as_the_references(name):
     assert abs(total - cross_entropy.reference(z_ref, 12, y, 6.0, True)) <= 1e-5 * abs(total)
     assert np.all(np.abs(z.astype(np.float32) - z_ref.astype(np.float32))
                   <= ulp * np.abs(z_ref.astype(np.float32)) + 1e-7)
+    rng = np.random.default_rng(8)        # the embedding's gradient: an fp32 or a 16-bit table
+    rows, idx = rand(rng, (10, 64), t), np.array([3, 0, 7, 1, 9, 2, 8, 4, 6, 5])
+    for table in (rand(rng, (10, 64), t), rand(rng, (10, 64), np.float32)):
+        got, want = table.copy(), table.copy()
+        with backend.Backend("numba"):
+            scatter_add_rows(got, idx, rows)
+        scatter_add_rows.reference(want, idx, rows)
+        assert got.dtype == table.dtype and np.array_equal(got, want)
