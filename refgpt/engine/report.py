@@ -40,7 +40,22 @@ def memory(params, opt, pcfg) -> dict[str, int]:
             "formula": formula_bytes(pcfg.zero_stage, params.padded, d, params.dtype.itemsize,
                                      params.grad_dtype.itemsize, state,
                                      shared=pcfg.dp_shared_memory),
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+            "peak_rss": peak_rss()}
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory, bytes: Linux's VmHWM, which counts from the
+    process's own start (getrusage's ru_maxrss also counts the pages of the parent it was
+    forked from, so a run launched from a large process would report that process's size);
+    ru_maxrss (KiB) where there is no /proc."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def step_record(mcfg, tcfg, iteration: int, consumed: int, loss: float, lr: float,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import os
 import platform
-import resource
 import time
 from dataclasses import replace
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..engine import Trainer
+from ..engine.report import peak_rss
 from ..metrics import measure_gemm_rate, megatron_flops, model_flops
 from ..parallel.grid import Grid
 from ..parallel.launch import quiet_barrier
@@ -122,7 +122,7 @@ def _measure(comm, cfg: Config, base, warmup: int, iters: int, say) -> dict | No
             say(f"    iteration {i + 1}/{n}{' (warm-up)' if i < warmup else ''}: "
                 f"{r['step_time_s']:.3f} s, loss {r['loss']:.6f}")
     gemm = trainer.gemm_rate / pcfg.threads_per_rank        # the study requires >= 1
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = peak_rss()
     if comm is not None:
         from mpi4py import MPI
         comm.Allreduce(MPI.IN_PLACE, times, op=MPI.MAX)
