@@ -1,7 +1,7 @@
 """The 16-bit GEMMs a --bf16 / --fp16 step runs on a CPU, side by side in one run: each 16-bit
 GEMM this machine's BLAS has (refgpt.kernels.blas16, whether or not this CPU takes it by
-default), the fallback (16-bit values widened, fp32 GEMM: refgpt.nn.linear.matmul's
-reference) and the fp32 GEMM of the float32 step, all under the numba backend, at GPT-2
+default), the numba backend's fallback (16-bit values widened on numba's threads, then its
+fp32 GEMM: what runs where REFGPT_BLAS16=none or no 16-bit GEMM is found) and the fp32 GEMM of the float32 step, all under the numba backend, at GPT-2
 124M's shapes.
 
     python benchmarks/gemm16.py                 # bfloat16 and float16, this machine's threads
@@ -34,7 +34,6 @@ def main() -> None:
     from refgpt.backend import Backend
     from refgpt.kernels import blas16, numba_gemm
     from refgpt.metrics import machine_key
-    from refgpt.nn.linear import matmul
     from refgpt.precision import dtype_of
 
     gemms = {}
@@ -56,8 +55,10 @@ def main() -> None:
             a = rng.standard_normal((M_, K)).astype(t)
             b = rng.standard_normal((K, N)).astype(t)
             a32, b32 = a.astype(np.float32), b.astype(np.float32)
-            fns = {"fallback": lambda: matmul.reference(a, b),
-                   "fp32": lambda: numba_gemm.matmul(a32, b32)}
+            def fallback():
+                numba_gemm.gemm_for = lambda dtype: None        # as if no 16-bit GEMM
+                return numba_gemm.matmul(a, b)
+            fns = {"fallback": fallback, "fp32": lambda: numba_gemm.matmul(a32, b32)}
             for source, fn in gemms.get(name, {}).items():
                 def call(fn=fn):
                     numba_gemm.gemm_for = lambda dtype: fn

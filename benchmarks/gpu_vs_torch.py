@@ -5,6 +5,7 @@ PyTorch eager on the same GPU, same model, batch and dtype, side by side in one 
     python benchmarks/gpu_vs_torch.py --batch 4 --seq 512
     python benchmarks/gpu_vs_torch.py --profile              # also: where each one's step goes
     python benchmarks/gpu_vs_torch.py --attention fused blocked   # refgpt's two attention paths
+    python benchmarks/gpu_vs_torch.py --dtype bfloat16       # refgpt --bf16 vs PyTorch autocast
 
 PyTorch runs Hugging Face's GPT2LMHeadModel with SDPA attention; TF32 is off for both (plain
 float32 GEMMs: CuPy's default, and torch.backends.cuda.matmul.allow_tf32 = False). Prints
@@ -15,6 +16,11 @@ reshapes) and PyTorch's CUDA kernels (torch.profiler). --attention picks refgpt'
 attention: the fused (flash-style) kernels, the default, or the cuBLAS products on blocks of
 rows (refgpt.backend.Backend("cupy", fused_attention=False)); each given path is timed on
 the same model, and each line also gives the GPU memory CuPy's pool holds after the steps.
+
+--dtype bfloat16 (or float16) runs refgpt as --bf16 (--fp16) trains: 16-bit weights and
+activations, an fp32 gradient buffer, fp32 master weights in the optimizer; and PyTorch as
+its users run mixed precision, fp32 weights under torch.autocast("cuda", torch.bfloat16),
+with AdamW's fused CUDA kernel. Each side's peak memory is printed beside its speed.
 """
 
 import argparse
@@ -38,7 +44,7 @@ def profile_ours(step, fused: bool):
 
     def label(name, args):
         if name in ("matmul", "add_matmul"):                      # c = a @ b: [M, K] x [K, N]
-            a, b = args[-2:]
+            a, b = args[:2] if name == "matmul" else args[1:3]
             return f"{name} {a.shape[0]}x{a.shape[1]}x{b.shape[1]}"
         return name
 
@@ -85,6 +91,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--profile", action="store_true", help="time one step of each piece by piece")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--attention", nargs="+", choices=("fused", "blocked"), default=["fused"],
                     help="refgpt's attention path(s) to time")
     args = ap.parse_args()
@@ -95,15 +102,18 @@ def main():
     from refgpt.backend import Backend, synchronize
     from refgpt.config import ModelConfig
     from refgpt.nn import GPT
-    from refgpt.optim import AdamW
+    from refgpt.optim import AdamW, MasterAdamW
+    from refgpt.precision import dtype_of, is_half
     L, h, V, s, b = args.layers, args.hidden, args.vocab, args.seq, args.batch
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=h // 64, seq_length=s,
                       vocab_size=V)
+    dtype = dtype_of(args.dtype)
     with Backend("cupy"):
-        model = GPT(cfg, np.float32, seed=0)
+        model = GPT(cfg, dtype, seed=0)
     p = model.params
-    opt = AdamW(p.data, p.grad, p.decay_ranges(), weight_decay=0.1)
+    opt = (MasterAdamW if is_half(dtype) else AdamW)(p.data, p.grad, p.decay_ranges(),
+                                                      weight_decay=0.1)
     rng = np.random.default_rng(0)
     x, y = cp.asarray(rng.integers(0, V, (b, s))), cp.asarray(rng.integers(0, V, (b, s)))
 
@@ -127,23 +137,31 @@ def main():
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       attn_implementation="sdpa")
     tm = GPT2LMHeadModel(conf).cuda().float()
-    topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1)
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    topt = torch.optim.AdamW(tm.parameters(), lr=1e-4, weight_decay=0.1, fused=half is not None)
+    scaler = torch.amp.GradScaler("cuda", enabled=half == torch.float16)
     tx = torch.randint(0, V, (b, s), device="cuda")
 
     def theirs():
         topt.zero_grad(set_to_none=True)
-        tm(input_ids=tx, labels=tx).loss.backward()
-        topt.step()
+        with torch.autocast("cuda", dtype=half or torch.float32, enabled=half is not None):
+            loss = tm(input_ids=tx, labels=tx).loss
+        scaler.scale(loss).backward()
+        scaler.step(topt)
+        scaler.update()
     t_theirs = timed(theirs, args.steps, torch.cuda.synchronize)
     if args.profile:
         profile_theirs(theirs)
     name = torch.cuda.get_device_name()
-    print(f"{name}, L{L} h{h} V{V}, batch {b} x {s}, float32: PyTorch eager "
+    theirs_name = "eager" if half is None else f"eager, {args.dtype} autocast"
+    print(f"{name}, L{L} h{h} V{V}, batch {b} x {s}, {args.dtype}: PyTorch {theirs_name} "
           f"{b * s / t_theirs:.0f} tokens/s ({1e3 * t_theirs:.0f} ms/step, "
+          f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB peak allocated, "
           f"{torch.cuda.max_memory_reserved() / 2**30:.1f} GiB reserved)")
     for path, (t, gib) in t_ours.items():
         print(f"  refgpt cupy, {path} attention: {b * s / t:.0f} tokens/s ({1e3 * t:.0f} ms/step, "
-              f"{gib:.1f} GiB in CuPy's pool); ratio {t_theirs / t:.2f}")
+              f"{gib:.1f} GiB in CuPy's pool); "
+              f"ratio {t_theirs / t:.2f}")
 
 
 if __name__ == "__main__":

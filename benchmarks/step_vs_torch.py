@@ -61,7 +61,8 @@ def refgpt_step(cfg_tuple, threads, backend="numpy"):
     return step, cfg
 
 
-def torch_step(cfg_tuple, threads):
+def torch_step(cfg_tuple, threads, autocast: bool = False):
+    """PyTorch's step: eager, in float32, or under CPU bf16 autocast (fp32 weights)."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.set_num_threads(threads)
@@ -76,8 +77,9 @@ def torch_step(cfg_tuple, threads):
 
     def step():
         opt.zero_grad(set_to_none=True)
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
         opt.step()
     return step
 
