@@ -121,6 +121,16 @@ PARALLEL_FLAGS = {
                                                     "in this folder, updated chunk by chunk"),
     "timing-log-level": ("timing_log_level", int,
                          "0: no timers; 1: per-phase timers, no synchronisation; 2: with barriers"),
+    "recompute-granularity": ("recompute_granularity", str,
+                              "full: recomputed blocks keep only their input and rerun their "
+                              "forward in backward (bit for bit the same gradients) "
+                              "[default: none]"),
+    "recompute-method": ("recompute_method", str,
+                         "with full: uniform (every block) or block (the first "
+                         "--recompute-num-layers blocks of each pipeline stage)"),
+    "recompute-num-layers": ("recompute_num_layers", int,
+                             "block: blocks recomputed per stage; uniform: blocks per "
+                             "recomputed chunk (1)"),
 }
 
 

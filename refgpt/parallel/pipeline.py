@@ -54,7 +54,9 @@ class PipelineModel:
     flat parameter buffer, in the layout the sublayers give (tensor-parallel chunks hold
     shards); the model interface of refgpt.nn.GPT, with the chunks run by PipelineExecutor."""
 
-    def __init__(self, cfg, dtype, seed: int, grid, v: int, parts=None, make_params=Params):
+    def __init__(self, cfg, dtype, seed: int, grid, v: int, parts=None, make_params=Params,
+                 recompute=lambda blocks: 0):
+        """recompute(blocks): how many of a chunk's blocks recompute (refgpt.nn.recompute)."""
         p, r = grid.pp_size, grid.pp_rank
         self.cfg, self.grid, self.v = cfg, grid, v
         self.stages = [stage_of(c * p + r, p, v, cfg.num_layers) for c in range(v)]
@@ -62,7 +64,8 @@ class PipelineModel:
         specs = [s for st in self.stages for s in param_specs(cfg, st)]
         self.params = make_params(parts.local_specs(specs), dtype)
         self.params.initialise(seed, parts.shard)
-        self.chunks = [GPT(cfg, dtype, seed, st, self.params, parts) for st in self.stages]
+        self.chunks = [GPT(cfg, dtype, seed, st, self.params, parts,
+                           recompute=recompute(len(st.blocks))) for st in self.stages]
         self.layers = [layer for ch in self.chunks for layer in ch.layers]
         self.linears = [[l for l in ch.layers if isinstance(l, Linear)] for ch in self.chunks]
         self.first, self.last = self.stages[0].first, self.stages[-1].last
