@@ -2,8 +2,8 @@
 through the host) equals the single-process numpy run in float64: data, 1-D tensor (with
 and without sequence parallelism), 2-D tensor and pipeline parallelism, and ZeRO's three
 stages; with attention dropout (the cuBLAS products) and without it (the fused attention
-kernels). Skipped where CuPy or a GPU is
-missing (the CI machine); run on a GPU node with
+kernels); and in bfloat16 and float16 against the numpy run in the same precision. Skipped
+where CuPy or a GPU is missing (the CI machine); run on a GPU node with
 ``mpirun -n 2 python -m pytest --with-mpi mpi_tests/test_cupy_parallel.py``."""
 
 import numpy as np
@@ -63,4 +63,31 @@ def test_gpu_parallel_training_equals_single_process_numpy(layout, dropout):
     err = max(float(np.abs(full[n] - one.model.params[n]).max()) for n in full)
     ok = (np.allclose([h["loss"] for h in got], [h["loss"] for h in ref], rtol=1e-10, atol=0)
           and err <= 1e-10 * float(np.abs(p_ref).max()))
+    assert all(comm.allgather(bool(ok)))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.skipif(GPUS == 0, reason="no NVIDIA GPU")
+@pytest.mark.parametrize("layout", ["dp", "tp2-sp", "pp2-1f1b", "dp-zero3", "tp4-2d"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_parallel_training_in_16_bits_matches_single_process_numpy(layout, dtype):
+    """The same runs in 16 bits: each rank's GPU rounds where one NumPy process does, up to the
+    fp32 sums' order, so losses agree within 2^-8 (tests/test_cupy.py explains the bound)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    tp, pp, options = LAYOUTS[layout]
+    if comm.size % (tp * pp):
+        pytest.skip(f"{layout} needs a multiple of {tp * pp} ranks")
+
+    def run(name, grid, pcfg):
+        micro = 2 if options.get("tensor_parallel_mode") == "2d" else 1
+        tcfg = TrainConfig(micro_batch_size=micro, global_batch_size=2 * comm.size, train_iters=3,
+                           lr=1e-2, dtype=dtype, synthetic_data=True, eval_iters=1,
+                           clip_grad=0.5, backend=name)
+        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=40,
+                          vocab_size=45, vocab_multiple=16)
+        return Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None).run()
+    got = run("cupy", Grid(comm, tp, pp), ParallelConfig(**options))
+    ref = run("numpy", None, None)
+    ok = np.allclose([h["loss"] for h in got], [h["loss"] for h in ref], rtol=2.0 ** -8, atol=0)
     assert all(comm.allgather(bool(ok)))
