@@ -1,6 +1,6 @@
-"""Full recomputation changes no bit in any layout: each run with --recompute-granularity full
-(uniform, and block with the first block of each stage) equals the same layout without it,
-every rank's parameters and the losses bit for bit, in float64 and bfloat16."""
+"""Recomputation changes no bit in any layout: each run with --recompute-granularity full
+(uniform, and block with the first block of each stage) or selective equals the same layout
+without it, every rank's parameters and the losses bit for bit, in float64 and bfloat16."""
 
 import numpy as np
 import pytest
@@ -45,9 +45,10 @@ def test_recomputation_changes_no_bit_in_any_layout(dtype):
     failures = []
     for name, options in layouts(comm.size):
         losses, p = run(comm, dtype, options)
-        for method, n in (("uniform", 1), ("block", 1)):
-            got, q = run(comm, dtype, dict(options, recompute_granularity="full",
+        for granularity, method, n in (("full", "uniform", 1), ("full", "block", 1),
+                                       ("selective", "uniform", 1)):
+            got, q = run(comm, dtype, dict(options, recompute_granularity=granularity,
                                            recompute_method=method, recompute_num_layers=n))
             if got != losses or not np.array_equal(p, q):
-                failures.append((name, method))
+                failures.append((name, granularity, method))
     assert all(comm.allgather(not failures)), failures

@@ -210,7 +210,7 @@ class ParallelConfig:
     dp_shared_memory: bool = False  # ZeRO-1 through node-shared memory (refgpt.parallel.shared)
     offload_optimizer: str = ""  # folder for AdamW's moments as np.memmap files ("": in memory)
     grad_reduce_in_bf16: bool = False  # with --bf16: gradients accumulated and reduced in bf16
-    recompute_granularity: str = ""  # full: blocks keep only their input, rerun in backward
+    recompute_granularity: str = ""  # full: blocks rerun in backward; selective: attention cores
     recompute_method: str = "uniform"  # uniform: every block; block: the first N of each stage
     recompute_num_layers: int = 1  # uniform: blocks per recomputed chunk (1); block: N
 
@@ -245,9 +245,9 @@ class ParallelConfig:
                               "and update split over a node's ranks): add --zero-stage 1")
         if self.timing_log_level not in (0, 1, 2):
             raise ConfigError(f"--timing-log-level must be 0, 1 or 2, got {self.timing_log_level}")
-        if self.recompute_granularity not in ("", "full"):
-            raise ConfigError(f"--recompute-granularity must be full (selective is not built "
-                              f"yet), got {self.recompute_granularity!r}")
+        if self.recompute_granularity not in ("", "full", "selective"):
+            raise ConfigError(f"--recompute-granularity must be full or selective, got "
+                              f"{self.recompute_granularity!r}")
         if self.recompute_method not in ("uniform", "block"):
             raise ConfigError(f"--recompute-method must be uniform or block, got "
                               f"{self.recompute_method!r}")

@@ -123,7 +123,9 @@ PARALLEL_FLAGS = {
                          "0: no timers; 1: per-phase timers, no synchronisation; 2: with barriers"),
     "recompute-granularity": ("recompute_granularity", str,
                               "full: recomputed blocks keep only their input and rerun their "
-                              "forward in backward (bit for bit the same gradients) "
+                              "forward in backward; selective: every block reruns its attention "
+                              "core (QK^T, softmax, dropout, PV) instead of keeping the "
+                              "probabilities; both give bit for bit the same gradients "
                               "[default: none]"),
     "recompute-method": ("recompute_method", str,
                          "with full: uniform (every block) or block (the first "

@@ -1,6 +1,7 @@
-"""Full activation recomputation changes no bit: training with it equals training without,
-parameters and losses bit for bit, in float64, float32 and both 16-bit types, with dropout and
-gradient accumulation; a recomputed block keeps only its input between forward and backward."""
+"""Activation recomputation changes no bit: training with it (full, and selective: the
+attention core) equals training without, parameters and losses bit for bit, in float64,
+float32 and both 16-bit types, with dropout and gradient accumulation; a recomputed block
+keeps only its input between forward and backward, a selective one q, k, v and the key."""
 
 from dataclasses import replace
 
@@ -26,13 +27,18 @@ def run(dtype, backend, **recompute):
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
-@pytest.mark.parametrize("method, layers", [("uniform", 1), ("block", 2)])
-def test_recomputation_changes_no_bit(dtype, backend, method, layers):
+@pytest.mark.parametrize("granularity, method, layers", [("full", "uniform", 1),
+                                                         ("full", "block", 2),
+                                                         ("selective", "uniform", 1)])
+def test_recomputation_changes_no_bit(dtype, backend, granularity, method, layers):
     ref, ref_losses = run(dtype, backend)
-    t, losses = run(dtype, backend, recompute_granularity="full", recompute_method=method,
-                    recompute_num_layers=layers)
+    t, losses = run(dtype, backend, recompute_granularity=granularity,
+                    recompute_method=method, recompute_num_layers=layers)
     recomputed = [isinstance(b, Recomputed) for b in t.model.blocks]
-    assert recomputed == ([True] * 3 if method == "uniform" else [True, True, False])
+    assert recomputed == {"uniform": [True] * 3, "block": [True, True, False]}[method] \
+        if granularity == "full" else recomputed == [False] * 3
+    assert all(b.attn.recompute_core == (granularity == "selective") for b in t.model.blocks
+               if not isinstance(b, Recomputed))
     assert losses == ref_losses
     assert np.array_equal(t.opt.p, ref.opt.p) and np.array_equal(t.opt.m, ref.opt.m)
 
@@ -49,9 +55,21 @@ def test_a_recomputed_block_keeps_only_its_input():
     assert all(not b.stash and all(not la.stash for la in b.layers) for b in model.blocks)
 
 
+def test_selective_recomputation_keeps_q_k_v_not_the_probabilities():
+    t, _ = run("float64", "numpy", recompute_granularity="selective")
+    model = t.model
+    x = np.random.default_rng(0).integers(0, 64, (2, 16))
+    model.forward(x, x, 32.0, key=(7, np.arange(2)))
+    for block in model.blocks:
+        q, k, v, (p0, key), drop, recomputed = block.attn.stash[0]
+        assert recomputed and drop and key[0] == 7 and not block.attn.attn_drop.stash
+    model.backward()
+    assert all(not b.attn.stash and not b.attn.attn_drop.stash for b in model.blocks)
+
+
 def test_recompute_settings_are_checked():
     from refgpt.config import ConfigError
-    for bad in (dict(recompute_granularity="selective"), dict(recompute_method="all"),
+    for bad in (dict(recompute_granularity="partial"), dict(recompute_method="all"),
                 dict(recompute_granularity="full", recompute_num_layers=2)):
         with pytest.raises(ConfigError):
             replace(ParallelConfig(), **bad).validate()

@@ -158,9 +158,11 @@ class CausalSelfAttention(Layer):
     from the layout (refgpt.nn.sublayers), which splits them over a tensor-parallel group
     (c_attn by heads, c_proj by its input rows) where there is one."""
 
-    def __init__(self, parts, params, prefix: str):
+    def __init__(self, parts, params, prefix: str, recompute_core: bool = False):
+        """recompute_core: keep q, k, v and rerun the attention core (QK^T, softmax, dropout,
+        PV) in backward instead of keeping its probabilities (selective recomputation)."""
         super().__init__()
-        self.H, self.prefix = parts.heads, prefix
+        self.H, self.prefix, self.recompute_core = parts.heads, prefix, recompute_core
         self.c_attn = parts.column_linear(params, f"{prefix}.c_attn")
         self.c_proj = parts.row_linear(params, f"{prefix}.c_proj")
         self.attn_drop = parts.attention_dropout(f"{prefix}.attn_drop")
@@ -180,17 +182,28 @@ class CausalSelfAttention(Layer):
                 v = np.concatenate([cache.v[layer], v], axis=2)
             cache.k[layer], cache.v[layer] = k, v
         drop = self.attn_drop.p > 0 and key is not None
-        o, saved = attention_forward(q, k, v, p0,
-                                     (lambda p: self.attn_drop.forward(p, key)) if drop else None,
-                                     keep_probs=record is not None)
-        if record is not None:
-            record[f"{self.prefix}.qkv"], record[f"{self.prefix}.probs"] = qkv, saved[0]
-        self.save(q, k, v, saved, drop)
+        dropout = (lambda p: self.attn_drop.forward(p, key)) if drop else None
+        if self.recompute_core and self.keep and cache is None and record is None:
+            self.attn_drop.keep = False                   # the core saves nothing now
+            try:
+                o, _ = attention_forward(q, k, v, p0, dropout)
+            finally:
+                self.attn_drop.keep = True
+            self.save(q, k, v, (p0, key), drop, True)
+        else:
+            o, saved = attention_forward(q, k, v, p0, dropout, keep_probs=record is not None)
+            if record is not None:
+                record[f"{self.prefix}.qkv"], record[f"{self.prefix}.probs"] = qkv, saved[0]
+            self.save(q, k, v, saved, drop, False)
         o = o.transpose(0, 2, 1, 3).reshape(B, T, H * D)              # heads merged
         return self.c_proj.forward(o)
 
     def backward(self, dout: np.ndarray) -> np.ndarray:
-        q, k, v, saved, drop = self.saved()
+        q, k, v, saved, drop, recomputed = self.saved()
+        if recomputed:                                    # the same core again, saved this time
+            p0, key = saved
+            _, saved = attention_forward(
+                q, k, v, p0, (lambda p: self.attn_drop.forward(p, key)) if drop else None)
         B, H, T, D = q.shape
         do = self.c_proj.backward(dout)                               # [B, T, C]
         do = do.reshape(B, T, H, D).transpose(0, 2, 1, 3)             # [B, H, T, D]

@@ -34,12 +34,13 @@ def residual(x: np.ndarray, branch: np.ndarray) -> np.ndarray:
 
 
 class Block:
-    def __init__(self, parts, params, i: int):
-        """parts: the layout's sublayers (refgpt.nn.sublayers.Sublayers or a parallel one)."""
+    def __init__(self, parts, params, i: int, recompute_attention: bool = False):
+        """parts: the layout's sublayers (refgpt.nn.sublayers.Sublayers or a parallel one);
+        recompute_attention: selective recomputation of the attention core."""
         p = f"h.{i}"
         self.index, self.unit = i, p                   # unit: what ZeRO-3 gathers (params.hold)
         self.ln_1 = parts.layernorm(params, f"{p}.ln_1")
-        self.attn = CausalSelfAttention(parts, params, f"{p}.attn")
+        self.attn = CausalSelfAttention(parts, params, f"{p}.attn", recompute_attention)
         self.attn_resid_drop = parts.dropout(f"{p}.attn.resid_drop")
         self.ln_2 = parts.layernorm(params, f"{p}.ln_2")
         self.c_fc = parts.column_linear(params, f"{p}.mlp.c_fc", bias=False)

@@ -86,14 +86,15 @@ class GPT:
 
     def __init__(self, cfg, dtype=np.float32, seed: int = 1234, stage: Stage | None = None,
                  params: Params | None = None, parts: Sublayers | None = None,
-                 make_params=Params, recompute: int = 0):
+                 make_params=Params, recompute: int = 0, recompute_attention: bool = False):
         """cfg: a valid ModelConfig (ModelConfig.validate; the trainer checks the whole
         configuration once, refgpt.parallel.build.check_layout). stage: build only that part
         of the model (pipeline parallelism); params: take the (initialised) parameters from
         this buffer; else make_params(specs, dtype) makes it (refgpt.parallel.zero passes
         partitioned storage); parts: the layout's sublayers (default: one process's);
         recompute: how many of this stage's blocks, from its first, rerun their forward in
-        backward instead of keeping their activations (refgpt.nn.recompute)."""
+        backward instead of keeping their activations (refgpt.nn.recompute);
+        recompute_attention: every block reruns its attention core instead (selective)."""
         stage = stage or Stage(range(cfg.num_layers))
         self.parts = parts = parts or Sublayers(cfg, seed)
         self.cfg, self.dtype = cfg, np.dtype(dtype)
@@ -104,8 +105,8 @@ class GPT:
         first, last = stage.first, stage.last
         self.embed = parts.embedding(params) if first else None
         self.embed_drop = parts.dropout("embed_drop") if first else None
-        self.blocks = [Recomputed(Block(parts, params, i)) if n < recompute else
-                       Block(parts, params, i) for n, i in enumerate(stage.blocks)]
+        blocks = [Block(parts, params, i, recompute_attention) for i in stage.blocks]
+        self.blocks = [Recomputed(b) if n < recompute else b for n, b in enumerate(blocks)]
         self.ln_f = parts.layernorm(params, "ln_f") if last else None
         self.head = parts.head(params) if last else None
         self.loss_fn = parts.loss() if last else None

@@ -120,13 +120,15 @@ def build(mcfg, tcfg, pcfg, grid) -> Built:
     pipeline = None
     if grid.pp_size > 1:
         model = PipelineModel(mcfg, dtype, seed, grid, pcfg.num_virtual_stages, parts,
-                              make_params, pcfg.recomputed_blocks)
+                              make_params, pcfg.recomputed_blocks,
+                              pcfg.recompute_granularity == "selective")
         pipeline = PipelineExecutor(model, pcfg.pipeline_schedule,
                                     tcfg.micro_batches(grid.dp_size),
                                     parts.activation_shape(tcfg.micro_batch_size), dtype)
     else:
         model = GPT(mcfg, dtype, seed, parts=parts, make_params=make_params,
-                    recompute=pcfg.recomputed_blocks(mcfg.num_layers))
+                    recompute=pcfg.recomputed_blocks(mcfg.num_layers),
+                    recompute_attention=pcfg.recompute_granularity == "selective")
     params = model.params
     if pcfg.zero_stage:                               # ZeRO's storage is its own sync
         sync = params

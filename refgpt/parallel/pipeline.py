@@ -55,8 +55,9 @@ class PipelineModel:
     shards); the model interface of refgpt.nn.GPT, with the chunks run by PipelineExecutor."""
 
     def __init__(self, cfg, dtype, seed: int, grid, v: int, parts=None, make_params=Params,
-                 recompute=lambda blocks: 0):
-        """recompute(blocks): how many of a chunk's blocks recompute (refgpt.nn.recompute)."""
+                 recompute=lambda blocks: 0, recompute_attention: bool = False):
+        """recompute(blocks): how many of a chunk's blocks recompute (refgpt.nn.recompute);
+        recompute_attention: every block recomputes its attention core (selective)."""
         p, r = grid.pp_size, grid.pp_rank
         self.cfg, self.grid, self.v = cfg, grid, v
         self.stages = [stage_of(c * p + r, p, v, cfg.num_layers) for c in range(v)]
@@ -65,7 +66,8 @@ class PipelineModel:
         self.params = make_params(parts.local_specs(specs), dtype)
         self.params.initialise(seed, parts.shard)
         self.chunks = [GPT(cfg, dtype, seed, st, self.params, parts,
-                           recompute=recompute(len(st.blocks))) for st in self.stages]
+                           recompute=recompute(len(st.blocks)),
+                           recompute_attention=recompute_attention) for st in self.stages]
         self.layers = [layer for ch in self.chunks for layer in ch.layers]
         self.linears = [[l for l in ch.layers if isinstance(l, Linear)] for ch in self.chunks]
         self.first, self.last = self.stages[0].first, self.stages[-1].last
