@@ -458,6 +458,28 @@ def test_16_bit_conversions_round_as_ml_dtypes(name, conversion_values):
     assert np.array_equal(into.view(np.uint16), want.T.view(np.uint16))
 
 
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_16_bit_conversions_of_every_pattern(name):
+    """Every 16-bit pattern widens as ml_dtypes/NumPy widen it; a million random float32 bit
+    patterns (every exponent: subnormals, ties, overflow) round as they round them."""
+    from refgpt.kernels import numba_half
+    from refgpt.precision import dtype_of
+    t = dtype_of(name)
+    every = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).view(t)
+    got, want = numba_half.widen(every), every.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    bits = np.random.default_rng(9).integers(0, 2 ** 32, 2 ** 20, dtype=np.uint64)
+    x = bits.astype(np.uint32).view(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = x.astype(t)
+    got = numba_half.narrow(x, t)
+    nan = np.isnan(x)
+    assert np.array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    assert np.all(np.isnan(got[nan].astype(np.float32)))
+
+
 def sixteen_bit_cases(t, rng):
     """(kernel, arguments) of every kernel the numba backend runs on 16-bit arrays."""
     x, dy = rand(rng, (3, 5, 64), t), rand(rng, (3, 5, 64), t)
