@@ -35,42 +35,25 @@ quiet_openblas()                        # before NumPy loads OpenBLAS: refgpt.pa
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_vs_torch import CONFIGS, round_robin, torch_step  # noqa: E402
+from step_vs_torch import CONFIGS, refgpt_step, round_robin, torch_step  # noqa: E402
 
 
-def refgpt_step(cfg_tuple, dtype_name: str, gemm16=None):
-    """One numba training step in dtype_name; gemm16: the bf16 GEMM to run (a function of
-    refgpt.kernels.blas16), "fallback" (as if the BLAS had none), or None (the default's)."""
-    from refgpt.backend import Backend
-    from refgpt.config import ModelConfig
+def refgpt_step16(cfg_tuple, gemm16):
+    """refgpt's numba step as --bf16 trains, its bf16 GEMMs run by gemm16: a function of
+    refgpt.kernels.blas16, or "fallback" (as if the BLAS had none)."""
     from refgpt.kernels import numba_gemm
-    from refgpt.nn import GPT
-    from refgpt.optim import AdamW, MasterAdamW
-    from refgpt.precision import dtype_of, is_half
-    L, h, a, V, s, b = cfg_tuple
-    cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=a, seq_length=s,
-                      vocab_size=V)
-    backend, dtype = Backend("numba"), dtype_of(dtype_name)
-    model = GPT(cfg, dtype, seed=0)
-    p = model.params
-    opt = (MasterAdamW if is_half(dtype) else AdamW)(p.data, p.grad, p.decay_ranges(),
-                                                      weight_decay=0.1)
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, V, (b, s)), rng.integers(0, V, (b, s))
-    native = numba_gemm.gemm_for
-
-    chosen = (native if gemm16 is None else (lambda _: None) if gemm16 == "fallback" else
+    from refgpt.precision import dtype_of
+    step, _, _ = refgpt_step(cfg_tuple, backend="numba", dtype="bfloat16")
+    chosen = ((lambda _: None) if gemm16 == "fallback" else
               (lambda dtype: gemm16 if dtype == dtype_of("bfloat16") else None))
 
-    def step():
-        numba_gemm.gemm_for = chosen
-        with backend:
-            p.zero_grad()
-            model.forward(x, y, float(b * s))
-            model.backward()
-            opt.step(1e-4)
-        numba_gemm.gemm_for = native
-    return step, cfg
+    def with_gemm():
+        native, numba_gemm.gemm_for = numba_gemm.gemm_for, chosen
+        try:
+            step()
+        finally:
+            numba_gemm.gemm_for = native
+    return with_gemm
 
 
 def memory_runs(cfg_tuple) -> None:
@@ -110,13 +93,13 @@ def main() -> None:
     select_thread_pool()
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     cfg_tuple = CONFIGS[args.config][:5] + (args.batch or CONFIGS[args.config][5],)
-    steps = {"refgpt float32": refgpt_step(cfg_tuple, "float32")[0]}
+    steps = {"refgpt float32": refgpt_step(cfg_tuple, backend="numba")[0]}
     for choice in ("mkl", "openblas"):                   # each this machine has, default or not
         source, found = blas16.find(choice)
         if "bfloat16" in found:
             steps[f"refgpt --bf16 ({source.split()[0]} 16-bit GEMM)"] = \
-                refgpt_step(cfg_tuple, "bfloat16", found["bfloat16"])[0]
-    steps.update({"refgpt --bf16 (fallback GEMM)": refgpt_step(cfg_tuple, "bfloat16", "fallback")[0],
+                refgpt_step16(cfg_tuple, found["bfloat16"])
+    steps.update({"refgpt --bf16 (fallback GEMM)": refgpt_step16(cfg_tuple, "fallback"),
                   "PyTorch eager float32": torch_step(cfg_tuple, args.threads, False),
                   "PyTorch bf16 autocast": torch_step(cfg_tuple, args.threads, True)})
     best = round_robin(steps, args.steps)

@@ -22,7 +22,7 @@ quiet_openblas()                        # before NumPy loads OpenBLAS: refgpt.pa
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_vs_torch import CONFIGS, round_robin  # noqa: E402
+from step_vs_torch import CONFIGS, refgpt_step, round_robin  # noqa: E402
 
 MODES = {"none": dict(), "selective": dict(recompute_attention=True),
          "full": dict(recompute=10 ** 6)}
@@ -40,27 +40,11 @@ def arrays(saved):
 def step_of(cfg_tuple, mode: str):
     """(one training step, the bytes held for backward after a forward) in a mode of MODES."""
     from refgpt.backend import Backend
-    from refgpt.config import ModelConfig
-    from refgpt.nn import GPT
-    from refgpt.optim import AdamW
+    step, _, model = refgpt_step(cfg_tuple, backend="numba", **MODES[mode])
     L, h, a, V, s, b = cfg_tuple
-    cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=a, seq_length=s,
-                      vocab_size=V)
-    backend = Backend("numba")
-    model = GPT(cfg, np.float32, seed=0, **MODES[mode])
-    p = model.params
-    opt = AdamW(p.data, p.grad, p.decay_ranges(), weight_decay=0.1)
-    rng = np.random.default_rng(0)
-    x, y = rng.integers(0, V, (b, s)), rng.integers(0, V, (b, s))
-
-    def step():
-        with backend:
-            p.zero_grad()
-            model.forward(x, y, float(b * s))
-            model.backward()
-            opt.step(1e-4)
-    with backend:
-        model.forward(x, y, float(b * s))
+    x = np.random.default_rng(0).integers(0, V, (b, s))
+    with Backend("numba"):
+        model.forward(x, x, float(b * s))
         held = {}                                  # each buffer once, however many views of it
         for a in arrays([layer.stash for layer in model.layers]):
             while a.base is not None:

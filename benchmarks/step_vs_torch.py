@@ -36,18 +36,23 @@ CONFIGS = {  # name: (layers, hidden, heads, vocab, seq, batch)
 }
 
 
-def refgpt_step(cfg_tuple, threads, backend="numpy"):
+def refgpt_step(cfg_tuple, threads=None, backend="numpy", dtype="float32", **model_options):
+    """(one training step: forward, backward, AdamW; the config; the model) of refgpt's GPT
+    in dtype under a backend. A 16-bit model gets the optimizer --bf16/--fp16 train with (fp32
+    master weights); model_options go to GPT (recompute=..., say)."""
     from refgpt.backend import Backend
     from refgpt.config import ModelConfig
     from refgpt.nn import GPT
-    from refgpt.optim import AdamW
+    from refgpt.optim import AdamW, MasterAdamW
+    from refgpt.precision import dtype_of, is_half
     L, h, a, V, s, b = cfg_tuple
     cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=a, seq_length=s,
                       vocab_size=V)
-    backend = Backend(backend)
-    model = GPT(cfg, np.float32, seed=0)
+    backend, dtype = Backend(backend), dtype_of(dtype)
+    model = GPT(cfg, dtype, seed=0, **model_options)
     p = model.params
-    opt = AdamW(p.data, p.grad, p.decay_ranges(), weight_decay=0.1)
+    opt = (MasterAdamW if is_half(dtype) else AdamW)(p.data, p.grad, p.decay_ranges(),
+                                                      weight_decay=0.1)
     rng = np.random.default_rng(0)
     x = rng.integers(0, V, (b, s))
     y = rng.integers(0, V, (b, s))
@@ -58,7 +63,7 @@ def refgpt_step(cfg_tuple, threads, backend="numpy"):
             model.forward(x, y, float(b * s))
             model.backward()
             opt.step(1e-4)
-    return step, cfg
+    return step, cfg, model
 
 
 def torch_step(cfg_tuple, threads, autocast: bool = False):
@@ -170,7 +175,7 @@ def main():
         for name in names:
             steps = {"torch": torch_step(CONFIGS[name], args.threads)}
             for backend in args.backend:
-                steps[backend], cfg = refgpt_step(CONFIGS[name], args.threads, backend)
+                steps[backend], cfg, _ = refgpt_step(CONFIGS[name], args.threads, backend)
             best = round_robin(steps, args.steps)
             t = best["torch"]
             for backend in args.backend:
