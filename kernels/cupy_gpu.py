@@ -38,7 +38,6 @@ import math
 
 import cupy as cp
 
-from .cupy_attention import CTYPE
 from .cupy_half import SOURCE, Elementwise, ctype, is_half, narrow, wide_dtype, widen
 
 _GELU = """
@@ -354,7 +353,7 @@ def causal_softmax(s, p0):
     T, Tk = s.shape[-2:]
     if not s.flags.c_contiguous:
         raise ValueError("causal_softmax works in place on a C-contiguous array")
-    kern = _ROWS.get_function(f"causal_softmax<{CTYPE[s.dtype]}>")
+    kern = _ROWS.get_function(f"causal_softmax<{ctype(s.dtype)}>")
     kern((s.size // Tk,), (_row_threads(Tk),), (s, cp.int32(T), cp.int32(Tk), cp.int32(p0)))
     return s
 
