@@ -382,12 +382,41 @@ def cross_entropy(z, V, y, norm, grad):
     return float(losses.sum())
 
 
+# One thread per (run of equal ids, column): it adds the run's rows in their index order,
+# as np.add.at does, so the sums are NumPy's bit for bit and the same on every run (cupy.add.at
+# is atomicAdd: its order, and so its last bits, change from run to run).
+_ADD_RUNS = cp.ElementwiseKernel(
+    "raw T rows, raw int64 order, raw int64 ids, raw int64 start, int64 C",
+    "raw T table",
+    """
+    const long long run = i / C, c = i % C;
+    const long long t = ids[order[start[run]]];
+    T acc = table[t * C + c];
+    for (long long j = start[run]; j < start[run + 1]; ++j) acc += rows[order[j] * C + c];
+    table[t * C + c] = acc;
+    """, "refgpt_add_runs")
+
+
 def scatter_add_rows(table, idx, rows):
-    """cupy.add.at in fp32: 16-bit rows widened; a 16-bit table (--grad-reduce-in-bf16) gets
-    its sums in fp32, rounded once into it (as the numba kernel)."""
+    """table[idx[i]] += rows[i], deterministically (_ADD_RUNS): the rows sorted by id (a stable
+    sort keeps equal ids in index order), one thread per run of equal ids and column. 16-bit
+    rows are widened; a 16-bit table (--grad-reduce-in-bf16) gets its sums in fp32, rounded
+    once into it (as the numba kernel)."""
     if is_half(table):
         wide = widen(table)
         scatter_add_rows(wide, idx, rows)
         narrow(wide, table.dtype, out=table)
         return
-    cp.add.at(table, idx, widen(rows) if is_half(rows) else rows)
+    rows = cp.ascontiguousarray(widen(rows) if is_half(rows) else rows, dtype=table.dtype)
+    if not table.flags.c_contiguous or rows.ndim != 2 or table.shape[1] != rows.shape[1]:
+        raise ValueError("scatter_add_rows needs a C-contiguous table and rows of its width")
+    ids = cp.ascontiguousarray(idx, dtype=cp.int64).ravel()
+    if ids.size == 0:
+        return
+    order = cp.argsort(ids, kind="stable")
+    ordered = ids[order]
+    start = cp.concatenate([cp.zeros(1, cp.int64),
+                            cp.flatnonzero(ordered[1:] != ordered[:-1]).astype(cp.int64) + 1,
+                            cp.full(1, ids.size, cp.int64)])
+    C = table.shape[1]
+    _ADD_RUNS(rows, order, ids, start, cp.int64(C), table, size=(start.size - 1) * C)

@@ -14,7 +14,7 @@ except cp.cuda.runtime.CUDARuntimeError:
 pytestmark = pytest.mark.skipif(GPUS == 0, reason="no NVIDIA GPU")
 
 from refgpt import backend  # noqa: E402
-from refgpt.config import ModelConfig, TrainConfig  # noqa: E402
+from refgpt.config import ModelConfig, ParallelConfig, TrainConfig  # noqa: E402
 from refgpt.engine import Trainer  # noqa: E402
 from refgpt.nn import attention  # noqa: E402
 
@@ -255,3 +255,23 @@ def test_training_on_the_gpu_equals_numpy(dtype, dropout, tmp_path):
     np.testing.assert_allclose([h["loss"] for h in got], [h["loss"] for h in ref], rtol=tol)
     np.testing.assert_allclose(p_got, p_ref, rtol=tol, atol=tol * np.abs(p_ref).max())
     assert (tmp_path / "cupy" / "latest").is_file()          # the checkpoint was written
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("dropout", [0.1, 0.0])          # 0.0: the fused attention kernels
+@pytest.mark.parametrize("granularity", ["full", "selective"])
+def test_recomputation_on_the_gpu_changes_no_bit(dtype, dropout, granularity):
+    """As tests/test_recompute.py on the CPU: the recomputed forward runs the same kernels on
+    the same inputs, so parameters and losses are those of the run that kept everything."""
+    def run(**recompute):
+        tcfg = TrainConfig(micro_batch_size=2, global_batch_size=4, train_iters=3, lr=1e-2,
+                           dtype=dtype, synthetic_data=True, eval_iters=1, backend="cupy")
+        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=80,
+                          vocab_size=45, vocab_multiple=16, dropout=dropout)
+        t = Trainer(cfg, tcfg, ParallelConfig(**recompute), log=lambda *_: None)
+        hist = t.run()
+        return [h["loss"] for h in hist] + [hist[-1]["val_loss"]], backend.to_host(t.opt.p)
+    ref_losses, ref_p = run()
+    losses, p = run(recompute_granularity=granularity)
+    assert losses == ref_losses
+    np.testing.assert_array_equal(p, ref_p)
