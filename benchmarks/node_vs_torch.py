@@ -7,11 +7,12 @@ against PyTorch eager with one process and a thread per core, on the same model 
     python benchmarks/node_vs_torch.py --train-args "--zero-stage 1"  # more refgpt.train flags
     python benchmarks/node_vs_torch.py --train-args "" --train-args "--zero-stage 1" \
         --train-args "--zero-stage 1 --dp-shared-memory"             # side by side, one PyTorch
+    python benchmarks/node_vs_torch.py --train-args=--bf16 --torch-autocast      # 16 bits, both
 
 refgpt runs ``python -m refgpt.train`` (synthetic data, float32, --backend numba by default)
 for --iters steps and reports the median tokens/s of the steps after the first; PyTorch runs the
 same global batch as one batch (its best case) with ``torch.set_num_threads(ranks x
-threads per rank)``, best of --iters steps after a warm-up. Prints both, the ratio
+threads per rank)``, in float32 or (--torch-autocast) under CPU bf16 autocast, best of --iters steps after a warm-up. Prints both, the ratio
 refgpt / PyTorch, and where refgpt's step goes: forward + backward, the gradient sum and the
 optimizer, each the longest over the ranks (so the gradient sum includes waiting for the
 slowest rank's backward), medians over the steps. Fewer ranks with more threads each exchange
@@ -59,7 +60,8 @@ def refgpt_run(args, cfg, extra: str) -> tuple[float, dict]:
 
 def torch_tokens_per_s(args, cfg) -> float:
     L, h, a, V, s, _ = cfg
-    step = torch_step((L, h, a, V, s, args.global_batch), args.ranks * args.threads_per_rank)
+    step = torch_step((L, h, a, V, s, args.global_batch), args.ranks * args.threads_per_rank,
+                      autocast=args.torch_autocast)
     step()
     best = float("inf")
     for _ in range(args.iters - 1):
@@ -80,6 +82,8 @@ def main():
     ap.add_argument("--iters", type=int, default=4)
     ap.add_argument("--backend", default="numba")
     ap.add_argument("--launcher", default="mpiexec")
+    ap.add_argument("--torch-autocast", action="store_true",
+                    help="PyTorch under CPU bf16 autocast (compare with --train-args --bf16)")
     ap.add_argument("--train-args", action="append",
                     help='more refgpt.train flags, e.g. "--zero-stage 1"; give it again to '
                          'compare several settings against the same PyTorch run')
@@ -88,8 +92,9 @@ def main():
     variants = args.train_args or [""]
     ours = {extra: refgpt_run(args, cfg, extra) for extra in variants}
     theirs = torch_tokens_per_s(args, cfg)
-    print(f"{args.config}, global batch {args.global_batch} x {cfg[4]} tokens, float32; "
-          f"PyTorch 1 process x {args.ranks * args.threads_per_rank} threads {theirs:.0f} tokens/s")
+    torch_mode = "bf16 autocast" if args.torch_autocast else "float32"
+    print(f"{args.config}, global batch {args.global_batch} x {cfg[4]} tokens; "
+          f"PyTorch {torch_mode}, 1 process x {args.ranks * args.threads_per_rank} threads {theirs:.0f} tokens/s")
     for extra, (tokens, ms) in ours.items():
         phases = ", ".join(f"{k} {v:.0f}" for k, v in ms.items())
         print(f"refgpt {args.ranks} ranks x {args.threads_per_rank} threads ({args.backend}"
