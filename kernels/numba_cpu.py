@@ -411,6 +411,41 @@ def adamw_update(p, g, m, v, lr, b1, b2, eps, bc1, bc2, keep=1.0):
     _adamw(p, g, m, v, f(lr), f(b1), f(b2), f(eps), f(bc1), f(bc2), f(keep))
 
 
+# -- the gradient norm's sum of squares ----------------------------------------------------
+@njit(**FLAGS)
+def _chunk_squares(flat, chunk, out):
+    """out[c] = sum of flat[j]^2 over chunk c, in float64, four interleaved partial sums (so
+    the loop is not one long chain of dependent adds); the same bits on any thread count."""
+    n = flat.size
+    for c in prange(out.size):
+        lo, hi = c * chunk, min(n, (c + 1) * chunk)
+        s = np.zeros(4)
+        for j in range(lo, hi - (hi - lo) % 4, 4):
+            for k in range(4):
+                v = np.float64(flat[j + k])
+                s[k] += v * v
+        for j in range(hi - (hi - lo) % 4, hi):
+            v = np.float64(flat[j])
+            s[0] += v * v
+        out[c] = (s[0] + s[1]) + (s[2] + s[3])
+
+
+def sum_squares(a):
+    """The reference converts each chunk to float64 and takes its dot product on one core.
+    Here chunks of 2^16 elements (many, so the threads share them evenly) are summed on
+    numba's threads, and their sums added in order: float64 sums of squares in another order,
+    equal to the reference's to rounding."""
+    flat = a.reshape(-1)
+    if flat.dtype not in (np.float32, np.float64):
+        return NotImplemented
+    sums = np.empty(-(-flat.size // (1 << 16)))
+    _chunk_squares(flat, 1 << 16, sums)
+    total = 0.0
+    for s in sums:
+        total += float(s)
+    return total
+
+
 # -- the embedding's scatter-add ----------------------------------------------------------
 @njit(**FLAGS)
 def _scatter_add_rows(table, idx, rows):

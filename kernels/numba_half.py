@@ -148,3 +148,9 @@ def narrow(y: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
     else:
         _from_f32_strided(_as_4d(y).view(np.uint32), _as_4d(out).view(np.uint16), fp16)
     return out
+
+
+def round_into(out: np.ndarray, x: np.ndarray) -> None:
+    """The master weights rounded into the 16-bit parameters on numba's threads (ml_dtypes'
+    cast, the reference, runs on one core)."""
+    narrow(x, out.dtype, out=out)

@@ -21,10 +21,10 @@ def rng():
 def kernels():
     """{name: kernel} of every @kernel reference of refgpt (refgpt.backend)."""
     from refgpt.nn import attention, block, embedding, gelu, layernorm, linear, loss, params
-    from refgpt.optim import adamw
+    from refgpt.optim import adamw, clip, mixed
     from refgpt.parallel import shared
     return backend.kernels_in(attention, block, embedding, gelu, layernorm, linear, loss,
-                              params, adamw, shared)
+                              params, adamw, clip, mixed, shared)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 from refgpt import backend
 from refgpt.config import ModelConfig, TrainConfig
 from refgpt.engine import Trainer
-from refgpt.kernels import numba_attention, numba_cpu, numba_gemm
+from refgpt.kernels import numba_attention, numba_cpu, numba_gemm, numba_half
 from refgpt.nn import attention
 from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matmul_tn,
                                  causal_softmax, softmax_backward)
@@ -22,6 +22,9 @@ from refgpt.nn.layernorm import layernorm_backward, layernorm_forward
 from refgpt.nn.linear import add_matmul, column_sum, matmul
 from refgpt.nn.loss import cross_entropy
 from refgpt.optim.adamw import adamw_update
+from refgpt.optim.clip import sum_squares
+from refgpt.optim.mixed import round_into
+from refgpt.precision import dtype_of
 
 # float32: the kernels round differently from NumPy (fused multiply-adds, their own exp and
 # tanh, row statistics summed in float64), so values that cancel (GELU's slope near its
@@ -350,6 +353,35 @@ def test_sum_rows(dtype):
     np.testing.assert_array_equal(out[::2], want)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("n", [0, 3, (1 << 16) + 5, 5 << 16])
+def test_sum_squares(dtype, n):
+    """float64 sums of squares in another order: the same bits on any number of threads, and
+    equal to the reference's to rounding. Both add n non-negative terms (a float32's square
+    is exact in float64), each sum within (n - 1) u of the exact one (u = 2^-53), so they
+    differ by at most 2 n u relative."""
+    import numba
+    x = np.random.default_rng(n).standard_normal(n).astype(dtype)
+    want = sum_squares.reference(x)
+    got = numba_cpu.sum_squares(x)
+    assert abs(got - want) <= 2 * n * 2.0 ** -53 * want
+    threads = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        assert numba_cpu.sum_squares(x) == got
+    finally:
+        numba.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_round_into(name):
+    x = np.random.default_rng(1).standard_normal(10_001).astype(np.float32) * 1e3
+    want, got = np.empty(x.size, dtype_of(name)), np.empty(x.size, dtype_of(name))
+    round_into.reference(want, x)
+    numba_half.round_into(got, x)
+    np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
 def test_every_numba_kernel_has_a_reference_and_is_tested(kernels):
     """The decorators' table: each kernel the numba backend replaces exists in the module
     named, and they are the kernels this file tests."""
@@ -361,7 +393,7 @@ def test_every_numba_kernel_has_a_reference_and_is_tested(kernels):
         ["gelu_forward", "gelu_backward", "bias_gelu_forward", "bias_gelu_backward",
          "layernorm_forward", "layernorm_backward",
          "causal_softmax", "softmax_backward", "cross_entropy", "adamw_update", "zero_fill",
-         "scatter_add_rows", "column_sum", "residual", "sum_rows",
+         "scatter_add_rows", "column_sum", "residual", "sum_rows", "sum_squares", "round_into",
          "matmul", "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
          "causal_matmul_tn"])
 
@@ -401,7 +433,6 @@ def test_16_bit_blas_gemm_equals_the_fp32_gemm_of_the_same_values(which, monkeyp
     """The BLAS's 16-bit GEMM, tiled on numba's threads, against the reference (the same
     16-bit values widened, fp32 GEMM): equal to fp32 summation order, K 2^-24 relative of the
     products' magnitudes; then rounded once to 16 bits, equal to one ulp."""
-    from refgpt.precision import dtype_of
     assert which != "none found", "the dev extra installs mkl on x86 Linux: no 16-bit GEMM found"
     name = which.split("-", 1)[1]
     _, gemm = sixteen_bit_gemms()[which]
@@ -442,8 +473,6 @@ def test_16_bit_arrays_reach_only_the_kernels_that_take_them():
 
 @pytest.mark.parametrize("name", ["bfloat16", "float16"])
 def test_16_bit_conversions_round_as_ml_dtypes(name, conversion_values):
-    from refgpt.kernels import numba_half
-    from refgpt.precision import dtype_of
     t = dtype_of(name)
     x = conversion_values
     with np.errstate(over="ignore"):                    # float16: 3.4e38 becomes inf
@@ -462,8 +491,6 @@ def test_16_bit_conversions_round_as_ml_dtypes(name, conversion_values):
 def test_16_bit_conversions_of_every_pattern(name):
     """Every 16-bit pattern widens as ml_dtypes/NumPy widen it; a million random float32 bit
     patterns (every exponent: subnormals, ties, overflow) round as they round them."""
-    from refgpt.kernels import numba_half
-    from refgpt.precision import dtype_of
     t = dtype_of(name)
     every = np.arange(2 ** 16, dtype=np.uint32).astype(np.uint16).view(t)
     got, want = numba_half.widen(every), every.astype(np.float32)

@@ -13,12 +13,15 @@ import math
 
 import numpy as np
 
+from ..backend import kernel
 
 CHUNK = 1 << 20
 
 
+@kernel(numba="numba_cpu")
 def sum_squares(a: np.ndarray) -> float:
-    """sum(a^2) accumulated in float64, a chunk at a time (no float64 copy of all of a)."""
+    """sum(a^2) accumulated in float64, a chunk at a time (no float64 copy of all of a): the
+    chunks' sums added in order."""
     flat, total = a.reshape(-1), 0.0
     for lo in range(0, flat.size, CHUNK):
         part = flat[lo:lo + CHUNK].astype(np.float64, copy=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import kernel
 from .adamw import AdamW
 
 
@@ -42,4 +43,10 @@ class MasterAdamW(AdamW):
 
     def round_to_model(self) -> None:
         """p16 <- round(master) (after a step, and after a checkpoint set the master)."""
-        self.model_params[...] = self.p
+        round_into(self.model_params, self.p)
+
+
+@kernel(numba="numba_half", half=("numba",))
+def round_into(out: np.ndarray, x: np.ndarray) -> None:
+    """out (16-bit) <- x rounded to nearest even."""
+    out[...] = x
