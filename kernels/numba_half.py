@@ -134,10 +134,22 @@ def widen(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def narrow(y: np.ndarray, dtype, out: np.ndarray | None = None) -> np.ndarray:
+def wide(x: np.ndarray):
+    """refgpt.nn.cast.wide: a 16-bit x widened (widen), NotImplemented for the others (their
+    reference returns them as they are)."""
+    return widen(x) if x.dtype.itemsize == 2 else NotImplemented
+
+
+def narrow(y: np.ndarray, dtype, out: np.ndarray | None = None):
     """y rounded to the 16-bit dtype, into out when given (then returned): for float32 y the
-    bit kernels (contiguous, or up to 4-D of any strides), else the array library's cast."""
+    bit kernels (contiguous, or up to 4-D of any strides), else the array library's cast.
+    y itself where it has dtype already and no out is given; NotImplemented for a dtype of
+    more than 16 bits (refgpt.nn.cast's reference: NumPy's cast)."""
     dtype = np.dtype(dtype)
+    if dtype.itemsize != 2:
+        return NotImplemented
+    if out is None and y.dtype == dtype:
+        return y
     if out is None:
         out = np.empty(y.shape, dtype)
     fp16 = dtype.kind == "f"

@@ -20,10 +20,11 @@ def rng():
 @pytest.fixture
 def kernels():
     """{name: kernel} of every @kernel reference of refgpt (refgpt.backend)."""
-    from refgpt.nn import attention, block, embedding, gelu, layernorm, linear, loss, params
+    from refgpt.nn import (attention, block, cast, embedding, gelu, layernorm, linear, loss,
+                           params)
     from refgpt.optim import adamw, clip, mixed
     from refgpt.parallel import shared
-    return backend.kernels_in(attention, block, embedding, gelu, layernorm, linear, loss,
+    return backend.kernels_in(attention, block, cast, embedding, gelu, layernorm, linear, loss,
                               params, adamw, clip, mixed, shared)
 
 

@@ -29,7 +29,8 @@ def test_the_references_run_outside_any_backend_and_the_context_nests():
             residual(a, b)
         residual(a, b)
     assert current() is None and array_module() is np
-    assert [s[0] for s in seen] == ["residual"] * 3
+    seen = [s for s in seen if s[0] == "residual"]    # (the reference's casts are kernels too)
+    assert len(seen) == 3
     assert seen[0] == seen[2] != seen[1]               # numba's, numpy's (the reference), numba's
     assert seen[0] == ("residual", "refgpt.kernels.numba_cpu")
     assert numpy.implementation(residual) is None

@@ -12,7 +12,7 @@ from refgpt import backend
 from refgpt.config import ModelConfig, TrainConfig
 from refgpt.engine import Trainer
 from refgpt.kernels import numba_attention, numba_cpu, numba_gemm, numba_half
-from refgpt.nn import attention
+from refgpt.nn import attention, cast
 from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matmul_tn,
                                  causal_softmax, softmax_backward)
 from refgpt.nn.block import residual
@@ -382,6 +382,22 @@ def test_round_into(name):
     np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_wide_and_narrow(name):
+    """The casts of refgpt.nn.cast on numba's threads: NumPy's bits, on contiguous arrays and
+    on views (a transpose, a strided slice, a softmax's [B, H, T, T]); arrays already in the
+    type pass through as they are, as in the reference."""
+    t = dtype_of(name)
+    x32 = np.random.default_rng(2).standard_normal((2, 3, 40, 40)).astype(np.float32) * 1e3
+    for y in (x32, x32[0, 0].T, x32[:, :, ::3], x32.reshape(-1)[5:77]):
+        got, want = numba_half.narrow(y, t), cast.narrow.reference(y, t)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+        np.testing.assert_array_equal(numba_half.wide(got), cast.wide.reference(got))
+    h = x32.astype(t)
+    assert numba_half.narrow(h, t) is h and numba_half.narrow(x32, np.float32) is NotImplemented
+    assert numba_half.wide(x32) is NotImplemented and cast.wide.reference(x32) is x32
+
+
 def test_every_numba_kernel_has_a_reference_and_is_tested(kernels):
     """The decorators' table: each kernel the numba backend replaces exists in the module
     named, and they are the kernels this file tests."""
@@ -394,6 +410,7 @@ def test_every_numba_kernel_has_a_reference_and_is_tested(kernels):
          "layernorm_forward", "layernorm_backward",
          "causal_softmax", "softmax_backward", "cross_entropy", "adamw_update", "zero_fill",
          "scatter_add_rows", "column_sum", "residual", "sum_rows", "sum_squares", "round_into",
+         "wide", "narrow",
          "matmul", "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
          "causal_matmul_tn"])
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer, primitives
-from ..precision import narrow, wide
+from .cast import narrow, wide
 
 
 def causal_visible(T: int, Tk: int, p0: int) -> np.ndarray:

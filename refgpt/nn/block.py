@@ -23,7 +23,7 @@ import numpy as np
 from ..backend import kernel
 from .attention import CausalSelfAttention, KVCache
 from .layer import primitives
-from ..precision import narrow, wide
+from .cast import narrow, wide
 
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))

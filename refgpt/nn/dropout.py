@@ -22,7 +22,8 @@ import numpy as np
 from ..backend import to_device
 from .layer import Layer
 from .params import name_stream
-from ..precision import compute_dtype, narrow, wide
+from ..precision import compute_dtype
+from .cast import narrow, wide
 
 
 class Dropout(Layer):

@@ -19,7 +19,7 @@ import numpy as np
 from ..backend import kernel
 from .layer import Layer, ParamRef
 from .linear import add_matmul, matmul
-from ..precision import wide
+from .cast import wide
 
 
 class TokenTable(Layer):

@@ -25,7 +25,7 @@ from scipy.special import erf
 from ..backend import kernel
 from .layer import Layer, ParamRef
 from .linear import column_sum
-from ..precision import narrow, wide
+from .cast import narrow, wide
 
 _S2PI = math.sqrt(2.0 / math.pi)
 _K = 0.044715

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer, ParamRef
-from ..precision import narrow, wide
+from .cast import narrow, wide
 
 
 class LayerNorm(Layer):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer, ParamRef
-from ..precision import narrow, wide
+from .cast import narrow, wide
 
 
 @kernel(numba="numba_cpu", cupy="cupy_gpu", half=("numba", "cupy"))

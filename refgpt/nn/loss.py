@@ -25,7 +25,7 @@ import numpy as np
 
 from ..backend import kernel
 from .layer import Layer
-from ..precision import wide
+from .cast import wide
 
 
 class CrossEntropy(Layer):
