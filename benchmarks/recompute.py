@@ -1,7 +1,7 @@
 """What activation recomputation costs and saves: one training step of GPT-2 124M (numba
 backend) with no recomputation, selective (the attention core) and full, timed round robin
 (benchmarks/step_vs_torch.py), beside the bytes the layers hold for backward at the end of the
-forward (the activations a micro-batch keeps, counted from the layers' saved arrays).
+forward (the activations a micro-batch keeps: refgpt.nn.activations.held_bytes).
 
     python benchmarks/recompute.py                  # 124M, batch 4 x 256, this machine's cores
     python benchmarks/recompute.py --config 5m --steps 5
@@ -28,30 +28,18 @@ MODES = {"none": dict(), "selective": dict(recompute_attention=True),
          "full": dict(recompute=10 ** 6)}
 
 
-def arrays(saved):
-    """The NumPy arrays in nested tuples, lists and deques of saved contexts."""
-    if isinstance(saved, np.ndarray):
-        yield saved
-    elif not isinstance(saved, (str, bytes)) and hasattr(saved, "__iter__"):
-        for item in saved:
-            yield from arrays(item)
-
-
 def step_of(cfg_tuple, mode: str):
     """(one training step, the bytes held for backward after a forward) in a mode of MODES."""
     from refgpt.backend import Backend
+    from refgpt.nn.activations import held_bytes
     step, _, model = refgpt_step(cfg_tuple, backend="numba", **MODES[mode])
     L, h, a, V, s, b = cfg_tuple
     x = np.random.default_rng(0).integers(0, V, (b, s))
     with Backend("numba"):
         model.forward(x, x, float(b * s))
-        held = {}                                  # each buffer once, however many views of it
-        for a in arrays([layer.stash for layer in model.layers]):
-            while a.base is not None:
-                a = a.base
-            held[id(a)] = a.nbytes
+        held = held_bytes(model.layers)            # each byte once, however many views of it
         model.backward()
-    return step, sum(held.values())
+    return step, held
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Recomputation changes no bit in any layout: each run with --recompute-granularity full
-(uniform, and block with the first block of each stage) or selective equals the same layout
+(uniform, in chunks of one and of two blocks, and block with the first block of each
+stage) or selective equals the same layout
 without it, every rank's parameters and the losses bit for bit, in float64 and bfloat16."""
 
 import numpy as np
@@ -45,8 +46,8 @@ def test_recomputation_changes_no_bit_in_any_layout(dtype):
     failures = []
     for name, options in layouts(comm.size):
         losses, p = run(comm, dtype, options)
-        for granularity, method, n in (("full", "uniform", 1), ("full", "block", 1),
-                                       ("selective", "uniform", 1)):
+        for granularity, method, n in (("full", "uniform", 1), ("full", "uniform", 2),
+                                       ("full", "block", 1), ("selective", "uniform", 1)):
             got, q = run(comm, dtype, dict(options, recompute_granularity=granularity,
                                            recompute_method=method, recompute_num_layers=n))
             if got != losses or not np.array_equal(p, q):

@@ -212,14 +212,36 @@ class ParallelConfig:
     grad_reduce_in_bf16: bool = False  # with --bf16: gradients accumulated and reduced in bf16
     recompute_granularity: str = ""  # full: blocks rerun in backward; selective: attention cores
     recompute_method: str = "uniform"  # uniform: every block; block: the first N of each stage
-    recompute_num_layers: int = 1  # uniform: blocks per recomputed chunk (1); block: N
+    recompute_num_layers: int = 1  # uniform: blocks per recomputed chunk; block: N
+    recompute_num_layers_per_stage: str = ""  # block: "N0,N1,...", N per pipeline rank
 
-    def recomputed_blocks(self, blocks: int) -> int:
-        """How many of a model chunk's blocks (the first ones) recompute their forward."""
+    def recomputed_blocks(self, blocks: int, pp_rank: int = 0) -> int:
+        """How many of a model chunk's blocks (the first ones) recompute their forward, on
+        pipeline rank pp_rank."""
         if self.recompute_granularity != "full":
             return 0
-        return blocks if self.recompute_method == "uniform" else min(blocks,
-                                                                     self.recompute_num_layers)
+        if self.recompute_method == "uniform":
+            return blocks
+        per_stage = self.recompute_per_stage()
+        return min(blocks, per_stage[pp_rank] if per_stage else self.recompute_num_layers)
+
+    def recompute_chunk(self) -> int:
+        """Blocks per recomputed chunk: --recompute-num-layers with uniform, 1 with block."""
+        return self.recompute_num_layers if self.recompute_method == "uniform" else 1
+
+    def recompute_per_stage(self) -> tuple[int, ...]:
+        """--recompute-num-layers-per-stage as numbers (empty when not given)."""
+        text = self.recompute_num_layers_per_stage.strip()
+        if not text:
+            return ()
+        try:
+            counts = tuple(int(n) for n in text.split(","))
+        except ValueError:
+            counts = (-1,)
+        if min(counts) < 0:
+            raise ConfigError(f"--recompute-num-layers-per-stage must be a comma-separated list "
+                              f"of counts >= 0, one per pipeline stage (as 2,2,1,0), got {text!r}")
+        return counts
 
     def validate(self) -> None:
         """Settings on their own; the fit to the world size is refgpt.parallel.grid.check_sizes."""
@@ -251,11 +273,14 @@ class ParallelConfig:
         if self.recompute_method not in ("uniform", "block"):
             raise ConfigError(f"--recompute-method must be uniform or block, got "
                               f"{self.recompute_method!r}")
-        if self.recompute_num_layers < 0 or (self.recompute_method == "uniform"
-                                             and self.recompute_num_layers != 1):
-            raise ConfigError(f"--recompute-num-layers must be >= 0, and 1 with --recompute-method "
-                              f"uniform (chunks of several blocks are not built yet), got "
+        if self.recompute_num_layers < (1 if self.recompute_method == "uniform" else 0):
+            raise ConfigError(f"--recompute-num-layers must be >= 1 with --recompute-method "
+                              f"uniform (blocks per chunk), >= 0 with block, got "
                               f"{self.recompute_num_layers}")
+        if self.recompute_per_stage() and (self.recompute_granularity, self.recompute_method) \
+                != ("full", "block"):
+            raise ConfigError("--recompute-num-layers-per-stage goes with --recompute-granularity "
+                              "full --recompute-method block (it replaces --recompute-num-layers)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -128,11 +128,16 @@ PARALLEL_FLAGS = {
                               "probabilities; both give bit for bit the same gradients "
                               "[default: none]"),
     "recompute-method": ("recompute_method", str,
-                         "with full: uniform (every block) or block (the first "
-                         "--recompute-num-layers blocks of each pipeline stage)"),
+                         "with full: uniform (every block, in chunks of "
+                         "--recompute-num-layers) or block (the first --recompute-num-layers "
+                         "blocks of each pipeline stage, each on its own)"),
     "recompute-num-layers": ("recompute_num_layers", int,
-                             "block: blocks recomputed per stage; uniform: blocks per "
-                             "recomputed chunk (1)"),
+                             "uniform: blocks per recomputed chunk (each chunk keeps "
+                             "only its input); block: blocks recomputed per stage"),
+    "recompute-num-layers-per-stage": ("recompute_num_layers_per_stage", str,
+                                       "block: blocks recomputed on each pipeline stage, as "
+                                       "2,2,1,0 (1F1B's early stages hold the most "
+                                       "micro-batches); replaces --recompute-num-layers"),
 }
 
 

@@ -28,6 +28,7 @@ def run(dtype, backend, **recompute):
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("backend", ["numpy", "numba"])
 @pytest.mark.parametrize("granularity, method, layers", [("full", "uniform", 1),
+                                                         ("full", "uniform", 2),
                                                          ("full", "block", 2),
                                                          ("selective", "uniform", 1)])
 def test_recomputation_changes_no_bit(dtype, backend, granularity, method, layers):
@@ -43,21 +44,26 @@ def test_recomputation_changes_no_bit(dtype, backend, granularity, method, layer
     assert np.array_equal(t.opt.p, ref.opt.p) and np.array_equal(t.opt.m, ref.opt.m)
 
 
-def forwarded(granularity: str):
+def forwarded(granularity: str, **options):
     """A trained model with recomputation after one more forward with dropout on."""
-    model = run("float64", "numpy", recompute_granularity=granularity)[0].model
+    model = run("float64", "numpy", recompute_granularity=granularity, **options)[0].model
     x = np.random.default_rng(0).integers(0, 64, (2, 16))
     model.forward(x, x, 32.0, key=(7, np.arange(2)))
     return model
 
 
-def test_a_recomputed_block_keeps_only_its_input():
-    model = forwarded("full")
+@pytest.mark.parametrize("chunk, keeping", [(1, [True, True, True]), (2, [True, False, True])])
+def test_a_recomputed_chunk_keeps_only_its_input(chunk, keeping):
+    """Chunks of `chunk` blocks (3 blocks: [0, 1], [2] in twos): the first block of each keeps
+    the chunk's input, and no block's layers keep anything."""
+    model = forwarded("full", recompute_num_layers=chunk)
+    assert [b.first for b in model.blocks] == keeping
     for block in model.blocks:
-        assert [a.shape for a in block.stash[0][:1]] == [(2, 16, 32)]
-        assert all(not layer.stash for layer in block.layers)
+        if block.first:
+            assert [a.shape for a in block.checkpoint.stash[0][:1]] == [(2, 16, 32)]
+        assert all(not layer.stash for layer in block.block.layers)
     model.backward()
-    assert all(not b.stash and all(not la.stash for la in b.layers) for b in model.blocks)
+    assert all(not la.stash for b in model.blocks for la in b.layers)
 
 
 def test_selective_recomputation_keeps_q_k_v_not_the_probabilities():
@@ -72,6 +78,7 @@ def test_selective_recomputation_keeps_q_k_v_not_the_probabilities():
 def test_recompute_settings_are_checked():
     from refgpt.config import ConfigError
     for bad in (dict(recompute_granularity="partial"), dict(recompute_method="all"),
-                dict(recompute_granularity="full", recompute_num_layers=2)):
+                dict(recompute_granularity="full", recompute_num_layers=0),
+                dict(recompute_method="block", recompute_num_layers=-1)):
         with pytest.raises(ConfigError):
             replace(ParallelConfig(), **bad).validate()

@@ -19,15 +19,19 @@ import numpy as np
 
 from .. import metrics
 from ..optim import MasterAdamW
+from ..nn.activations import Sizes, korthikanti_bytes, refgpt_bytes
 from ..parallel.zero import formula_bytes
+from ..precision import dtype_of
 
 MIB = 1 / 2**20
 HALF = ("bfloat16", "float16")
 
 
-def memory(params, opt, pcfg) -> dict[str, int]:
+def memory(params, opt, pcfg, activations=None) -> dict[str, int]:
     """The memory registry of this rank (bytes). The optimizer's state is AdamW's moments and,
-    in a 16-bit run, the fp32 master weights (refgpt.optim.mixed)."""
+    in a 16-bit run, the fp32 master weights (refgpt.optim.mixed); activations: the model's
+    ActivationMeter, whose peaks of the last step are what the layers held for backward (all,
+    and the rank's first block's)."""
     moments = opt.m.nbytes + opt.v.nbytes
     master = opt.p.nbytes if isinstance(opt, MasterAdamW) else 0
     on_disk = isinstance(opt.m, np.memmap)
@@ -37,10 +41,44 @@ def memory(params, opt, pcfg) -> dict[str, int]:
             "optimizer": master + (0 if on_disk else moments),
             "optimizer_offloaded": moments if on_disk else 0,
             "working_peak": params.working_peak,
+            "activations": activations.peak if activations else 0,
+            "activations_layer": activations.layer_peak if activations else 0,
             "formula": formula_bytes(pcfg.zero_stage, params.padded, d, params.dtype.itemsize,
                                      params.grad_dtype.itemsize, state,
                                      shared=pcfg.dp_shared_memory),
             "peak_rss": peak_rss()}
+
+
+def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
+    """This rank's peak activation bytes by refgpt's formula (refgpt.nn.activations), which the
+    measured registry equals, and by Korthikanti et al.'s per-layer formula times the rank's
+    layers and micro-batches in flight. refgpt's is 0 where it does not model the layout: the
+    cupy backend (its fused attention keeps other arrays), 2-D tensor parallelism, and the
+    interleaved and zero-bubble schedules (their stash is not min(p - r, m) whole stages)."""
+    t, p, r = grid.tp_size, grid.pp_size, grid.pp_rank
+    blocks = mcfg.num_layers // (p * pcfg.num_virtual_stages)
+    m = tcfg.micro_batches(grid.dp_size)
+    in_flight = min(p - r, m) if p > 1 else 1
+    dtype = np.dtype(dtype_of(tcfg.dtype))
+    e, c = dtype.itemsize, max(dtype.itemsize, 4)
+    selective = pcfg.recompute_granularity == "selective"
+    recomputed = pcfg.recomputed_blocks(blocks, r)
+    sizes = Sizes(tcfg.micro_batch_size, mcfg.seq_length, mcfg.hidden_size,
+                  mcfg.num_attention_heads, mcfg.padded_vocab, e, c, t,
+                  pcfg.sequence_parallel, mcfg.dropout > 0)
+    covered = (tcfg.backend != "cupy" and pcfg.tensor_parallel_mode == "1d"
+               and (p == 1 or pcfg.num_virtual_stages == 1 and pcfg.pipeline_schedule != "zb-h1"))
+    ours = refgpt_bytes(sizes, blocks, r == 0, r == p - 1, recomputed, selective, in_flight,
+                        pcfg.recompute_chunk())
+    chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
+    per_layer = [0 if i < recomputed and i % chunk else
+                 korthikanti_bytes(mcfg.seq_length, tcfg.micro_batch_size, mcfg.hidden_size,
+                                   mcfg.num_attention_heads, t, pcfg.sequence_parallel,
+                                   "full" if i < recomputed else pcfg.recompute_granularity)
+                 for i in range(blocks)] * pcfg.num_virtual_stages
+    return {"activations_formula": ours["total"] if covered else 0,
+            "activations_layer_formula": ours["layer"] if covered else 0,
+            "activations_korthikanti": in_flight * sum(per_layer)}
 
 
 def peak_rss() -> int:
@@ -238,4 +276,9 @@ def memory_line(mem: dict, pcfg) -> str:
                if mem["optimizer_offloaded"] else "")
             + f"; total {held * MIB:.1f}, ZeRO-{pcfg.zero_stage}"
             + (" (node-shared parameters)" if pcfg.dp_shared_memory else "")
-            + f" formula {mem['formula'] * MIB:.1f}")
+            + f" formula {mem['formula'] * MIB:.1f}; activations (held for backward at "
+            f"their peak, reported per step) by refgpt's formula "
+            + (f"{mem['activations_formula'] * MIB:.1f}" if mem["activations_formula"] else
+               "(not for this layout)")
+            + f", Korthikanti et al.'s (16-bit, 1-byte masks) "
+            f"{mem['activations_korthikanti'] * MIB:.1f}")

@@ -57,6 +57,7 @@ class Step:
     def _run(self, batches, norm: float, lr: float) -> tuple[float, float, bool]:
         scale = self.scaler.scale
         self.model.params.zero_grad()
+        self.model.activations.reset()              # its peak: this step's (the registry's)
         if self.pipeline is None:
             loss = self._accumulate(batches, norm / scale)
         else:
@@ -83,6 +84,7 @@ class Step:
         for j, (x, y, key) in enumerate(batches):
             with timers("forward"):
                 loss += self.model.forward(x, y, norm, key)
+            self.model.activations.sample()
             reduce = j == len(batches) - 1 or sync.reduces_every_micro_batch
             if reduce:
                 sync.start()

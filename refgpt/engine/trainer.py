@@ -158,7 +158,8 @@ class Trainer:
         return self.step.evaluate(*self.batches.validation())
 
     def memory(self) -> dict:
-        return report.memory(self.model.params, self.opt, self.pcfg)
+        return {**report.memory(self.model.params, self.opt, self.pcfg, self.model.activations),
+                **report.activation_formulas(self.mcfg, self.tcfg, self.pcfg, self.grid)}
 
     @on_backend
     def save(self) -> Path | None:

@@ -198,12 +198,16 @@ class CausalSelfAttention(Layer):
         o = o.transpose(0, 2, 1, 3).reshape(B, T, H * D)              # heads merged
         return self.c_proj.forward(o)
 
+    def on_recompute(self, held) -> None:
+        """Called when a recomputed core's probabilities exist again (refgpt.nn.recompute)."""
+
     def backward(self, dout: np.ndarray) -> np.ndarray:
         q, k, v, saved, drop, recomputed = self.saved()
         if recomputed:                                    # the same core again, saved this time
             p0, key = saved
             _, saved = attention_forward(
                 q, k, v, p0, (lambda p: self.attn_drop.forward(p, key)) if drop else None)
+            self.on_recompute((q, k, v, saved))
         B, H, T, D = q.shape
         do = self.c_proj.backward(dout)                               # [B, T, C]
         do = do.reshape(B, T, H, D).transpose(0, 2, 1, 3)             # [B, H, T, D]

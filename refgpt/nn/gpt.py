@@ -18,11 +18,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .activations import ActivationMeter
 from .attention import KVCache
 from .block import Block
 from .layer import primitives
 from .params import Params, ParamSpec, unit_key
-from .recompute import Recomputed
+from .recompute import recomputed, watch_recomputation
 from .sublayers import Sublayers
 
 
@@ -86,14 +87,16 @@ class GPT:
 
     def __init__(self, cfg, dtype=np.float32, seed: int = 1234, stage: Stage | None = None,
                  params: Params | None = None, parts: Sublayers | None = None,
-                 make_params=Params, recompute: int = 0, recompute_attention: bool = False):
+                 make_params=Params, recompute: int = 0, recompute_chunk: int = 1,
+                 recompute_attention: bool = False):
         """cfg: a valid ModelConfig (ModelConfig.validate; the trainer checks the whole
         configuration once, refgpt.parallel.build.check_layout). stage: build only that part
         of the model (pipeline parallelism); params: take the (initialised) parameters from
         this buffer; else make_params(specs, dtype) makes it (refgpt.parallel.zero passes
         partitioned storage); parts: the layout's sublayers (default: one process's);
         recompute: how many of this stage's blocks, from its first, rerun their forward in
-        backward instead of keeping their activations (refgpt.nn.recompute);
+        backward instead of keeping their activations, in chunks of recompute_chunk blocks
+        that keep only the chunk's input (refgpt.nn.recompute);
         recompute_attention: every block reruns its attention core instead (selective)."""
         stage = stage or Stage(range(cfg.num_layers))
         self.parts = parts = parts or Sublayers(cfg, seed)
@@ -106,12 +109,16 @@ class GPT:
         self.embed = parts.embedding(params) if first else None
         self.embed_drop = parts.dropout("embed_drop") if first else None
         blocks = [Block(parts, params, i, recompute_attention) for i in stage.blocks]
-        self.blocks = [Recomputed(b) if n < recompute else b for n, b in enumerate(blocks)]
+        self.blocks = recomputed(blocks, min(recompute, len(blocks)), recompute_chunk,
+                                 params.hold)
         self.ln_f = parts.layernorm(params, "ln_f") if last else None
         self.head = parts.head(params) if last else None
         self.loss_fn = parts.loss() if last else None
         self.layers = primitives(self.embed, self.embed_drop, *self.blocks, self.ln_f,
                                  self.head, self.loss_fn)
+        self.activations = ActivationMeter(self.layers,
+                                           self.blocks[0].layers if self.blocks else ())
+        watch_recomputation(self.blocks, self.activations)
 
     def forward(self, x: np.ndarray, targets: np.ndarray | None = None, norm: float = 1.0,
                 key=None, cache: KVCache | None = None, record: dict | None = None):

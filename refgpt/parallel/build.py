@@ -77,6 +77,10 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
     if pp > 1:
         check_pipeline(mcfg, pp, pcfg.num_virtual_stages, tcfg.micro_batches(dp),
                        pcfg.pipeline_schedule)
+    per_stage = pcfg.recompute_per_stage()
+    if per_stage and len(per_stage) != pp:
+        raise ConfigError(f"--recompute-num-layers-per-stage gives {len(per_stage)} counts for "
+                          f"{pp} pipeline stage{'s' * (pp > 1)}")
 
 
 @dataclass
@@ -120,14 +124,15 @@ def build(mcfg, tcfg, pcfg, grid) -> Built:
     pipeline = None
     if grid.pp_size > 1:
         model = PipelineModel(mcfg, dtype, seed, grid, pcfg.num_virtual_stages, parts,
-                              make_params, pcfg.recomputed_blocks,
-                              pcfg.recompute_granularity == "selective")
+                              make_params, lambda n: pcfg.recomputed_blocks(n, grid.pp_rank),
+                              pcfg.recompute_chunk(), pcfg.recompute_granularity == "selective")
         pipeline = PipelineExecutor(model, pcfg.pipeline_schedule,
                                     tcfg.micro_batches(grid.dp_size),
                                     parts.activation_shape(tcfg.micro_batch_size), dtype)
     else:
         model = GPT(mcfg, dtype, seed, parts=parts, make_params=make_params,
                     recompute=pcfg.recomputed_blocks(mcfg.num_layers),
+                    recompute_chunk=pcfg.recompute_chunk(),
                     recompute_attention=pcfg.recompute_granularity == "selective")
     params = model.params
     if pcfg.zero_stage:                               # ZeRO's storage is its own sync

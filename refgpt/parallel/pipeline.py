@@ -25,9 +25,11 @@ import numpy as np
 
 from ..backend import to_device, to_host
 from ..config import ConfigError
+from ..nn.activations import ActivationMeter, held_bytes
 from ..nn.gpt import GPT, Stage, param_specs
 from ..nn.linear import Linear
 from ..nn.params import Params
+from ..nn.recompute import watch_recomputation
 from ..nn.sublayers import Sublayers
 from .schedules import COST, check, forward_only_ops, instructions
 from .wire import moved
@@ -55,8 +57,10 @@ class PipelineModel:
     shards); the model interface of refgpt.nn.GPT, with the chunks run by PipelineExecutor."""
 
     def __init__(self, cfg, dtype, seed: int, grid, v: int, parts=None, make_params=Params,
-                 recompute=lambda blocks: 0, recompute_attention: bool = False):
-        """recompute(blocks): how many of a chunk's blocks recompute (refgpt.nn.recompute);
+                 recompute=lambda blocks: 0, recompute_chunk: int = 1,
+                 recompute_attention: bool = False):
+        """recompute(blocks): how many of a chunk's blocks recompute, in chunks of
+        recompute_chunk blocks (refgpt.nn.recompute);
         recompute_attention: every block recomputes its attention core (selective)."""
         p, r = grid.pp_size, grid.pp_rank
         self.cfg, self.grid, self.v = cfg, grid, v
@@ -66,11 +70,15 @@ class PipelineModel:
         self.params = make_params(parts.local_specs(specs), dtype)
         self.params.initialise(seed, parts.shard)
         self.chunks = [GPT(cfg, dtype, seed, st, self.params, parts,
-                           recompute=recompute(len(st.blocks)),
+                           recompute=recompute(len(st.blocks)), recompute_chunk=recompute_chunk,
                            recompute_attention=recompute_attention) for st in self.stages]
         self.layers = [layer for ch in self.chunks for layer in ch.layers]
         self.linears = [[l for l in ch.layers if isinstance(l, Linear)] for ch in self.chunks]
         self.first, self.last = self.stages[0].first, self.stages[-1].last
+        first = self.chunks[0].blocks[0].layers if self.chunks[0].blocks else ()
+        self.activations = ActivationMeter(self.layers, first)  # sampled by the chunks when
+        for ch in self.chunks:                                  # they recompute, and by the
+            watch_recomputation(ch.blocks, self.activations)    # executor after each op
 
     def set_grad_enabled(self, enabled: bool) -> None:
         for ch in self.chunks:
@@ -97,10 +105,6 @@ class PipelineModel:
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return self.parts.shard(name, value)
 
-    def stash_bytes(self) -> int:
-        """Bytes of the arrays the layers hold for backward."""
-        return sum(a.nbytes for layer in self.layers for ctx in layer.stash for a in ctx
-                   if isinstance(a, np.ndarray))
 
 
 class PipelineExecutor:
@@ -134,6 +138,8 @@ class PipelineExecutor:
                                                                 tag=op.tag), buf)
         self.outputs, sends, loss = {}, [], 0.0
         self.w_queue = [deque() for _ in self.model.chunks]
+        meter = self.model.activations                # held for backward: peak of the step
+        meter.more = self._queued
         phase = timers or (lambda name, barrier: contextlib.nullcontext())
 
         def received(kind, op):
@@ -154,11 +160,10 @@ class PipelineExecutor:
                     loss += self._compute(op, chunk, inp, batches, norm)
                     if op_cost:
                         time.sleep(op_cost * COST[op.kind] / self.model.v)
+                meter.sample()
                 if trace is not None:
-                    queued = sum(x.nbytes + dy.nbytes for q in self.w_queue for store in q
-                                 for _, x, dy in store)
                     trace.append((op.kind, op.mb, op.chunk, t0, time.perf_counter(),
-                                  self.model.stash_bytes() + queued))
+                                  held_bytes(self.model.layers, self._queued())))
             elif op.kind in ("SEND_ACT", "SEND_GRAD"):
                 kind = "act" if op.kind == "SEND_ACT" else "grad"
                 buf = np.ascontiguousarray(to_host(self.outputs.pop((kind, op.mb, op.chunk))),
@@ -167,6 +172,10 @@ class PipelineExecutor:
             elif op.kind == "STEP":
                 MPI.Request.Waitall([req for req, _ in sends])
         return loss
+
+    def _queued(self) -> list:
+        """The inputs of zero-bubble's deferred weight-gradient GEMMs (held until W)."""
+        return [(x, dy) for q in self.w_queue for store in q for _, x, dy in store]
 
     def _compute(self, op, chunk, inp, batches, norm: float) -> float:
         """One compute op; returns its loss (a last stage's forward), else 0. What it sends on

@@ -1,0 +1,62 @@
+"""The activation registry of each rank equals refgpt's formula (refgpt.nn.activations)
+exactly, in tensor-parallel layouts with and without sequence parallelism and on each stage of
+a 1F1B pipeline (stage r holds min(p - r, m) micro-batches), with and without recomputation
+(per-stage counts included); run with 2 or 4 ranks."""
+
+import pytest
+
+from refgpt.config import ModelConfig, ParallelConfig, TrainConfig
+from refgpt.engine import Trainer
+from refgpt.nn.activations import Sizes, refgpt_bytes
+from refgpt.parallel.grid import Grid
+
+LAYOUTS = {  # name: (tp, pp, ParallelConfig options)
+    "tp2": (2, 1, dict(tensor_model_parallel_size=2)),
+    "tp2-sp": (2, 1, dict(tensor_model_parallel_size=2, sequence_parallel=True)),
+    "tp2-sp-full": (2, 1, dict(tensor_model_parallel_size=2, sequence_parallel=True,
+                               recompute_granularity="full")),
+    "tp2-chunks-of-2": (2, 1, dict(tensor_model_parallel_size=2, recompute_granularity="full",
+                                   recompute_num_layers=2)),
+    "tp2-selective": (2, 1, dict(tensor_model_parallel_size=2,
+                                 recompute_granularity="selective")),
+    "pp2": (1, 2, dict(pipeline_model_parallel_size=2)),
+    "pp2-per-stage": (1, 2, dict(pipeline_model_parallel_size=2, recompute_granularity="full",
+                                 recompute_method="block",
+                                 recompute_num_layers_per_stage="2,0")),
+    "pp2-selective": (1, 2, dict(pipeline_model_parallel_size=2,
+                                 recompute_granularity="selective")),
+    "pp4-per-stage": (1, 4, dict(pipeline_model_parallel_size=4, recompute_granularity="full",
+                                 recompute_method="block",
+                                 recompute_num_layers_per_stage="1,1,0,0")),
+}
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, dropout", [("float32", 0.1), ("bfloat16", 0.0)])
+def test_activation_registry_equals_the_formula(layout, dtype, dropout):
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    tp, pp, options = LAYOUTS[layout]
+    if comm.size % (tp * pp):
+        pytest.skip(f"{layout} needs a multiple of {tp * pp} ranks")
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64, vocab_multiple=16, dropout=dropout)
+    dp = comm.size // (tp * pp)
+    tcfg = TrainConfig(micro_batch_size=2, global_batch_size=8 * dp, train_iters=1, lr=1e-2,
+                       dtype=dtype, synthetic_data=True, eval_iters=0)
+    pcfg = ParallelConfig(**options)
+    grid = Grid(comm, tp, pp)
+    t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
+    t.run()
+    got = t.memory()["activations"]
+    e, c = (2, 4) if dtype == "bfloat16" else (4, 4)
+    z = Sizes(2, 16, 32, 4, cfg.padded_vocab, e, c, tp, pcfg.sequence_parallel, dropout > 0)
+    r, blocks, m = grid.pp_rank, cfg.num_layers // pp, tcfg.micro_batches(dp)
+    want = refgpt_bytes(z, blocks, r == 0, r == pp - 1, pcfg.recomputed_blocks(blocks, r),
+                        pcfg.recompute_granularity == "selective", min(pp - r, m),
+                        pcfg.recompute_chunk())
+    mem = t.memory()
+    ok = (got == want["total"] == mem["activations_formula"]
+          and mem["activations_layer"] == want["layer"] == mem["activations_layer_formula"])
+    assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem, want))

@@ -1,0 +1,198 @@
+"""Activation memory: what the layers hold for backward, counted as it is held, and what
+refgpt's layers are known to save, as a formula.
+
+The count (``held_bytes``) walks every layer's stash (refgpt.nn.layer: one saved context per
+forward awaiting its backward) and adds up the memory the saved arrays cover: the union of
+their byte extents, so an array two layers save (the probabilities P, kept as P and as
+dropout(P) when there is no dropout) and the views of one buffer (q, k, v of the qkv
+projection) count once, and a view counts only the bytes it spans. ``ActivationMeter`` keeps
+the peak of that count over the points where it can peak: after each micro-batch's forward,
+and inside a recomputed block's (or attention core's) backward, where that block's
+activations exist again for a moment.
+
+The formula (``refgpt_bytes``), per transformer layer and micro-batch of b sequences of s
+tokens, hidden size h, a heads, tensor-parallel size t, e bytes per stored element and c per
+compute element (e = c for float32/float64; e = 2, c = 4 in 16 bits), with dropout:
+
+    LayerNorm x 2        n (the normalised input, bsh e) and 1/sigma (bs c) each
+    c_attn, c_fc input   the LayerNorms' outputs, bsh e each
+    q, k, v              3bsh e / t           (c_attn's output, viewed as heads)
+    P, dropout(P)        2 a s^2 b e / t      (one P without attention dropout)
+    attention mask       a s^2 b c / t        (dropout's scaled mask, in the compute type)
+    c_proj input         bsh e / t            (the heads merged)
+    gelu input, c_proj   4bsh e / t each      (c_fc's output with its bias; the gelu)
+    residual masks       2 bsh c              (after each branch's dropout)
+
+so 16 bsh e + 2 bs c (+ 3 a s^2 b c per layer of dropout terms in 16 bits, ...) in one process.
+Korthikanti et al. count sbh(34 + 5as/h) bytes for Megatron's layer in 16 bits: their masks
+are one byte, their LayerNorms keep only their input, and P is kept once with its dropout
+applied in the backward from the mask; refgpt keeps the normalised n and the output of each
+LayerNorm (one fewer pass in backward), P and dropout(P), and a mask in the compute type (no
+separate rescaling pass). docs/memory.md compares the two.
+
+With sequence parallelism the LayerNorms, dropouts and residuals hold s/t tokens and the
+column-parallel inputs are the all-gathered sequence. Full recomputation keeps the block's
+input (bsh e per layer) and, during the block's backward, that block's activations once more.
+Selective recomputation keeps q, k, v and drops P, dropout(P) and the attention mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def _extent(a) -> tuple[int, int] | None:
+    """[start, end) of the bytes an array spans, from its address, shape and strides (NumPy
+    and CuPy arrays); None for an empty array."""
+    if a.size == 0:
+        return None
+    ptr = a.__array_interface__["data"][0] if isinstance(a, np.ndarray) else a.data.ptr
+    lo = hi = ptr
+    for n, st in zip(a.shape, a.strides):
+        if st < 0:
+            lo += (n - 1) * st
+        else:
+            hi += (n - 1) * st
+    return lo, hi + a.itemsize
+
+
+def arrays_in(saved):
+    """The floating-point arrays in nested tuples, lists and deques of saved contexts (token
+    ids, and the dropout key's sample ids, are inputs, not activations)."""
+    if hasattr(saved, "__array_interface__") or hasattr(saved, "__cuda_array_interface__"):
+        if saved.dtype.kind in "fV":
+            yield saved
+    elif isinstance(saved, (tuple, list)) or hasattr(saved, "popleft"):
+        for item in saved:
+            yield from arrays_in(item)
+
+
+def covered_bytes(arrays) -> int:
+    """Bytes of the union of the arrays' extents."""
+    spans = sorted(e for e in map(_extent, arrays) if e is not None)
+    total, end = 0, None
+    for lo, hi in spans:
+        if end is None or lo >= end:
+            total += hi - lo
+            end = hi
+        elif hi > end:
+            total += hi - end
+            end = hi
+    return total
+
+
+def held_bytes(layers, extra=()) -> int:
+    """Bytes the layers' stashes (and the arrays in extra) hold, each byte once."""
+    return covered_bytes(arrays_in([[layer.stash for layer in layers], extra]))
+
+
+class ActivationMeter:
+    """The peak of held_bytes(layers) over the samples taken since the last reset, and
+    (layer_peak) of what the layers of one block (first_block: the rank's first) keep between
+    passes. more(): arrays held outside the stashes (zero-bubble's deferred weight-gradient
+    inputs)."""
+
+    def __init__(self, layers, first_block=(), more=lambda: ()):
+        self.layers, self.first_block, self.more = layers, first_block, more
+        self.peak = self.layer_peak = 0
+
+    def reset(self) -> None:
+        self.peak = self.layer_peak = 0
+
+    def sample(self, extra=()) -> None:
+        """Count now; extra: arrays a backward holds in its own variables (a recomputed
+        chunk's input, the attention core's recomputed probabilities)."""
+        self.peak = max(self.peak, held_bytes(self.layers, [extra, list(self.more())]))
+        if not extra:
+            self.layer_peak = max(self.layer_peak, held_bytes(self.first_block))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """One micro-batch's dimensions as a rank holds them: b sequences of s tokens, hidden h,
+    a heads, padded vocabulary V; e bytes per stored and c per compute element; tensor-parallel
+    size t, with sequence parallelism (sp) or not; dropout on or off."""
+
+    b: int
+    s: int
+    h: int
+    a: int
+    V: int
+    e: int
+    c: int
+    t: int = 1
+    sp: bool = False
+    dropout: bool = False
+
+    @property
+    def s_local(self) -> int:
+        """Tokens per sequence where the layout splits them (LayerNorms, dropouts, the
+        residual stream under sequence parallelism)."""
+        return self.s // self.t if self.sp else self.s
+
+
+def block_terms(z: Sizes) -> dict[str, int]:
+    """Bytes one block keeps for its backward, by what keeps them (module docstring)."""
+    b, s, h, a, e, c, t, sl = z.b, z.s, z.h, z.a, z.e, z.c, z.t, z.s_local
+    drop = int(z.dropout)
+    return {"ln_1": b * sl * h * e + b * sl * c, "c_attn input": b * s * h * e,
+            "qkv": 3 * b * s * h // t * e,
+            "core": a // t * b * s * s * ((1 + drop) * e + drop * c),   # P (+ dropout(P), mask)
+            "c_proj input": b * s * h // t * e, "attention dropout mask": drop * b * sl * h * c,
+            "ln_2": b * sl * h * e + b * sl * c, "c_fc input": b * s * h * e,
+            "gelu input": 4 * b * s * h // t * e, "mlp c_proj input": 4 * b * s * h // t * e,
+            "mlp dropout mask": drop * b * sl * h * c}
+
+
+ATTENTION_PART = ("ln_1", "c_attn input", "qkv", "core", "c_proj input")
+
+
+def refgpt_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int = 0,
+                 selective: bool = False, in_flight: int = 1, chunk: int = 1) -> dict[str, int]:
+    """What ActivationMeter measures on a rank holding a model chunk of `blocks` blocks (the
+    first `recomputed` of them fully recomputed in chunks of `chunk`, or every one's attention
+    core with selective), with in_flight micro-batches held at once (gradient accumulation:
+    1; 1F1B on pipeline rank r of p: min(p - r, micro-batches)). "total" is the peak of
+
+        after a forward       in_flight x (embedding + blocks + final) held
+        a chunk's backward    in_flight - 1 micro-batches held, and of the oldest: the blocks
+                              before the chunk, and the chunk's activations recomputed (full:
+                              all of its blocks' with its input; selective: one block's
+                              attention part)
+
+    and "layer" what the rank's first block keeps between passes, at the most micro-batches
+    in flight (ActivationMeter.layer_peak)."""
+    terms = block_terms(z)
+    full = sum(terms.values())
+    attention = sum(terms[k] for k in ATTENTION_PART)
+    kept = full - terms["core"] if selective else full
+    x = z.b * z.s_local * z.h * z.e                              # a chunk's input
+    embed = z.b * z.s_local * z.h * z.c if first and z.dropout else 0      # its dropout mask
+    final = (z.b * z.s_local * z.h * z.e + z.b * z.s_local * z.c       # ln_f
+             + z.b * z.s * z.h * z.e + z.b * z.s * z.V // z.t * z.e) if last else 0
+    held = [(x if i % chunk == 0 else 0) if i < recomputed else kept for i in range(blocks)]
+    one = embed + sum(held) + final
+    moments = [one]
+    for lo in range(0, recomputed, chunk):                      # a chunk rerun: n blocks' full
+        n = min(chunk, recomputed - lo)
+        moments.append(embed + sum(held[:lo]) + x + n * full)
+    for i in range(recomputed, blocks) if selective else ():    # an attention core rerun
+        moments.append(embed + sum(held[:i]) + attention)
+    return {"total": (in_flight - 1) * one + max(moments),
+            "layer": in_flight * (held[0] if held else 0)}
+
+
+def korthikanti_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                      recompute: str = "") -> int:
+    """Korthikanti et al.'s activation bytes per transformer layer in 16 bits (Megatron's
+    layer, one-byte dropout masks): sbh(34 + 5as/h) with no parallelism, sbh(10 + 24/t +
+    5as/(ht)) with tensor parallelism, sbh(34/t + 5as/(ht)) with sequence parallelism as
+    well; selective recomputation drops the 5as/h term, full recomputation keeps 2sbh (the
+    layer's input)."""
+    if recompute == "full":
+        return 2 * s * b * h // (t if sp else 1)
+    core = 0 if recompute == "selective" else 5 * a * s / (h * t)
+    rest = 34 / t if sp else 10 + 24 / t if t > 1 else 34
+    return round(s * b * h * (rest + core))
