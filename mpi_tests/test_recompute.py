@@ -12,7 +12,8 @@ from refgpt.parallel.grid import Grid
 
 
 def layouts(world):
-    yield "dp zero-3", dict(zero_stage=3)
+    for stage in (1, 2, 3):
+        yield f"dp zero-{stage}", dict(zero_stage=stage)
     if world % 2 == 0:
         yield "tp2 sp", dict(tensor_model_parallel_size=2, sequence_parallel=True)
         for schedule, v in (("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)):
