@@ -9,17 +9,25 @@ Layout of ``--save DIR``::
                                              step, model and training configuration, dtype
     DIR/iter_0000100/tokenizer.json          when the run used a tokenizer
 
-An iteration folder is written under a temporary name and renamed when complete, and
-``latest`` is replaced atomically, so a crash never leaves a half checkpoint behind. All
-tensors are stored whole, keyed by parameter name, so any later layout can load them.
+An iteration folder is written under a temporary name (each file flushed to disk) and
+renamed when complete, and ``latest`` is replaced atomically, so a crash never leaves a half
+checkpoint behind. Re-saving an iteration that exists moves the old copy aside first
+(``.iter_0000100.replaced*``) and deletes it only once the new one is in place; if a crash
+falls between the two renames, loading takes the copy set aside. state.json records each
+file's size and SHA-256, and loading checks them, and that every tensor is finite, before
+anything is used. ``clean_stale`` removes what crashed saves left; ``retention`` keeps the
+newest K iterations. All tensors are stored whole, keyed by parameter name, so any later
+layout can load them.
 Dropout masks and data order are functions of (seed, step, sample), so the configuration and
 the consumed-sample count are the whole random state.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,10 +71,31 @@ def write_tensors(tensors: dict, path, metadata: dict | None = None) -> Path:
     return path
 
 
+def _synced(path: Path) -> Path:
+    """path (a file or a folder) flushed to disk: a rename after this cannot expose it
+    half-written after a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def file_record(path: Path) -> dict:
+    """{"bytes", "sha256"} of a file, as state.json records it."""
+    with open(path, "rb") as f:
+        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+ITERATION = re.compile(r"iter_\d{7}")
+
+
 def save_checkpoint(root, iteration: int, params: dict[str, np.ndarray],
                     moments: dict[str, dict[str, np.ndarray]], step: int, state: dict,
-                    tokenizer: Path | None = None) -> Path:
-    """params: full tensors by name; moments: {"exp_avg": {name: tensor}, "exp_avg_sq": ...}."""
+                    tokenizer: Path | None = None, retention: int = 0) -> Path:
+    """params: full tensors by name; moments: {"exp_avg": {name: tensor}, "exp_avg_sq": ...};
+    retention: keep only the newest that many iteration folders (0: all)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:07d}"
@@ -74,20 +103,55 @@ def save_checkpoint(root, iteration: int, params: dict[str, np.ndarray],
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_tensors(params, tmp / "model.safetensors")
-    write_tensors({f"{key}.{n}": v for key, named in moments.items() for n, v in named.items()},
-                  tmp / "optimizer.safetensors")
-    full_state = {"format": FORMAT, "iteration": iteration, "optimizer_step": step, **state}
-    (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
+    files = [write_tensors(params, tmp / "model.safetensors"),
+             write_tensors({f"{key}.{n}": v for key, named in moments.items()
+                            for n, v in named.items()}, tmp / "optimizer.safetensors")]
     if tokenizer is not None:
-        shutil.copyfile(tokenizer, tmp / "tokenizer.json")
-    if final.exists():
-        shutil.rmtree(final)
+        files.append(Path(shutil.copyfile(tokenizer, tmp / "tokenizer.json")))
+    records = {f.name: file_record(_synced(f)) for f in files}
+    full_state = {"format": FORMAT, "iteration": iteration, "optimizer_step": step, **state,
+                  "files": records}
+    (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
+    _synced(tmp / "state.json")
+    _synced(tmp)
+    aside = root / f".{name}.replaced{os.getpid()}"
+    if final.exists():                  # the good copy is deleted only once this one is in place
+        final.rename(aside)
     tmp.rename(final)
     latest_tmp = root / f".latest.tmp{os.getpid()}"
     latest_tmp.write_text(name + "\n")
+    _synced(latest_tmp)
     os.replace(latest_tmp, root / "latest")
+    _synced(root)
+    if aside.exists():
+        shutil.rmtree(aside)
+    if retention:
+        for old in iterations(root)[:-retention]:
+            shutil.rmtree(old)
     return final
+
+
+def iterations(root) -> list[Path]:
+    """The complete iteration folders of a checkpoint root, oldest first."""
+    return sorted(p for p in Path(root).iterdir()
+                  if ITERATION.fullmatch(p.name) and (p / "state.json").is_file())
+
+
+def clean_stale(root) -> list[Path]:
+    """Remove what interrupted saves left in a checkpoint root (temporary folders and files,
+    copies set aside whose replacement is in place); returns what was removed."""
+    root, removed = Path(root), []
+    if not root.is_dir():
+        return removed
+    for p in root.iterdir():
+        m = re.fullmatch(r"\.(iter_\d{7})\.(tmp|replaced)\d+|\.latest\.tmp\d+", p.name)
+        if m is None:
+            continue
+        if m.group(2) == "replaced" and not (root / m.group(1) / "state.json").is_file():
+            continue                    # the only copy of that iteration: resolve() loads it
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+        removed.append(p)
+    return removed
 
 
 def resolve(path) -> Path:
@@ -97,9 +161,16 @@ def resolve(path) -> Path:
         return path
     latest = path / "latest"
     if latest.is_file():
-        target = path / latest.read_text().strip()
+        name = latest.read_text().strip()
+        if not ITERATION.fullmatch(name):
+            raise CheckpointError(f"{latest} names {name[:80]!r}, not an iteration folder "
+                                  f"(iter_NNNNNNN) of {path}")
+        target = path / name
         if (target / "state.json").is_file():
             return target
+        for aside in sorted(path.glob(f".{name}.replaced*")):   # a crash between two renames
+            if (aside / "state.json").is_file():
+                return aside
         raise CheckpointError(f"{latest} names {target.name}, which is missing or incomplete")
     raise CheckpointError(f"no checkpoint at {path} (neither state.json nor latest found)")
 
@@ -118,13 +189,26 @@ def read_state(path) -> tuple[Path, dict]:
 
 
 def load_checkpoint(path, with_optimizer: bool = True) -> Checkpoint:
+    """The checkpoint's state and tensors, each file checked against the size and SHA-256
+    state.json records (checkpoints written before it recorded them are read as they are)
+    and every tensor checked finite."""
     folder, state = read_state(path)
+    names = ["model.safetensors"] + (["optimizer.safetensors"] if with_optimizer else [])
+    records = state.get("files", {})
     try:
-        params = load_file(str(folder / "model.safetensors"))
-        opt = load_file(str(folder / "optimizer.safetensors")) if with_optimizer else None
+        for name in names + (["tokenizer.json"] if "tokenizer.json" in records else []):
+            if name in records and file_record(folder / name) != records[name]:
+                raise CheckpointError(f"corrupt checkpoint: {folder / name} does not match the "
+                                      f"size and SHA-256 in its state.json")
+        loaded = [load_file(str(folder / n)) for n in names]
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"corrupt checkpoint {folder}: {e}") from None
-    return Checkpoint(folder, state, params, opt)
+    for name, tensors in zip(names, loaded):
+        for key, value in tensors.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise CheckpointError(f"corrupt checkpoint: {folder / name}: tensor {key} holds "
+                                      f"non-finite values")
+    return Checkpoint(folder, state, loaded[0], loaded[1] if with_optimizer else None)
 
 
 def named_to_flat(tensors: dict[str, np.ndarray], prefix: str, params, out: np.ndarray) -> None:
@@ -136,4 +220,7 @@ def named_to_flat(tensors: dict[str, np.ndarray], prefix: str, params, out: np.n
         value = tensors[key]
         if value.size != hi - lo:
             raise CheckpointError(f"{key}: {value.size} elements, expected {hi - lo}")
+        shape = params.specs[n].shape
+        if tuple(value.shape) != tuple(shape):
+            raise CheckpointError(f"{key}: shape {value.shape}, expected {shape}")
         out[lo:hi] = value.reshape(-1)

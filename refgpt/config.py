@@ -7,6 +7,7 @@ exit with status 2, before any work (or, later, any collective) starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from .precision import DTYPE_NAMES
@@ -124,6 +125,8 @@ class TrainConfig:
     save: str = ""
     load: str = ""
     save_interval: int = 0  # 0: only at the end
+    save_retention: int = 0  # keep the newest K iteration folders (0: all)
+    exit_signal_handler: bool = False  # SIGTERM/SIGINT: finish the step, save, exit 0
     log_interval: int = 10
     log_jsonl: str = ""
     tensorboard_dir: str = ""
@@ -140,11 +143,16 @@ class TrainConfig:
         return self.global_batch_size // (data_parallel_size * self.micro_batch_size)
 
     def validate(self, data_parallel_size: int = 1) -> None:
+        for f in dataclasses.fields(self):             # nan and inf pass every comparison test
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, "
+                                  f"got {value}")
         for name in ("micro_batch_size", "global_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         for name in ("train_iters", "exit_interval", "lr_warmup_iters", "eval_interval",
-                     "eval_iters", "save_interval", "lr_decay_iters"):
+                     "eval_iters", "save_interval", "save_retention", "lr_decay_iters"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         per_step = self.micro_batch_size * data_parallel_size

@@ -93,6 +93,8 @@ TRAIN_FLAGS = {
     "save": ("save", str, "checkpoint folder to write"),
     "load": ("load", str, "checkpoint folder to resume from (model shape is taken from it)"),
     "save-interval": ("save_interval", int, "save every N iterations (0: only at the end)"),
+    "save-retention": ("save_retention", int, "keep only the newest N checkpoints in --save "
+                                              "(0: all)"),
     "log-interval": ("log_interval", int, "print a log line every N iterations"),
     "log-jsonl": ("log_jsonl", str, "write one JSON object per iteration to this file (a "
                                     "resumed run keeps the lines before its iteration)"),
@@ -183,6 +185,9 @@ def build_parser(module: str = "refgpt.train", description: str = __doc__
     ap.add_argument("--grad-reduce-in-bf16", action="store_true", dest="grad_reduce_in_bf16",
                     help="with --bf16: accumulate and all-reduce gradients in bfloat16 (half "
                          "the data-parallel bytes; each micro-batch's sum rounded to 8 bits)")
+    ap.add_argument("--exit-signal-handler", action="store_true", dest="exit_signal_handler",
+                    help="on SIGTERM or SIGINT finish the step, save (with --save) and exit 0 on "
+                         "every rank (Slurm: #SBATCH --signal=TERM@120)")
     ap.add_argument("--pp", type=int, dest="pipeline_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--no-progress", action="store_false", dest="progress",
                     help="no progress bar (log lines only)")
@@ -213,7 +218,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
                               f"--bf16, --fp16 and --dtype")
         values["dtype"] = HALF_FLAGS[half[0]]
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
-    fields[1].update({"synthetic_data", "tf32"})
+    fields[1].update({"synthetic_data", "tf32", "exit_signal_handler"})
     fields[2].update({"sequence_parallel", "overlap_grad_reduce", "dp_shared_memory",
                       "grad_reduce_in_bf16"})
     other_fields = {"progress"}
@@ -295,6 +300,11 @@ def main(argv=None) -> int:
         abort(comm, e)
     try:
         trainer.run()
+    except KeyboardInterrupt:                  # mpiexec passes Ctrl-C to every rank: one line
+        if rank == 0:
+            print("interrupted (--exit-signal-handler saves a checkpoint first)",
+                  file=sys.stderr, flush=True)
+        os._exit(130)
     except BaseException as e:                 # noqa: BLE001 - user errors too: others may wait
         abort(comm, e)
     return 0

@@ -25,8 +25,10 @@ from ..cli import CheckpointError
 from ..nn.gpt import param_specs
 
 
-def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None):
-    """Write the checkpoint (collective; world rank 0 writes); returns its folder on rank 0."""
+def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None,
+         retention: int = 0):
+    """Write the checkpoint (collective; world rank 0 writes, keeping the newest `retention`
+    iterations if not 0); returns its folder on rank 0."""
     p = model.params
     flat = (p.gather_shards(opt.p), p.gather_shards(opt.m), p.gather_shards(opt.v))
     params, m, v = (model.full_tensors(to_host(f)) for f in flat)
@@ -38,7 +40,7 @@ def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None):
     if grid.rank != 0:
         return None
     return save_checkpoint(path, iteration, params, {"exp_avg": m, "exp_avg_sq": v}, opt.t,
-                           state, tokenizer)
+                           state, tokenizer, retention)
 
 
 def restore(ckpt, model, opt, cfg) -> None:

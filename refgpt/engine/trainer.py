@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import metrics
 from ..backend import Backend, synchronize
-from ..checkpoint import load_checkpoint, read_state
+from ..checkpoint import clean_stale, load_checkpoint, read_state
 from ..data.corpus import cache_dir
 from ..config import ModelConfig, ParallelConfig
 from ..precision import compute_dtype, dtype_of, is_half
@@ -29,6 +29,7 @@ from ..timers import Timers
 from . import checkpoints, report
 from .batches import Batches, data_folder, fit_vocabulary
 from .faults import Faults
+from .signals import ExitSignals
 from .step import Step
 from .warmup import KernelWarmup
 
@@ -170,7 +171,7 @@ class Trainer:
                  "model": self.mcfg.to_dict(), "train": t.to_dict(),
                  "loss_scaler": self.scaler.state_dict()}
         path = checkpoints.save(t.save, self.iteration, self.model, self.opt, self.grid, state,
-                                self.batches.tokenizer)
+                                self.batches.tokenizer, t.save_retention)
         if path is not None:
             self.log(f"saved checkpoint {path}")
         return path
@@ -179,37 +180,45 @@ class Trainer:
     @on_backend
     def run(self) -> list[dict]:
         t, rank0 = self.tcfg, self.grid.rank == 0
+        if rank0 and t.save:
+            for stale in clean_stale(t.save):
+                self.log(f"removed {stale}, left by an interrupted save")
         self.log(report.banner(self.mcfg, t, self.pcfg, self.grid, self.model.params.numel,
                                len(self.sync.buckets), self.gemm_rate,
                                self.memory()))
         records = report.RunLog(t, self.iteration, self.log if rank0 else None, self.progress)
         self.log = records.say
         last_log = self.iteration
-        try:
-            while self.iteration < t.train_iters:
-                r = self.train_step()
-                last = self.iteration == t.train_iters
-                stop = bool(t.exit_interval) and self.iteration % t.exit_interval == 0
-                if t.eval_iters and ((t.eval_interval and self.iteration % t.eval_interval == 0)
-                                     or last):
-                    r["val_loss"] = self.evaluate()
-                logging = self.iteration % t.log_interval == 0 or last or stop
-                if logging and self.timers.level:
-                    n = self.iteration - last_log
-                    r["timers_ms"] = {k: [1e3 * lo / n, 1e3 * hi / n]
-                                      for k, (lo, hi) in self.timers.summary(self.grid.world).items()}
-                if logging:
-                    last_log = self.iteration
-                self.history.append(r)
-                records.add(r, logging)
-                if t.save and ((t.save_interval and self.iteration % t.save_interval == 0)
-                               or last or stop):
-                    self.save()
-                if stop:
-                    self.log(f"exiting at iteration {self.iteration} (--exit-interval)")
-                    break
-        finally:
-            records.close()
-            if rank0:
-                self.gemm.save()
+        with ExitSignals(t.exit_signal_handler) as signals:
+            try:
+                while self.iteration < t.train_iters:
+                    r = self.train_step()
+                    last = self.iteration == t.train_iters
+                    signalled = signals.agreed(self.grid.world)
+                    stop = (signalled is not None
+                            or bool(t.exit_interval) and self.iteration % t.exit_interval == 0)
+                    if t.eval_iters and ((t.eval_interval and self.iteration % t.eval_interval == 0)
+                                         or last):
+                        r["val_loss"] = self.evaluate()
+                    logging = self.iteration % t.log_interval == 0 or last or stop
+                    if logging and self.timers.level:
+                        n = self.iteration - last_log
+                        r["timers_ms"] = {k: [1e3 * lo / n, 1e3 * hi / n]
+                                          for k, (lo, hi) in self.timers.summary(self.grid.world).items()}
+                    if logging:
+                        last_log = self.iteration
+                    self.history.append(r)
+                    records.add(r, logging)
+                    if t.save and ((t.save_interval and self.iteration % t.save_interval == 0)
+                                   or last or stop):
+                        self.save()
+                    if stop:
+                        why = f"on {signalled}" if signalled else "(--exit-interval)"
+                        self.log(f"exiting at iteration {self.iteration} {why}"
+                                 + (", checkpoint saved" if t.save else ""))
+                        break
+            finally:
+                records.close()
+                if rank0:
+                    self.gemm.save()
         return self.history
