@@ -131,6 +131,21 @@ def save_checkpoint(root, iteration: int, params: dict[str, np.ndarray],
     return final
 
 
+def unwritable(root) -> str | None:
+    """Why checkpoints cannot be written under root, or None: found before training, not at
+    the first save, after the work. Nothing is created: a folder that does not exist yet is
+    judged by the nearest one above it that does."""
+    root = Path(root).absolute()
+    if root.exists() and not root.is_dir():
+        return f"--save {root}: exists and is not a folder"
+    existing = next(p for p in (root, *root.parents) if p.exists())
+    if not existing.is_dir():
+        return f"--save {root}: {existing} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--save {root}: {existing} is not writable"
+    return None
+
+
 def iterations(root) -> list[Path]:
     """The complete iteration folders of a checkpoint root, oldest first."""
     return sorted(p for p in Path(root).iterdir()

@@ -19,6 +19,7 @@ from .parallel.threads import quiet_openblas
 quiet_openblas()                        # before anything imports NumPy (and loads OpenBLAS)
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
@@ -199,6 +200,22 @@ def parse_config(argv=None) -> tuple[ModelConfig, TrainConfig, ParallelConfig, s
     return configs_from(vars(build_parser().parse_args(argv)))
 
 
+def typed(cls, name: str, value):
+    """value as the config field's type (its default's), which a TOML file may not have given:
+    an integer is a float where a float is asked for; anything else of the wrong type (a
+    string for a number, 2.0 or true for a count) is refused."""
+    want = type(next(f for f in dataclasses.fields(cls) if f.name == name).default)
+    ok = (isinstance(value, bool) if want is bool else
+          isinstance(value, int) and not isinstance(value, bool) if want is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+          isinstance(value, want))
+    if not ok:
+        kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise ConfigError(f"{name.replace('_', '-')} must be {kinds.get(want, want.__name__)}, "
+                          f"got {value!r}")
+    return float(value) if want is float else value
+
+
 def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig, set, dict]:
     """The configs from parsed flags (with --config's TOML file read under them)."""
     values = {}
@@ -210,6 +227,14 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
             values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
+        for cls in (ModelConfig, TrainConfig, ParallelConfig):    # the file's own values,
+            names = {f.name for f in dataclasses.fields(cls)}      # flags given or not
+            for k, v in values.items():
+                if k in names:
+                    try:
+                        typed(cls, k, v)
+                    except ConfigError as e:
+                        raise ConfigError(f"{path}: {e}") from None
     values.update(given)
     half = [name for name in HALF_FLAGS if values.pop(name, False)]
     if half:
@@ -225,7 +250,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
     unknown = set(values) - set().union(*fields) - other_fields
     if unknown:
         raise ConfigError(f"unknown settings: {sorted(unknown)}")
-    mcfg, tcfg, pcfg = (cls(**{k: v for k, v in values.items() if k in f})
+    mcfg, tcfg, pcfg = (cls(**{k: typed(cls, k, v) for k, v in values.items() if k in f})
                         for cls, f in zip((ModelConfig, TrainConfig, ParallelConfig), fields))
     other = {k: values[k] for k in other_fields if k in values}
     return mcfg, tcfg, pcfg, set(values), other

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from .. import metrics
 from ..backend import Backend, synchronize
-from ..checkpoint import clean_stale, load_checkpoint, read_state
+from ..checkpoint import clean_stale, load_checkpoint, read_state, unwritable
 from ..data.corpus import cache_dir
+from ..cli import CheckpointError
 from ..config import ModelConfig, ParallelConfig
 from ..precision import compute_dtype, dtype_of, is_half
 from ..optim import AdamW, MasterAdamW, learning_rate, make_scaler
@@ -61,6 +62,11 @@ class Trainer:
             mcfg = ModelConfig.from_dict(read_state(tcfg.load)[1]["model"])
         fit_vocabulary(mcfg, tcfg, given, bool(tcfg.load))
         check_layout(mcfg, tcfg, self.pcfg, g.tp_size, g.dp_size, g.pp_size)
+        if tcfg.save:                               # judged by the rank that writes, and
+            problem = unwritable(tcfg.save) if g.rank == 0 else None     # agreed before any
+            problem = problem if g.world is None else g.world.bcast(problem)  # collective
+            if problem:
+                raise CheckpointError(problem)
         self.mcfg, self.tcfg = mcfg, tcfg
         ckpt = load_checkpoint(tcfg.load) if tcfg.load else None
         if ckpt is not None:

@@ -1,0 +1,120 @@
+"""Every bad input to refgpt.train is one `error:` line and exit status 2, before any work,
+and nothing is written: a table of cases, each run in-process in a fresh folder (and a few of
+them under mpiexec, where every rank must agree)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from refgpt import train
+
+TINY = ["--synthetic-data", "--num-layers", "1", "--hidden-size", "16",
+        "--num-attention-heads", "2", "--seq-length", "8", "--vocab-size", "50",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--eval-iters", "0",
+        "--train-iters", "2", "--no-progress"]
+
+FLAGS = [  # (extra flags, what the line says)
+    *[([f"{flag}={value}"], "must be a finite number")
+      for flag in ("--lr", "--min-lr", "--lr-warmup-init", "--weight-decay", "--clip-grad",
+                   "--adam-beta1", "--adam-beta2", "--adam-eps", "--loss-scale",
+                   "--initial-loss-scale", "--min-loss-scale")
+      for value in ("nan", "inf")],
+    (["--dropout", "nan"], "--dropout must be in [0, 1)"),
+    (["--dropout", "1"], "--dropout must be in [0, 1)"),
+    (["--hidden-size", "30", "--num-attention-heads", "4"], "not divisible by --num-attention-heads"),
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], "not divisible by --micro-batch-size"),
+    (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (["--log-interval", "0"], "--log-interval must be >= 1"),
+    (["--train-iters", "-1"], "--train-iters must be >= 0"),
+    (["--save-interval", "-1"], "--save-interval must be >= 0"),
+    (["--save-retention", "-2"], "--save-retention must be >= 0"),
+    (["--eval-iters", "-1"], "--eval-iters must be >= 0"),
+    (["--dtype", "int8"], "--dtype must be one of"),
+    (["--backend", "tpu"], "--backend must be one of"),
+    (["--bf16", "--fp16"], "give one of --bf16, --fp16 and --dtype"),
+    (["--tf32"], "--tf32"),
+    (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--dp-shared-memory"], "--dp-shared-memory is a way to run ZeRO-1"),
+    (["--zero-stage", "4"], "--zero-stage must be 0, 1, 2 or 3"),
+    (["--pipeline-schedule", "fifo"], "--pipeline-schedule must be one of"),
+    (["--tensor-parallel-mode", "3d"], "--tensor-parallel-mode must be one of"),
+    (["--num-virtual-stages", "0"], "--num-virtual-stages must be >= 1"),
+    (["--timing-log-level", "3"], "--timing-log-level must be 0, 1 or 2"),
+    (["--recompute-granularity", "partial"], "--recompute-granularity must be full or selective"),
+    (["--recompute-method", "all"], "--recompute-method must be uniform or block"),
+    (["--recompute-granularity", "full", "--recompute-num-layers", "0"],
+     "--recompute-num-layers must be >= 1"),
+    (["--recompute-num-layers-per-stage", "1,x"], "--recompute-num-layers-per-stage must be"),
+    (["--recompute-num-layers-per-stage", "1"], "goes with --recompute-granularity full"),
+    (["--tensor-model-parallel-size", "2"], "not divisible by --tp 2"),
+    (["--pipeline-model-parallel-size", "3"], "not divisible by --tp 1 x --pp 3"),
+    (["--lr-decay-style", "zigzag"], "--lr-decay-style must be one of"),
+    (["--gelu", "relu"], "gelu"),
+    (["--ddp-bucket-size", "-1"], "--ddp-bucket-size and --threads-per-rank must be >= 0"),
+    (["--load", "nowhere"], "no checkpoint at nowhere"),
+    (["--data-path", "nowhere"], "give either --data-path or --synthetic-data, not both"),
+    (["--config", "nowhere.toml"], "config file not found"),
+]
+
+FILES = [  # (files to make first, extra flags, what the line says)
+    ({"afile": ""}, ["--save", "afile"], "exists and is not a folder"),
+    ({"afile": ""}, ["--save", "afile/ckpt"], "is not a folder"),
+    ({"c.toml": "num-layers = ["}, ["--config", "c.toml"], "c.toml"),
+    ({"c.toml": "num_layerz = 2\n"}, ["--config", "c.toml"], "unknown settings: ['num_layerz']"),
+    ({"c.toml": 'hidden-size = "thirty-two"\n'}, ["--config", "c.toml"],
+     "hidden-size must be an integer, got 'thirty-two'"),
+    ({"c.toml": "num-layers = 2.0\n"}, ["--config", "c.toml"], "num-layers must be an integer"),
+    ({"c.toml": "num-layers = true\n"}, ["--config", "c.toml"], "num-layers must be an integer"),
+    ({"c.toml": 'lr = "1e-3"\n'}, ["--config", "c.toml"], "lr must be a number, got '1e-3'"),
+    ({"c.toml": 'synthetic-data = "no"\n'}, ["--config", "c.toml"],
+     "synthetic-data must be true or false"),
+    ({"c.toml": "lr = nan\n"}, ["--config", "c.toml"], "--lr must be a finite number"),
+    ({"c.toml": 'backend = 3\n'}, ["--config", "c.toml"], "backend must be a string"),
+    ({"latest": "../x\n"}, ["--load", "."], "not an iteration folder"),
+]
+
+
+def one_line_error(capsys, argv, match, folder):
+    before = sorted(os.listdir(folder))
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert err.startswith("error: ") and err.count("\n") == 1 and match in err, err
+    assert sorted(os.listdir(folder)) == before                     # nothing written
+
+
+@pytest.mark.parametrize("flags, match", FLAGS, ids=lambda c: " ".join(c) if isinstance(c, list) else None)
+def test_bad_flags(flags, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, [*TINY, *flags, "--save", "ckpt"] if "--save" not in flags
+                   else [*TINY, *flags], match, tmp_path)
+
+
+@pytest.mark.parametrize("files, flags, match", FILES)
+def test_bad_files(files, flags, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    one_line_error(capsys, [*TINY, *flags], match, tmp_path)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--lr=nan"], "must be a finite number"),
+    (["--save", "afile"], "exists and is not a folder"),
+    (["--global-batch-size", "6", "--micro-batch-size", "2"], "not divisible"),
+])
+def test_bad_inputs_under_mpiexec(flags, match, tmp_path):
+    if shutil.which("mpiexec") is None:
+        pytest.fail("mpiexec not found: install the project's dev extra (the mpich wheel)")
+    (tmp_path / "afile").write_text("")
+    r = subprocess.run(["mpiexec", "-n", "2", sys.executable, "-m", "refgpt.train", *TINY,
+                        *flags], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("error: ") == 1 and match in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
