@@ -146,6 +146,16 @@ def unwritable(root) -> str | None:
     return None
 
 
+def remove_temporaries(root, iteration: int) -> None:
+    """Remove this process's temporary files of a save that failed (the folder and latest's)."""
+    name = f"iter_{iteration:07d}"
+    for p in (Path(root) / f".{name}.tmp{os.getpid()}", Path(root) / f".latest.tmp{os.getpid()}"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+
+
 def iterations(root) -> list[Path]:
     """The complete iteration folders of a checkpoint root, oldest first."""
     return sorted(p for p in Path(root).iterdir()

@@ -27,7 +27,7 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .checkpoint import read_state  # noqa: E402
-from .cli import USER_ERRORS, exit_on_user_error, parser  # noqa: E402
+from .cli import USER_ERRORS, CheckpointError, exit_on_user_error, parser  # noqa: E402
 from .config import (BACKENDS, DECAY_STYLES, DTYPES, GELU_KINDS, SCHEDULES, TP_MODES,  # noqa: E402
                      ConfigError, ModelConfig, ParallelConfig, TrainConfig)
 from .engine import Trainer  # noqa: E402
@@ -325,6 +325,10 @@ def main(argv=None) -> int:
         abort(comm, e)
     try:
         trainer.run()
+    except CheckpointError as e:               # a failed save, raised on every rank alike
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except KeyboardInterrupt:                  # mpiexec passes Ctrl-C to every rank: one line
         if rank == 0:
             print("interrupted (--exit-signal-handler saves a checkpoint first)",

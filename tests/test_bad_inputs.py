@@ -118,3 +118,44 @@ def test_bad_inputs_under_mpiexec(flags, match, tmp_path):
     assert r.stderr.count("error: ") == 1 and match in r.stderr, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
+def test_token_ids_beyond_the_vocabulary_are_found_at_load(capsys, tmp_path, monkeypatch):
+    import numpy as np
+
+    from refgpt.data.prepared import prepare
+    src = tmp_path / "src.py"
+    src.write_text("def f(x):\n    return x + 1\n" * 200)
+    prepare([str(src)], tmp_path / "data", vocab_size=300, val_fraction=0.1,
+            log=lambda *_: None)
+    tokens = np.memmap(tmp_path / "data" / "train.bin", dtype=np.uint16, mode="r+")
+    tokens[-5] = 60000                                      # past the end of the vocabulary
+    tokens.flush()
+    del tokens
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in TINY if a not in ("--synthetic-data", "--vocab-size", "50")]
+    one_line_error(capsys, [*argv, "--data-path", "data"], "token id 60000 is outside", tmp_path)
+
+
+def test_a_full_disk_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
+    import errno
+
+    import refgpt.checkpoint as ck
+    from refgpt.checkpoint import iterations, load_checkpoint
+    calls, write = [], ck.write_tensors
+
+    def fills_up(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:                                  # the second save's first file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(*args, **kwargs)
+    monkeypatch.setattr(ck, "write_tensors", fills_up)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        train.main([*TINY, "--train-iters", "3", "--save", "ckpt", "--save-interval", "1"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "saving iteration 2 to ckpt failed (No space left on device)" in err, err
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["iter_0000001", "latest"]
+    assert [p.name for p in iterations(tmp_path / "ckpt")] == ["iter_0000001"]
+    assert load_checkpoint(tmp_path / "ckpt").state["iteration"] == 1

@@ -68,6 +68,10 @@ class TokenDataset:
             raise ValueError(f"corrupt token file {path}: expected {expected} bytes")
         self.tokens = np.memmap(path, dtype=meta["dtype"], mode="r")
         self.vocab_size = meta["vocab_size"]
+        top = int(self.tokens.max()) if len(self.tokens) else 0    # one pass, at start
+        if top >= self.vocab_size:
+            raise ValueError(f"corrupt token file {path}: token id {top} is outside the data's "
+                             f"vocabulary of {self.vocab_size}")
         self.T, self.seed = seq_length, seed
         self.num_windows = (len(self.tokens) - 1) // seq_length
         if self.num_windows < 1:

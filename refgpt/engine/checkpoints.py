@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_device, to_host
-from ..checkpoint import named_to_flat, save_checkpoint
+from ..checkpoint import named_to_flat, remove_temporaries, save_checkpoint
 from ..cli import CheckpointError
 from ..nn.gpt import param_specs
 
@@ -37,10 +37,20 @@ def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None,
         if parts is not None:
             params, m, v = ({k: val for part in reversed(parts) for k, val in part[i].items()}
                             for i in range(3))
-    if grid.rank != 0:
-        return None
-    return save_checkpoint(path, iteration, params, {"exp_avg": m, "exp_avg_sq": v}, opt.t,
-                           state, tokenizer, retention)
+    folder = failure = None
+    if grid.rank == 0:
+        try:
+            folder = save_checkpoint(path, iteration, params, {"exp_avg": m, "exp_avg_sq": v},
+                                     opt.t, state, tokenizer, retention)
+        except OSError as e:                  # a full disk, say: the last good one stays
+            failure = (f"saving iteration {iteration} to {path} failed ({e.strerror or e}); "
+                       f"its latest checkpoint is still the one before")
+            remove_temporaries(path, iteration)
+    if grid.world is not None:                # every rank stops with the same line
+        failure = grid.world.bcast(failure)
+    if failure:
+        raise CheckpointError(failure)
+    return folder
 
 
 def restore(ckpt, model, opt, cfg) -> None:
