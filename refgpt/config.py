@@ -222,6 +222,7 @@ class ParallelConfig:
     recompute_method: str = "uniform"  # uniform: every block; block: the first N of each stage
     recompute_num_layers: int = 1  # uniform: blocks per recomputed chunk; block: N
     recompute_num_layers_per_stage: str = ""  # block: "N0,N1,...", N per pipeline rank
+    distributed_timeout_minutes: float = 10.0  # a rank stuck this long in a phase ends the job
 
     def recomputed_blocks(self, blocks: int, pp_rank: int = 0) -> int:
         """How many of a model chunk's blocks (the first ones) recompute their forward, on
@@ -275,6 +276,10 @@ class ParallelConfig:
                               "and update split over a node's ranks): add --zero-stage 1")
         if self.timing_log_level not in (0, 1, 2):
             raise ConfigError(f"--timing-log-level must be 0, 1 or 2, got {self.timing_log_level}")
+        if not (math.isfinite(self.distributed_timeout_minutes)
+                and self.distributed_timeout_minutes >= 0):
+            raise ConfigError(f"--distributed-timeout-minutes must be a number >= 0 (0: no "
+                              f"watchdog), got {self.distributed_timeout_minutes}")
         if self.recompute_granularity not in ("", "full", "selective"):
             raise ConfigError(f"--recompute-granularity must be full or selective, got "
                               f"{self.recompute_granularity!r}")

@@ -137,6 +137,10 @@ PARALLEL_FLAGS = {
     "recompute-num-layers": ("recompute_num_layers", int,
                              "uniform: blocks per recomputed chunk (each chunk keeps "
                              "only its input); block: blocks recomputed per stage"),
+    "distributed-timeout-minutes": ("distributed_timeout_minutes", float,
+                                    "a rank stuck this long in one phase (waiting for a rank "
+                                    "that stopped responding) ends the job with one line "
+                                    "naming the ranks that did not arrive; 0: no watchdog"),
     "recompute-num-layers-per-stage": ("recompute_num_layers_per_stage", str,
                                        "block: blocks recomputed on each pipeline stage, as "
                                        "2,2,1,0 (1F1B's early stages hold the most "

@@ -35,7 +35,10 @@ def test_fault_on_one_rank_ends_the_job(phase, tmp_path):
 
 
 def test_fault_spec():
-    assert parse("rank=3,phase=optimizer") == (3, "optimizer")
+    assert parse("rank=3,phase=optimizer") == (3, "optimizer", "raise")
+    assert parse("rank=1,phase=backward,action=hang") == (1, "backward", "hang")
+    with pytest.raises(ValueError, match="action must be raise or hang"):
+        parse("rank=1,phase=backward,action=sulk")
     with pytest.raises(ValueError, match="phase must be one of"):
         parse("rank=0,phase=lunch")
     with pytest.raises(ValueError, match="must look like"):
@@ -48,3 +51,25 @@ def test_no_fault_without_the_variable(monkeypatch):
     monkeypatch.setenv("REFGPT_FAULT", "rank=1,phase=forward")
     Faults(0)("forward")
     Faults(1)("backward")
+
+
+@pytest.mark.parametrize("phase, waits_in", [("backward", "grads-all-reduce"),
+                                             ("optimizer", "optimizer")])
+def test_a_rank_that_stops_responding_ends_the_job_within_the_timeout(phase, waits_in,
+                                                                       tmp_path):
+    """Rank 2 stops for good at a phase (as a SIGSTOP'd or hung rank does); the others wait
+    for it in a collective, and the watchdog (--distributed-timeout-minutes 0.1: 6 s) ends
+    the job with one line naming rank 2."""
+    mpiexec = shutil.which("mpiexec")
+    assert mpiexec, "mpiexec not found: install the mpich extra"
+    env = dict(os.environ, REFGPT_FAULT=f"rank=2,phase={phase},action=hang",
+               PYTHONPATH=os.getcwd())
+    t0 = time.monotonic()
+    r = subprocess.run([mpiexec, "-n", "4", sys.executable, *JOB,
+                        "--distributed-timeout-minutes", "0.1"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert r.returncode != 0 and elapsed < 40, (elapsed, r.stderr)
+    assert r.stderr.count("error: no progress for 0.1 min") == 1, r.stderr
+    assert "rank 2 did not arrive (--distributed-timeout-minutes)" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr

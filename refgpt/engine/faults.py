@@ -1,7 +1,8 @@
 """Test-only fault injection, to prove that a failure on one rank ends the whole job.
 
 With REFGPT_FAULT="rank=R,phase=P" in the environment, rank R raises InjectedFault when it
-reaches phase P, one of: init (end of set-up), forward, backward, grads-all-reduce (the
+reaches phase P (with ",action=hang": stops there for good, as a stopped or hung rank does,
+to prove the watchdog of refgpt.engine.watchdog), one of: init (end of set-up), forward, backward, grads-all-reduce (the
 gradient reduction), optimizer, checkpoint (saving). The step's phases are its timers'
 (refgpt.timers calls the hook as each starts); init and checkpoint are called where those
 begin. Without the variable nothing happens.
@@ -10,6 +11,7 @@ begin. Without the variable nothing happens.
 from __future__ import annotations
 
 import os
+import time
 
 PHASES = ("init", "forward", "backward", "grads-all-reduce", "optimizer", "checkpoint")
 
@@ -18,15 +20,17 @@ class InjectedFault(RuntimeError):
     pass
 
 
-def parse(spec: str) -> tuple[int, str]:
+def parse(spec: str) -> tuple[int, str, str]:
     try:
         fields = dict(item.split("=", 1) for item in spec.split(","))
-        rank, phase = int(fields["rank"]), fields["phase"]
+        rank, phase, action = int(fields["rank"]), fields["phase"], fields.get("action", "raise")
     except (ValueError, KeyError):
         raise ValueError(f'REFGPT_FAULT must look like "rank=1,phase=backward", got {spec!r}') from None
     if phase not in PHASES:
         raise ValueError(f"REFGPT_FAULT phase must be one of {PHASES}, got {phase!r}")
-    return rank, phase
+    if action not in ("raise", "hang"):
+        raise ValueError(f"REFGPT_FAULT action must be raise or hang, got {action!r}")
+    return rank, phase, action
 
 
 class Faults:
@@ -38,5 +42,9 @@ class Faults:
         self.target = parse(spec) if spec else None
 
     def __call__(self, phase: str) -> None:
-        if self.target == (self.rank, phase):
-            raise InjectedFault(f"injected fault at phase {phase!r} (REFGPT_FAULT={self.spec})")
+        if self.target is None or self.target[:2] != (self.rank, phase):
+            return
+        if self.target[2] == "hang":
+            while True:
+                time.sleep(3600)
+        raise InjectedFault(f"injected fault at phase {phase!r} (REFGPT_FAULT={self.spec})")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import signal
 
+import numpy as np
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -40,10 +42,8 @@ class ExitSignals:
         """The name of a signal any rank received (collective over comm), or None."""
         if not self.enabled:
             return None
-        got = self.received if comm is None else comm.allreduce(self.received, op=_max())
-        return signal.Signals(got).name if got else None
-
-
-def _max():
-    from mpi4py import MPI
-    return MPI.MAX
+        got = np.array([self.received], dtype=np.int64)
+        if comm is not None:                  # a buffer all-reduce: other threads run meanwhile
+            from mpi4py import MPI
+            comm.Allreduce(MPI.IN_PLACE, got, op=MPI.MAX)
+        return signal.Signals(int(got[0])).name if got[0] else None

@@ -134,4 +134,12 @@ class Step:
 
     @staticmethod
     def _sum(value: float, comm) -> float:
-        return value if comm is None else comm.allreduce(value)
+        """value summed over comm, as a buffer all-reduce: mpi4py lets other threads run
+        while it waits (the watchdog, refgpt.engine.watchdog), which its pickling
+        allreduce does not."""
+        if comm is None:
+            return value
+        from mpi4py import MPI
+        buf = np.array([value], dtype=np.float64)
+        comm.Allreduce(MPI.IN_PLACE, buf)
+        return float(buf[0])

@@ -31,6 +31,7 @@ from . import checkpoints, report
 from .batches import Batches, data_folder, fit_vocabulary
 from .faults import Faults
 from .signals import ExitSignals
+from .watchdog import Watchdog
 from .step import Step
 from .warmup import KernelWarmup
 
@@ -75,7 +76,8 @@ class Trainer:
         warmup = KernelWarmup(tcfg.backend, tcfg.dtype, g.world)     # while the data is prepared
         self.batches = Batches(mcfg, tcfg, g, data_folder(tcfg, mcfg, g.world, self.log))
         self.faults = Faults(g.rank)
-        self.timers = Timers(self.pcfg.timing_log_level, g.world, on_enter=self.faults)
+        self.watchdog = None                         # started by run(), on several ranks
+        self.timers = Timers(self.pcfg.timing_log_level, g.world, on_enter=self.entering)
         self.backend = Backend(tcfg.backend, tf32=tcfg.tf32)
         self.backend.use_gpu(g.rank)
         self.iteration, self.consumed, self.history = 0, 0, []
@@ -159,9 +161,16 @@ class Trainer:
                                   self.sync.comm_bytes - traffic, self.memory(), self.scaler.scale)
 
     @on_backend
+    def entering(self, phase: str) -> None:
+        """Each phase as it starts: the fault injection's hook and the watchdog's position."""
+        self.faults(phase)
+        if self.watchdog is not None:
+            self.watchdog.note(self.iteration, phase)
+
     def evaluate(self) -> float:
         """Mean loss over eval_iters global batches of the validation split, in order; the
         batches are shared out over the data-parallel ranks like training batches."""
+        self.entering("evaluation")
         return self.step.evaluate(*self.batches.validation())
 
     def memory(self) -> dict:
@@ -171,7 +180,7 @@ class Trainer:
     @on_backend
     def save(self) -> Path | None:
         """Every rank's parts assembled into full tensors, written by world rank 0."""
-        self.faults("checkpoint")
+        self.entering("checkpoint")
         t = self.tcfg
         state = {"consumed_samples": self.consumed, "dtype": t.dtype, "seed": t.seed,
                  "model": self.mcfg.to_dict(), "train": t.to_dict(),
@@ -195,6 +204,10 @@ class Trainer:
         records = report.RunLog(t, self.iteration, self.log if rank0 else None, self.progress)
         self.log = records.say
         last_log = self.iteration
+        minutes = self.pcfg.distributed_timeout_minutes
+        if self.grid.world is not None and self.grid.world_size > 1 and minutes > 0:
+            self.watchdog = Watchdog(self.grid.world, minutes)
+        finished = False
         with ExitSignals(t.exit_signal_handler) as signals:
             try:
                 while self.iteration < t.train_iters:
@@ -223,8 +236,12 @@ class Trainer:
                         self.log(f"exiting at iteration {self.iteration} {why}"
                                  + (", checkpoint saved" if t.save else ""))
                         break
+                finished = True
             finally:
                 records.close()
                 if rank0:
                     self.gemm.save()
+                if self.watchdog is not None:        # collective only when every rank is here
+                    self.watchdog.close(collective=finished)
+                    self.watchdog = None
         return self.history
