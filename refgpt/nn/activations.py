@@ -6,9 +6,9 @@ forward awaiting its backward) and adds up the memory the saved arrays cover: th
 their byte extents, so an array two layers save (the probabilities P, kept as P and as
 dropout(P) when there is no dropout) and the views of one buffer (q, k, v of the qkv
 projection) count once, and a view counts only the bytes it spans. ``ActivationMeter`` keeps
-the peak of that count over the points where it can peak: after each micro-batch's forward,
-and inside a recomputed block's (or attention core's) backward, where that block's
-activations exist again for a moment.
+the peak of that count over the points where it can peak: after each micro-batch's forward
+(and each pipeline op), and inside a recomputed chunk's (or attention core's) backward, where
+its activations exist again for a moment.
 
 The formula (``refgpt_bytes``), per transformer layer and micro-batch of b sequences of s
 tokens, hidden size h, a heads, tensor-parallel size t, e bytes per stored element and c per
@@ -23,17 +23,17 @@ compute element (e = c for float32/float64; e = 2, c = 4 in 16 bits), with dropo
     gelu input, c_proj   4bsh e / t each      (c_fc's output with its bias; the gelu)
     residual masks       2 bsh c              (after each branch's dropout)
 
-so 16 bsh e + 2 bs c (+ 3 a s^2 b c per layer of dropout terms in 16 bits, ...) in one process.
-Korthikanti et al. count sbh(34 + 5as/h) bytes for Megatron's layer in 16 bits: their masks
-are one byte, their LayerNorms keep only their input, and P is kept once with its dropout
-applied in the backward from the mask; refgpt keeps the normalised n and the output of each
-LayerNorm (one fewer pass in backward), P and dropout(P), and a mask in the compute type (no
-separate rescaling pass). docs/memory.md compares the two.
+so, in one process, 16 bsh e + 2 bs c + a s^2 b e without dropout and 16 bsh e + 2 bs c +
+2 bsh c + a s^2 b (2e + c) with it: sbh(40 + 8as/h) + 8sb bytes in 16 bits. Korthikanti et
+al. count sbh(34 + 5as/h) for Megatron's layer: the same arrays, but one-byte dropout masks
+where refgpt keeps each mask scaled, in the compute type (backward is one multiply);
+docs/memory.md compares the two term by term.
 
 With sequence parallelism the LayerNorms, dropouts and residuals hold s/t tokens and the
-column-parallel inputs are the all-gathered sequence. Full recomputation keeps the block's
-input (bsh e per layer) and, during the block's backward, that block's activations once more.
-Selective recomputation keeps q, k, v and drops P, dropout(P) and the attention mask.
+column-parallel inputs are the all-gathered sequence. Full recomputation keeps a chunk's
+input (bsh e per chunk of blocks) and, during the chunk's backward, its blocks' activations
+once more. Selective recomputation keeps q, k, v and drops P, dropout(P) and the attention
+mask, which exist again for one block inside its backward.
 """
 
 from __future__ import annotations
