@@ -22,6 +22,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 import traceback  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -337,6 +338,8 @@ def main(argv=None) -> int:
         if rank == 0:
             print("interrupted (--exit-signal-handler saves a checkpoint first)",
                   file=sys.stderr, flush=True)
+        else:                                  # rank 0 first: mpiexec ends the job at the
+            time.sleep(2.0)                    # first exit, and its line would be lost
         os._exit(130)
     except BaseException as e:                 # noqa: BLE001 - user errors too: others may wait
         abort(comm, e)
