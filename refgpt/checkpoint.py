@@ -100,29 +100,34 @@ def save_checkpoint(root, iteration: int, params: dict[str, np.ndarray],
     root.mkdir(parents=True, exist_ok=True)
     name = f"iter_{iteration:07d}"
     final, tmp = root / name, root / f".{name}.tmp{os.getpid()}"
+    latest_tmp = root / f".latest.tmp{os.getpid()}"
+    aside = root / f".{name}.replaced{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = [write_tensors(params, tmp / "model.safetensors"),
-             write_tensors({f"{key}.{n}": v for key, named in moments.items()
-                            for n, v in named.items()}, tmp / "optimizer.safetensors")]
-    if tokenizer is not None:
-        files.append(Path(shutil.copyfile(tokenizer, tmp / "tokenizer.json")))
-    records = {f.name: file_record(_synced(f)) for f in files}
-    full_state = {"format": FORMAT, "iteration": iteration, "optimizer_step": step, **state,
-                  "files": records}
-    (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
-    _synced(tmp / "state.json")
-    _synced(tmp)
-    aside = root / f".{name}.replaced{os.getpid()}"
-    if final.exists():                  # the good copy is deleted only once this one is in place
-        final.rename(aside)
-    tmp.rename(final)
-    latest_tmp = root / f".latest.tmp{os.getpid()}"
-    latest_tmp.write_text(name + "\n")
-    _synced(latest_tmp)
-    os.replace(latest_tmp, root / "latest")
-    _synced(root)
+    try:
+        files = [write_tensors(params, tmp / "model.safetensors"),
+                 write_tensors({f"{key}.{n}": v for key, named in moments.items()
+                                for n, v in named.items()}, tmp / "optimizer.safetensors")]
+        if tokenizer is not None:
+            files.append(Path(shutil.copyfile(tokenizer, tmp / "tokenizer.json")))
+        records = {f.name: file_record(_synced(f)) for f in files}
+        full_state = {"format": FORMAT, "iteration": iteration, "optimizer_step": step, **state,
+                      "files": records}
+        (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
+        _synced(tmp / "state.json")
+        _synced(tmp)
+        if final.exists():              # the good copy is deleted only once this one is in place
+            final.rename(aside)
+        tmp.rename(final)
+        latest_tmp.write_text(name + "\n")
+        _synced(latest_tmp)
+        os.replace(latest_tmp, root / "latest")
+        _synced(root)
+    except OSError:                     # a full disk, say: nothing half-written stays behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest_tmp.unlink(missing_ok=True)
+        raise
     if aside.exists():
         shutil.rmtree(aside)
     if retention:
@@ -144,16 +149,6 @@ def unwritable(root) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"--save {root}: {existing} is not writable"
     return None
-
-
-def remove_temporaries(root, iteration: int) -> None:
-    """Remove this process's temporary files of a save that failed (the folder and latest's)."""
-    name = f"iter_{iteration:07d}"
-    for p in (Path(root) / f".{name}.tmp{os.getpid()}", Path(root) / f".latest.tmp{os.getpid()}"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        elif p.exists():
-            p.unlink()
 
 
 def iterations(root) -> list[Path]:

@@ -232,14 +232,14 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
             values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{path}: {e}") from None
-        for cls in (ModelConfig, TrainConfig, ParallelConfig):    # the file's own values,
-            names = {f.name for f in dataclasses.fields(cls)}      # flags given or not
-            for k, v in values.items():
-                if k in names:
-                    try:
-                        typed(cls, k, v)
-                    except ConfigError as e:
-                        raise ConfigError(f"{path}: {e}") from None
+        owner = {f.name: cls for cls in (ModelConfig, TrainConfig, ParallelConfig)
+                 for f in dataclasses.fields(cls)}
+        for k, v in values.items():                # the file's own values, flags given or not
+            if k in owner:                         # (argparse types the flags)
+                try:
+                    values[k] = typed(owner[k], k, v)
+                except ConfigError as e:
+                    raise ConfigError(f"{path}: {e}") from None
     values.update(given)
     half = [name for name in HALF_FLAGS if values.pop(name, False)]
     if half:
@@ -255,7 +255,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
     unknown = set(values) - set().union(*fields) - other_fields
     if unknown:
         raise ConfigError(f"unknown settings: {sorted(unknown)}")
-    mcfg, tcfg, pcfg = (cls(**{k: typed(cls, k, v) for k, v in values.items() if k in f})
+    mcfg, tcfg, pcfg = (cls(**{k: v for k, v in values.items() if k in f})
                         for cls, f in zip((ModelConfig, TrainConfig, ParallelConfig), fields))
     other = {k: values[k] for k in other_fields if k in values}
     return mcfg, tcfg, pcfg, set(values), other

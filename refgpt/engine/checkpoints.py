@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_device, to_host
-from ..checkpoint import named_to_flat, remove_temporaries, save_checkpoint
+from ..checkpoint import named_to_flat, save_checkpoint
 from ..cli import CheckpointError
 from ..nn.gpt import param_specs
 
@@ -45,7 +45,6 @@ def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None,
         except OSError as e:                  # a full disk, say: the last good one stays
             failure = (f"saving iteration {iteration} to {path} failed ({e.strerror or e}); "
                        f"its latest checkpoint is still the one before")
-            remove_temporaries(path, iteration)
     if grid.world is not None:                # every rank stops with the same line
         failure = grid.world.bcast(failure)
     if failure:

@@ -68,9 +68,9 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
                   pcfg.sequence_parallel, mcfg.dropout > 0)
     covered = (tcfg.backend != "cupy" and pcfg.tensor_parallel_mode == "1d"
                and (p == 1 or pcfg.num_virtual_stages == 1 and pcfg.pipeline_schedule != "zb-h1"))
-    ours = refgpt_bytes(sizes, blocks, r == 0, r == p - 1, recomputed, selective, in_flight,
-                        pcfg.recompute_chunk())
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
+    ours = refgpt_bytes(sizes, blocks, r == 0, r == p - 1, recomputed, selective, in_flight,
+                        chunk)
     per_layer = [0 if i < recomputed and i % chunk else
                  korthikanti_bytes(mcfg.seq_length, tcfg.micro_batch_size, mcfg.hidden_size,
                                    mcfg.num_attention_heads, t, pcfg.sequence_parallel,

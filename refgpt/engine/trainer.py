@@ -69,6 +69,7 @@ class Trainer:
             if problem:
                 raise CheckpointError(problem)
         self.mcfg, self.tcfg = mcfg, tcfg
+        self.activation_formulas = report.activation_formulas(mcfg, tcfg, self.pcfg, g)
         ckpt = load_checkpoint(tcfg.load) if tcfg.load else None
         if ckpt is not None:
             self.log(f"resuming from {ckpt.path} (iteration {ckpt.state['iteration']}); "
@@ -160,13 +161,13 @@ class Trainer:
                                   gnorm, skipped, seconds, self.gemm_rate, self.grid.world_size,
                                   self.sync.comm_bytes - traffic, self.memory(), self.scaler.scale)
 
-    @on_backend
     def entering(self, phase: str) -> None:
         """Each phase as it starts: the fault injection's hook and the watchdog's position."""
         self.faults(phase)
         if self.watchdog is not None:
             self.watchdog.note(self.iteration, phase)
 
+    @on_backend
     def evaluate(self) -> float:
         """Mean loss over eval_iters global batches of the validation split, in order; the
         batches are shared out over the data-parallel ranks like training batches."""
@@ -175,7 +176,7 @@ class Trainer:
 
     def memory(self) -> dict:
         return {**report.memory(self.model.params, self.opt, self.pcfg, self.model.activations),
-                **report.activation_formulas(self.mcfg, self.tcfg, self.pcfg, self.grid)}
+                **self.activation_formulas}
 
     @on_backend
     def save(self) -> Path | None:

@@ -21,8 +21,9 @@ import time
 
 import numpy as np
 
-PHASES = ("start", "batch-generator", "forward", "backward", "pipeline-bubble",
-          "grads-all-reduce", "optimizer", "evaluation", "checkpoint")
+from ..timers import NAMES
+
+PHASES = ("start", *NAMES, "evaluation", "checkpoint")   # a step's phases in their order
 
 
 class Watchdog:
