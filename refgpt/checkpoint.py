@@ -2,29 +2,34 @@
 
 Layout of ``--save DIR``::
 
-    DIR/latest                    the newest complete iteration, e.g. "iter_0000100"
-    DIR/iter_0000100/model.safetensors       full (unsharded) parameters by name
-    DIR/iter_0000100/optimizer.safetensors   AdamW moments by name: "exp_avg.NAME", "exp_avg_sq.NAME"
+    DIR/latest                               the newest complete iteration, e.g. "iter_0000100"
+    DIR/iter_0000100/shard_00000.safetensors   what world rank 0 owns of every tensor: the
+    DIR/iter_0000100/shard_00001.safetensors   parameters as the optimizer holds them and
+    ...                                         AdamW's moments (refgpt.checkpoint_shards)
     DIR/iter_0000100/state.json              format, iteration, consumed samples, optimizer
-                                             step, model and training configuration, dtype
+                                             step, model and training configuration, dtype,
+                                             the manifest of pieces, each file's size and SHA-256
     DIR/iter_0000100/tokenizer.json          when the run used a tokenizer
+
+Training writes this sharded form (format v2: every rank its own file, nothing gathered) and
+any layout reads it back (refgpt.engine.checkpoints). The single-file form (v1:
+model.safetensors with whole tensors by name, optimizer.safetensors with "exp_avg.NAME" and
+"exp_avg_sq.NAME") is what ``save_checkpoint`` writes for tools that hold whole tensors
+(``refgpt.convert``); both forms load everywhere.
 
 An iteration folder is written under a temporary name (each file flushed to disk) and
 renamed when complete, and ``latest`` is replaced atomically, so a crash never leaves a half
 checkpoint behind. Re-saving an iteration that exists moves the old copy aside first
 (``.iter_0000100.replaced*``) and deletes it only once the new one is in place; if a crash
-falls between the two renames, loading takes the copy set aside. state.json records each
-file's size and SHA-256, and loading checks them, and that every tensor is finite, before
-anything is used. ``clean_stale`` removes what crashed saves left; ``retention`` keeps the
-newest K iterations. All tensors are stored whole, keyed by parameter name, so any later
-layout can load them.
+falls between the two renames, loading takes the copy set aside. Loading checks every file
+against state.json's size and SHA-256, and every tensor finite, before anything is used.
+``clean_stale`` removes what crashed saves left; ``retention`` keeps the newest K iterations.
 Dropout masks and data order are functions of (seed, step, sample), so the configuration and
 the consumed-sample count are the whole random state.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -33,12 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
+from .checkpoint_shards import SavedCheckpoint, file_record
 from .cli import CheckpointError
 
-FORMAT = "refgpt-checkpoint-v1"
+CONSOLIDATED, SHARDED = "refgpt-checkpoint-v1", "refgpt-checkpoint-v2"
 
 
 @dataclass
@@ -54,11 +59,6 @@ class Checkpoint:
         return p if p.is_file() else None
 
 
-def flat_to_named(flat: np.ndarray, params) -> dict[str, np.ndarray]:
-    """Split a buffer laid out like ``params.data`` into named, shaped tensors."""
-    return {n: flat[lo:hi].reshape(params.specs[n].shape) for n, (lo, hi) in params.slices.items()}
-
-
 def write_tensors(tensors: dict, path, metadata: dict | None = None) -> Path:
     """safetensors' save_file, with the file's permissions as the umask asks (save_file
     writes 0600 whatever the umask; state.json and every other file get 0666 & ~umask)."""
@@ -71,7 +71,7 @@ def write_tensors(tensors: dict, path, metadata: dict | None = None) -> Path:
     return path
 
 
-def _synced(path: Path) -> Path:
+def synced(path: Path) -> Path:
     """path (a file or a folder) flushed to disk: a rename after this cannot expose it
     half-written after a power loss."""
     fd = os.open(path, os.O_RDONLY)
@@ -82,50 +82,69 @@ def _synced(path: Path) -> Path:
     return path
 
 
-def file_record(path: Path) -> dict:
-    """{"bytes", "sha256"} of a file, as state.json records it."""
-    with open(path, "rb") as f:
-        return {"bytes": path.stat().st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
-
-
 ITERATION = re.compile(r"iter_\d{7}")
 
 
 def save_checkpoint(root, iteration: int, params: dict[str, np.ndarray],
                     moments: dict[str, dict[str, np.ndarray]], step: int, state: dict,
                     tokenizer: Path | None = None, retention: int = 0) -> Path:
-    """params: full tensors by name; moments: {"exp_avg": {name: tensor}, "exp_avg_sq": ...};
-    retention: keep only the newest that many iteration folders (0: all)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"iter_{iteration:07d}"
-    final, tmp = root / name, root / f".{name}.tmp{os.getpid()}"
-    latest_tmp = root / f".latest.tmp{os.getpid()}"
-    aside = root / f".{name}.replaced{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    """The single-file form (v1): params, full tensors by name; moments: {"exp_avg": {name:
+    tensor}, "exp_avg_sq": ...}; retention: keep only the newest that many iterations (0: all)."""
+    tmp = begin_save(root, iteration)
     try:
         files = [write_tensors(params, tmp / "model.safetensors"),
                  write_tensors({f"{key}.{n}": v for key, named in moments.items()
                                 for n, v in named.items()}, tmp / "optimizer.safetensors")]
+        records = {f.name: file_record(synced(f)) for f in files}
+    except OSError:
+        abandon(tmp)
+        raise
+    return finish_save(root, iteration, tmp, {"format": CONSOLIDATED, "optimizer_step": step,
+                                              **state}, records, tokenizer, retention)
+
+
+def begin_save(root, iteration: int) -> Path:
+    """The empty temporary folder an iteration is written into."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".iter_{iteration:07d}.tmp{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def abandon(tmp: Path) -> None:
+    """Remove a temporary folder whose save failed (a full disk, say)."""
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finish_save(root, iteration: int, tmp: Path, state: dict, records: dict,
+                tokenizer: Path | None = None, retention: int = 0) -> Path:
+    """Complete a save whose tensor files (records: {file name: file_record}) are in tmp:
+    state.json, the rename into place and ``latest`` (module docstring); returns the folder.
+    On an OSError nothing of this save stays and the previous ``latest`` stands."""
+    root = Path(root)
+    name = f"iter_{iteration:07d}"
+    final, aside = root / name, root / f".{name}.replaced{os.getpid()}"
+    latest_tmp = root / f".latest.tmp{os.getpid()}"
+    try:
         if tokenizer is not None:
-            files.append(Path(shutil.copyfile(tokenizer, tmp / "tokenizer.json")))
-        records = {f.name: file_record(_synced(f)) for f in files}
-        full_state = {"format": FORMAT, "iteration": iteration, "optimizer_step": step, **state,
-                      "files": records}
+            copy = Path(shutil.copyfile(tokenizer, tmp / "tokenizer.json"))
+            records = {**records, copy.name: file_record(synced(copy))}
+        full_state = {**state, "iteration": iteration, "files": records}
         (tmp / "state.json").write_text(json.dumps(full_state, indent=1))
-        _synced(tmp / "state.json")
-        _synced(tmp)
+        synced(tmp / "state.json")
+        synced(tmp)
         if final.exists():              # the good copy is deleted only once this one is in place
             final.rename(aside)
         tmp.rename(final)
         latest_tmp.write_text(name + "\n")
-        _synced(latest_tmp)
+        synced(latest_tmp)
         os.replace(latest_tmp, root / "latest")
-        _synced(root)
+        synced(root)
     except OSError:                     # a full disk, say: nothing half-written stays behind
-        shutil.rmtree(tmp, ignore_errors=True)
+        abandon(tmp)
         latest_tmp.unlink(missing_ok=True)
         raise
     if aside.exists():
@@ -202,45 +221,25 @@ def read_state(path) -> tuple[Path, dict]:
         state = json.loads((folder / "state.json").read_text())
     except (json.JSONDecodeError, OSError) as e:
         raise CheckpointError(f"corrupt checkpoint {folder}: {e}") from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in (CONSOLIDATED, SHARDED):
         raise CheckpointError(f"{folder}: unknown checkpoint format "
                               f"{state.get('format') if isinstance(state, dict) else state!r}")
     return folder, state
 
 
+def open_checkpoint(path) -> SavedCheckpoint:
+    """A checkpoint's state.json and manifest; its tensors are read on demand
+    (refgpt.checkpoint_shards.SavedCheckpoint)."""
+    return SavedCheckpoint(*read_state(path))
+
+
 def load_checkpoint(path, with_optimizer: bool = True) -> Checkpoint:
-    """The checkpoint's state and tensors, each file checked against the size and SHA-256
-    state.json records (checkpoints written before it recorded them are read as they are)
-    and every tensor checked finite."""
-    folder, state = read_state(path)
-    names = ["model.safetensors"] + (["optimizer.safetensors"] if with_optimizer else [])
-    records = state.get("files", {})
-    try:
-        for name in names + (["tokenizer.json"] if "tokenizer.json" in records else []):
-            if name in records and file_record(folder / name) != records[name]:
-                raise CheckpointError(f"corrupt checkpoint: {folder / name} does not match the "
-                                      f"size and SHA-256 in its state.json")
-        loaded = [load_file(str(folder / n)) for n in names]
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"corrupt checkpoint {folder}: {e}") from None
-    for name, tensors in zip(names, loaded):
-        for key, value in tensors.items():
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise CheckpointError(f"corrupt checkpoint: {folder / name}: tensor {key} holds "
-                                      f"non-finite values")
-    return Checkpoint(folder, state, loaded[0], loaded[1] if with_optimizer else None)
-
-
-def named_to_flat(tensors: dict[str, np.ndarray], prefix: str, params, out: np.ndarray) -> None:
-    """Fill a buffer laid out like ``params.data`` from tensors named ``prefix + NAME``."""
-    for n, (lo, hi) in params.slices.items():
-        key = prefix + n
-        if key not in tensors:
-            raise CheckpointError(f"checkpoint lacks {key}")
-        value = tensors[key]
-        if value.size != hi - lo:
-            raise CheckpointError(f"{key}: {value.size} elements, expected {hi - lo}")
-        shape = params.specs[n].shape
-        if tuple(value.shape) != tuple(shape):
-            raise CheckpointError(f"{key}: shape {value.shape}, expected {shape}")
-        out[lo:hi] = value.reshape(-1)
+    """The checkpoint's state and whole tensors (either form), each file checked against the
+    size and SHA-256 state.json records and every tensor checked finite."""
+    saved = open_checkpoint(path)
+    saved.verify(saved.files())
+    params = {n: saved.full(n) for n in sorted(saved.names())}
+    optimizer = ({f"{q}.{n}": saved.full(n, q) for q in ("exp_avg", "exp_avg_sq")
+                  for n in sorted(saved.names(q))} if with_optimizer else None)
+    saved.close()
+    return Checkpoint(saved.folder, saved.state, params, optimizer)

@@ -109,7 +109,7 @@ def test_training_refuses_a_corrupt_checkpoint_and_resumes_from_a_good_one(tmp_p
     assert [p.name for p in iterations(ckpt)] == ["iter_0000002"]
     bad = tmp_path / "bad"
     shutil.copytree(ckpt, bad)
-    model = bad / "iter_0000002" / "model.safetensors"
+    model = bad / "iter_0000002" / "shard_00000.safetensors"
     data = bytearray(model.read_bytes())
     data[-1] ^= 1
     model.write_bytes(bytes(data))

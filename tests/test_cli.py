@@ -123,7 +123,7 @@ def test_missing_inputs(capsys, tmp_path):
 def test_corrupt_files(capsys, tmp_path, checkpoint):
     bad = tmp_path / "ckpt"
     shutil.copytree(checkpoint / "ckpt", bad)
-    (bad / "iter_0000004" / "model.safetensors").write_bytes(b"garbage")
+    (bad / "iter_0000004" / "shard_00000.safetensors").write_bytes(b"garbage")
     one_line_error(capsys, train.main, [*TINY, "--load", str(bad)], "corrupt checkpoint")
     (bad / "latest").write_text("iter_0000099\n")
     one_line_error(capsys, generate.main, ["--load", str(bad), "--prompt-ids", "1"], "missing or incomplete")

@@ -1,82 +1,150 @@
-"""Checkpoints of a parallel run: full tensors assembled from every rank's parts, and each
-rank's parts taken from full tensors, so any layout loads what any other saved
-(refgpt.checkpoint writes and reads the files).
+"""Checkpoints of a run in any layout: each rank writes the pieces it owns, and reads the
+pieces it needs from whatever layout saved them (refgpt.checkpoint_shards has the math;
+refgpt.checkpoint the files and their atomic renames).
 
 The parameters saved are the optimizer's (``opt.p``): the model's own in float32 and float64
 runs, the fp32 master weights in 16-bit ones (refgpt.optim.mixed), so a checkpoint holds fp32
 or fp64 tensors whatever the run computed in, and loading one sets the master weights and
 rounds the model's 16-bit copy from them, as a step does.
 
-Saving, for the parameters and both AdamW moments: the flat buffer is made whole over the
-data-parallel group where ZeRO shards it (``gather_shards``), split into
-full tensors by name over the tensor-parallel group (``model.full_tensors``), and the pipeline
-stages' tensors are gathered to world rank 0, which writes them. Loading: each rank keeps its
-part of each of its stage's tensors (``model.shard``) and the part of the moments it updates
-(``params.own``).
+Saving (collective): world rank 0 makes the temporary folder; every rank writes the part of
+the optimizer's buffers it owns (ZeRO's shard, or all of its tensor- and pipeline-parallel
+part), once per element across replicas, to ``shard_RRRRR.safetensors``, flushed to disk;
+rank 0 gathers the pieces' descriptions and the files' checksums, writes state.json and
+renames the folder into place. No tensor moves between ranks. Every rank needs the same file
+system under ``--save`` (a parallel file system across nodes), as Megatron-LM's and
+DeepSpeed's distributed checkpoints do.
+
+Loading (collective): the files' SHA-256s are checked once, shared out over the ranks; then
+each rank reads its part of every one of its tensors (the whole of its tensor-parallel part,
+for the model's copy) and the moments of its own range. A problem any rank finds (a corrupt
+file, a gap, a non-finite value) becomes the same error on every rank.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..backend import to_device, to_host
-from ..checkpoint import named_to_flat, save_checkpoint
+from ..checkpoint import SHARDED, abandon, begin_save, finish_save, synced, write_tensors
+from ..checkpoint_shards import Piece, file_record, owned_pieces, runs
 from ..cli import CheckpointError
 from ..nn.gpt import param_specs
 
 
 def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None,
-         retention: int = 0):
-    """Write the checkpoint (collective; world rank 0 writes, keeping the newest `retention`
-    iterations if not 0); returns its folder on rank 0."""
-    p = model.params
-    flat = (p.gather_shards(opt.p), p.gather_shards(opt.m), p.gather_shards(opt.v))
-    params, m, v = (model.full_tensors(to_host(f)) for f in flat)
-    if grid.pp_comm is not None:                            # every stage's tensors to rank 0
-        parts = grid.pp_comm.gather((params, m, v), root=0)
-        if parts is not None:
-            params, m, v = ({k: val for part in reversed(parts) for k, val in part[i].items()}
-                            for i in range(3))
-    folder = failure = None
+         retention: int = 0) -> Path | None:
+    """Write the checkpoint (collective; module docstring), keeping the newest `retention`
+    iterations if not 0; returns its folder on world rank 0."""
+    p, world = model.params, grid.world
+    tmp = failure = None
     if grid.rank == 0:
         try:
-            folder = save_checkpoint(path, iteration, params, {"exp_avg": m, "exp_avg_sq": v},
-                                     opt.t, state, tokenizer, retention)
-        except OSError as e:                  # a full disk, say: the last good one stays
-            failure = (f"saving iteration {iteration} to {path} failed ({e.strerror or e}); "
-                       f"its latest checkpoint is still the one before")
-    if grid.world is not None:                # every rank stops with the same line
-        failure = grid.world.bcast(failure)
+            tmp = begin_save(path, iteration)
+        except OSError as e:
+            failure = _failed(path, iteration, e)
+    if world is not None:
+        tmp, failure = world.bcast((tmp, failure))
+    entries, records = [], {}
+    if failure is None:
+        pieces = owned_pieces(model, p.own, p.writes_own(grid.dp_rank))
+        if pieces:
+            file = f"shard_{grid.rank:05d}.safetensors"
+            tensors = {}
+            for piece, a, b in pieces:
+                piece.file = file
+                entries.append(piece.to_json())
+                for prefix, buf in (("", opt.p), ("exp_avg.", opt.m), ("exp_avg_sq.", opt.v)):
+                    tensors[prefix + piece.name] = np.ascontiguousarray(to_host(buf[a:b]))
+            try:
+                records[file] = file_record(synced(write_tensors(tensors, tmp / file)))
+            except OSError as e:
+                failure = _failed(path, iteration, e)
+    parts = [(entries, records, failure)] if world is None else world.gather(
+        (entries, records, failure), root=0)
+    folder = None
+    if grid.rank == 0:
+        failure = next((f for _, _, f in parts if f), None)
+        if failure is None:
+            try:
+                folder = finish_save(path, iteration, tmp,
+                                     {"format": SHARDED, "optimizer_step": opt.t, **state,
+                                      "pieces": [e for part in parts for e in part[0]]},
+                                     {k: v for part in parts for k, v in part[1].items()},
+                                     tokenizer, retention)
+            except OSError as e:
+                failure = _failed(path, iteration, e)
+        elif tmp is not None:
+            abandon(tmp)
+    if world is not None:                       # every rank stops with the same line
+        failure = world.bcast(failure)
     if failure:
         raise CheckpointError(failure)
     return folder
 
 
-def restore(ckpt, model, opt, cfg) -> None:
-    """Set this rank's parameters and optimizer state from a loaded checkpoint."""
-    p = model.params
+def _failed(path, iteration: int, e: OSError) -> str:
+    return (f"saving iteration {iteration} to {path} failed ({e.strerror or e}); its latest "
+            f"checkpoint is still the one before")
+
+
+def restore(saved, model, opt, cfg, grid) -> None:
+    """Set this rank's parameters and optimizer state from an opened checkpoint
+    (refgpt.checkpoint.open_checkpoint) saved in any layout (collective)."""
     names = {s.name for s in param_specs(cfg)}
-    missing, extra = names - set(ckpt.params), set(ckpt.params) - names
+    missing, extra = names - saved.names(), saved.names() - names
     if missing or extra:
-        raise CheckpointError(f"{ckpt.path}: parameter names differ: missing "
+        raise CheckpointError(f"{saved.folder}: parameter names differ: missing "
                               f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]}")
-    try:
-        p.load_state_dict(_local(model, ckpt.params))
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{ckpt.path}: {e}") from None
-    lo, hi = p.own
-    for prefix, tensors, state in (("", ckpt.params, opt.p), ("exp_avg.", ckpt.optimizer, opt.m),
-                                   ("exp_avg_sq.", ckpt.optimizer, opt.v)):
-        full = np.zeros(p.padded, state.dtype)
-        named_to_flat(_local(model, tensors, prefix), prefix, p, full)
-        state[...] = to_device(full[lo:hi])
+    files, size = saved.files(), grid.world_size
+    _agreed(grid, lambda: saved.verify(files[grid.rank::size]))     # each file hashed once
+    _agreed(grid, lambda: _read(saved, model, opt))
+    saved.close()
     if hasattr(opt, "round_to_model"):                   # the 16-bit copy, from the master
         opt.round_to_model()
-    opt.t = ckpt.state["optimizer_step"]
+    opt.t = saved.state["optimizer_step"]
 
 
-def _local(model, tensors: dict, prefix: str = "") -> dict:
-    """This rank's part of the full tensors named prefix + one of its parameters' names."""
-    specs = model.params.specs
-    return {k: model.shard(k[len(prefix):], v) for k, v in tensors.items()
-            if k.startswith(prefix) and k[len(prefix):] in specs}
+def _read(saved, model, opt) -> None:
+    """This rank's tensors and its own range of the optimizer's buffers, from the pieces.
+    The tensors go to the model one at a time; a problem stops the reading, not the
+    parameters' own collective at the end (refgpt.parallel.shared), and is raised after."""
+    p, problems = model.params, []
+    lo, hi = p.own
+
+    def tensors():
+        try:
+            for name, (t0, t1) in p.slices.items():
+                spec = p.specs[name]
+                rows, cols = model.shard_index(name)
+                shape = list(spec.full_shape or spec.shape)
+                mine = Piece(name, shape, runs(rows), runs(cols), 0, spec.size)
+                value = saved.read(mine, "param")
+                a, b = max(t0, lo), min(t1, hi)
+                if b > a:
+                    opt.p[a - lo:b - lo] = to_device(value[a - t0:b - t0])
+                    own = Piece(name, shape, mine.rows, mine.cols, a - t0, b - t0)
+                    for quantity, buf in (("exp_avg", opt.m), ("exp_avg_sq", opt.v)):
+                        buf[a - lo:b - lo] = to_device(saved.read(own, quantity))
+                yield name, value.reshape(spec.shape)
+        except CheckpointError as e:
+            problems.append(e)
+    p.load_tensors(tensors())
+    if problems:
+        raise problems[0]
+
+
+def _agreed(grid, work) -> None:
+    """Run work on every rank; a CheckpointError on any becomes the same one on all (no rank
+    goes on to a collective the others have left)."""
+    try:
+        work()
+        problem = None
+    except CheckpointError as e:
+        problem = str(e)
+    if grid.world is not None:
+        problem = next((q for q in grid.world.allgather(problem) if q), None)
+    if problem:
+        raise CheckpointError(problem)

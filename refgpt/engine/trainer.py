@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import metrics
 from ..backend import Backend, synchronize
-from ..checkpoint import clean_stale, load_checkpoint, read_state, unwritable
+from ..checkpoint import clean_stale, open_checkpoint, read_state, unwritable
 from ..data.corpus import cache_dir
 from ..cli import CheckpointError
 from ..config import ModelConfig, ParallelConfig
@@ -63,16 +63,17 @@ class Trainer:
             mcfg = ModelConfig.from_dict(read_state(tcfg.load)[1]["model"])
         fit_vocabulary(mcfg, tcfg, given, bool(tcfg.load))
         check_layout(mcfg, tcfg, self.pcfg, g.tp_size, g.dp_size, g.pp_size)
-        if tcfg.save:                               # judged by the rank that writes, and
-            problem = unwritable(tcfg.save) if g.rank == 0 else None     # agreed before any
-            problem = problem if g.world is None else g.world.bcast(problem)  # collective
+        if tcfg.save:                               # every rank writes its part: each judges,
+            problem = unwritable(tcfg.save)         # and all agree before any collective
+            if g.world is not None:
+                problem = next((q for q in g.world.allgather(problem) if q), None)
             if problem:
                 raise CheckpointError(problem)
         self.mcfg, self.tcfg = mcfg, tcfg
         self.activation_formulas = report.activation_formulas(mcfg, tcfg, self.pcfg, g)
-        ckpt = load_checkpoint(tcfg.load) if tcfg.load else None
+        ckpt = open_checkpoint(tcfg.load) if tcfg.load else None
         if ckpt is not None:
-            self.log(f"resuming from {ckpt.path} (iteration {ckpt.state['iteration']}); "
+            self.log(f"resuming from {ckpt.folder} (iteration {ckpt.state['iteration']}); "
                      f"model shape taken from the checkpoint")
         warmup = KernelWarmup(tcfg.backend, tcfg.dtype, g.world)     # while the data is prepared
         self.batches = Batches(mcfg, tcfg, g, data_folder(tcfg, mcfg, g.world, self.log))
@@ -96,7 +97,7 @@ class Trainer:
         self.step = Step(self.model, self.sync, self.opt, self.grid, self.timers,
                          built.pipeline, self.tcfg.clip_grad, self.scaler)
         if ckpt is not None:
-            checkpoints.restore(ckpt, self.model, self.opt, self.mcfg)
+            checkpoints.restore(ckpt, self.model, self.opt, self.mcfg, self.grid)
             self.scaler.load_state_dict(ckpt.state.get("loss_scaler", self.scaler.state_dict()))
             self.iteration = ckpt.state["iteration"]
             self.consumed = ckpt.state["consumed_samples"]

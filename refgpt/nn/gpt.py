@@ -201,6 +201,11 @@ class GPT:
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return self.parts.shard(name, value)
 
+    def shard_index(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) of this rank's part of a parameter (Sublayers.shard_index)."""
+        spec = self.params.specs[name]
+        return self.parts.shard_index(name, spec.full_shape or spec.shape)
+
     # -- evaluation and generation -----------------------------------------------------------
     def set_grad_enabled(self, enabled: bool) -> None:
         """With False, forwards save nothing for backward (evaluation, generation)."""

@@ -192,10 +192,25 @@ class Params:
             raise KeyError(f"parameter names differ: missing {sorted(missing)[:5]}, "
                            f"unexpected {sorted(extra)[:5]}")
         for name, value in tensors.items():
-            if tuple(value.shape) != tuple(self.specs[name].shape):
-                raise ValueError(f"{name}: shape {tuple(value.shape)} != {self.specs[name].shape}")
-        for name, value in tensors.items():
+            self._check_shape(name, value)
+        self.load_tensors(tensors.items())
+
+    def load_tensors(self, items) -> None:
+        """Set parameters from (name, this rank's value) pairs, one at a time (from a
+        generator only one is in memory at once); ValueError for a wrong shape."""
+        for name, value in items:
+            self._check_shape(name, value)
             self._write(name, value)
+
+    def _check_shape(self, name: str, value: np.ndarray) -> None:
+        if tuple(value.shape) != tuple(self.specs[name].shape):
+            raise ValueError(f"{name}: shape {tuple(value.shape)} != {self.specs[name].shape}")
+
+    def writes_own(self, dp_rank: int) -> bool:
+        """Whether this rank writes its own part of the buffers to a checkpoint: data-parallel
+        replicas hold the same values, and only the first writes them (ZeRO's shards
+        partition the buffers: each writes its own)."""
+        return dp_rank == 0
 
 
 @kernel(numba="numba_cpu", half=("numba",))

@@ -38,6 +38,11 @@ from .linear import Linear
 from .loss import CrossEntropy
 
 
+def grid_shape(shape: tuple) -> tuple[int, int]:
+    """A parameter's shape viewed 2-D: [rows, last axis] (a vector of n: 1 x n)."""
+    return int(np.prod(shape[:-1])), int(shape[-1])
+
+
 class Sublayers:
     """The layers of one process, holding every parameter whole."""
 
@@ -52,6 +57,13 @@ class Sublayers:
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         """This rank's part of the full value of a parameter."""
         return value
+
+    def shard_index(self, name: str, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols): which elements of a parameter of full shape ``shape`` this rank holds,
+        as global row and column indices of its 2-D view (a vector of n: 1 x n); the part is
+        the grid rows x cols, row-major (refgpt.checkpoint_shards). shard() cuts the same."""
+        rows, cols = grid_shape(shape)
+        return np.arange(rows), np.arange(cols)
 
     def full_tensors(self, params, flat: np.ndarray) -> dict[str, np.ndarray]:
         """The full tensors of a buffer laid out like params.data (the parameters, a gradient

@@ -105,6 +105,10 @@ class PipelineModel:
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return self.parts.shard(name, value)
 
+    def shard_index(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        spec = self.params.specs[name]
+        return self.parts.shard_index(name, spec.full_shape or spec.shape)
+
 
 
 class PipelineExecutor:

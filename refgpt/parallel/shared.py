@@ -130,9 +130,13 @@ class SharedParams(ZeroParams):
         super().initialise(seed, shard)
         self.sync()
 
-    def load_state_dict(self, tensors: dict) -> None:
-        super().load_state_dict(tensors)
+    def load_tensors(self, items) -> None:
+        super().load_tensors(items)
         self.sync()
+
+    def writes_own(self, dp_rank: int) -> bool:
+        """The ranks of one node partition the copy; other nodes hold the same shards."""
+        return self.cross.Get_rank() == 0
 
     def param_bytes(self) -> int:
         """This rank's part of the node's one copy."""

@@ -45,7 +45,7 @@ from ..nn.layer import Layer, ParamRef, Sequence
 from ..nn.linear import Linear, column_sum, matmul
 from ..nn.params import ParamSpec
 from ..precision import narrow, wide
-from ..nn.sublayers import Sublayers
+from ..nn.sublayers import Sublayers, grid_shape
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
 
 SHARDED = {"c_attn": "qkv", "mlp.c_fc": "cols", "attn.c_proj.weight": "rows",
@@ -241,6 +241,13 @@ class TensorParallel(Sublayers):
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return shard(value, shard_kind(name), self.tp.rank, self.tp.t)
+
+    def shard_index(self, name: str, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+        rows, cols = (np.arange(n) for n in grid_shape(shape))
+        kind, r, t = shard_kind(name), self.tp.rank, self.tp.t
+        if kind == "rows":                                  # 2-D tensors only (SHARDED)
+            return np.split(rows, t)[r], cols
+        return rows, shard(cols, kind, r, t)
 
     def full_tensors(self, params, flat: np.ndarray) -> dict[str, np.ndarray]:
         out = {}

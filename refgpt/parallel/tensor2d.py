@@ -43,7 +43,7 @@ from ..nn.layer import Layer, ParamRef, Sequence
 from ..nn.linear import Linear, column_sum
 from ..nn.params import ParamSpec
 from ..precision import compute_dtype, narrow, wide
-from ..nn.sublayers import Sublayers
+from ..nn.sublayers import Sublayers, grid_shape
 from .summa import SummaGrid, matmul_ab, matmul_abt, matmul_atb
 from .tensor import VocabParallelCrossEntropy, shard
 from .tensor_comm import TPComm
@@ -252,6 +252,14 @@ class Tensor2D(Sublayers):
 
     def shard(self, name: str, value: np.ndarray) -> np.ndarray:
         return block2d(name, value, self.grid.i, self.grid.j, self.grid.q)
+
+    def shard_index(self, name: str, shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+        g = self.grid
+        rows, cols = (np.arange(n) for n in grid_shape(shape))
+        cols = shard(cols, column_kind(name), g.j, g.q)                  # column block j
+        if len(shape) == 1:                                            # a vector: piece i
+            return rows, np.split(cols, g.q)[g.i]
+        return np.split(rows, g.q)[g.i], cols                          # rows block i
 
     def full_tensors(self, params, flat: np.ndarray) -> dict[str, np.ndarray]:
         out = {}

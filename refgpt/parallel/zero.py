@@ -175,6 +175,9 @@ class ZeroParams(Params, GradSync):
         return {n: buf[self.slices[n][0] - unit.lo:self.slices[n][1] - unit.lo]
                 .reshape(self.specs[n].shape) for n in unit.names}
 
+    def writes_own(self, dp_rank: int) -> bool:
+        return True                             # the shards partition the buffers
+
     def own_part(self, lo: int, hi: int) -> tuple[int, int]:
         """The part of [lo, hi) in this rank's shard, as offsets into the shard (may be empty)."""
         a, b = max(lo, self.own[0]), min(hi, self.own[1])
