@@ -243,3 +243,15 @@ def load_checkpoint(path, with_optimizer: bool = True) -> Checkpoint:
                   for n in sorted(saved.names(q))} if with_optimizer else None)
     saved.close()
     return Checkpoint(saved.folder, saved.state, params, optimizer)
+
+
+def consolidate(src, dst) -> Path:
+    """Write a checkpoint (either form) as the single-file form under dst, at its iteration:
+    whole tensors, which tools outside refgpt read by name."""
+    ckpt = load_checkpoint(src)
+    state = {k: v for k, v in ckpt.state.items()
+             if k not in ("format", "iteration", "optimizer_step", "files", "pieces")}
+    moments = {q: {k[len(q) + 1:]: v for k, v in ckpt.optimizer.items() if k.startswith(q + ".")}
+               for q in ("exp_avg", "exp_avg_sq")}
+    return save_checkpoint(dst, ckpt.state["iteration"], ckpt.params, moments,
+                           ckpt.state["optimizer_step"], state, ckpt.tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 from .precision import DTYPE_NAMES
 
@@ -127,6 +128,7 @@ class TrainConfig:
     save_interval: int = 0  # 0: only at the end
     save_retention: int = 0  # keep the newest K iteration folders (0: all)
     exit_signal_handler: bool = False  # SIGTERM/SIGINT: finish the step, save, exit 0
+    async_save: bool = False  # interval checkpoints written by a thread while training goes on
     log_interval: int = 10
     log_jsonl: str = ""
     tensorboard_dir: str = ""
@@ -271,6 +273,10 @@ class ParallelConfig:
                               "--sequence-parallel (2-D already splits every activation)")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.offload_optimizer and Path(self.offload_optimizer).exists() \
+                and not Path(self.offload_optimizer).is_dir():
+            raise ConfigError(f"--offload-optimizer {self.offload_optimizer}: exists and is not "
+                              f"a folder")
         if self.dp_shared_memory and self.zero_stage != 1:
             raise ConfigError("--dp-shared-memory is a way to run ZeRO-1 (the optimizer's state "
                               "and update split over a node's ranks): add --zero-stage 1")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .cli import exit_on_user_error, parser
+from .config import ConfigError
 from .data.corpus import TEXT_SUFFIXES
 from .data.prepared import prepare
 
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"--output {args.output}: exists and is not a folder")
     prepare(args.inputs, Path(args.output), args.vocab_size, args.val_fraction)
     return 0
 

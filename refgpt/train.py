@@ -191,6 +191,11 @@ def build_parser(module: str = "refgpt.train", description: str = __doc__
     ap.add_argument("--grad-reduce-in-bf16", action="store_true", dest="grad_reduce_in_bf16",
                     help="with --bf16: accumulate and all-reduce gradients in bfloat16 (half "
                          "the data-parallel bytes; each micro-batch's sum rounded to 8 bits)")
+    ap.add_argument("--async-save", action="store_true", dest="async_save",
+                    help="write the checkpoints of --save-interval in the background while "
+                         "training goes on (each rank's part copied out first, the files "
+                         "written by a thread, the checkpoint finished once all are on disk); "
+                         "the last one is written before the run ends")
     ap.add_argument("--exit-signal-handler", action="store_true", dest="exit_signal_handler",
                     help="on SIGTERM or SIGINT finish the step, save (with --save) and exit 0 on "
                          "every rank (Slurm: #SBATCH --signal=TERM@120)")
@@ -248,7 +253,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
                               f"--bf16, --fp16 and --dtype")
         values["dtype"] = HALF_FLAGS[half[0]]
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
-    fields[1].update({"synthetic_data", "tf32", "exit_signal_handler"})
+    fields[1].update({"synthetic_data", "tf32", "exit_signal_handler", "async_save"})
     fields[2].update({"sequence_parallel", "overlap_grad_reduce", "dp_shared_memory",
                       "grad_reduce_in_bf16"})
     other_fields = {"progress"}

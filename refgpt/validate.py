@@ -35,6 +35,7 @@ in float32 (--rtol changes it).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -246,6 +247,11 @@ def main(argv=None) -> int:
         dtype = given.get("dtype", "float64")
         opt = TrainConfig(dtype=dtype, **{k: v for k, v in given.items() if k in opt_fields})
         opt.validate()
+        missing = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"--against hf needs {' and '.join(missing)}, not installed: "
+                              f"pip install torch transformers (refgpt's dev "
+                              f"extra pins the versions it is tested with)")
         other = None
         rows = against_hf(cfg, opt, args.steps, args.micro_batch_size, args.seed)
     rtol = given.get("rtol", TOLERANCE[dtype])

@@ -57,6 +57,7 @@ FLAGS = [  # (extra flags, what the line says)
     (["--load", "nowhere"], "no checkpoint at nowhere"),
     (["--data-path", "nowhere"], "give either --data-path or --synthetic-data, not both"),
     (["--config", "nowhere.toml"], "config file not found"),
+    (["--hidden-size", "4000000"], "this model needs an estimated"),
 ]
 
 FILES = [  # (files to make first, extra flags, what the line says)
@@ -74,6 +75,8 @@ FILES = [  # (files to make first, extra flags, what the line says)
     ({"c.toml": "lr = nan\n"}, ["--config", "c.toml"], "--lr must be a finite number"),
     ({"c.toml": 'backend = 3\n'}, ["--config", "c.toml"], "backend must be a string"),
     ({"latest": "../x\n"}, ["--load", "."], "not an iteration folder"),
+    ({"afile": ""}, ["--zero-stage", "1", "--offload-optimizer", "afile"],
+     "--offload-optimizer afile: exists and is not a folder"),
 ]
 
 
@@ -102,10 +105,43 @@ def test_bad_files(files, flags, match, capsys, tmp_path, monkeypatch):
     one_line_error(capsys, [*TINY, *flags], match, tmp_path)
 
 
+def test_missing_optional_dependencies_are_named(capsys, tmp_path, monkeypatch):
+    """--backend cupy without CuPy, validate --against hf without torch: one line each."""
+    import importlib.util
+
+    from refgpt import validate
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("cupy", "torch") else real(name, *a))
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, [*TINY, "--backend", "cupy"], "--backend cupy needs CuPy", tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        validate.main(["--against", "hf", "--num-layers", "1", "--hidden-size", "16",
+                       "--num-attention-heads", "2", "--seq-length", "8", "--vocab-size", "50"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "--against hf needs torch" in err, err
+
+
+def test_prepare_refuses_a_file_as_output_and_a_binary_input(capsys, tmp_path, monkeypatch):
+    from refgpt import prepare
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "blob.txt").write_bytes(b"ELF\0\1\2")
+    (tmp_path / "text.txt").write_text("some text\n")
+    for argv, match in ((["--output", "afile", "text.txt"], "--output afile: exists and is not"),
+                        (["--output", "out", "blob.txt"], "blob.txt: a binary file")):
+        with pytest.raises(SystemExit) as exc:
+            prepare.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and match in err, err
+    assert sorted(os.listdir(tmp_path)) == ["afile", "blob.txt", "text.txt"]
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--lr=nan"], "must be a finite number"),
     (["--save", "afile"], "exists and is not a folder"),
     (["--global-batch-size", "6", "--micro-batch-size", "2"], "not divisible"),
+    (["--hidden-size", "4000000"], "this model needs an estimated"),
 ])
 def test_bad_inputs_under_mpiexec(flags, match, tmp_path):
     if shutil.which("mpiexec") is None:
@@ -142,14 +178,14 @@ def test_a_full_disk_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
 
     import refgpt.engine.checkpoints as ck
     from refgpt.checkpoint import iterations, load_checkpoint
-    calls, write = [], ck.write_tensors
+    calls, write = [], ck.write_file
 
     def fills_up(*args, **kwargs):
         calls.append(1)
         if len(calls) > 1:                                  # the second save's shard
             raise OSError(errno.ENOSPC, "No space left on device")
         return write(*args, **kwargs)
-    monkeypatch.setattr(ck, "write_tensors", fills_up)
+    monkeypatch.setattr(ck, "write_file", fills_up)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
         train.main([*TINY, "--train-iters", "3", "--save", "ckpt", "--save-interval", "1"])

@@ -125,3 +125,15 @@ def test_training_refuses_a_corrupt_checkpoint_and_resumes_from_a_good_one(tmp_p
 def test_numbers_must_be_finite(capsys, flag, value):
     one_line_error(capsys, [*TINY, "--train-iters", "1", f"{flag}={value}"],
                    "must be a finite number")
+
+
+def test_async_save_writes_what_a_blocking_save_writes(tmp_path):
+    """--async-save: every interval's checkpoint equal, bit for bit, to the blocking save's."""
+    for name, extra in (("sync", []), ("async", ["--async-save"])):
+        assert train.main([*TINY, "--train-iters", "4", "--save", str(tmp_path / name),
+                           "--save-interval", "1", *extra]) == 0
+    for it in (1, 2, 3, 4):
+        a, b = (load_checkpoint(tmp_path / name / f"iter_{it:07d}") for name in ("sync", "async"))
+        for x, y in ((a.params, b.params), (a.optimizer, b.optimizer)):
+            assert sorted(x) == sorted(y) and all(np.array_equal(x[k], y[k]) for k in x)
+        assert a.state["files"] == b.state["files"]

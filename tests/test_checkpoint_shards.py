@@ -100,3 +100,17 @@ def test_a_gap_and_a_wrong_shape_are_refused(tmp_path):
         saved.read(Piece.whole("w", [4, 5]))
     with pytest.raises(CheckpointError, match="lacks exp_avg.v"):
         saved.read(Piece.whole("v", [4, 4]), "exp_avg")
+
+
+def test_consolidated_equals_the_shards_and_resumes_the_same(tmp_path):
+    from refgpt import train
+    from refgpt.checkpoint import consolidate, load_checkpoint
+    from test_checkpoint import TINY
+    assert train.main([*TINY, "--train-iters", "2", "--save", str(tmp_path / "ck")]) == 0
+    out = consolidate(tmp_path / "ck", tmp_path / "whole")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors",
+                                                      "optimizer.safetensors", "state.json"]
+    shards, whole = load_checkpoint(tmp_path / "ck"), load_checkpoint(tmp_path / "whole")
+    for a, b in ((shards.params, whole.params), (shards.optimizer, whole.optimizer)):
+        assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert whole.state["iteration"] == 2 and whole.state["optimizer_step"] == 2

@@ -4,6 +4,7 @@ These launch their own `mpiexec -n 4` jobs, so they run in the single-process se
 (nesting mpiexec inside an MPI job is not portable)."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,3 +74,48 @@ def test_a_rank_that_stops_responding_ends_the_job_within_the_timeout(phase, wai
     assert r.stderr.count("error: no progress for 0.1 min") == 1, r.stderr
     assert "rank 2 did not arrive (--distributed-timeout-minutes)" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+SAVING = ["-m", "refgpt.train", "--synthetic-data", "--num-layers", "2", "--hidden-size", "32",
+          "--num-attention-heads", "2", "--seq-length", "8", "--vocab-size", "50",
+          "--micro-batch-size", "1", "--global-batch-size", "2", "--eval-iters", "0",
+          "--no-progress", "--log-interval", "1000", "--save-interval", "1"]
+
+
+def killed_while_saving(args, delay):
+    """A run saving every iteration, killed (SIGKILL) once it has saved for delay seconds."""
+    proc = subprocess.Popen([sys.executable, *SAVING, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:                   # the first save marks that the loop runs
+        if "checkpoint" in line:
+            break
+    time.sleep(delay)
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+
+
+@pytest.mark.parametrize("how", ["fresh", "re-save", "async"])
+def test_kill_9_while_saving_always_leaves_a_loadable_latest(tmp_path, how):
+    """Killed at moments spread over several saves (new iterations; iterations that exist,
+    the window where the good copy is set aside; background saves), latest always loads and
+    a run resumes from it."""
+    from refgpt.checkpoint import clean_stale, load_checkpoint, resolve
+    ck = str(tmp_path / "ck")
+    if how == "re-save":                       # iterations 1-200 exist; the runs redo them
+        subprocess.run([sys.executable, *SAVING, "--train-iters", "200", "--save", ck],
+                       check=True, capture_output=True, timeout=300)
+    for delay in (0.05, 0.23, 0.41, 0.77):
+        if how == "re-save":
+            args = ["--train-iters", "200", "--load", f"{ck}/iter_0000001", "--save", ck]
+        else:
+            args = ["--train-iters", "100000", "--save", ck] + (["--async-save"] if how == "async" else [])
+        killed_while_saving(args, delay)
+        folder = resolve(ck)                   # iter_0000123, or a copy set aside of it
+        named = int(re.search(r"iter_(\d{7})", folder.name).group(1))
+        assert load_checkpoint(ck).state["iteration"] == named
+    clean_stale(ck)
+    r = subprocess.run([sys.executable, *SAVING, "--train-iters", "100000", "--load", ck,
+                        "--exit-interval", "1", "--save", ck], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "exiting at iteration" in r.stdout, r.stdout + r.stderr

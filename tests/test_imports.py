@@ -17,7 +17,7 @@ LAYERS = [
     ("refgpt.kernels",),                                          # compute kernels
     ("refgpt.config", "refgpt.cli", "refgpt.precision", "refgpt.backend"),   # settings, backend
     ("refgpt.nn", "refgpt.optim", "refgpt.data", "refgpt.timers", "refgpt.metrics",
-     "refgpt.checkpoint", "refgpt.dump", "refgpt.interop"),       # the model and its parts
+     "refgpt.checkpoint", "refgpt.checkpoint_shards", "refgpt.dump", "refgpt.interop"),  # the model and its parts
     ("refgpt.parallel",),                                         # the layouts
     ("refgpt.engine",),                                           # one rank's training
     ("refgpt.train", "refgpt.generate", "refgpt.validate", "refgpt.prepare", "refgpt.convert",

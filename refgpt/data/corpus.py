@@ -19,7 +19,8 @@ def default_corpus_files() -> list[Path]:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given; folders expanded to the text files under them, sorted."""
+    """Files as given (refused if binary); folders expanded to the text files under them,
+    sorted."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
@@ -29,6 +30,10 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
                 raise FileNotFoundError(f"no text files ({', '.join(sorted(TEXT_SUFFIXES))}) under {path}")
             files += found
         elif path.is_file():
+            with open(path, "rb") as f:             # git's test: text has no NUL bytes
+                if b"\0" in f.read(8192):
+                    raise ValueError(f"{item}: a binary file (NUL bytes in its first 8 KiB), "
+                                     f"not text")
             files.append(path)
         else:
             raise FileNotFoundError(f"input not found: {item}")

@@ -23,21 +23,96 @@ file, a gap, a non-finite value) becomes the same error on every rank.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
+import safetensors.numpy
 
 from ..backend import to_device, to_host
-from ..checkpoint import SHARDED, abandon, begin_save, finish_save, synced, write_tensors
-from ..checkpoint_shards import Piece, file_record, owned_pieces, runs
+from ..checkpoint import SHARDED, abandon, begin_save, finish_save
+from ..checkpoint_shards import Piece, owned_pieces, runs
 from ..cli import CheckpointError
 from ..nn.gpt import param_specs
 
 
-def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None,
-         retention: int = 0) -> Path | None:
-    """Write the checkpoint (collective; module docstring), keeping the newest `retention`
-    iterations if not 0; returns its folder on world rank 0."""
+class Save:
+    """One save under way: this rank's part already copied out of the training buffers (its
+    safetensors bytes), written to disk and hashed by a thread (with --async-save while
+    training goes on), and finished by every rank together (``finish``)."""
+
+    def __init__(self, path, iteration: int, tmp: Path | None, data: bytes | None, file: str,
+                 entries: list, state: dict, tokenizer, retention: int, failure: str | None,
+                 background: bool):
+        self.path, self.iteration, self.tmp, self.data, self.file = path, iteration, tmp, data, file
+        self.entries, self.state, self.tokenizer, self.retention = entries, state, tokenizer, retention
+        self.failure, self.records = failure, {}
+        self.thread = None
+        if data is not None and failure is None:
+            if background:
+                self.thread = threading.Thread(target=self._write, name="checkpoint-writer",
+                                               daemon=True)
+                self.thread.start()
+            else:
+                self._write()
+
+    def _write(self) -> None:
+        """The file written, flushed to disk and hashed from the bytes in memory. The work is
+        system calls and hashing, which release Python's lock: training's thread runs on."""
+        try:
+            self.records = {self.file: write_file(self.tmp / self.file, self.data)}
+        except OSError as e:
+            self.failure = _failed(self.path, self.iteration, e)
+        self.data = None
+
+    def written(self) -> bool:
+        """Whether this rank's file is done (or failed)."""
+        return self.thread is None or not self.thread.is_alive()
+
+    def finish(self, grid) -> Path | None:
+        """Wait for this rank's file, then (collective) world rank 0 writes state.json with
+        every rank's pieces and renames the folder into place; returns it on rank 0. A
+        failure on any rank is the same CheckpointError on all, and the save is removed."""
+        if self.thread is not None:
+            self.thread.join()
+        mine = (self.entries, self.records, self.failure)
+        parts = [mine] if grid.world is None else grid.world.gather(mine, root=0)
+        folder = failure = None
+        if grid.rank == 0:
+            failure = next((f for _, _, f in parts if f), None)
+            if failure is None:
+                try:
+                    folder = finish_save(self.path, self.iteration, self.tmp,
+                                         {**self.state, "pieces": [e for p in parts for e in p[0]]},
+                                         {k: v for p in parts for k, v in p[1].items()},
+                                         self.tokenizer, self.retention)
+                except OSError as e:
+                    failure = _failed(self.path, self.iteration, e)
+            elif self.tmp is not None:
+                abandon(self.tmp)
+        if grid.world is not None:              # every rank stops with the same line
+            failure = grid.world.bcast(failure)
+        if failure:
+            raise CheckpointError(failure)
+        return folder
+
+
+def write_file(path: Path, data: bytes) -> dict:
+    """data written to a new file and flushed to disk; returns its record (refgpt.checkpoint's
+    file_record: size and SHA-256), computed from the bytes in memory."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def start_save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None,
+               retention: int = 0, background: bool = False) -> Save:
+    """Begin a save (collective): rank 0 makes the temporary folder, every rank copies out the
+    pieces it owns (module docstring) and writes them, in a thread if background."""
     p, world = model.params, grid.world
     tmp = failure = None
     if grid.rank == 0:
@@ -47,42 +122,32 @@ def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None,
             failure = _failed(path, iteration, e)
     if world is not None:
         tmp, failure = world.bcast((tmp, failure))
-    entries, records = [], {}
-    if failure is None:
-        pieces = owned_pieces(model, p.own, p.writes_own(grid.dp_rank))
-        if pieces:
-            file = f"shard_{grid.rank:05d}.safetensors"
-            tensors = {}
-            for piece, a, b in pieces:
-                piece.file = file
-                entries.append(piece.to_json())
-                for prefix, buf in (("", opt.p), ("exp_avg.", opt.m), ("exp_avg_sq.", opt.v)):
-                    tensors[prefix + piece.name] = np.ascontiguousarray(to_host(buf[a:b]))
-            try:
-                records[file] = file_record(synced(write_tensors(tensors, tmp / file)))
-            except OSError as e:
-                failure = _failed(path, iteration, e)
-    parts = [(entries, records, failure)] if world is None else world.gather(
-        (entries, records, failure), root=0)
-    folder = None
-    if grid.rank == 0:
-        failure = next((f for _, _, f in parts if f), None)
-        if failure is None:
-            try:
-                folder = finish_save(path, iteration, tmp,
-                                     {"format": SHARDED, "optimizer_step": opt.t, **state,
-                                      "pieces": [e for part in parts for e in part[0]]},
-                                     {k: v for part in parts for k, v in part[1].items()},
-                                     tokenizer, retention)
-            except OSError as e:
-                failure = _failed(path, iteration, e)
-        elif tmp is not None:
-            abandon(tmp)
-    if world is not None:                       # every rank stops with the same line
-        failure = world.bcast(failure)
-    if failure:
-        raise CheckpointError(failure)
-    return folder
+    file, entries, data = f"shard_{grid.rank:05d}.safetensors", [], None
+    pieces = owned_pieces(model, p.own, p.writes_own(grid.dp_rank)) if failure is None else []
+    if pieces:
+        tensors = {}
+        for piece, a, b in pieces:
+            piece.file = file
+            entries.append(piece.to_json())
+            for prefix, buf in (("", opt.p), ("exp_avg.", opt.m), ("exp_avg_sq.", opt.v)):
+                tensors[prefix + piece.name] = np.ascontiguousarray(to_host(buf[a:b]))
+        data = safetensors.numpy.save(tensors)              # the snapshot: training may go on
+    state = {"format": SHARDED, "optimizer_step": opt.t, **state}
+    return Save(path, iteration, tmp, data, file, entries, state, tokenizer, retention, failure,
+                background)
+
+
+def save(path, iteration: int, model, opt, grid, state: dict, tokenizer=None,
+         retention: int = 0) -> Path | None:
+    """Write the checkpoint (collective; module docstring), keeping the newest `retention`
+    iterations if not 0; returns its folder on world rank 0."""
+    return start_save(path, iteration, model, opt, grid, state, tokenizer, retention).finish(grid)
+
+
+def all_written(pending: Save, grid) -> bool:
+    """Whether every rank's file of a background save is done (collective)."""
+    done = pending.written()
+    return done if grid.world is None else all(grid.world.allgather(done))
 
 
 def _failed(path, iteration: int, e: OSError) -> str:

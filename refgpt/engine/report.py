@@ -49,6 +49,21 @@ def memory(params, opt, pcfg, activations=None) -> dict[str, int]:
             "peak_rss": peak_rss()}
 
 
+def estimated_bytes(mcfg, tcfg, pcfg, grid, activations: int) -> int:
+    """A rough figure of this rank's memory before anything is allocated: the parameters,
+    gradients and optimizer state by ZeRO's formula for its 1/(tp pp) of the model, and the
+    activations given (Korthikanti's formula). For refusing what cannot fit, not for planning."""
+    from ..nn.gpt import param_specs
+    from ..precision import compute_dtype
+    n = sum(s.size for s in param_specs(mcfg)) // (grid.tp_size * grid.pp_size)
+    dtype = np.dtype(dtype_of(tcfg.dtype))
+    state = np.dtype(compute_dtype(dtype)).itemsize
+    grad = dtype.itemsize if pcfg.grad_reduce_in_bf16 else state
+    k = (0 if pcfg.offload_optimizer else 2 * state) + (state if dtype.itemsize == 2 else 0)
+    return formula_bytes(pcfg.zero_stage, n, grid.dp_size, dtype.itemsize, grad, k,
+                         shared=pcfg.dp_shared_memory) + activations
+
+
 def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     """This rank's peak activation bytes by refgpt's formula (refgpt.nn.activations), which the
     measured registry equals, and by Korthikanti et al.'s per-layer formula times the rank's

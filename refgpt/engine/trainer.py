@@ -11,6 +11,8 @@ their intervals, a log line (refgpt.engine.report).
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import time
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from ..backend import Backend, synchronize
 from ..checkpoint import clean_stale, open_checkpoint, read_state, unwritable
 from ..data.corpus import cache_dir
 from ..cli import CheckpointError
-from ..config import ModelConfig, ParallelConfig
+from ..config import ConfigError, ModelConfig, ParallelConfig
 from ..precision import compute_dtype, dtype_of, is_half
 from ..optim import AdamW, MasterAdamW, learning_rate, make_scaler
 from ..parallel.build import build, check_layout
@@ -63,6 +65,9 @@ class Trainer:
             mcfg = ModelConfig.from_dict(read_state(tcfg.load)[1]["model"])
         fit_vocabulary(mcfg, tcfg, given, bool(tcfg.load))
         check_layout(mcfg, tcfg, self.pcfg, g.tp_size, g.dp_size, g.pp_size)
+        if tcfg.backend == "cupy" and importlib.util.find_spec("cupy") is None:
+            raise ConfigError("--backend cupy needs CuPy, which is not installed: pip install "
+                              "cupy-cuda12x (or the wheel for your CUDA version)")
         if tcfg.save:                               # every rank writes its part: each judges,
             problem = unwritable(tcfg.save)         # and all agree before any collective
             if g.world is not None:
@@ -71,6 +76,7 @@ class Trainer:
                 raise CheckpointError(problem)
         self.mcfg, self.tcfg = mcfg, tcfg
         self.activation_formulas = report.activation_formulas(mcfg, tcfg, self.pcfg, g)
+        self._check_fits()
         ckpt = open_checkpoint(tcfg.load) if tcfg.load else None
         if ckpt is not None:
             self.log(f"resuming from {ckpt.folder} (iteration {ckpt.state['iteration']}); "
@@ -83,10 +89,35 @@ class Trainer:
         self.backend = Backend(tcfg.backend, tf32=tcfg.tf32)
         self.backend.use_gpu(g.rank)
         self.iteration, self.consumed, self.history = 0, 0, []
+        self.pending_save = None                     # a background checkpoint (--async-save)
         self._set_up(ckpt)
         warmup.wait(self.log)
         self.gemm = self._gemm_rate()
         self.faults("init")
+
+    def _check_fits(self) -> None:
+        """Refuse, before allocating, a model whose estimated memory on this node (each rank's
+        estimate times the ranks here) exceeds the node's physical memory: NumPy would fail
+        at the first array too big, after start-up, with a traceback. (A GPU's memory is
+        CuPy's to report.)"""
+        g, t = self.grid, self.tcfg
+        if t.backend == "cupy":
+            return
+        need = report.estimated_bytes(self.mcfg, t, self.pcfg, g,
+                                      self.activation_formulas["activations_korthikanti"])
+        here = 1
+        if g.world is not None:
+            from mpi4py import MPI
+            node = g.world.Split_type(MPI.COMM_TYPE_SHARED)
+            here = node.Get_size()
+            node.Free()
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need * here > have:
+            raise ConfigError(f"this model needs an estimated {need / 2**30:,.1f} GiB per rank "
+                              f"({here} rank(s) on this node: {need * here / 2**30:,.1f} GiB) "
+                              f"and this node has {have / 2**30:,.1f} GiB: shrink the model or "
+                              f"spread it (--zero-stage, --tensor-model-parallel-size, "
+                              f"--pipeline-model-parallel-size, more nodes)")
 
     @on_backend
     def _set_up(self, ckpt) -> None:
@@ -180,15 +211,38 @@ class Trainer:
                 **self.activation_formulas}
 
     @on_backend
-    def save(self) -> Path | None:
-        """Every rank's parts assembled into full tensors, written by world rank 0."""
+    def save(self, background: bool = False) -> Path | None:
+        """Every rank writes what it owns (refgpt.engine.checkpoints); background: the files
+        are written by a thread and the checkpoint finished later (``poll_save``). A save
+        still under way is finished first."""
+        self.finish_save()
         self.entering("checkpoint")
         t = self.tcfg
         state = {"consumed_samples": self.consumed, "dtype": t.dtype, "seed": t.seed,
                  "model": self.mcfg.to_dict(), "train": t.to_dict(),
                  "loss_scaler": self.scaler.state_dict()}
-        path = checkpoints.save(t.save, self.iteration, self.model, self.opt, self.grid, state,
-                                self.batches.tokenizer, t.save_retention)
+        pending = checkpoints.start_save(t.save, self.iteration, self.model, self.opt, self.grid,
+                                         state, self.batches.tokenizer, t.save_retention,
+                                         background)
+        if background:
+            self.pending_save = pending
+            self.log(f"saving iteration {self.iteration} in the background")
+            return None
+        return self._finished(pending)
+
+    def poll_save(self) -> None:
+        """Finish a background save whose files are all written (collective; a step's end)."""
+        if self.pending_save is not None and checkpoints.all_written(self.pending_save, self.grid):
+            self.finish_save()
+
+    def finish_save(self) -> None:
+        """Wait for a background save and finish it (collective)."""
+        pending, self.pending_save = self.pending_save, None
+        if pending is not None:
+            self._finished(pending)
+
+    def _finished(self, pending) -> Path | None:
+        path = pending.finish(self.grid)
         if path is not None:
             self.log(f"saved checkpoint {path}")
         return path
@@ -230,9 +284,11 @@ class Trainer:
                         last_log = self.iteration
                     self.history.append(r)
                     records.add(r, logging)
-                    if t.save and ((t.save_interval and self.iteration % t.save_interval == 0)
-                                   or last or stop):
+                    self.poll_save()
+                    if t.save and (last or stop):
                         self.save()
+                    elif t.save and t.save_interval and self.iteration % t.save_interval == 0:
+                        self.save(background=t.async_save)
                     if stop:
                         why = f"on {signalled}" if signalled else "(--exit-interval)"
                         self.log(f"exiting at iteration {self.iteration} {why}"
