@@ -41,9 +41,14 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from .checkpoint_shards import SavedCheckpoint, file_record
-from .cli import CheckpointError
+from .cli import CheckpointError, require
+from .config import ConfigError, ModelConfig, TrainConfig
 
 CONSOLIDATED, SHARDED = "refgpt-checkpoint-v1", "refgpt-checkpoint-v2"
+STATE = {"iteration": int, "optimizer_step": int, "files": dict}   # state.json's, typed
+TRAINING = {"consumed_samples": int, "model": dict, "train": dict}   # and a training run's
+PIECE = {"name": str, "shape": list, "rows": list, "cols": list, "start": int, "stop": int,
+         "file": str}                            # a manifest entry (refgpt.checkpoint_shards)
 
 
 @dataclass
@@ -224,6 +229,30 @@ def read_state(path) -> tuple[Path, dict]:
     if not isinstance(state, dict) or state.get("format") not in (CONSOLIDATED, SHARDED):
         raise CheckpointError(f"{folder}: unknown checkpoint format "
                               f"{state.get('format') if isinstance(state, dict) else state!r}")
+    where = folder / "state.json"
+    require(state, STATE, str(where), CheckpointError)
+    for name, record in state["files"].items():
+        require(record, {"bytes": int, "sha256": str}, f"{where}: files: {name}", CheckpointError)
+    pieces = state.get("pieces", []) if state["format"] == SHARDED else []
+    for entry in pieces:
+        require(entry, PIECE, f"{where}: pieces", CheckpointError)
+        if set(entry) != set(PIECE):
+            raise CheckpointError(f"{where}: pieces: unexpected keys {sorted(set(entry) - set(PIECE))}")
+    for name in [*state["files"], *(e["file"] for e in pieces)]:
+        if name not in state["files"] or Path(name).name != name:  # a file of this folder,
+            raise CheckpointError(f"{where}: {name[:80]!r} is not one of its files")  # checked
+    return folder, state
+
+
+def read_training_state(path) -> tuple[Path, dict]:
+    """read_state, for resuming a run: with what a training run's state.json also holds."""
+    folder, state = read_state(path)
+    require(state, TRAINING, str(folder / "state.json"), CheckpointError)
+    try:
+        ModelConfig.from_dict(state["model"])
+        TrainConfig.from_dict(state["train"])
+    except ConfigError as e:
+        raise CheckpointError(f"{folder / 'state.json'}: {e}") from None
     return folder, state
 
 

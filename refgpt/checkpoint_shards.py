@@ -232,28 +232,56 @@ class SavedCheckpoint:
         return np.asarray(values).reshape(-1)
 
     def _copy(self, piece: Piece, quantity: str, rows, cols, out, found) -> None:
-        """Copy what a saved piece holds of the grid rows x cols into out (marking found)."""
+        """Copy what a saved piece holds of the grid rows x cols into out (marking found).
+        The piece is up to three rectangles of its grid (a partial first row, whole rows, a
+        partial last row: ZeRO's cut falls anywhere); each is read once, as the contiguous
+        range of its rows that meet the rows needed."""
         srows, scols = expand(piece.rows), expand(piece.cols)
         snc = len(scols)
-        s0 = piece.start // snc                                      # its first grid row
-        srows = srows[s0:-(-piece.stop // snc)]
-        _, mine, theirs = np.intersect1d(rows, srows, assume_unique=True, return_indices=True)
-        if not len(mine):
-            return
-        _, mine_c, theirs_c = np.intersect1d(cols, scols, assume_unique=True, return_indices=True)
-        if not len(mine_c):
-            return
-        first, last = theirs.min(), theirs.max() + 1                 # rows of srows to read
-        lo = max(piece.start, (s0 + first) * snc)
-        hi = min(piece.stop, (s0 + last) * snc)
-        block = np.zeros((last - first) * snc, out.dtype)
-        have = np.zeros((last - first) * snc, bool)
-        offset = (s0 + first) * snc
-        block[lo - offset:hi - offset] = self._slice(piece, quantity, lo - piece.start,
-                                                     hi - piece.start)
-        have[lo - offset:hi - offset] = True
-        src = np.ix_(theirs - first, theirs_c)
-        dst = np.ix_(mine, mine_c)
-        take = have.reshape(-1, snc)[src]
-        out[dst] = np.where(take, block.reshape(-1, snc)[src], out[dst])
-        found[dst] |= take
+        for r0, r1, c0, c1 in _rectangles(piece.start, piece.stop, snc):
+            _, mine, theirs = np.intersect1d(rows, srows[r0:r1], assume_unique=True,
+                                             return_indices=True)
+            if not len(mine):
+                continue
+            _, mine_c, theirs_c = np.intersect1d(cols, scols[c0:c1], assume_unique=True,
+                                                 return_indices=True)
+            if not len(mine_c):
+                continue
+            first, last = r0 + theirs.min(), r0 + theirs.max() + 1      # grid rows to read
+            lo = first * snc + c0 - piece.start         # (a rectangle of more than one row
+            hi = (last - 1) * snc + c1 - piece.start    # has whole rows: one range)
+            block = self._slice(piece, quantity, lo, hi).reshape(last - first, c1 - c0)
+            src = (_index(theirs + r0 - first), _index(theirs_c))
+            dst = (_index(mine), _index(mine_c))
+            out[_grid(dst)] = block[_grid(src)]
+            found[_grid(dst)] = True
+
+
+def _rectangles(start: int, stop: int, nc: int) -> list[tuple[int, int, int, int]]:
+    """Elements [start, stop) of a row-major grid of nc columns as rectangles (rows r0:r1,
+    columns c0:c1): a partial first row, whole rows, a partial last row."""
+    out = []
+    while start < stop:
+        r, c = divmod(start, nc)
+        if c or stop - start < nc:                      # part of one row
+            end = min(nc, c + stop - start)
+            out.append((r, r + 1, c, end))
+            start += end - c
+        else:                                           # whole rows
+            k = (stop - start) // nc
+            out.append((r, r + k, 0, nc))
+            start += k * nc
+    return out
+
+
+def _index(idx: np.ndarray):
+    """Ascending indices as a slice where they are consecutive (a view, not a gather)."""
+    return slice(int(idx[0]), int(idx[-1]) + 1) if idx[-1] - idx[0] == len(idx) - 1 else idx
+
+
+def _grid(index: tuple):
+    """Row and column indices (slices or arrays) as one index of their product."""
+    rows, cols = index
+    if isinstance(rows, slice) or isinstance(cols, slice):
+        return rows, cols
+    return np.ix_(rows, cols)

@@ -22,6 +22,23 @@ class CheckpointError(ValueError):
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError)
 
 
+def require(record, fields: dict, where: str, error=ValueError):
+    """record, checked to be a JSON object holding each of fields ({key: type or tuple of
+    types}) with a value of that type (a bool is not an int here); else error naming where
+    and the key. Files refgpt wrote may have been edited or damaged since."""
+    if not isinstance(record, dict):
+        raise error(f"{where}: expected a JSON object, found {type(record).__name__}")
+    for key, kinds in fields.items():
+        kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+        if key not in record:
+            raise error(f"{where}: {key!r} is missing")
+        value = record[key]
+        if not isinstance(value, kinds) or isinstance(value, bool) and bool not in kinds:
+            names = " or ".join(k.__name__ for k in kinds)
+            raise error(f"{where}: {key!r} must be {names}, found {str(value)[:40]!r}")
+    return record
+
+
 def exit_on_user_error(main):
     @functools.wraps(main)
     def wrapped(*args, **kwargs):

@@ -88,7 +88,23 @@ class ModelConfig:
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown model settings: {sorted(unknown)}")
-        return cls(**d)
+        return cls(**{k: typed(cls, k, v) for k, v in d.items()})
+
+
+def typed(cls, name: str, value):
+    """value as the config field's type (its default's), which a TOML file may not have given:
+    an integer is a float where a float is asked for; anything else of the wrong type (a
+    string for a number, 2.0 or true for a count) is refused."""
+    want = type(next(f for f in dataclasses.fields(cls) if f.name == name).default)
+    ok = (isinstance(value, bool) if want is bool else
+          isinstance(value, int) and not isinstance(value, bool) if want is int else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+          isinstance(value, want))
+    if not ok:
+        kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+        raise ConfigError(f"{name.replace('_', '-')} must be {kinds.get(want, want.__name__)}, "
+                          f"got {value!r}")
+    return float(value) if want is float else value
 
 
 @dataclass
@@ -138,7 +154,7 @@ class TrainConfig:
         """The settings a checkpoint recorded (those this version does not know are left out,
         those it adds since keep their defaults)."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: typed(cls, k, v) for k, v in d.items() if k in known})
 
     def micro_batches(self, data_parallel_size: int = 1) -> int:
         """Micro-batches each data-parallel rank runs per step: G / (d B)."""

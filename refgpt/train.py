@@ -27,10 +27,10 @@ import traceback  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .checkpoint import read_state  # noqa: E402
+from .checkpoint import read_training_state  # noqa: E402
 from .cli import USER_ERRORS, CheckpointError, exit_on_user_error, parser  # noqa: E402
 from .config import (BACKENDS, DECAY_STYLES, DTYPES, GELU_KINDS, SCHEDULES, TP_MODES,  # noqa: E402
-                     ConfigError, ModelConfig, ParallelConfig, TrainConfig)
+                     ConfigError, ModelConfig, ParallelConfig, TrainConfig, typed)
 from .engine import Trainer  # noqa: E402
 from .parallel.grid import Grid  # noqa: E402
 from .parallel.launch import abort_job, launched_world_size  # noqa: E402
@@ -210,22 +210,6 @@ def parse_config(argv=None) -> tuple[ModelConfig, TrainConfig, ParallelConfig, s
     return configs_from(vars(build_parser().parse_args(argv)))
 
 
-def typed(cls, name: str, value):
-    """value as the config field's type (its default's), which a TOML file may not have given:
-    an integer is a float where a float is asked for; anything else of the wrong type (a
-    string for a number, 2.0 or true for a count) is refused."""
-    want = type(next(f for f in dataclasses.fields(cls) if f.name == name).default)
-    ok = (isinstance(value, bool) if want is bool else
-          isinstance(value, int) and not isinstance(value, bool) if want is int else
-          isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
-          isinstance(value, want))
-    if not ok:
-        kinds = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-        raise ConfigError(f"{name.replace('_', '-')} must be {kinds.get(want, want.__name__)}, "
-                          f"got {value!r}")
-    return float(value) if want is float else value
-
-
 def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig, set, dict]:
     """The configs from parsed flags (with --config's TOML file read under them)."""
     values = {}
@@ -269,7 +253,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
 def resumed(tcfg: TrainConfig, given: set) -> tuple[TrainConfig, list[str]]:
     """With --load: the checkpoint's training settings, but for those given (flags or
     --config), and the list of what they change ("name old -> new")."""
-    saved = TrainConfig.from_dict(read_state(tcfg.load)[1].get("train", {}))
+    saved = TrainConfig.from_dict(read_training_state(tcfg.load)[1]["train"])
     fields = set(saved.to_dict()) & (set(given) | {"load"})
     changes = [f"--{k.replace('_', '-')} {getattr(saved, k)!r} -> {getattr(tcfg, k)!r}"
                for k in sorted(fields - {"load"}) if getattr(saved, k) != getattr(tcfg, k)]

@@ -195,3 +195,52 @@ def test_a_full_disk_keeps_the_last_checkpoint(capsys, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["iter_0000001", "latest"]
     assert [p.name for p in iterations(tmp_path / "ckpt")] == ["iter_0000001"]
     assert load_checkpoint(tmp_path / "ckpt").state["iteration"] == 1
+
+
+def edited(path, change):
+    import json
+    record = json.loads(path.read_text())
+    change(record)
+    path.write_text(json.dumps(record))
+
+
+STATE_EDITS = [  # (change to state.json, what the line says)
+    (lambda s: s.pop("consumed_samples"), "'consumed_samples' is missing"),
+    (lambda s: s.update(iteration="12"), "'iteration' must be int, found '12'"),
+    (lambda s: s.update(model=[]), "'model' must be dict"),
+    (lambda s: s["model"].update(hidden_size="thirty-two"), "hidden-size must be an integer"),
+    (lambda s: s["train"].update(lr="fast"), "lr must be a number"),
+    (lambda s: s["pieces"][0].update(start=None), "pieces: 'start' must be int"),
+    (lambda s: s["pieces"][0].update(extra=1), "unexpected keys ['extra']"),
+    (lambda s: s["pieces"][0].update(file="../../etc/passwd"), "is not one of its files"),
+    (lambda s: s["files"].update({"x": {"bytes": "1"}}), "files: x: 'bytes' must be int"),
+]
+
+
+@pytest.mark.parametrize("change, match", STATE_EDITS)
+def test_a_damaged_state_json_is_one_error(change, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert train.main([*TINY, "--save", "ck"]) == 0
+    capsys.readouterr()
+    edited(tmp_path / "ck" / "iter_0000002" / "state.json", change)
+    one_line_error(capsys, [*TINY, "--load", "ck"], match, tmp_path)
+
+
+META_EDITS = [
+    (lambda m: m.pop("vocab_size"), "'vocab_size' is missing"),
+    (lambda m: m.update(dtype="int7"), "'dtype' 'int7' is not a NumPy type"),
+    (lambda m: m.update(splits=[1]), "'splits' must be dict"),
+    (lambda m: m["splits"]["train"].update(tokens="many"), "'tokens' must be int"),
+]
+
+
+@pytest.mark.parametrize("change, match", META_EDITS)
+def test_a_damaged_meta_json_is_one_error(change, match, capsys, tmp_path, monkeypatch):
+    from refgpt.data.prepared import prepare
+    src = tmp_path / "src.py"
+    src.write_text("def f(x):\n    return x + 1\n" * 200)
+    prepare([str(src)], tmp_path / "data", vocab_size=300, val_fraction=0.1, log=lambda *_: None)
+    edited(tmp_path / "data" / "meta.json", change)
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in TINY if a not in ("--synthetic-data", "--vocab-size", "50")]
+    one_line_error(capsys, [*argv, "--data-path", "data"], match, tmp_path)

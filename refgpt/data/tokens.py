@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cli import require
 from ..nn.params import name_stream
 
 FORMAT = "refgpt-tokens-v1"
@@ -48,8 +49,16 @@ def read_meta(folder: Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"corrupt {path}: {e}") from None
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a refgpt token folder (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a refgpt token folder (format "
+                         f"{meta.get('format') if isinstance(meta, dict) else meta!r})")
+    require(meta, {"dtype": str, "vocab_size": int, "splits": dict}, str(path))
+    for split, info in meta["splits"].items():
+        require(info, {"file": str, "tokens": int}, f"{path}: splits: {split}")
+    try:
+        np.dtype(meta["dtype"])
+    except TypeError:
+        raise ValueError(f"{path}: 'dtype' {meta['dtype'][:40]!r} is not a NumPy type") from None
     return meta
 
 

@@ -173,30 +173,40 @@ def restore(saved, model, opt, cfg, grid) -> None:
 
 
 def _read(saved, model, opt) -> None:
-    """This rank's tensors and its own range of the optimizer's buffers, from the pieces.
-    The tensors go to the model one at a time; a problem stops the reading, not the
-    parameters' own collective at the end (refgpt.parallel.shared), and is raised after."""
+    """This rank's own range of the optimizer's buffers and, where the model holds more
+    than that (all but ZeRO-3, whose parameters are its own range: refgpt.parallel.zero),
+    the whole of each of its tensors, from the pieces. The tensors go to the model one at a
+    time; a problem stops the reading, not the parameters' own collective at the end
+    (refgpt.parallel.shared), and is raised after."""
     p, problems = model.params, []
     lo, hi = p.own
+    whole = p.data is not None
 
     def tensors():
         try:
             for name, (t0, t1) in p.slices.items():
                 spec = p.specs[name]
                 rows, cols = model.shard_index(name)
-                shape = list(spec.full_shape or spec.shape)
-                mine = Piece(name, shape, runs(rows), runs(cols), 0, spec.size)
-                value = saved.read(mine, "param")
+                mine = Piece(name, list(spec.full_shape or spec.shape), runs(rows), runs(cols),
+                             0, spec.size)
                 a, b = max(t0, lo), min(t1, hi)
+                own = Piece(**{**mine.to_json(), "start": a - t0, "stop": b - t0})
+                value = saved.read(mine, "param") if whole else None
                 if b > a:
-                    opt.p[a - lo:b - lo] = to_device(value[a - t0:b - t0])
-                    own = Piece(name, shape, mine.rows, mine.cols, a - t0, b - t0)
-                    for quantity, buf in (("exp_avg", opt.m), ("exp_avg_sq", opt.v)):
-                        buf[a - lo:b - lo] = to_device(saved.read(own, quantity))
-                yield name, value.reshape(spec.shape)
+                    for quantity, buf in (("param", opt.p), ("exp_avg", opt.m),
+                                          ("exp_avg_sq", opt.v)):
+                        part = (value[a - t0:b - t0] if value is not None and quantity == "param"
+                                else saved.read(own, quantity))
+                        buf[a - lo:b - lo] = to_device(part)
+                if whole:
+                    yield name, value.reshape(spec.shape)
         except CheckpointError as e:
             problems.append(e)
-    p.load_tensors(tensors())
+    if whole:
+        p.load_tensors(tensors())
+    else:
+        for _ in tensors():
+            pass
     if problems:
         raise problems[0]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .. import metrics
 from ..backend import Backend, synchronize
-from ..checkpoint import clean_stale, open_checkpoint, read_state, unwritable
+from ..checkpoint import clean_stale, open_checkpoint, read_training_state, unwritable
 from ..data.corpus import cache_dir
 from ..cli import CheckpointError
 from ..config import ConfigError, ModelConfig, ParallelConfig
@@ -62,7 +62,7 @@ class Trainer:
         self.log = log if g.rank == 0 else (lambda *_: None)
         self.progress = progress and g.rank == 0
         if tcfg.load:                               # the model's shape is the checkpoint's
-            mcfg = ModelConfig.from_dict(read_state(tcfg.load)[1]["model"])
+            mcfg = ModelConfig.from_dict(read_training_state(tcfg.load)[1]["model"])
         fit_vocabulary(mcfg, tcfg, given, bool(tcfg.load))
         check_layout(mcfg, tcfg, self.pcfg, g.tp_size, g.dp_size, g.pp_size)
         if tcfg.backend == "cupy" and importlib.util.find_spec("cupy") is None:
