@@ -110,7 +110,7 @@ def main() -> int:
             open_checkpoint(root / form), t.model, t.opt, t.mcfg, t.grid))
         rows.append((f"{form} load ({'cache dropped' if dropped else 'page cache warm'})",
                      seconds, 0, 0))
-    say(f"| what | seconds | largest file (GB) | all files (GB) |\n| --- | ---: | ---: | ---: |")
+    say("| what | seconds | largest file (GB) | all files (GB) |\n| --- | ---: | ---: | ---: |")
     for what, s, big, total in rows:
         say(f"| {what} | {s:.2f} | {big / 1e9:.2f} | {total / 1e9:.2f} |" if total else
             f"| {what} | {s:.2f} | | |")

@@ -7,6 +7,7 @@ Set REFGPT_DEBUG=1 to see the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import os
 import re
@@ -61,8 +62,26 @@ def parser(module: str, doc: str, **kwargs) -> argparse.ArgumentParser:
     its description."""
     called = os.path.basename(sys.argv[0]) if sys.argv else ""
     prog = called if called.startswith("refgpt-") else f"python -m {module}"
-    return argparse.ArgumentParser(prog=prog, description=plain(doc),
-                                   formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+    return OneLineParser(prog=prog, description=plain(doc), allow_abbrev=False,
+                         formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one ``error:`` line and status 2 (argparse
+    prints the whole usage first: sixty lines for refgpt.train), with the flag meant where a
+    known one is close to what was typed. Flags are not abbreviated (as Megatron-LM's):
+    ``--num-layer 3`` is a typo, not --num-layers."""
+
+    def error(self, message: str):
+        unknown = re.fullmatch(r"unrecognized arguments: (.*)", message)
+        if unknown:
+            known = [o for a in self._actions for o in a.option_strings]
+            for word in unknown.group(1).split():
+                close = difflib.get_close_matches(word.split("=")[0], known, n=1)
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+                    break
+        self.exit(2, f"error: {message}; {self.prog} --help lists the flags\n")
 
 
 def plain(doc: str) -> str:

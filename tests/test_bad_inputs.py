@@ -244,3 +244,15 @@ def test_a_damaged_meta_json_is_one_error(change, match, capsys, tmp_path, monke
     monkeypatch.chdir(tmp_path)
     argv = [a for a in TINY if a not in ("--synthetic-data", "--vocab-size", "50")]
     one_line_error(capsys, [*argv, "--data-path", "data"], match, tmp_path)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--num-layer", "3"], "unrecognized arguments: --num-layer 3 (did you mean --num-layers?)"),
+    (["--num-layers", "x"], "argument --num-layers: invalid int value: 'x'"),
+    (["--synthetic-dat"], "(did you mean --synthetic-data?)"),
+])
+def test_a_usage_error_is_one_line(argv, match, capsys, tmp_path, monkeypatch):
+    """argparse's errors too: one line (not the sixty of the usage), status 2, flags not
+    abbreviated (a typo is refused, not taken for the flag it begins)."""
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, argv, match, tmp_path)

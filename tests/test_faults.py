@@ -6,6 +6,7 @@ These launch their own `mpiexec -n 4` jobs, so they run in the single-process se
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -82,20 +83,22 @@ SAVING = ["-m", "refgpt.train", "--synthetic-data", "--num-layers", "2", "--hidd
           "--no-progress", "--log-interval", "1000", "--save-interval", "1"]
 
 
-def killed_while_saving(args, delay):
-    """A run saving every iteration, killed (SIGKILL) once it has saved for delay seconds."""
-    proc = subprocess.Popen([sys.executable, *SAVING, *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+def killed_while_saving(args, delay, launch=()):
+    """A run saving every iteration, killed (SIGKILL to the launcher and every rank) once it
+    has saved for delay seconds."""
+    proc = subprocess.Popen([*launch, sys.executable, *SAVING, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env=dict(os.environ, PYTHONPATH=os.getcwd()))
     for line in proc.stdout:                   # the first save marks that the loop runs
         if "checkpoint" in line:
             break
     time.sleep(delay)
-    proc.kill()
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
 
 
-@pytest.mark.parametrize("how", ["fresh", "re-save", "async"])
+@pytest.mark.parametrize("how", ["fresh", "re-save", "async", "2 ranks, ZeRO-1"])
 def test_kill_9_while_saving_always_leaves_a_loadable_latest(tmp_path, how):
     """Killed at moments spread over several saves (new iterations; iterations that exist,
     the window where the good copy is set aside; background saves), latest always loads and
@@ -110,7 +113,9 @@ def test_kill_9_while_saving_always_leaves_a_loadable_latest(tmp_path, how):
             args = ["--train-iters", "200", "--load", f"{ck}/iter_0000001", "--save", ck]
         else:
             args = ["--train-iters", "100000", "--save", ck] + (["--async-save"] if how == "async" else [])
-        killed_while_saving(args, delay)
+        if how.startswith("2 ranks"):
+            args += ["--zero-stage", "1"]
+        killed_while_saving(args, delay, ("mpiexec", "-n", "2") if how.startswith("2") else ())
         folder = resolve(ck)                   # iter_0000123, or a copy set aside of it
         named = int(re.search(r"iter_(\d{7})", folder.name).group(1))
         assert load_checkpoint(ck).state["iteration"] == named
