@@ -25,8 +25,8 @@ transpose flag, not a copy); anything else goes to the reference.
 
 16-bit operands (bfloat16, float16) go to the BLAS's 16-bit GEMM with fp32 accumulation where
 there is one (refgpt.kernels.blas16), tiled the same way into an fp32 C: matmul then rounds C
-once to 16 bits (or, rounded=False, returns it in fp32), add_matmul adds into its fp32 C
-directly. Without one, the fallback: the operands widened to fp32 on numba's threads
+once to 16 bits, each thread its own tile right after its GEMM, while the tile is still in
+its cache (or, rounded=False, returns C in fp32); add_matmul adds into its fp32 C directly. Without one, the fallback: the operands widened to fp32 on numba's threads
 (refgpt.kernels.numba_half) and the fp32 GEMM above.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blas16 import gemm_for
-from .numba_half import is_half, narrow, widen
+from .numba_half import _narrow_bits, is_half, narrow, widen
 from .numba_attention import GEMM, NO_TRANS, ROW_MAJOR, TRANS, OneBlasThread, blas_operand
 
 
@@ -62,12 +62,13 @@ def tile_grid(M: int, N: int, threads: int) -> tuple[int, int]:
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias):
+def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias, bits, out, fp16):
     """c = op(a) op(b) (+ c when beta = 1) in pm x pn tiles, one task each. With a bias (not
     empty; only for beta = 0), each tile is first filled with it and the GEMM adds to that
     (beta = 1): BLAS itself zeroes C before it accumulates when beta = 0, so the bias costs
     no pass of its own. a and b are the arrays as stored (op transposes them when ta / tb),
-    rows contiguous."""
+    rows contiguous. With out (16-bit words, not empty), each tile of c (bits: c's words) is
+    then rounded into out by the thread that made it."""
     M, N = c.shape
     K = a.shape[0] if ta else a.shape[1]
     lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize      # leading dimensions
@@ -84,11 +85,16 @@ def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias):
             tile_beta = 1.0
         gemm(ROW_MAJOR, TRANS if ta else NO_TRANS, TRANS if tb else NO_TRANS, i1 - i0, j1 - j0,
              K, 1.0, a_rows.ctypes, lda, b_cols.ctypes, ldb, tile_beta, c[i0:, j0:].ctypes, ldc)
+        if out.size:
+            for i in range(i0, i1):
+                for j in range(j0, j1):
+                    out[i, j] = _narrow_bits(bits[i, j], fp16)
 
 
-def _run(c, a, b, beta, bias=None) -> bool:
+def _run(c, a, b, beta, bias=None, out=None) -> bool:
     """c = a @ b (+ c) (+ bias) through the tiled kernel; False when BLAS cannot take the
-    operands. 16-bit a and b: c and bias are fp32, and the GEMM is the 16-bit one."""
+    operands. 16-bit a and b: c and bias are fp32, and the GEMM is the 16-bit one; out (a
+    16-bit array like c, optional): c rounded into it."""
     half = a.dtype.itemsize == 2
     gemm = gemm_for(a.dtype) if half else GEMM.get(c.dtype) if GEMM else None
     kind = np.dtype(np.float32) if half else c.dtype
@@ -105,9 +111,12 @@ def _run(c, a, b, beta, bias=None) -> bool:
     if half:                                    # the BLAS reads 16-bit words
         a, b = a.view(np.uint16), b.view(np.uint16)
     pm, pn = tile_grid(*c.shape, numba.get_num_threads())
+    bits, words = ((np.empty((0, 0), np.uint32), np.empty((0, 0), np.uint16)) if out is None
+                   else (c.view(np.uint32), out.view(np.uint16)))
     with OneBlasThread():                       # one BLAS thread per tile: numba's threads
         _tiled(gemm, ta, tb, a, b, float(beta), c, pm, pn,
-               np.empty(0, c.dtype) if bias is None else bias)
+               np.empty(0, c.dtype) if bias is None else bias, bits, words,
+               out is not None and out.dtype.kind == "f")
     return True
 
 
@@ -116,9 +125,11 @@ def matmul(a, b, bias=None, rounded=True):
         if a.ndim != 2 or b.ndim != 2 or b.dtype != a.dtype:
             return NotImplemented
         c = np.empty((a.shape[0], b.shape[1]), np.float32)
+        out = np.empty(c.shape, a.dtype) if rounded else None
         bias32 = None if bias is None else widen(bias)
-        if not _run(c, a, b, 0.0, bias32):
-            c = matmul(widen(a), widen(b), bias32)
+        if _run(c, a, b, 0.0, bias32, out):
+            return out if rounded else c
+        c = matmul(widen(a), widen(b), bias32)
         return narrow(c, a.dtype) if rounded else c
     if a.ndim == 2 and b.ndim == 2:
         c = np.empty((a.shape[0], b.shape[1]), np.result_type(a, b))

@@ -288,7 +288,8 @@ def test_gemm_tiles_cover_the_product(grid):
         bias = rng.standard_normal(c.shape[1])
         ta, tb = a.strides[0] == a.itemsize, b.strides[0] == b.itemsize
         numba_gemm._tiled(numba_attention.GEMM[c.dtype], ta, tb, a.T if ta else a,
-                          b.T if tb else b, 0.0, c, *grid, bias)
+                          b.T if tb else b, 0.0, c, *grid, bias, np.empty((0, 0), np.uint32),
+                          np.empty((0, 0), np.uint16), False)
         close(c, a @ b + bias, np.float64)
 
 
@@ -467,6 +468,8 @@ def test_16_bit_blas_gemm_equals_the_fp32_gemm_of_the_same_values(which, monkeyp
     want = matmul.reference(a, b, bias)
     ulp = np.abs(want.astype(np.float32)) * 2.0 ** (-7 if name == "bfloat16" else -10)
     assert got.dtype == t and np.all(np.abs(got.astype(np.float32) - want.astype(np.float32)) <= ulp)
+    wide = numba_gemm.matmul(a, b, bias, rounded=False)      # each tile rounded by its thread:
+    assert np.array_equal(got.view(np.uint16), wide.astype(t).view(np.uint16))  # NumPy's cast
     c, c_ref = c0.copy(), c0.copy()
     numba_gemm.add_matmul(c, a[:, :48].T, a[:, :33])
     add_matmul.reference(c_ref, a[:, :48].T, a[:, :33])
@@ -566,6 +569,11 @@ def test_numba_kernels_on_16_bit_arrays_round_as_the_references(name):
     assert abs(total - cross_entropy.reference(z_ref, 12, y, 6.0, True)) <= 1e-5 * abs(total)
     assert np.all(np.abs(z.astype(np.float32) - z_ref.astype(np.float32))
                   <= ulp * np.abs(z_ref.astype(np.float32)) + 1e-7)
+    z32 = z_ref.astype(np.float32)          # row by row in fp32: as the float32 kernel on a
+    loss32 = numba_cpu.cross_entropy(z32, 12, y, 6.0, True)   # widened copy, rounded once
+    z16 = z_ref.copy()
+    assert numba_cpu.cross_entropy(z16, 12, y, 6.0, True) == loss32
+    assert np.array_equal(z16.view(np.uint16), z32.astype(t).view(np.uint16))
     rng = np.random.default_rng(8)        # the embedding's gradient: an fp32 or a 16-bit table
     rows, idx = rand(rng, (10, 64), t), np.array([3, 0, 7, 1, 9, 2, 8, 4, 6, 5])
     for table in (rand(rng, (10, 64), t), rand(rng, (10, 64), np.float32)):
@@ -574,3 +582,26 @@ def test_numba_kernels_on_16_bit_arrays_round_as_the_references(name):
             scatter_add_rows(got, idx, rows)
         scatter_add_rows.reference(want, idx, rows)
         assert got.dtype == table.dtype and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("kind", ["tanh", "erf"])
+def test_16_bit_bias_gelu_is_the_fp32_route_in_one_pass(name, kind):
+    """The one-pass 16-bit bias+GELU kernels equal, bit for bit, widening, the float32
+    kernels and rounding (what they replace): f + b rounded into f, GELU of it rounded; dx
+    rounded, db summed in fp32 from the unrounded dx."""
+    from refgpt.kernels.numba_half import narrow, widen
+    t, rng = dtype_of(name), np.random.default_rng(5)
+    f, b = rand(rng, (37, 96), t, 2.0), rand(rng, (96,), t)
+    f32 = widen(f)
+    f32 += widen(b)
+    x = narrow(f32, t)
+    y = narrow(numba_cpu.gelu_forward(widen(x), kind), t)
+    got = numba_cpu.bias_gelu_forward(f, b, kind)
+    assert np.array_equal(f.view(np.uint16), x.view(np.uint16))
+    assert np.array_equal(got.view(np.uint16), y.view(np.uint16))
+    dy = rand(rng, (37, 96), t)
+    dx32, db32 = numba_cpu.bias_gelu_backward(widen(x), widen(dy), kind)
+    dx, db = numba_cpu.bias_gelu_backward(x, dy, kind)
+    assert np.array_equal(dx.view(np.uint16), narrow(dx32, t).view(np.uint16))
+    assert np.array_equal(db, db32) and db.dtype == np.float32
