@@ -49,7 +49,7 @@ import numpy as np
 from numba import njit, prange
 
 from .numba_exp import vexp_of
-from .numba_half import _narrow_bits, _widen_bits, is_half, narrow, widen
+from .numba_half import f32, is_half, narrow, widen, word, words
 
 S2PI = math.sqrt(2.0 / math.pi)
 K = 0.044715
@@ -126,33 +126,21 @@ def _bias_gelu_bwd(x, dy, dx, db_parts, tanh_form, consts):
                 db[c] += dx[r, c]
 
 
-@njit(inline="always")
-def _f32(h, fp16):
-    """The float32 value of 16-bit words h (refgpt.kernels.numba_half)."""
-    return np.uint32(_widen_bits(h, fp16)).view(np.float32)
-
-
-@njit(inline="always")
-def _half(x, fp16):
-    """float32 x rounded to 16-bit words, nearest even."""
-    return _narrow_bits(np.float32(x).view(np.uint32), fp16)
-
-
 @njit(**VECTOR)
-def _bias_gelu_fwd_words(f, b, y, tanh_form, consts, fp16):
-    """_bias_gelu_fwd on 16-bit words f and y (b fp32): f + b in fp32, rounded into f, and
-    GELU of that rounded sum in fp32, rounded into y. One pass where the fp32 route
-    (widen, add, round, widen, GELU, round) made five over arrays of the activation's size."""
+def _bias_gelu_fwd_words(f, b, y, tanh_form, consts):
+    """_bias_gelu_fwd on 16-bit words f and y (refgpt.kernels.numba_half.words; b fp32):
+    f + b in fp32, rounded into f, and GELU of that rounded sum in fp32, rounded into y. One
+    pass where the fp32 route (widen, add, round, widen, GELU, round) made five."""
     R, C = f.shape
     for r in prange(R):
         for c in range(C):
-            h = _half(_f32(f[r, c], fp16) + b[c], fp16)
+            h = word(f32(f[r, c]) + b[c], f)
             f[r, c] = h
-            y[r, c] = _half(_gelu(_f32(h, fp16), tanh_form, consts), fp16)
+            y[r, c] = word(_gelu(f32(h), tanh_form, consts), y)
 
 
 @njit(**VECTOR)
-def _bias_gelu_bwd_words(x, dy, dx, db_parts, rows, tanh_form, consts, fp16):
+def _bias_gelu_bwd_words(x, dy, dx, db_parts, rows, tanh_form, consts):
     """_bias_gelu_bwd on 16-bit words x, dy, dx: each row's fp32 dx made in its chunk's row
     of rows, summed into db from there (before rounding, as the fp32 route), then rounded."""
     R, C = x.shape
@@ -161,17 +149,16 @@ def _bias_gelu_bwd_words(x, dy, dx, db_parts, rows, tanh_form, consts, fp16):
         db = db_parts[k]
         for r in range(k * R // chunks, (k + 1) * R // chunks):
             for c in range(C):
-                rows[k, c] = _f32(dy[r, c], fp16) * _gelu_slope(_f32(x[r, c], fp16),
-                                                                tanh_form, consts)
+                rows[k, c] = f32(dy[r, c]) * _gelu_slope(f32(x[r, c]), tanh_form, consts)
             for c in range(C):
                 db[c] += rows[k, c]
             for c in range(C):
-                dx[r, c] = _half(rows[k, c], fp16)
+                dx[r, c] = word(rows[k, c], dx)
 
 
-def _words(a):
-    """A 16-bit array's words, 2-D [rows, last axis] (C-contiguous: a copy if it is not)."""
-    return np.ascontiguousarray(a).reshape(-1, a.shape[-1]).view(np.uint16)
+def _words2(a):
+    """A 16-bit array's words (numba_half.words), 2-D [rows, last axis], C-contiguous."""
+    return words(np.ascontiguousarray(a).reshape(-1, a.shape[-1]))
 
 
 def gelu_forward(x, kind):
@@ -198,9 +185,8 @@ def bias_gelu_forward(f, b, kind):
         raise ValueError("bias_gelu_forward adds the bias in place to a C-contiguous array")
     if is_half(f):                  # f + b rounded into f, GELU of that sum rounded
         y = np.empty_like(f)
-        _bias_gelu_fwd_words(_words(f), np.ascontiguousarray(widen(b)), _words(y),
-                             kind == "tanh", _gelu_constants(np.dtype(np.float32)),
-                             f.dtype.kind == "f")
+        _bias_gelu_fwd_words(_words2(f), np.ascontiguousarray(widen(b)), _words2(y),
+                             kind == "tanh", _gelu_constants(np.dtype(np.float32)))
         return y
     y = np.empty_like(f)
     C = f.shape[-1]
@@ -213,12 +199,11 @@ def bias_gelu_backward(x, dy, kind):
     C = x.shape[-1]
     if is_half(dy) and x.dtype == dy.dtype:     # dx rounded, db in fp32
         dx = np.empty(dy.shape, dy.dtype)
-        x2 = _words(x)
+        x2 = _words2(x)
         db = _column_parts(x2)
         rows = np.empty((db.shape[0], C), np.float32)
-        _bias_gelu_bwd_words(x2, _words(dy), dx.reshape(-1, C).view(np.uint16), db, rows,
-                             kind == "tanh", _gelu_constants(np.dtype(np.float32)),
-                             dy.dtype.kind == "f")
+        _bias_gelu_bwd_words(x2, _words2(dy), _words2(dx), db, rows, kind == "tanh",
+                             _gelu_constants(np.dtype(np.float32)))
         return dx, db.sum(axis=0).astype(np.float32)
     if is_half(dy):
         dx, db = bias_gelu_backward(widen(x), widen(dy), kind)
@@ -435,15 +420,15 @@ def _cross_entropy(z, V, y, scale, grad, losses):
 
 
 @njit(**FLAGS, fastmath={"contract", "reassoc"})
-def _cross_entropy_words(z, V, y, scale, grad, losses, rows, bits, fp16):
-    """_cross_entropy of 16-bit logits (z: their words), row by row in fp32: each row widened
-    into its thread's row of rows (bits: the same memory as words), computed there as
-    _cross_entropy computes a float32 row, and with grad rounded back into z. No fp32 copy
-    of the logits (the largest array of a step) is made."""
+def _cross_entropy_words(z, V, y, scale, grad, losses, rows):
+    """_cross_entropy of 16-bit logits (z: their words, numba_half.words), row by row in
+    fp32: each row widened into its thread's row of rows, computed there as _cross_entropy
+    computes a float32 row, and with grad rounded back into z. No fp32 copy of the logits
+    (the largest array of a step) is made."""
     for r in prange(z.shape[0]):
         t = numba.get_thread_id()
         for j in range(z.shape[1]):
-            bits[t, j] = _widen_bits(z[r, j], fp16)
+            rows[t, j] = f32(z[r, j])
         zy = rows[t, y[r]]
         if grad:
             mx, total = _softmax_row(rows, rows, t, V)
@@ -453,7 +438,7 @@ def _cross_entropy_words(z, V, y, scale, grad, losses, rows, bits, fp16):
             for j in range(V, z.shape[1]):
                 rows[t, j] = 0.0
             for j in range(z.shape[1]):
-                z[r, j] = _narrow_bits(bits[t, j], fp16)
+                z[r, j] = word(rows[t, j], z)
         else:
             mx = _row_max(rows, t, V)
             total = 0.0
@@ -469,8 +454,7 @@ def cross_entropy(z, V, y, norm, grad):
     y = np.ascontiguousarray(y)
     if is_half(z):                  # the loss in fp32, the gradient rounded into z
         rows = np.empty((numba.config.NUMBA_NUM_THREADS, z.shape[1]), np.float32)
-        _cross_entropy_words(z.view(np.uint16), V, y, np.float32(1.0 / norm), bool(grad),
-                             losses, rows, rows.view(np.uint32), z.dtype.kind == "f")
+        _cross_entropy_words(words(z), V, y, np.float32(1.0 / norm), bool(grad), losses, rows)
     else:
         _cross_entropy(z, V, y, z.dtype.type(1.0 / norm), bool(grad), losses)
     return float(losses.sum())

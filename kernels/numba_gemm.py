@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blas16 import gemm_for
-from .numba_half import _narrow_bits, is_half, narrow, widen
+from .numba_half import is_half, narrow, widen, word, words
 from .numba_attention import GEMM, NO_TRANS, ROW_MAJOR, TRANS, OneBlasThread, blas_operand
 
 
@@ -62,13 +62,13 @@ def tile_grid(M: int, N: int, threads: int) -> tuple[int, int]:
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias, bits, out, fp16):
+def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias, out):
     """c = op(a) op(b) (+ c when beta = 1) in pm x pn tiles, one task each. With a bias (not
     empty; only for beta = 0), each tile is first filled with it and the GEMM adds to that
     (beta = 1): BLAS itself zeroes C before it accumulates when beta = 0, so the bias costs
     no pass of its own. a and b are the arrays as stored (op transposes them when ta / tb),
-    rows contiguous. With out (16-bit words, not empty), each tile of c (bits: c's words) is
-    then rounded into out by the thread that made it."""
+    rows contiguous. With out (16-bit words, refgpt.kernels.numba_half.words; not empty),
+    each tile of c is then rounded into out by the thread that made it."""
     M, N = c.shape
     K = a.shape[0] if ta else a.shape[1]
     lda, ldb = a.strides[0] // a.itemsize, b.strides[0] // b.itemsize      # leading dimensions
@@ -88,7 +88,7 @@ def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias, bits, out, fp16):
         if out.size:
             for i in range(i0, i1):
                 for j in range(j0, j1):
-                    out[i, j] = _narrow_bits(bits[i, j], fp16)
+                    out[i, j] = word(c[i, j], out)
 
 
 def _run(c, a, b, beta, bias=None, out=None) -> bool:
@@ -111,12 +111,10 @@ def _run(c, a, b, beta, bias=None, out=None) -> bool:
     if half:                                    # the BLAS reads 16-bit words
         a, b = a.view(np.uint16), b.view(np.uint16)
     pm, pn = tile_grid(*c.shape, numba.get_num_threads())
-    bits, words = ((np.empty((0, 0), np.uint32), np.empty((0, 0), np.uint16)) if out is None
-                   else (c.view(np.uint32), out.view(np.uint16)))
     with OneBlasThread():                       # one BLAS thread per tile: numba's threads
         _tiled(gemm, ta, tb, a, b, float(beta), c, pm, pn,
-               np.empty(0, c.dtype) if bias is None else bias, bits, words,
-               out is not None and out.dtype.kind == "f")
+               np.empty(0, c.dtype) if bias is None else bias,
+               np.empty((0, 0), np.uint16) if out is None else words(out))
     return True
 
 

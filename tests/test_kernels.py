@@ -288,8 +288,7 @@ def test_gemm_tiles_cover_the_product(grid):
         bias = rng.standard_normal(c.shape[1])
         ta, tb = a.strides[0] == a.itemsize, b.strides[0] == b.itemsize
         numba_gemm._tiled(numba_attention.GEMM[c.dtype], ta, tb, a.T if ta else a,
-                          b.T if tb else b, 0.0, c, *grid, bias, np.empty((0, 0), np.uint32),
-                          np.empty((0, 0), np.uint16), False)
+                          b.T if tb else b, 0.0, c, *grid, bias, np.empty((0, 0), np.uint16))
         close(c, a @ b + bias, np.float64)
 
 
