@@ -30,9 +30,11 @@ noise, see benchmarks/README.md). ``PRESETS`` holds (smallest block, blocks per 
 per CPU family, picked from the CPU that LLVM (and so Numba) reports. REFGPT_ATTENTION_BLOCK
 overrides it with a preset's name, or with one block size for every length.
 
-16-bit operands are widened to float32 (refgpt.kernels.numba_half): the scores of
-causal_matmul_nt stay fp32, the products of causal_matmul_nn and _tn are rounded once to the
-16-bit type, as the references do.
+16-bit operands go to the BLAS's 16-bit GEMM where it has one (refgpt.kernels.blas16), blocks
+as above, each product summed in fp32; without one they are widened to float32
+(refgpt.kernels.numba_half). Either way the scores of causal_matmul_nt stay fp32, and the
+products of causal_matmul_nn and _tn are rounded once to the 16-bit type, as the references
+do.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import numpy as np
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
 
+from .blas16 import gemm_for
 from .numba_half import is_half, narrow, widen
 
 PRESETS = {            # CPU family: (smallest block, blocks per sequence)
@@ -225,7 +228,20 @@ def _merged(B, H, T, D, dtype):
     return np.empty((B, T, H, D), dtype).transpose(0, 2, 1, 3)
 
 
+def _gemm16(x, y):
+    """The BLAS's 16-bit GEMM (refgpt.kernels.blas16) when x and y are both 16-bit of one
+    type and it has one, else None."""
+    return gemm_for(x.dtype) if is_half(x) and x.dtype == y.dtype else None
+
+
 def causal_matmul_nt(a, b, scale=1.0):
+    gemm16 = _gemm16(a, b)
+    if gemm16 is not None:                      # 16 bits: the scores in fp32, from the
+        a, b = _rows(a, b)                      # 16-bit GEMM on the words as they are
+        out = np.empty((*a.shape[:-1], b.shape[-2]), np.float32)
+        with OneBlasThread():
+            _nt(gemm16, a.view(np.uint16), b.view(np.uint16), out, scale, block_for(a.shape[2]))
+        return out
     if is_half(a):                              # 16 bits: the scores in fp32
         return causal_matmul_nt(widen(a), widen(b), scale)
     if GEMM is None:                            # NumPy's BLAS exposes no CBLAS
@@ -246,6 +262,13 @@ def _into(out, shape, dtype):
 
 
 def causal_matmul_nn(p, v, scale=1.0, out=None):
+    gemm16 = _gemm16(p, v)
+    if gemm16 is not None:                      # 16 bits: summed in fp32, rounded once
+        p, v = _rows(p, v)
+        res = _merged(*p.shape[:3], v.shape[-1], np.float32)
+        with OneBlasThread():
+            _nn(gemm16, p.view(np.uint16), v.view(np.uint16), res, scale, block_for(p.shape[2]))
+        return narrow(res, v.dtype, out=out)
     if is_half(v):                              # 16 bits: in fp32, rounded once to v's type
         res = causal_matmul_nn(widen(p) if is_half(p) else p, widen(v), scale)
         return res if res is NotImplemented else narrow(res, v.dtype, out=out)
@@ -259,6 +282,13 @@ def causal_matmul_nn(p, v, scale=1.0, out=None):
 
 
 def causal_matmul_tn(p, x, scale=1.0, out=None):
+    gemm16 = _gemm16(p, x)
+    if gemm16 is not None:                      # 16 bits: summed in fp32, rounded once
+        p, x = _rows(p, x)
+        res = _merged(*p.shape[:2], p.shape[-1], x.shape[-1], np.float32)
+        with OneBlasThread():
+            _tn(gemm16, p.view(np.uint16), x.view(np.uint16), res, scale, block_for(p.shape[3]))
+        return narrow(res, x.dtype, out=out)
     if is_half(x):                              # 16 bits: in fp32, rounded once to x's type
         res = causal_matmul_tn(widen(p) if is_half(p) else p, widen(x), scale)
         return res if res is NotImplemented else narrow(res, x.dtype, out=out)

@@ -604,3 +604,31 @@ def test_16_bit_bias_gelu_is_the_fp32_route_in_one_pass(name, kind):
     dx, db = numba_cpu.bias_gelu_backward(x, dy, kind)
     assert np.array_equal(dx.view(np.uint16), narrow(dx32, t).view(np.uint16))
     assert np.array_equal(db, db32) and db.dtype == np.float32
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the mkl wheel is x86's only")
+@pytest.mark.parametrize("which", sorted(sixteen_bit_gemms()) or ["none found"])
+def test_16_bit_attention_products_on_the_16_bit_gemm(which, monkeypatch):
+    """Attention's causal products on the BLAS's 16-bit GEMM, block by block, against the
+    references (the 16-bit values widened, fp32 products): equal to fp32 summation order;
+    the masked scores exactly zero."""
+    assert which != "none found", "the dev extra installs mkl on x86 Linux: no 16-bit GEMM found"
+    from refgpt.nn.attention import causal_matmul_nn, causal_matmul_nt, causal_matmul_tn
+    name = which.split("-", 1)[1]
+    _, gemm = sixteen_bit_gemms()[which]
+    monkeypatch.setattr(numba_attention, "gemm_for",
+                        lambda dtype: gemm if dtype.name == name else None)
+    t, rng = dtype_of(name), np.random.default_rng(12)
+    q, k = rand(rng, (2, 3, 40, 16), t), rand(rng, (2, 3, 40, 16), t)
+    p = (rand(rng, (2, 3, 40, 40), np.float32) * np.tril(np.ones((40, 40), np.float32))).astype(t)
+    bound = 40 * 2.0 ** -24 * 16                 # (p as a causal softmax leaves it: 0 above)
+    s = numba_attention.causal_matmul_nt(q, k, 0.25)
+    want = causal_matmul_nt.reference(q, k, 0.25)
+    assert s.dtype == np.float32 and np.all(np.abs(s - want) <= bound * (np.abs(want).max() + 1))
+    assert np.all(s[..., np.triu_indices(40, 1)[0], np.triu_indices(40, 1)[1]] == 0)
+    for kern, ref, x in ((numba_attention.causal_matmul_nn, causal_matmul_nn, k),
+                         (numba_attention.causal_matmul_tn, causal_matmul_tn, q)):
+        got, want = kern(p, x, 0.5), ref.reference(p, x, 0.5)
+        ulp = 2.0 ** (-7 if name == "bfloat16" else -10)
+        g32, w32 = got.astype(np.float32), want.astype(np.float32)
+        assert got.dtype == t and np.all(np.abs(g32 - w32) <= ulp * np.abs(w32) + bound)
