@@ -305,8 +305,61 @@ def _ln_bwd(dy, n, rstd, g, dx, dg_parts, db_parts):
                 db_parts[k, c] += dy[r, c]
 
 
+ROWS16 = dict(FLAGS, fastmath={"contract", "reassoc"})     # _rows's float32 flags
+
+
+@njit(**ROWS16)
+def _ln_fwd_words(x, g, b, eps, y, n, rstd):
+    """_ln_fwd on 16-bit words x, y, n (numba_half.words; g, b fp32): each element widened
+    as it is read, y and n rounded as they are written, no widened copies."""
+    R, C = x.shape
+    for r in prange(R):
+        mu = 0.0                                            # (float64, as _ln_fwd's)
+        for c in range(C):
+            mu += f32(x[r, c])
+        mu /= C
+        var = 0.0
+        for c in range(C):
+            d = f32(x[r, c]) - mu
+            var += d * d
+        rs = 1.0 / math.sqrt(var / C + eps)
+        rstd[r] = rs
+        muf, rsf = np.float32(mu), np.float32(rs)
+        for c in range(C):
+            nc = (f32(x[r, c]) - muf) * rsf
+            n[r, c] = word(nc, n)
+            y[r, c] = word(nc * g[c] + b[c], y)
+
+
+@njit(**ROWS16)
+def _ln_bwd_words(dy, n, rstd, g, dx, dg_parts, db_parts):
+    """_ln_bwd on 16-bit words dy, n, dx (g, rstd fp32; the column sums' parts float64)."""
+    R, C = dy.shape
+    chunks = dg_parts.shape[0]
+    for k in prange(chunks):
+        for r in range(k * R // chunks, (k + 1) * R // chunks):
+            mdn, mdnn = 0.0, 0.0
+            for c in range(C):
+                dn = f32(dy[r, c]) * g[c]
+                mdn += dn
+                mdnn += dn * f32(n[r, c])
+            mdnf, mdnnf = np.float32(mdn / C), np.float32(mdnn / C)
+            for c in range(C):
+                d, nc = f32(dy[r, c]), f32(n[r, c])
+                dx[r, c] = word(rstd[r] * (d * g[c] - mdnf - nc * mdnnf), dx)
+                dg_parts[k, c] += d * nc
+                db_parts[k, c] += d
+
+
 def layernorm_forward(x, g, b, eps):
-    if is_half(x):                  # y and n rounded, rstd in fp32
+    if is_half(x) and g.dtype == b.dtype == x.dtype:   # y and n rounded, rstd in fp32
+        C = x.shape[-1]
+        y, n = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
+        rstd = np.empty(x.size // C, np.float32)
+        _ln_fwd_words(_words2(x), np.ascontiguousarray(widen(g)), np.ascontiguousarray(widen(b)),
+                      np.float32(eps), _words2(y), _words2(n), rstd)
+        return y, n, rstd.reshape(*x.shape[:-1], 1)
+    if is_half(x):
         y, n, rstd = layernorm_forward(widen(x), widen(g), widen(b), eps)
         return narrow(y, x.dtype), narrow(n, x.dtype), rstd
     shape, C = x.shape, x.shape[-1]
@@ -318,6 +371,14 @@ def layernorm_forward(x, g, b, eps):
 
 
 def layernorm_backward(dy, n, rstd, g):
+    if is_half(dy) and n.dtype == g.dtype == dy.dtype and rstd.dtype == np.float32:
+        C = dy.shape[-1]                # dx rounded, dg and db in fp32
+        dy2 = _words2(dy)
+        dg, db = _column_parts(dy2), _column_parts(dy2)
+        dx = np.empty(dy.shape, dy.dtype)
+        _ln_bwd_words(dy2, _words2(n), np.ascontiguousarray(rstd).reshape(-1),
+                      np.ascontiguousarray(widen(g)), _words2(dx), dg, db)
+        return dx, dg.sum(axis=0).astype(np.float32), db.sum(axis=0).astype(np.float32)
     if is_half(dy):                 # dx rounded, dg and db in fp32
         dx, dg, db = layernorm_backward(widen(dy), widen(n), rstd, widen(g))
         return narrow(dx, dy.dtype), dg, db
@@ -385,7 +446,26 @@ def causal_softmax(s, p0):
     return s
 
 
+@njit(**ROWS16)
+def _softmax_bwd_words(p, dp, ds):
+    """_softmax_bwd with p as 16-bit words (numba_half.words), widened as read; dp, ds fp32."""
+    R, C = p.shape
+    for r in prange(R):
+        dot = 0.0
+        for c in range(C):
+            dot += dp[r, c] * f32(p[r, c])
+        dotf = np.float32(dot)
+        for c in range(C):
+            ds[r, c] = f32(p[r, c]) * (dp[r, c] - dotf)
+
+
 def softmax_backward(p, dp):
+    if is_half(p) and dp.dtype == np.float32:     # the probabilities read as 16-bit words
+        C = p.shape[-1]
+        dp2 = np.ascontiguousarray(dp).reshape(-1, C)
+        ds = np.empty_like(dp2)
+        _softmax_bwd_words(_words2(p), dp2, ds)
+        return ds.reshape(dp.shape)
     if is_half(p) or is_half(dp):   # dS in fp32
         return softmax_backward(*(widen(a) if is_half(a) else a for a in (p, dp)))
     C = p.shape[-1]

@@ -632,3 +632,26 @@ def test_16_bit_attention_products_on_the_16_bit_gemm(which, monkeypatch):
         ulp = 2.0 ** (-7 if name == "bfloat16" else -10)
         g32, w32 = got.astype(np.float32), want.astype(np.float32)
         assert got.dtype == t and np.all(np.abs(g32 - w32) <= ulp * np.abs(w32) + bound)
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float16"])
+def test_16_bit_row_kernels_are_the_fp32_route_without_copies(name):
+    """LayerNorm's and the softmax backward's 16-bit kernels, which widen as they read and
+    round as they write, equal the float32 kernels on widened copies with the results
+    rounded, bit for bit."""
+    from refgpt.kernels.numba_half import narrow, widen
+    t, rng = dtype_of(name), np.random.default_rng(6)
+    x, g, b = rand(rng, (2, 37, 96), t, 2.0), rand(rng, (96,), t), rand(rng, (96,), t)
+    y32, n32, rstd32 = numba_cpu.layernorm_forward(widen(x), widen(g), widen(b), 1e-5)
+    y, n, rstd = numba_cpu.layernorm_forward(x, g, b, 1e-5)
+    assert np.array_equal(y.view(np.uint16), narrow(y32, t).view(np.uint16))
+    assert np.array_equal(n.view(np.uint16), narrow(n32, t).view(np.uint16))
+    assert np.array_equal(rstd, rstd32) and rstd.dtype == np.float32
+    dy = rand(rng, (2, 37, 96), t)
+    dx32, dg32, db32 = numba_cpu.layernorm_backward(widen(dy), widen(n), rstd, widen(g))
+    dx, dg, db = numba_cpu.layernorm_backward(dy, n, rstd, g)
+    assert np.array_equal(dx.view(np.uint16), narrow(dx32, t).view(np.uint16))
+    assert np.array_equal(dg, dg32) and np.array_equal(db, db32)
+    p, dp = rand(rng, (2, 3, 40, 40), t), rand(rng, (2, 3, 40, 40), np.float32)
+    ds = numba_cpu.softmax_backward(p, dp)
+    assert ds.dtype == np.float32 and np.array_equal(ds, numba_cpu.softmax_backward(widen(p), dp))
