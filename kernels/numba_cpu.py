@@ -49,7 +49,7 @@ import numpy as np
 from numba import njit, prange
 
 from .numba_exp import vexp_of
-from .numba_half import f32, is_half, narrow, widen, word, words
+from .numba_half import computed, is_half, narrow, stored, value, widen, words
 
 S2PI = math.sqrt(2.0 / math.pi)
 K = 0.044715
@@ -105,12 +105,15 @@ def _gelu_bwd(x, dy, dx, tanh_form, consts):
 
 @njit(**VECTOR)
 def _bias_gelu_fwd(f, b, y, tanh_form, consts):
+    """f + b stored into f (16-bit words: rounded), and GELU of that stored sum into y; b in
+    f's compute type (refgpt.kernels.numba_half: value, stored). In 16 bits one pass where
+    widening, adding, rounding, widening, GELU and rounding made five."""
     R, C = f.shape
     for r in prange(R):
         for c in range(C):
-            x = f[r, c] + b[c]
-            f[r, c] = x
-            y[r, c] = _gelu(x, tanh_form, consts)
+            h = stored(value(f[r, c]) + b[c], f)
+            f[r, c] = h
+            y[r, c] = stored(_gelu(value(h), tanh_form, consts), y)
 
 
 @njit(**VECTOR)
@@ -127,38 +130,35 @@ def _bias_gelu_bwd(x, dy, dx, db_parts, tanh_form, consts):
 
 
 @njit(**VECTOR)
-def _bias_gelu_fwd_words(f, b, y, tanh_form, consts):
-    """_bias_gelu_fwd on 16-bit words f and y (refgpt.kernels.numba_half.words; b fp32):
-    f + b in fp32, rounded into f, and GELU of that rounded sum in fp32, rounded into y. One
-    pass where the fp32 route (widen, add, round, widen, GELU, round) made five."""
-    R, C = f.shape
-    for r in prange(R):
-        for c in range(C):
-            h = word(f32(f[r, c]) + b[c], f)
-            f[r, c] = h
-            y[r, c] = word(_gelu(f32(h), tanh_form, consts), y)
-
-
-@njit(**VECTOR)
-def _bias_gelu_bwd_words(x, dy, dx, db_parts, rows, tanh_form, consts):
-    """_bias_gelu_bwd on 16-bit words x, dy, dx: each row's fp32 dx made in its chunk's row
-    of rows, summed into db from there (before rounding, as the fp32 route), then rounded."""
+def _bias_gelu_bwd_rounded(x, dy, dx, db_parts, rows, tanh_form, consts):
+    """_bias_gelu_bwd for 16-bit words x, dy, dx: db is summed from the fp32 dx before it is
+    rounded, so each row's dx is made in its chunk's row of rows first. (One kernel for both
+    would give float32 runs that extra pass: 1.5x _bias_gelu_bwd's time on 2 cores.)"""
     R, C = x.shape
     chunks = db_parts.shape[0]
     for k in prange(chunks):
         db = db_parts[k]
         for r in range(k * R // chunks, (k + 1) * R // chunks):
             for c in range(C):
-                rows[k, c] = f32(dy[r, c]) * _gelu_slope(f32(x[r, c]), tanh_form, consts)
+                rows[k, c] = value(dy[r, c]) * _gelu_slope(value(x[r, c]), tanh_form, consts)
             for c in range(C):
                 db[c] += rows[k, c]
             for c in range(C):
-                dx[r, c] = word(rows[k, c], dx)
+                dx[r, c] = stored(rows[k, c], dx)
 
 
-def _words2(a):
-    """A 16-bit array's words (numba_half.words), 2-D [rows, last axis], C-contiguous."""
+def _grid(a):
+    """a as the kernels take it (numba_half.words), 2-D [rows, last axis], C-contiguous."""
     return words(np.ascontiguousarray(a).reshape(-1, a.shape[-1]))
+
+
+def _computing(a):
+    """a in its compute type: a 16-bit array widened to fp32, others as they are."""
+    return np.ascontiguousarray(widen(a) if is_half(a) else a)
+
+
+def _compute_dtype(a):
+    return np.dtype(np.float32) if is_half(a) else a.dtype
 
 
 def gelu_forward(x, kind):
@@ -183,36 +183,27 @@ def gelu_backward(x, dy, kind):
 def bias_gelu_forward(f, b, kind):
     if not f.flags.c_contiguous:
         raise ValueError("bias_gelu_forward adds the bias in place to a C-contiguous array")
-    if is_half(f):                  # f + b rounded into f, GELU of that sum rounded
-        y = np.empty_like(f)
-        _bias_gelu_fwd_words(_words2(f), np.ascontiguousarray(widen(b)), _words2(y),
-                             kind == "tanh", _gelu_constants(np.dtype(np.float32)))
-        return y
     y = np.empty_like(f)
-    C = f.shape[-1]
-    _bias_gelu_fwd(f.reshape(-1, C), b, y.reshape(-1, C), kind == "tanh",
-                   _gelu_constants(f.dtype))
+    _bias_gelu_fwd(_grid(f), _computing(b), _grid(y), kind == "tanh",
+                   _gelu_constants(_compute_dtype(f)))
     return y
 
 
 def bias_gelu_backward(x, dy, kind):
-    C = x.shape[-1]
-    if is_half(dy) and x.dtype == dy.dtype:     # dx rounded, db in fp32
-        dx = np.empty(dy.shape, dy.dtype)
-        x2 = _words2(x)
-        db = _column_parts(x2)
-        rows = np.empty((db.shape[0], C), np.float32)
-        _bias_gelu_bwd_words(x2, _words2(dy), _words2(dx), db, rows, kind == "tanh",
-                             _gelu_constants(np.dtype(np.float32)))
-        return dx, db.sum(axis=0).astype(np.float32)
-    if is_half(dy):
+    if is_half(dy) and x.dtype != dy.dtype:     # dx rounded, db in fp32
         dx, db = bias_gelu_backward(widen(x), widen(dy), kind)
         return narrow(dx, dy.dtype), db
-    x2, dy2 = np.ascontiguousarray(x).reshape(-1, C), np.ascontiguousarray(dy).reshape(-1, C)
-    dx = np.empty_like(dy2)
-    db = _column_parts(dy2)
-    _bias_gelu_bwd(x2, dy2, dx, db, kind == "tanh", _gelu_constants(dx.dtype))
-    return dx.reshape(dy.shape), db.sum(axis=0).astype(dy.dtype)
+    C, kind_of = x.shape[-1], _compute_dtype(dy)
+    dx = np.empty(dy.shape, dy.dtype)
+    x2 = _grid(x)
+    db = _column_parts(x2)
+    if is_half(dy):
+        rows = np.empty((db.shape[0], C), kind_of)
+        _bias_gelu_bwd_rounded(x2, _grid(dy), _grid(dx), db, rows, kind == "tanh",
+                               _gelu_constants(kind_of))
+    else:
+        _bias_gelu_bwd(x2, _grid(dy), _grid(dx), db, kind == "tanh", _gelu_constants(kind_of))
+    return dx, db.sum(axis=0).astype(kind_of)
 
 
 def _column_parts(a2, dtype=np.float64):
@@ -256,35 +247,41 @@ def column_sum(a):
 # Rows are indexed in place, a[r, j], rather than passed as views a[r]: a view per row costs
 # as much as the row's arithmetic.
 def _rows(fn):
-    """fn compiled twice: reassociating sums for float32 arrays, strict ones otherwise. The
-    two share numba's cache file, told apart by their signatures (float32 vs float64)."""
+    """fn compiled twice: reassociating sums for float32 arrays (and 16-bit words, which
+    compute in float32), strict ones otherwise. The two share numba's cache file, told apart
+    by their signatures."""
     fast = njit(**FLAGS, fastmath={"contract", "reassoc"})(fn)
     strict = njit(**FLAGS)(fn)
 
     def run(*args):
-        return (fast if args[0].dtype == np.float32 else strict)(*args)
+        return (fast if args[0].dtype in FAST else strict)(*args)
     return run
+
+
+FAST = (np.float32, np.uint16, np.int16)        # float32, and 16-bit words computed in it
 
 
 @_rows
 def _ln_fwd(x, g, b, eps, y, n, rstd):
+    """x read, y and n stored through numba_half's value and stored (16-bit words widened as
+    read, rounded as written: no widened copies); g, b, rstd in the compute type."""
     R, C = x.shape
     for r in prange(R):
         mu = 0.0
         for c in range(C):
-            mu += x[r, c]
+            mu += value(x[r, c])
         mu /= C
         var = 0.0
         for c in range(C):
-            d = x[r, c] - mu
+            d = value(x[r, c]) - mu
             var += d * d
         rs = 1.0 / math.sqrt(var / C + eps)
         rstd[r] = rs
-        muf, rsf = x.dtype.type(mu), x.dtype.type(rs)             # the row's math in x's precision
+        muf, rsf = computed(mu, x), computed(rs, x)             # the row's math in x's precision
         for c in range(C):
-            nc = (x[r, c] - muf) * rsf
-            n[r, c] = nc
-            y[r, c] = nc * g[c] + b[c]
+            nc = (value(x[r, c]) - muf) * rsf
+            n[r, c] = stored(nc, n)
+            y[r, c] = stored(nc * g[c] + b[c], y)
 
 
 @_rows
@@ -295,99 +292,39 @@ def _ln_bwd(dy, n, rstd, g, dx, dg_parts, db_parts):
         for r in range(k * R // chunks, (k + 1) * R // chunks):
             mdn, mdnn = 0.0, 0.0                           # means of dn = dy g and of dn n
             for c in range(C):
-                dn = dy[r, c] * g[c]
+                dn = value(dy[r, c]) * g[c]
                 mdn += dn
-                mdnn += dn * n[r, c]
-            mdnf, mdnnf = dy.dtype.type(mdn / C), dy.dtype.type(mdnn / C)
+                mdnn += dn * value(n[r, c])
+            mdnf, mdnnf = computed(mdn / C, dy), computed(mdnn / C, dy)
             for c in range(C):
-                dx[r, c] = rstd[r] * (dy[r, c] * g[c] - mdnf - n[r, c] * mdnnf)
-                dg_parts[k, c] += dy[r, c] * n[r, c]
-                db_parts[k, c] += dy[r, c]
-
-
-ROWS16 = dict(FLAGS, fastmath={"contract", "reassoc"})     # _rows's float32 flags
-
-
-@njit(**ROWS16)
-def _ln_fwd_words(x, g, b, eps, y, n, rstd):
-    """_ln_fwd on 16-bit words x, y, n (numba_half.words; g, b fp32): each element widened
-    as it is read, y and n rounded as they are written, no widened copies."""
-    R, C = x.shape
-    for r in prange(R):
-        mu = 0.0                                            # (float64, as _ln_fwd's)
-        for c in range(C):
-            mu += f32(x[r, c])
-        mu /= C
-        var = 0.0
-        for c in range(C):
-            d = f32(x[r, c]) - mu
-            var += d * d
-        rs = 1.0 / math.sqrt(var / C + eps)
-        rstd[r] = rs
-        muf, rsf = np.float32(mu), np.float32(rs)
-        for c in range(C):
-            nc = (f32(x[r, c]) - muf) * rsf
-            n[r, c] = word(nc, n)
-            y[r, c] = word(nc * g[c] + b[c], y)
-
-
-@njit(**ROWS16)
-def _ln_bwd_words(dy, n, rstd, g, dx, dg_parts, db_parts):
-    """_ln_bwd on 16-bit words dy, n, dx (g, rstd fp32; the column sums' parts float64)."""
-    R, C = dy.shape
-    chunks = dg_parts.shape[0]
-    for k in prange(chunks):
-        for r in range(k * R // chunks, (k + 1) * R // chunks):
-            mdn, mdnn = 0.0, 0.0
-            for c in range(C):
-                dn = f32(dy[r, c]) * g[c]
-                mdn += dn
-                mdnn += dn * f32(n[r, c])
-            mdnf, mdnnf = np.float32(mdn / C), np.float32(mdnn / C)
-            for c in range(C):
-                d, nc = f32(dy[r, c]), f32(n[r, c])
-                dx[r, c] = word(rstd[r] * (d * g[c] - mdnf - nc * mdnnf), dx)
+                d, nc = value(dy[r, c]), value(n[r, c])
+                dx[r, c] = stored(rstd[r] * (d * g[c] - mdnf - nc * mdnnf), dx)
                 dg_parts[k, c] += d * nc
                 db_parts[k, c] += d
 
 
 def layernorm_forward(x, g, b, eps):
-    if is_half(x) and g.dtype == b.dtype == x.dtype:   # y and n rounded, rstd in fp32
-        C = x.shape[-1]
-        y, n = np.empty(x.shape, x.dtype), np.empty(x.shape, x.dtype)
-        rstd = np.empty(x.size // C, np.float32)
-        _ln_fwd_words(_words2(x), np.ascontiguousarray(widen(g)), np.ascontiguousarray(widen(b)),
-                      np.float32(eps), _words2(y), _words2(n), rstd)
-        return y, n, rstd.reshape(*x.shape[:-1], 1)
-    if is_half(x):
+    if is_half(x) and not g.dtype == b.dtype == x.dtype:
         y, n, rstd = layernorm_forward(widen(x), widen(g), widen(b), eps)
         return narrow(y, x.dtype), narrow(n, x.dtype), rstd
-    shape, C = x.shape, x.shape[-1]
-    x2 = np.ascontiguousarray(x).reshape(-1, C)
-    y, n = np.empty_like(x2), np.empty_like(x2)
-    rstd = np.empty(x2.shape[0], x.dtype)
-    _ln_fwd(x2, g, b, eps, y, n, rstd)
-    return y.reshape(shape), n.reshape(shape), rstd.reshape(*shape[:-1], 1)
+    shape = x.shape                     # 16 bits: y and n rounded, rstd in fp32
+    y, n = np.empty(shape, x.dtype), np.empty(shape, x.dtype)
+    rstd = np.empty(x.size // shape[-1], _compute_dtype(x))
+    _ln_fwd(_grid(x), _computing(g), _computing(b), eps, _grid(y), _grid(n), rstd)
+    return y, n, rstd.reshape(*shape[:-1], 1)
 
 
 def layernorm_backward(dy, n, rstd, g):
-    if is_half(dy) and n.dtype == g.dtype == dy.dtype and rstd.dtype == np.float32:
-        C = dy.shape[-1]                # dx rounded, dg and db in fp32
-        dy2 = _words2(dy)
-        dg, db = _column_parts(dy2), _column_parts(dy2)
-        dx = np.empty(dy.shape, dy.dtype)
-        _ln_bwd_words(dy2, _words2(n), np.ascontiguousarray(rstd).reshape(-1),
-                      np.ascontiguousarray(widen(g)), _words2(dx), dg, db)
-        return dx, dg.sum(axis=0).astype(np.float32), db.sum(axis=0).astype(np.float32)
-    if is_half(dy):                 # dx rounded, dg and db in fp32
+    if is_half(dy) and not (n.dtype == g.dtype == dy.dtype and rstd.dtype == np.float32):
         dx, dg, db = layernorm_backward(widen(dy), widen(n), rstd, widen(g))
         return narrow(dx, dy.dtype), dg, db
-    shape, C = dy.shape, dy.shape[-1]
-    dy2 = np.ascontiguousarray(dy).reshape(-1, C)
+    kind = _compute_dtype(dy)                       # 16 bits: dx rounded, dg and db in fp32
+    dy2 = _grid(dy)
     dg, db = _column_parts(dy2), _column_parts(dy2)
-    dx = np.empty_like(dy2)
-    _ln_bwd(dy2, n.reshape(-1, C), rstd.reshape(-1), g, dx, dg, db)
-    return dx.reshape(shape), dg.sum(axis=0).astype(dy.dtype), db.sum(axis=0).astype(dy.dtype)
+    dx = np.empty(dy.shape, dy.dtype)
+    _ln_bwd(dy2, _grid(n), np.ascontiguousarray(rstd).reshape(-1), _computing(g), _grid(dx),
+            dg, db)
+    return dx, dg.sum(axis=0).astype(kind), db.sum(axis=0).astype(kind)
 
 
 # -- softmax rows (attention's and the cross-entropy's) -------------------------------------
@@ -428,14 +365,16 @@ def _causal_softmax(s, T, p0):
 
 @_rows
 def _softmax_bwd(p, dp, ds):
+    """p read through numba_half's value (16-bit words widened as read); dp, ds in its
+    compute type."""
     R, C = p.shape
     for r in prange(R):
         dot = 0.0
         for c in range(C):
-            dot += dp[r, c] * p[r, c]
-        dotf = p.dtype.type(dot)
+            dot += dp[r, c] * value(p[r, c])
+        dotf = computed(dot, p)
         for c in range(C):
-            ds[r, c] = p[r, c] * (dp[r, c] - dotf)
+            ds[r, c] = value(p[r, c]) * (dp[r, c] - dotf)
 
 
 def causal_softmax(s, p0):
@@ -446,85 +385,60 @@ def causal_softmax(s, p0):
     return s
 
 
-@njit(**ROWS16)
-def _softmax_bwd_words(p, dp, ds):
-    """_softmax_bwd with p as 16-bit words (numba_half.words), widened as read; dp, ds fp32."""
-    R, C = p.shape
-    for r in prange(R):
-        dot = 0.0
-        for c in range(C):
-            dot += dp[r, c] * f32(p[r, c])
-        dotf = np.float32(dot)
-        for c in range(C):
-            ds[r, c] = f32(p[r, c]) * (dp[r, c] - dotf)
-
-
 def softmax_backward(p, dp):
-    if is_half(p) and dp.dtype == np.float32:     # the probabilities read as 16-bit words
-        C = p.shape[-1]
-        dp2 = np.ascontiguousarray(dp).reshape(-1, C)
-        ds = np.empty_like(dp2)
-        _softmax_bwd_words(_words2(p), dp2, ds)
-        return ds.reshape(dp.shape)
-    if is_half(p) or is_half(dp):   # dS in fp32
+    if is_half(dp) or is_half(p) and dp.dtype != np.float32:   # dS in fp32
         return softmax_backward(*(widen(a) if is_half(a) else a for a in (p, dp)))
-    C = p.shape[-1]
-    p2, dp2 = np.ascontiguousarray(p).reshape(-1, C), np.ascontiguousarray(dp).reshape(-1, C)
+    C = p.shape[-1]                     # (16-bit p: its words, widened as they are read)
+    dp2 = np.ascontiguousarray(dp).reshape(-1, C)
     ds = np.empty_like(dp2)
-    _softmax_bwd(p2, dp2, ds)
+    _softmax_bwd(_grid(p), dp2, ds)
     return ds.reshape(dp.shape)
 
 
 # -- cross-entropy ----------------------------------------------------------------------
-@_rows
-def _cross_entropy(z, V, y, scale, grad, losses):
-    """Per row: the loss; with grad, dz = (softmax - onehot) * scale written over z's row
+@njit(inline="always")
+def _cross_entropy_row(z, r, V, yr, scale, grad):
+    """Row r's loss; with grad, dz = (softmax - onehot) * scale written over the row
     (refgpt.nn.loss): the softmax in place, then a pass that scales it by 1 / norm (two
     roundings, as the reference's e / s and / norm), the padding zeroed. Without grad the
     row is only read: its max and its sum of exponentials."""
+    zy = z[r, yr]                                          # read before the row is overwritten
+    if grad:
+        mx, total = _softmax_row(z, z, r, V)
+        for j in range(V):
+            z[r, j] *= scale
+        z[r, yr] -= scale
+        for j in range(V, z.shape[1]):
+            z[r, j] = 0.0
+    else:
+        mx = _row_max(z, r, V)
+        total = 0.0
+        for j in range(V):
+            total += vexp_of(z[r, j] - mx)
+    return mx + math.log(total) - zy
+
+
+@_rows
+def _cross_entropy(z, V, y, scale, grad, losses):
+    """Per row, in place (_cross_entropy_row)."""
     for r in prange(z.shape[0]):
-        zy = z[r, y[r]]                                    # read before the row is overwritten
-        if grad:
-            mx, total = _softmax_row(z, z, r, V)
-            for j in range(V):
-                z[r, j] *= scale
-            z[r, y[r]] -= scale
-            for j in range(V, z.shape[1]):
-                z[r, j] = 0.0
-        else:
-            mx = _row_max(z, r, V)
-            total = 0.0
-            for j in range(V):
-                total += vexp_of(z[r, j] - mx)
-        losses[r] = mx + math.log(total) - zy
+        losses[r] = _cross_entropy_row(z, r, V, y[r], scale, grad)
 
 
 @njit(**FLAGS, fastmath={"contract", "reassoc"})
 def _cross_entropy_words(z, V, y, scale, grad, losses, rows):
     """_cross_entropy of 16-bit logits (z: their words, numba_half.words), row by row in
-    fp32: each row widened into its thread's row of rows, computed there as _cross_entropy
-    computes a float32 row, and with grad rounded back into z. No fp32 copy of the logits
-    (the largest array of a step) is made."""
+    fp32: each row widened into its thread's row of rows, computed there as a float32 row
+    is, and with grad rounded back into z. No fp32 copy of the logits (the largest array of
+    a step) is made."""
     for r in prange(z.shape[0]):
         t = numba.get_thread_id()
         for j in range(z.shape[1]):
-            rows[t, j] = f32(z[r, j])
-        zy = rows[t, y[r]]
+            rows[t, j] = value(z[r, j])
+        losses[r] = _cross_entropy_row(rows, t, V, y[r], scale, grad)
         if grad:
-            mx, total = _softmax_row(rows, rows, t, V)
-            for j in range(V):
-                rows[t, j] *= scale
-            rows[t, y[r]] -= scale
-            for j in range(V, z.shape[1]):
-                rows[t, j] = 0.0
             for j in range(z.shape[1]):
-                z[r, j] = word(rows[t, j], z)
-        else:
-            mx = _row_max(rows, t, V)
-            total = 0.0
-            for j in range(V):
-                total += vexp_of(rows[t, j] - mx)
-        losses[r] = mx + math.log(total) - zy
+                z[r, j] = stored(rows[t, j], z)
 
 
 def cross_entropy(z, V, y, norm, grad):

@@ -40,7 +40,7 @@ import numpy as np
 from numba import njit, prange
 
 from .blas16 import gemm_for
-from .numba_half import is_half, narrow, widen, word, words
+from .numba_half import is_half, narrow, stored, widen, words
 from .numba_attention import GEMM, NO_TRANS, ROW_MAJOR, TRANS, OneBlasThread, blas_operand
 
 
@@ -88,7 +88,7 @@ def _tiled(gemm, ta, tb, a, b, beta, c, pm, pn, bias, out):
         if out.size:
             for i in range(i0, i1):
                 for j in range(j0, j1):
-                    out[i, j] = word(c[i, j], out)
+                    out[i, j] = stored(c[i, j], out)
 
 
 def _run(c, a, b, beta, bias=None, out=None) -> bool:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
+from numba.np.numpy_support import as_dtype
 
 FLAGS = dict(parallel=True, cache=True, nogil=True)
 
@@ -83,37 +84,60 @@ def _narrow_bits(u, fp16):
 
 
 def words(a: np.ndarray) -> np.ndarray:
-    """A 16-bit array as the words the kernels below take: uint16 for bfloat16, int16 for
-    float16, so that the format is the words' type, known when a kernel is compiled (a
-    format passed as a flag at run time keeps LLVM from vectorising the loops: 5-8x slower)."""
+    """An array as the kernels below take it: a 16-bit one as its words, uint16 for bfloat16
+    and int16 for float16, so that the format is the words' type, known when a kernel is
+    compiled (a format passed as a flag at run time keeps LLVM from vectorising the loops:
+    5-8x slower); any other array as it is."""
+    if not is_half(a):
+        return a
     return a.view(np.int16 if a.dtype.kind == "f" else np.uint16)
 
 
-def f32(h):
-    """(in numba kernels) The float32 value of a 16-bit word (see words)."""
+def value(h):
+    """(in numba kernels) The number an element stands for: a 16-bit word (see words) widened
+    to float32, a float as it is. One kernel then serves every precision."""
 
 
-def word(x, like):
-    """(in numba kernels) float32 x rounded to nearest even, as a word of like's format."""
+def stored(x, like):
+    """(in numba kernels) x as like's elements store it: rounded to nearest even as a 16-bit
+    word of like's format, or cast to like's float type."""
 
 
-@overload(f32)
-def _f32(h):
-    fp16 = h == types.int16                     # the format, fixed when compiled
+def computed(x, like):
+    """(in numba kernels) x in the type like's elements compute in: float32 for 16-bit words,
+    like's own float type otherwise."""
+
+
+def _format(numba_type):
+    """(16-bit words?, float16's?) of an element type."""
+    return numba_type in (types.uint16, types.int16), numba_type == types.int16
+
+
+@overload(value)
+def _value(h):
+    half, fp16 = _format(h)                     # the format, fixed when compiled
+    if not half:
+        return lambda h: h
 
     def widened(h):
         return np.uint32(_widen_bits(np.uint16(h), fp16)).view(np.float32)
     return widened
 
 
-@overload(word)
-def _word(x, like):
-    fp16 = like.dtype == types.int16
-    kind = np.int16 if fp16 else np.uint16
+@overload(stored)
+def _stored(x, like):
+    half, fp16 = _format(like.dtype)
+    kind = (np.int16 if fp16 else np.uint16) if half else as_dtype(like.dtype).type
 
     def rounded(x, like):
         return kind(_narrow_bits(np.float32(x).view(np.uint32), fp16))
-    return rounded
+    return rounded if half else (lambda x, like: kind(x))
+
+
+@overload(computed)
+def _computed(x, like):
+    kind = np.float32 if _format(like.dtype)[0] else as_dtype(like.dtype).type
+    return lambda x, like: kind(x)
 
 
 @njit(**FLAGS)
