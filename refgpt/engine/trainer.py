@@ -27,6 +27,7 @@ from ..precision import compute_dtype, dtype_of, is_half
 from ..optim import AdamW, MasterAdamW, learning_rate, make_scaler
 from ..parallel.build import build, check_layout
 from ..parallel.grid import Grid
+from ..parallel.threads import ranks_on_node
 from ..parallel.zero import offload_moments
 from ..timers import Timers
 from . import checkpoints, report
@@ -105,12 +106,7 @@ class Trainer:
             return
         need = report.estimated_bytes(self.mcfg, t, self.pcfg, g,
                                       self.activation_formulas["activations_korthikanti"])
-        here = 1
-        if g.world is not None:
-            from mpi4py import MPI
-            node = g.world.Split_type(MPI.COMM_TYPE_SHARED)
-            here = node.Get_size()
-            node.Free()
+        here = ranks_on_node(g.world)
         have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if need * here > have:
             raise ConfigError(f"this model needs an estimated {need / 2**30:,.1f} GiB per rank "

@@ -25,17 +25,23 @@ def quiet_openblas() -> None:
     os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "16")
 
 
+def ranks_on_node(world_comm) -> int:
+    """How many ranks of the world share this rank's node (its memory); collective."""
+    if world_comm is None:
+        return 1
+    from mpi4py import MPI
+    node = world_comm.Split_type(MPI.COMM_TYPE_SHARED)
+    size = node.Get_size()
+    node.Free()
+    return size
+
+
 def set_threads(world_comm, requested: int):
     """Apply the BLAS/OpenMP thread limit (for the rest of the process); returns a log line."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
     from ..kernels import select_thread_pool
-    local = 1
-    if world_comm is not None:
-        from mpi4py import MPI
-        node = world_comm.Split_type(MPI.COMM_TYPE_SHARED)
-        local = node.Get_size()
-        node.Free()
+    local = ranks_on_node(world_comm)
     threads = requested or (1 if local > 1 else None)
     if threads and oversubscribed(threads, local, os.cpu_count() or 1, _cores_here()):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")        # before numba's pool starts
