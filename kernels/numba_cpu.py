@@ -34,10 +34,12 @@ normalisation, the softmax backward). On float32 arrays row sums may be reassoci
 Every float32 exp is written as arithmetic (refgpt.kernels.numba_exp), so that its loop
 vectorises; float64 keeps libm's exp, as NumPy's.
 
-16-bit arrays (bfloat16, float16: refgpt.precision) are widened to float32, computed by the
-float32 kernels and their 16-bit results rounded once (refgpt.kernels.numba_half); what stays
-fp32 (LayerNorm's 1/std, bias and LayerNorm gradients, dS, the loss) is returned in fp32, as
-the references do.
+16-bit arrays (bfloat16, float16: refgpt.precision) compute in float32 with their 16-bit
+results rounded once. bias+GELU, LayerNorm, the softmax backward and the cross-entropy take
+them as 16-bit words and widen and round element by element (refgpt.kernels.numba_half's
+value and stored, which for other arrays compile to nothing: one kernel per op); the other
+kernels are given widened copies. What stays fp32 (LayerNorm's 1/std, bias and LayerNorm
+gradients, dS, the loss) is returned in fp32, as the references do.
 """
 
 from __future__ import annotations
