@@ -8,10 +8,13 @@ backward) three ways on the same inputs, side by side in one run:
     python benchmarks/gpu_attention.py                      # GPT-2 124M's: B8 H12 T1024 D64
     python benchmarks/gpu_attention.py --seq 4096 --batch 2
     python benchmarks/gpu_attention.py --sweep              # also other tile shapes (float32)
+    python benchmarks/gpu_attention.py --dtype bfloat16     # the tensor-core kernels vs SDPA
 
 q, k, v are views of one [B, T, 3, H, D] projection, as in the model. Times are GPU
 milliseconds (CUDA events), best of --repeats; TFLOP/s counts the causal half of the
-products (forward 2 B H T^2 D, backward twice that). TF32 is off for PyTorch. Also prints
+products (forward 2 B H T^2 D, backward twice that). TF32 is off for PyTorch. In 16 bits
+(--dtype bfloat16 or float16) the fused path is refgpt.kernels.cupy_flash16 and PyTorch's
+SDPA runs its own flash kernel on the same type. Also prints
 the memory each path allocates beyond its inputs (forward and backward, CuPy's pool and
 PyTorch's peak).
 """
@@ -44,9 +47,10 @@ def refgpt_paths(B, H, T, D, repeats, dtype=np.float32, tiles=None, paths=("fuse
     from refgpt.backend import Backend
     from refgpt.kernels import cupy_flash
     from refgpt.nn import attention
+    from refgpt.kernels.cupy_half import narrow
     rng = cp.random.default_rng(0)
-    qkv = rng.standard_normal((B, T, 3, H, D), dtype=dtype)
-    dout = rng.standard_normal((B, T, H, D), dtype=dtype)
+    qkv = narrow(rng.standard_normal((B, T, 3, H, D), dtype=np.float32), dtype)
+    dout = narrow(rng.standard_normal((B, T, H, D), dtype=np.float32), dtype)
     dqkv = cp.empty_like(qkv)
     q, k, v = qkv.transpose(2, 0, 3, 1, 4)
     dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)
@@ -74,12 +78,14 @@ def refgpt_paths(B, H, T, D, repeats, dtype=np.float32, tiles=None, paths=("fuse
     return out
 
 
-def torch_path(B, H, T, D, repeats):
+def torch_path(B, H, T, D, repeats, dtype="float32"):
     import torch
     import torch.nn.functional as F
     torch.backends.cuda.matmul.allow_tf32 = False
-    qkv = torch.randn(B, T, 3, H, D, device="cuda", requires_grad=True)
-    dout = torch.randn(B, H, T, D, device="cuda").transpose(1, 2).contiguous().transpose(1, 2)
+    t = getattr(torch, dtype)
+    qkv = torch.randn(B, T, 3, H, D, device="cuda", dtype=t, requires_grad=True)
+    dout = torch.randn(B, H, T, D, device="cuda", dtype=t).transpose(1, 2).contiguous() \
+        .transpose(1, 2)
 
     def forward():
         q, k, v = qkv.unbind(2)
@@ -111,13 +117,15 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--sweep", action="store_true", help="time other tile shapes of the fused path")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = ap.parse_args()
     import torch  # noqa: F401  (before CuPy, so both share one CUDA context cleanly)
     B, H, T, D = args.batch, args.heads, args.seq, args.head_dim
     flop = 2 * B * H * T * T * D                        # the causal half of the forward
-    rows = dict(refgpt_paths(B, H, T, D, args.repeats))
-    rows["PyTorch SDPA"] = torch_path(B, H, T, D, args.repeats)
-    print(f"{torch.cuda.get_device_name()}, B{B} H{H} T{T} D{D}, float32 "
+    from refgpt.precision import dtype_of
+    rows = dict(refgpt_paths(B, H, T, D, args.repeats, dtype_of(args.dtype)))
+    rows["PyTorch SDPA"] = torch_path(B, H, T, D, args.repeats, args.dtype)
+    print(f"{torch.cuda.get_device_name()}, B{B} H{H} T{T} D{D}, {args.dtype} "
           f"(GPU ms, best of {args.repeats}):")
     print(f"  {'path':14s} {'forward':>9s} {'fwd+bwd':>9s} {'TFLOP/s':>8s} {'MB':>8s}")
     for name, (f, fb, mb) in rows.items():

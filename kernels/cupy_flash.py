@@ -30,6 +30,9 @@ loads the next block of queries into registers while it multiplies the current o
 holds (BQ, BK, TY) per element size; attention_forward's ``tiles`` argument runs others (the
 backward takes the forward's), which benchmarks/gpu_attention.py --sweep times.
 
+16-bit q, k and v run refgpt.kernels.cupy_flash16's kernels: the same algorithm on the
+tensor cores.
+
 What this path does not cover it declines (returns NotImplemented), and the reference runs
 (cuBLAS products on blocks of rows, refgpt.kernels.cupy_attention): attention dropout,
 recording the probabilities, head sizes that are not a multiple of 16 up to 128, and tiles
@@ -47,7 +50,9 @@ from dataclasses import dataclass
 import cupy as cp
 import numpy as np
 
+from . import cupy_flash16
 from .cupy_attention import CTYPE
+from .cupy_half import is_half
 
 # (BQ queries, BK keys, TY rows of 16 threads) per element size, for the forward and backward
 TILES = {4: {"forward": (64, 64, 8), "backward": (32, 64, 8)},
@@ -440,7 +445,12 @@ class Saved:
 
 def attention_forward(q, k, v, p0, dropout=None, keep_probs=False, tiles=None):
     """O [B, H, T, D] (a view of a [B, T, H, D] array: heads merged for free) and Saved.
-    tiles: {"forward": (BQ, BK, TY), "backward": ...} instead of TILES' (a tile sweep)."""
+    tiles: {"forward": (BQ, BK, TY), "backward": ...} instead of TILES' (a tile sweep).
+    16-bit q, k, v go to the tensor-core kernels of refgpt.kernels.cupy_flash16."""
+    if is_half(q):
+        if dropout is not None or keep_probs or not cupy_flash16.fits(q, k, v):
+            return NotImplemented
+        return cupy_flash16.attention_forward(q, k, v, p0)
     tiles = tiles or TILES.get(q.itemsize)
     if dropout is not None or keep_probs or not _fits(q, k, v, tiles):
         return NotImplemented                           # the reference's cuBLAS path
@@ -462,6 +472,8 @@ def attention_forward(q, k, v, p0, dropout=None, keep_probs=False, tiles=None):
 
 def attention_backward(q, k, v, saved, do, dq, dk, dv, dropout_backward=None):
     """dq, dk, dv (written into the given views) from the forward's O and lse."""
+    if isinstance(saved, cupy_flash16.Saved16):
+        return cupy_flash16.attention_backward(q, k, v, saved, do, dq, dk, dv)
     if not isinstance(saved, Saved):                    # the forward took the reference path
         return NotImplemented
     o = saved.o

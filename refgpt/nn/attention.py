@@ -113,7 +113,7 @@ def causal_softmax(s: np.ndarray, p0: int) -> np.ndarray:
     return s
 
 
-@kernel(cupy="cupy_flash")
+@kernel(cupy="cupy_flash", half=("cupy",))
 def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, dropout=None,
                       keep_probs: bool = False) -> tuple:
     """O = dropout(P) v with P = softmax(mask(q k^T / sqrt(D))), for q [B, H, T, D] and k, v
@@ -126,7 +126,7 @@ def attention_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, p0: int, drop
     return causal_matmul_nn(pd, v), (p, pd)
 
 
-@kernel(cupy="cupy_flash")
+@kernel(cupy="cupy_flash", half=("cupy",))
 def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, saved, do: np.ndarray,
                        dq: np.ndarray, dk: np.ndarray, dv: np.ndarray,
                        dropout_backward=None) -> None:
