@@ -48,6 +48,13 @@ class ModelConfig:
     gelu: str = "tanh"
     layernorm_eps: float = 1e-5
     init_std: float = 0.02
+    num_experts: int = 0  # 0: every block has the dense MLP (refgpt.nn.moe)
+    moe_layer_freq: int = 1
+    moe_router_topk: int = 2
+    moe_expert_capacity_factor: float = 0.0  # 0: no capacity limit, no token dropped
+    moe_token_drop_policy: str = "probs"
+    moe_aux_loss_coeff: float = 0.0
+    moe_z_loss_coeff: float = 0.0
 
     @property
     def n_positions(self) -> int:
@@ -78,6 +85,25 @@ class ModelConfig:
             raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.gelu not in GELU_KINDS:
             raise ConfigError(f"--gelu must be one of {GELU_KINDS}, got {self.gelu!r}")
+        self.validate_moe()
+
+    def validate_moe(self) -> None:
+        if self.num_experts < 0:
+            raise ConfigError(f"--num-experts must be >= 0 (0: no experts), got {self.num_experts}")
+        if not self.num_experts:
+            return
+        if self.moe_layer_freq < 1:
+            raise ConfigError(f"--moe-layer-freq must be >= 1, got {self.moe_layer_freq}")
+        if not 1 <= self.moe_router_topk <= self.num_experts:
+            raise ConfigError(f"--moe-router-topk must be between 1 and --num-experts "
+                              f"{self.num_experts}, got {self.moe_router_topk}")
+        if self.moe_token_drop_policy not in ("probs", "position"):
+            raise ConfigError(f"--moe-token-drop-policy must be probs or position, got "
+                              f"{self.moe_token_drop_policy!r}")
+        for flag in ("moe_expert_capacity_factor", "moe_aux_loss_coeff", "moe_z_loss_coeff"):
+            if not getattr(self, flag) >= 0:
+                raise ConfigError(f"--{flag.replace('_', '-')} must be >= 0, got "
+                                  f"{getattr(self, flag)}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,10 +36,14 @@ def megatron_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int) -
 
 
 def model_params(cfg) -> int:
-    """N of the model-FLOPs formula: all parameters except wpe, real vocabulary rows only."""
+    """N of the model-FLOPs formula: all parameters except wpe, real vocabulary rows only;
+    with experts, the active ones (a token's k experts' MLPs and the router)."""
     C, L = cfg.hidden_size, cfg.num_layers
     per_block = 12 * C * C + 13 * C
-    return cfg.vocab_size * C + L * per_block + 2 * C
+    moe = sum(1 for i in range(L) if cfg.num_experts and i % cfg.moe_layer_freq == 0)
+    mlp = 8 * C * C + 5 * C
+    active = moe * ((cfg.moe_router_topk - 1) * mlp + C * cfg.num_experts) if moe else 0
+    return cfg.vocab_size * C + L * per_block + 2 * C + active
 
 
 def model_flops(cfg, batch: int) -> float:

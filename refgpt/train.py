@@ -55,6 +55,18 @@ MODEL_FLAGS = {
                                      "pad the embedding table to a multiple of this (default 64)"),
     "dropout": ("dropout", float, "dropout probability for embeddings, attention, residuals"),
     "gelu": ("gelu", str, f"GELU form: {' or '.join(GELU_KINDS)} (tanh: GPT-2's)"),
+    "num-experts": ("num_experts", int, "experts per MoE layer (default, 0: dense MLPs only)"),
+    "moe-layer-freq": ("moe_layer_freq", int, "every N-th block, from block 0, has experts"),
+    "moe-router-topk": ("moe_router_topk", int, "experts per token (1: Switch's gate P, "
+                                                "k > 1: the top-k gates renormalised)"),
+    "moe-expert-capacity-factor": ("moe_expert_capacity_factor", float,
+                                   "tokens an expert takes: ceil(factor x tokens x topk / "
+                                   "experts) (default, 0: no limit)"),
+    "moe-token-drop-policy": ("moe_token_drop_policy", str,
+                              "over capacity, keep the tokens with the largest gates (probs) "
+                              "or the first ones (position)"),
+    "moe-aux-loss-coeff": ("moe_aux_loss_coeff", float, "load-balancing loss coefficient alpha"),
+    "moe-z-loss-coeff": ("moe_z_loss_coeff", float, "router z-loss coefficient"),
 }
 TRAIN_FLAGS = {
     "micro-batch-size": ("micro_batch_size", int, "sequences per micro-batch"),

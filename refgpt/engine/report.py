@@ -129,6 +129,26 @@ def step_record(mcfg, tcfg, iteration: int, consumed: int, loss: float, lr: floa
             "dp_comm_bytes": dp_bytes, "memory_bytes": mem}
 
 
+def moe_record(mcfg, layers, grid) -> list[dict]:
+    """Each MoE layer's statistics over the step's micro-batches on every data-parallel rank
+    (refgpt.nn.moe.MoEStats, summed over the world: the tensor-parallel replicas of a layer
+    count once), then reset: the mean aux and z losses per micro-batch, the fraction of
+    token-expert assignments dropped, and the fewest and most tokens an expert was offered
+    in the global batch. Collective."""
+    E = mcfg.num_experts
+    v = np.zeros((mcfg.num_layers, 5 + E))
+    for m in layers:
+        if grid.tp_rank == 0:
+            v[m.index] = m.stats.vector()
+        m.stats.reset()
+    if grid.world is not None:
+        v = grid.world.allreduce(v)
+    return [{"layer": i, "aux_loss": v[i, 0] / v[i, 2], "z_loss": v[i, 1] / v[i, 2],
+             "dropped": v[i, 3] / v[i, 4], "load_min": int(v[i, 5:].min()),
+             "load_max": int(v[i, 5:].max())}
+            for i in range(mcfg.num_layers) if v[i, 2] > 0]
+
+
 def open_jsonl(path, iteration: int):
     """--log-jsonl's file, open for appending the records after iteration: a resumed run
     keeps the lines of the iterations before it (none of a later, lost stretch of the run),
@@ -246,7 +266,18 @@ def log_line(r: dict, tcfg) -> str:
             + (f" loss scale: {r['loss_scale']:.1f} |" if tcfg.dtype in HALF else "")
             + f" grad norm: {r['grad_norm']:.3f} |"
             f" skipped iterations: {r['skipped']} | tokens/s: {r['tokens_per_s']:.0f} |"
-            f" TFLOP/s: {r['tflops']:.3f} | MFU: {100 * r['mfu']:.1f}%")
+            f" TFLOP/s: {r['tflops']:.3f} | MFU: {100 * r['mfu']:.1f}%"
+            + (moe_line(r["moe"]) if r.get("moe") else ""))
+
+
+def moe_line(layers: list[dict]) -> str:
+    """The MoE layers' figures, averaged over layers (per layer in --log-jsonl's "moe")."""
+    n = len(layers)
+    return (f" | moe aux loss: {sum(m['aux_loss'] for m in layers) / n:.4E} |"
+            f" moe z loss: {sum(m['z_loss'] for m in layers) / n:.4E} |"
+            f" tokens dropped: {100 * sum(m['dropped'] for m in layers) / n:.1f}% |"
+            f" expert load min/max: {min(m['load_min'] for m in layers)}/"
+            f"{max(m['load_max'] for m in layers)}")
 
 
 def timers_line(timers_ms: dict) -> str:

@@ -185,9 +185,13 @@ class Trainer:
         seconds = time.perf_counter() - t0
         self.gemm.observe(metrics.model_flops(self.mcfg, self.tcfg.global_batch_size)
                           / seconds / self.grid.world_size)
-        return report.step_record(self.mcfg, self.tcfg, self.iteration, self.consumed, loss, lr,
-                                  gnorm, skipped, seconds, self.gemm_rate, self.grid.world_size,
-                                  self.sync.comm_bytes - traffic, self.memory(), self.scaler.scale)
+        record = report.step_record(self.mcfg, self.tcfg, self.iteration, self.consumed, loss,
+                                    lr, gnorm, skipped, seconds, self.gemm_rate,
+                                    self.grid.world_size, self.sync.comm_bytes - traffic,
+                                    self.memory(), self.scaler.scale)
+        if self.mcfg.num_experts:
+            record["moe"] = report.moe_record(self.mcfg, self.model.moe_layers, self.grid)
+        return record
 
     def entering(self, phase: str) -> None:
         """Each phase as it starts: the fault injection's hook and the watchdog's position."""

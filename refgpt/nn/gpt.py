@@ -22,6 +22,7 @@ from .activations import ActivationMeter
 from .attention import KVCache
 from .block import Block
 from .layer import primitives
+from .moe import is_moe_layer
 from .params import Params, ParamSpec, unit_key
 from .recompute import recomputed, watch_recomputation
 from .sublayers import Sublayers
@@ -59,11 +60,18 @@ def param_specs(cfg, stage: Stage | None = None) -> list[ParamSpec]:
             ParamSpec(f"{p}.attn.c_proj.bias", (C,)),
             ParamSpec(f"{p}.ln_2.weight", (C,), "ones"),
             ParamSpec(f"{p}.ln_2.bias", (C,)),
-            ParamSpec(f"{p}.mlp.c_fc.weight", (C, 4 * C), "normal", std),
-            ParamSpec(f"{p}.mlp.c_fc.bias", (4 * C,)),
-            ParamSpec(f"{p}.mlp.c_proj.weight", (4 * C, C), "normal", resid_std),
-            ParamSpec(f"{p}.mlp.c_proj.bias", (C,)),
         ]
+        mlps = [f"{p}.mlp"]
+        if is_moe_layer(cfg, i):
+            specs.append(ParamSpec(f"{p}.mlp.router.weight", (C, cfg.num_experts), "normal", std))
+            mlps = [f"{p}.mlp.experts.{e}" for e in range(cfg.num_experts)]
+        for m in mlps:
+            specs += [
+                ParamSpec(f"{m}.c_fc.weight", (C, 4 * C), "normal", std),
+                ParamSpec(f"{m}.c_fc.bias", (4 * C,)),
+                ParamSpec(f"{m}.c_proj.weight", (4 * C, C), "normal", resid_std),
+                ParamSpec(f"{m}.c_proj.bias", (C,)),
+            ]
     if stage.last:
         specs += [ParamSpec("ln_f.weight", (C,), "ones"), ParamSpec("ln_f.bias", (C,))]
     return specs
@@ -108,7 +116,8 @@ class GPT:
         first, last = stage.first, stage.last
         self.embed = parts.embedding(params) if first else None
         self.embed_drop = parts.dropout("embed_drop") if first else None
-        blocks = [Block(parts, params, i, recompute_attention) for i in stage.blocks]
+        blocks = [Block(parts, params, i, recompute_attention, cfg) for i in stage.blocks]
+        self.moe_layers = [b.moe for b in blocks if b.moe is not None]
         self.blocks = recomputed(blocks, min(recompute, len(blocks)), recompute_chunk,
                                  params.hold)
         self.ln_f = parts.layernorm(params, "ln_f") if last else None
@@ -131,6 +140,8 @@ class GPT:
         intermediate activation under the names of :mod:`refgpt.dump`.
         """
         hold = self.params.hold                 # where ZeRO-3 gathers a unit's parameters
+        for moe in self.moe_layers:             # their aux losses are weighted as the loss
+            moe.norm = norm
         with hold("embed", "forward"):          # wte: read by the embedding and the tied head
             if self.embed is not None:
                 x = self.embed.forward(x, cache.length if cache is not None else 0)

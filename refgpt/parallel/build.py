@@ -70,6 +70,12 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
                           "drop it")
     if stage >= 2 and pp > 1:
         raise ConfigError(ZERO_WITH_PP.format(stage=stage))
+    if mcfg.num_experts and tp > 1 and (pcfg.sequence_parallel
+                                        or pcfg.tensor_parallel_mode == "2d"):
+        raise ConfigError("--num-experts with --sequence-parallel or --tensor-parallel-mode 2d "
+                          "is not supported yet: experts need every token of the micro-batch "
+                          "on each tensor-parallel rank (plain --tensor-model-parallel-size "
+                          "works)")
     if tp > 1 and pcfg.tensor_parallel_mode == "2d":
         check_2d(mcfg, tp, tcfg.micro_batch_size)
     elif tp > 1:

@@ -73,6 +73,7 @@ class PipelineModel:
                            recompute=recompute(len(st.blocks)), recompute_chunk=recompute_chunk,
                            recompute_attention=recompute_attention) for st in self.stages]
         self.layers = [layer for ch in self.chunks for layer in ch.layers]
+        self.moe_layers = [m for ch in self.chunks for m in ch.moe_layers]
         self.linears = [[l for l in ch.layers if isinstance(l, Linear)] for ch in self.chunks]
         self.first, self.last = self.stages[0].first, self.stages[-1].last
         first = self.chunks[0].blocks[0].layers if self.chunks[0].blocks else ()

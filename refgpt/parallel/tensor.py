@@ -48,8 +48,8 @@ from ..precision import narrow, wide
 from ..nn.sublayers import Sublayers, grid_shape
 from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
 
-SHARDED = {"c_attn": "qkv", "mlp.c_fc": "cols", "attn.c_proj.weight": "rows",
-           "mlp.c_proj.weight": "rows", "wte.weight": "rows"}
+SHARDED = {"c_attn": "qkv", "c_fc": "cols", "c_proj.weight": "rows",   # MLPs' and experts'
+           "wte.weight": "rows"}
 
 
 def shard_kind(name: str) -> str | None:
