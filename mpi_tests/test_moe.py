@@ -1,8 +1,10 @@
 """Mixture of experts in parallel layouts equals the single process in float64 (losses,
 gradient norms, validation losses, every parameter): data parallel with gradient
 accumulation, ZeRO 1-3, tensor parallel (each expert split as the dense MLP), pipeline
-parallel and tensor x pipeline; top-1 and top-2; a capacity that drops tokens and none; and
-the logged MoE statistics are the single process's."""
+parallel and tensor x pipeline; expert parallelism (EP 2 and 4, alone, with TP 2, with PP 2,
+with one gradient bucket and without overlap); top-1 and top-2; a capacity that drops tokens
+and none; the logged MoE statistics are the single process's, and the all-to-all volume
+equals its formula."""
 
 import numpy as np
 import pytest
@@ -22,6 +24,9 @@ def moe_cfg(k, factor):
 
 def layouts(world):
     yield "dp", dict()
+    yield "ep2", dict(expert_model_parallel_size=2)
+    yield "ep2 one bucket, no overlap", dict(expert_model_parallel_size=2, ddp_bucket_size=0,
+                                            overlap_grad_reduce=False)
     for stage in (1, 2, 3):
         yield f"dp zero-{stage}", dict(zero_stage=stage)
     if world % 2 == 0:
@@ -31,6 +36,9 @@ def layouts(world):
     if world % 4 == 0:
         yield "tp2 pp2 zero-1", dict(tensor_model_parallel_size=2,
                                      pipeline_model_parallel_size=2, zero_stage=1)
+        yield "ep4", dict(expert_model_parallel_size=4)
+        yield "ep2 tp2", dict(expert_model_parallel_size=2, tensor_model_parallel_size=2)
+        yield "ep2 pp2", dict(expert_model_parallel_size=2, pipeline_model_parallel_size=2)
 
 
 @pytest.mark.mpi(min_size=2)
@@ -44,7 +52,8 @@ def test_experts_in_every_layout_equal_the_single_process(k, factor):
         tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
         dp = comm.size // (tp * pp)
         tcfg = train_cfg(dp, 2)
-        par = Trainer(moe_cfg(k, factor), tcfg, pcfg, Grid(comm, tp, pp), **QUIET)
+        ep = pcfg.expert_model_parallel_size
+        par = Trainer(moe_cfg(k, factor), tcfg, pcfg, Grid(comm, tp, pp, ep), **QUIET)
         ser = Trainer(moe_cfg(k, factor), tcfg, **QUIET)
         hist, ref = par.run(), ser.run()
         ok = same_run(par, ser, hist, ref)
@@ -61,3 +70,58 @@ def test_experts_in_every_layout_equal_the_single_process(k, factor):
         if not agree(comm, ok):
             failures.append(name)
     assert not failures, failures
+
+
+@pytest.mark.mpi(min_size=2)
+def test_all_to_all_volume_equals_its_formula(monkeypatch):
+    """Per layer, the elements each rank sent to other ranks: for every dispatch, C times the
+    rows it routed to other ranks' experts; for every combine, C times the rows other ranks
+    sent its experts. And the counts exchange is right: what a rank receives from each source
+    for its experts is what that source routed to them."""
+    from mpi4py import MPI
+    from refgpt.parallel.expert import ExpertComm
+    comm = MPI.COMM_WORLD
+    calls = []
+    for kind in ("dispatch", "combine"):
+        def record(self, plan, rows, site, _f=getattr(ExpertComm, kind), _k=kind):
+            calls.append((_k, site, plan, self))
+            return _f(self, plan, rows, site)
+        monkeypatch.setattr(ExpertComm, kind, record)
+    pcfg = ParallelConfig(expert_model_parallel_size=2)
+    t = Trainer(moe_cfg(2, 1.0), train_cfg(comm.size, 2), pcfg, Grid(comm, 1, 1, 2), **QUIET)
+    t.run()
+    ep = t.model.parts.ep
+    want = {}
+    for kind, site, plan, _ in calls:
+        remote = [s for s in range(ep.size) if s != ep.rank]
+        mine = ep.local
+        rows = (sum(n for e, n in enumerate(plan.sent) if e not in mine) if kind == "dispatch"
+                else plan.recv[remote].sum())
+        want[(site, "all-to-all")] = want.get((site, "all-to-all"), 0) + rows * 16
+    sent = [c[2].sent for c in calls if c[0] == "dispatch"]
+    theirs = ep.comm.allgather(sent)
+    ok = dict(ep.volume) == want and len(want) == 2
+    for i, kind_site_plan in enumerate(c for c in calls if c[0] == "dispatch"):
+        plan = kind_site_plan[2]
+        for s in range(ep.size):
+            ok = ok and list(plan.recv[s]) == list(theirs[s][i][ep.local.start:ep.local.stop])
+    t.close()
+    assert agree(comm, ok), (dict(ep.volume), want)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_checkpoints_move_between_expert_parallel_and_single_process():
+    """EP 2 saves each rank's experts (one copy of each); one process resumes from it and
+    continues as the straight run; the EP layout resumes from one process's checkpoint."""
+    from mpi4py import MPI
+    from roundtrip import checkpoint_roundtrip
+    comm = MPI.COMM_WORLD
+    pcfg = ParallelConfig(expert_model_parallel_size=2)
+    straight, serial, par = checkpoint_roundtrip(
+        comm, lambda: moe_cfg(2, 1.0), train_cfg(comm.size, 2),
+        lambda tcfg: Trainer(moe_cfg(2, 1.0), tcfg, pcfg, Grid(comm, 1, 1, 2), **QUIET))
+    ref = straight.model.params
+    ok = (np.abs(serial.model.params.data - ref.data).max() <= 1e-12 * np.abs(ref.data).max()
+          and all(np.abs(par.model.params[n] - ref[n]).max() <= 1e-12 * np.abs(ref[n]).max()
+                  for n in par.model.params))
+    assert agree(comm, ok)

@@ -41,8 +41,13 @@ def close(a, b):
 
 
 def full_params(t):
-    """Every full parameter of a trainer's model (ZeRO and TP shards gathered)."""
-    return t.model.full_tensors(t.model.params.full_data())
+    """Every full parameter of a trainer's model (ZeRO and TP shards gathered, and with
+    expert parallelism every rank's experts)."""
+    full = t.model.full_tensors(t.model.params.full_data())
+    if t.grid.ep_size > 1:
+        for theirs in t.grid.ep_comm.allgather(full):
+            full.update(theirs)
+    return full
 
 
 def same_run(par, ser, hist, ref):

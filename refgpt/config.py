@@ -250,6 +250,7 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1  # experts split over groups of this many DP ranks
     sequence_parallel: bool = False
     pipeline_schedule: str = "1f1b"
     num_virtual_stages: int = 1

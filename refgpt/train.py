@@ -124,6 +124,9 @@ PARALLEL_FLAGS = {
                              "grid (TP size q^2)"),
     "pipeline-model-parallel-size": ("pipeline_model_parallel_size", int,
                                      "pipeline-parallel size (alias --pp)"),
+    "expert-model-parallel-size": ("expert_model_parallel_size", int,
+                                   "experts split over groups of this many data-parallel "
+                                   "ranks, tokens exchanged by all-to-all (alias --ep)"),
     "pipeline-schedule": ("pipeline_schedule", str, ", ".join(SCHEDULES)),
     "num-virtual-stages": ("num_virtual_stages", int,
                            "model chunks per pipeline rank (interleaved schedule)"),
@@ -182,6 +185,7 @@ def build_parser(module: str = "refgpt.train", description: str = __doc__
     ap.add_argument("--synthetic-data", action="store_true", dest="synthetic_data",
                     help="seeded random tokens instead of a corpus (tests, benchmarks)")
     ap.add_argument("--tp", type=int, dest="tensor_model_parallel_size", help=argparse.SUPPRESS)
+    ap.add_argument("--ep", type=int, dest="expert_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--sequence-parallel", action="store_true", dest="sequence_parallel",
                     help="with --tp > 1: split LayerNorm/dropout/residual activations over tokens")
     ap.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction,
@@ -278,7 +282,8 @@ def setup(argv, world_comm) -> Trainer:
     rank, or agreed on by all ranks. Resuming (--load) continues the saved run: the model's
     shape and the training settings are the checkpoint's, but for the flags given."""
     mcfg, tcfg, pcfg, given, other = parse_config(argv)
-    grid = Grid(world_comm, pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size)
+    grid = Grid(world_comm, pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size,
+                pcfg.expert_model_parallel_size)
     threads = set_threads(world_comm, pcfg.threads_per_rank)
     error = trainer = changes = None
     try:

@@ -34,6 +34,7 @@ import safetensors.numpy
 from ..backend import to_device, to_host
 from ..checkpoint import SHARDED, abandon, begin_save, finish_save
 from ..checkpoint_shards import Piece, owned_pieces, runs
+from ..parallel.expert import expert_of
 from ..cli import CheckpointError
 from ..nn.gpt import param_specs
 
@@ -123,7 +124,8 @@ def start_save(path, iteration: int, model, opt, grid, state: dict, tokenizer=No
     if world is not None:
         tmp, failure = world.bcast((tmp, failure))
     file, entries, data = f"shard_{grid.rank:05d}.safetensors", [], None
-    pieces = owned_pieces(model, p.own, p.writes_own(grid.dp_rank)) if failure is None else []
+    writes = lambda n: p.writes_own(grid.replica_rank(expert_of(n) is not None))  # noqa: E731
+    pieces = owned_pieces(model, p.own, writes) if failure is None else []
     if pieces:
         tensors = {}
         for piece, a, b in pieces:

@@ -110,7 +110,8 @@ class GPT:
         self.parts = parts = parts or Sublayers(cfg, seed)
         self.cfg, self.dtype = cfg, np.dtype(dtype)
         if params is None:
-            params = make_params(parts.local_specs(param_specs(cfg, stage)), self.dtype)
+            specs = [s for s in param_specs(cfg, stage) if parts.holds(s.name)]
+            params = make_params(parts.local_specs(specs), self.dtype)
             params.initialise(seed, parts.shard)
         self.params = params
         first, last = stage.first, stage.last

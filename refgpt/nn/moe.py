@@ -128,7 +128,9 @@ class MoE(Layer):
         self.params, self.param_names = params, {"weight": f"{prefix}.router.weight"}
         self.index = int(prefix.split(".")[1])            # h.{i}.mlp: the block's index
         self.cfg, self.E, self.k = cfg, cfg.num_experts, cfg.moe_router_topk
-        self.experts = [Expert(parts, params, f"{prefix}.experts.{e}") for e in range(self.E)]
+        self.ep, self.site = parts.ep, prefix          # expert parallelism's group, or None
+        here = self.ep.local if self.ep else range(self.E)
+        self.experts = [Expert(parts, params, f"{prefix}.experts.{e}") for e in here]
         self.layers = primitives(*self.experts)
         self.norm = 1.0                  # the loss's norm for the coming forward (GPT.forward)
         self.losses = (0.0, 0.0)         # the last forward's aux and z losses
@@ -139,34 +141,44 @@ class MoE(Layer):
         N = x2.shape[0]
         z = wide(matmul(x2, self.w, rounded=False))
         r = route(z, self.k, expert_capacity(N, self.cfg), self.cfg.moe_token_drop_policy)
-        y = np.zeros(z.shape[:1] + x2.shape[1:], z.dtype)
-        outputs = []
-        for e, expert in enumerate(self.experts):
-            rows, slots = r.tokens_of(e)
-            h = expert.forward(x2[rows]) if len(rows) else None
-            if h is not None:
+        kept = [r.tokens_of(e) for e in range(self.E)]
+        inputs = [x2[rows] for rows, _ in kept]                  # every expert's, in order
+        plan = self.ep.plan([len(rows) for rows, _ in kept]) if self.ep else None
+        if plan is not None:                                     # to the experts' ranks
+            inputs = self.ep.dispatch(plan, inputs, self.site)
+        ran = [len(a) > 0 for a in inputs]
+        outputs = [ex.forward(a) if go else a for ex, a, go in zip(self.experts, inputs, ran)]
+        if plan is not None:                                     # and back
+            outputs = self.ep.combine(plan, outputs, self.site)
+        y = np.zeros_like(z, shape=(N, x2.shape[1]))
+        for (rows, slots), h in zip(kept, outputs):
+            if len(rows):
                 y[rows] += r.gate[rows, slots, None] * wide(h)
-            outputs.append(h)
         self.losses = router_losses(r, self.cfg)            # what this forward adds, / s
         if self.keep:
-            self.save(x2, r, outputs, N / self.norm)
+            self.save(x2, r, kept, outputs, plan, ran, N / self.norm)
             self.stats.add(r, self.losses)
         return narrow(y, x.dtype).reshape(x.shape)
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
-        x2, r, outputs, s = self.saved()
+        x2, r, kept, outputs, plan, ran, s = self.saved()
         dy2 = wide(dy.reshape(-1, dy.shape[-1]))
         N, cfg = x2.shape[0], self.cfg
-        dx = np.zeros(dy2.shape, dy2.dtype)
-        dgate = np.zeros(r.gate.shape, dy2.dtype)
-        for e, expert in enumerate(self.experts):
-            if outputs[e] is None:
-                continue
-            rows, slots = r.tokens_of(e)
-            dgate[rows, slots] = (dy2[rows] * wide(outputs[e])).sum(axis=-1)
-            dh = narrow(r.gate[rows, slots, None] * dy2[rows], dy.dtype)
-            dx[rows] += wide(expert.backward(dh))
-        dp = np.zeros(r.p.shape, dy2.dtype)
+        dgate = np.zeros_like(r.gate, dtype=dy2.dtype)
+        grads = []                                               # each expert's output grad
+        for (rows, slots), h in zip(kept, outputs):
+            dgate[rows, slots] = (dy2[rows] * wide(h)).sum(axis=-1)
+            grads.append(narrow(r.gate[rows, slots, None] * dy2[rows], dy.dtype))
+        if plan is not None:
+            grads = self.ep.dispatch(plan, grads, self.site)
+        dins = [ex.backward(g) if go else g for ex, g, go in zip(self.experts, grads, ran)]
+        if plan is not None:
+            dins = self.ep.combine(plan, dins, self.site)
+        dx = np.zeros_like(dy2)
+        for (rows, _), d in zip(kept, dins):
+            if len(rows):
+                dx[rows] += wide(d)
+        dp = np.zeros_like(r.p, dtype=dy2.dtype)
         n = np.arange(N)
         if self.k == 1:
             dp[n, r.top[:, 0]] = dgate[:, 0]

@@ -48,6 +48,12 @@ class Sublayers:
 
     def __init__(self, cfg, seed: int):
         self.cfg, self.seed = cfg, seed
+        self.ep = None               # expert parallelism's group (refgpt.parallel.expert)
+
+    def holds(self, name: str) -> bool:
+        """Whether this rank has the parameter at all: under expert parallelism only its own
+        experts' (refgpt.parallel.expert)."""
+        return self.ep is None or self.ep.holds(name)
 
     # -- parameters ------------------------------------------------------------------------
     def local_specs(self, specs: list) -> list:

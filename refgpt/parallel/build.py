@@ -28,6 +28,7 @@ from ..nn.params import Params
 from ..precision import dtype_of
 from ..nn.sublayers import Sublayers
 from .data import GradAllReduce
+from .expert import ExpertComm, expert_of
 from .pipeline import PipelineExecutor, PipelineModel, check_pipeline
 from .shared import SharedParams
 from .summa import SummaGrid
@@ -76,6 +77,7 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
                           "is not supported yet: experts need every token of the micro-batch "
                           "on each tensor-parallel rank (plain --tensor-model-parallel-size "
                           "works)")
+    check_experts(mcfg, pcfg, dp)
     if tp > 1 and pcfg.tensor_parallel_mode == "2d":
         check_2d(mcfg, tp, tcfg.micro_batch_size)
     elif tp > 1:
@@ -89,6 +91,26 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
                           f"{pp} pipeline stage{'s' * (pp > 1)}")
 
 
+def check_experts(mcfg, pcfg, dp: int) -> None:
+    ep = pcfg.expert_model_parallel_size
+    if ep == 1:
+        return
+    if ep < 1:
+        raise ConfigError(f"--expert-model-parallel-size must be >= 1, got {ep}")
+    if not mcfg.num_experts:
+        raise ConfigError("--expert-model-parallel-size splits experts: give --num-experts")
+    if mcfg.num_experts % ep:
+        raise ConfigError(f"--num-experts {mcfg.num_experts} is not divisible by "
+                          f"--expert-model-parallel-size {ep}")
+    if dp % ep:
+        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the "
+                          f"data-parallel size {dp}")
+    if pcfg.zero_stage:
+        raise ConfigError("--expert-model-parallel-size > 1 with --zero-stage is not supported "
+                          "yet (expert and dense parameters would need shards over their own "
+                          "groups): drop one of them")
+
+
 @dataclass
 class Built:
     model: GPT | PipelineModel
@@ -99,10 +121,14 @@ class Built:
 def sublayers(mcfg, seed: int, grid, pcfg) -> Sublayers:
     """The layout's sublayers on this rank."""
     if grid.tp_size == 1:
-        return Sublayers(mcfg, seed)
-    if pcfg.tensor_parallel_mode == "2d":
-        return Tensor2D(mcfg, seed, SummaGrid(grid.tp_comm))
-    return TensorParallel(mcfg, seed, TPComm(grid.tp_comm), pcfg.sequence_parallel)
+        parts = Sublayers(mcfg, seed)
+    elif pcfg.tensor_parallel_mode == "2d":
+        parts = Tensor2D(mcfg, seed, SummaGrid(grid.tp_comm))
+    else:
+        parts = TensorParallel(mcfg, seed, TPComm(grid.tp_comm), pcfg.sequence_parallel)
+    if grid.ep_size > 1:
+        parts.ep = ExpertComm(grid.ep_comm, mcfg.num_experts)
+    return parts
 
 
 def storage(pcfg, grid):
@@ -144,7 +170,10 @@ def build(mcfg, tcfg, pcfg, grid) -> Built:
     if pcfg.zero_stage:                               # ZeRO's storage is its own sync
         sync = params
     elif grid.dp_size > 1:
-        sync = GradAllReduce(params, grid.dp_comm, pcfg.ddp_bucket_size, pcfg.overlap_grad_reduce)
+        groups = (lambda n: grid.edp_comm if expert_of(n) is not None else grid.dp_comm) \
+            if grid.ep_size > 1 else None
+        sync = GradAllReduce(params, grid.dp_comm, pcfg.ddp_bucket_size, pcfg.overlap_grad_reduce,
+                             groups)
     else:
         sync = LocalGrads(params)
     return Built(model, sync, pipeline)

@@ -44,22 +44,29 @@ class GradAllReduce(GradSync):
     """The all-reduce of the gradient buffer in buckets, over the data-parallel group (the
     gradient-sync interface of refgpt.parallel.sync)."""
 
-    def __init__(self, params, dp_comm, bucket_elems: int, overlap: bool = True):
+    def __init__(self, params, dp_comm, bucket_elems: int, overlap: bool = True, groups=None):
         """Backward finishes the parameters in the reverse of the flat buffer's order (last
         block first; refgpt.nn.gpt), so buckets are runs of whole parameters from the end.
         overlap False: no all-reduce during backward; finish() reduces the buckets one after
-        another with blocking MPI_Allreduce (MPI's tuned algorithms, no progress needed)."""
+        another with blocking MPI_Allreduce (MPI's tuned algorithms, no progress needed).
+        groups(name): the communicator a parameter's gradient is summed over, where it is not
+        dp_comm (expert parallelism: an expert's over its expert-data-parallel group); a
+        bucket holds parameters of one group only."""
         self.params, self.grad, self.comm, self.overlap = params, params.grad, dp_comm, overlap
+        group = groups or (lambda n: dp_comm)
         names = sorted(params.slices, key=lambda n: params.slices[n][0], reverse=True)
         self.buckets: list[tuple[int, int, set]] = []        # (lo, hi, parameter names)
+        self.groups: list = []                               # each bucket's communicator
         current, count = [], 0
-        for n in names:
+        for i, n in enumerate(names):
             lo, hi = params.slices[n]
             current.append(n)
             count += hi - lo
-            if (bucket_elems and count >= bucket_elems) or n == names[-1]:
+            last = i == len(names) - 1
+            if (bucket_elems and count >= bucket_elems) or last or group(names[i + 1]) != group(n):
                 self.buckets.append((params.slices[current[-1]][0],
                                      params.slices[current[0]][1], set(current)))
+                self.groups.append(group(n))
                 current, count = [], 0
         self.pending: list = []
         self.waiting: list[set] = []
@@ -78,12 +85,12 @@ class GradAllReduce(GradSync):
         from mpi4py import MPI
         if self.pending:
             MPI.Request.Testall([p[0] for p in self.pending])
-        for (lo, hi, _), left in zip(self.buckets, self.waiting):
+        for (lo, hi, _), left, comm in zip(self.buckets, self.waiting, self.groups):
             if left:
                 left.difference_update(names)
                 if not left and self.overlap:
-                    buf, host = self._host(lo, hi)
-                    req = self.comm.Iallreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
+                    buf, host = self._host(lo, hi, comm)
+                    req = comm.Iallreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
                     self.pending.append((req, lo, hi, host))
                     if len(self.pending) > IN_FLIGHT:
                         t0 = time.perf_counter()
@@ -96,9 +103,9 @@ class GradAllReduce(GradSync):
         if any(self.waiting):
             raise RuntimeError("some gradient buckets were never ready: backward skipped a parameter")
         if not self.overlap:
-            for lo, hi, _ in self.buckets:
-                buf, host = self._host(lo, hi)
-                self.comm.Allreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
+            for (lo, hi, _), comm in zip(self.buckets, self.groups):
+                buf, host = self._host(lo, hi, comm)
+                comm.Allreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
                 self.pending.append((MPI.REQUEST_NULL, lo, hi, host))
         MPI.Request.Waitall([p[0] for p in self.pending])
         for p in self.pending:
@@ -106,13 +113,17 @@ class GradAllReduce(GradSync):
         self.pending = []
 
     def grad_squares(self, counted) -> float:
-        """Every rank holds the whole sum: data-parallel rank 0 counts it."""
-        return squares(self.params, counted) if self.comm.Get_rank() == 0 else 0.0
+        """Every rank of a bucket's group holds the whole sum: the group's rank 0 counts it."""
+        if all(c is self.comm for c in self.groups):
+            return squares(self.params, counted) if self.comm.Get_rank() == 0 else 0.0
+        mine = {n for (_, _, names), c in zip(self.buckets, self.groups) if c.Get_rank() == 0
+                for n in names}
+        return squares(self.params, lambda n: n in mine and counted(n))
 
-    def _host(self, lo: int, hi: int):
+    def _host(self, lo: int, hi: int, comm):
         """The bucket as MPI will read it (a GPU bucket: a host copy, also returned second);
         counts its traffic."""
-        d = self.comm.Get_size()
+        d = comm.Get_size()
         self.comm_bytes += 2 * (hi - lo) * (d - 1) / d * self.grad.itemsize
         buf, host = self.grad[lo:hi], None
         if not isinstance(buf, np.ndarray):

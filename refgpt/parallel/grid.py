@@ -13,6 +13,15 @@ Worked example, 16 ranks with t = 2, p = 4 (so d = 2):
     MP groups  [0 1 4 5 8 9 12 13] [2 3 6 7 10 11 14 15]  one whole model replica (grad norm)
     EMB groups [0 12] [1 13] [2 14] [3 15]                first and last stage (tied wte)
 
+Expert parallelism (refgpt.parallel.expert) carves two more groups out of each DP group of d
+ranks, for e dividing d: EP groups of e consecutive DP ranks, which hold different experts
+and exchange tokens, and expert-DP groups of the d/e ranks that hold the same experts, over
+which those experts' gradients are summed (every other gradient is summed over the whole DP
+group). With 8 ranks of t = 1, p = 1 (d = 8) and e = 4:
+
+    EP groups         [0 1 2 3] [4 5 6 7]             experts 0-1 on 0 and 4, 2-3 on 1 and 5, ...
+    expert-DP groups  [0 4] [1 5] [2 6] [3 7]
+
 Each communicator is made with one Comm.Split whose colour names the group and whose key is
 the rank's coordinate along it, so a rank's rank in tp_comm is its tp coordinate, and so on.
 """
@@ -60,7 +69,7 @@ class Grid:
     """This rank's coordinates and communicators. ``Grid(None)`` is the single process
     (every size 1, no communicator and no MPI needed)."""
 
-    def __init__(self, world_comm=None, tp: int = 1, pp: int = 1):
+    def __init__(self, world_comm=None, tp: int = 1, pp: int = 1, ep: int = 1):
         self.world = world_comm
         self.world_size = 1 if world_comm is None else world_comm.Get_size()
         self.rank = 0 if world_comm is None else world_comm.Get_rank()
@@ -69,6 +78,13 @@ class Grid:
         c = coords(self.rank, tp, self.dp_size)
         self.tp_rank, self.dp_rank, self.pp_rank = c.tp, c.dp, c.pp
         self.tp_comm = self.dp_comm = self.pp_comm = self.mp_comm = self.emb_comm = None
+        if ep < 1:
+            raise ConfigError(f"--expert-model-parallel-size must be >= 1, got {ep}")
+        if self.dp_size % ep:
+            raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the "
+                              f"data-parallel size {self.dp_size}")
+        self.ep_size, self.ep_rank, self.edp_rank = ep, c.dp % ep, c.dp // ep
+        self.ep_comm = self.edp_comm = None
         if world_comm is not None:
             from mpi4py import MPI
             t, d, p = tp, self.dp_size, pp
@@ -79,6 +95,14 @@ class Grid:
             ends = p > 1 and c.pp in (0, p - 1)    # the two holders of the tied token table
             emb = world_comm.Split(color=c.tp + t * c.dp if ends else MPI.UNDEFINED, key=c.pp)
             self.emb_comm = emb if emb != MPI.COMM_NULL else None
+            if ep > 1:
+                self.ep_comm = self.dp_comm.Split(color=self.edp_rank, key=self.ep_rank)
+                self.edp_comm = self.dp_comm.Split(color=self.ep_rank, key=self.edp_rank)
+
+    def replica_rank(self, expert: bool) -> int:
+        """This rank's index among the ranks holding the same copy of a parameter: its DP
+        rank, or for an expert's parameter under expert parallelism its expert-DP rank."""
+        return self.edp_rank if expert and self.ep_size > 1 else self.dp_rank
 
     @property
     def pp_prev(self) -> int | None:
@@ -91,4 +115,5 @@ class Grid:
 
     def describe(self) -> str:
         return (f"{self.world_size} ranks = tp {self.tp_size} x dp {self.dp_size} x "
-                f"pp {self.pp_size}")
+                f"pp {self.pp_size}" + (f" (ep {self.ep_size} within dp)" if self.ep_size > 1
+                                        else ""))

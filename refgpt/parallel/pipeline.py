@@ -66,7 +66,7 @@ class PipelineModel:
         self.cfg, self.grid, self.v = cfg, grid, v
         self.stages = [stage_of(c * p + r, p, v, cfg.num_layers) for c in range(v)]
         self.parts = parts = parts or Sublayers(cfg, seed)
-        specs = [s for st in self.stages for s in param_specs(cfg, st)]
+        specs = [s for st in self.stages for s in param_specs(cfg, st) if parts.holds(s.name)]
         self.params = make_params(parts.local_specs(specs), dtype)
         self.params.initialise(seed, parts.shard)
         self.chunks = [GPT(cfg, dtype, seed, st, self.params, parts,
