@@ -125,3 +125,40 @@ def test_checkpoints_move_between_expert_parallel_and_single_process():
           and all(np.abs(par.model.params[n] - ref[n]).max() <= 1e-12 * np.abs(ref[n]).max()
                   for n in par.model.params))
     assert agree(comm, ok)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_expert_parallelism_in_16_bits_equals_one_process_to_16_bit_precision(dtype):
+    """As mpi_tests/test_mixed_precision.py's layouts (the tolerances are derived there): the
+    router's softmax and gates are fp32 from the same 16-bit activations in every layout; an
+    expert's GEMM runs on the rows of several micro-batches at once, whose fp32 sums may
+    round one 16-bit ulp the other way."""
+    from mpi4py import MPI
+    from dataclasses import replace
+    from test_mixed_precision import EPS, rel
+    from test_mixed_precision import train_cfg as mixed_cfg
+    comm = MPI.COMM_WORLD
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64, vocab_multiple=16, num_experts=4, moe_router_topk=2,
+                      moe_expert_capacity_factor=1.0, moe_aux_loss_coeff=0.01)
+    eps = EPS[dtype]
+    tcfg = replace(mixed_cfg(dtype), global_batch_size=4 * comm.size)
+    ref = Trainer(cfg, tcfg, **QUIET).run()
+    failures = []
+    for name, options in (("ep2", dict(expert_model_parallel_size=2)),
+                          ("ep2 pp2", dict(expert_model_parallel_size=2,
+                                           pipeline_model_parallel_size=2))):
+        pcfg = ParallelConfig(**options)
+        pp = pcfg.pipeline_model_parallel_size
+        if (comm.size // pp) % 2:
+            continue
+        t = Trainer(cfg, tcfg, pcfg, Grid(comm, 1, pp, 2), **QUIET)
+        hist = t.run()
+        t.close()
+        first = rel(hist[0]["loss"], ref[0]["loss"])
+        loss = rel([h["loss"] for h in hist], [h["loss"] for h in ref])
+        norms = rel([h["grad_norm"] for h in hist], [h["grad_norm"] for h in ref])
+        if not (first <= eps / 64 and loss <= eps / 4 and norms <= eps):
+            failures.append((name, first, loss, norms))
+    assert agree(comm, not failures), failures

@@ -30,9 +30,22 @@ import numpy as np
 from .backend import array_module, synchronize, to_device
 
 
-def megatron_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int) -> float:
+def megatron_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int,
+                   extra_macs: float = 0.0) -> float:
+    """Megatron-LM's FLOPs per step (Narayanan et al. 2021, with its recomputation's fourth
+    pass: 96 = 4 passes x 2 FLOPs x 12 h^2 multiply-adds per token and layer); extra_macs:
+    multiply-adds per token beyond the dense layers' (experts: moe_extra_macs)."""
     return 96.0 * batch * seq * layers * hidden**2 * (
-        1.0 + seq / (6.0 * hidden) + vocab / (16.0 * layers * hidden))
+        1.0 + seq / (6.0 * hidden) + vocab / (16.0 * layers * hidden)) \
+        + 8.0 * batch * seq * extra_macs
+
+
+def moe_extra_macs(cfg) -> float:
+    """A token's multiply-adds per step beyond a dense model's: in each MoE layer, k - 1 more
+    MLPs (8 h^2 each) and the router (h E)."""
+    h = cfg.hidden_size
+    moe = sum(1 for i in range(cfg.num_layers) if cfg.num_experts and i % cfg.moe_layer_freq == 0)
+    return moe * (8 * h * h * (cfg.moe_router_topk - 1) + h * cfg.num_experts)
 
 
 def model_params(cfg) -> int:

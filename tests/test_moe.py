@@ -182,3 +182,21 @@ def test_experts_with_a_sequence_split_or_2d_tensor_layout_are_refused(parallel)
     with pytest.raises(ConfigError, match="--num-experts with --sequence-parallel or"):
         check_layout(moe_cfg(seq_length=8), TrainConfig(micro_batch_size=2,
                                                         global_batch_size=2), pcfg, 4, 1, 1)
+
+
+def test_flops_count_the_active_parameters():
+    """model_params (the model-FLOPs formula's N) counts a token's k experts and the router,
+    which is the model's parameter count less the E - k experts a token skips in each MoE
+    layer (and, as for a dense model, less wpe and the vocabulary's padding rows)."""
+    from refgpt.metrics import megatron_flops, model_params, moe_extra_macs
+    cfg = moe_cfg(num_layers=3, moe_layer_freq=2, moe_router_topk=2)
+    model = GPT(cfg, np.float64)
+    C = cfg.hidden_size
+    total = model.params.numel
+    skipped = 2 * (cfg.num_experts - 2) * (8 * C * C + 5 * C)
+    padding = (cfg.padded_vocab - cfg.vocab_size) * C
+    assert model_params(cfg) == total - skipped - padding - cfg.n_positions * C
+    dense = moe_cfg(num_layers=3, num_experts=0)
+    assert moe_extra_macs(dense) == 0
+    extra = megatron_flops(4, 6, 3, C, 48, moe_extra_macs(cfg)) - megatron_flops(4, 6, 3, C, 48)
+    assert extra == 8 * 4 * 6 * 2 * (8 * C * C + C * cfg.num_experts)

@@ -123,7 +123,8 @@ def step_record(mcfg, tcfg, iteration: int, consumed: int, loss: float, lr: floa
             "step_time_s": seconds,
             "tokens_per_s": G * T / seconds,
             "tflops": metrics.megatron_flops(G, T, mcfg.num_layers, mcfg.hidden_size,
-                                             mcfg.padded_vocab) / seconds / 1e12,
+                                             mcfg.padded_vocab, metrics.moe_extra_macs(mcfg))
+            / seconds / 1e12,
             "model_tflops": mflops / seconds / 1e12,
             "mfu": mflops / seconds / (gemm_rate * world_size),
             "dp_comm_bytes": dp_bytes, "memory_bytes": mem}

@@ -30,6 +30,7 @@ about (e - 1) / e N k C per all-to-all.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class ExpertComm:
         self.per_rank = num_experts // self.size
         self.local = range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
         self.volume: dict[tuple[str, str], float] = defaultdict(float)
+        self.seconds = 0.0               # spent in this group's all-to-alls (benchmarks read it)
 
     def holds(self, name: str) -> bool:
         """Whether this rank holds a parameter: any that is not an expert's, and its experts'."""
@@ -72,7 +74,9 @@ class ExpertComm:
     def plan(self, sent: list[int]) -> Plan:
         send = np.asarray(sent, np.int64).reshape(self.size, self.per_rank)
         recv = np.empty_like(send)
+        t0 = time.perf_counter()
         self.comm.Alltoall(send, recv)
+        self.seconds += time.perf_counter() - t0
         return Plan(send.reshape(-1), recv)
 
     def dispatch(self, plan: Plan, rows: list, site: str) -> list:
@@ -105,7 +109,9 @@ class ExpertComm:
         recv = np.empty((int(recv_rows.sum()), C), send.dtype)
         sc, rc = [int(n) * C for n in send_rows], [int(n) * C for n in recv_rows]
         sd, rd = np.cumsum([0] + sc[:-1]).tolist(), np.cumsum([0] + rc[:-1]).tolist()
+        t0 = time.perf_counter()
         self.comm.Alltoallv([moved(send), (sc, sd)], [moved(recv), (rc, rd)])
+        self.seconds += time.perf_counter() - t0
         self.volume[(site, "all-to-all")] += sum(sc) - sc[self.rank]
         recv = to_device(recv)
         return np.split(recv, np.cumsum(recv_rows)[:-1].tolist())
