@@ -22,7 +22,16 @@ def moe_cfg(k, factor):
                        moe_aux_loss_coeff=0.1, moe_z_loss_coeff=0.01)
 
 
-def layouts(world):
+def layouts(world, every: bool = True):
+    """Every layout this world size has; with every False, one of each kind (DP, EP, TP, PP)."""
+    if not every:
+        yield "ep2", dict(expert_model_parallel_size=2)
+        if world % 2 == 0:
+            yield "tp2", dict(tensor_model_parallel_size=2)
+            yield "pp2 1f1b", dict(pipeline_model_parallel_size=2)
+        if world % 4 == 0:
+            yield "ep4", dict(expert_model_parallel_size=4)
+        return
     yield "dp", dict()
     yield "ep2", dict(expert_model_parallel_size=2)
     yield "ep2 one bucket, no overlap", dict(expert_model_parallel_size=2, ddp_bucket_size=0,
@@ -44,10 +53,12 @@ def layouts(world):
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("k, factor", [(1, 0.0), (2, 0.0), (1, 1.0), (2, 0.75)])
 def test_experts_in_every_layout_equal_the_single_process(k, factor):
+    """Every layout where the capacity drops tokens (the harder routing), one of each kind
+    where it does not."""
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     failures = []
-    for name, options in layouts(comm.size):
+    for name, options in layouts(comm.size, every=factor > 0):
         pcfg = ParallelConfig(**options)
         tp, pp = pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size
         dp = comm.size // (tp * pp)
@@ -66,6 +77,8 @@ def test_experts_in_every_layout_equal_the_single_process(k, factor):
             ok = ok and len(h["moe"]) == len(r["moe"]) == 2
         if factor:
             ok = ok and all(m["dropped"] > 0 for r in ref for m in r["moe"])
+        else:
+            ok = ok and all(m["dropped"] == 0 for r in ref for m in r["moe"])
         par.close()
         if not agree(comm, ok):
             failures.append(name)
@@ -133,7 +146,14 @@ def test_expert_parallelism_in_16_bits_equals_one_process_to_16_bit_precision(dt
     """As mpi_tests/test_mixed_precision.py's layouts (the tolerances are derived there): the
     router's softmax and gates are fp32 from the same 16-bit activations in every layout; an
     expert's GEMM runs on the rows of several micro-batches at once, whose fp32 sums may
-    round one 16-bit ulp the other way."""
+    round one 16-bit ulp the other way. Step 1 sees the same weights, so its loss is within
+    EPS / 64. From step 2 the runs drift as two 16-bit runs do, and a routing decision can
+    differ too: a token whose two candidate experts' probabilities lie within a rounding of
+    each other may go to the other one, which changes that token's share of the gradient
+    outright instead of by an ulp; a token's share of the gradient's norm is at most about
+    2 / (tokens per step), so the norms are held to EPS + 2 / tokens (the losses, averages
+    over every token, stay within EPS / 4; measured in fp16 at 8 ranks: norms 1.3e-3 apart,
+    against EPS = 4.9e-4 and a bound of 4.4e-3)."""
     from mpi4py import MPI
     from dataclasses import replace
     from test_mixed_precision import EPS, rel
@@ -159,6 +179,7 @@ def test_expert_parallelism_in_16_bits_equals_one_process_to_16_bit_precision(dt
         first = rel(hist[0]["loss"], ref[0]["loss"])
         loss = rel([h["loss"] for h in hist], [h["loss"] for h in ref])
         norms = rel([h["grad_norm"] for h in hist], [h["grad_norm"] for h in ref])
-        if not (first <= eps / 64 and loss <= eps / 4 and norms <= eps):
+        flips = 2 / (tcfg.global_batch_size * cfg.seq_length)
+        if not (first <= eps / 64 and loss <= eps / 4 and norms <= eps + flips):
             failures.append((name, first, loss, norms))
     assert agree(comm, not failures), failures

@@ -41,7 +41,10 @@ Backward, from dy [N, C]:
 The experts' layers come from the layout's sublayers (column-parallel c_fc, row-parallel
 c_proj), so tensor parallelism splits each expert as it splits the dense MLP; every expert's
 parameters are named by their index (h.{i}.mlp.experts.{e}.c_fc.weight, ...), so their
-initial values do not depend on the layout.
+initial values do not depend on the layout. Under expert parallelism (the sublayers' ``ep``,
+refgpt.parallel.expert) a rank holds only its own experts: the rows of every expert travel
+to their rank and back between routing and combining, in forward and in backward, and
+everything else here is as written.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
                           "is not supported yet: experts need every token of the micro-batch "
                           "on each tensor-parallel rank (plain --tensor-model-parallel-size "
                           "works)")
-    check_experts(mcfg, pcfg, dp)
+    check_experts(mcfg, tcfg, pcfg, dp)
     if tp > 1 and pcfg.tensor_parallel_mode == "2d":
         check_2d(mcfg, tp, tcfg.micro_batch_size)
     elif tp > 1:
@@ -91,7 +91,10 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
                           f"{pp} pipeline stage{'s' * (pp > 1)}")
 
 
-def check_experts(mcfg, pcfg, dp: int) -> None:
+def check_experts(mcfg, tcfg, pcfg, dp: int) -> None:
+    if mcfg.num_experts and tcfg.backend == "cupy":
+        raise ConfigError("--num-experts runs on the CPU backends (numpy, numba) so far: "
+                          "drop --backend cupy")
     ep = pcfg.expert_model_parallel_size
     if ep == 1:
         return
