@@ -1,8 +1,8 @@
 """Mixture of experts in parallel layouts equals the single process in float64 (losses,
 gradient norms, validation losses, every parameter): data parallel with gradient
 accumulation, ZeRO 1-3, tensor parallel (each expert split as the dense MLP), pipeline
-parallel and tensor x pipeline; expert parallelism (EP 2 and 4, alone, with TP 2, with PP 2,
-with one gradient bucket and without overlap); top-1 and top-2; a capacity that drops tokens
+parallel and tensor x pipeline; expert parallelism (EP 2 and 4, alone, with ZeRO 1-3, with
+TP 2, with PP 2, with one gradient bucket and without overlap); top-1 and top-2; a capacity that drops tokens
 and none; the logged MoE statistics are the single process's, and the all-to-all volume
 equals its formula."""
 
@@ -12,7 +12,7 @@ import pytest
 from refgpt.config import ModelConfig, ParallelConfig
 from refgpt.engine import Trainer
 from refgpt.parallel.grid import Grid
-from test_zero import QUIET, agree, same_run, train_cfg
+from test_zero import QUIET, agree, full_params, same_run, train_cfg
 
 
 def moe_cfg(k, factor):
@@ -36,6 +36,8 @@ def layouts(world, every: bool = True):
     yield "ep2", dict(expert_model_parallel_size=2)
     yield "ep2 one bucket, no overlap", dict(expert_model_parallel_size=2, ddp_bucket_size=0,
                                             overlap_grad_reduce=False)
+    for stage in (1, 2, 3):
+        yield f"ep2 zero-{stage}", dict(expert_model_parallel_size=2, zero_stage=stage)
     for stage in (1, 2, 3):
         yield f"dp zero-{stage}", dict(zero_stage=stage)
     if world % 2 == 0:
@@ -123,20 +125,22 @@ def test_all_to_all_volume_equals_its_formula(monkeypatch):
 
 
 @pytest.mark.mpi(min_size=2)
-def test_checkpoints_move_between_expert_parallel_and_single_process():
-    """EP 2 saves each rank's experts (one copy of each); one process resumes from it and
-    continues as the straight run; the EP layout resumes from one process's checkpoint."""
+@pytest.mark.parametrize("stage", [0, 3])
+def test_checkpoints_move_between_expert_parallel_and_single_process(stage):
+    """EP 2 (with ZeRO-3: shards over the expert-data-parallel group) saves one copy of each
+    piece; one process resumes from it and continues as the straight run; the EP layout
+    resumes from one process's checkpoint."""
     from mpi4py import MPI
     from roundtrip import checkpoint_roundtrip
     comm = MPI.COMM_WORLD
-    pcfg = ParallelConfig(expert_model_parallel_size=2)
+    pcfg = ParallelConfig(expert_model_parallel_size=2, zero_stage=stage)
     straight, serial, par = checkpoint_roundtrip(
         comm, lambda: moe_cfg(2, 1.0), train_cfg(comm.size, 2),
         lambda tcfg: Trainer(moe_cfg(2, 1.0), tcfg, pcfg, Grid(comm, 1, 1, 2), **QUIET))
     ref = straight.model.params
     ok = (np.abs(serial.model.params.data - ref.data).max() <= 1e-12 * np.abs(ref.data).max()
-          and all(np.abs(par.model.params[n] - ref[n]).max() <= 1e-12 * np.abs(ref[n]).max()
-                  for n in par.model.params))
+          and all(np.abs(v - ref[n]).max() <= 1e-12 * np.abs(ref[n]).max()
+                  for n, v in full_params(par).items()))
     assert agree(comm, ok)
 
 

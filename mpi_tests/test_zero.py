@@ -60,7 +60,8 @@ def same_run(par, ser, hist, ref):
     mine, theirs = full_params(par), dict(ser.model.params.items())
     ok = ok and all(close(v, theirs[n]) for n, v in mine.items())
     z = par.model.params
-    if par.pcfg.zero_stage and par.grid.tp_size == par.grid.pp_size == 1:   # same flat layout
+    if par.pcfg.zero_stage and par.grid.tp_size == par.grid.pp_size == par.grid.ep_size == 1:
+        # the same flat layout as one process's
         lo, hi = z.own
         hi_real = min(hi, z.numel)
         if hi_real > lo:

@@ -124,7 +124,9 @@ def start_save(path, iteration: int, model, opt, grid, state: dict, tokenizer=No
     if world is not None:
         tmp, failure = world.bcast((tmp, failure))
     file, entries, data = f"shard_{grid.rank:05d}.safetensors", [], None
-    writes = lambda n: p.writes_own(grid.replica_rank(expert_of(n) is not None))  # noqa: E731
+    def writes(name: str) -> bool:            # one copy of each piece (module docstring)
+        expert = expert_of(name) is not None
+        return p.writes_own(grid.replica_rank(expert)) and (expert or grid.ep_rank == 0)
     pieces = owned_pieces(model, p.own, writes) if failure is None else []
     if pieces:
         tensors = {}

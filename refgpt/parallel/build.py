@@ -108,10 +108,9 @@ def check_experts(mcfg, tcfg, pcfg, dp: int) -> None:
     if dp % ep:
         raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the "
                           f"data-parallel size {dp}")
-    if pcfg.zero_stage:
-        raise ConfigError("--expert-model-parallel-size > 1 with --zero-stage is not supported "
-                          "yet (expert and dense parameters would need shards over their own "
-                          "groups): drop one of them")
+    if pcfg.dp_shared_memory:
+        raise ConfigError("--dp-shared-memory with --expert-model-parallel-size > 1 is not "
+                          "supported: the ranks of a node hold different experts")
 
 
 @dataclass
@@ -147,6 +146,9 @@ def storage(pcfg, grid):
         dp_comm = MPI.COMM_SELF
     if pcfg.dp_shared_memory:
         return partial(SharedParams, comm=dp_comm, grad_dtype=grad_dtype)
+    if grid.ep_size > 1:                     # shards over the ranks holding the same experts
+        return partial(ZeroParams, stage=pcfg.zero_stage, comm=grid.edp_comm,
+                       grad_dtype=grad_dtype, ep_comm=grid.ep_comm)
     return partial(ZeroParams, stage=pcfg.zero_stage, comm=dp_comm, grad_dtype=grad_dtype)
 
 

@@ -44,6 +44,14 @@ Traffic is counted per collective as the part of the buffer this rank does not o
 reduce-scatter must send away, or an all-gather bring in), so the sums are exact. Temporary
 unit buffers are not persistent state; their high-water mark is reported as working_peak.
 
+With expert parallelism (refgpt.parallel.expert) a rank's buffer holds the dense parameters
+and its own experts, and ZeRO partitions it over the expert-data-parallel group of d / e
+ranks (those that hold the same experts): an expert's gradient is reduce-scattered over that
+group, and a dense parameter's, summed first over the EP group of e ranks, is then summed
+over all d. So the shards and the traffic above are those of d / e ranks, plus the dense
+gradients' all-reduce over e; the dense optimizer state is divided by d / e, not d (Megatron
+shards it over d, with a second partition of the buffer: not built here).
+
 Under the cupy backend the buffers live on the GPU and every collective goes through the
 host: what a rank sends is copied over once the GPU's queued work is done, and what it
 receives is copied back when the request completes (MPI is not assumed to read GPU memory).
@@ -62,6 +70,7 @@ from ..backend import array_module, to_device, to_host
 from ..nn.params import Params, unit_key, zero_fill
 from ..optim.clip import sum_squares
 from .data import IN_FLIGHT       # gradient collectives left running while backward goes on
+from .expert import expert_of
 from .sync import GradSync
 from .wire import moved, sum_op
 
@@ -113,10 +122,14 @@ class ZeroParams(Params, GradSync):
     shards (3) over the data-parallel communicator comm; and the gradient-sync interface
     (refgpt.parallel.sync) that fills and uses them."""
 
-    def __init__(self, specs, dtype, stage: int, comm, grad_dtype=None):
+    def __init__(self, specs, dtype, stage: int, comm, grad_dtype=None, ep_comm=None):
+        """ep_comm: under expert parallelism, comm is the expert-data-parallel group (the
+        ranks holding this rank's experts) and ep_comm the expert-parallel group: before a
+        unit's reduce-scatter, its non-expert gradients are first summed over ep_comm, so
+        that with it they are summed over the whole data-parallel group (module docstring)."""
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
-        self.stage, self.comm = stage, comm
+        self.stage, self.comm, self.ep_comm = stage, comm, ep_comm
         self.d, self.dp_rank = comm.Get_size(), comm.Get_rank()
         super().__init__(specs, dtype, pad_to=self.d, allocate=stage < 3, grad_dtype=grad_dtype)
         S = self.padded // self.d
@@ -298,6 +311,8 @@ class ZeroParams(Params, GradSync):
             if left:
                 continue
             send = to_host(self.grad[unit.lo:unit.hi] if self.stage == 1 else unit.grad)
+            if self.ep_comm is not None:
+                send = self._sum_over_experts_group(unit, send)
             piece = self.alloc(unit.counts[self.dp_rank], host=True, dtype=self.grad_dtype)
             req = self.comm.Ireduce_scatter(moved(send), moved(piece), unit.counts,
                                             op=sum_op(self.grad_dtype))
@@ -306,6 +321,19 @@ class ZeroParams(Params, GradSync):
             t0 = time.perf_counter()
             self._complete(self.reducing[:-IN_FLIGHT])  # bound what waits on the network
             self.blocked_s += time.perf_counter() - t0
+
+    def _sum_over_experts_group(self, unit: Unit, send):
+        """The unit's gradients with its non-expert parameters' summed over the EP group (a
+        blocking all-reduce; the experts' stay this rank's)."""
+        from mpi4py import MPI
+        e = self.ep_comm.Get_size()
+        for name in unit.names:
+            if expert_of(name) is None:
+                lo, hi = self.slices[name]
+                part = send[lo - unit.lo:hi - unit.lo]
+                self.ep_comm.Allreduce(MPI.IN_PLACE, moved(part), op=sum_op(part.dtype))
+                self.comm_bytes += 2 * (hi - lo) * (e - 1) / e * part.itemsize
+        return send
 
     def finish(self) -> None:
         """Finish the reduce-scatters: stage 1 stores the summed own part into the full
@@ -337,9 +365,10 @@ class ZeroParams(Params, GradSync):
     def grad_squares(self, counted) -> float:
         """Sum of squares of the own gradient shard over the parameters counted(name) here."""
         g, sq = self.grad_shard(), 0.0
+        copies = self.ep_comm is not None and self.ep_comm.Get_rank() > 0   # of the dense part
         for name, (lo, hi) in self.slices.items():
             a, b = self.own_part(lo, hi)
-            if b > a and counted(name):
+            if b > a and counted(name) and not (copies and expert_of(name) is None):
                 sq += sum_squares(g[a:b])
         return sq
 
