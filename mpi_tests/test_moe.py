@@ -1,8 +1,9 @@
 """Mixture of experts in parallel layouts equals the single process in float64 (losses,
 gradient norms, validation losses, every parameter): data parallel with gradient
 accumulation, ZeRO 1-3, tensor parallel (each expert split as the dense MLP), pipeline
-parallel and tensor x pipeline; expert parallelism (EP 2 and 4, alone, with ZeRO 1-3, with
-TP 2, with PP 2, with one gradient bucket and without overlap); top-1 and top-2; a capacity that drops tokens
+parallel (with and without sequence parallelism) and tensor x pipeline; expert parallelism
+(EP 2 and 4, alone, with ZeRO 1-3, with TP 2 +/- SP, with PP 2, with one gradient bucket and
+without overlap); top-1 and top-2; a capacity that drops tokens
 and none; the logged MoE statistics are the single process's, and the all-to-all volume
 equals its formula."""
 
@@ -42,6 +43,7 @@ def layouts(world, every: bool = True):
         yield f"dp zero-{stage}", dict(zero_stage=stage)
     if world % 2 == 0:
         yield "tp2", dict(tensor_model_parallel_size=2)
+        yield "tp2 sp", dict(tensor_model_parallel_size=2, sequence_parallel=True)
         yield "pp2 1f1b", dict(pipeline_model_parallel_size=2)
         yield "pp2 zb-h1", dict(pipeline_model_parallel_size=2, pipeline_schedule="zb-h1")
     if world % 4 == 0:
@@ -49,6 +51,8 @@ def layouts(world, every: bool = True):
                                      pipeline_model_parallel_size=2, zero_stage=1)
         yield "ep4", dict(expert_model_parallel_size=4)
         yield "ep2 tp2", dict(expert_model_parallel_size=2, tensor_model_parallel_size=2)
+        yield "ep2 tp2 sp", dict(expert_model_parallel_size=2, tensor_model_parallel_size=2,
+                                 sequence_parallel=True)
         yield "ep2 pp2", dict(expert_model_parallel_size=2, pipeline_model_parallel_size=2)
 
 

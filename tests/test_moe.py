@@ -173,13 +173,11 @@ def test_bf16_training_with_experts_follows_float32():
     assert all(0 < m["aux_loss"] < 1 for h in got for m in h["moe"])
 
 
-@pytest.mark.parametrize("parallel", [dict(sequence_parallel=True),
-                                      dict(tensor_parallel_mode="2d")])
-def test_experts_with_a_sequence_split_or_2d_tensor_layout_are_refused(parallel):
+def test_experts_with_a_2d_tensor_layout_are_refused():
     from refgpt.config import ParallelConfig, TrainConfig
     from refgpt.parallel.build import check_layout
-    pcfg = ParallelConfig(tensor_model_parallel_size=4, **parallel)
-    with pytest.raises(ConfigError, match="--num-experts with --sequence-parallel or"):
+    pcfg = ParallelConfig(tensor_model_parallel_size=4, tensor_parallel_mode="2d")
+    with pytest.raises(ConfigError, match="--num-experts with --tensor-parallel-mode 2d"):
         check_layout(moe_cfg(seq_length=8), TrainConfig(micro_batch_size=2,
                                                         global_batch_size=2), pcfg, 4, 1, 1)
 

@@ -133,13 +133,20 @@ class MoE(Layer):
         self.cfg, self.E, self.k = cfg, cfg.num_experts, cfg.moe_router_topk
         self.ep, self.site = parts.ep, prefix          # expert parallelism's group, or None
         here = self.ep.local if self.ep else range(self.E)
-        self.experts = [Expert(parts, params, f"{prefix}.experts.{e}") for e in here]
+        inner, (self.enter, self.leave) = parts.moe_parts()     # SP: the whole sequence
+        self.experts = [Expert(inner, params, f"{prefix}.experts.{e}") for e in here]
         self.layers = primitives(*self.experts)
         self.norm = 1.0                  # the loss's norm for the coming forward (GPT.forward)
         self.losses = (0.0, 0.0)         # the last forward's aux and z losses
         self.stats = MoEStats(self.E)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.leave.forward(self._forward(self.enter.forward(x)))
+
+    def backward(self, dy: np.ndarray) -> np.ndarray:
+        return self.enter.backward(self._backward(self.leave.backward(dy)))
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
         x2 = x.reshape(-1, x.shape[-1])
         N = x2.shape[0]
         z = wide(matmul(x2, self.w, rounded=False))
@@ -163,7 +170,7 @@ class MoE(Layer):
             self.stats.add(r, self.losses)
         return narrow(y, x.dtype).reshape(x.shape)
 
-    def backward(self, dy: np.ndarray) -> np.ndarray:
+    def _backward(self, dy: np.ndarray) -> np.ndarray:
         x2, r, kept, outputs, plan, ran, s = self.saved()
         dy2 = wide(dy.reshape(-1, dy.shape[-1]))
         N, cfg = x2.shape[0], self.cfg

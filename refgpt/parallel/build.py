@@ -71,12 +71,10 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
                           "drop it")
     if stage >= 2 and pp > 1:
         raise ConfigError(ZERO_WITH_PP.format(stage=stage))
-    if mcfg.num_experts and tp > 1 and (pcfg.sequence_parallel
-                                        or pcfg.tensor_parallel_mode == "2d"):
-        raise ConfigError("--num-experts with --sequence-parallel or --tensor-parallel-mode 2d "
-                          "is not supported yet: experts need every token of the micro-batch "
-                          "on each tensor-parallel rank (plain --tensor-model-parallel-size "
-                          "works)")
+    if mcfg.num_experts and tp > 1 and pcfg.tensor_parallel_mode == "2d":
+        raise ConfigError("--num-experts with --tensor-parallel-mode 2d is not supported yet "
+                          "(1-D --tensor-model-parallel-size, with or without "
+                          "--sequence-parallel, is)")
     check_experts(mcfg, tcfg, pcfg, dp)
     if tp > 1 and pcfg.tensor_parallel_mode == "2d":
         check_2d(mcfg, tp, tcfg.micro_batch_size)

@@ -46,7 +46,8 @@ from ..nn.linear import Linear, column_sum, matmul
 from ..nn.params import ParamSpec
 from ..precision import narrow, wide
 from ..nn.sublayers import Sublayers, grid_shape
-from .tensor_comm import CopyToTP, GatherSeq, ReduceFromTP, ScatterSeq, TPComm
+from .expert import expert_of
+from .tensor_comm import CopyToTP, GatherSeq, GatherSeqWhole, ReduceFromTP, ScatterSeq, SplitSeq, TPComm
 
 SHARDED = {"c_attn": "qkv", "c_fc": "cols", "c_proj.weight": "rows",   # MLPs' and experts'
            "wte.weight": "rows"}
@@ -264,8 +265,8 @@ class TensorParallel(Sublayers):
         """With SP the replicated parameters saw only this rank's tokens: their gradients are
         summed over the TP group."""
         if self.sp:
-            for n in names:
-                if shard_kind(n) is None:
+            for n in names:                     # the MoE layers' saw every token (moe_parts)
+                if shard_kind(n) is None and ".mlp.router." not in n and expert_of(n) is None:
                     params.grads[n][...] = self.tp.allreduce(params.grads[n], "sp-grads")
 
     def activation_shape(self, micro_batch: int) -> tuple:
@@ -289,6 +290,16 @@ class TensorParallel(Sublayers):
     def row_linear(self, params, prefix: str):
         return Sequence(RowLinear(params, prefix, bias=False), self.leave(self.tp, prefix),
                         AddBias(params, f"{prefix}.bias"))
+
+    def moe_parts(self):
+        """With SP the MoE layer runs on the whole sequence (its routing and capacity are
+        those of the micro-batch's tokens): gathered on entry, each rank's part kept on
+        leaving, and the experts tensor-parallel as without SP."""
+        if not self.sp:
+            return super().moe_parts()
+        inner = TensorParallel(self.cfg, self.seed, self.tp, False)
+        inner.ep = self.ep
+        return inner, (GatherSeqWhole(self.tp, "moe"), SplitSeq(self.tp, "moe"))
 
     def embedding(self, params):
         return VocabParallelEmbedding(params, self.tp, self.sp)

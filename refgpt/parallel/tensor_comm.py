@@ -8,6 +8,10 @@ sequence parallelism: Korthikanti et al. 2022, sec. 4.2.2):
     g~ GatherSeq       forward all-gather tokens    backward reduce-scatter   (SP: enters)
     f~ ScatterSeq      forward reduce-scatter       backward all-gather       (SP: leaves)
 
+and, around a layer that every rank runs on the whole sequence (the MoE layer, whose input
+gradient each rank then holds whole): GatherSeqWhole (forward all-gather, backward this
+rank's part) and SplitSeq (forward this rank's part, backward all-gather).
+
 Activations are [B, T, C]; the sequence-parallel ops split and join the token axis T.
 
 TPComm counts, per (site, collective), the elements each rank moves in a ring
@@ -124,3 +128,37 @@ class ScatterSeq:
 
     def backward(self, dy):
         return self.tp.allgather(dy, 1, self.site)
+
+
+class GatherSeqWhole:
+    """Forward gathers the sequence; backward keeps this rank's part of a gradient that every
+    rank holds whole (a layer that ran on every token on every rank: the experts,
+    refgpt.nn.moe), where GatherSeq would sum the copies."""
+
+    def __init__(self, tp: TPComm, site: str):
+        self.tp, self.site = tp, site
+
+    def forward(self, x):                                   # [B, T/t, C] -> [B, T, C]
+        return self.tp.allgather(x, 1, self.site)
+
+    def backward(self, dy):                                 # [B, T, C] -> [B, T/t, C]
+        return _own_part(dy, self.tp)
+
+
+class SplitSeq:
+    """Forward keeps this rank's part of the sequence of an output every rank holds whole;
+    backward gathers the gradient's sequence."""
+
+    def __init__(self, tp: TPComm, site: str):
+        self.tp, self.site = tp, site
+
+    def forward(self, x):                                   # [B, T, C] -> [B, T/t, C]
+        return _own_part(x, self.tp)
+
+    def backward(self, dy):
+        return self.tp.allgather(dy, 1, self.site)
+
+
+def _own_part(x, tp: TPComm):
+    T = x.shape[1] // tp.t
+    return np.ascontiguousarray(x[:, tp.rank * T:(tp.rank + 1) * T])
