@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 
 from .checkpoint import load_checkpoint, write_tensors
 from .cli import CheckpointError
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig
 
 PREFIX = "transformer."
 GELU_NAMES = {"tanh": "gelu_new", "erf": "gelu"}
@@ -32,6 +32,10 @@ BUFFERS = (".attn.bias", ".attn.masked_bias")      # causal-mask buffers in olde
 
 
 def hf_config(cfg: ModelConfig, eos_token_id: int = 0) -> dict:
+    if cfg.num_experts:
+        raise ConfigError("a model with experts (--num-experts) has no Hugging Face GPT-2 "
+                          "equivalent (python -m refgpt.convert --to consolidated writes a "
+                          "checkpoint's whole tensors)")
     return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
             "vocab_size": cfg.vocab_size, "n_positions": cfg.n_positions, "n_ctx": cfg.n_positions,
             "n_embd": cfg.hidden_size, "n_layer": cfg.num_layers, "n_head": cfg.num_attention_heads,
@@ -90,11 +94,12 @@ def export_hf(ckpt_path, outdir) -> Path:
     """Write a refgpt checkpoint as a Hugging Face folder (config.json, model.safetensors)."""
     ckpt = load_checkpoint(ckpt_path, with_optimizer=False)
     cfg = ModelConfig.from_dict(ckpt.state["model"])
+    config = hf_config(cfg)                             # refuses what GPT-2 cannot hold
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
     write_tensors(hf_state_dict(ckpt.params, cfg), out / "model.safetensors",
                   metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=1))
+    (out / "config.json").write_text(json.dumps(config, indent=1))
     if ckpt.tokenizer:
         shutil.copyfile(ckpt.tokenizer, out / "tokenizer.json")
     return out

@@ -198,3 +198,24 @@ def test_flops_count_the_active_parameters():
     assert moe_extra_macs(dense) == 0
     extra = megatron_flops(4, 6, 3, C, 48, moe_extra_macs(cfg)) - megatron_flops(4, 6, 3, C, 48)
     assert extra == 8 * 4 * 6 * 2 * (8 * C * C + C * cfg.num_experts)
+
+
+def test_a_checkpoint_with_experts_is_not_exported_as_gpt2(tmp_path, capsys):
+    """Hugging Face's GPT-2 has no experts: one error line, status 2, nothing written; the
+    consolidated form holds every expert."""
+    from refgpt import convert, train
+    argv = ["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+            "--seq-length", "8", "--micro-batch-size", "2", "--global-batch-size", "2",
+            "--train-iters", "1", "--synthetic-data", "--num-experts", "2", "--eval-iters", "0",
+            "--save", str(tmp_path / "ckpt")]
+    train.main(argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--to", "hf", str(tmp_path / "ckpt"), str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert "has no Hugging Face GPT-2 equivalent" in err and not (tmp_path / "hf").exists()
+    convert.main(["--to", "consolidated", str(tmp_path / "ckpt"), str(tmp_path / "whole")])
+    from safetensors.numpy import load_file
+    whole = load_file(next((tmp_path / "whole").glob("iter_*/model.safetensors")))
+    assert {"h.0.mlp.experts.1.c_proj.weight", "h.0.mlp.router.weight"} <= set(whole)
