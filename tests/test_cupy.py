@@ -326,6 +326,33 @@ def test_training_on_the_gpu_equals_numpy(dtype, dropout, tmp_path):
     assert (tmp_path / "cupy" / "latest").is_file()          # the checkpoint was written
 
 
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+def test_experts_on_the_gpu_equal_numpy(dtype):
+    """A model with experts (top-2, tokens dropped at capacity, aux and z losses) trained on
+    the GPU against the numpy backend: float64 to 1e-10; bf16 as the dense model's test."""
+    def run(name):
+        tcfg = TrainConfig(micro_batch_size=2, global_batch_size=4, train_iters=3, lr=1e-2,
+                           dtype=dtype, synthetic_data=True, eval_iters=1, backend=name)
+        cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, seq_length=80,
+                          vocab_size=45, vocab_multiple=16, num_experts=4, moe_router_topk=2,
+                          moe_expert_capacity_factor=1.0, moe_aux_loss_coeff=0.01,
+                          moe_z_loss_coeff=0.001)
+        t = Trainer(cfg, tcfg, log=lambda *_: None)
+        hist = t.run()
+        return hist, backend.to_host(t.model.params.data).astype(np.float64)
+    (ref, p_ref), (got, p_got) = run("numpy"), run("cupy")
+    assert all(m["dropped"] > 0 for h in ref for m in h["moe"])
+    if dtype == "bfloat16":
+        np.testing.assert_allclose([h["loss"] for h in got], [h["loss"] for h in ref],
+                                   rtol=2.0 ** -8)
+        return
+    np.testing.assert_allclose([h["loss"] for h in got], [h["loss"] for h in ref], rtol=1e-10)
+    for h, r in zip(got, ref):
+        for a, b in zip(h["moe"], r["moe"]):
+            assert a == pytest.approx(b, rel=1e-10)
+    np.testing.assert_allclose(p_got, p_ref, rtol=1e-10, atol=1e-10 * np.abs(p_ref).max())
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 @pytest.mark.parametrize("dropout", [0.1, 0.0])          # 0.0: the fused attention kernels
 @pytest.mark.parametrize("granularity", ["full", "selective"])

@@ -41,7 +41,9 @@ Backward, from dy [N, C]:
 The experts' layers come from the layout's sublayers (column-parallel c_fc, row-parallel
 c_proj), so tensor parallelism splits each expert as it splits the dense MLP; every expert's
 parameters are named by their index (h.{i}.mlp.experts.{e}.c_fc.weight, ...), so their
-initial values do not depend on the layout. Under expert parallelism (the sublayers' ``ep``,
+initial values do not depend on the layout. The routing (N x E numbers: softmax, top-k,
+capacity) runs on the host in NumPy under every backend; the experts' rows are gathered and
+combined where the activations live. Under expert parallelism (the sublayers' ``ep``,
 refgpt.parallel.expert) a rank holds only its own experts: the rows of every expert travel
 to their rank and back between routing and combining, in forward and in backward, and
 everything else here is as written.
@@ -54,6 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import to_device, to_host
 from .cast import narrow, wide
 from .layer import Layer, ParamRef, primitives
 from .linear import add_matmul, matmul
@@ -149,9 +152,10 @@ class MoE(Layer):
     def _forward(self, x: np.ndarray) -> np.ndarray:
         x2 = x.reshape(-1, x.shape[-1])
         N = x2.shape[0]
-        z = wide(matmul(x2, self.w, rounded=False))
+        z = to_host(wide(matmul(x2, self.w, rounded=False)))     # routing: N x E, on the host
         r = route(z, self.k, expert_capacity(N, self.cfg), self.cfg.moe_token_drop_policy)
-        kept = [r.tokens_of(e) for e in range(self.E)]
+        kept = [tuple(map(to_device, r.tokens_of(e))) for e in range(self.E)]
+        gate = to_device(r.gate)
         inputs = [x2[rows] for rows, _ in kept]                  # every expert's, in order
         plan = self.ep.plan([len(rows) for rows, _ in kept]) if self.ep else None
         if plan is not None:                                     # to the experts' ranks
@@ -160,25 +164,26 @@ class MoE(Layer):
         outputs = [ex.forward(a) if go else a for ex, a, go in zip(self.experts, inputs, ran)]
         if plan is not None:                                     # and back
             outputs = self.ep.combine(plan, outputs, self.site)
-        y = np.zeros_like(z, shape=(N, x2.shape[1]))
+        y = np.zeros_like(x2, dtype=z.dtype, shape=(N, x2.shape[1]))
         for (rows, slots), h in zip(kept, outputs):
             if len(rows):
-                y[rows] += r.gate[rows, slots, None] * wide(h)
+                y[rows] += gate[rows, slots, None] * wide(h)
         self.losses = router_losses(r, self.cfg)            # what this forward adds, / s
         if self.keep:
-            self.save(x2, r, kept, outputs, plan, ran, N / self.norm)
+            self.save(x2, r, kept, gate, outputs, plan, ran, N / self.norm)
             self.stats.add(r, self.losses)
         return narrow(y, x.dtype).reshape(x.shape)
 
     def _backward(self, dy: np.ndarray) -> np.ndarray:
-        x2, r, kept, outputs, plan, ran, s = self.saved()
+        x2, r, kept, gate, outputs, plan, ran, s = self.saved()
         dy2 = wide(dy.reshape(-1, dy.shape[-1]))
         N, cfg = x2.shape[0], self.cfg
-        dgate = np.zeros_like(r.gate, dtype=dy2.dtype)
+        dgate = np.zeros_like(gate, dtype=dy2.dtype)
         grads = []                                               # each expert's output grad
         for (rows, slots), h in zip(kept, outputs):
             dgate[rows, slots] = (dy2[rows] * wide(h)).sum(axis=-1)
-            grads.append(narrow(r.gate[rows, slots, None] * dy2[rows], dy.dtype))
+            grads.append(narrow(gate[rows, slots, None] * dy2[rows], dy.dtype))
+        dgate = to_host(dgate)
         if plan is not None:
             grads = self.ep.dispatch(plan, grads, self.site)
         dins = [ex.backward(g) if go else g for ex, g, go in zip(self.experts, grads, ran)]
@@ -188,7 +193,7 @@ class MoE(Layer):
         for (rows, _), d in zip(kept, dins):
             if len(rows):
                 dx[rows] += wide(d)
-        dp = np.zeros_like(r.p, dtype=dy2.dtype)
+        dp = np.zeros_like(r.p, dtype=dgate.dtype)
         n = np.arange(N)
         if self.k == 1:
             dp[n, r.top[:, 0]] = dgate[:, 0]
@@ -200,7 +205,7 @@ class MoE(Layer):
         dp += s * cfg.moe_aux_loss_coeff * self.E * r.counts / (N * self.k) / N
         dz = r.p * (dp - (dp * r.p).sum(axis=-1, keepdims=True))
         dz += (s * cfg.moe_z_loss_coeff * 2.0 / N) * r.lse[:, None] * r.p
-        dz = narrow(dz, x2.dtype)
+        dz = to_device(narrow(dz, x2.dtype))
         dx += wide(matmul(dz, self.w.T))
         add_matmul(self.gw, x2.T, dz)
         return narrow(dx, dy.dtype).reshape(dy.shape)

@@ -75,7 +75,7 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
         raise ConfigError("--num-experts with --tensor-parallel-mode 2d is not supported yet "
                           "(1-D --tensor-model-parallel-size, with or without "
                           "--sequence-parallel, is)")
-    check_experts(mcfg, tcfg, pcfg, dp)
+    check_experts(mcfg, pcfg, dp)
     if tp > 1 and pcfg.tensor_parallel_mode == "2d":
         check_2d(mcfg, tp, tcfg.micro_batch_size)
     elif tp > 1:
@@ -89,10 +89,7 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
                           f"{pp} pipeline stage{'s' * (pp > 1)}")
 
 
-def check_experts(mcfg, tcfg, pcfg, dp: int) -> None:
-    if mcfg.num_experts and tcfg.backend == "cupy":
-        raise ConfigError("--num-experts runs on the CPU backends (numpy, numba) so far: "
-                          "drop --backend cupy")
+def check_experts(mcfg, pcfg, dp: int) -> None:
     ep = pcfg.expert_model_parallel_size
     if ep == 1:
         return
