@@ -69,7 +69,8 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     measured registry equals, and by Korthikanti et al.'s per-layer formula times the rank's
     layers and micro-batches in flight. refgpt's is 0 where it does not model the layout: the
     cupy backend (its fused attention keeps other arrays), 2-D tensor parallelism, and the
-    interleaved and zero-bubble schedules (their stash is not min(p - r, m) whole stages)."""
+    interleaved and zero-bubble schedules (their stash is not min(p - r, m) whole stages),
+    and models with experts (what an expert keeps depends on how many tokens it was sent)."""
     t, p, r = grid.tp_size, grid.pp_size, grid.pp_rank
     blocks = mcfg.num_layers // (p * pcfg.num_virtual_stages)
     m = tcfg.micro_batches(grid.dp_size)
@@ -82,6 +83,7 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
                   mcfg.num_attention_heads, mcfg.padded_vocab, e, c, t,
                   pcfg.sequence_parallel, mcfg.dropout > 0)
     covered = (tcfg.backend != "cupy" and pcfg.tensor_parallel_mode == "1d"
+               and not mcfg.num_experts
                and (p == 1 or pcfg.num_virtual_stages == 1 and pcfg.pipeline_schedule != "zb-h1"))
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
     ours = refgpt_bytes(sizes, blocks, r == 0, r == p - 1, recomputed, selective, in_flight,
