@@ -456,8 +456,7 @@ def attention_forward(q, k, v, p0, dropout=None, keep_probs=False, tiles=None):
         return NotImplemented                           # the reference's cuBLAS path
     B, H, T, D = q.shape
     Tk = k.shape[2]
-    if p0 != Tk - T:
-        raise ValueError(f"queries must be the last {T} of the {Tk} positions (p0 = {p0})")
+    cupy_flash16.check_queries_last(T, Tk, p0)
     o = cp.empty((B, T, H, D), q.dtype).transpose(0, 2, 1, 3)
     lse = cp.empty((B, H, T), q.dtype)
     BQ, _, TY = tiles["forward"]

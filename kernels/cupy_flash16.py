@@ -404,6 +404,12 @@ def fits(q, k, v) -> bool:
             and all(x.dtype == q.dtype and _aligned(x) for x in (q, k, v)))
 
 
+def check_queries_last(T: int, Tk: int, p0: int) -> None:
+    """The fused kernels' causal mask: the T queries are the last of the Tk positions."""
+    if p0 != Tk - T:
+        raise ValueError(f"queries must be the last {T} of the {Tk} positions (p0 = {p0})")
+
+
 @dataclass
 class Saved16:
     """What the 16-bit forward keeps for its backward: O (16-bit) and lse (fp32)."""
@@ -416,8 +422,7 @@ def attention_forward(q, k, v, p0):
     the Tk positions (p0 = Tk - T)."""
     B, H, T, D = q.shape
     Tk = k.shape[2]
-    if p0 != Tk - T:
-        raise ValueError(f"queries must be the last {T} of the {Tk} positions (p0 = {p0})")
+    check_queries_last(T, Tk, p0)
     o = cp.empty((B, T, H, D), q.dtype).transpose(0, 2, 1, 3)
     lse = cp.empty((B, H, T), np.float32)
     kern, shared = _kernel("forward", q.dtype, D)

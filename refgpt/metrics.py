@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 from .backend import array_module, synchronize, to_device
+from .nn.moe import is_moe_layer
 
 
 def megatron_flops(batch: int, seq: int, layers: int, hidden: int, vocab: int,
@@ -44,7 +45,7 @@ def moe_extra_macs(cfg) -> float:
     """A token's multiply-adds per step beyond a dense model's: in each MoE layer, k - 1 more
     MLPs (8 h^2 each) and the router (h E)."""
     h = cfg.hidden_size
-    moe = sum(1 for i in range(cfg.num_layers) if cfg.num_experts and i % cfg.moe_layer_freq == 0)
+    moe = sum(is_moe_layer(cfg, i) for i in range(cfg.num_layers))
     return moe * (8 * h * h * (cfg.moe_router_topk - 1) + h * cfg.num_experts)
 
 
@@ -53,9 +54,9 @@ def model_params(cfg) -> int:
     with experts, the active ones (a token's k experts' MLPs and the router)."""
     C, L = cfg.hidden_size, cfg.num_layers
     per_block = 12 * C * C + 13 * C
-    moe = sum(1 for i in range(L) if cfg.num_experts and i % cfg.moe_layer_freq == 0)
+    moe = sum(is_moe_layer(cfg, i) for i in range(L))
     mlp = 8 * C * C + 5 * C
-    active = moe * ((cfg.moe_router_topk - 1) * mlp + C * cfg.num_experts) if moe else 0
+    active = moe * ((cfg.moe_router_topk - 1) * mlp + C * cfg.num_experts)
     return cfg.vocab_size * C + L * per_block + 2 * C + active
 
 

@@ -195,13 +195,16 @@ def test_whole_model(tiny_cfg, rng, dropout):
     model.forward(idx, tgt, 12.0, key)
     p.zero_grad()
     model.backward()
-    analytic = p.grad.copy()
-    # check a spread of entries of every parameter (all of them would be slow)
+    check_spread(p, p.grad.copy(), loss, 7)
+
+
+def check_spread(p, analytic, loss, picks: int) -> None:
+    """analytic (a gradient laid out like p.data) against central differences of loss() at
+    `picks` entries spread over every parameter (all of them would be slow)."""
     for name in p:
         view = p[name].reshape(-1)
         lo = p.slices[name][0]
-        picks = np.unique(np.linspace(0, view.size - 1, 7).astype(int))
-        for i in picks:
+        for i in np.unique(np.linspace(0, view.size - 1, picks).astype(int)):
             num = numeric_grad(loss, view[i:i + 1])[0]
             a = analytic[lo + i]
             assert abs(a - num) <= 1e-6 * max(1.0, abs(num)), (name, i, a, num)

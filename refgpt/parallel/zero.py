@@ -312,7 +312,7 @@ class ZeroParams(Params, GradSync):
                 continue
             send = to_host(self.grad[unit.lo:unit.hi] if self.stage == 1 else unit.grad)
             if self.ep_comm is not None:
-                send = self._sum_over_experts_group(unit, send)
+                self._sum_over_experts_group(unit, send)
             piece = self.alloc(unit.counts[self.dp_rank], host=True, dtype=self.grad_dtype)
             req = self.comm.Ireduce_scatter(moved(send), moved(piece), unit.counts,
                                             op=sum_op(self.grad_dtype))
@@ -322,9 +322,9 @@ class ZeroParams(Params, GradSync):
             self._complete(self.reducing[:-IN_FLIGHT])  # bound what waits on the network
             self.blocked_s += time.perf_counter() - t0
 
-    def _sum_over_experts_group(self, unit: Unit, send):
-        """The unit's gradients with its non-expert parameters' summed over the EP group (a
-        blocking all-reduce; the experts' stay this rank's)."""
+    def _sum_over_experts_group(self, unit: Unit, send) -> None:
+        """Sum, in place in the unit's gradients send, its non-expert parameters' over the EP
+        group (a blocking all-reduce; the experts' stay this rank's)."""
         from mpi4py import MPI
         e = self.ep_comm.Get_size()
         for name in unit.names:
@@ -333,7 +333,6 @@ class ZeroParams(Params, GradSync):
                 part = send[lo - unit.lo:hi - unit.lo]
                 self.ep_comm.Allreduce(MPI.IN_PLACE, moved(part), op=sum_op(part.dtype))
                 self.comm_bytes += 2 * (hi - lo) * (e - 1) / e * part.itemsize
-        return send
 
     def finish(self) -> None:
         """Finish the reduce-scatters: stage 1 stores the summed own part into the full
