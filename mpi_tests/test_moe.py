@@ -129,10 +129,47 @@ def test_all_to_all_volume_equals_its_formula(monkeypatch):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("stage", [0, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_shards_dense_state_over_data_parallel_and_experts_over_their_group(stage):
+    """Under EP e, ZeRO partitions the dense parameters over all d data-parallel ranks and
+    the experts over the d / e that hold them: the optimizer's moments are 2 x 8 bytes for
+    Pd / d + Px e / d elements (Pd, Px: the dense and expert parameters, each padded to its
+    group), the registry equals the per-region formula (with stages 1-2's contiguous copy of
+    the own parts), and the traffic is the ZeRO formula of each region over its group."""
+    from mpi4py import MPI
+    from dataclasses import replace
+    from refgpt.parallel.expert import expert_of
+    from refgpt.parallel.zero import formula_bytes, formula_traffic
+    comm = MPI.COMM_WORLD
+    d, e, m, b = comm.size, 2, 3, 8
+    if d % e:
+        pytest.skip("needs an even world")
+    t = Trainer(moe_cfg(2, 1.0), replace(train_cfg(d, m), eval_iters=0),
+                ParallelConfig(expert_model_parallel_size=e, zero_stage=stage),
+                Grid(comm, 1, 1, e), **QUIET)
+    hist = t.run()
+    specs = t.model.params.specs.values()
+    dense = sum(s.size for s in specs if expert_of(s.name) is None)
+    experts = sum(s.size for s in specs if expert_of(s.name) is not None)
+    Pd, Px = -(-dense // d) * d, -(-experts // (d // e)) * (d // e)
+    own = Pd // d + Px * e // d
+    mem = hist[-1]["memory_bytes"]
+    copies = {1: 2 * b * own, 2: b * own, 3: 0}[stage]
+    want = formula_bytes(stage, Pd, d, b) + formula_bytes(stage, Px, d // e, b) + copies
+    held = mem["params"] + mem["grads"] + mem["optimizer"]
+    traffic = formula_traffic(stage, Pd, d, m, b) + formula_traffic(stage, Px, d // e, m, b)
+    ok = (t.model.params.shard_size == own and mem["optimizer"] == 2 * b * own
+          and held == want == mem["formula"]
+          and all(abs(h["dp_comm_bytes"] - traffic) <= 1e-9 * traffic for h in hist))
+    t.close()
+    assert agree(comm, ok), (stage, own, mem, want, hist[-1]["dp_comm_bytes"], traffic)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("stage", [0, 1, 3])
 def test_checkpoints_move_between_expert_parallel_and_single_process(stage):
-    """EP 2 (with ZeRO-3: shards over the expert-data-parallel group) saves one copy of each
-    piece; one process resumes from it and continues as the straight run; the EP layout
+    """EP 2 (with ZeRO 1 and 3: the dense region sharded over DP, the experts over expert DP)
+    saves one copy of each piece; one process resumes from it and continues as the straight run; the EP layout
     resumes from one process's checkpoint."""
     from mpi4py import MPI
     from roundtrip import checkpoint_roundtrip

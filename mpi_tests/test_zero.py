@@ -62,7 +62,7 @@ def same_run(par, ser, hist, ref):
     z = par.model.params
     if par.pcfg.zero_stage and par.grid.tp_size == par.grid.pp_size == par.grid.ep_size == 1:
         # the same flat layout as one process's
-        lo, hi = z.own
+        (lo, hi), = z.own_runs
         hi_real = min(hi, z.numel)
         if hi_real > lo:
             ok = ok and close(z.grad_shard()[:hi_real - lo], ser.model.params.grad[lo:hi_real])

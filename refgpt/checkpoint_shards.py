@@ -89,21 +89,20 @@ class Piece:
         return cls(name, list(shape), [[0, r]] if r else [], [[0, c]] if c else [], 0, r * c, file)
 
 
-def owned_pieces(model, own: tuple[int, int], writes) -> list[tuple[Piece, int, int]]:
-    """(piece, a, b): the part of each of this rank's tensors in its own range of the flat
-    buffer, as a piece and as [a, b) of the optimizer's shard; for a tensor with writes(name)
+def owned_pieces(model, writes) -> list[tuple[Piece, int, int]]:
+    """(piece, a, b): the parts of each of this rank's tensors in its own runs of the flat
+    buffer (refgpt.nn.params.in_shard), as pieces and as [a, b) of the optimizer's shard; for a tensor with writes(name)
     False (a data-parallel replica's), or for the copies another rank writes (module
     docstring), nothing."""
     params, out = model.params, []
-    lo, hi = own
     for name, (t0, t1) in params.slices.items():
-        a, b = max(t0, lo), min(t1, hi)
-        if b <= a or not writes(name) or not model.counted(name):
+        if not writes(name) or not model.counted(name):
             continue
         spec = params.specs[name]
         rows, cols = model.shard_index(name)
-        out.append((Piece(name, list(spec.full_shape or spec.shape), runs(rows), runs(cols),
-                          a - t0, b - t0), a - lo, b - lo))
+        for a, b, at in params.in_shard(t0, t1):
+            out.append((Piece(name, list(spec.full_shape or spec.shape), runs(rows), runs(cols),
+                              a - t0, b - t0), at, at + b - a))
     return out
 
 

@@ -126,8 +126,8 @@ def start_save(path, iteration: int, model, opt, grid, state: dict, tokenizer=No
     file, entries, data = f"shard_{grid.rank:05d}.safetensors", [], None
     def writes(name: str) -> bool:            # one copy of each piece (module docstring)
         expert = expert_of(name) is not None
-        return p.writes_own(grid.replica_rank(expert)) and (expert or grid.ep_rank == 0)
-    pieces = owned_pieces(model, p.own, writes) if failure is None else []
+        return p.writes_own(grid.replica_rank(expert))
+    pieces = owned_pieces(model, writes) if failure is None else []
     if pieces:
         tensors = {}
         for piece, a, b in pieces:
@@ -183,7 +183,6 @@ def _read(saved, model, opt) -> None:
     time; a problem stops the reading, not the parameters' own collective at the end
     (refgpt.parallel.shared), and is raised after."""
     p, problems = model.params, []
-    lo, hi = p.own
     whole = p.data is not None
 
     def tensors():
@@ -193,15 +192,14 @@ def _read(saved, model, opt) -> None:
                 rows, cols = model.shard_index(name)
                 mine = Piece(name, list(spec.full_shape or spec.shape), runs(rows), runs(cols),
                              0, spec.size)
-                a, b = max(t0, lo), min(t1, hi)
-                own = Piece(**{**mine.to_json(), "start": a - t0, "stop": b - t0})
                 value = saved.read(mine, "param") if whole else None
-                if b > a:
+                for a, b, at in p.in_shard(t0, t1):
+                    own = Piece(**{**mine.to_json(), "start": a - t0, "stop": b - t0})
                     for quantity, buf in (("param", opt.p), ("exp_avg", opt.m),
                                           ("exp_avg_sq", opt.v)):
                         part = (value[a - t0:b - t0] if value is not None and quantity == "param"
                                 else saved.read(own, quantity))
-                        buf[a - lo:b - lo] = to_device(part)
+                        buf[at:at + b - a] = to_device(part)
                 if whole:
                     yield name, value.reshape(spec.shape)
         except CheckpointError as e:

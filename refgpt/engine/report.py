@@ -35,7 +35,6 @@ def memory(params, opt, pcfg, activations=None) -> dict[str, int]:
     moments = opt.m.nbytes + opt.v.nbytes
     master = opt.p.nbytes if isinstance(opt, MasterAdamW) else 0
     on_disk = isinstance(opt.m, np.memmap)
-    d = params.d if pcfg.zero_stage else 1
     state = 2 * opt.m.itemsize + (opt.p.itemsize if master else 0)      # k, per element
     return {"params": params.param_bytes(), "grads": params.grad_bytes(),
             "optimizer": master + (0 if on_disk else moments),
@@ -43,9 +42,10 @@ def memory(params, opt, pcfg, activations=None) -> dict[str, int]:
             "working_peak": params.working_peak,
             "activations": activations.peak if activations else 0,
             "activations_layer": activations.layer_peak if activations else 0,
-            "formula": formula_bytes(pcfg.zero_stage, params.padded, d, params.dtype.itemsize,
-                                     params.grad_dtype.itemsize, state,
-                                     shared=pcfg.dp_shared_memory),
+            "formula": (params.formula(params.dtype.itemsize, params.grad_dtype.itemsize, state,
+                                       shared=pcfg.dp_shared_memory) if pcfg.zero_stage else
+                        formula_bytes(0, params.padded, 1, params.dtype.itemsize,
+                                      params.grad_dtype.itemsize, state)),
             "peak_rss": peak_rss()}
 
 

@@ -144,13 +144,13 @@ class Trainer:
         """AdamW over what this rank updates: the whole buffer, or with ZeRO its shard; in a
         16-bit run, on fp32 master weights of it (refgpt.optim.mixed)."""
         t = self.tcfg
-        lo, hi = p.own
-        decay = [(max(a, lo) - lo, min(b, hi) - lo) for a, b in p.decay_ranges() if a < hi and b > lo]
+        n = p.shard_size
+        decay = [(at, at + b - a) for lo, hi in p.decay_ranges() for a, b, at in p.in_shard(lo, hi)]
         folder, state = self.pcfg.offload_optimizer, compute_dtype(p.dtype)
-        moments = (offload_moments(folder, self.grid.rank, hi - lo, state) if folder else None)
+        moments = (offload_moments(folder, self.grid.rank, n, state) if folder else None)
         if folder:
             self.log(f"AdamW's moments are memory-mapped files in {folder} (rank*.exp_avg.npy, "
-                     f"rank*.exp_avg_sq.npy; {2 * (hi - lo) * state.itemsize / 2**20:.1f} MiB "
+                     f"rank*.exp_avg_sq.npy; {2 * n * state.itemsize / 2**20:.1f} MiB "
                      f"for rank 0); they stay after the run: checkpoints hold the moments, so "
                      f"delete the folder when done")
         kind = MasterAdamW if is_half(p.dtype) else AdamW

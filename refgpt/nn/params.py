@@ -98,19 +98,28 @@ class Params:
         self.specs = {s.name: s for s in specs}
         self.dtype = np.dtype(dtype)
         self.grad_dtype = np.dtype(grad_dtype or compute_dtype(self.dtype))
-        self.slices, offset = {}, 0
-        for s in specs:
-            self.slices[s.name] = (offset, offset + s.size)
-            offset += s.size
-        self.numel = offset
-        self.padded = -(-offset // pad_to) * pad_to
-        self.own = (0, self.padded)             # the part of the buffers this rank updates
+        self.slices, self.layout, offset = {}, [], 0
+        for group, pad in self._regions(specs, pad_to):
+            start = offset
+            for s in group:
+                self.slices[s.name] = (offset, offset + s.size)
+                offset += s.size
+            offset = start + -(-(offset - start) // pad) * pad
+            self.layout.append((start, offset))
+        self.numel = sum(s.size for s in specs)
+        self.padded = offset
+        self.own_runs = [(0, self.padded)]      # the parts of the buffers this rank updates
         self.working_peak = 0                   # temporary buffers' high-water mark (ZeRO)
         self.data = self.grad = None
         if allocate:
             self.data, self.grad = self._buffers()
             self._views = {n: self._view(self.data, n) for n in names}
             self.grads = {n: self._view(self.grad, n) for n in names}
+
+    def _regions(self, specs: list[ParamSpec], pad_to: int) -> list[tuple[list, int]]:
+        """The buffer's layout: runs of parameters, each padded to a multiple of its number
+        (ZeRO under expert parallelism lays out two, refgpt.parallel.zero)."""
+        return [(specs, pad_to)]
 
     def _buffers(self) -> tuple[np.ndarray, np.ndarray]:
         """The zeroed flat parameter and gradient buffers (a subclass may place them in memory
@@ -140,6 +149,21 @@ class Params:
 
     def param_bytes(self) -> int:
         return self.data.nbytes
+
+    @property
+    def shard_size(self) -> int:
+        return sum(hi - lo for lo, hi in self.own_runs)
+
+    def in_shard(self, lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """(a, b, at): the parts [a, b) of the flat range [lo, hi) that this rank updates, and
+        at, where each starts in the optimizer's shard (the own runs one after another)."""
+        out, at = [], 0
+        for r0, r1 in self.own_runs:
+            a, b = max(lo, r0), min(hi, r1)
+            if a < b:
+                out.append((a, b, at + a - r0))
+            at += r1 - r0
+        return out
 
     def grad_bytes(self) -> int:
         return self.grad.nbytes
@@ -206,11 +230,12 @@ class Params:
         if tuple(value.shape) != tuple(self.specs[name].shape):
             raise ValueError(f"{name}: shape {tuple(value.shape)} != {self.specs[name].shape}")
 
-    def writes_own(self, dp_rank: int) -> bool:
-        """Whether this rank writes its own part of the buffers to a checkpoint: data-parallel
+    def writes_own(self, replica_rank: int) -> bool:
+        """Whether this rank writes its own part of a tensor to a checkpoint, given its index
+        among the ranks holding copies of it (refgpt.parallel.grid.replica_rank): data-parallel
         replicas hold the same values, and only the first writes them (ZeRO's shards
         partition the buffers: each writes its own)."""
-        return dp_rank == 0
+        return replica_rank == 0
 
 
 @kernel(numba="numba_cpu", half=("numba",))

@@ -141,10 +141,9 @@ def storage(pcfg, grid):
         dp_comm = MPI.COMM_SELF
     if pcfg.dp_shared_memory:
         return partial(SharedParams, comm=dp_comm, grad_dtype=grad_dtype)
-    if grid.ep_size > 1:                     # shards over the ranks holding the same experts
-        return partial(ZeroParams, stage=pcfg.zero_stage, comm=grid.edp_comm,
-                       grad_dtype=grad_dtype, ep_comm=grid.ep_comm)
-    return partial(ZeroParams, stage=pcfg.zero_stage, comm=dp_comm, grad_dtype=grad_dtype)
+    experts = grid.edp_comm if grid.ep_size > 1 else None   # the experts' own group
+    return partial(ZeroParams, stage=pcfg.zero_stage, comm=dp_comm, grad_dtype=grad_dtype,
+                   expert_comm=experts)
 
 
 def build(mcfg, tcfg, pcfg, grid) -> Built:

@@ -124,7 +124,7 @@ class SharedParams(ZeroParams):
     # -- parameters: each rank writes its own columns -------------------------------------
     def _write(self, name: str, value: np.ndarray) -> None:
         a, b, piece = self.own_piece(name, value)
-        self.data[self.own[0] + a:self.own[0] + b] = piece
+        self.param_shard()[a:b] = piece
 
     def initialise(self, seed: int, shard=None) -> None:
         super().initialise(seed, shard)
@@ -153,7 +153,7 @@ class SharedParams(ZeroParams):
     def finish(self) -> None:
         from mpi4py import MPI
         self.sync()
-        lo, hi = self.own
+        (lo, hi), = self.own_runs
         sum_rows(self.rows, lo, hi, self.grad[lo:hi])
         item, S = self.grad_dtype.itemsize, hi - lo
         self.comm_bytes += (self.padded - S) * item          # read from the other rows

@@ -44,13 +44,16 @@ Traffic is counted per collective as the part of the buffer this rank does not o
 reduce-scatter must send away, or an all-gather bring in), so the sums are exact. Temporary
 unit buffers are not persistent state; their high-water mark is reported as working_peak.
 
-With expert parallelism (refgpt.parallel.expert) a rank's buffer holds the dense parameters
-and its own experts, and ZeRO partitions it over the expert-data-parallel group of d / e
-ranks (those that hold the same experts): an expert's gradient is reduce-scattered over that
-group, and a dense parameter's, summed first over the EP group of e ranks, is then summed
-over all d. So the shards and the traffic above are those of d / e ranks, plus the dense
-gradients' all-reduce over e; the dense optimizer state is divided by d / e, not d (Megatron
-shards it over d, with a second partition of the buffer: not built here).
+With expert parallelism (refgpt.parallel.expert) a rank holds the dense parameters, which
+all d data-parallel ranks share, and its own experts, which only the d / e ranks of its
+expert-data-parallel group share. The buffer is then laid out in two *regions*, the dense
+parameters first (padded to a multiple of d) and the experts after them (padded to a
+multiple of d / e), and each region is partitioned as above over its own group: a dense
+unit is reduce-scattered and gathered over the d ranks, an expert unit over the d / e (as
+Megatron's distributed optimizer does). Every formula above holds per region, with its P and
+its d. A rank's shard is its two own parts one after the other; stages 1 and 2 hold that
+shard as a copy for the optimizer (the two parts are not adjacent in the buffer), written
+back before the all-gather: p S more bytes, and g S more for stage 1's gradient shard.
 
 Under the cupy backend the buffers live on the GPU and every collective goes through the
 host: what a rank sends is copied over once the GPU's queued work is done, and what it
@@ -75,12 +78,29 @@ from .sync import GradSync
 from .wire import moved, sum_op
 
 
-@dataclass
+@dataclass(eq=False)
+class Region:
+    """A run [lo, hi) of the flat buffer partitioned over comm: its rank s owns
+    [lo + s S, lo + (s + 1) S), S = (hi - lo) / d, which is at `at` in this rank's shard."""
+
+    lo: int
+    hi: int
+    comm: object
+    at: int
+
+    def __post_init__(self):
+        self.d, self.rank = self.comm.Get_size(), self.comm.Get_rank()
+        self.S = (self.hi - self.lo) // self.d
+        self.own = (self.lo + self.rank * self.S, self.lo + (self.rank + 1) * self.S)
+
+
+@dataclass(eq=False)
 class Unit:
-    """Parameters [lo, hi) of the flat buffer that move together; counts[s] of them are
-    owned by DP rank s, starting at displs[s]."""
+    """Parameters [lo, hi) of the flat buffer, in one region, that move together; counts[s]
+    of them are owned by the region's rank s, starting at displs[s]."""
 
     key: str
+    region: Region
     lo: int
     hi: int
     names: list[str]
@@ -122,52 +142,74 @@ class ZeroParams(Params, GradSync):
     shards (3) over the data-parallel communicator comm; and the gradient-sync interface
     (refgpt.parallel.sync) that fills and uses them."""
 
-    def __init__(self, specs, dtype, stage: int, comm, grad_dtype=None, ep_comm=None):
-        """ep_comm: under expert parallelism, comm is the expert-data-parallel group (the
-        ranks holding this rank's experts) and ep_comm the expert-parallel group: before a
-        unit's reduce-scatter, its non-expert gradients are first summed over ep_comm, so
-        that with it they are summed over the whole data-parallel group (module docstring)."""
+    def __init__(self, specs, dtype, stage: int, comm, grad_dtype=None, expert_comm=None):
+        """comm: the data-parallel group; expert_comm: under expert parallelism, the
+        expert-data-parallel group, over which the experts' region is partitioned (module
+        docstring)."""
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage}")
-        self.stage, self.comm, self.ep_comm = stage, comm, ep_comm
+        self.stage, self.comm, self.expert_comm = stage, comm, expert_comm
         self.d, self.dp_rank = comm.Get_size(), comm.Get_rank()
         super().__init__(specs, dtype, pad_to=self.d, allocate=stage < 3, grad_dtype=grad_dtype)
-        S = self.padded // self.d
-        self.own = (self.dp_rank * S, (self.dp_rank + 1) * S)
+        self.regions, at = [], 0
+        for (lo, hi), group in zip(self.layout, (comm, expert_comm)):
+            self.regions.append(Region(lo, hi, group, at))
+            at += self.regions[-1].S
+        self.own_runs = [r.own for r in self.regions]
+        self.split = len(self.regions) > 1       # the own parts are not adjacent
         self.units = self._units()
         self.unit_of = {n: u for u in self.units for n in u.names}
-        self.by_key = {u.key: u for u in self.units}
-        self.order = {"forward": self.units,
-                      "backward": [u for u in self.units if u.key == "embed"]
-                      + [u for u in reversed(self.units) if u.key != "embed"]}
+        self.by_key: dict[str, list[Unit]] = {}
+        forward = []                             # the model's order (a block's two units together)
+        for name in self.specs:
+            unit = self.unit_of[name]
+            if unit not in forward:
+                forward.append(unit)
+                self.by_key.setdefault(unit.key, []).append(unit)
+        self.order = {"forward": forward,
+                      "backward": [u for u in forward if u.key == "embed"]
+                      + [u for u in reversed(forward) if u.key != "embed"]}
         xp = array_module()
+        if stage == 3 or self.split:
+            self.shard_data = xp.zeros(at, self.dtype)
         if stage == 3:
-            self.shard_data = xp.zeros(S, self.dtype)
             self._views = UnitViews(self, grad=False)
+        if stage >= 2 or self.split:
+            self.shard_grad = xp.zeros(at, self.grad_dtype)
         if stage >= 2:
             self.grad = None
-            self.shard_grad = xp.zeros(S, self.grad_dtype)
             self.grads = UnitViews(self, grad=True)
         self.comm_bytes = 0                  # sent/received over DP for gradients and params
         self.reduces_every_micro_batch = stage >= 2
         self.working, self.working_peak = 0, 0
         self.reducing: list = []
-        self.waiting: dict[str, set] = {}
+        self.waiting: dict[int, set] = {}     # unit index -> names not yet ready
+
+    def _regions(self, specs, pad_to: int) -> list[tuple[list, int]]:
+        """The dense parameters, and after them the experts if their group is another."""
+        experts = [s for s in specs if expert_of(s.name) is not None]
+        if self.expert_comm is None or not experts:
+            return [(specs, pad_to)]
+        return [([s for s in specs if expert_of(s.name) is None], pad_to),
+                (experts, self.expert_comm.Get_size())]
 
     def _units(self) -> list[Unit]:
-        groups: list[list[str]] = []
-        for name in self.specs:                          # flat order
-            if groups and unit_key(groups[-1][-1]) == unit_key(name):
-                groups[-1].append(name)
-            else:
-                groups.append([name])
-        S, units = self.padded // self.d, []
-        for i, names in enumerate(groups):
-            lo = self.slices[names[0]][0]
-            hi = self.padded if i == len(groups) - 1 else self.slices[names[-1]][1]
-            counts = [max(0, min(hi, (s + 1) * S) - max(lo, s * S)) for s in range(self.d)]
-            units.append(Unit(unit_key(names[0]), lo, hi, names, counts,
-                              list(np.cumsum([0] + counts[:-1]))))
+        units = []
+        for r in self.regions:
+            groups: list[list[str]] = []
+            for name in sorted((n for n, (lo, _) in self.slices.items() if r.lo <= lo < r.hi),
+                               key=lambda n: self.slices[n][0]):          # flat order
+                if groups and unit_key(groups[-1][-1]) == unit_key(name):
+                    groups[-1].append(name)
+                else:
+                    groups.append([name])
+            for i, names in enumerate(groups):
+                lo = self.slices[names[0]][0]
+                hi = r.hi if i == len(groups) - 1 else self.slices[names[-1]][1]  # + padding
+                counts = [max(0, min(hi, r.lo + (s + 1) * r.S) - max(lo, r.lo + s * r.S))
+                          for s in range(r.d)]
+                units.append(Unit(unit_key(names[0]), r, lo, hi, names, counts,
+                                  list(np.cumsum([0] + counts[:-1]))))
         return units
 
     # -- storage -----------------------------------------------------------------------
@@ -192,46 +234,72 @@ class ZeroParams(Params, GradSync):
         return True                             # the shards partition the buffers
 
     def own_part(self, lo: int, hi: int) -> tuple[int, int]:
-        """The part of [lo, hi) in this rank's shard, as offsets into the shard (may be empty)."""
-        a, b = max(lo, self.own[0]), min(hi, self.own[1])
-        return (a - self.own[0], max(a, b) - self.own[0])
+        """The part of [lo, hi) (within one region) in this rank's shard, as offsets into the
+        shard (may be empty)."""
+        for a, b, at in self.in_shard(lo, hi):
+            return at, at + b - a
+        return 0, 0
 
     def param_shard(self) -> np.ndarray:
-        return self.shard_data if self.stage == 3 else self.data[self.own[0]:self.own[1]]
+        if self.stage == 3 or self.split:
+            return self.shard_data
+        return self.data[self.own_runs[0][0]:self.own_runs[0][1]]
 
     def param_bytes(self) -> int:
         """Bytes of parameters this rank holds."""
-        return self.param_shard().nbytes if self.stage == 3 else self.data.nbytes
+        if self.stage == 3:
+            return self.shard_data.nbytes
+        return self.data.nbytes + (self.shard_data.nbytes if self.split else 0)
 
     def grad_shard(self) -> np.ndarray:
-        return self.shard_grad if self.stage >= 2 else self.grad[self.own[0]:self.own[1]]
+        if self.stage >= 2 or self.split:
+            return self.shard_grad
+        return self.grad[self.own_runs[0][0]:self.own_runs[0][1]]
 
     def grad_bytes(self) -> int:
         """Bytes of gradients this rank holds (stages 2-3: its shard)."""
-        return self.shard_grad.nbytes if self.stage >= 2 else self.grad.nbytes
+        if self.stage >= 2:
+            return self.shard_grad.nbytes
+        return self.grad.nbytes + (self.shard_grad.nbytes if self.split else 0)
+
+    def formula(self, p: int, g: int, k: int, shared: bool = False) -> int:
+        """Persistent bytes by the table of the module docstring, region by region, with the
+        optimizer's copies of the own parts when they are split (p, g, k as there)."""
+        total = sum(formula_bytes(self.stage, r.hi - r.lo, r.d, p, g, k, shared)
+                    for r in self.regions)
+        if self.split and self.stage < 3:
+            total += (p + (g if self.stage == 1 else 0)) * self.shard_size
+        return total
 
     def _write(self, name: str, value: np.ndarray) -> None:
         if self.stage < 3:
             super()._write(name, value)
-            return
-        a, b, piece = self.own_piece(name, value)
-        self.shard_data[a:b] = to_device(piece)
+        if self.stage == 3 or self.split:
+            a, b, piece = self.own_piece(name, value)
+            self.shard_data[a:b] = to_device(piece)
 
     def own_piece(self, name: str, value: np.ndarray) -> tuple[int, int, np.ndarray]:
         """(a, b, piece): the part of a full parameter value that lies in this rank's shard,
         and where it goes there ([a, b) as offsets into the shard)."""
         lo, hi = self.slices[name]
-        a, b = self.own_part(lo, hi)
-        start = a + self.own[0] - lo
-        return a, b, np.ravel(to_host(value))[start:start + b - a]
+        for a, b, at in self.in_shard(lo, hi):
+            return at, at + b - a, np.ravel(to_host(value))[a - lo:b - lo]
+        return 0, 0, np.ravel(to_host(value))[:0]
 
     def zero_grad(self) -> None:
         zero_fill(self.shard_grad if self.stage >= 2 else self.grad)
 
     # -- stage 3: parameters gathered while held -----------------------------------------
     def hold(self, key: str, phase: str):
-        unit = self.by_key.get(key) if self.stage == 3 else None
-        return self._held(unit, phase) if unit is not None else contextlib.nullcontext()
+        units = self.by_key.get(key) if self.stage == 3 else None
+        return self._held_all(units, phase) if units else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _held_all(self, units: list[Unit], phase: str):
+        with contextlib.ExitStack() as stack:
+            for unit in units:                  # under EP a block's dense part, then its experts
+                stack.enter_context(self._held(unit, phase))
+            yield
 
     @contextlib.contextmanager
     def _held(self, unit: Unit, phase: str):
@@ -267,9 +335,8 @@ class ZeroParams(Params, GradSync):
         unit.views = self.views_of(unit, unit.data)
         send = to_host(self.shard_data[a:b])                  # the views themselves on a CPU
         recv = unit.data if isinstance(unit.data, np.ndarray) else self.alloc(unit.size, host=True)
-        unit.gathering = (self.comm.Iallgatherv(moved(send), [moved(recv),
-                                                              (unit.counts, unit.displs)]),
-                          send, recv)
+        unit.gathering = (unit.region.comm.Iallgatherv(moved(send), [
+            moved(recv), (unit.counts, unit.displs)]), send, recv)
         self.comm_bytes += (unit.size - (b - a)) * self.dtype.itemsize
 
     def _gathered(self, unit: Unit) -> None:
@@ -288,51 +355,41 @@ class ZeroParams(Params, GradSync):
         if self.stage == 3:
             return
         from mpi4py import MPI
-        buf = to_host(self.data)                             # self.data itself on a CPU
-        self.comm.Allgather(MPI.IN_PLACE, moved(buf))
-        if buf is not self.data:
-            self.data[...] = to_device(buf)
-        self.comm_bytes += (self.padded - self.padded // self.d) * self.dtype.itemsize
+        for r in self.regions:
+            region = self.data[r.lo:r.hi]
+            if self.split:                                   # the optimizer's copy, written back
+                region[r.own[0] - r.lo:r.own[1] - r.lo] = self.shard_data[r.at:r.at + r.S]
+            buf = to_host(region)                            # the region itself on a CPU
+            r.comm.Allgather(MPI.IN_PLACE, moved(buf))
+            if buf is not region:
+                region[...] = to_device(buf)
+            self.comm_bytes += (r.hi - r.lo - r.S) * self.dtype.itemsize
 
     # -- gradients: reduce-scatter unit by unit ------------------------------------------
     def start(self) -> None:
         """Arm the units before a backward whose gradients are to be reduced."""
-        self.waiting = {u.key: set(u.names) for u in self.units}
+        self.waiting = {i: set(u.names) for i, u in enumerate(self.units)}
         self.blocked_s = 0.0         # seconds ready() waits for older units (IN_FLIGHT)
 
     def ready(self, names) -> None:
         """Backward calls this with parameters whose gradients (of this backward) are final;
         a unit whose parameters are all final starts its reduce-scatter."""
-        for unit in self.units:
-            left = self.waiting.get(unit.key)
+        for i, unit in enumerate(self.units):
+            left = self.waiting.get(i)
             if not left:
                 continue
             left.difference_update(names)
             if left:
                 continue
             send = to_host(self.grad[unit.lo:unit.hi] if self.stage == 1 else unit.grad)
-            if self.ep_comm is not None:
-                self._sum_over_experts_group(unit, send)
-            piece = self.alloc(unit.counts[self.dp_rank], host=True, dtype=self.grad_dtype)
-            req = self.comm.Ireduce_scatter(moved(send), moved(piece), unit.counts,
-                                            op=sum_op(self.grad_dtype))
+            piece = self.alloc(unit.counts[unit.region.rank], host=True, dtype=self.grad_dtype)
+            req = unit.region.comm.Ireduce_scatter(moved(send), moved(piece), unit.counts,
+                                                   op=sum_op(self.grad_dtype))
             self.reducing.append((unit, piece, req, send))
             self.comm_bytes += (unit.size - len(piece)) * self.grad_dtype.itemsize
             t0 = time.perf_counter()
             self._complete(self.reducing[:-IN_FLIGHT])  # bound what waits on the network
             self.blocked_s += time.perf_counter() - t0
-
-    def _sum_over_experts_group(self, unit: Unit, send) -> None:
-        """Sum, in place in the unit's gradients send, its non-expert parameters' over the EP
-        group (a blocking all-reduce; the experts' stay this rank's)."""
-        from mpi4py import MPI
-        e = self.ep_comm.Get_size()
-        for name in unit.names:
-            if expert_of(name) is None:
-                lo, hi = self.slices[name]
-                part = send[lo - unit.lo:hi - unit.lo]
-                self.ep_comm.Allreduce(MPI.IN_PLACE, moved(part), op=sum_op(part.dtype))
-                self.comm_bytes += 2 * (hi - lo) * (e - 1) / e * part.itemsize
 
     def finish(self) -> None:
         """Finish the reduce-scatters: stage 1 stores the summed own part into the full
@@ -353,7 +410,7 @@ class ZeroParams(Params, GradSync):
         for unit, piece, _, _ in done:
             a, b = self.own_part(unit.lo, unit.hi)
             if self.stage == 1:
-                self.grad[self.own[0] + a:self.own[0] + b] = to_device(piece)
+                self.grad_shard()[a:b] = to_device(piece)
             else:
                 self.shard_grad[a:b] += to_device(piece)
                 self.release(unit.grad)
@@ -364,10 +421,9 @@ class ZeroParams(Params, GradSync):
     def grad_squares(self, counted) -> float:
         """Sum of squares of the own gradient shard over the parameters counted(name) here."""
         g, sq = self.grad_shard(), 0.0
-        copies = self.ep_comm is not None and self.ep_comm.Get_rank() > 0   # of the dense part
         for name, (lo, hi) in self.slices.items():
             a, b = self.own_part(lo, hi)
-            if b > a and counted(name) and not (copies and expert_of(name) is None):
+            if b > a and counted(name):
                 sq += sum_squares(g[a:b])
         return sq
 
@@ -375,7 +431,9 @@ class ZeroParams(Params, GradSync):
     def gather_shards(self, shard: np.ndarray) -> np.ndarray:
         """The full flat buffer from every rank's shard of it (a temporary of P elements)."""
         full = np.empty(self.padded, shard.dtype)
-        self.comm.Allgather(moved(np.ascontiguousarray(to_host(shard))), moved(full))
+        for r in self.regions:
+            r.comm.Allgather(moved(np.ascontiguousarray(to_host(shard[r.at:r.at + r.S]))),
+                             moved(full[r.lo:r.hi]))
         return full
 
     def full_data(self) -> np.ndarray:
