@@ -26,6 +26,7 @@ DECAY_STYLES = ("cosine", "linear", "constant")
 GELU_KINDS = ("tanh", "erf")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 TP_MODES = ("1d", "2d")
+CP_COMM_TYPES = ("p2p", "a2a")
 
 
 @dataclass
@@ -251,6 +252,8 @@ class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     expert_model_parallel_size: int = 1  # experts split over groups of this many DP ranks
+    context_parallel_size: int = 1  # each sequence split over groups of this many DP ranks
+    cp_comm_type: str = "p2p"  # context parallelism's attention: p2p (ring) or a2a (Ulysses)
     sequence_parallel: bool = False
     pipeline_schedule: str = "1f1b"
     num_virtual_stages: int = 1
@@ -314,6 +317,9 @@ class ParallelConfig:
         if self.tensor_parallel_mode == "2d" and self.sequence_parallel:
             raise ConfigError("--tensor-parallel-mode 2d does not combine with "
                               "--sequence-parallel (2-D already splits every activation)")
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ConfigError(f"--cp-comm-type must be one of {', '.join(CP_COMM_TYPES)}, "
+                              f"got {self.cp_comm_type!r}")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero-stage must be 0, 1, 2 or 3, got {self.zero_stage}")
         if self.offload_optimizer and Path(self.offload_optimizer).exists() \

@@ -127,6 +127,12 @@ PARALLEL_FLAGS = {
     "expert-model-parallel-size": ("expert_model_parallel_size", int,
                                    "experts split over groups of this many data-parallel "
                                    "ranks, tokens exchanged by all-to-all (alias --ep)"),
+    "context-parallel-size": ("context_parallel_size", int,
+                              "each sequence split over groups of this many data-parallel "
+                              "ranks, through attention too (alias --cp)"),
+    "cp-comm-type": ("cp_comm_type", str,
+                     "context parallelism's attention: p2p (keys and values around a ring) "
+                     "or a2a (Ulysses: heads for tokens by all-to-all)"),
     "pipeline-schedule": ("pipeline_schedule", str, ", ".join(SCHEDULES)),
     "num-virtual-stages": ("num_virtual_stages", int,
                            "model chunks per pipeline rank (interleaved schedule)"),
@@ -186,6 +192,7 @@ def build_parser(module: str = "refgpt.train", description: str = __doc__
                     help="seeded random tokens instead of a corpus (tests, benchmarks)")
     ap.add_argument("--tp", type=int, dest="tensor_model_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--ep", type=int, dest="expert_model_parallel_size", help=argparse.SUPPRESS)
+    ap.add_argument("--cp", type=int, dest="context_parallel_size", help=argparse.SUPPRESS)
     ap.add_argument("--sequence-parallel", action="store_true", dest="sequence_parallel",
                     help="with --tp > 1: split LayerNorm/dropout/residual activations over tokens")
     ap.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction,
@@ -283,7 +290,7 @@ def setup(argv, world_comm) -> Trainer:
     shape and the training settings are the checkpoint's, but for the flags given."""
     mcfg, tcfg, pcfg, given, other = parse_config(argv)
     grid = Grid(world_comm, pcfg.tensor_model_parallel_size, pcfg.pipeline_model_parallel_size,
-                pcfg.expert_model_parallel_size)
+                pcfg.expert_model_parallel_size, pcfg.context_parallel_size)
     threads = set_threads(world_comm, pcfg.threads_per_rank)
     error = trainer = changes = None
     try:

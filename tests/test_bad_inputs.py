@@ -61,6 +61,10 @@ FLAGS = [  # (extra flags, what the line says)
     (["--num-experts", "4", "--expert-model-parallel-size", "2"],
      "--expert-model-parallel-size 2 does not divide the data-parallel size 1"),
     (["--num-experts", "4", "--ep", "0"], "--expert-model-parallel-size must be >= 1"),
+    (["--context-parallel-size", "2"],
+     "--context-parallel-size 2 does not divide the ranks left for data parallelism (1"),
+    (["--cp", "0"], "--context-parallel-size must be >= 1"),
+    (["--cp-comm-type", "ring"], "--cp-comm-type must be one of p2p, a2a"),
     (["--ddp-bucket-size", "-1"], "--ddp-bucket-size and --threads-per-rank must be >= 0"),
     (["--load", "nowhere"], "no checkpoint at nowhere"),
     (["--data-path", "nowhere"], "give either --data-path or --synthetic-data, not both"),
@@ -150,6 +154,10 @@ def test_prepare_refuses_a_file_as_output_and_a_binary_input(capsys, tmp_path, m
     (["--save", "afile"], "exists and is not a folder"),
     (["--global-batch-size", "6", "--micro-batch-size", "2"], "not divisible"),
     (["--hidden-size", "4000000"], "this model needs an estimated"),
+    (["--context-parallel-size", "2", "--seq-length", "6"],
+     "--seq-length 6 is not divisible by 2 x --context-parallel-size = 4"),
+    (["--context-parallel-size", "2", "--cp-comm-type", "a2a", "--num-attention-heads", "1"],
+     "--cp-comm-type a2a splits each rank's 1 attention heads over --context-parallel-size 2"),
 ])
 def test_bad_inputs_under_mpiexec(flags, match, tmp_path):
     if shutil.which("mpiexec") is None:

@@ -4,7 +4,9 @@ Step k's global batch is samples [kG, (k+1)G) of the run, whatever the layout. D
 rank r of d takes the contiguous share [kG + rG/d, kG + (r+1)G/d) and runs it as m = G/(d B)
 micro-batches of B sequences (TrainConfig.micro_batches); every micro-batch's loss is
 divided by the global token count G T, so the accumulated, then summed, gradient is the
-single process's. Tensor- and pipeline-parallel ranks of one replica read the same share.
+single process's. Tensor- and pipeline-parallel ranks of one replica read the same share, and
+so do the c ranks of a context-parallel group (refgpt.parallel.context), each keeping the
+tokens at its positions (inputs and targets alike): d / c replicas share the batch.
 Dropout's key for a micro-batch is (step, its sample ids): its masks are the single
 process's too (refgpt.nn.dropout).
 """
@@ -19,6 +21,7 @@ from ..backend import to_device
 from ..config import ConfigError
 from ..data.prepared import default_data
 from ..data.tokens import SyntheticDataset, TokenDataset, batch, read_meta
+from ..parallel.context import positions
 from ..parallel.launch import on_rank0
 
 
@@ -51,6 +54,8 @@ class Batches:
 
     def __init__(self, mcfg, tcfg, grid, folder: Path | None):
         self.tcfg, self.grid, self.T = tcfg, grid, mcfg.seq_length
+        self.positions = (positions(self.T, grid.cp_size, grid.cp_rank) if grid.cp_size > 1
+                          else None)
         if folder is None:
             self.train = SyntheticDataset(mcfg.vocab_size, mcfg.seq_length, tcfg.seed, "train")
             self.val = SyntheticDataset(mcfg.vocab_size, mcfg.seq_length, tcfg.seed, "val")
@@ -68,18 +73,24 @@ class Batches:
 
     def step(self, consumed: int, iteration: int) -> list[tuple]:
         """[(x, y, key), ...] of this rank's share of the step that starts at sample consumed."""
-        share = self.tcfg.global_batch_size // self.grid.dp_size
-        return [(*map(to_device, batch(self.train, ids)), (iteration, ids))
-                for ids in self._micro_batches(consumed + self.grid.dp_rank * share, share)]
+        share = self.tcfg.global_batch_size // self.grid.data_size
+        return [(*map(self._tokens, batch(self.train, ids)), (iteration, ids))
+                for ids in self._micro_batches(consumed + self.grid.data_rank * share, share)]
 
     def validation(self) -> tuple[list[tuple], float]:
         """([(x, y, None), ...] of this rank's share of the eval_iters validation batches, in
         order; their global token count)."""
         total = self.tcfg.eval_iters * self.tcfg.global_batch_size
-        share = total // self.grid.dp_size
-        return ([(*map(to_device, batch(self.val, ids, sequential=True)), None)
-                 for ids in self._micro_batches(self.grid.dp_rank * share, share)],
+        share = total // self.grid.data_size
+        return ([(*map(self._tokens, batch(self.val, ids, sequential=True)), None)
+                 for ids in self._micro_batches(self.grid.data_rank * share, share)],
                 float(total * self.T))
+
+    def _tokens(self, ids: np.ndarray):
+        """[B, T] ids on the device: this rank's positions of them under context parallelism."""
+        if self.positions is not None:
+            ids = ids[:, self.positions]
+        return to_device(ids)
 
     def _micro_batches(self, first: int, share: int):
         B = self.tcfg.micro_batch_size

@@ -70,10 +70,13 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     layers and micro-batches in flight. refgpt's is 0 where it does not model the layout: the
     cupy backend (its fused attention keeps other arrays), 2-D tensor parallelism, and the
     interleaved and zero-bubble schedules (their stash is not min(p - r, m) whole stages),
-    and models with experts (what an expert keeps depends on how many tokens it was sent)."""
+    models with experts (what an expert keeps depends on how many tokens it was sent), and
+    context parallelism (its attention keeps other arrays). Korthikanti's is taken at the
+    rank's T / c tokens (its attention term at T / c x T under context parallelism is not
+    modelled either)."""
     t, p, r = grid.tp_size, grid.pp_size, grid.pp_rank
     blocks = mcfg.num_layers // (p * pcfg.num_virtual_stages)
-    m = tcfg.micro_batches(grid.dp_size)
+    m = tcfg.micro_batches(grid.data_size)
     in_flight = min(p - r, m) if p > 1 else 1
     dtype = np.dtype(dtype_of(tcfg.dtype))
     e, c = dtype.itemsize, max(dtype.itemsize, 4)
@@ -83,13 +86,13 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
                   mcfg.num_attention_heads, mcfg.padded_vocab, e, c, t,
                   pcfg.sequence_parallel, mcfg.dropout > 0)
     covered = (tcfg.backend != "cupy" and pcfg.tensor_parallel_mode == "1d"
-               and not mcfg.num_experts
+               and not mcfg.num_experts and grid.cp_size == 1
                and (p == 1 or pcfg.num_virtual_stages == 1 and pcfg.pipeline_schedule != "zb-h1"))
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
     ours = refgpt_bytes(sizes, blocks, r == 0, r == p - 1, recomputed, selective, in_flight,
                         chunk)
     per_layer = [0 if i < recomputed and i % chunk else
-                 korthikanti_bytes(mcfg.seq_length, tcfg.micro_batch_size, mcfg.hidden_size,
+                 korthikanti_bytes(mcfg.seq_length // grid.cp_size, tcfg.micro_batch_size, mcfg.hidden_size,
                                    mcfg.num_attention_heads, t, pcfg.sequence_parallel,
                                    "full" if i < recomputed else pcfg.recompute_granularity)
                  for i in range(blocks)] * pcfg.num_virtual_stages
@@ -300,7 +303,7 @@ def banner(mcfg, tcfg, pcfg, grid, numel: int, buckets: int, gemm_rate: float,
             f"heads, seq {m.seq_length}, vocab {m.vocab_size} (padded {m.padded_vocab}), "
             f"{numel:,} parameters, {precision(t, pcfg)}\n"
             f"layout: {grid.describe()}; global batch {t.global_batch_size} = data-parallel "
-            f"{grid.dp_size} x {t.micro_batches(grid.dp_size)} micro-batches x "
+            f"{grid.data_size} x {t.micro_batches(grid.data_size)} micro-batches x "
             f"{t.micro_batch_size} sequences; gradient buckets: {buckets}; measured GEMM rate "
             f"{gemm_rate / 1e9:.1f} GFLOP/s per rank\n" + memory_line(mem, pcfg))
 

@@ -141,6 +141,23 @@ def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, saved, do: n
     causal_matmul_tn(ds, q, scale, out=dk)
 
 
+class LocalAttention:
+    """The attention core on the whole sequence this rank holds: the two kernels above, with
+    the layer's attention dropout. Context parallelism supplies others with the same methods
+    (refgpt.parallel.context), whose keys come from other ranks."""
+
+    def __init__(self, drop):
+        self.drop = drop
+
+    def forward(self, q, k, v, p0: int, key, keep_probs: bool = False) -> tuple:
+        """(O, what backward needs); key: dropout's key, None for no dropout."""
+        dropout = (lambda p: self.drop.forward(p, key)) if key is not None else None
+        return attention_forward(q, k, v, p0, dropout, keep_probs)
+
+    def backward(self, q, k, v, saved, do, dq, dk, dv, drop: bool) -> None:
+        attention_backward(q, k, v, saved, do, dq, dk, dv, self.drop.backward if drop else None)
+
+
 class KVCache:
     """Keys and values of the positions seen so far, per layer: [B, H, Tk, D] each."""
 
@@ -166,6 +183,7 @@ class CausalSelfAttention(Layer):
         self.c_attn = parts.column_linear(params, f"{prefix}.c_attn")
         self.c_proj = parts.row_linear(params, f"{prefix}.c_proj")
         self.attn_drop = parts.attention_dropout(f"{prefix}.attn_drop")
+        self.core = parts.attention_core(prefix, self.attn_drop)
         self.layers = primitives(self.c_attn, self.c_proj, self.attn_drop)
 
     def forward(self, x: np.ndarray, key=None, cache: KVCache | None = None,
@@ -182,16 +200,16 @@ class CausalSelfAttention(Layer):
                 v = np.concatenate([cache.v[layer], v], axis=2)
             cache.k[layer], cache.v[layer] = k, v
         drop = self.attn_drop.p > 0 and key is not None
-        dropout = (lambda p: self.attn_drop.forward(p, key)) if drop else None
+        dkey = key if drop else None
         if self.recompute_core and self.keep and cache is None and record is None:
             self.attn_drop.keep = False                   # the core saves nothing now
             try:
-                o, _ = attention_forward(q, k, v, p0, dropout)
+                o, _ = self.core.forward(q, k, v, p0, dkey)
             finally:
                 self.attn_drop.keep = True
-            self.save(q, k, v, (p0, key), drop, True)
+            self.save(q, k, v, (p0, dkey), drop, True)
         else:
-            o, saved = attention_forward(q, k, v, p0, dropout, keep_probs=record is not None)
+            o, saved = self.core.forward(q, k, v, p0, dkey, keep_probs=record is not None)
             if record is not None:
                 record[f"{self.prefix}.qkv"], record[f"{self.prefix}.probs"] = qkv, saved[0]
             self.save(q, k, v, saved, drop, False)
@@ -204,15 +222,13 @@ class CausalSelfAttention(Layer):
     def backward(self, dout: np.ndarray) -> np.ndarray:
         q, k, v, saved, drop, recomputed = self.saved()
         if recomputed:                                    # the same core again, saved this time
-            p0, key = saved
-            _, saved = attention_forward(
-                q, k, v, p0, (lambda p: self.attn_drop.forward(p, key)) if drop else None)
+            p0, dkey = saved
+            _, saved = self.core.forward(q, k, v, p0, dkey)
             self.on_recompute((q, k, v, saved))
         B, H, T, D = q.shape
         do = self.c_proj.backward(dout)                               # [B, T, C]
         do = do.reshape(B, T, H, D).transpose(0, 2, 1, 3)             # [B, H, T, D]
         dqkv = np.empty_like(q, shape=(B, T, 3, H, D))                # c_attn's output layout
         dq, dk, dv = dqkv.transpose(2, 0, 3, 1, 4)                    # 3 x [B, H, T, D] views
-        attention_backward(q, k, v, saved, do, dq, dk, dv,
-                           self.attn_drop.backward if drop else None)
+        self.core.backward(q, k, v, saved, do, dq, dk, dv, drop)
         return self.c_attn.backward(dqkv.reshape(B, T, 3 * H * D))    # [B, T, 3C]

@@ -12,7 +12,8 @@ process would. A layout that shards one axis of each sample (tensor parallelism:
 sequence parallelism: tokens; 2-D: the hidden axis) passes part = (axis, slice, full
 length): it draws the whole sample's mask and keeps its slice, so the numbers still match one
 process. One that holds block i of q of each micro-batch's samples (2-D: its batch rows)
-passes rows = (i, q).
+passes rows = (i, q). Context parallelism's ring attention takes the rows of its queries
+(rows_of).
 """
 
 from __future__ import annotations
@@ -51,6 +52,16 @@ class Dropout(Layer):
         mask = to_device(keep.astype(compute_dtype(x.dtype)) / (1.0 - self.p))
         self.save(mask)
         return narrow(wide(x) * mask, x.dtype)
+
+    def rows_of(self, key, rows: np.ndarray, T: int, dtype) -> np.ndarray:
+        """The scaled mask [B, h, len(rows), T] of attention dropout on each sample's
+        [H, T, T] probabilities: this layer's heads (its part), the queries at positions rows,
+        every key (context parallelism's ring, refgpt.parallel.context). Saves nothing."""
+        step, samples = key
+        _, heads, H = self.part
+        keep = np.stack([name_stream(self.seed, f"{self.site}/{step}/{s}").random((H, T, T))
+                         [heads][:, rows] >= self.p for s in samples])
+        return to_device(keep.astype(dtype) / (1.0 - self.p))
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         (mask,) = self.saved()

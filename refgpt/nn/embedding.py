@@ -8,6 +8,9 @@ Embedding, for ids idx [B, T] starting at position p0:
                                                                 repeated ids)
     dwpe[p0 + t] += sum_b dx[b, t]
 
+Under context parallelism a rank holds tokens at given positions pos[t] instead of
+p0 + t (refgpt.parallel.context): x = wte[idx] + wpe[pos], dwpe[pos[t]] += sum_b dx[b, t].
+
 Tied head: logits = x wte^T, so dx = dlogits wte and dwte += dlogits^T x. The token table's
 gradient therefore receives both the scatter-add above and this GEMM.
 """
@@ -35,22 +38,26 @@ class TokenTable(Layer):
 
 
 class Embedding(TokenTable):
-    def __init__(self, params):
+    def __init__(self, params, positions: np.ndarray | None = None):
+        """positions: the fixed positions of the tokens this rank holds (context
+        parallelism); None: p0, p0 + 1, ..."""
         super().__init__(params, positions=True)
+        self.positions = positions
 
     def forward(self, idx: np.ndarray, pos0: int = 0) -> np.ndarray:
         T = idx.shape[1]
         if pos0 + T > self.wpe.shape[0]:
             raise ValueError(f"positions {pos0}..{pos0 + T - 1} exceed the position table "
                              f"({self.wpe.shape[0]} rows)")
-        self.save(idx, pos0)
-        return self.wte[idx] + self.wpe[pos0:pos0 + T]           # [B, T, C]
+        pos = slice(pos0, pos0 + T) if self.positions is None else self.positions
+        self.save(idx, pos)
+        return self.wte[idx] + self.wpe[pos]                     # [B, T, C]
 
     def backward(self, dx: np.ndarray) -> None:
-        idx, pos0 = self.saved()
+        idx, pos = self.saved()
         C = dx.shape[-1]
         scatter_add_rows(self.gwte, idx.ravel(), dx.reshape(-1, C))
-        self.gwpe[pos0:pos0 + idx.shape[1]] += wide(dx).sum(axis=0)
+        self.gwpe[pos] += wide(dx).sum(axis=0)                   # distinct positions
 
 
 class TiedHead(TokenTable):

@@ -11,6 +11,8 @@ layer specs supply a transformer layer's submodules:
                                        partial products summed (it leaves the group), + bias
     bias_gelu(params, bias)            the MLP's activation, with c_fc's bias
     heads, attention_dropout(site)     the attention heads computed here, and their dropout
+    attention_core(site, drop)         attention from q, k, v: on the rank's whole sequence, or
+                                       across a context-parallel group (refgpt.parallel.context)
     dropout(site)                      dropout on the activations between sublayers
     embedding, head, loss              the token and position tables, the tied LM head and
                                        the cross-entropy
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .attention import LocalAttention
 from .dropout import Dropout
 from .embedding import Embedding, TiedHead
 from .gelu import BiasGELU
@@ -49,6 +52,7 @@ class Sublayers:
     def __init__(self, cfg, seed: int):
         self.cfg, self.seed = cfg, seed
         self.ep = None               # expert parallelism's group (refgpt.parallel.expert)
+        self.cp = None               # context parallelism's group (refgpt.parallel.context)
 
     def holds(self, name: str) -> bool:
         """Whether this rank has the parameter at all: under expert parallelism only its own
@@ -86,7 +90,29 @@ class Sublayers:
 
     def activation_shape(self, micro_batch: int) -> tuple:
         """The shape of the activations between blocks, as this rank holds them."""
-        return micro_batch, self.cfg.seq_length, self.cfg.hidden_size
+        return micro_batch, self.tokens, self.cfg.hidden_size
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of each sequence this rank's layers see (all, or its context-parallel part)."""
+        return self.cfg.seq_length // (1 if self.cp is None else self.cp.size)
+
+    def token_positions(self) -> np.ndarray:
+        """The sequence positions of those tokens, in the order the rank holds them."""
+        return np.arange(self.cfg.seq_length) if self.cp is None else self.cp.positions
+
+    def token_part(self, split: int = 1, rank: int = 0):
+        """Dropout's part (refgpt.nn.dropout) for activations [B, T', C] when each rank of a
+        group of `split` (sequence parallelism) holds block `rank` of this rank's tokens:
+        None when that is the whole sequence in order."""
+        if self.cp is None and split == 1:
+            return None
+        n = self.tokens // split
+        return 0, self.token_positions()[rank * n:(rank + 1) * n], self.cfg.seq_length
+
+    def head_slice(self) -> slice:
+        """The model's attention heads this rank's layers compute."""
+        return slice(0, self.cfg.num_attention_heads)
 
     # -- layers ------------------------------------------------------------------------------
     @property
@@ -95,10 +121,15 @@ class Sublayers:
         return self.cfg.num_attention_heads
 
     def dropout(self, site: str) -> Dropout:
-        return Dropout(self.cfg.dropout, site, self.seed)
+        return Dropout(self.cfg.dropout, site, self.seed, self.token_part())
 
     def attention_dropout(self, site: str) -> Dropout:
-        return Dropout(self.cfg.dropout, site, self.seed)
+        """Dropout on the probabilities [B, H', T, T] of the heads the attention core sees."""
+        heads = self.head_slice() if self.cp is None else self.cp.core_heads(self.head_slice())
+        return Dropout(self.cfg.dropout, site, self.seed, (0, heads, self.cfg.num_attention_heads))
+
+    def attention_core(self, site: str, drop: Dropout):
+        return LocalAttention(drop) if self.cp is None else self.cp.core(site, drop)
 
     def layernorm(self, params, prefix: str):
         return LayerNorm(params, prefix, self.cfg.layernorm_eps)
@@ -113,7 +144,7 @@ class Sublayers:
         return BiasGELU(params, bias, self.cfg.gelu)
 
     def embedding(self, params):
-        return Embedding(params)
+        return Embedding(params, None if self.cp is None else self.cp.positions)
 
     def head(self, params):
         return TiedHead(params)

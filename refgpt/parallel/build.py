@@ -27,6 +27,7 @@ from ..nn.gpt import GPT
 from ..nn.params import Params
 from ..precision import dtype_of
 from ..nn.sublayers import Sublayers
+from .context import ContextComm, check_context
 from .data import GradAllReduce
 from .expert import ExpertComm, expert_of
 from .pipeline import PipelineExecutor, PipelineModel, check_pipeline
@@ -49,9 +50,12 @@ ZERO_WITH_PP = ("--zero-stage {stage} with pipeline parallelism is refused: the 
 def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
     """Raise the ConfigError a run with this model, batch and tp x dp x pp layout would meet,
     before any communicator or array exists (the entry points and the scaling study's planner
-    call it; the world size's fit is refgpt.parallel.grid.check_sizes)."""
+    call it; the world size's fit is refgpt.parallel.grid.check_sizes). dp: the ranks left
+    for data parallelism, world / (tp pp), of which context parallelism takes groups of c."""
     pcfg.validate()
-    tcfg.validate(dp)
+    check_context(mcfg, pcfg, tp, dp)
+    data = dp // pcfg.context_parallel_size              # the data replicas
+    tcfg.validate(data)
     mcfg.validate()
     stage = pcfg.zero_stage
     try:
@@ -81,7 +85,7 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
     elif tp > 1:
         check_divisible(mcfg, tp, pcfg.sequence_parallel)
     if pp > 1:
-        check_pipeline(mcfg, pp, pcfg.num_virtual_stages, tcfg.micro_batches(dp),
+        check_pipeline(mcfg, pp, pcfg.num_virtual_stages, tcfg.micro_batches(data),
                        pcfg.pipeline_schedule)
     per_stage = pcfg.recompute_per_stage()
     if per_stage and len(per_stage) != pp:
@@ -125,6 +129,8 @@ def sublayers(mcfg, seed: int, grid, pcfg) -> Sublayers:
         parts = TensorParallel(mcfg, seed, TPComm(grid.tp_comm), pcfg.sequence_parallel)
     if grid.ep_size > 1:
         parts.ep = ExpertComm(grid.ep_comm, mcfg.num_experts)
+    if grid.cp_size > 1:
+        parts.cp = ContextComm(grid.cp_comm, mcfg, seed, pcfg.cp_comm_type)
     return parts
 
 
@@ -158,7 +164,7 @@ def build(mcfg, tcfg, pcfg, grid) -> Built:
                               make_params, lambda n: pcfg.recomputed_blocks(n, grid.pp_rank),
                               pcfg.recompute_chunk(), pcfg.recompute_granularity == "selective")
         pipeline = PipelineExecutor(model, pcfg.pipeline_schedule,
-                                    tcfg.micro_batches(grid.dp_size),
+                                    tcfg.micro_batches(grid.data_size),
                                     parts.activation_shape(tcfg.micro_batch_size), dtype)
     else:
         model = GPT(mcfg, dtype, seed, parts=parts, make_params=make_params,

@@ -22,6 +22,16 @@ group). With 8 ranks of t = 1, p = 1 (d = 8) and e = 4:
     EP groups         [0 1 2 3] [4 5 6 7]             experts 0-1 on 0 and 4, 2-3 on 1 and 5, ...
     expert-DP groups  [0 4] [1 5] [2 6] [3 7]
 
+Context parallelism (refgpt.parallel.context) carves CP groups of c consecutive DP ranks out
+of each DP group in the same way (Megatron's order: TP, then CP, then DP): the c ranks of a
+CP group hold different tokens of the same samples, so the d / c groups are the data
+replicas (``data_rank``, ``data_size``: which samples a rank reads), while gradients are still
+summed over the whole DP group of d ranks (Megatron's DP x CP group). With 8 ranks of t = 2,
+p = 1 (d = 4) and c = 2:
+
+    CP groups         [0 2] [1 3] [4 6] [5 7]         tokens split, same samples
+    data replicas     DP ranks {0, 1} read samples 0..G/2-1, {2, 3} the rest
+
 Each communicator is made with one Comm.Split whose colour names the group and whose key is
 the rank's coordinate along it, so a rank's rank in tp_comm is its tp coordinate, and so on.
 """
@@ -69,7 +79,7 @@ class Grid:
     """This rank's coordinates and communicators. ``Grid(None)`` is the single process
     (every size 1, no communicator and no MPI needed)."""
 
-    def __init__(self, world_comm=None, tp: int = 1, pp: int = 1, ep: int = 1):
+    def __init__(self, world_comm=None, tp: int = 1, pp: int = 1, ep: int = 1, cp: int = 1):
         self.world = world_comm
         self.world_size = 1 if world_comm is None else world_comm.Get_size()
         self.rank = 0 if world_comm is None else world_comm.Get_rank()
@@ -84,7 +94,14 @@ class Grid:
             raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the "
                               f"data-parallel size {self.dp_size}")
         self.ep_size, self.ep_rank, self.edp_rank = ep, c.dp % ep, c.dp // ep
-        self.ep_comm = self.edp_comm = None
+        self.ep_comm = self.edp_comm = self.cp_comm = None
+        if cp < 1:
+            raise ConfigError(f"--context-parallel-size must be >= 1, got {cp}")
+        if self.dp_size % cp:
+            raise ConfigError(f"--context-parallel-size {cp} does not divide the ranks left "
+                              f"for data parallelism ({self.dp_size} = world / (tp x pp))")
+        self.cp_size, self.cp_rank = cp, c.dp % cp
+        self.data_size, self.data_rank = self.dp_size // cp, c.dp // cp
         if world_comm is not None:
             from mpi4py import MPI
             t, d, p = tp, self.dp_size, pp
@@ -95,6 +112,8 @@ class Grid:
             ends = p > 1 and c.pp in (0, p - 1)    # the two holders of the tied token table
             emb = world_comm.Split(color=c.tp + t * c.dp if ends else MPI.UNDEFINED, key=c.pp)
             self.emb_comm = emb if emb != MPI.COMM_NULL else None
+            if cp > 1:
+                self.cp_comm = self.dp_comm.Split(color=c.dp // cp, key=c.dp % cp)
             if ep > 1:
                 self.ep_comm = self.dp_comm.Split(color=self.edp_rank, key=self.ep_rank)
                 self.edp_comm = self.dp_comm.Split(color=self.ep_rank, key=self.edp_rank)
@@ -116,4 +135,6 @@ class Grid:
     def describe(self) -> str:
         return (f"{self.world_size} ranks = tp {self.tp_size} x dp {self.dp_size} x "
                 f"pp {self.pp_size}" + (f" (ep {self.ep_size} within dp)" if self.ep_size > 1
-                                        else ""))
+                                        else "")
+                + (f" (cp {self.cp_size} within dp: {self.data_size} data "
+                   f"replica{'s' * (self.data_size > 1)})" if self.cp_size > 1 else ""))

@@ -136,25 +136,28 @@ class VocabParallelEmbedding(TokenTable):
     ids in its range (others contribute 0), then the partial sums are reduced (all-reduce, or
     with SP a reduce-scatter over tokens). Backward scatter-adds into the local rows only."""
 
-    def __init__(self, params, tp: TPComm, sp: bool):
+    def __init__(self, params, tp: TPComm, sp: bool, positions: np.ndarray):
+        """positions: those of the tokens of the rank's sequence, in its order (all, or its
+        context-parallel part)."""
         super().__init__(params, positions=True)
         rows = params.specs["wte.weight"].shape[0]
         self.lo, self.hi = tp.rank * rows, (tp.rank + 1) * rows
         self.reduce = ScatterSeq(tp, "embed") if sp else ReduceFromTP(tp, "embed")
-        self.tp, self.sp = tp, sp
+        self.tp, self.sp, self.positions = tp, sp, positions
 
     def forward(self, idx, pos0: int = 0):                           # idx [B, T], all tokens
         mine = (idx >= self.lo) & (idx < self.hi)
         local = np.where(mine, idx - self.lo, 0)
         x = self.reduce.forward(wide(self.wte[local]) * mine[..., None])   # [B, T(/t), C]
         T = x.shape[1]
-        p0 = pos0 + (self.tp.rank * T if self.sp else 0)
-        self.save(local, mine, p0)
-        return narrow(x + wide(self.wpe[p0:p0 + T]), self.wte.dtype)
+        first = self.tp.rank * T if self.sp else 0                    # SP: this rank's tokens
+        pos = pos0 + self.positions[first:first + T]
+        self.save(local, mine, pos)
+        return narrow(x + wide(self.wpe[pos]), self.wte.dtype)
 
     def backward(self, dx):
-        local, mine, p0 = self.saved()
-        self.gwpe[p0:p0 + dx.shape[1]] += wide(dx).sum(axis=0)
+        local, mine, pos = self.saved()
+        self.gwpe[pos] += wide(dx).sum(axis=0)                        # distinct positions
         dfull = self.reduce.backward(dx)                              # [B, T, C]
         scatter_add_rows(self.gwte, local[mine], dfull[mine])
 
@@ -229,9 +232,7 @@ class TensorParallel(Sublayers):
         super().__init__(cfg, seed)
         self.tp, self.sp = tp, sequence_parallel
         a, t, r = cfg.num_attention_heads, tp.t, tp.rank
-        self.head_part = (0, slice(r * a // t, (r + 1) * a // t), a)        # dropout on [H, T, T]
-        T = cfg.seq_length // t
-        self.seq_part = (0, slice(r * T, (r + 1) * T), cfg.seq_length) if sequence_parallel else None
+        self.heads_here = slice(r * a // t, (r + 1) * a // t)
         self.enter, self.leave = (GatherSeq, ScatterSeq) if sequence_parallel else (CopyToTP, ReduceFromTP)
 
     # -- parameters ------------------------------------------------------------------------
@@ -270,8 +271,10 @@ class TensorParallel(Sublayers):
                     params.grads[n][...] = self.tp.allreduce(params.grads[n], "sp-grads")
 
     def activation_shape(self, micro_batch: int) -> tuple:
-        T = self.cfg.seq_length // (self.tp.t if self.sp else 1)
-        return micro_batch, T, self.cfg.hidden_size
+        return micro_batch, self.tokens // (self.tp.t if self.sp else 1), self.cfg.hidden_size
+
+    def head_slice(self) -> slice:
+        return self.heads_here
 
     # -- layers ------------------------------------------------------------------------------
     @property
@@ -279,10 +282,8 @@ class TensorParallel(Sublayers):
         return self.cfg.num_attention_heads // self.tp.t
 
     def dropout(self, site: str) -> Dropout:                 # with SP: this rank's tokens
-        return Dropout(self.cfg.dropout, site, self.seed, self.seq_part)
-
-    def attention_dropout(self, site: str) -> Dropout:       # this rank's heads
-        return Dropout(self.cfg.dropout, site, self.seed, self.head_part)
+        part = self.token_part(self.tp.t, self.tp.rank) if self.sp else self.token_part()
+        return Dropout(self.cfg.dropout, site, self.seed, part)
 
     def column_linear(self, params, prefix: str, bias: bool = True):
         return Sequence(self.enter(self.tp, prefix), ColumnLinear(params, prefix, bias))
@@ -302,7 +303,7 @@ class TensorParallel(Sublayers):
         return inner, (GatherSeqWhole(self.tp, "moe"), SplitSeq(self.tp, "moe"))
 
     def embedding(self, params):
-        return VocabParallelEmbedding(params, self.tp, self.sp)
+        return VocabParallelEmbedding(params, self.tp, self.sp, self.token_positions())
 
     def head(self, params):
         return VocabParallelHead(params, self.tp, self.sp)
