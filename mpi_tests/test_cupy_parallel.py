@@ -1,6 +1,6 @@
 """Parallel training on GPUs (the cupy backend, ranks sharing or owning GPUs, collectives
 through the host) equals the single-process numpy run in float64: data, 1-D tensor (with
-and without sequence parallelism), 2-D tensor and pipeline parallelism, and ZeRO's three
+and without sequence parallelism), 2-D tensor, pipeline and context parallelism, and ZeRO's three
 stages; with attention dropout (the cuBLAS products) and without it (the fused attention
 kernels); and in bfloat16 and float16 against the numpy run in the same precision. Skipped
 where CuPy or a GPU is missing (the CI machine); run on a GPU node with
@@ -33,6 +33,8 @@ LAYOUTS = {  # name: (tp, pp, ParallelConfig options)
     "tp2-zero3": (2, 1, dict(tensor_model_parallel_size=2, zero_stage=3)),
     "pp2-zero1": (1, 2, dict(pipeline_model_parallel_size=2, zero_stage=1)),
     "tp4-2d": (4, 1, dict(tensor_model_parallel_size=4, tensor_parallel_mode="2d")),
+    "cp2-p2p": (1, 1, dict(context_parallel_size=2, cp_comm_type="p2p")),
+    "cp2-a2a": (1, 1, dict(context_parallel_size=2, cp_comm_type="a2a")),
 }
 
 
@@ -56,7 +58,8 @@ def test_gpu_parallel_training_equals_single_process_numpy(layout, dropout):
                           vocab_size=45, vocab_multiple=16, dropout=dropout)
         t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
         return t.run(), t
-    got, par = run("cupy", Grid(comm, tp, pp), ParallelConfig(**options))
+    grid = Grid(comm, tp, pp, 1, options.get("context_parallel_size", 1))
+    got, par = run("cupy", grid, ParallelConfig(**options))
     ref, one = run("numpy", None, None)
     p_ref = one.model.params.data
     full = par.model.full_tensors(backend.to_host(par.model.params.full_data()))

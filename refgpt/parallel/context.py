@@ -53,11 +53,12 @@ training runs without attention dropout, as Megatron's long-context recipes do.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
 import numpy as np
 
-from ..backend import to_device, to_host
+from ..backend import array_module, to_device, to_host
 from ..config import ConfigError
 from ..nn.attention import attention_backward, attention_forward
 from ..nn.cast import narrow, wide
@@ -103,8 +104,9 @@ def check_context(mcfg, pcfg, tp: int, dp: int) -> None:
 
 
 class ContextComm:
-    """This rank's CP group: its positions, its attention cores, and the elements each layer
-    sent (``volume[(site, pass)]``, as the tensor-parallel counters)."""
+    """This rank's CP group: its positions, its attention cores, the elements each layer
+    sent (``volume[(site, pass)]``, as the tensor-parallel counters) and the seconds spent
+    waiting for them (``seconds``: what the computation did not hide)."""
 
     def __init__(self, comm, cfg, seed: int, comm_type: str = "p2p"):
         self.comm, self.cfg, self.seed, self.comm_type = comm, cfg, seed, comm_type
@@ -112,6 +114,19 @@ class ContextComm:
         self.T = cfg.seq_length
         self.positions = positions(self.T, self.size, self.rank)
         self.volume: dict[tuple[str, str], int] = defaultdict(int)
+        self.seconds = 0.0
+
+    def wait(self, reqs) -> None:
+        """Complete the requests, counting the time it takes."""
+        from mpi4py import MPI
+        t0 = time.perf_counter()
+        MPI.Request.Waitall(reqs)
+        self.seconds += time.perf_counter() - t0
+
+    def alltoall(self, send, recv) -> None:
+        t0 = time.perf_counter()
+        self.comm.Alltoall(moved(send), moved(recv))
+        self.seconds += time.perf_counter() - t0
 
     def core(self, site: str, drop: Dropout):
         """The attention core of one layer (site: its name), with its attention dropout."""
@@ -166,7 +181,6 @@ class RingAttention:
         if keep_probs or p0:
             raise ValueError("attention probabilities and key/value caches are not available "
                              "under context parallelism")
-        from mpi4py import MPI
         n, C, r = self.n, self.cp.size, self.cp.rank
         mask = self._mask(key, wide(q).dtype)
         halves = (slice(0, n), slice(n, 2 * n))
@@ -183,12 +197,11 @@ class RingAttention:
                 merge(out[:, :, halves[i]], lse[:, :, halves[i]], o_b, lse_b)
             if pending is not None:
                 reqs, recv, _ = pending
-                MPI.Request.Waitall(reqs)
+                self.cp.wait(reqs)
                 kv = tuple(to_device(x) for x in recv)
         return narrow(out, q.dtype), (out, lse, key)
 
     def backward(self, q, k, v, saved, do, dq, dk, dv, drop: bool) -> None:
-        from mpi4py import MPI
         out, lse, key = saved
         n, C, r = self.n, self.cp.size, self.cp.rank
         mask = self._mask(key, out.dtype) if drop else None
@@ -208,11 +221,11 @@ class RingAttention:
                                dq_acc[:, :, halves[i]], dkv[0][:, :, halves[j]],
                                dkv[1][:, :, halves[j]])
             reqs, recv, _ = self._ring(dkv, "backward", 2)           # dK, dV to the next rank
-            MPI.Request.Waitall(reqs)
+            self.cp.wait(reqs)
             dkv = tuple(to_device(x) for x in recv)
             if pending is not None:
                 reqs, recv, _ = pending
-                MPI.Request.Waitall(reqs)
+                self.cp.wait(reqs)
                 kv = tuple(to_device(x) for x in recv)
         dq[...] = narrow(dq_acc, dq.dtype)                           # after C passes, dkv is
         dk[...] = narrow(dkv[0], dk.dtype)                           # this rank's own block's
@@ -224,7 +237,8 @@ def _scores(q, k, causal: bool):
     s = wide(q) @ wide(k).swapaxes(-1, -2)
     s *= 1.0 / np.sqrt(q.shape[-1])
     if causal:
-        s[..., ~np.tri(s.shape[-1], dtype=bool)] = -np.inf
+        xp = array_module()
+        s[..., ~xp.tri(s.shape[-1], dtype=bool)] = -np.inf
     return s
 
 
@@ -280,7 +294,7 @@ class UlyssesAttention:
         send = np.stack([to_host(x).reshape(B, C, H // C, Tl, D) for x in xs])  # [k, B, C, ...]
         send = np.ascontiguousarray(send.transpose(2, 0, 1, 3, 4, 5))      # [C dest, k, B, h, Tl, D]
         recv = np.empty_like(send)                                          # [C src, ...]
-        self.cp.comm.Alltoall(moved(send), moved(recv))
+        self.cp.alltoall(send, recv)
         self.cp.volume[(self.site, site)] += send.size // C * (C - 1)
         full = recv.transpose(1, 2, 3, 0, 4, 5).reshape(len(xs), B, H // C, C * Tl, D)
         return [to_device(np.ascontiguousarray(f[:, :, self.inverse])) for f in full]
@@ -293,7 +307,7 @@ class UlyssesAttention:
         send = np.stack([to_host(x)[:, :, self.order].reshape(B, h, C, Tl, D) for x in xs])
         send = np.ascontiguousarray(send.transpose(3, 0, 1, 2, 4, 5))      # [C dest, k, B, h, Tl, D]
         recv = np.empty_like(send)                                          # [C src = heads]
-        self.cp.comm.Alltoall(moved(send), moved(recv))
+        self.cp.alltoall(send, recv)
         self.cp.volume[(self.site, site)] += send.size // C * (C - 1)
         out = recv.transpose(1, 2, 0, 3, 4, 5).reshape(len(xs), B, h * C, Tl, D)
         return [to_device(o) for o in out]
