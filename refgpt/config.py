@@ -27,6 +27,7 @@ GELU_KINDS = ("tanh", "erf")
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 TP_MODES = ("1d", "2d")
 CP_COMM_TYPES = ("p2p", "a2a")
+ALLREDUCE_ALGORITHMS = ("mpi", "ring", "tree", "hierarchical")
 
 
 @dataclass
@@ -264,6 +265,7 @@ class ParallelConfig:
     tensor_parallel_mode: str = "1d"  # 1d: Megatron; 2d: SUMMA on a q x q grid (t = q^2)
     zero_stage: int = 0  # ZeRO over the data-parallel group: 1 optimizer state, 2 + grads, 3 + params
     dp_shared_memory: bool = False  # ZeRO-1 through node-shared memory (refgpt.parallel.shared)
+    dp_allreduce_algorithm: str = "mpi"  # the DP gradient sum: mpi, ring, tree, hierarchical
     offload_optimizer: str = ""  # folder for AdamW's moments as np.memmap files ("": in memory)
     grad_reduce_in_bf16: bool = False  # with --bf16: gradients accumulated and reduced in bf16
     recompute_granularity: str = ""  # full: blocks rerun in backward; selective: attention cores
@@ -317,6 +319,14 @@ class ParallelConfig:
         if self.tensor_parallel_mode == "2d" and self.sequence_parallel:
             raise ConfigError("--tensor-parallel-mode 2d does not combine with "
                               "--sequence-parallel (2-D already splits every activation)")
+        if self.dp_allreduce_algorithm not in ALLREDUCE_ALGORITHMS:
+            raise ConfigError(f"--dp-allreduce-algorithm must be one of "
+                              f"{', '.join(ALLREDUCE_ALGORITHMS)}, got "
+                              f"{self.dp_allreduce_algorithm!r}")
+        if self.dp_allreduce_algorithm != "mpi" and (self.zero_stage or self.dp_shared_memory):
+            raise ConfigError(f"--dp-allreduce-algorithm {self.dp_allreduce_algorithm} sums the "
+                              f"gradients of plain data parallelism; ZeRO reduce-scatters them "
+                              f"with MPI's collectives: drop one of the two")
         if self.cp_comm_type not in CP_COMM_TYPES:
             raise ConfigError(f"--cp-comm-type must be one of {', '.join(CP_COMM_TYPES)}, "
                               f"got {self.cp_comm_type!r}")

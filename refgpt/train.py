@@ -142,6 +142,11 @@ PARALLEL_FLAGS = {
                          "BLAS threads per rank (0: 1 when ranks share a node, else the default)"),
     "zero-stage": ("zero_stage", int, "ZeRO over the data-parallel group: 0 off, 1 optimizer "
                                       "state, 2 + gradients, 3 + parameters partitioned"),
+    "dp-allreduce-algorithm": ("dp_allreduce_algorithm", str,
+                               "the data-parallel gradient sum: mpi (MPI_Allreduce), or written "
+                               "out on point-to-point: ring, tree (double binary tree), "
+                               "hierarchical (shared memory within a node, MPI among nodes); "
+                               "all but mpi run after backward, without overlap"),
     "offload-optimizer": ("offload_optimizer", str, "keep AdamW's moments in np.memmap files "
                                                     "in this folder, updated chunk by chunk"),
     "timing-log-level": ("timing_log_level", int,

@@ -161,8 +161,10 @@ class Trainer:
         """Free what the run holds in memory shared between ranks (--dp-shared-memory's
         windows); collective: every rank calls it. The trainer cannot train afterwards (one
         job that runs several trainers in turn, as the scaling study does, calls it)."""
-        params = self.model.params
+        params, sync = self.model.params, self.sync
         self.model = self.opt = self.sync = self.step = None
+        if sync is not params:                  # (ZeRO's storage is its own sync)
+            sync.free()
         params.free()
 
     # -- one optimizer step ------------------------------------------------------------------

@@ -27,6 +27,7 @@ from ..nn.gpt import GPT
 from ..nn.params import Params
 from ..precision import dtype_of
 from ..nn.sublayers import Sublayers
+from .collectives import Allreduce
 from .context import ContextComm, check_context
 from .data import GradAllReduce
 from .expert import ExpertComm, expert_of
@@ -177,8 +178,10 @@ def build(mcfg, tcfg, pcfg, grid) -> Built:
     elif grid.dp_size > 1:
         groups = (lambda n: grid.edp_comm if expert_of(n) is not None else grid.dp_comm) \
             if grid.ep_size > 1 else None
-        sync = GradAllReduce(params, grid.dp_comm, pcfg.ddp_bucket_size, pcfg.overlap_grad_reduce,
-                             groups)
+        hand = pcfg.dp_allreduce_algorithm != "mpi"      # progresses only inside its calls
+        sync = GradAllReduce(params, grid.dp_comm, pcfg.ddp_bucket_size,
+                             pcfg.overlap_grad_reduce and not hand, groups,
+                             Allreduce(pcfg.dp_allreduce_algorithm) if hand else None)
     else:
         sync = LocalGrads(params)
     return Built(model, sync, pipeline)

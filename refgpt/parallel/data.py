@@ -44,15 +44,19 @@ class GradAllReduce(GradSync):
     """The all-reduce of the gradient buffer in buckets, over the data-parallel group (the
     gradient-sync interface of refgpt.parallel.sync)."""
 
-    def __init__(self, params, dp_comm, bucket_elems: int, overlap: bool = True, groups=None):
+    def __init__(self, params, dp_comm, bucket_elems: int, overlap: bool = True, groups=None,
+                 allreduce=None):
         """Backward finishes the parameters in the reverse of the flat buffer's order (last
         block first; refgpt.nn.gpt), so buckets are runs of whole parameters from the end.
         overlap False: no all-reduce during backward; finish() reduces the buckets one after
         another with blocking MPI_Allreduce (MPI's tuned algorithms, no progress needed).
         groups(name): the communicator a parameter's gradient is summed over, where it is not
         dp_comm (expert parallelism: an expert's over its expert-data-parallel group); a
-        bucket holds parameters of one group only."""
+        bucket holds parameters of one group only. allreduce(comm, buffer): a hand-written
+        algorithm (refgpt.parallel.collectives) for the blocking sums after backward, in
+        place of MPI_Allreduce (with overlap False)."""
         self.params, self.grad, self.comm, self.overlap = params, params.grad, dp_comm, overlap
+        self.allreduce = allreduce
         group = groups or (lambda n: dp_comm)
         names = sorted(params.slices, key=lambda n: params.slices[n][0], reverse=True)
         self.buckets: list[tuple[int, int, set]] = []        # (lo, hi, parameter names)
@@ -105,12 +109,19 @@ class GradAllReduce(GradSync):
         if not self.overlap:
             for (lo, hi, _), comm in zip(self.buckets, self.groups):
                 buf, host = self._host(lo, hi, comm)
-                comm.Allreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
+                if self.allreduce is not None:
+                    self.allreduce(comm, buf)
+                else:
+                    comm.Allreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
                 self.pending.append((MPI.REQUEST_NULL, lo, hi, host))
         MPI.Request.Waitall([p[0] for p in self.pending])
         for p in self.pending:
             self._land(p)
         self.pending = []
+
+    def free(self) -> None:
+        if self.allreduce is not None:
+            self.allreduce.free()
 
     def grad_squares(self, counted) -> float:
         """Every rank of a bucket's group holds the whole sum: the group's rank 0 counts it."""

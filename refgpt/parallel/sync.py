@@ -52,6 +52,9 @@ class GradSync:
     def grad_squares(self, counted) -> float:
         raise NotImplementedError
 
+    def free(self) -> None:
+        """Give back memory shared between processes (collective; most hold none)."""
+
 
 class LocalGrads(GradSync):
     """One replica: the local gradient is the step's gradient."""
