@@ -18,7 +18,8 @@ from test_bad_inputs import FILES, FLAGS, TINY  # noqa: E402
 from refgpt import train  # noqa: E402
 
 # the size of the world decides these: at 2 or 4 ranks --tp 2 is a layout, not an error
-LAYOUT = ("--tensor-model-parallel-size", "--expert-model-parallel-size", "--context-parallel-size")
+LAYOUT = ("--tensor-model-parallel-size", "--expert-model-parallel-size",
+          "--context-parallel-size")
 CASES = ([({}, flags, match) for flags, match in FLAGS if not set(flags) & set(LAYOUT)]
          + [(files, flags, match) for files, flags, match in FILES])
 

@@ -28,6 +28,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 TP_MODES = ("1d", "2d")
 CP_COMM_TYPES = ("p2p", "a2a")
 ALLREDUCE_ALGORITHMS = ("mpi", "ring", "tree", "hierarchical")
+OPTIMIZERS = ("adam", "lamb")
 
 
 @dataclass
@@ -149,6 +150,7 @@ class TrainConfig:
     lr_warmup_init: float = 0.0
     lr_decay_style: str = "cosine"
     lr_decay_iters: int = 0  # 0: same as train_iters
+    optimizer: str = "adam"  # adam (AdamW) or lamb
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
@@ -194,6 +196,9 @@ class TrainConfig:
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, "
                                   f"got {value}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, "
+                              f"got {self.optimizer!r}")
         for name in ("micro_batch_size", "global_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -82,6 +82,8 @@ TRAIN_FLAGS = {
     "lr-decay-style": ("lr_decay_style", str, ", ".join(DECAY_STYLES)),
     "lr-decay-iters": ("lr_decay_iters", int, "iteration where decay ends (default, 0: "
                                               "--train-iters)"),
+    "optimizer": ("optimizer", str, "adam (AdamW) or lamb (AdamW's moments, each tensor's step "
+                                    "scaled by its trust ratio ||w|| / ||update||)"),
     "weight-decay": ("weight_decay", float, "AdamW decoupled decay on 2-D weights"),
     "clip-grad": ("clip_grad", float, "global gradient-norm clip (0: off)"),
     "adam-beta1": ("adam_beta1", float, "AdamW beta1"),

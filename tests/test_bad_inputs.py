@@ -65,6 +65,8 @@ FLAGS = [  # (extra flags, what the line says)
      "--context-parallel-size 2 does not divide the ranks left for data parallelism (1"),
     (["--cp", "0"], "--context-parallel-size must be >= 1"),
     (["--cp-comm-type", "ring"], "--cp-comm-type must be one of p2p, a2a"),
+    (["--optimizer", "sgd"], "--optimizer must be one of adam, lamb"),
+    (["--optimizer", "lamb", "--zero-stage", "1"], "--optimizer lamb needs every parameter"),
     (["--dp-allreduce-algorithm", "butterfly"],
      "--dp-allreduce-algorithm must be one of mpi, ring, tree, hierarchical"),
     (["--dp-allreduce-algorithm", "tree", "--zero-stage", "1"],

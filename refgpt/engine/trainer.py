@@ -24,7 +24,7 @@ from ..data.corpus import cache_dir
 from ..cli import CheckpointError
 from ..config import ConfigError, ModelConfig, ParallelConfig
 from ..precision import compute_dtype, dtype_of, is_half
-from ..optim import AdamW, MasterAdamW, learning_rate, make_scaler
+from ..optim import AdamW, Lamb, MasterAdamW, learning_rate, make_scaler
 from ..parallel.build import build, check_layout
 from ..parallel.grid import Grid
 from ..parallel.threads import ranks_on_node
@@ -153,9 +153,13 @@ class Trainer:
                      f"rank*.exp_avg_sq.npy; {2 * n * state.itemsize / 2**20:.1f} MiB "
                      f"for rank 0); they stay after the run: checkpoints hold the moments, so "
                      f"delete the folder when done")
+        settings = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                        weight_decay=t.weight_decay, moments=moments)
+        if t.optimizer == "lamb":                   # whole tensors here (check_layout)
+            return Lamb(p.param_shard(), p.grad_shard(), decay, list(p.slices.values()),
+                        **settings)
         kind = MasterAdamW if is_half(p.dtype) else AdamW
-        return kind(p.param_shard(), p.grad_shard(), decay, betas=(t.adam_beta1, t.adam_beta2),
-                    eps=t.adam_eps, weight_decay=t.weight_decay, moments=moments)
+        return kind(p.param_shard(), p.grad_shard(), decay, **settings)
 
     def close(self) -> None:
         """Free what the run holds in memory shared between ranks (--dp-shared-memory's

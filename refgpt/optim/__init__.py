@@ -1,11 +1,12 @@
-"""AdamW (on fp32 master weights in 16-bit runs), learning-rate schedule, gradient clipping
-and loss scaling, on flat buffers."""
+"""AdamW (on fp32 master weights in 16-bit runs), LAMB, learning-rate schedule, gradient
+clipping and loss scaling, on flat buffers."""
 
 from .adamw import AdamW
 from .clip import clip_coefficient, clip_grad_, grad_norm
+from .lamb import Lamb
 from .mixed import MasterAdamW
 from .scaler import ConstantScaler, DynamicScaler, make_scaler
 from .schedule import learning_rate
 
-__all__ = ["AdamW", "ConstantScaler", "DynamicScaler", "MasterAdamW", "clip_coefficient",
+__all__ = ["AdamW", "ConstantScaler", "DynamicScaler", "Lamb", "MasterAdamW", "clip_coefficient",
            "clip_grad_", "grad_norm", "learning_rate", "make_scaler"]

@@ -76,6 +76,11 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
                           "drop it")
     if stage >= 2 and pp > 1:
         raise ConfigError(ZERO_WITH_PP.format(stage=stage))
+    if tcfg.optimizer == "lamb" and (tp > 1 or stage or pcfg.offload_optimizer
+                                     or tcfg.dtype in ("bfloat16", "float16")):
+        raise ConfigError("--optimizer lamb needs every parameter tensor whole on its rank and "
+                          "fp32/fp64 parameters: not yet with --tensor-model-parallel-size > 1, "
+                          "--zero-stage, --offload-optimizer or --bf16/--fp16")
     if mcfg.num_experts and tp > 1 and pcfg.tensor_parallel_mode == "2d":
         raise ConfigError("--num-experts with --tensor-parallel-mode 2d is not supported yet "
                           "(1-D --tensor-model-parallel-size, with or without "
