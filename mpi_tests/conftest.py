@@ -18,6 +18,24 @@ def pytest_runtest_makereport(item, call):
             abort_job(comm, f"\nrank {comm.rank}: {item.nodeid} failed\n{report.longreprtext}")
 
 
+@pytest.fixture(autouse=True)
+def grids_given_back(monkeypatch):
+    """Every Grid a test makes frees its communicators when the test ends: an MPI process
+    has a few thousand (MPICH: 2048), and the suite builds hundreds of grids. Every rank
+    makes the same grids in the same order, so the frees pair up."""
+    from refgpt.parallel import grid
+    made = []
+    init = grid.Grid.__init__
+
+    def recording(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+    monkeypatch.setattr(grid.Grid, "__init__", recording)
+    yield
+    for g in made:
+        g.free()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_blas_thread_per_rank():
     """Several ranks share this machine's cores: one BLAS and one Numba thread each, as

@@ -184,7 +184,7 @@ class Hierarchical:
         """node_comm: comm's ranks that share memory (default: MPI_COMM_TYPE_SHARED; tests
         pass smaller groups to act as several nodes)."""
         from mpi4py import MPI
-        self.comm = comm
+        self.comm, self.own_node = comm, node_comm is None
         self.node = node_comm if node_comm is not None else comm.Split_type(
             MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
         self.q, self.me = self.node.Get_size(), self.node.Get_rank()
@@ -228,11 +228,21 @@ class Hierarchical:
         self._sync()                                     # row 0 read before it is reused
 
     def free(self) -> None:
+        """Give back the window (collective over the node)."""
         if self.window is not None:
             self.rows = None
             self.window.Unlock_all()
             self.window.Free()
             self.window = None
+
+    def close(self) -> None:
+        """The window and the communicators made here (collective over comm)."""
+        from mpi4py import MPI
+        self.free()
+        if self.leaders != MPI.COMM_NULL:
+            self.leaders.Free()
+        if self.own_node:
+            self.node.Free()
 
 
 class Allreduce:
@@ -259,7 +269,8 @@ class Allreduce:
             self.hierarchies[id(comm)](x)
 
     def free(self) -> None:
-        """Give back the hierarchical path's shared windows (collective over each group)."""
+        """Give back the hierarchical path's windows and communicators (collective over each
+        group)."""
         for h in self.hierarchies.values():
-            h.free()
+            h.close()
         self.hierarchies = {}

@@ -118,6 +118,18 @@ class Grid:
                 self.ep_comm = self.dp_comm.Split(color=self.edp_rank, key=self.ep_rank)
                 self.edp_comm = self.dp_comm.Split(color=self.ep_rank, key=self.edp_rank)
 
+    def free(self) -> None:
+        """Free the communicators made here (collective over the world). An MPI process has a
+        few thousand of them (MPICH: 2048), so a process that builds many grids, as the test
+        suite does, gives each back when done."""
+        names = ("cp_comm", "ep_comm", "edp_comm", "emb_comm", "mp_comm", "pp_comm", "dp_comm",
+                 "tp_comm")
+        for name in names:
+            comm = getattr(self, name)
+            if comm is not None:
+                comm.Free()
+                setattr(self, name, None)
+
     def replica_rank(self, expert: bool) -> int:
         """This rank's index among the ranks holding the same copy of a parameter: its DP
         rank, or for an expert's parameter under expert parallelism its expert-DP rank."""
