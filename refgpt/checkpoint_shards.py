@@ -91,9 +91,9 @@ class Piece:
 
 def owned_pieces(model, writes) -> list[tuple[Piece, int, int]]:
     """(piece, a, b): the parts of each of this rank's tensors in its own runs of the flat
-    buffer (refgpt.nn.params.in_shard), as pieces and as [a, b) of the optimizer's shard; for a tensor with writes(name)
-    False (a data-parallel replica's), or for the copies another rank writes (module
-    docstring), nothing."""
+    buffer (refgpt.nn.params.in_shard), as pieces and as [a, b) of the optimizer's shard; for
+    a tensor with writes(name) False (a data-parallel replica's), or for the copies another
+    rank writes (module docstring), nothing."""
     params, out = model.params, []
     for name, (t0, t1) in params.slices.items():
         if not writes(name) or not model.counted(name):

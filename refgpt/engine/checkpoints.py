@@ -124,9 +124,7 @@ def start_save(path, iteration: int, model, opt, grid, state: dict, tokenizer=No
     if world is not None:
         tmp, failure = world.bcast((tmp, failure))
     file, entries, data = f"shard_{grid.rank:05d}.safetensors", [], None
-    def writes(name: str) -> bool:            # one copy of each piece (module docstring)
-        expert = expert_of(name) is not None
-        return p.writes_own(grid.replica_rank(expert))
+    writes = lambda n: p.writes_own(grid.replica_rank(expert_of(n) is not None))  # noqa: E731
     pieces = owned_pieces(model, writes) if failure is None else []
     if pieces:
         tensors = {}

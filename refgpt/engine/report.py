@@ -92,8 +92,9 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     ours = refgpt_bytes(sizes, blocks, r == 0, r == p - 1, recomputed, selective, in_flight,
                         chunk)
     per_layer = [0 if i < recomputed and i % chunk else
-                 korthikanti_bytes(mcfg.seq_length // grid.cp_size, tcfg.micro_batch_size, mcfg.hidden_size,
-                                   mcfg.num_attention_heads, t, pcfg.sequence_parallel,
+                 korthikanti_bytes(mcfg.seq_length // grid.cp_size, tcfg.micro_batch_size,
+                                   mcfg.hidden_size, mcfg.num_attention_heads, t,
+                                   pcfg.sequence_parallel,
                                    "full" if i < recomputed else pcfg.recompute_granularity)
                  for i in range(blocks)] * pcfg.num_virtual_stages
     return {"activations_formula": ours["total"] if covered else 0,

@@ -145,7 +145,8 @@ class Trainer:
         16-bit run, on fp32 master weights of it (refgpt.optim.mixed)."""
         t = self.tcfg
         n = p.shard_size
-        decay = [(at, at + b - a) for lo, hi in p.decay_ranges() for a, b, at in p.in_shard(lo, hi)]
+        decay = [(at, at + b - a) for lo, hi in p.decay_ranges()
+                 for a, b, at in p.in_shard(lo, hi)]
         folder, state = self.pcfg.offload_optimizer, compute_dtype(p.dtype)
         moments = (offload_moments(folder, self.grid.rank, n, state) if folder else None)
         if folder:

@@ -31,6 +31,7 @@ from .collectives import Allreduce
 from .context import ContextComm, check_context
 from .data import GradAllReduce
 from .expert import ExpertComm, expert_of
+from .grid import check_expert_size
 from .pipeline import PipelineExecutor, PipelineModel, check_pipeline
 from .shared import SharedParams
 from .summa import SummaGrid
@@ -103,16 +104,12 @@ def check_experts(mcfg, pcfg, dp: int) -> None:
     ep = pcfg.expert_model_parallel_size
     if ep == 1:
         return
-    if ep < 1:
-        raise ConfigError(f"--expert-model-parallel-size must be >= 1, got {ep}")
+    check_expert_size(ep, dp)
     if not mcfg.num_experts:
         raise ConfigError("--expert-model-parallel-size splits experts: give --num-experts")
     if mcfg.num_experts % ep:
         raise ConfigError(f"--num-experts {mcfg.num_experts} is not divisible by "
                           f"--expert-model-parallel-size {ep}")
-    if dp % ep:
-        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the "
-                          f"data-parallel size {dp}")
     if pcfg.dp_shared_memory:
         raise ConfigError("--dp-shared-memory with --expert-model-parallel-size > 1 is not "
                           "supported: the ranks of a node hold different experts")
@@ -136,7 +133,7 @@ def sublayers(mcfg, seed: int, grid, pcfg) -> Sublayers:
     if grid.ep_size > 1:
         parts.ep = ExpertComm(grid.ep_comm, mcfg.num_experts)
     if grid.cp_size > 1:
-        parts.cp = ContextComm(grid.cp_comm, mcfg, seed, pcfg.cp_comm_type)
+        parts.cp = ContextComm(grid.cp_comm, mcfg.seq_length, pcfg.cp_comm_type)
     return parts
 
 

@@ -46,45 +46,53 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import ALLREDUCE_ALGORITHMS as ALGORITHMS
-from .wire import moved
+from .shared import sum_rows
+from .wire import moved, sum_op
 
 
 def blocks(n: int, p: int) -> tuple[list[int], list[int]]:
     """counts, displs: n elements cut into p contiguous blocks, the first n mod p one longer."""
     counts = [n // p + (1 if s < n % p else 0) for s in range(p)]
-    return counts, [sum(counts[:s]) for s in range(p)]
+    return counts, displacements(counts)
+
+
+def displacements(counts: list[int]) -> list[int]:
+    """Where each of the contiguous blocks of these lengths starts."""
+    return [sum(counts[:s]) for s in range(len(counts))]
+
+
+def _parts(counts: list[int]) -> list[slice]:
+    return [slice(d, d + c) for d, c in zip(displacements(counts), counts)]
 
 
 def ring_reduce_scatter(comm, x: np.ndarray, counts: list[int]) -> np.ndarray:
     """The sum over the ranks of block `rank` of x (block s: counts[s] elements), a new array."""
     p, r = comm.Get_size(), comm.Get_rank()
-    displs = [sum(counts[:s]) for s in range(p)]
-    part = lambda b: slice(displs[b], displs[b] + counts[b])     # noqa: E731
+    part = _parts(counts)
     acc = x.copy()
     nxt, prv = (r + 1) % p, (r - 1) % p
     recv = np.empty(max(counts, default=0), x.dtype)
     for t in range(p - 1):
         out, inc = (r - t - 1) % p, (r - t - 2) % p
         got = recv[:counts[inc]]
-        comm.Sendrecv(moved(np.ascontiguousarray(acc[part(out)])), dest=nxt, recvbuf=moved(got),
+        comm.Sendrecv(moved(np.ascontiguousarray(acc[part[out]])), dest=nxt, recvbuf=moved(got),
                       source=prv)
-        acc[part(inc)] += got
-    return acc[part(r)].copy()
+        acc[part[inc]] += got
+    return acc[part[r]].copy()
 
 
 def ring_all_gather(comm, piece: np.ndarray, counts: list[int], out: np.ndarray) -> None:
     """out (the whole buffer) <- every rank's piece in rank order (block s: counts[s])."""
     p, r = comm.Get_size(), comm.Get_rank()
-    displs = [sum(counts[:s]) for s in range(p)]
-    part = lambda b: slice(displs[b], displs[b] + counts[b])     # noqa: E731
-    out[part(r)] = piece
+    part = _parts(counts)
+    out[part[r]] = piece
     nxt, prv = (r + 1) % p, (r - 1) % p
     for t in range(p - 1):
         send, inc = (r - t) % p, (r - t - 1) % p
         got = np.empty(counts[inc], out.dtype)
-        comm.Sendrecv(moved(np.ascontiguousarray(out[part(send)])), dest=nxt,
+        comm.Sendrecv(moved(np.ascontiguousarray(out[part[send]])), dest=nxt,
                       recvbuf=moved(got), source=prv)
-        out[part(inc)] = got
+        out[part[inc]] = got
 
 
 def ring_allreduce(comm, x: np.ndarray) -> None:
@@ -212,8 +220,6 @@ class Hierarchical:
 
     def __call__(self, x: np.ndarray) -> None:
         from mpi4py import MPI
-        from .shared import sum_rows
-        from .wire import sum_op
         rows = self._rows(len(x), x.dtype)
         rows[self.me] = x
         self._sync()
@@ -256,7 +262,6 @@ class Allreduce:
 
     def __call__(self, comm, x: np.ndarray) -> None:
         from mpi4py import MPI
-        from .wire import sum_op
         if self.algorithm == "mpi":
             comm.Allreduce(MPI.IN_PLACE, moved(x), op=sum_op(x.dtype))
         elif self.algorithm == "ring":

@@ -60,9 +60,10 @@ import numpy as np
 
 from ..backend import array_module, to_device, to_host
 from ..config import ConfigError
-from ..nn.attention import attention_backward, attention_forward
+from ..nn.attention import LocalAttention
 from ..nn.cast import narrow, wide
 from ..nn.dropout import Dropout
+from .grid import check_context_size
 from .wire import moved
 
 def positions(T: int, C: int, r: int) -> np.ndarray:
@@ -77,11 +78,7 @@ def check_context(mcfg, pcfg, tp: int, dp: int) -> None:
     C = pcfg.context_parallel_size
     if C == 1:
         return
-    if C < 1:
-        raise ConfigError(f"--context-parallel-size must be >= 1, got {C}")
-    if dp % C:
-        raise ConfigError(f"--context-parallel-size {C} does not divide the ranks left for "
-                          f"data parallelism ({dp} = world / (tp x pp))")
+    check_context_size(C, dp)
     if mcfg.seq_length % (2 * C):
         raise ConfigError(f"--seq-length {mcfg.seq_length} is not divisible by 2 x "
                           f"--context-parallel-size = {2 * C} (each rank holds two chunks)")
@@ -103,15 +100,22 @@ def check_context(mcfg, pcfg, tp: int, dp: int) -> None:
                           "--sequence-parallel, is)")
 
 
+def whole_sequence_only(p0: int, keep_probs: bool) -> None:
+    """Context parallelism's cores serve training and evaluation, not generation's key/value
+    cache (p0 > 0) nor the dumps' recorded probabilities."""
+    if keep_probs or p0:
+        raise ValueError("attention probabilities and key/value caches are not available "
+                         "under context parallelism")
+
+
 class ContextComm:
     """This rank's CP group: its positions, its attention cores, the elements each layer
     sent (``volume[(site, pass)]``, as the tensor-parallel counters) and the seconds spent
     waiting for them (``seconds``: what the computation did not hide)."""
 
-    def __init__(self, comm, cfg, seed: int, comm_type: str = "p2p"):
-        self.comm, self.cfg, self.seed, self.comm_type = comm, cfg, seed, comm_type
+    def __init__(self, comm, seq_length: int, comm_type: str = "p2p"):
+        self.comm, self.T, self.comm_type = comm, seq_length, comm_type
         self.size, self.rank = comm.Get_size(), comm.Get_rank()
-        self.T = cfg.seq_length
         self.positions = positions(self.T, self.size, self.rank)
         self.volume: dict[tuple[str, str], int] = defaultdict(int)
         self.seconds = 0.0
@@ -158,8 +162,8 @@ class RingAttention:
         return self.drop.rows_of(key, self.cp.positions, self.cp.T, dtype)
 
     def _blocks(self, src: int):
-        """(i, j, causal): this rank's query half i against half j of src's keys, where the
-        causal mask lets any query see a key."""
+        """(i, j, kc, causal): this rank's query half i against half j (chunk kc) of src's
+        keys, where the causal mask lets any query see a key; causal: the diagonal block."""
         theirs = (src, 2 * self.cp.size - 1 - src)
         for i, qc in enumerate(self.chunks):
             for j, kc in enumerate(theirs):
@@ -178,9 +182,7 @@ class RingAttention:
         return reqs, recv, host
 
     def forward(self, q, k, v, p0: int, key, keep_probs: bool = False):
-        if keep_probs or p0:
-            raise ValueError("attention probabilities and key/value caches are not available "
-                             "under context parallelism")
+        whole_sequence_only(p0, keep_probs)
         n, C, r = self.n, self.cp.size, self.cp.rank
         mask = self._mask(key, wide(q).dtype)
         halves = (slice(0, n), slice(n, 2 * n))
@@ -281,7 +283,8 @@ class UlyssesAttention:
     """a2a: heads for tokens by all-to-all, attention on the whole sequence (module docstring)."""
 
     def __init__(self, cp: ContextComm, site: str, drop: Dropout):
-        self.cp, self.site, self.drop = cp, site, drop        # drop: over core_heads
+        self.cp, self.site = cp, site
+        self.local = LocalAttention(drop)          # on the whole sequence; drop: core_heads
         C = cp.size
         order = np.concatenate([positions(cp.T, C, s) for s in range(C)])
         self.order = order                                  # gathered token i is position order[i]
@@ -313,12 +316,9 @@ class UlyssesAttention:
         return [to_device(o) for o in out]
 
     def forward(self, q, k, v, p0: int, key, keep_probs: bool = False):
-        if keep_probs or p0:
-            raise ValueError("attention probabilities and key/value caches are not available "
-                             "under context parallelism")
+        whole_sequence_only(p0, keep_probs)
         qf, kf, vf = self._to_heads((q, k, v), "forward")
-        dropout = (lambda p: self.drop.forward(p, key)) if key is not None and self.drop.p else None
-        o, saved = attention_forward(qf, kf, vf, 0, dropout)
+        o, saved = self.local.forward(qf, kf, vf, 0, key)
         (out,) = self._to_tokens((o,), "forward")
         return out, (qf, kf, vf, saved)
 
@@ -326,7 +326,6 @@ class UlyssesAttention:
         qf, kf, vf, inner = saved
         (dof,) = self._to_heads((do,), "backward")
         dqf, dkf, dvf = (np.empty_like(x) for x in (qf, kf, vf))
-        attention_backward(qf, kf, vf, inner, dof, dqf, dkf, dvf,
-                           self.drop.backward if drop else None)
+        self.local.backward(qf, kf, vf, inner, dof, dqf, dkf, dvf, drop)
         for dst, src in zip((dq, dk, dv), self._to_tokens((dqf, dkf, dvf), "backward")):
             dst[...] = src

@@ -75,6 +75,24 @@ def check_sizes(world: int, tp: int, pp: int) -> int:
     return world // (tp * pp)
 
 
+def check_expert_size(ep: int, dp: int) -> None:
+    """A ConfigError unless EP groups of ep ranks can be carved out of dp DP ranks."""
+    if ep < 1:
+        raise ConfigError(f"--expert-model-parallel-size must be >= 1, got {ep}")
+    if dp % ep:
+        raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the "
+                          f"data-parallel size {dp}")
+
+
+def check_context_size(cp: int, dp: int) -> None:
+    """A ConfigError unless CP groups of cp ranks can be carved out of dp DP ranks."""
+    if cp < 1:
+        raise ConfigError(f"--context-parallel-size must be >= 1, got {cp}")
+    if dp % cp:
+        raise ConfigError(f"--context-parallel-size {cp} does not divide the ranks left "
+                          f"for data parallelism ({dp} = world / (tp x pp))")
+
+
 class Grid:
     """This rank's coordinates and communicators. ``Grid(None)`` is the single process
     (every size 1, no communicator and no MPI needed)."""
@@ -88,18 +106,10 @@ class Grid:
         c = coords(self.rank, tp, self.dp_size)
         self.tp_rank, self.dp_rank, self.pp_rank = c.tp, c.dp, c.pp
         self.tp_comm = self.dp_comm = self.pp_comm = self.mp_comm = self.emb_comm = None
-        if ep < 1:
-            raise ConfigError(f"--expert-model-parallel-size must be >= 1, got {ep}")
-        if self.dp_size % ep:
-            raise ConfigError(f"--expert-model-parallel-size {ep} does not divide the "
-                              f"data-parallel size {self.dp_size}")
+        check_expert_size(ep, self.dp_size)
         self.ep_size, self.ep_rank, self.edp_rank = ep, c.dp % ep, c.dp // ep
         self.ep_comm = self.edp_comm = self.cp_comm = None
-        if cp < 1:
-            raise ConfigError(f"--context-parallel-size must be >= 1, got {cp}")
-        if self.dp_size % cp:
-            raise ConfigError(f"--context-parallel-size {cp} does not divide the ranks left "
-                              f"for data parallelism ({self.dp_size} = world / (tp x pp))")
+        check_context_size(cp, self.dp_size)
         self.cp_size, self.cp_rank = cp, c.dp % cp
         self.data_size, self.data_rank = self.dp_size // cp, c.dp // cp
         if world_comm is not None:
