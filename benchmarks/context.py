@@ -84,7 +84,7 @@ def measure(args) -> None:
     rows = []
     for T in args.seq:
         for c in args.cp:
-            for kind in (("p2p",) if c == 1 else ("p2p", "a2a")):
+            for kind in (("p2p",) if c == 1 else args.kinds):
                 if comm.Get_size() % c or T % (2 * c) or kind == "a2a" and 12 % c:
                     continue                           # (a2a splits the 12 heads over c)
                 if probabilities_bytes(T, c, kind) > args.budget * GIB:
@@ -98,7 +98,8 @@ def measure(args) -> None:
         print(f"# {cpu_name()}, {comm.Get_size()} ranks x {args.threads} threads, GPT-2 124M "
               f"float32, 1 sequence per data replica, budget {args.budget} GiB per rank")
         for c in args.cp:
-            for kind in (("p2p",) if c == 1 else ("p2p", "a2a") if 12 % c == 0 else ("p2p",)):
+            for kind in (("p2p",) if c == 1 else [k for k in args.kinds
+                                                    if k == "p2p" or 12 % c == 0]):
                 ok = [r["T"] for r in rows if r["c"] == c and r["kind"] == kind and r["fits"]
                       and r["memory"] <= args.budget * GIB]
                 print(f"# longest T within {args.budget} GiB: {label(c, kind)}: "
@@ -160,6 +161,8 @@ def main():
     ap.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--iters", type=int, default=1, help="timed steps after one warm-up step "
                     "(0: time the one step, warm-up included)")
+    ap.add_argument("--kinds", nargs="+", choices=("p2p", "a2a"), default=["p2p", "a2a"],
+                    help="--cp-comm-type(s) to run where CP > 1")
     ap.add_argument("--threads", type=int, default=1, help="BLAS/numba threads per rank")
     ap.add_argument("--budget", type=float, default=4.0, help="GiB per rank")
     ap.add_argument("--out", help="write the rows as JSON here")

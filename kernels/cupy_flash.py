@@ -33,6 +33,14 @@ backward takes the forward's), which benchmarks/gpu_attention.py --sweep times.
 16-bit q, k and v run refgpt.kernels.cupy_flash16's kernels: the same algorithm on the
 tensor cores.
 
+The causal boundary is an argument, off: query i sees keys j <= i + off. Whole-sequence
+attention passes off = Tk - T (queries are the last T of Tk positions); context
+parallelism's ring blocks (attention_block_forward and _backward, refgpt.parallel.context)
+pass 0 on the diagonal block and Tk for a block whose keys all come earlier, and take the
+block's lse as it is (the ring merges blocks by it) and, backward, the ring's final lse and
+delta (the gradients are added into the ring's accumulators). The blocks run in float32 or
+float64; 16-bit ring blocks take the reference's cuBLAS path.
+
 What this path does not cover it declines (returns NotImplemented), and the reference runs
 (cuBLAS products on blocks of rows, refgpt.kernels.cupy_attention): attention dropout,
 recording the probabilities, head sizes that are not a multiple of 16 up to 128, and tiles
@@ -153,7 +161,7 @@ __global__ void __launch_bounds__(16 * TY) flash_forward(
         const T* q, const T* k, const T* v, T* o, T* lse,
         long long qb, long long qh, long long qt, long long kb, long long kh, long long kt,
         long long vb, long long vh, long long vt, long long ob, long long oh, long long ot,
-        int H, int T_, int Tk, T scale) {
+        int H, int T_, int Tk, int off, T scale) {
     constexpr int NT = 16 * TY, RM = BQ / TY, RN = BK / 16, RD = D / 16;
     constexpr int LQ = BQ + 4, LK = BK + 4;    // row pitches (+ 4: keeps 16-byte rows)
     extern __shared__ __align__(16) unsigned char smem[];
@@ -163,7 +171,7 @@ __global__ void __launch_bounds__(16 * TY) flash_forward(
     T* Pt = Kt;                                // [BK][LQ]: Pt[key LQ + t] = P[t][key]
     const T NEG = -inf<T>();
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16, r0 = ty * RM;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, off = Tk - T_;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
     const int q0 = (gridDim.x - 1 - blockIdx.x) * BQ;          // the longest rows first
     q += b * qb + h * qh; k += b * kb + h * kh; v += b * vb + h * vh; o += b * ob + h * oh;
     for (int i = tid; i < BQ * D; i += NT) {
@@ -241,7 +249,7 @@ __global__ void __launch_bounds__(16 * TY) flash_backward(
         long long qb, long long qh, long long qt, long long kb, long long kh, long long kt,
         long long vb, long long vh, long long vt, long long gb, long long gh, long long gt,
         long long kgb, long long kgh, long long kgt, long long vgb, long long vgh, long long vgt,
-        int H, int T_, int Tk, T scale) {
+        int H, int T_, int Tk, int off, T scale) {
     constexpr int NT = 16 * TY, RK = BK / TY, RQ = BQ / 16, RD = D / 16, RQ2 = BQ / TY;
     constexpr int LK = BK + 4, LQ = BQ + 4, LD = D + 4, PF = (BQ * D + NT - 1) / NT;
     static_assert(BQ <= NT, "a thread per query row of the block");
@@ -260,7 +268,7 @@ __global__ void __launch_bounds__(16 * TY) flash_backward(
     T* Es = Ls + BQ;                           // [BQ]: delta
     const T INF = inf<T>();
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-    const int bh = blockIdx.y, b = bh / H, h = bh % H, off = Tk - T_;
+    const int bh = blockIdx.y, b = bh / H, h = bh % H;
     const int k0 = blockIdx.x * BK;
     q += b * qb + h * qh; k += b * kb + h * kh; v += b * vb + h * vh; dout += b * gb + h * gh;
     dk += b * kgb + h * kgh; dv += b * vgb + h * vgh;
@@ -316,7 +324,7 @@ __global__ void __launch_bounds__(16 * TY) flash_backward(
             #pragma unroll
             for (int i = 0; i < RK; ++i) {
                 const int key = k0 + ty * RK + i;
-                pc[i] = key <= q0 + t + off ? ex(s[i][j] * scale - Ls[t]) : (T)0;
+                pc[i] = key <= q0 + t + off && key < Tk ? ex(s[i][j] * scale - Ls[t]) : (T)0;
                 dp[i][j] = pc[i] * (dp[i][j] - Es[t]);              // dS
             }
             store_vec(Ps + t * LK + ty * RK, pc);
@@ -373,11 +381,11 @@ __global__ void flash_delta(const T* dout, const T* o, T* delta, long long gb, l
 // dq[b, h, t, :] = scale * the sum of the key blocks' parts, in block order.
 template <typename T>
 __global__ void flash_dq(const T* dqp, T* dq, long long db, long long dh, long long dt,
-                         int H, int T_, int Tk, int D, int BK, int BH, T scale) {
+                         int H, int T_, int Tk, int off, int D, int BK, int BH, T scale) {
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (long long)BH * T_ * D) return;
     const int d = i % D, row = (i / D) % T_, bh = i / ((long long)D * T_);
-    const int last = min(Tk - 1, row + Tk - T_) / BK;
+    const int last = min(Tk - 1, row + off) / BK;
     T sum = (T)0;
     for (int j = 0; j <= last; ++j)
         sum += dqp[((long long)j * BH + bh) * T_ * D + (long long)row * D + d];
@@ -454,18 +462,8 @@ def attention_forward(q, k, v, p0, dropout=None, keep_probs=False, tiles=None):
     tiles = tiles or TILES.get(q.itemsize)
     if dropout is not None or keep_probs or not _fits(q, k, v, tiles):
         return NotImplemented                           # the reference's cuBLAS path
-    B, H, T, D = q.shape
-    Tk = k.shape[2]
-    cupy_flash16.check_queries_last(T, Tk, p0)
-    o = cp.empty((B, T, H, D), q.dtype).transpose(0, 2, 1, 3)
-    lse = cp.empty((B, H, T), q.dtype)
-    BQ, _, TY = tiles["forward"]
-    shared = shared_bytes("forward", q.itemsize, D, tiles)
-    kern = _kernel("forward", q.dtype, D, shared, tiles)
-    kern((-(-T // BQ), B * H), (16 * TY,),
-         (_ptr(q), _ptr(k), _ptr(v), _ptr(o), lse, *_strides(q), *_strides(k), *_strides(v),
-          *_strides(o), np.int32(H), np.int32(T), np.int32(Tk), q.dtype.type(1 / math.sqrt(D))),
-         shared_mem=shared)
+    cupy_flash16.check_queries_last(q.shape[2], k.shape[2], p0)
+    o, lse = _forward(q, k, v, k.shape[2] - q.shape[2], tiles)
     return o, Saved(o, lse, tiles)
 
 
@@ -475,31 +473,80 @@ def attention_backward(q, k, v, saved, do, dq, dk, dv, dropout_backward=None):
         return cupy_flash16.attention_backward(q, k, v, saved, do, dq, dk, dv)
     if not isinstance(saved, Saved):                    # the forward took the reference path
         return NotImplemented
-    o = saved.o
     if do.strides[-1] != do.itemsize:
         do = cp.ascontiguousarray(do)
     if any(g.strides[-1] != g.itemsize for g in (dq, dk, dv)):
         raise ValueError("dq, dk and dv need contiguous rows of D")
+    delta = _delta(do, saved.o, saved.tiles)
+    _backward(q, k, v, do, saved.lse, delta, k.shape[2] - q.shape[2], dq, dk, dv, saved.tiles)
+
+
+def attention_block_forward(q, k, v, causal, mask=None):
+    """A ring block (refgpt.parallel.context): O normalised over the block's keys and lse, by
+    the same kernel, whose causal boundary key <= query + off is the diagonal (off = 0) or
+    lets every key through (off = nk)."""
+    tiles = TILES.get(q.itemsize)
+    if mask is not None or is_half(q) or not _fits(q, k, v, tiles):
+        return NotImplemented
+    return _forward(q, k, v, 0 if causal else k.shape[2], tiles)
+
+
+def attention_block_backward(q, k, v, do, lse, delta, causal, mask, dq, dk, dv):
+    """Adds the block's parts to the accumulators dq, dk, dv, from the ring's final lse and
+    delta (the kernels write their results; the sums are then added)."""
+    tiles = TILES.get(q.itemsize)
+    if mask is not None or is_half(q) or not _fits(q, k, v, tiles) or do.dtype != q.dtype:
+        return NotImplemented
+    grads = [cp.empty(x.shape, q.dtype) for x in (q, k, v)]
+    _backward(q, k, v, cp.ascontiguousarray(do), cp.ascontiguousarray(lse, q.dtype),
+              cp.ascontiguousarray(delta, q.dtype), 0 if causal else k.shape[2], *grads, tiles)
+    for acc, g in zip((dq, dk, dv), grads):
+        acc += g
+
+
+def _forward(q, k, v, off: int, tiles: dict):
+    """(O, lse) of queries q against keys k, v where query i sees keys j <= i + off."""
     B, H, T, D = q.shape
     Tk = k.shape[2]
-    tiles = saved.tiles
-    BQ, BK, TY = tiles["backward"]
-    delta = cp.empty((B, H, T), q.dtype)                # rowsum(dO * O)
-    _kernel("delta", q.dtype, D, 0, tiles)((-(-B * H * T // 8),), (256,),
+    o = cp.empty((B, T, H, D), q.dtype).transpose(0, 2, 1, 3)
+    lse = cp.empty((B, H, T), q.dtype)
+    BQ, _, TY = tiles["forward"]
+    shared = shared_bytes("forward", q.itemsize, D, tiles)
+    kern = _kernel("forward", q.dtype, D, shared, tiles)
+    kern((-(-T // BQ), B * H), (16 * TY,),
+         (_ptr(q), _ptr(k), _ptr(v), _ptr(o), lse, *_strides(q), *_strides(k), *_strides(v),
+          *_strides(o), np.int32(H), np.int32(T), np.int32(Tk), np.int32(off),
+          q.dtype.type(1 / math.sqrt(D))), shared_mem=shared)
+    return o, lse
+
+
+def _delta(do, o, tiles: dict):
+    """rowsum(dO * O) [B, H, T]."""
+    B, H, T, D = o.shape
+    delta = cp.empty((B, H, T), o.dtype)
+    _kernel("delta", o.dtype, D, 0, tiles)((-(-B * H * T // 8),), (256,),
                                            (_ptr(do), _ptr(o), delta, *_strides(do),
                                             *_strides(o), np.int32(H), np.int32(T), np.int32(D),
                                             np.int32(B * H * T)))
+    return delta
+
+
+def _backward(q, k, v, do, lse, delta, off: int, dq, dk, dv, tiles: dict):
+    """dq, dk, dv written from dO, the rows' lse and delta (contiguous [B, H, T])."""
+    B, H, T, D = q.shape
+    Tk = k.shape[2]
+    BQ, BK, TY = tiles["backward"]
     blocks = -(-Tk // BK)
     parts = cp.empty((blocks, B * H, T, D), q.dtype)
     scale = q.dtype.type(1 / math.sqrt(D))
     shared = shared_bytes("backward", q.itemsize, D, tiles)
     kern = _kernel("backward", q.dtype, D, shared, tiles)
     kern((blocks, B * H), (16 * TY,),
-         (_ptr(q), _ptr(k), _ptr(v), _ptr(do), saved.lse, delta, _ptr(dk), _ptr(dv), parts,
+         (_ptr(q), _ptr(k), _ptr(v), _ptr(do), lse, delta, _ptr(dk), _ptr(dv), parts,
           *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
-          np.int32(H), np.int32(T), np.int32(Tk), scale), shared_mem=shared)
+          np.int32(H), np.int32(T), np.int32(Tk), np.int32(off), scale), shared_mem=shared)
     n = B * H * T * D
     _kernel("dq", q.dtype, D, 0, tiles)((-(-n // 256),), (256,),
                                         (parts, _ptr(dq), *_strides(dq), np.int32(H), np.int32(T),
-                                         np.int32(Tk), np.int32(D), np.int32(BK), np.int32(B * H),
-                                         scale))
+                                         np.int32(Tk), np.int32(off), np.int32(D), np.int32(BK),
+                                         np.int32(B * H), scale))

@@ -1,7 +1,8 @@
 """Context parallelism equals the single process in float64 (losses, gradient norms,
 validation losses, every parameter): CP 2 and 4, p2p (ring) and a2a (Ulysses), with and
 without dropout, with DP, with TP 2 + SP, with PP 2, with ZeRO 3, with full and selective
-recomputation (which change no bit); in bf16 within a derived tolerance; and the
+recomputation (which change no bit); under the numba backend (the fused ring blocks); in bf16
+within a derived tolerance; and the
 communication counters equal the formulas of refgpt.parallel.context."""
 
 from dataclasses import replace
@@ -58,6 +59,21 @@ def test_context_parallel_equals_the_single_process(dropout):
         if not agree(comm, ok):
             failures.append(name)
     assert not failures, failures
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_numba_ring_blocks_train_as_the_single_process():
+    """Under the numba backend the ring's blocks are the fused kernels of
+    refgpt.kernels.numba_flash (no dropout: the reference runs with a mask); CP 2 p2p equals
+    the single NumPy process in float64."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    options = dict(context_parallel_size=2, cp_comm_type="p2p")
+    par, tcfg = trainer(comm, cp_cfg(), options, backend="numba")
+    ser = Trainer(cp_cfg(), replace(tcfg, backend="numpy"), **QUIET)
+    ok = same_run(par, ser, par.run(), ser.run())
+    par.close()
+    assert agree(comm, ok)
 
 
 @pytest.mark.mpi(min_size=2)

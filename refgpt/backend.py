@@ -48,7 +48,8 @@ _current: ContextVar = ContextVar("refgpt_backend", default=None)
 
 # kernels whose cupy implementation is the fused attention (Backend(fused_attention=False)
 # leaves them to the references, which run the cuBLAS products)
-FUSED_ATTENTION = ("attention_forward", "attention_backward")
+FUSED_ATTENTION = ("attention_forward", "attention_backward", "attention_block_forward",
+                   "attention_block_backward")
 
 
 def kernel(half: tuple = (), **implementations):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from refgpt.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
-from refgpt.nn.attention import attention_backward, attention_forward
+from refgpt.nn.attention import (attention_backward, attention_block_backward,
+                                 attention_block_forward, attention_forward)
 from refgpt.parallel.build import check_layout
-from refgpt.parallel.context import block_backward, block_forward, merge, positions
+from refgpt.parallel.context import merge, positions
 
 
 @pytest.mark.parametrize("C", [1, 2, 3, 4])
@@ -31,13 +32,13 @@ def ring(q, k, v, do, C):
     pairs = [(qc, kc) for r in range(C) for src in range(C)
              for qc in (r, 2 * C - 1 - r) for kc in (src, 2 * C - 1 - src) if kc <= qc]
     for qc, kc in pairs:
-        o_b, lse_b = block_forward(chunk(q, qc), chunk(k, kc), chunk(v, kc), kc == qc, None)
+        o_b, lse_b = attention_block_forward(chunk(q, qc), chunk(k, kc), chunk(v, kc), kc == qc)
         merge(chunk(out, qc), chunk(lse, qc), o_b, lse_b)
     delta = (do * out).sum(axis=-1)
     for qc, kc in pairs:
-        block_backward(chunk(q, qc), chunk(k, kc), chunk(v, kc), chunk(do, qc), chunk(lse, qc),
-                       chunk(delta, qc), kc == qc, None, chunk(dq, qc), chunk(dk, kc),
-                       chunk(dv, kc))
+        attention_block_backward(chunk(q, qc), chunk(k, kc), chunk(v, kc), chunk(do, qc),
+                                 chunk(lse, qc), chunk(delta, qc), kc == qc, None,
+                                 chunk(dq, qc), chunk(dk, kc), chunk(dv, kc))
     return out, dq, dk, dv
 
 

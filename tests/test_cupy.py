@@ -53,7 +53,7 @@ def cases(rng, dtype):
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_cupy_kernels_equal_their_references(dtype, kernels):
     gpu = backend.Backend("cupy")
-    fused = {"attention_forward", "attention_backward"}           # their own test, below
+    fused = set(backend.FUSED_ATTENTION)                          # their own tests, below
     fused |= {"matmul", "add_matmul", "residual"}                 # 16-bit only: below
     replaced = {n for n, k in kernels.items() if gpu.replaces(k)}
     assert sorted(replaced - fused) == sorted(cases(np.random.default_rng(0), dtype))
@@ -225,6 +225,35 @@ def test_flash_attention_equals_the_reference(dtype, T, Tk, D):
             np.testing.assert_allclose(cp.asnumpy(g), w, **tol)
         results.append(cp.asnumpy(dqkv))
     np.testing.assert_array_equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n, D", [(64, 64), (97, 32), (200, 128)])
+def test_flash_ring_blocks_equal_their_references(dtype, causal, n, D):
+    """Context parallelism's ring blocks by the fused kernels (the diagonal block, and a block
+    of earlier keys) against the references: O and lse, and the gradients added into views
+    of the ring's accumulators (what they held kept)."""
+    from refgpt.kernels import cupy_flash
+    rng = np.random.default_rng(n + D + causal)
+    B, H = 2, 3
+    q, k, v = rng.standard_normal((3, B, n, H, D)).astype(dtype).transpose(0, 1, 3, 2, 4)
+    do = rng.standard_normal((B, H, n, D)).astype(dtype)
+    o_ref, lse_ref = attention.attention_block_forward.reference(q, k, v, causal)
+    gq, gk, gv, gdo = (cp.asarray(x) for x in (q, k, v, do))
+    o, lse = cupy_flash.attention_block_forward(gq, gk, gv, causal)
+    tol = TOL[dtype] if dtype == np.float64 else dict(rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(cp.asnumpy(o), o_ref, **tol)
+    np.testing.assert_allclose(cp.asnumpy(lse), lse_ref, **tol)
+    delta = (do * o_ref).sum(-1)
+    acc = rng.standard_normal((3, B, H, 2 * n, D)).astype(dtype)
+    want = acc.copy()
+    attention.attention_block_backward.reference(q, k, v, do, lse_ref, delta, causal, None,
+                                                 *want[:, :, :, :n])
+    got = cp.asarray(acc)
+    cupy_flash.attention_block_backward(gq, gk, gv, gdo, cp.asarray(lse_ref), cp.asarray(delta),
+                                        causal, None, *got[:, :, :, :n])
+    np.testing.assert_allclose(cp.asnumpy(got), want, **tol)
 
 
 @pytest.mark.parametrize("name", ["bfloat16", "float16"])

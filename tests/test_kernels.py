@@ -11,9 +11,10 @@ import pytest
 from refgpt import backend
 from refgpt.config import ModelConfig, TrainConfig
 from refgpt.engine import Trainer
-from refgpt.kernels import numba_attention, numba_cpu, numba_gemm, numba_half
+from refgpt.kernels import numba_attention, numba_cpu, numba_flash, numba_gemm, numba_half
 from refgpt.nn import attention, cast
-from refgpt.nn.attention import (causal_matmul_nn, causal_matmul_nt, causal_matmul_tn,
+from refgpt.nn.attention import (attention_block_backward, attention_block_forward,
+                                 causal_matmul_nn, causal_matmul_nt, causal_matmul_tn,
                                  causal_softmax, softmax_backward)
 from refgpt.nn.block import residual
 from refgpt.nn.gelu import bias_gelu_backward, bias_gelu_forward, gelu_backward, gelu_forward
@@ -164,6 +165,35 @@ def test_causal_products(dtype, T, Tk, block, monkeypatch):
         assert not grads[:, :, 0].any() and not grads[:, :, 2].any()       # only its slot
     with pytest.raises(ValueError, match=r"\[B, H, T, D\]"):
         numba_attention.causal_matmul_nn(p[0], v[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("n, block", [(7, 64), (37, 16), (64, None)])
+def test_ring_blocks(dtype, causal, n, block, monkeypatch):
+    """The fused ring blocks (numba_flash) against their references: one tile and several,
+    a partial last tile; q, k, v strided views of a c_attn output, lse and delta views of the
+    ring's [B, H, 2n] rows, and gradients added into views of its accumulators (what they
+    held kept)."""
+    monkeypatch.setattr(numba_attention, "BLOCK", block)
+    rng = np.random.default_rng(n)
+    B, H, D = 2, 3, 8
+    q, k, v = rand(rng, (B, n, 3, H, D), dtype).transpose(2, 0, 3, 1, 4)
+    got = numba_flash.attention_block_forward(q, k, v, causal)
+    want = attention_block_forward.reference(q, k, v, causal)
+    close(got, want, dtype)
+    do = rand(rng, (B, H, n, D), dtype)
+    rows = rand(rng, (2, B, H, 2 * n), dtype)                     # lse and delta, as the ring
+    rows[0, ..., :n], rows[1, ..., :n] = want[1], (do * want[0]).sum(-1)   # holds them
+    lse, delta = rows[0, ..., :n], rows[1, ..., :n]
+    acc = rand(rng, (3, B, H, 2 * n, D), dtype)
+    ref = acc.copy()
+    numba_flash.attention_block_backward(q, k, v, do, lse, delta, causal, None,
+                                         *acc[:, :, :, n:])
+    attention_block_backward.reference(q, k, v, do, lse, delta, causal, None, *ref[:, :, :, n:])
+    close(acc, ref, dtype)
+    assert numba_flash.attention_block_forward(q, k, v, causal, np.ones((B, H, n, n))) \
+        is NotImplemented                                         # dropout: the reference's
 
 
 def test_attention_block_presets_and_their_setting(monkeypatch):
@@ -412,7 +442,7 @@ def test_every_numba_kernel_has_a_reference_and_is_tested(kernels):
          "scatter_add_rows", "column_sum", "residual", "sum_rows", "sum_squares", "round_into",
          "wide", "narrow",
          "matmul", "add_matmul", "causal_matmul_nt", "causal_matmul_nn",
-         "causal_matmul_tn"])
+         "causal_matmul_tn", "attention_block_forward", "attention_block_backward"])
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

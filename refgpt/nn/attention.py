@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import kernel
+from ..backend import array_module, kernel
 from .layer import Layer, primitives
 from .cast import narrow, wide
 
@@ -139,6 +139,51 @@ def attention_backward(q: np.ndarray, k: np.ndarray, v: np.ndarray, saved, do: n
     scale = 1.0 / np.sqrt(q.shape[-1])
     causal_matmul_nn(ds, k, scale, out=dq)
     causal_matmul_tn(ds, q, scale, out=dk)
+
+
+def _block_scores(q, k, causal: bool):
+    """q k^T / sqrt(D) in the wide type, -inf above the diagonal of a causal block."""
+    s = wide(q) @ wide(k).swapaxes(-1, -2)
+    s *= 1.0 / np.sqrt(q.shape[-1])
+    if causal:                          # (the mask made where s is: cupy's arrays on a GPU)
+        s[..., ~array_module().tri(s.shape[-1], dtype=bool)] = -np.inf
+    return s
+
+
+@kernel(numba="numba_flash", cupy="cupy_flash")
+def attention_block_forward(q, k, v, causal: bool, mask=None) -> tuple:
+    """One block of attention with its log-sum-exp, as context parallelism's ring computes
+    it (refgpt.parallel.context): queries q [B, H, n, D] against the keys and values k, v
+    [B, H, nk, D] of one block, all visible (causal=False) or, on the diagonal (causal, n =
+    nk), query i seeing keys j <= i. Returns O [B, H, n, D], normalised over this block's
+    keys only, and lse [B, H, n] = log of the softmax's normaliser, both in the wide type;
+    mask: the block's attention-dropout mask (scaled keep flags) or None."""
+    s = _block_scores(q, k, causal)
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - m)
+    total = p.sum(axis=-1, keepdims=True)
+    p /= total
+    if mask is not None:
+        p *= mask
+    return p @ wide(v), (m + np.log(total))[..., 0]
+
+
+@kernel(numba="numba_flash", cupy="cupy_flash")
+def attention_block_backward(q, k, v, do, lse, delta, causal: bool, mask, dq, dk, dv) -> None:
+    """Add one block's parts to dq (its queries') and dk, dv (its keys'), from the final
+    log-sum-exp of the queries' rows (P = exp(S - lse), the probabilities over every key the
+    rows see) and delta = rowsum(dO * O) of the final output."""
+    scale = 1.0 / np.sqrt(q.shape[-1])
+    p = np.exp(_block_scores(q, k, causal) - lse[..., None])
+    pd = p if mask is None else p * mask
+    dw = wide(do)
+    dv += pd.swapaxes(-1, -2) @ dw
+    dp = dw @ wide(v).swapaxes(-1, -2)
+    if mask is not None:
+        dp *= mask
+    ds = p * (dp - delta[..., None])
+    dq += (ds @ wide(k)) * scale
+    dk += (ds.swapaxes(-1, -2) @ wide(q)) * scale
 
 
 class LocalAttention:

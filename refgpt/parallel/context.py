@@ -29,8 +29,12 @@ Delta = rowsum(dO * O) (the softmax's backward, summed over all keys at once):
     dV_b = P~_b^T dO     dP~_b = dO V_b^T     dS_b = P_b * (dP_b - Delta)
     dQ  += dS_b K_b / sqrt(D)                 dK_b = dS_b^T Q / sqrt(D)
 
-(P~ = dropout(P), dP = dropout_backward(dP~)). The keys and values travel the ring again
-with their gradients' accumulators: at step s rank r adds its queries' part to the dK, dV of
+(P~ = dropout(P), dP = dropout_backward(dP~)). A block's forward and backward are the
+kernels attention_block_forward and attention_block_backward (refgpt.nn.attention): fused,
+flash-style, under the numba backend (refgpt.kernels.numba_flash) and the cupy backend
+(refgpt.kernels.cupy_flash), neither of which writes a block's n x n matrices.
+
+The keys and values travel the ring again with their gradients' accumulators: at step s rank r adds its queries' part to the dK, dV of
 rank (r - s)'s block and passes them on; after C steps they have made the whole circle and
 one more pass brings them home. Per layer and micro-batch, with b = B H D n elements in a
 chunk's keys (H: the rank's heads), a rank sends
@@ -58,9 +62,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from ..backend import array_module, to_device, to_host
+from ..backend import to_device, to_host
 from ..config import ConfigError
-from ..nn.attention import LocalAttention
+from ..nn.attention import LocalAttention, attention_block_backward, attention_block_forward
 from ..nn.cast import narrow, wide
 from ..nn.dropout import Dropout
 from .grid import check_context_size
@@ -194,8 +198,8 @@ class RingAttention:
             pending = self._ring(kv, "forward", 0) if s < C - 1 else None
             for i, j, kc, causal in self._blocks(src):
                 m = None if mask is None else mask[:, :, halves[i], kc * n:(kc + 1) * n]
-                o_b, lse_b = block_forward(q[:, :, halves[i]], kv[0][:, :, halves[j]],
-                                           kv[1][:, :, halves[j]], causal, m)
+                o_b, lse_b = attention_block_forward(
+                    q[:, :, halves[i]], kv[0][:, :, halves[j]], kv[1][:, :, halves[j]], causal, m)
                 merge(out[:, :, halves[i]], lse[:, :, halves[i]], o_b, lse_b)
             if pending is not None:
                 reqs, recv, _ = pending
@@ -217,11 +221,10 @@ class RingAttention:
             pending = self._ring(kv, "backward", 0) if s < C - 1 else None
             for i, j, kc, causal in self._blocks(src):
                 m = None if mask is None else mask[:, :, halves[i], kc * n:(kc + 1) * n]
-                block_backward(q[:, :, halves[i]], kv[0][:, :, halves[j]],
-                               kv[1][:, :, halves[j]], do[:, :, halves[i]],
-                               lse[:, :, halves[i]], delta[:, :, halves[i]], causal, m,
-                               dq_acc[:, :, halves[i]], dkv[0][:, :, halves[j]],
-                               dkv[1][:, :, halves[j]])
+                attention_block_backward(
+                    q[:, :, halves[i]], kv[0][:, :, halves[j]], kv[1][:, :, halves[j]],
+                    do[:, :, halves[i]], lse[:, :, halves[i]], delta[:, :, halves[i]], causal,
+                    m, dq_acc[:, :, halves[i]], dkv[0][:, :, halves[j]], dkv[1][:, :, halves[j]])
             reqs, recv, _ = self._ring(dkv, "backward", 2)           # dK, dV to the next rank
             self.cp.wait(reqs)
             dkv = tuple(to_device(x) for x in recv)
@@ -234,49 +237,12 @@ class RingAttention:
         dv[...] = narrow(dkv[1], dv.dtype)
 
 
-def _scores(q, k, causal: bool):
-    """q k^T / sqrt(D) in the wide type, -inf above the diagonal of a causal block."""
-    s = wide(q) @ wide(k).swapaxes(-1, -2)
-    s *= 1.0 / np.sqrt(q.shape[-1])
-    if causal:
-        xp = array_module()
-        s[..., ~xp.tri(s.shape[-1], dtype=bool)] = -np.inf
-    return s
-
-
-def block_forward(q, k, v, causal: bool, mask):
-    """One block's output, normalised over its own keys, and its log-sum-exp [.., n]."""
-    s = _scores(q, k, causal)
-    m = s.max(axis=-1, keepdims=True)
-    p = np.exp(s - m)
-    total = p.sum(axis=-1, keepdims=True)
-    p /= total
-    if mask is not None:
-        p *= mask
-    return p @ wide(v), (m + np.log(total))[..., 0]
-
-
 def merge(out, lse, o_b, lse_b) -> None:
     """out, lse (views, in place) <- the exact merge of (out, lse) and a block's (o_b, lse_b)."""
     new = np.logaddexp(lse, lse_b)
     out *= np.exp(lse - new)[..., None]
     out += o_b * np.exp(lse_b - new)[..., None]
     lse[...] = new
-
-
-def block_backward(q, k, v, do, lse, delta, causal: bool, mask, dq, dk, dv) -> None:
-    """Add one block's parts of dq (this rank's queries) and dk, dv (the block's keys)."""
-    scale = 1.0 / np.sqrt(q.shape[-1])
-    p = np.exp(_scores(q, k, causal) - lse[..., None])               # the final probabilities
-    pd = p if mask is None else p * mask
-    dw = wide(do)
-    dv += pd.swapaxes(-1, -2) @ dw
-    dp = dw @ wide(v).swapaxes(-1, -2)
-    if mask is not None:
-        dp *= mask
-    ds = p * (dp - delta[..., None])
-    dq += (ds @ wide(k)) * scale
-    dk += (ds.swapaxes(-1, -2) @ wide(q)) * scale
 
 
 class UlyssesAttention:
