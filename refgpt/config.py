@@ -28,7 +28,7 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 TP_MODES = ("1d", "2d")
 CP_COMM_TYPES = ("p2p", "a2a")
 ALLREDUCE_ALGORITHMS = ("mpi", "ring", "tree", "hierarchical")
-OPTIMIZERS = ("adam", "lamb")
+OPTIMIZERS = ("adam", "onebit-adam", "lamb")
 
 
 @dataclass
@@ -150,7 +150,8 @@ class TrainConfig:
     lr_warmup_init: float = 0.0
     lr_decay_style: str = "cosine"
     lr_decay_iters: int = 0  # 0: same as train_iters
-    optimizer: str = "adam"  # adam (AdamW) or lamb
+    optimizer: str = "adam"  # adam (AdamW), onebit-adam or lamb
+    onebit_warmup_iters: int = 100  # 1-bit Adam: steps of plain Adam before compression
     weight_decay: float = 0.1
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
@@ -238,6 +239,9 @@ class TrainConfig:
             raise ConfigError(f"need 0 <= --lr-warmup-init <= --lr, got {self.lr_warmup_init}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ConfigError("--adam-beta1 and --adam-beta2 must be in [0, 1)")
+        if self.optimizer == "onebit-adam" and self.onebit_warmup_iters < 1:
+            raise ConfigError(f"--onebit-warmup-iters must be >= 1 (1-bit Adam freezes the "
+                              f"variance its warm-up estimates), got {self.onebit_warmup_iters}")
         if self.adam_eps <= 0:
             raise ConfigError(f"--adam-eps must be > 0, got {self.adam_eps}")
         if self.clip_grad < 0:

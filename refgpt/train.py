@@ -82,8 +82,13 @@ TRAIN_FLAGS = {
     "lr-decay-style": ("lr_decay_style", str, ", ".join(DECAY_STYLES)),
     "lr-decay-iters": ("lr_decay_iters", int, "iteration where decay ends (default, 0: "
                                               "--train-iters)"),
-    "optimizer": ("optimizer", str, "adam (AdamW) or lamb (AdamW's moments, each tensor's step "
-                                    "scaled by its trust ratio ||w|| / ||update||)"),
+    "optimizer": ("optimizer", str, "adam (AdamW), onebit-adam (1-bit Adam: after "
+                                    "--onebit-warmup-iters steps the variance frozen and the "
+                                    "momentum averaged as signs) or lamb (AdamW's moments, "
+                                    "each tensor's step scaled by its trust ratio ||w|| / "
+                                    "||update||)"),
+    "onebit-warmup-iters": ("onebit_warmup_iters", int, "1-bit Adam's steps of uncompressed "
+                                                        "Adam (DeepSpeed's freeze_step)"),
     "weight-decay": ("weight_decay", float, "AdamW decoupled decay on 2-D weights"),
     "clip-grad": ("clip_grad", float, "global gradient-norm clip (0: off)"),
     "adam-beta1": ("adam_beta1", float, "AdamW beta1"),

@@ -69,7 +69,7 @@ def test_the_trainer_gives_lamb_every_tensor_and_the_decayed_ones():
 
 
 @pytest.mark.parametrize("train, match", [
-    (dict(optimizer="sgd"), "--optimizer must be one of adam, lamb"),
+    (dict(optimizer="sgd"), "--optimizer must be one of adam, onebit-adam, lamb"),
     (dict(optimizer="lamb", dtype="bfloat16"), "--optimizer lamb needs every parameter"),
 ])
 def test_what_lamb_refuses(train, match):

@@ -29,7 +29,8 @@ HALF = ("bfloat16", "float16")
 
 def memory(params, opt, pcfg, activations=None) -> dict[str, int]:
     """The memory registry of this rank (bytes). The optimizer's state is AdamW's moments and,
-    in a 16-bit run, the fp32 master weights (refgpt.optim.mixed); activations: the model's
+    in a 16-bit run, the fp32 master weights (refgpt.optim.mixed), and what else it keeps
+    (1-bit Adam's compression errors: extra_bytes); activations: the model's
     ActivationMeter, whose peaks of the last step are what the layers held for backward (all,
     and the rank's first block's)."""
     moments = opt.m.nbytes + opt.v.nbytes
@@ -37,7 +38,7 @@ def memory(params, opt, pcfg, activations=None) -> dict[str, int]:
     on_disk = isinstance(opt.m, np.memmap)
     state = 2 * opt.m.itemsize + (opt.p.itemsize if master else 0)      # k, per element
     return {"params": params.param_bytes(), "grads": params.grad_bytes(),
-            "optimizer": master + (0 if on_disk else moments),
+            "optimizer": master + (0 if on_disk else moments) + opt.extra_bytes,
             "optimizer_offloaded": moments if on_disk else 0,
             "working_peak": params.working_peak,
             "activations": activations.peak if activations else 0,

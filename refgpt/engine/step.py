@@ -11,7 +11,8 @@
                 token table) and the gradient sync (refgpt.parallel.sync) starts their sum
                 over the data-parallel group: during the last micro-batch's backward (every
                 micro-batch's for ZeRO 2-3), after the schedule's flush with pipelining
-    optimizer   the global gradient norm (each element counted once over the world), clipping,
+    optimizer   the global gradient norm (each element counted once over the world), clipping
+                (unless the sync only estimates the norm: 1-bit Adam past its warm-up),
                 AdamW on what this rank updates (all of it, or its ZeRO shard), then the sync
                 makes the updated parameters readable everywhere; a step whose norm is not
                 finite is skipped on every rank alike
@@ -70,7 +71,8 @@ class Step:
             skipped = not math.isfinite(gnorm)
             self.scaler.update(skipped)
             if not skipped:
-                coef = clip_coefficient(self.clip, gnorm) / scale
+                clip = self.clip if self.sync.exact_norm else 0.0       # (an estimate)
+                coef = clip_coefficient(clip, gnorm) / scale
                 if coef != 1.0:
                     self.opt.g *= coef
                 self.opt.step(lr)

@@ -24,9 +24,11 @@ from ..data.corpus import cache_dir
 from ..cli import CheckpointError
 from ..config import ConfigError, ModelConfig, ParallelConfig
 from ..precision import compute_dtype, dtype_of, is_half
-from ..optim import AdamW, Lamb, MasterAdamW, learning_rate, make_scaler
+from ..optim import AdamW, Lamb, MasterAdamW, OnebitAdam, learning_rate, make_scaler
 from ..parallel.build import build, check_layout
+from ..parallel.compressed import CompressedAllreduce
 from ..parallel.grid import Grid
+from ..parallel.sync import OnebitGrads
 from ..parallel.threads import ranks_on_node
 from ..parallel.zero import offload_moments
 from ..timers import Timers
@@ -120,6 +122,8 @@ class Trainer:
         built = build(self.mcfg, self.tcfg, self.pcfg, self.grid)
         self.model, self.sync = built.model, built.sync
         self.opt = self._optimizer(self.model.params)
+        if isinstance(self.opt, OnebitAdam):          # its warm-up's sum, then none
+            self.sync = OnebitGrads(self.sync, self.model.params, self.opt)
         self.scaler = make_scaler(self.tcfg)
         self.step = Step(self.model, self.sync, self.opt, self.grid, self.timers,
                          built.pipeline, self.tcfg.clip_grad, self.scaler)
@@ -159,6 +163,12 @@ class Trainer:
         if t.optimizer == "lamb":                   # whole tensors here (check_layout)
             return Lamb(p.param_shard(), p.grad_shard(), decay, list(p.slices.values()),
                         **settings)
+        if t.optimizer == "onebit-adam":            # whole replicas (check_layout)
+            d = self.grid.dp_size
+            compress = (CompressedAllreduce(self.grid.dp_comm, list(p.slices.values()),
+                                            p.dtype) if d > 1 else None)
+            return OnebitAdam(p.param_shard(), p.grad_shard(), decay, t.onebit_warmup_iters, d,
+                              compress, **settings)
         kind = MasterAdamW if is_half(p.dtype) else AdamW
         return kind(p.param_shard(), p.grad_shard(), decay, **settings)
 

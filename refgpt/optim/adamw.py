@@ -69,6 +69,11 @@ class AdamW:
         if start < hi:
             yield start, hi, 1.0
 
+    @property
+    def extra_bytes(self) -> int:
+        """State held beyond the moments and what they update (none here)."""
+        return 0
+
     def state_dict(self) -> dict:
         return {"t": self.t, "exp_avg": self.m, "exp_avg_sq": self.v}
 
