@@ -211,6 +211,12 @@ def build_parser(module: str = "refgpt.train", description: str = __doc__
                     dest="overlap_grad_reduce",
                     help="all-reduce gradient buckets during the last backward (non-blocking); "
                          "--no-overlap-grad-reduce: after it, blocking [default: overlap]")
+    ap.add_argument("--layered-gradient-accumulation", action="store_true",
+                    dest="layered_gradient_accumulation",
+                    help="run each layer for all micro-batches before the next (breadth-first), "
+                         "so each layer's gradient is reduced, and with --zero-stage 3 its "
+                         "parameters gathered, once per step; holds every micro-batch's "
+                         "activations")
     ap.add_argument("--dp-shared-memory", action="store_true", dest="dp_shared_memory",
                     help="with --zero-stage 1: one copy of the parameters per node in MPI shared "
                          "memory; gradients summed by reading the other ranks' buffers")
@@ -274,6 +280,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
     fields[1].update({"synthetic_data", "tf32", "exit_signal_handler", "async_save"})
     fields[2].update({"sequence_parallel", "overlap_grad_reduce", "dp_shared_memory",
+                      "layered_gradient_accumulation",
                       "grad_reduce_in_bf16"})
     other_fields = {"progress"}
     unknown = set(values) - set().union(*fields) - other_fields

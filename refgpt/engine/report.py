@@ -71,14 +71,15 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     layers and micro-batches in flight. refgpt's is 0 where it does not model the layout: the
     cupy backend (its fused attention keeps other arrays), 2-D tensor parallelism, and the
     interleaved and zero-bubble schedules (their stash is not min(p - r, m) whole stages),
-    models with experts (what an expert keeps depends on how many tokens it was sent), and
-    context parallelism (its attention keeps other arrays). Korthikanti's is taken at the
+    models with experts (what an expert keeps depends on how many tokens it was sent),
+    context parallelism (its attention keeps other arrays), and layered gradient accumulation
+    (every micro-batch's blocks, not its head: Korthikanti's counts m micro-batches in flight). Korthikanti's is taken at the
     rank's T / c tokens (its attention term at T / c x T under context parallelism is not
     modelled either)."""
     t, p, r = grid.tp_size, grid.pp_size, grid.pp_rank
     blocks = mcfg.num_layers // (p * pcfg.num_virtual_stages)
     m = tcfg.micro_batches(grid.data_size)
-    in_flight = min(p - r, m) if p > 1 else 1
+    in_flight = min(p - r, m) if p > 1 else m if pcfg.layered_gradient_accumulation else 1
     dtype = np.dtype(dtype_of(tcfg.dtype))
     e, c = dtype.itemsize, max(dtype.itemsize, 4)
     selective = pcfg.recompute_granularity == "selective"
@@ -88,6 +89,7 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
                   pcfg.sequence_parallel, mcfg.dropout > 0)
     covered = (tcfg.backend != "cupy" and pcfg.tensor_parallel_mode == "1d"
                and not mcfg.num_experts and grid.cp_size == 1
+               and not pcfg.layered_gradient_accumulation
                and (p == 1 or pcfg.num_virtual_stages == 1 and pcfg.pipeline_schedule != "zb-h1"))
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
     ours = refgpt_bytes(sizes, blocks, r == 0, r == p - 1, recomputed, selective, in_flight,

@@ -3,6 +3,9 @@
     batches     this rank's micro-batches of the step (refgpt.engine.batches)
     forward, backward
                 micro-batch by micro-batch, gradients accumulating in the model's buffer;
+                or with --layered-gradient-accumulation unit by unit, each unit running all
+                the micro-batches (refgpt.nn.gpt: GPT.forward_layered) so that its gradient is
+                reduced once per step;
                 or, with pipeline parallelism, by the schedule's executor
                 (refgpt.parallel.pipeline), forwards and backwards interleaved over the stages
     grads-all-reduce
@@ -42,9 +45,11 @@ from ..parallel.pipeline import PipelineExecutor
 
 class Step:
     def __init__(self, model, sync, opt, grid, timers, pipeline: PipelineExecutor | None = None,
-                 clip: float = 0.0, scaler=None):
+                 clip: float = 0.0, scaler=None, layered: bool = False):
+        """layered: layered gradient accumulation (--layered-gradient-accumulation)."""
         self.model, self.sync, self.opt, self.grid = model, sync, opt, grid
         self.timers, self.pipeline, self.clip = timers, pipeline, clip
+        self.layered = layered
         self.scaler = scaler or ConstantScaler()
 
     def run(self, batches: list[tuple], norm: float, lr: float) -> tuple[float, float, bool]:
@@ -59,7 +64,9 @@ class Step:
         scale = self.scaler.scale
         self.model.params.zero_grad()
         self.model.activations.reset()              # its peak: this step's (the registry's)
-        if self.pipeline is None:
+        if self.layered:
+            loss = self._layered(batches, norm / scale)
+        elif self.pipeline is None:
             loss = self._accumulate(batches, norm / scale)
         else:
             loss = self._pipelined(batches, norm / scale)
@@ -97,6 +104,24 @@ class Step:
                 timers.add("grads-all-reduce", sync.blocked_s)
                 with timers("grads-all-reduce"):
                     sync.finish()
+        return loss
+
+    def _layered(self, batches, norm: float) -> float:
+        """Layered gradient accumulation (GPT.forward_layered): every micro-batch through one
+        unit before the next; each unit's gradient summed over the data-parallel group once
+        per step, as backward finishes it for the last micro-batch. The head's forward runs
+        in the backward pass (and is timed there)."""
+        timers, sync = self.timers, self.sync
+        with timers("forward"):
+            hidden = self.model.forward_layered(batches, norm)
+        self.model.activations.sample()
+        sync.start()
+        with timers("backward"):
+            loss = self.model.backward_layered(hidden, batches, norm, on_ready=self._ready)
+        timers.add("backward", -sync.blocked_s)
+        timers.add("grads-all-reduce", sync.blocked_s)
+        with timers("grads-all-reduce"):
+            sync.finish()
         return loss
 
     def _ready(self, names) -> None:

@@ -126,7 +126,8 @@ class Trainer:
             self.sync = OnebitGrads(self.sync, self.model.params, self.opt)
         self.scaler = make_scaler(self.tcfg)
         self.step = Step(self.model, self.sync, self.opt, self.grid, self.timers,
-                         built.pipeline, self.tcfg.clip_grad, self.scaler)
+                         built.pipeline, self.tcfg.clip_grad, self.scaler,
+                         self.pcfg.layered_gradient_accumulation)
         if ckpt is not None:
             checkpoints.restore(ckpt, self.model, self.opt, self.mcfg, self.grid)
             self.scaler.load_state_dict(ckpt.state.get("loss_scaler", self.scaler.state_dict()))

@@ -190,6 +190,50 @@ class GPT:
             on_ready(names)
         return dy
 
+    # -- layered gradient accumulation -------------------------------------------------------
+    def forward_layered(self, batches: list[tuple], norm: float) -> list[np.ndarray]:
+        """Every micro-batch (x, y, key) of batches through the embeddings and the blocks,
+        breadth-first: each unit runs all the micro-batches before the next unit starts, so
+        ZeRO-3 gathers it once per step. Each layer's FIFO stash holds their contexts in
+        micro-batch order. Returns the last block's outputs; backward_layered finishes.
+        (Layered gradient accumulation, Lamy-Poirier 2021; one process only, no pipeline.)"""
+        hold = self.params.hold
+        for moe in self.moe_layers:
+            moe.norm = norm
+        with hold("embed", "forward"):
+            xs = [self.embed_drop.forward(self.embed.forward(x, 0), key) for x, _, key in batches]
+        for block in self.blocks:
+            with hold(block.unit, "forward"):
+                xs = [block.forward(x, key) for x, (_, _, key) in zip(xs, batches)]
+        return xs
+
+    def backward_layered(self, xs: list[np.ndarray], batches: list[tuple], norm: float,
+                         on_ready=None) -> float:
+        """The rest of the layered step: the final LayerNorm, head and loss forward and at once
+        backward, micro-batch by micro-batch (so that no micro-batch's logits outlive it),
+        then each block's backward for all the micro-batches, then the embeddings'. A unit's
+        gradient is final once, after its last micro-batch: on_ready(names) is called then,
+        once per step. Returns the summed loss."""
+        groups = iter(self.ready_groups())
+        notify = (lambda: on_ready(next(groups))) if on_ready else (lambda: None)
+        hold, loss, dys = self.params.hold, 0.0, []
+        with hold("embed", "backward"):
+            with hold("ln_f", "backward"):
+                for x, (_, y, _) in zip(xs, batches):
+                    loss += self.loss_fn.forward(self.head.forward(self.ln_f.forward(x)), y,
+                                                 norm)
+                    dys.append(self.ln_f.backward(self.head.backward(self.loss_fn.backward())))
+            notify()
+            for block in reversed(self.blocks):
+                with hold(block.unit, "backward"):
+                    dys = [block.backward(dy) for dy in dys]
+                notify()
+            for dy in dys:
+                self.embed.backward(self.embed_drop.backward(dy))
+        for names in groups if on_ready else ():    # the embeddings
+            on_ready(names)
+        return loss
+
     def ready_groups(self) -> list[list[str]]:
         """Parameter names in the order backward finalises them, one group per unit
         (refgpt.nn.params.unit_key): ln_f, the blocks from last to first, then the embeddings

@@ -75,6 +75,10 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
         raise ConfigError("--dp-shared-memory shares host memory between processes; with "
                           "--backend cupy the parameters and gradients live on the GPUs: "
                           "drop it")
+    if pcfg.layered_gradient_accumulation and pp > 1:
+        raise ConfigError("--layered-gradient-accumulation runs every micro-batch through one "
+                          "layer before the next; with --pipeline-model-parallel-size > 1 the "
+                          "schedule orders the micro-batches: drop one of them")
     if stage >= 2 and pp > 1:
         raise ConfigError(ZERO_WITH_PP.format(stage=stage))
     if tcfg.optimizer == "lamb" and (tp > 1 or stage or pcfg.offload_optimizer
