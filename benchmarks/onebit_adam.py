@@ -61,7 +61,8 @@ def measure(args) -> None:
     set_threads(comm, args.threads)
     runs = [run(comm, "adam", 0, args)]
     runs += [run(comm, "onebit-adam", w, args) for w in args.warmup]
-    runs.append(run(comm, "onebit-adam", args.train_iters, args))
+    if args.uncompressed:
+        runs.append(run(comm, "onebit-adam", args.train_iters, args))
     if comm.Get_rank():
         return
     adam = runs[0]
@@ -77,7 +78,7 @@ def measure(args) -> None:
               f"{r['losses'][-1]:.4f} | {tail(r):.4f} | {100 * (tail(r) / tail(adam) - 1):+.2f}% | "
               f"{r['val_loss']:.4f} | {100 * (r['val_loss'] / adam['val_loss'] - 1):+.2f}% | "
               f"{r['bytes_warmup']:,.0f} | {after} | {r['step_s']:.3f} |")
-    for r in runs[1:-1]:
+    for r in runs[1:1 + len(args.warmup)]:
         print(f"# 1-bit Adam after a warm-up of {r['warmup']}: "
               f"{r['bytes_warmup'] / r['bytes_after']:.1f}x fewer bytes per step than the "
               f"all-reduce")
@@ -110,6 +111,8 @@ def main():
     ap.add_argument("--train-iters", type=int, default=300)
     ap.add_argument("--warmup", type=int, nargs="+", default=[60],
                     help="1-bit Adam's --onebit-warmup-iters (a run for each; below the run's)")
+    ap.add_argument("--uncompressed", action=argparse.BooleanOptionalAction, default=True,
+                    help="also the run that never compresses [default: on]")
     ap.add_argument("--global-batch-size", type=int, default=0, help="0: the default run's")
     ap.add_argument("--threads", type=int, default=1, help="BLAS/numba threads per rank")
     ap.add_argument("--out", help="write the runs as JSON here")

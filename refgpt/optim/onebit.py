@@ -64,14 +64,17 @@ class OnebitAdam(AdamW):
         g = self.g.astype(p.dtype, copy=False)
         m *= self.b1
         if compress:
-            m += (1.0 - self.b1) * self.workers * g
+            m += ((1.0 - self.b1) * self.workers) * g
             if self.allreduce is not None:
                 self.allreduce(m)
         else:
             m += (1.0 - self.b1) * g
             v *= self.b2
             v += (1.0 - self.b2) * (g * g)
-        u = m / (np.sqrt(v) + self.eps)
+        u = np.sqrt(v)                                     # u = m / (sqrt(v) + eps), in place
+        u += self.eps
+        np.divide(m, u, out=u)
         for a, b in self.decay if self.wd else ():
             u[a:b] += self.wd * p[a:b]
-        p -= lr * u
+        u *= lr
+        p -= u

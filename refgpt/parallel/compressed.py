@@ -37,16 +37,6 @@ from ..backend import to_device, to_host
 from .wire import moved
 
 
-def signs(x: np.ndarray) -> np.ndarray:
-    """x >= 0, as DeepSpeed's sign: +1 for zero (a sign bit cannot say 0)."""
-    return x >= 0
-
-
-def pm1(bits: np.ndarray, dtype) -> np.ndarray:
-    """The signs as +1 / -1 of dtype."""
-    return np.where(bits, 1.0, -1.0).astype(dtype)
-
-
 class CompressedAllreduce:
     """The 1-bit all-reduce over comm of the tensors (lo, hi) of a flat buffer, with this
     rank's worker and server errors (zero to start, and after reset())."""
@@ -72,14 +62,6 @@ class CompressedAllreduce:
         self.worker_error[...] = 0
         self.server_error[...] = 0
 
-    def _per_tensor_norms(self, x: np.ndarray, sizes: list[int]) -> np.ndarray:
-        """||part|| / sqrt(len(part)) of each consecutive part of x."""
-        out, at = np.empty(len(sizes), self.dtype), 0
-        for t, n in enumerate(sizes):
-            out[t] = np.linalg.norm(x[at:at + n]) / math.sqrt(n)
-            at += n
-        return out
-
     def __call__(self, buffer) -> None:
         """buffer (the flat buffer, in place) <- the compressed mean of every rank's buffer
         (a GPU's: through a host copy)."""
@@ -89,16 +71,18 @@ class CompressedAllreduce:
             buffer[...] = to_device(x)
 
     def _reduce(self, x: np.ndarray) -> None:
-        d, T = self.d, len(self.tensors)
-        b = np.zeros(self.padded, self.dtype)                     # the tensors, each padded
+        d, T, t_ = self.d, len(self.tensors), self.dtype.type
+        scale, bits = np.empty(T, self.dtype), np.empty(self.padded, bool)
         at = 0
-        for (lo, hi), n in zip(self.tensors, self.padded_sizes):
-            b[at:at + hi - lo] = x[lo:hi]
+        for t, ((lo, hi), n) in enumerate(zip(self.tensors, self.padded_sizes)):
+            error = self.worker_error[at:at + n]
+            b = error.copy()                                   # the tensor, padded, plus
+            b[:hi - lo] += x[lo:hi]                            # the worker's error
+            scale[t] = np.linalg.norm(b) / math.sqrt(n)
+            sign = bits[at:at + n]
+            np.greater_equal(b, 0, out=sign)
+            np.subtract(b, np.where(sign, scale[t], -scale[t]), out=error)
             at += n
-        b += self.worker_error
-        scale = self._per_tensor_norms(b, self.padded_sizes)
-        bits = signs(b)
-        self.worker_error[...] = b - np.repeat(scale, self.padded_sizes) * pm1(bits, self.dtype)
         # rank j's chunk of every tensor, side by side: row j of [d, padded / d]
         rows = np.concatenate([part.reshape(d, c) for part, c in
                                zip(np.split(bits, np.cumsum(self.padded_sizes)[:-1]),
@@ -109,12 +93,21 @@ class CompressedAllreduce:
         scales = np.empty((d, T), self.dtype)
         self.comm.Allgather(moved(scale), moved(scales))
         # server: the mean of the workers' scaled signs of this rank's chunks, and its error
-        theirs = pm1(np.unpackbits(recv, axis=1), self.dtype)          # [d, padded / d]
-        c = (theirs * (np.repeat(scales, self.chunks, axis=1) / d)).sum(axis=0)
-        c += self.server_error
-        server_scale = self._per_tensor_norms(c, self.chunks)
-        cbits = signs(c)
-        self.server_error[...] = c - np.repeat(server_scale, self.chunks) * pm1(cbits, self.dtype)
+        theirs = np.unpackbits(recv, axis=1).view(bool)                # [d, padded / d]
+        server_scale, cbits = np.empty(T, self.dtype), np.empty(self.padded // d, bool)
+        col = 0
+        for t, c in enumerate(self.chunks):
+            part = slice(col, col + c)
+            mean = np.zeros(c, self.dtype)
+            for i in range(d):
+                s = t_(scales[i, t] / d)
+                mean += np.where(theirs[i, part], s, -s)
+            mean += self.server_error[part]
+            server_scale[t] = np.linalg.norm(mean) / math.sqrt(c)
+            np.greater_equal(mean, 0, out=cbits[part])
+            np.subtract(mean, np.where(cbits[part], server_scale[t], -server_scale[t]),
+                        out=self.server_error[part])
+            col += c
         packed = np.packbits(cbits)
         gathered = np.empty((d, packed.size), np.uint8)
         self.comm.Allgather(moved(packed), moved(gathered))
@@ -123,9 +116,12 @@ class CompressedAllreduce:
         self.sent_bytes += (d - 1) * (send[0].nbytes + scale.nbytes + packed.nbytes
                                       + server_scale.nbytes)
         # every rank: tensor t's chunk j is S_j,t sign(c_j,t)
-        result = (pm1(np.unpackbits(gathered, axis=1), self.dtype)
-                  * np.repeat(server_scales, self.chunks, axis=1))     # [d, padded / d]
+        signs_of = np.unpackbits(gathered, axis=1).view(bool)        # [d, padded / d]
         col = 0
-        for (lo, hi), c_t in zip(self.tensors, self.chunks):
-            x[lo:hi] = result[:, col:col + c_t].reshape(-1)[:hi - lo]
-            col += c_t
+        for t, ((lo, hi), c) in enumerate(zip(self.tensors, self.chunks)):
+            for j in range(d):
+                a, b = lo + j * c, min(hi, lo + (j + 1) * c)
+                if a < b:                                      # (the padding is dropped)
+                    S = server_scales[j, t]
+                    x[a:b] = np.where(signs_of[j, col:col + b - a], S, -S)
+            col += c
