@@ -69,7 +69,7 @@ FLAGS = [  # (extra flags, what the line says)
     (["--optimizer", "onebit-adam", "--onebit-warmup-iters", "0"],
      "--onebit-warmup-iters must be >= 1"),
     (["--optimizer", "onebit-adam", "--zero-stage", "1"], "--optimizer onebit-adam compresses"),
-    (["--optimizer", "lamb", "--zero-stage", "1"], "--optimizer lamb needs every parameter"),
+    (["--optimizer", "lamb", "--num-experts", "2"], "--optimizer lamb sums its per-tensor norms"),
     (["--dp-allreduce-algorithm", "butterfly"],
      "--dp-allreduce-algorithm must be one of mpi, ring, tree, hierarchical"),
     (["--dp-allreduce-algorithm", "tree", "--zero-stage", "1"],

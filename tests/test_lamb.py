@@ -4,6 +4,7 @@ hands it every tensor; the settings it refuses. mpi_tests/test_lamb.py: data and
 parallelism with LAMB equal one process."""
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -44,8 +45,8 @@ def test_lamb_equals_its_formula_on_scripted_gradients():
     tensors = list(zip(bounds[:-1].tolist(), bounds[1:].tolist()))
     p = np.concatenate([np.array(t) for t in w0])
     g = np.zeros_like(p)
-    opt = Lamb(p, g, [r for r, d in zip(tensors, decayed) if d], tensors, betas=(0.9, 0.95),
-               eps=1e-8, weight_decay=0.1)
+    opt = Lamb(p, g, [r for r, d in zip(tensors, decayed) if d], tensors=[[t] for t in tensors],
+               betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for step in grads:
         g[...] = np.concatenate([np.array(t) for t in step])
         opt.step(1e-2)
@@ -61,20 +62,36 @@ def test_the_trainer_gives_lamb_every_tensor_and_the_decayed_ones():
                        optimizer="lamb", synthetic_data=True, eval_iters=0, dtype="float64")
     t = Trainer(cfg, tcfg, log=lambda *_: None)
     p = t.model.params
-    assert isinstance(t.opt, Lamb) and t.opt.tensors == sorted(p.slices.values())
-    assert t.opt.decayed == {p.slices[n] for n, spec in p.specs.items() if spec.decay}
+    assert isinstance(t.opt, Lamb) and t.opt.norms is None     # whole tensors: no sums
+    assert t.opt.tensors == [[r] for r in sorted(p.slices.values())]
+    assert t.opt.decay == sorted(p.slices[n] for n, spec in p.specs.items() if spec.decay)
     before = p.data.copy()
     t.run()
-    assert all(np.any(p.data[a:b] != before[a:b]) for a, b in t.opt.tensors)
+    assert all(np.any(p.data[a:b] != before[a:b]) for (a, b), in t.opt.tensors)
+
+
+def test_lamb_in_16_bits_steps_fp32_master_weights():
+    from refgpt.optim import MasterLamb
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64)
+    tcfg = TrainConfig(micro_batch_size=4, global_batch_size=8, train_iters=2, lr=1e-2,
+                       optimizer="lamb", synthetic_data=True, eval_iters=0, dtype="bfloat16")
+    t = Trainer(cfg, tcfg, log=lambda *_: None)
+    assert isinstance(t.opt, MasterLamb) and t.opt.p.dtype == np.float32
+    before = t.opt.p.copy()
+    t.run()
+    assert np.any(t.opt.p != before)
+    assert np.array_equal(t.model.params.data, t.opt.p.astype(t.model.params.dtype))
 
 
 @pytest.mark.parametrize("train, match", [
     (dict(optimizer="sgd"), "--optimizer must be one of adam, onebit-adam, lamb"),
-    (dict(optimizer="lamb", dtype="bfloat16"), "--optimizer lamb needs every parameter"),
+    (dict(optimizer="lamb", num_experts=2), "--optimizer lamb sums its per-tensor norms"),
 ])
 def test_what_lamb_refuses(train, match):
     cfg = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8,
                       vocab_size=50)
+    model = {k: train.pop(k) for k in list(train) if k == "num_experts"}
     tcfg = TrainConfig(micro_batch_size=1, global_batch_size=2, synthetic_data=True, **train)
     with pytest.raises(ConfigError, match=match):
-        Trainer(cfg, tcfg, log=lambda *_: None)
+        Trainer(replace(cfg, **model), tcfg, log=lambda *_: None)

@@ -24,8 +24,9 @@ from ..data.corpus import cache_dir
 from ..cli import CheckpointError
 from ..config import ConfigError, ModelConfig, ParallelConfig
 from ..precision import compute_dtype, dtype_of, is_half
-from ..optim import AdamW, Lamb, MasterAdamW, OnebitAdam, learning_rate, make_scaler
-from ..parallel.build import build, check_layout
+from ..optim import (AdamW, Lamb, MasterAdamW, MasterLamb, OnebitAdam, learning_rate,
+                     make_scaler)
+from ..parallel.build import build, check_layout, lamb_norms
 from ..parallel.compressed import CompressedAllreduce
 from ..parallel.grid import Grid
 from ..parallel.sync import OnebitGrads
@@ -161,8 +162,13 @@ class Trainer:
                      f"delete the folder when done")
         settings = dict(betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
                         weight_decay=t.weight_decay, moments=moments)
-        if t.optimizer == "lamb":                   # whole tensors here (check_layout)
-            return Lamb(p.param_shard(), p.grad_shard(), decay, list(p.slices.values()),
+        if t.optimizer == "lamb":
+            names = sorted(p.slices, key=p.slices.get)
+            pieces = [[(at, at + b - a) for a, b, at in p.in_shard(*p.slices[n])] for n in names]
+            norms = lamb_norms(self.grid, names, self.model.parts.counted,
+                               bool(self.pcfg.zero_stage))
+            kind = MasterLamb if is_half(p.dtype) else Lamb
+            return kind(p.param_shard(), p.grad_shard(), decay, tensors=pieces, norms=norms,
                         **settings)
         if t.optimizer == "onebit-adam":            # whole replicas (check_layout)
             d = self.grid.dp_size

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
+
 
 from ..config import ConfigError
 from ..nn.gpt import GPT
@@ -81,11 +83,12 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
                           "schedule orders the micro-batches: drop one of them")
     if stage >= 2 and pp > 1:
         raise ConfigError(ZERO_WITH_PP.format(stage=stage))
-    if tcfg.optimizer == "lamb" and (tp > 1 or stage or pcfg.offload_optimizer
-                                     or tcfg.dtype in ("bfloat16", "float16")):
-        raise ConfigError("--optimizer lamb needs every parameter tensor whole on its rank and "
-                          "fp32/fp64 parameters: not yet with --tensor-model-parallel-size > 1, "
-                          "--zero-stage, --offload-optimizer or --bf16/--fp16")
+    if tcfg.optimizer == "lamb" and (pcfg.offload_optimizer or pcfg.dp_shared_memory
+                                     or mcfg.num_experts
+                                     or tp > 1 and pcfg.tensor_parallel_mode == "2d"):
+        raise ConfigError("--optimizer lamb sums its per-tensor norms over tensor and data "
+                          "parallelism: not yet with --offload-optimizer, --dp-shared-memory, "
+                          "--num-experts or --tensor-parallel-mode 2d")
     if tcfg.optimizer == "onebit-adam" and (tp > 1 or stage or pcfg.offload_optimizer
                                             or pcfg.dp_shared_memory or mcfg.num_experts
                                             or pcfg.context_parallel_size > 1
@@ -166,6 +169,26 @@ def storage(pcfg, grid):
     experts = grid.edp_comm if grid.ep_size > 1 else None   # the experts' own group
     return partial(ZeroParams, stage=pcfg.zero_stage, comm=dp_comm, grad_dtype=grad_dtype,
                    expert_comm=experts)
+
+
+def lamb_norms(grid, names: list[str], counted, sharded: bool):
+    """LAMB's per-tensor sums of squares (refgpt.optim.lamb), [T, 2] for the tensors names,
+    summed over the ranks that share them: the data-parallel group where ZeRO shards the
+    buffer (sharded), the tensor-parallel group, on which counted(name) keeps a replicated
+    tensor to one rank. None where every tensor is whole on its rank."""
+    from mpi4py import MPI
+    dp = sharded and grid.dp_size > 1
+    if not dp and grid.tp_size == 1:
+        return None
+    once = np.array([[1.0] if counted(n) else [0.0] for n in names])
+
+    def norms(squares: np.ndarray) -> np.ndarray:
+        squares = squares * once
+        for comm in (grid.dp_comm if dp else None, grid.tp_comm if grid.tp_size > 1 else None):
+            if comm is not None:
+                comm.Allreduce(MPI.IN_PLACE, squares)
+        return squares
+    return norms
 
 
 def build(mcfg, tcfg, pcfg, grid) -> Built:
