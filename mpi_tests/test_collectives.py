@@ -3,7 +3,8 @@ world size, for buffers shorter than the rank count, odd, and not divisible by i
 reduce-scatter (uneven counts) and all-gather, the ring, double-binary-tree and hierarchical
 all-reduces (the hierarchical one also with the world cut into two pretend nodes, of
 unequal sizes on an odd world); and data parallelism trains equal to one process with each
-of them as --dp-allreduce-algorithm."""
+of them as --dp-allreduce-algorithm, run after backward or, with --dp-comm-thread, on a helper
+thread during it."""
 
 import numpy as np
 import pytest
@@ -75,14 +76,40 @@ def test_allreduce_algorithms_equal_mpi(algorithm):
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("algorithm", ["ring", "tree", "hierarchical"])
-def test_data_parallel_training_with_each_algorithm_equals_one_process(algorithm):
+@pytest.mark.parametrize("algorithm, thread", [("ring", False), ("tree", False),
+                                               ("hierarchical", False), ("mpi", True),
+                                               ("ring", True), ("hierarchical", True)])
+def test_data_parallel_training_with_each_algorithm_equals_one_process(algorithm, thread):
+    """thread: the sums on the helper thread as buckets become ready (--dp-comm-thread)."""
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     tcfg = train_cfg(comm.size, 2)
-    pcfg = ParallelConfig(dp_allreduce_algorithm=algorithm, ddp_bucket_size=3000)
+    pcfg = ParallelConfig(dp_allreduce_algorithm=algorithm, ddp_bucket_size=3000,
+                          dp_comm_thread=thread)
     par = Trainer(model_cfg(), tcfg, pcfg, Grid(comm), **QUIET)
     ser = Trainer(model_cfg(), tcfg, **QUIET)
+    ok = same_run(par, ser, par.run(), ser.run())
+    par.close()
+    assert agree(comm, ok)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_helper_thread_sums_dense_and_expert_groups_as_one_process():
+    """--dp-comm-thread with experts over EP 2: buckets of two groups (dense over all the
+    data-parallel ranks, experts over their expert-data-parallel group), each summed on its own
+    duplicate communicator."""
+    from dataclasses import replace
+
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if comm.size % 2:
+        pytest.skip("expert parallelism over 2 needs an even world")
+    model = replace(model_cfg(), num_experts=4)
+    tcfg = train_cfg(comm.size, 2)
+    pcfg = ParallelConfig(expert_model_parallel_size=2, dp_comm_thread=True,
+                          ddp_bucket_size=2000)
+    par = Trainer(model, tcfg, pcfg, Grid(comm, 1, 1, 2), **QUIET)
+    ser = Trainer(model, tcfg, **QUIET)
     ok = same_run(par, ser, par.run(), ser.run())
     par.close()
     assert agree(comm, ok)

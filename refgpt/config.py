@@ -276,6 +276,7 @@ class ParallelConfig:
     zero_stage: int = 0  # ZeRO over the data-parallel group: 1 optimizer state, 2 + grads, 3 + params
     dp_shared_memory: bool = False  # ZeRO-1 through node-shared memory (refgpt.parallel.shared)
     dp_allreduce_algorithm: str = "mpi"  # the DP gradient sum: mpi, ring, tree, hierarchical
+    dp_comm_thread: bool = False  # the DP gradient sums on a helper thread during backward
     offload_optimizer: str = ""  # folder for AdamW's moments as np.memmap files ("": in memory)
     grad_reduce_in_bf16: bool = False  # with --bf16: gradients accumulated and reduced in bf16
     recompute_granularity: str = ""  # full: blocks rerun in backward; selective: attention cores
@@ -333,6 +334,10 @@ class ParallelConfig:
             raise ConfigError(f"--dp-allreduce-algorithm must be one of "
                               f"{', '.join(ALLREDUCE_ALGORITHMS)}, got "
                               f"{self.dp_allreduce_algorithm!r}")
+        if self.dp_comm_thread and (self.zero_stage or self.dp_shared_memory):
+            raise ConfigError("--dp-comm-thread runs the data-parallel all-reduce on a helper "
+                              "thread; ZeRO (and --dp-shared-memory) reduce their own way: "
+                              "drop one of them")
         if self.dp_allreduce_algorithm != "mpi" and (self.zero_stage or self.dp_shared_memory):
             raise ConfigError(f"--dp-allreduce-algorithm {self.dp_allreduce_algorithm} sums the "
                               f"gradients of plain data parallelism; ZeRO reduce-scatters them "

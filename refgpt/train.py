@@ -211,6 +211,10 @@ def build_parser(module: str = "refgpt.train", description: str = __doc__
                     dest="overlap_grad_reduce",
                     help="all-reduce gradient buckets during the last backward (non-blocking); "
                          "--no-overlap-grad-reduce: after it, blocking [default: overlap]")
+    ap.add_argument("--dp-comm-thread", action="store_true", dest="dp_comm_thread",
+                    help="run the data-parallel gradient sums (MPI's or "
+                         "--dp-allreduce-algorithm's) on a helper thread, bucket by bucket as "
+                         "backward finishes them (needs MPI_THREAD_MULTIPLE)")
     ap.add_argument("--layered-gradient-accumulation", action="store_true",
                     dest="layered_gradient_accumulation",
                     help="run each layer for all micro-batches before the next (breadth-first), "
@@ -280,7 +284,7 @@ def configs_from(given: dict) -> tuple[ModelConfig, TrainConfig, ParallelConfig,
     fields = [{f for f, *_ in table.values()} for table in (MODEL_FLAGS, TRAIN_FLAGS, PARALLEL_FLAGS)]
     fields[1].update({"synthetic_data", "tf32", "exit_signal_handler", "async_save"})
     fields[2].update({"sequence_parallel", "overlap_grad_reduce", "dp_shared_memory",
-                      "layered_gradient_accumulation",
+                      "layered_gradient_accumulation", "dp_comm_thread",
                       "grad_reduce_in_bf16"})
     other_fields = {"progress"}
     unknown = set(values) - set().union(*fields) - other_fields

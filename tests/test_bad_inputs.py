@@ -66,6 +66,7 @@ FLAGS = [  # (extra flags, what the line says)
     (["--cp", "0"], "--context-parallel-size must be >= 1"),
     (["--cp-comm-type", "ring"], "--cp-comm-type must be one of p2p, a2a"),
     (["--optimizer", "sgd"], "--optimizer must be one of adam, onebit-adam, lamb"),
+    (["--dp-comm-thread", "--zero-stage", "1"], "--dp-comm-thread runs the data-parallel"),
     (["--optimizer", "onebit-adam", "--onebit-warmup-iters", "0"],
      "--onebit-warmup-iters must be >= 1"),
     (["--optimizer", "onebit-adam", "--zero-stage", "1"], "--optimizer onebit-adam compresses"),

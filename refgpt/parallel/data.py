@@ -24,11 +24,17 @@ Overlap pays only where the network progresses on its own. Most MPIs advance a n
 collective only inside MPI calls, and on a CPU node the "network" is other cores copying
 memory, so with every core computing there is little to overlap with. ``overlap=False``
 (``--no-overlap-grad-reduce``) reduces the buckets after backward with blocking MPI_Allreduce,
-which uses the MPI's tuned algorithms; docs/scaling/ measures both.
+which uses the MPI's tuned algorithms; docs/scaling/ measures both. ``thread=True``
+(``--dp-comm-thread``) is the third way: a helper thread (ReduceThread) runs the blocking sums,
+MPI's or a written-out algorithm's, bucket by bucket as backward finishes them, so they
+progress while the main thread computes (MPI_THREAD_MULTIPLE; the thread has its own
+duplicates of the communicators); finish() waits for the last.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 
 import numpy as np
@@ -45,7 +51,7 @@ class GradAllReduce(GradSync):
     gradient-sync interface of refgpt.parallel.sync)."""
 
     def __init__(self, params, dp_comm, bucket_elems: int, overlap: bool = True, groups=None,
-                 allreduce=None):
+                 allreduce=None, thread: bool = False):
         """Backward finishes the parameters in the reverse of the flat buffer's order (last
         block first; refgpt.nn.gpt), so buckets are runs of whole parameters from the end.
         overlap False: no all-reduce during backward; finish() reduces the buckets one after
@@ -54,7 +60,8 @@ class GradAllReduce(GradSync):
         dp_comm (expert parallelism: an expert's over its expert-data-parallel group); a
         bucket holds parameters of one group only. allreduce(comm, buffer): a hand-written
         algorithm (refgpt.parallel.collectives) for the blocking sums after backward, in
-        place of MPI_Allreduce (with overlap False)."""
+        place of MPI_Allreduce (with overlap False). thread: the sums, by allreduce or MPI's,
+        run on a helper thread as the buckets become ready (overlap is then not used)."""
         self.params, self.grad, self.comm, self.overlap = params, params.grad, dp_comm, overlap
         self.allreduce = allreduce
         group = groups or (lambda n: dp_comm)
@@ -75,6 +82,7 @@ class GradAllReduce(GradSync):
         self.pending: list = []
         self.waiting: list[set] = []
         self.comm_bytes = 0.0        # a ring all-reduce of n elements sends 2 n (d-1)/d of them
+        self.worker = ReduceThread(self.groups, allreduce) if thread else None
 
     def start(self) -> None:
         """Arm the buckets before the last micro-batch's backward."""
@@ -92,7 +100,11 @@ class GradAllReduce(GradSync):
         for (lo, hi, _), left, comm in zip(self.buckets, self.waiting, self.groups):
             if left:
                 left.difference_update(names)
-                if not left and self.overlap:
+                if not left and self.worker is not None:
+                    buf, host = self._host(lo, hi, comm)
+                    self.worker.submit(comm, buf)
+                    self.pending.append((MPI.REQUEST_NULL, lo, hi, host))
+                elif not left and self.overlap:
                     buf, host = self._host(lo, hi, comm)
                     req = comm.Iallreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
                     self.pending.append((req, lo, hi, host))
@@ -106,7 +118,9 @@ class GradAllReduce(GradSync):
         from mpi4py import MPI
         if any(self.waiting):
             raise RuntimeError("some gradient buckets were never ready: backward skipped a parameter")
-        if not self.overlap:
+        if self.worker is not None:
+            self.worker.wait()
+        elif not self.overlap:
             for (lo, hi, _), comm in zip(self.buckets, self.groups):
                 buf, host = self._host(lo, hi, comm)
                 if self.allreduce is not None:
@@ -120,8 +134,12 @@ class GradAllReduce(GradSync):
         self.pending = []
 
     def free(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
         if self.allreduce is not None:
             self.allreduce.free()
+        if self.worker is not None:
+            self.worker.free()
 
     def grad_squares(self, counted) -> float:
         """Every rank of a bucket's group holds the whole sum: the group's rank 0 counts it."""
@@ -147,3 +165,60 @@ class GradAllReduce(GradSync):
         req.Wait()
         if host is not None:
             self.grad[lo:hi] = to_device(host)
+
+
+class ReduceThread:
+    """A helper thread that sums the buffers handed to it, in the order given, with
+    allreduce(comm, buffer) (None: MPI_Allreduce) on its own duplicate of each communicator
+    (so that its collectives never interleave with the main thread's). Needs an MPI
+    initialised with MPI_THREAD_MULTIPLE; mpi4py releases the GIL inside MPI calls, and the
+    model's kernels release it too, so the sums progress while backward computes."""
+
+    def __init__(self, comms, allreduce=None):
+        from mpi4py import MPI
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            from ..config import ConfigError
+            raise ConfigError("--dp-comm-thread needs an MPI library initialised with "
+                              "MPI_THREAD_MULTIPLE (this one gave a lower level)")
+        self.dups = {}
+        for c in comms:                                 # one duplicate per distinct group
+            if id(c) not in self.dups:
+                self.dups[id(c)] = c.Dup()
+        self.allreduce = allreduce
+        self.queue: queue.Queue = queue.Queue()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="refgpt-dp-reduce", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from mpi4py import MPI
+        while (item := self.queue.get()) is not None:
+            comm, buf = item
+            try:
+                if self.allreduce is not None:
+                    self.allreduce(comm, buf)
+                else:
+                    comm.Allreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
+            except BaseException as e:            # kept for wait() to raise in the main thread
+                self.error = e
+            finally:
+                self.queue.task_done()
+
+    def submit(self, comm, buf) -> None:
+        self.queue.put((self.dups[id(comm)], buf))
+
+    def wait(self) -> None:
+        """Until every sum handed over is done."""
+        self.queue.join()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+
+    def free(self) -> None:
+        """Give back the duplicates (collective; after stop)."""
+        for comm in self.dups.values():
+            comm.Free()
+
