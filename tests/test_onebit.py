@@ -72,6 +72,7 @@ def test_the_trainer_gives_one_worker_no_compression():
     (dict(optimizer="onebit-adam", onebit_warmup_iters=0), {}, "--onebit-warmup-iters must"),
     (dict(optimizer="onebit-adam", dtype="bfloat16"), {}, "--optimizer onebit-adam compresses"),
     (dict(optimizer="onebit-adam"), dict(zero_stage=1), "--optimizer onebit-adam compresses"),
+    (dict(optimizer="onebit-adam", backend="cupy"), {}, "--optimizer onebit-adam compresses"),
 ])
 def test_what_onebit_adam_refuses(train, parallel, match):
     cfg = ModelConfig(num_layers=1, hidden_size=16, num_attention_heads=2, seq_length=8,

@@ -92,12 +92,13 @@ def check_layout(mcfg, tcfg, pcfg, tp: int, dp: int, pp: int) -> None:
     if tcfg.optimizer == "onebit-adam" and (tp > 1 or stage or pcfg.offload_optimizer
                                             or pcfg.dp_shared_memory or mcfg.num_experts
                                             or pcfg.context_parallel_size > 1
-                                            or tcfg.dtype in ("bfloat16", "float16")):
+                                            or tcfg.dtype in ("bfloat16", "float16")
+                                            or tcfg.backend == "cupy"):
         raise ConfigError("--optimizer onebit-adam compresses the momentum of whole replicas "
                           "over data parallelism (with or without pipelining): not yet with "
                           "--tensor-model-parallel-size > 1, --zero-stage, "
                           "--offload-optimizer, --dp-shared-memory, --num-experts, "
-                          "--context-parallel-size > 1 or --bf16/--fp16")
+                          "--context-parallel-size > 1, --bf16/--fp16 or --backend cupy")
     if mcfg.num_experts and tp > 1 and pcfg.tensor_parallel_mode == "2d":
         raise ConfigError("--num-experts with --tensor-parallel-mode 2d is not supported yet "
                           "(1-D --tensor-model-parallel-size, with or without "
