@@ -21,7 +21,7 @@ LAYERS = [
     ("refgpt.parallel",),                                         # the layouts
     ("refgpt.engine",),                                           # one rank's training
     ("refgpt.train", "refgpt.generate", "refgpt.validate", "refgpt.prepare", "refgpt.convert",
-     "refgpt.study"),                                             # the entry points
+     "refgpt.study", "refgpt.plan"),                                             # the entry points
 ]
 
 

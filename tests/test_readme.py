@@ -37,6 +37,8 @@ HOW = {
     "python -m refgpt.study.scaling --ranks 1 2 4 --layouts dp tp2 pp2 --dry-run":
         "+ --synthetic-data --num-layers 2 --hidden-size 32 --num-attention-heads 2 "
         "--seq-length 32",
+    "python -m refgpt.plan --nodes 1 --ranks-per-node 16 --global-batch-size 16 "
+    "--micro-batch-size 1": "+",
     "mpiexec -n 4 python -m refgpt.train --global-batch-size 16 --micro-batch-size 2":
         "+ --num-layers 1 --hidden-size 32 --num-attention-heads 2 --seq-length 32 "
         "--eval-iters 1 --no-progress --train-iters 2",

@@ -1,0 +1,37 @@
+"""The planner's memory (refgpt.plan.rank_memory) equals the registry on every rank of every
+layout it lists for this world (TP, PP, ZeRO 0-3, recomputation), after one training step in
+float32."""
+
+import pytest
+
+from refgpt.config import ModelConfig, ParallelConfig, TrainConfig
+from refgpt.engine import Trainer
+from refgpt.parallel.grid import Grid
+from refgpt.plan import layouts, rank_memory
+from test_zero import QUIET, agree
+
+CATEGORIES = ("params", "grads", "optimizer", "activations")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_every_layout_of_the_plan_has_the_registrys_memory():
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    mcfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                       vocab_size=45, vocab_multiple=16, dropout=0.1)
+    tcfg = TrainConfig(micro_batch_size=1, global_batch_size=4 * comm.size, train_iters=1,
+                       synthetic_data=True, eval_iters=0)
+    failures, checked = [], 0
+    for name, pcfg, tp, pp, dp, reason in layouts(comm.size, mcfg, tcfg, ParallelConfig()):
+        if reason:
+            continue
+        t = Trainer(mcfg, tcfg, pcfg, Grid(comm, tp, pp), **QUIET)
+        t.train_step()
+        measured = t.memory()
+        want = rank_memory(mcfg, tcfg, pcfg, tp, pp, dp, t.grid.pp_rank)
+        ok = all(measured[k] == want[k] for k in CATEGORIES)
+        t.close()
+        checked += 1
+        if not agree(comm, ok):
+            failures.append(name)
+    assert checked >= (12 if comm.size == 4 else 6) and not failures, failures

@@ -1,0 +1,60 @@
+"""The planner (refgpt.plan): its per-rank memory equals the registry of a real run of the
+layout (one process here, in float64, float32 and bfloat16, with and without recomputation;
+mpi_tests/test_plan.py runs every layout of 2 and 4 ranks); its records and command line; the
+flags it refuses."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from refgpt.config import ModelConfig, ParallelConfig, TrainConfig
+from refgpt.engine import Trainer
+from refgpt.plan import main, rank_memory
+
+MODEL = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                    vocab_size=45, vocab_multiple=16, dropout=0.1)
+TRAIN = TrainConfig(micro_batch_size=2, global_batch_size=4, train_iters=1, lr=1e-2,
+                    synthetic_data=True, eval_iters=0)
+CATEGORIES = ("params", "grads", "optimizer", "activations")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+@pytest.mark.parametrize("recompute", ["", "selective", "full"])
+def test_predicted_memory_equals_the_registry(dtype, recompute):
+    tcfg = replace(TRAIN, dtype=dtype)
+    pcfg = ParallelConfig(recompute_granularity=recompute)
+    t = Trainer(MODEL, tcfg, pcfg, log=lambda *_: None)
+    t.train_step()
+    measured = t.memory()
+    want = rank_memory(MODEL, tcfg, pcfg, 1, 1, 1)
+    assert {k: measured[k] for k in CATEGORIES} == {k: want[k] for k in CATEGORIES}
+
+
+def test_the_plan_prints_records_with_commands(capsys):
+    argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--vocab-size", "45", "--global-batch-size", "8",
+            "--micro-batch-size", "1", "--synthetic-data"]
+    assert main([*argv, "--nodes", "1", "--ranks-per-node", "4", "--json",
+                 "--allreduce-bandwidth", "2"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    runnable = [r for r in records if "refused" not in r]
+    assert runnable and all(r["ranks"] == 4 for r in records)
+    times = [r["step_time_s"]["total"] for r in runnable]
+    assert times == sorted(times) and all(r["step_time_s"]["allreduce_s"] is not None
+                                          for r in runnable)
+    for r in runnable:
+        assert r["command"][:len(argv)] == argv and "--nodes" not in r["command"]
+        assert r["memory_bytes"]["total"] == sum(r["memory_bytes"][k] for k in CATEGORIES)
+    assert any("--zero-stage 2 with pipeline parallelism is refused" in r["refused"]
+               for r in records if "refused" in r)
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--nodes", "0"], "--nodes must be >= 1"),
+    (["--zero-stage", "1"], "the planner chooses --zero-stage itself"),
+])
+def test_what_the_planner_refuses(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and match in capsys.readouterr().err
