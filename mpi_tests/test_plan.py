@@ -35,3 +35,18 @@ def test_every_layout_of_the_plan_has_the_registrys_memory():
         if not agree(comm, ok):
             failures.append(name)
     assert checked >= (12 if comm.size == 4 else 6) and not failures, failures
+
+
+@pytest.mark.mpi(min_size=2)
+def test_calibration_writes_a_machine_the_planner_reads(tmp_path_factory):
+    from mpi4py import MPI
+
+    from refgpt.plan import main, read_machine
+    comm = MPI.COMM_WORLD
+    path = comm.bcast(str(tmp_path_factory.mktemp("m") / "here.toml") if comm.rank == 0 else None)
+    assert main(["--calibrate", path, "--dtype", "float64"]) == 0
+    comm.Barrier()
+    m = read_machine(path)
+    ok = (m["gemm_tflops_per_node"]["float64"] > 0 and m["network"]["allreduce_gbs"] > 0
+          and m["memory_gib_per_node"] > 0)
+    assert agree(comm, ok)

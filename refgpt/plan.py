@@ -28,17 +28,27 @@ traffic by the counters' formulas, not overlapped; full recomputation adds a thi
 recomputed blocks' FLOPs (one more forward), selective's extra attention-core FLOPs are not
 counted. Layouts are printed fastest first, each with the command that runs it.
 
+Machines (--machine): a small TOML file, or the name of one in refgpt/machines (a64fx-fugaku,
+from published figures, each cited in the file): cores and memory per node, the GEMM rate per
+node by type, and the all-reduce rate a rank moves ([network] allreduce_gbs). With one, the
+rates are its own and a layout whose ranks on a node need more than the node's memory is
+refused with the figure. ``--calibrate FILE`` (under mpiexec for the network) measures this
+machine and writes its file.
+
 Not yet (issue 30): context and expert parallelism, virtual stages and other schedules,
-2-D tensor parallelism, shared-memory ZeRO and offload in the enumeration; machine files and
---calibrate; the time model's validation against measured runs.
+2-D tensor parallelism, shared-memory ZeRO and offload in the enumeration; a GEMM rate by
+shape and the machine's core groups in the time model; the time model's validation against
+measured runs and the Fugaku table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -54,7 +64,9 @@ from .precision import compute_dtype, dtype_of, is_half
 from .study.plan import Config, Layout, predict
 from .train import build_parser, configs_from
 
-PLAN_FLAGS = ("nodes", "ranks_per_node", "allreduce_bandwidth", "json", "top")
+PLAN_FLAGS = ("nodes", "ranks_per_node", "allreduce_bandwidth", "json", "top", "machine",
+              "calibrate")
+MACHINES = Path(__file__).parent / "machines"
 RECOMPUTE = ("", "selective", "full")
 
 
@@ -120,10 +132,41 @@ def layout_flags(pcfg) -> list[str]:
     return flags
 
 
+def read_machine(name: str) -> dict:
+    """A machine description (module docstring): a TOML file, or the name of one shipped in
+    refgpt/machines (a64fx-fugaku). Its errors are one ConfigError line."""
+    from .train import tomllib
+    path = Path(name)
+    if not path.exists() and (MACHINES / f"{name}.toml").exists():
+        path = MACHINES / f"{name}.toml"
+    try:
+        m = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"--machine {name}: {e}") from None
+    for key, kind in (("name", str), ("cores_per_node", int), ("memory_gib_per_node", (int, float)),
+                      ("gemm_tflops_per_node", dict)):
+        if not isinstance(m.get(key), kind):
+            raise ConfigError(f"--machine {name}: '{key}' is missing or not a "
+                              f"{getattr(kind, '__name__', 'number')}")
+    return m
+
+
+def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float):
+    """(GEMM FLOP/s per rank, all-reduce bytes/s per rank or None) from a machine description;
+    --allreduce-bandwidth, where given, wins."""
+    rate = machine["gemm_tflops_per_node"].get(tcfg.dtype)
+    if not isinstance(rate, (int, float)) or rate <= 0:
+        raise ConfigError(f"--machine {machine['name']}: no GEMM rate for {tcfg.dtype} "
+                          f"(it has {sorted(machine['gemm_tflops_per_node'])})")
+    link = bandwidth or machine.get("network", {}).get("allreduce_gbs", 0)
+    return rate * 1e12 / ranks_per_node, link or 0.0
+
+
 def plan(argv: list[str], world: int, bandwidth: float, gemm_rate: float, mcfg, tcfg,
-         pcfg) -> list[dict]:
+         pcfg, node_bytes: float | None = None, ranks_per_node: int = 1) -> list[dict]:
     """One record per layout: the layout, its command, memory and predicted time (module
-    docstring), or the reason it cannot run; fastest first, the refused at the end."""
+    docstring), or the reason it cannot run (node_bytes: the memory of a node, which the
+    ranks_per_node ranks on it share); fastest first, the refused at the end."""
     link = bandwidth * 1e9 if bandwidth else None
     out = []
     for name, cfg, tp, pp, dp, reason in layouts(world, mcfg, tcfg, pcfg):
@@ -134,6 +177,12 @@ def plan(argv: list[str], world: int, bandwidth: float, gemm_rate: float, mcfg, 
             continue
         per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r) for r in range(pp)]
         record["memory_bytes"] = max(per_rank, key=lambda m: m["total"])
+        need = record["memory_bytes"]["total"] * ranks_per_node
+        if node_bytes and need > node_bytes:
+            out.append({**record, "refused": f"needs {need / 2**30:,.1f} GiB a node "
+                                             f"({ranks_per_node} ranks), the node has "
+                                             f"{node_bytes / 2**30:,.1f}"})
+            continue
         micro = tcfg.micro_batches(dp)
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
                        mcfg, tcfg, cfg, gemm_rate, link)
@@ -199,7 +248,43 @@ def build_plan_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", default=False,
                    help="print the records as JSON, one object per layout")
     g.add_argument("--top", type=int, default=10, help="layouts printed [default: 10]")
+    g.add_argument("--machine", default="",
+                   help="a machine description (TOML; a64fx-fugaku is shipped): its GEMM rate, "
+                        "all-reduce bandwidth and memory per node [default: this machine's "
+                        "measured GEMM rate, no memory limit]")
+    g.add_argument("--calibrate", default="",
+                   help="measure this machine (under mpiexec: its all-reduce too) and write "
+                        "its description to this TOML file; plan nothing")
     return ap
+
+
+def calibrate(path: str, tcfg) -> None:
+    """Write this machine's description: its cores and memory, the GEMM rate the trainer
+    measures, and (under mpiexec with more than one rank) the all-reduce rate a rank moves."""
+    from mpi4py import MPI
+    from .study.measure import link_rate, machine
+    world = MPI.COMM_WORLD
+    gemm = measured_gemm_rate(tcfg)
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)
+    per_node = node.Get_size()
+    node.Free()
+    link = link_rate(world, 1 << 22, tcfg.dtype) / 1e9 if world.Get_size() > 1 else 0.0
+    gemm = world.allreduce(gemm, op=MPI.MIN)
+    cpu = machine(world)["cpu"]                                # (collective)
+    if world.Get_rank():
+        return
+    lines = [f'name = "{cpu}"',
+             f"cores_per_node = {os.cpu_count()}",
+             f"memory_gib_per_node = "
+             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f}",
+             "", "[gemm_tflops_per_node]     # the GEMM rate of one rank, times the ranks "
+             f"measured ({per_node} on a node)",
+             f"{tcfg.dtype} = {gemm * per_node / 1e12:.4f}"]
+    if link:
+        lines += ["", "[network]", f"allreduce_gbs = {link:.3f}     # a rank, "
+                  f"{world.Get_size()} ranks, 16 MiB"]
+    Path(path).write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
 
 
 @exit_on_user_error
@@ -219,17 +304,25 @@ def main(argv=None) -> int:
         raise ConfigError("the planner chooses " + ", ".join(
             f"--{k.replace('_', '-')}" for k in sorted(layout_set)) + " itself")
     mcfg, tcfg, pcfg, _, _ = configs_from(values)
+    if own["calibrate"]:
+        calibrate(own["calibrate"], tcfg)
+        return 0
     world = own["nodes"] * own["ranks_per_node"]
     flags = training_flags(argv)
-    records = plan(flags, world, own["allreduce_bandwidth"], measured_gemm_rate(tcfg), mcfg,
-                   tcfg, pcfg)
+    gemm, link, node_bytes = None, own["allreduce_bandwidth"], None
+    if own["machine"]:
+        machine = read_machine(own["machine"])
+        gemm, link = machine_rates(machine, tcfg, own["ranks_per_node"], link)
+        node_bytes = machine["memory_gib_per_node"] * 2**30
+    records = plan(flags, world, link, gemm or measured_gemm_rate(tcfg), mcfg, tcfg, pcfg,
+                   node_bytes, own["ranks_per_node"])
     if own["json"]:
         print(json.dumps(records, indent=1))
     else:
         print(f"{world} ranks ({own['nodes']} node(s) x {own['ranks_per_node']}), "
               f"{len([r for r in records if 'refused' not in r])} layouts run"
-              + ("" if own["allreduce_bandwidth"] else "; communication not predicted "
-                 "(give --allreduce-bandwidth GB/s)"))
+              + ("" if link else "; communication not predicted "
+                 "(give --allreduce-bandwidth GB/s or a --machine with a network)"))
         show(records, own["top"])
     return 0
 

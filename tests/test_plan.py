@@ -58,3 +58,29 @@ def test_what_the_planner_refuses(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_a_machine_file_sets_the_rates_and_refuses_what_does_not_fit(capsys):
+    """The shipped A64FX description: its GEMM rate and network, and a node's 32 GiB: GPT-2
+    1.5B-sized layers on 2 nodes fit only spread out (the refusal says how much a node needs)."""
+    argv = ["--num-layers", "48", "--hidden-size", "1600", "--num-attention-heads", "25",
+            "--seq-length", "1024", "--vocab-size", "50257", "--global-batch-size", "16",
+            "--micro-batch-size", "1", "--machine", "a64fx-fugaku", "--nodes", "2",
+            "--ranks-per-node", "4", "--json"]
+    assert main(argv) == 0
+    records = json.loads(capsys.readouterr().out)
+    refused = [r["refused"] for r in records if "refused" in r]
+    assert any("GiB a node (4 ranks), the node has 32.0" in r for r in refused)
+    runnable = [r for r in records if "refused" not in r]
+    assert runnable and all(r["step_time_s"]["allreduce_s"] is not None for r in runnable)
+    assert all(r["memory_bytes"]["total"] * 4 <= 32 * 2**30 for r in runnable)
+
+
+def test_a_bad_machine_file_is_one_error_line(tmp_path, capsys):
+    bad = tmp_path / "m.toml"
+    bad.write_text('name = "x"\ncores_per_node = 4\n')
+    with pytest.raises(SystemExit) as e:
+        main(["--machine", str(bad)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "'memory_gib_per_node' is missing" in err
+    assert len(err.strip().splitlines()) == 1
