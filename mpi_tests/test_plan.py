@@ -50,3 +50,28 @@ def test_calibration_writes_a_machine_the_planner_reads(tmp_path_factory):
     ok = (m["gemm_tflops_per_node"]["float64"] > 0 and m["network"]["allreduce_gbs"] > 0
           and m["memory_gib_per_node"] > 0)
     assert agree(comm, ok)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_planned_data_parallel_bytes_equal_the_counters():
+    """At an all-reduce rate of one byte a second the plan's all-reduce seconds are its bytes:
+    the data-parallel layouts' (ZeRO 0-3) equal what a step's counters count."""
+    from mpi4py import MPI
+
+    from refgpt.plan import plan
+    comm = MPI.COMM_WORLD
+    mcfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                       vocab_size=45, vocab_multiple=16)
+    tcfg = TrainConfig(micro_batch_size=1, global_batch_size=2 * comm.size, train_iters=1,
+                       synthetic_data=True, eval_iters=0)
+    records = {r["layout"]: r for r in plan([], comm.size, 1e-9, 1e9, mcfg, tcfg,
+                                            ParallelConfig()) if "refused" not in r}
+    ok, checked = True, 0
+    for zero in range(4):
+        name = f"tp1 pp1 dp{comm.size}" + (f" zero-{zero}" if zero else "")
+        t = Trainer(mcfg, tcfg, ParallelConfig(zero_stage=zero), Grid(comm), **QUIET)
+        moved = t.train_step()["dp_comm_bytes"]
+        t.close()
+        ok = ok and abs(records[name]["step_time_s"]["allreduce_s"] - moved) <= 1e-9 * moved
+        checked += 1
+    assert checked == 4 and agree(comm, ok)

@@ -78,6 +78,12 @@ def rank_elements(mcfg, tp: int, pp: int, pp_rank: int) -> int:
                else s.size for s in param_specs(mcfg, stage))
 
 
+def padded_elements(mcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0) -> int:
+    """The rank's flat buffer: its elements, padded to a multiple of d under ZeRO."""
+    P = rank_elements(mcfg, tp, pp, pp_rank)
+    return -(-P // dp) * dp if pcfg.zero_stage else P
+
+
 def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0) -> dict:
     """The registry's categories for one rank of the layout (module docstring), in bytes."""
     dtype = np.dtype(dtype_of(tcfg.dtype))
@@ -86,9 +92,7 @@ def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0) -
     g = 2 if pcfg.grad_reduce_in_bf16 else state
     k = 2 * state + (state if is_half(dtype) else 0)           # moments, and fp32 masters
     stage = pcfg.zero_stage
-    P = rank_elements(mcfg, tp, pp, pp_rank)
-    if stage:
-        P = -(-P // dp) * dp
+    P = padded_elements(mcfg, pcfg, tp, pp, dp, pp_rank)
     grid = SimpleNamespace(tp_size=tp, pp_size=pp, pp_rank=pp_rank, data_size=dp, cp_size=1)
     mem = {"params": p * (P // dp if stage == 3 else P),
            "grads": g * (P // dp if stage >= 2 else P),
@@ -184,8 +188,9 @@ def plan(argv: list[str], world: int, bandwidth: float, gemm_rate: float, mcfg, 
                                              f"{node_bytes / 2**30:,.1f}"})
             continue
         micro = tcfg.micro_batches(dp)
+        elements = max(padded_elements(mcfg, cfg, tp, pp, dp, r) for r in range(pp))
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
-                       mcfg, tcfg, cfg, gemm_rate, link)
+                       mcfg, tcfg, cfg, gemm_rate, link, elements)
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
         blocks = mcfg.num_layers // pp                  # full recomputation: one more forward
         if cfg.recompute_granularity == "full":         # (a third of their FLOPs) of the

@@ -120,16 +120,19 @@ def make_plan(ranks, layouts, mcfg, tcfg, pcfg) -> list[Config]:
     return out
 
 
-def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | None) -> dict:
+def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | None,
+            elements: int | None = None) -> dict:
     """The cost model of the module docstring, in seconds per iteration. Communication is None
     where it is not predicted: without a link rate, and tensor traffic of 2-D (SUMMA) layouts
-    (docs/tensor-parallel.md has its volume)."""
+    (docs/tensor-parallel.md has its volume). elements: a rank's parameters exactly, padded as
+    ZeRO pads them (refgpt.plan), instead of the model's count over t p."""
     t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
     pcfg = parallel_config(pcfg, cfg.layout)
     w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
     g = 2 if pcfg.grad_reduce_in_bf16 else compute_dtype(dtype_of(tcfg.dtype)).itemsize
     compute = model_flops(mcfg, tcfg.global_batch_size) / (cfg.ranks * gemm_rate)
-    per_rank = (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p)
+    per_rank = (elements if elements is not None else
+                (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p))
     moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w, g)
     if pcfg.dp_shared_memory:                        # what a rank reads of the other rows
         moved = (d - 1) / d * int(per_rank) * g
