@@ -20,7 +20,6 @@ and prints the model's prediction beside every measurement.
 import argparse
 import json
 import math
-import platform
 import statistics
 from pathlib import Path
 
@@ -28,13 +27,6 @@ import numpy as np
 
 SIZES = [2 ** k for k in range(10, 29, 2)]            # 1 KiB .. 256 MiB
 ALGORITHMS = ("mpi", "ring", "tree", "hierarchical")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def steps(algorithm: str, p: int) -> tuple[float, float]:
@@ -89,6 +81,7 @@ def measure(args) -> None:
 
 
 def report(rows: list[dict], args) -> None:
+    from refgpt.study.measure import cpu_name
     fits = {}
     for p in sorted({r["p"] for r in rows}):
         for algorithm in ALGORITHMS:

@@ -20,19 +20,11 @@ ends the table.
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 from pathlib import Path
 
 GIB = 2 ** 30
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def probabilities_bytes(T: int, c: int, kind: str, layers=12, heads=12) -> int:
@@ -79,6 +71,7 @@ def measure(args) -> None:
     from mpi4py import MPI
 
     from refgpt.parallel.threads import set_threads
+    from refgpt.study.measure import cpu_name
     comm = MPI.COMM_WORLD
     set_threads(comm, args.threads)
     rows = []

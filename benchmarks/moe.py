@@ -21,9 +21,7 @@ experts' gradients are then all-reduced over all ranks, as the dense model's are
 
 import argparse
 import math
-import platform
 import statistics
-from pathlib import Path
 
 from mpi4py import MPI
 
@@ -31,6 +29,7 @@ from refgpt.config import ModelConfig, ParallelConfig, TrainConfig
 from refgpt.engine import Trainer
 from refgpt.parallel.grid import Grid
 from refgpt.parallel.threads import set_threads
+from refgpt.study.measure import cpu_name
 
 
 def configs(args):
@@ -62,13 +61,6 @@ def run(comm, mcfg, ep, args):
     a2a = comm.allreduce(statistics.median(spent[args.warmup:]), MPI.MAX)
     return dict(tokens=tcfg.global_batch_size * mcfg.seq_length / step, step=step, a2a=a2a,
                 loss=hist[-1]["loss"], held=held)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def main():

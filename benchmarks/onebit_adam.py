@@ -7,9 +7,10 @@ stdlib corpus), data-parallel over every rank of the job, in float32:
 
 Runs from the same initial weights and batches: ``--optimizer adam`` (AdamW, the default),
 ``onebit-adam`` with --warmup steps of uncompressed Adam (each value given), and
-``onebit-adam`` never compressing (its warm-up as long as the run: DeepSpeed's update rule, which has no bias
-correction and couples the weight decay, alone). For each: the loss per step, the mean of the
-last 20 steps and the validation loss against Adam's, and the bytes a rank sends per step
+``onebit-adam`` never compressing (its warm-up as long as the run: DeepSpeed's update rule,
+which has no bias correction and couples the weight decay, alone). For each: the loss per
+step, the mean of the last 20 steps and the validation loss against Adam's, and the bytes a
+rank sends per step
 (the data-parallel traffic: the gradient all-reduce, or after the warm-up the momentum's
 1-bit all-reduce), before and after the warm-up. The global batch is the default's (16) unless
 --global-batch-size says otherwise; each rank takes global / ranks sequences a step.
@@ -17,17 +18,9 @@ last 20 steps and the validation loss against Adam's, and the bytes a rank sends
 
 import argparse
 import json
-import platform
 import statistics
 from dataclasses import replace
 from pathlib import Path
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def run(comm, optimizer: str, warmup: int, args) -> dict:
@@ -57,6 +50,7 @@ def measure(args) -> None:
     from mpi4py import MPI
 
     from refgpt.parallel.threads import set_threads
+    from refgpt.study.measure import cpu_name
     comm = MPI.COMM_WORLD
     set_threads(comm, args.threads)
     runs = [run(comm, "adam", 0, args)]

@@ -63,7 +63,8 @@ def main():
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(list(PUBLISHED), list(PUBLISHED.values()), "o-", label="published (seed 004)")
         ax.plot([r[0] for r in rows], [r[1] for r in rows], "s--", label="predicted, DP x TP 4")
-        ax.plot([r[0] for r in rows], [r[2] for r in rows], "^:", label="predicted, planner's choice")
+        ax.plot([r[0] for r in rows], [r[2] for r in rows], "^:",
+                label="predicted, planner's choice")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("A64FX CPUs")
         ax.set_ylabel("TFLOP/s per CPU")

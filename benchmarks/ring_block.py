@@ -29,14 +29,8 @@ quiet_openblas()                        # before NumPy loads OpenBLAS: refgpt.pa
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from refgpt.study.measure import cpu_name  # noqa: E402
 from step_vs_torch import round_robin  # noqa: E402
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def step(fwd, bwd, q, k, v, do):

@@ -267,7 +267,7 @@ def calibrate(path: str, tcfg) -> None:
     """Write this machine's description: its cores and memory, the GEMM rate the trainer
     measures, and (under mpiexec with more than one rank) the all-reduce rate a rank moves."""
     from mpi4py import MPI
-    from .study.measure import link_rate, machine
+    from .study.measure import cpu_name, link_rate
     world = MPI.COMM_WORLD
     gemm = measured_gemm_rate(tcfg)
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
@@ -275,10 +275,9 @@ def calibrate(path: str, tcfg) -> None:
     node.Free()
     link = link_rate(world, 1 << 22, tcfg.dtype) / 1e9 if world.Get_size() > 1 else 0.0
     gemm = world.allreduce(gemm, op=MPI.MIN)
-    cpu = machine(world)["cpu"]                                # (collective)
     if world.Get_rank():
         return
-    lines = [f'name = "{cpu}"',
+    lines = [f'name = "{cpu_name()}"',
              f"cores_per_node = {os.cpu_count()}",
              f"memory_gib_per_node = "
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f}",

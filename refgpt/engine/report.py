@@ -73,9 +73,9 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     interleaved and zero-bubble schedules (their stash is not min(p - r, m) whole stages),
     models with experts (what an expert keeps depends on how many tokens it was sent),
     context parallelism (its attention keeps other arrays), and layered gradient accumulation
-    (every micro-batch's blocks, not its head: Korthikanti's counts m micro-batches in flight). Korthikanti's is taken at the
-    rank's T / c tokens (its attention term at T / c x T under context parallelism is not
-    modelled either)."""
+    (every micro-batch's blocks, not its head: Korthikanti's counts m micro-batches in
+    flight). Korthikanti's is taken at the rank's T / c tokens (its attention term at T / c x
+    T under context parallelism is not modelled either)."""
     t, p, r = grid.tp_size, grid.pp_size, grid.pp_rank
     blocks = mcfg.num_layers // (p * pcfg.num_virtual_stages)
     m = tcfg.micro_batches(grid.data_size)

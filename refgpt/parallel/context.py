@@ -34,9 +34,9 @@ kernels attention_block_forward and attention_block_backward (refgpt.nn.attentio
 flash-style, under the numba backend (refgpt.kernels.numba_flash) and the cupy backend
 (refgpt.kernels.cupy_flash), neither of which writes a block's n x n matrices.
 
-The keys and values travel the ring again with their gradients' accumulators: at step s rank r adds its queries' part to the dK, dV of
-rank (r - s)'s block and passes them on; after C steps they have made the whole circle and
-one more pass brings them home. Per layer and micro-batch, with b = B H D n elements in a
+The keys and values travel the ring again with their gradients' accumulators: at step s rank
+r adds its queries' part to the dK, dV of rank (r - s)'s block and passes them on; after C
+steps they have made the whole circle and one more pass brings them home. Per layer and micro-batch, with b = B H D n elements in a
 chunk's keys (H: the rank's heads), a rank sends
 
     forward  (C - 1) x 2 x 2b          keys and values, C - 1 passes

@@ -62,14 +62,19 @@ def link_rate(world, elements: int, dtype) -> float:
     return 2 * (d - 1) / d * buf.nbytes / best
 
 
-def machine(world) -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (else what platform knows)."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def machine(world) -> dict:
+    """What the numbers were measured on."""
+    cpu = cpu_name()
     mpi = "none (one process)"
     if world is not None:
         from mpi4py import MPI
