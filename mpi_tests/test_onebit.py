@@ -118,8 +118,8 @@ def test_the_multi_worker_step_equals_deepspeeds_rule():
 def test_the_warm_up_trains_equal_to_one_process(pp):
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
-    if comm.size % pp or comm.size // pp < 2:
-        pytest.skip(f"needs two data-parallel replicas of {pp} stages")
+    if comm.size % pp:
+        pytest.skip(f"needs a world divisible by {pp} stages")
     tcfg = replace(train_cfg(comm.size // pp, 2), optimizer="onebit-adam",
                    onebit_warmup_iters=3)
     par = Trainer(model_cfg(), tcfg, ParallelConfig(pipeline_model_parallel_size=pp),

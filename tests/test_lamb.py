@@ -55,12 +55,16 @@ def test_lamb_equals_its_formula_on_scripted_gradients():
     assert np.abs(p - want).max() <= 1e-15 * np.abs(want).max() * 10
 
 
-def test_the_trainer_gives_lamb_every_tensor_and_the_decayed_ones():
+def lamb_trainer(dtype: str) -> Trainer:
     cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
                       vocab_size=64)
     tcfg = TrainConfig(micro_batch_size=4, global_batch_size=8, train_iters=2, lr=1e-2,
-                       optimizer="lamb", synthetic_data=True, eval_iters=0, dtype="float64")
-    t = Trainer(cfg, tcfg, log=lambda *_: None)
+                       optimizer="lamb", synthetic_data=True, eval_iters=0, dtype=dtype)
+    return Trainer(cfg, tcfg, log=lambda *_: None)
+
+
+def test_the_trainer_gives_lamb_every_tensor_and_the_decayed_ones():
+    t = lamb_trainer("float64")
     p = t.model.params
     assert isinstance(t.opt, Lamb) and t.opt.norms is None     # whole tensors: no sums
     assert t.opt.tensors == [[r] for r in sorted(p.slices.values())]
@@ -72,11 +76,7 @@ def test_the_trainer_gives_lamb_every_tensor_and_the_decayed_ones():
 
 def test_lamb_in_16_bits_steps_fp32_master_weights():
     from refgpt.optim import MasterLamb
-    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
-                      vocab_size=64)
-    tcfg = TrainConfig(micro_batch_size=4, global_batch_size=8, train_iters=2, lr=1e-2,
-                       optimizer="lamb", synthetic_data=True, eval_iters=0, dtype="bfloat16")
-    t = Trainer(cfg, tcfg, log=lambda *_: None)
+    t = lamb_trainer("bfloat16")
     assert isinstance(t.opt, MasterLamb) and t.opt.p.dtype == np.float32
     before = t.opt.p.copy()
     t.run()

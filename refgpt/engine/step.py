@@ -99,12 +99,18 @@ class Step:
                 sync.start()
             with timers("backward"):
                 self.model.backward(on_ready=self._ready if reduce else None)
-            if reduce:                  # waits for the network inside backward: the reduction's
-                timers.add("backward", -sync.blocked_s)
-                timers.add("grads-all-reduce", sync.blocked_s)
-                with timers("grads-all-reduce"):
-                    sync.finish()
+            if reduce:
+                self._finish_reduction()
         return loss
+
+    def _finish_reduction(self) -> None:
+        """Wait for the gradient sums; what backward waited for the network inside it counts
+        as the reduction's time, not backward's."""
+        timers, sync = self.timers, self.sync
+        timers.add("backward", -sync.blocked_s)
+        timers.add("grads-all-reduce", sync.blocked_s)
+        with timers("grads-all-reduce"):
+            sync.finish()
 
     def _layered(self, batches, norm: float) -> float:
         """Layered gradient accumulation (GPT.forward_layered): every micro-batch through one
@@ -118,10 +124,7 @@ class Step:
         sync.start()
         with timers("backward"):
             loss = self.model.backward_layered(hidden, batches, norm, on_ready=self._ready)
-        timers.add("backward", -sync.blocked_s)
-        timers.add("grads-all-reduce", sync.blocked_s)
-        with timers("grads-all-reduce"):
-            sync.finish()
+        self._finish_reduction()
         return loss
 
     def _ready(self, names) -> None:

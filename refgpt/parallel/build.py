@@ -220,8 +220,8 @@ def build(mcfg, tcfg, pcfg, grid) -> Built:
         hand = pcfg.dp_allreduce_algorithm != "mpi"      # progresses only inside its calls
         sync = GradAllReduce(params, grid.dp_comm, pcfg.ddp_bucket_size,
                              pcfg.overlap_grad_reduce and not hand, groups,
-                             Allreduce(pcfg.dp_allreduce_algorithm) if hand else None,
-                             pcfg.dp_comm_thread)
+                             Allreduce(pcfg.dp_allreduce_algorithm)
+                             if hand or pcfg.dp_comm_thread else None, pcfg.dp_comm_thread)
     else:
         sync = LocalGrads(params)
     return Built(model, sync, pipeline)

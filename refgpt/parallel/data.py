@@ -60,8 +60,9 @@ class GradAllReduce(GradSync):
         dp_comm (expert parallelism: an expert's over its expert-data-parallel group); a
         bucket holds parameters of one group only. allreduce(comm, buffer): a hand-written
         algorithm (refgpt.parallel.collectives) for the blocking sums after backward, in
-        place of MPI_Allreduce (with overlap False). thread: the sums, by allreduce or MPI's,
-        run on a helper thread as the buckets become ready (overlap is then not used)."""
+        place of MPI_Allreduce (with overlap False). thread: the sums, by allreduce (which
+        must then be given: Allreduce("mpi") for MPI's), run on a helper thread as the buckets
+        become ready (overlap is then not used)."""
         self.params, self.grad, self.comm, self.overlap = params, params.grad, dp_comm, overlap
         self.allreduce = allreduce
         group = groups or (lambda n: dp_comm)
@@ -169,12 +170,12 @@ class GradAllReduce(GradSync):
 
 class ReduceThread:
     """A helper thread that sums the buffers handed to it, in the order given, with
-    allreduce(comm, buffer) (None: MPI_Allreduce) on its own duplicate of each communicator
+    allreduce(comm, buffer) (refgpt.parallel.collectives.Allreduce) on its own duplicate of each communicator
     (so that its collectives never interleave with the main thread's). Needs an MPI
     initialised with MPI_THREAD_MULTIPLE; mpi4py releases the GIL inside MPI calls, and the
     model's kernels release it too, so the sums progress while backward computes."""
 
-    def __init__(self, comms, allreduce=None):
+    def __init__(self, comms, allreduce):
         from mpi4py import MPI
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             from ..config import ConfigError
@@ -191,14 +192,10 @@ class ReduceThread:
         self.thread.start()
 
     def _run(self) -> None:
-        from mpi4py import MPI
         while (item := self.queue.get()) is not None:
             comm, buf = item
             try:
-                if self.allreduce is not None:
-                    self.allreduce(comm, buf)
-                else:
-                    comm.Allreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
+                self.allreduce(comm, buf)
             except BaseException as e:            # kept for wait() to raise in the main thread
                 self.error = e
             finally:
