@@ -27,7 +27,7 @@ ones make GEMMs long enough for BLAS to run near its peak. Measured with
 not below a smallest block that depends on the CPU (16 on the AVX2 development machine, 32 on
 an AVX-512 Xeon; between neighbouring blocks the gaps were within the machines' run-to-run
 noise, see benchmarks/README.md). ``PRESETS`` holds (smallest block, blocks per sequence)
-per CPU family, picked from the CPU that LLVM (and so Numba) reports. REFGPT_ATTENTION_BLOCK
+per CPU family, picked from the CPU Numba compiles for (``numba_target``). REFGPT_ATTENTION_BLOCK
 overrides it with a preset's name, or with one block size for every length.
 
 16-bit operands go to the BLAS's 16-bit GEMM where it has one (refgpt.kernels.blas16), blocks
@@ -43,6 +43,7 @@ import ctypes
 import os
 
 import llvmlite.binding as llvm
+import numba
 import numpy as np
 from numba import njit, prange
 from threadpoolctl import ThreadpoolController
@@ -57,12 +58,27 @@ PRESETS = {            # CPU family: (smallest block, blocks per sequence)
 }
 
 
+def numba_target() -> tuple[str, dict[str, bool]]:
+    """The CPU Numba compiles for and its features: NUMBA_CPU_NAME and NUMBA_CPU_FEATURES where
+    set, else what LLVM reads off this machine. LLVM reads /proc/cpuinfo, which an emulator
+    may not fake: under qemu-user, which passes the host's through, an emulated A64FX reads as
+    a "generic" aarch64 with no features, so Numba would compile without SVE unless the
+    environment names the target (docs/a64fx.md)."""
+    name = numba.config.CPU_NAME
+    if not name or name == "host":
+        name = llvm.get_host_cpu_name()
+    if numba.config.CPU_FEATURES is None:
+        return name, dict(llvm.get_host_cpu_features())
+    return name, {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f}
+
+
 def host_preset() -> str:
-    """The preset for this CPU: a64fx for Fujitsu's A64FX, avx512 for x86 with AVX-512F, and
-    avx2 otherwise (the development machine's)."""
-    if llvm.get_host_cpu_name() == "a64fx":
+    """The preset for the CPU Numba compiles for: a64fx for Fujitsu's A64FX, avx512 for x86
+    with AVX-512F, and avx2 otherwise (the development machine's)."""
+    name, features = numba_target()
+    if name == "a64fx":
         return "a64fx"
-    return "avx512" if llvm.get_host_cpu_features().get("avx512f") else "avx2"
+    return "avx512" if features.get("avx512f") else "avx2"
 
 
 def tiling(setting: str | None = None) -> tuple[str, int | None]:

@@ -270,7 +270,7 @@ class ParallelConfig:
     ddp_bucket_size: int = 1_000_000  # elements per gradient all-reduce bucket; 0: one bucket
     overlap_grad_reduce: bool = True  # all-reduce buckets during backward (False: after it)
     layered_gradient_accumulation: bool = False  # micro-batches breadth-first, unit by unit
-    threads_per_rank: int = 0  # 0: one BLAS thread when ranks share a node, else the default
+    threads_per_rank: int = 0  # 0: refgpt.parallel.threads.default_threads
     timing_log_level: int = 1
     tensor_parallel_mode: str = "1d"  # 1d: Megatron; 2d: SUMMA on a q x q grid (t = q^2)
     zero_stage: int = 0  # ZeRO over the data-parallel group: 1 optimizer state, 2 + grads, 3 + params

@@ -146,7 +146,8 @@ PARALLEL_FLAGS = {
     "ddp-bucket-size": ("ddp_bucket_size", int,
                         "elements per data-parallel gradient all-reduce bucket (0: one bucket)"),
     "threads-per-rank": ("threads_per_rank", int,
-                         "BLAS threads per rank (0: 1 when ranks share a node, else the default)"),
+                         "BLAS and numba threads per rank (0: when ranks share a node, the "
+                         "cores the launcher bound the rank to, or 1; else the default)"),
     "zero-stage": ("zero_stage", int, "ZeRO over the data-parallel group: 0 off, 1 optimizer "
                                       "state, 2 + gradients, 3 + parameters partitioned"),
     "dp-allreduce-algorithm": ("dp_allreduce_algorithm", str,

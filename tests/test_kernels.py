@@ -331,6 +331,44 @@ def test_idle_threads_sleep_only_where_threads_outnumber_cores():
     assert not oversubscribed(16, 1, node_cores=16, my_cores=16)
 
 
+def test_ranks_bound_to_a_share_of_the_node_get_its_cores():
+    from refgpt.parallel.threads import default_threads
+    assert default_threads(1, node_cores=48, my_cores=48) is None    # alone: the libraries'
+    assert default_threads(4, node_cores=48, my_cores=12) == 12      # one A64FX CMG a rank
+    assert default_threads(2, node_cores=64, my_cores=32) == 32      # one socket a rank
+    assert default_threads(4, node_cores=48, my_cores=48) == 1       # not bound
+    assert default_threads(16, node_cores=16, my_cores=1) == 1       # bound to a core
+    assert default_threads(4, node_cores=16, my_cores=8) == 1        # shares that overlap
+
+
+def test_placement_reads_the_kernels_numa_lists(tmp_path):
+    from refgpt.parallel.threads import _parse_ranges, _ranges, numa_nodes
+    for cmg, cores in enumerate(("12-23", "24-35", "36-47", "48-59")):   # an A64FX's CMGs
+        (tmp_path / f"node{4 + cmg}").mkdir()
+        (tmp_path / f"node{4 + cmg}" / "cpulist").write_text(cores + "\n")
+    (tmp_path / "possible").write_text("4-7\n")
+    nodes = numa_nodes(str(tmp_path))
+    assert sorted(nodes) == [4, 5, 6, 7] and nodes[5] == set(range(24, 36))
+    assert _parse_ranges("0-3,8,10-11") == {0, 1, 2, 3, 8, 10, 11}
+    assert _ranges([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11" and _ranges([5]) == "5"
+
+
+def test_presets_follow_the_cpu_numba_compiles_for(monkeypatch):
+    """NUMBA_CPU_NAME/NUMBA_CPU_FEATURES name the target where LLVM cannot see it (an emulated
+    A64FX reads as a generic aarch64): the attention preset follows them."""
+    import numba
+    monkeypatch.setattr(numba.config, "CPU_NAME", "a64fx")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+sve,+neon,-sve2")
+    assert numba_attention.numba_target() == ("a64fx", {"sve": True, "neon": True,
+                                                        "sve2": False})
+    assert numba_attention.host_preset() == "a64fx"
+    monkeypatch.setattr(numba.config, "CPU_NAME", "skylake-avx512")
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "+avx512f")
+    assert numba_attention.host_preset() == "avx512"
+    monkeypatch.setattr(numba.config, "CPU_FEATURES", "-avx512f")
+    assert numba_attention.host_preset() == "avx2"
+
+
 def test_tile_grid_is_near_square_and_uses_every_thread():
     assert numba_gemm.tile_grid(1024, 768, 1) == (1, 1)
     assert numba_gemm.tile_grid(1024, 768, 2) == (2, 1)

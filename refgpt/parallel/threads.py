@@ -1,7 +1,15 @@
 """Threads per rank. Several ranks on one node each running a BLAS with one thread per core
 oversubscribe the cores (and threaded small GEMMs then collapse), so when ranks share a node
-each gets one BLAS thread unless --threads-per-rank says otherwise. Numba's thread pool (the
-numba backend's kernels) gets the same count.
+each gets one BLAS thread, unless the launcher bound the rank to a share of the node's cores
+(then it gets those: one per core it may run on), or --threads-per-rank says otherwise.
+Numba's thread pool (the numba backend's kernels, its GEMM tiles among them) gets the same
+count.
+
+The bound share is how NUMA nodes are used: an A64FX has 4 CMGs of 12 cores, each with its
+own HBM2, and Fugaku's jobs run 4 ranks a node, each bound to one CMG's cores and memory
+(examples/jobs/fugaku.pjm.sh), so each rank runs 12 threads on its own CMG and never reads
+another CMG's memory; a dual-socket x86 node does the same with one rank per socket. The start
+log names the cores and NUMA nodes each rank was given.
 
 Numba's pool is OpenMP's (refgpt.kernels.select_thread_pool), whose idle threads spin before
 they sleep. When the threads asked for outnumber the cores (ranks x threads per rank over the
@@ -42,7 +50,7 @@ def set_threads(world_comm, requested: int):
 
     from ..kernels import select_thread_pool
     local = ranks_on_node(world_comm)
-    threads = requested or (1 if local > 1 else None)
+    threads = requested or default_threads(local, os.cpu_count() or 1, _cores_here())
     if threads and oversubscribed(threads, local, os.cpu_count() or 1, _cores_here()):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")        # before numba's pool starts
     select_thread_pool()
@@ -53,13 +61,67 @@ def set_threads(world_comm, requested: int):
     libs = ", ".join(sorted({f"{i['internal_api']} {i['num_threads']}" for i in threadpool_info()}))
     passive = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE"
     return (f"threads: {local} rank(s) on this node; per rank: {libs or 'no BLAS found'}, "
-            f"numba {numba.get_num_threads()}{', idle OpenMP threads sleep' if passive else ''}")
+            f"numba {numba.get_num_threads()}{', idle OpenMP threads sleep' if passive else ''}"
+            f"; rank 0 {placement()}")
+
+
+def default_threads(local_ranks: int, node_cores: int, my_cores: int) -> int | None:
+    """Threads per rank without --threads-per-rank: alone on its node, the libraries' default
+    (None); sharing the node, the cores the launcher bound the rank to, where it bound it to a
+    share of the node that the node's ranks can hold without overlap (a CMG, a socket), else 1."""
+    if local_ranks == 1:
+        return None
+    if my_cores < node_cores and my_cores * local_ranks <= node_cores:
+        return my_cores
+    return 1
 
 
 def oversubscribed(threads: int, local_ranks: int, node_cores: int, my_cores: int) -> bool:
     """Whether threads per rank, with local_ranks ranks on the node, ask for more cores than
     there are: on the node, or among those this rank may run on (its binding)."""
     return threads * local_ranks > node_cores or threads > my_cores
+
+
+def placement() -> str:
+    """Where this process may run: "on cores 12-23 (NUMA node 4)", from its affinity mask and
+    the kernel's NUMA topology (/sys/devices/system/node), "on any core" where it reports none."""
+    if not hasattr(os, "sched_getaffinity"):
+        return "on any core"
+    mine = os.sched_getaffinity(0)
+    nodes = sorted(n for n, cores in numa_nodes().items() if cores & mine)
+    where = f" (NUMA node{'s' if len(nodes) > 1 else ''} {_ranges(nodes)})" if nodes else ""
+    return f"on cores {_ranges(sorted(mine))}{where}"
+
+
+def numa_nodes(root: str = "/sys/devices/system/node") -> dict[int, set[int]]:
+    """{NUMA node: its cores}, as Linux lists them ({} elsewhere)."""
+    nodes = {}
+    for name in os.listdir(root) if os.path.isdir(root) else ():
+        if name.startswith("node") and name[4:].isdigit():
+            with open(os.path.join(root, name, "cpulist")) as f:
+                nodes[int(name[4:])] = _parse_ranges(f.read())
+    return nodes
+
+
+def _parse_ranges(text: str) -> set[int]:
+    """ "0-3,8,10-11" -> {0, 1, 2, 3, 8, 10, 11} (the kernel's list format)."""
+    out = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 3, 8] -> "0-3,8"."""
+    parts, start = [], None
+    for i, v in enumerate(values):
+        start = v if start is None else start
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            parts.append(f"{start}-{v}" if v > start else f"{v}")
+            start = None
+    return ",".join(parts)
 
 
 def _cores_here() -> int:
