@@ -44,10 +44,14 @@ def test_calibration_writes_a_machine_the_planner_reads(tmp_path_factory):
     from refgpt.plan import main, read_machine
     comm = MPI.COMM_WORLD
     path = comm.bcast(str(tmp_path_factory.mktemp("m") / "here.toml") if comm.rank == 0 else None)
-    assert main(["--calibrate", path, "--dtype", "float64"]) == 0
+    tiny = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2",
+            "--seq-length", "32", "--micro-batch-size", "2", "--vocab-size", "64"]
+    assert main(["--calibrate", path, "--dtype", "float64", *tiny]) == 0
     comm.Barrier()
     m = read_machine(path)
-    ok = (m["gemm_tflops_per_node"]["float64"] > 0 and m["network"]["allreduce_gbs"] > 0
+    ok = (min(m["gemm_tflops_per_node"][t] for t in ("float64", "float32")) > 0
+          and all(0 < m["step_efficiency"][t] <= 1 for t in ("float64", "float32"))
+          and m["process_mib"] > 0 and m["network"]["allreduce_gbs"] > 0
           and m["memory_gib_per_node"] > 0)
     assert agree(comm, ok)
 

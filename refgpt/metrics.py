@@ -65,6 +65,27 @@ def model_flops(cfg, batch: int) -> float:
     return batch * s * (6.0 * model_params(cfg) + 12.0 * L * h * s)
 
 
+def stage_flops(cfg, batch: int, p: int, v: int = 1) -> list[float]:
+    """model_flops split over the p ranks of a pipeline whose p v chunks hold equal numbers of
+    blocks (rank g holds chunks g, g + p, ...): each block's FLOPs where it runs, and the
+    language-model head's (the tied wte as the output GEMM: 6 V C a token) and the final
+    LayerNorm's on the rank of the last chunk. The list sums to model_flops. A stage with
+    the head does the most: at GPT-2 124M's vocabulary the head is as much as 5 blocks."""
+    s, C, L = cfg.seq_length, cfg.hidden_size, cfg.num_layers
+    mlp = 8 * C * C + 5 * C
+
+    def block(i: int) -> float:                 # 6 N of its parameters, 12 C s of attention
+        active = is_moe_layer(cfg, i) * ((cfg.moe_router_topk - 1) * mlp + C * cfg.num_experts)
+        return 6.0 * (12 * C * C + 13 * C + active) + 12.0 * C * s
+
+    per = L // (p * v)
+    out = [0.0] * p
+    for chunk in range(p * v):
+        out[chunk % p] += batch * s * sum(block(i) for i in range(chunk * per, (chunk + 1) * per))
+    out[(p * v - 1) % p] += batch * s * 6.0 * (cfg.vocab_size * C + 2 * C)
+    return out
+
+
 def measure_gemm_rate(dtype=np.float32, n: int = 1024, seconds: float = 0.3) -> float:
     """Best FLOP/s of an n x n x n matmul in this process (threads as currently set), on the
     current backend's device, over at least three matmuls and `seconds`: the layers' GEMM

@@ -19,26 +19,30 @@ stage keeps the most micro-batches in flight):
                                peak (refgpt.nn.activations), which the registry equals
 
 These are the registry's own numbers (tests/test_plan.py and mpi_tests/test_plan.py run the
-layouts and compare), not estimates; what they leave out is named: ZeRO-3's and the buckets'
-temporary buffers, NumPy's and MPI's own, the interpreter. The time per step is the scaling
-study's cost model (refgpt.study.plan.predict): the model's FLOPs at this machine's measured
-GEMM rate, the pipeline's bubble from the schedule simulator, and, given
---allreduce-bandwidth (GB/s a rank moves in an all-reduce), the data- and tensor-parallel
-traffic by the counters' formulas, not overlapped; full recomputation adds a third of the
-recomputed blocks' FLOPs (one more forward), selective's extra attention-core FLOPs are not
-counted. Layouts are printed fastest first, each with the command that runs it.
+layouts and compare), not estimates; with a machine file that has ``process_mib`` (what a
+rank held beyond them when calibrated: interpreter, libraries, transient buffers) the record
+adds it as ``process``. What they leave out is named: ZeRO-3's and the buckets' temporary
+buffers beyond that, which grow with the model. The time per step is the scaling study's cost
+model (refgpt.study.plan.predict): the model's FLOPs on the busiest pipeline stage (the one
+with the LM head) at the rate a rank's training step reaches (the GEMM rate times the
+machine's calibrated step efficiency), the pipeline's bubble from the schedule simulator,
+and, given --allreduce-bandwidth (GB/s a rank moves in an all-reduce) or a machine's network,
+the data- and tensor-parallel traffic by the counters' formulas, not overlapped; full
+recomputation adds a third of the recomputed blocks' FLOPs (one more forward), selective's
+extra attention-core FLOPs are not counted. Layouts are printed fastest first, each with the
+command that runs it. docs/plan.md sets these predictions beside 26 measured runs.
 
 Machines (--machine): a small TOML file, or the name of one in refgpt/machines (a64fx-fugaku,
 from published figures, each cited in the file): cores and memory per node, the GEMM rate per
-node by type, and the all-reduce rate a rank moves ([network] allreduce_gbs). With one, the
-rates are its own and a layout whose ranks on a node need more than the node's memory is
-refused with the figure. ``--calibrate FILE`` (under mpiexec for the network) measures this
-machine and writes its file.
+node by type, the step efficiency by type ([step_efficiency]), process_mib, and the
+all-reduce rate a rank moves ([network] allreduce_gbs). With one, the rates are its own and a
+layout whose ranks on a node need more than the node's memory is refused with the figure.
+``--calibrate FILE`` (under mpiexec, one rank per core as in training) measures this machine,
+with the step efficiency of the model given by the other flags, and writes its file.
 
 Not yet (issue 30): context and expert parallelism, virtual stages and other schedules,
 2-D tensor parallelism, shared-memory ZeRO and offload in the enumeration; a GEMM rate by
-shape and the machine's core groups in the time model; the time model's validation against
-measured runs and the Fugaku table.
+shape, an alpha-beta all-reduce and the machine's core groups in the time model.
 """
 
 from __future__ import annotations
@@ -156,21 +160,30 @@ def read_machine(name: str) -> dict:
 
 
 def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float):
-    """(GEMM FLOP/s per rank, all-reduce bytes/s per rank or None) from a machine description;
-    --allreduce-bandwidth, where given, wins."""
+    """(FLOP/s a rank's training step reaches, all-reduce bytes/s per rank or None) from a
+    machine description: its GEMM rate for the run's type times its step efficiency for that
+    type, where it has one ([step_efficiency]: the share of the GEMM rate a whole step's model
+    FLOPs reach, with everything that is not a GEMM; 1 where not calibrated, which makes the
+    compute term a lower bound); --allreduce-bandwidth, where given, wins."""
     rate = machine["gemm_tflops_per_node"].get(tcfg.dtype)
     if not isinstance(rate, (int, float)) or rate <= 0:
         raise ConfigError(f"--machine {machine['name']}: no GEMM rate for {tcfg.dtype} "
                           f"(it has {sorted(machine['gemm_tflops_per_node'])})")
+    efficiency = machine.get("step_efficiency", {}).get(tcfg.dtype, 1.0)
+    if not isinstance(efficiency, (int, float)) or not 0 < efficiency <= 1:
+        raise ConfigError(f"--machine {machine['name']}: step_efficiency.{tcfg.dtype} must be "
+                          f"in (0, 1], got {efficiency!r}")
     link = bandwidth or machine.get("network", {}).get("allreduce_gbs", 0)
-    return rate * 1e12 / ranks_per_node, link or 0.0
+    return rate * efficiency * 1e12 / ranks_per_node, link or 0.0
 
 
 def plan(argv: list[str], world: int, bandwidth: float, gemm_rate: float, mcfg, tcfg,
-         pcfg, node_bytes: float | None = None, ranks_per_node: int = 1) -> list[dict]:
+         pcfg, node_bytes: float | None = None, ranks_per_node: int = 1,
+         process_bytes: int = 0) -> list[dict]:
     """One record per layout: the layout, its command, memory and predicted time (module
     docstring), or the reason it cannot run (node_bytes: the memory of a node, which the
-    ranks_per_node ranks on it share); fastest first, the refused at the end."""
+    ranks_per_node ranks on it share; process_bytes: what a rank holds besides the registry's
+    categories, the machine's measured process_mib); fastest first, the refused at the end."""
     link = bandwidth * 1e9 if bandwidth else None
     out = []
     for name, cfg, tp, pp, dp, reason in layouts(world, mcfg, tcfg, pcfg):
@@ -180,7 +193,10 @@ def plan(argv: list[str], world: int, bandwidth: float, gemm_rate: float, mcfg, 
             out.append({**record, "refused": reason})
             continue
         per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r) for r in range(pp)]
-        record["memory_bytes"] = max(per_rank, key=lambda m: m["total"])
+        record["memory_bytes"] = dict(max(per_rank, key=lambda m: m["total"]))
+        if process_bytes:
+            record["memory_bytes"]["process"] = process_bytes
+            record["memory_bytes"]["total"] += process_bytes
         need = record["memory_bytes"]["total"] * ranks_per_node
         if node_bytes and need > node_bytes:
             out.append({**record, "refused": f"needs {need / 2**30:,.1f} GiB a node "
@@ -220,7 +236,8 @@ def show(records: list[dict], top: int, mib=2.0 ** -20) -> None:
         print(f"{r['layout']:<38} {t['total']:.3g} s/step (compute {t['compute_s']:.3g} s, "
               f"bubble {t['bubble_s']:.3g} s{comm}) | {m['total'] * mib:,.1f} MiB/rank "
               f"(params {m['params'] * mib:,.1f}, grads {m['grads'] * mib:,.1f}, optimizer "
-              f"{m['optimizer'] * mib:,.1f}, activations {m['activations'] * mib:,.1f})")
+              f"{m['optimizer'] * mib:,.1f}, activations {m['activations'] * mib:,.1f}"
+              + (f", process {m['process'] * mib:,.0f}" if "process" in m else "") + ")")
         print(f"    mpiexec -n {r['ranks']} python -m refgpt.train {' '.join(r['command'])}")
     refused = [r for r in records if "refused" in r]
     if refused:
@@ -263,30 +280,77 @@ def build_plan_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def calibrate(path: str, tcfg) -> None:
+CALIBRATED = ("float64", "float32", "bfloat16")
+
+
+def step_rate(mcfg, tcfg) -> tuple[float, list[int]]:
+    """(model FLOP/s of a training step of this model on this rank alone: two micro-batches of
+    synthetic data, best of two steps after one, [its peak resident bytes beyond the
+    registry])."""
+    import time
+
+    from .config import ParallelConfig
+    from .engine import Trainer
+    from .metrics import model_flops
+    tcfg = replace(tcfg, synthetic_data=True, global_batch_size=2 * tcfg.micro_batch_size,
+                   eval_iters=0, train_iters=3, load="", save="")
+    trainer = Trainer(mcfg, tcfg, ParallelConfig(), log=lambda *_: None)
+    best = float("inf")
+    for step in range(3):
+        start = time.perf_counter()
+        trainer.train_step()
+        best = min(best, time.perf_counter() - start) if step else best
+    mem = trainer.memory()
+    held = mem["peak_rss"] - sum(mem[k] for k in ("params", "grads", "optimizer", "activations"))
+    return model_flops(mcfg, tcfg.global_batch_size) / best, [held]
+
+
+def calibrate(path: str, mcfg, tcfg) -> None:
     """Write this machine's description: its cores and memory, the GEMM rate the trainer
-    measures, and (under mpiexec with more than one rank) the all-reduce rate a rank moves."""
+    measures in each type refgpt trains in (float64, float32, bfloat16 where ml_dtypes is
+    installed), the step efficiency of the model given (its training step's model FLOP rate
+    over that GEMM rate, every rank running its own step at once: the node's memory bandwidth
+    shared as in training), the memory a rank holds beyond the registry, and (under mpiexec
+    with more than one rank) the all-reduce rate a rank moves."""
     from mpi4py import MPI
     from .study.measure import cpu_name, link_rate
     world = MPI.COMM_WORLD
-    gemm = measured_gemm_rate(tcfg)
+    rates = {}
+    efficiency, process = {}, []
+    for dtype in CALIBRATED:
+        try:
+            rate = measured_gemm_rate(replace(tcfg, dtype=dtype))
+            step, held = step_rate(mcfg, replace(tcfg, dtype=dtype))
+        except ImportError:                              # bfloat16 without ml_dtypes
+            rate = step = 0.0
+            held = []
+        rates[dtype] = world.allreduce(rate, op=MPI.MIN)
+        if rates[dtype]:
+            efficiency[dtype] = world.allreduce(min(step / rate, 1.0), op=MPI.SUM) / world.size
+        process += held
+    process = world.allreduce(max(process), op=MPI.MAX)
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     per_node = node.Get_size()
     node.Free()
     link = link_rate(world, 1 << 22, tcfg.dtype) / 1e9 if world.Get_size() > 1 else 0.0
-    gemm = world.allreduce(gemm, op=MPI.MIN)
     if world.Get_rank():
         return
     lines = [f'name = "{cpu_name()}"',
              f"cores_per_node = {os.cpu_count()}",
              f"memory_gib_per_node = "
              f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f}",
+             f"process_mib = {process / 2**20:.0f}     # a rank's peak resident memory beyond "
+             "the registry (interpreter, libraries, buffers)",
              "", "[gemm_tflops_per_node]     # the GEMM rate of one rank, times the ranks "
-             f"measured ({per_node} on a node)",
-             f"{tcfg.dtype} = {gemm * per_node / 1e12:.4f}"]
+             f"measured ({per_node} on a node)"]
+    lines += [f"{dtype} = {rate * per_node / 1e12:.4f}" for dtype, rate in rates.items() if rate]
+    lines += ["", "[step_efficiency]     # the share of that rate a training step's model FLOPs "
+              f"reach: {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, sequence "
+              f"{mcfg.seq_length}, {tcfg.micro_batch_size} x 2 sequences, every rank at once"]
+    lines += [f"{dtype} = {e:.3f}" for dtype, e in efficiency.items()]
     if link:
         lines += ["", "[network]", f"allreduce_gbs = {link:.3f}     # a rank, "
-                  f"{world.Get_size()} ranks, 16 MiB"]
+                  f"{world.Get_size()} ranks, 16 MiB of {tcfg.dtype} gradients"]
     Path(path).write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
 
@@ -309,17 +373,18 @@ def main(argv=None) -> int:
             f"--{k.replace('_', '-')}" for k in sorted(layout_set)) + " itself")
     mcfg, tcfg, pcfg, _, _ = configs_from(values)
     if own["calibrate"]:
-        calibrate(own["calibrate"], tcfg)
+        calibrate(own["calibrate"], mcfg, tcfg)
         return 0
     world = own["nodes"] * own["ranks_per_node"]
     flags = training_flags(argv)
-    gemm, link, node_bytes = None, own["allreduce_bandwidth"], None
+    gemm, link, node_bytes, process = None, own["allreduce_bandwidth"], None, 0
     if own["machine"]:
         machine = read_machine(own["machine"])
         gemm, link = machine_rates(machine, tcfg, own["ranks_per_node"], link)
         node_bytes = machine["memory_gib_per_node"] * 2**30
+        process = int(machine.get("process_mib", 0) * 2**20)
     records = plan(flags, world, link, gemm or measured_gemm_rate(tcfg), mcfg, tcfg, pcfg,
-                   node_bytes, own["ranks_per_node"])
+                   node_bytes, own["ranks_per_node"], process)
     if own["json"]:
         print(json.dumps(records, indent=1))
     else:

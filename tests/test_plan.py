@@ -84,3 +84,46 @@ def test_a_bad_machine_file_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "'memory_gib_per_node' is missing" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("p, v", [(1, 1), (2, 1), (4, 1), (2, 2)])
+@pytest.mark.parametrize("experts", [0, 4])
+def test_stage_flops_sum_to_the_models_and_the_head_is_the_last_stages(p, v, experts):
+    from refgpt.metrics import model_flops, stage_flops
+    cfg = replace(MODEL, num_layers=8, num_experts=experts,
+                  moe_router_topk=2 if experts else 1)
+    stages = stage_flops(cfg, 4, p, v)
+    assert len(stages) == p and sum(stages) == pytest.approx(model_flops(cfg, 4), rel=1e-12)
+    head = 4 * cfg.seq_length * 6.0 * (cfg.vocab_size * cfg.hidden_size + 2 * cfg.hidden_size)
+    if p > 1:                                                         # equal blocks elsewhere
+        assert stages[-1] - head == pytest.approx(stages[0], rel=1e-12)
+
+
+def test_a_machines_step_efficiency_and_process_memory(tmp_path, capsys):
+    """[step_efficiency] divides the compute term, process_mib adds to each rank's memory; a
+    bad efficiency is one error line."""
+    argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--vocab-size", "45", "--global-batch-size", "8",
+            "--micro-batch-size", "1", "--nodes", "1", "--ranks-per-node", "2", "--json"]
+    head = 'name = "m"\ncores_per_node = 2\nmemory_gib_per_node = 1\n'
+    records = {}
+    for name, extra in (("plain", ""), ("calibrated", "process_mib = 100\n")):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(head + extra + "[gemm_tflops_per_node]\nfloat32 = 1.0\n"
+                        + ("[step_efficiency]\nfloat32 = 0.25\n" if extra else ""))
+        assert main([*argv, "--machine", str(path)]) == 0
+        records[name] = {r["layout"]: r for r in json.loads(capsys.readouterr().out)
+                         if "refused" not in r}
+    for layout, r in records["calibrated"].items():
+        plain = records["plain"][layout]
+        assert r["step_time_s"]["compute_s"] == pytest.approx(4 * plain["step_time_s"]
+                                                              ["compute_s"], rel=1e-12)
+        assert r["memory_bytes"]["process"] == 100 * 2**20
+        assert r["memory_bytes"]["total"] == plain["memory_bytes"]["total"] + 100 * 2**20
+    bad = tmp_path / "bad.toml"
+    bad.write_text(head + "[gemm_tflops_per_node]\nfloat32 = 1.0\n"
+                   "[step_efficiency]\nfloat32 = 1.5\n")
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--machine", str(bad)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "must be in (0, 1]" in err

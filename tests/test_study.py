@@ -66,7 +66,11 @@ def test_cost_model_by_hand():
     assert p["allreduce_share"] == pytest.approx(p["allreduce_s"] / total)
     piped = predict(Config(2, Layout("pp2", 1, 2), 1, 16), m, t, ParallelConfig(), g, None)
     assert piped["allreduce_s"] is None and piped["allreduce_share"] is None
-    assert piped["bubble_s"] == pytest.approx(piped["compute_s"] * 1 / 16)   # (p-1)/m
+    tokens = 16 * 32                                   # two blocks a stage, the head on the last
+    block = tokens * (6 * (12 * 64 * 64 + 13 * 64) + 12 * 64 * 32)
+    head = tokens * 6 * (128 * 64 + 2 * 64)
+    assert piped["compute_s"] == pytest.approx((2 * block + head) / g)      # the busiest stage
+    assert piped["bubble_s"] == pytest.approx(2 * block / g * 1 / 16)       # (p-1)/m of the other
 
 
 def test_dry_run_prints_the_plan(capsys, tmp_path):

@@ -11,8 +11,11 @@ every loss, is the same at every R: this is strong scaling.
 The dry run predicts, per iteration, from two rates measured on the machine:
 g, a rank's GEMM rate, and b, the bytes a rank moves per second inside an all-reduce:
 
-    compute      C = F / (R g)                      F: model FLOPs of the step (refgpt.metrics),
-                                                    all at GEMM speed, so C is a lower bound
+    compute      C = F_s / (R/p g)                  F_s: the model FLOPs of the step on the
+                                                    busiest pipeline stage (refgpt.metrics.
+                                                    stage_flops: the one with the LM head), F/p
+                                                    if balanced; all at GEMM speed, so C is a
+                                                    lower bound unless g is a whole step's rate
     all-reduce   A = 2 (d-1)/d P_r w / b            ring all-reduce of a rank's gradient, P_r =
                                                     P / (t p) parameters of w bytes; ZeRO moves
                                                     zero.formula_traffic instead; not overlapped;
@@ -22,7 +25,10 @@ g, a rank's GEMM rate, and b, the bytes a rank moves per second inside an all-re
     tensor       T = m (l/p) 4 [2 (t-1)/t] B s h w / b    1-D: two all-reduces of B s h in forward,
                                                     two in backward, per layer (same volume
                                                     with sequence parallelism)
-    bubble       U = C (idle / busy)                from the schedule's unit-cost simulation
+    bubble       U = C_o (idle / busy)              idle / busy from the schedule's unit-cost
+                                                    simulation, C_o the other stages' mean
+                                                    compute (= C when balanced): filling and
+                                                    draining wait on them
 
 and the all-reduce share A / (C + A + T + U): the part of a step that overlap and a faster
 network could win back.
@@ -35,7 +41,7 @@ from dataclasses import dataclass, replace
 
 from ..config import ConfigError
 from ..parallel.build import check_layout
-from ..metrics import model_flops, model_params
+from ..metrics import model_params, stage_flops
 from ..precision import compute_dtype, dtype_of
 from ..parallel.schedules import simulate
 from ..parallel.zero import formula_traffic
@@ -130,7 +136,8 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | 
     pcfg = parallel_config(pcfg, cfg.layout)
     w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
     g = 2 if pcfg.grad_reduce_in_bf16 else compute_dtype(dtype_of(tcfg.dtype)).itemsize
-    compute = model_flops(mcfg, tcfg.global_batch_size) / (cfg.ranks * gemm_rate)
+    stages = stage_flops(mcfg, tcfg.global_batch_size, p, pcfg.num_virtual_stages)
+    compute = max(stages) / (cfg.ranks // p * gemm_rate)     # the busiest stage's ranks
     per_rank = (elements if elements is not None else
                 (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p))
     moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w, g)
@@ -142,7 +149,11 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | 
     if p > 1:
         v = pcfg.num_virtual_stages
         sim = simulate(p, m, v, pcfg.pipeline_schedule)
-        bubble = compute * max(i / b for i, b in zip(sim.idle, sim.busy))
+        # The simulator's idle share is for equal stages. Filling and draining the pipeline
+        # waits on the other stages' micro-batches, so the bubble is that share of their mean.
+        others = sorted(stages)[:-1]
+        bubble = (max(i / b for i, b in zip(sim.idle, sim.busy))
+                  * sum(others) / len(others) / (cfg.ranks // p * gemm_rate))
     seconds = (lambda nbytes: nbytes / link_rate) if link_rate else (lambda nbytes: None)
     allreduce = seconds(moved)
     tensor = None if t > 1 and pcfg.tensor_parallel_mode == "2d" else seconds(tensor)

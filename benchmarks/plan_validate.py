@@ -1,0 +1,234 @@
+"""The planner against measured runs: on one node, run GPT-2 124M and a ~350M GPT in many
+layouts (DP, TP, PP, ZeRO, recomputation, precision), and set each run's step time and peak
+resident memory beside what refgpt.plan predicts for the same layout from the node's
+calibrated description.
+
+    # on the node (mpirun or mpiexec; the launcher gets "-n R" appended):
+    python benchmarks/plan_validate.py measure --ranks 16 --out runs/plan-validate \
+        --launcher "mpirun --allow-run-as-root --bind-to core" [--only NAME ...]
+    # anywhere, from what measure wrote:
+    python benchmarks/plan_validate.py report --out runs/plan-validate [--plot docs/plan/x.png]
+
+measure first calibrates the node (python -m refgpt.plan --calibrate, all R ranks: the GEMM
+rate in each type and the all-reduce rate, into machine.toml), then runs each configuration
+for a few steps (synthetic data) with its log in NAME.jsonl; a configuration already measured
+is skipped, so several calls can share the work. report reads them: measured step time, the
+median of the steps after the first; measured memory, rank 0's peak resident set (rank 0
+holds the first pipeline stage, the one the planner reports); predicted, refgpt.plan.plan's
+record for the layout with the machine's rates. It prints a table with the errors and their
+medians, and draws predicted against measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+GPT2_124M = ["--num-layers", "12", "--hidden-size", "768", "--num-attention-heads", "12"]
+GPT_350M = ["--num-layers", "24", "--hidden-size", "1024", "--num-attention-heads", "16"]
+COMMON = ["--seq-length", "128", "--vocab-size", "50257", "--micro-batch-size", "1",
+          "--global-batch-size", "32", "--synthetic-data", "--eval-iters", "0", "--no-progress",
+          "--log-interval", "1"]
+CONFIGS = {        # name: (model, layout and precision flags)
+    "124m-dp": (GPT2_124M, []),
+    "124m-dp-zero1": (GPT2_124M, ["--zero-stage", "1"]),
+    "124m-dp-zero2": (GPT2_124M, ["--zero-stage", "2"]),
+    "124m-dp-zero3": (GPT2_124M, ["--zero-stage", "3"]),
+    "124m-dp-full": (GPT2_124M, ["--recompute-granularity", "full"]),
+    "124m-dp-selective": (GPT2_124M, ["--recompute-granularity", "selective"]),
+    "124m-tp2": (GPT2_124M, ["--tensor-model-parallel-size", "2"]),
+    "124m-tp4": (GPT2_124M, ["--tensor-model-parallel-size", "4"]),
+    "124m-tp2-zero1": (GPT2_124M, ["--tensor-model-parallel-size", "2", "--zero-stage", "1"]),
+    "124m-pp2": (GPT2_124M, ["--pipeline-model-parallel-size", "2"]),
+    "124m-pp4": (GPT2_124M, ["--pipeline-model-parallel-size", "4"]),
+    "124m-tp2-pp2": (GPT2_124M, ["--tensor-model-parallel-size", "2",
+                                 "--pipeline-model-parallel-size", "2"]),
+    "124m-pp2-full": (GPT2_124M, ["--pipeline-model-parallel-size", "2",
+                                  "--recompute-granularity", "full"]),
+    "124m-dp-bf16": (GPT2_124M, ["--bf16"]),
+    "124m-tp2-bf16": (GPT2_124M, ["--bf16", "--tensor-model-parallel-size", "2"]),
+    "124m-dp-zero1-bf16": (GPT2_124M, ["--bf16", "--zero-stage", "1"]),
+    "350m-dp": (GPT_350M, []),
+    "350m-dp-zero1": (GPT_350M, ["--zero-stage", "1"]),
+    "350m-dp-zero3": (GPT_350M, ["--zero-stage", "3"]),
+    "350m-tp2": (GPT_350M, ["--tensor-model-parallel-size", "2"]),
+    "350m-tp4": (GPT_350M, ["--tensor-model-parallel-size", "4"]),
+    "350m-pp2": (GPT_350M, ["--pipeline-model-parallel-size", "2"]),
+    "350m-pp4": (GPT_350M, ["--pipeline-model-parallel-size", "4"]),
+    "350m-tp2-pp2": (GPT_350M, ["--tensor-model-parallel-size", "2",
+                                "--pipeline-model-parallel-size", "2"]),
+    "350m-dp-full": (GPT_350M, ["--recompute-granularity", "full"]),
+    "350m-dp-bf16": (GPT_350M, ["--bf16"]),
+}
+
+
+def measure(args) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    launch = [*shlex.split(args.launcher), "-n", str(args.ranks)]
+    machine = out / "machine.toml"
+    if not machine.exists():
+        print(f"calibrating: {' '.join(launch)} python -m refgpt.plan --calibrate", flush=True)
+        subprocess.run([*launch, sys.executable, "-m", "refgpt.plan", "--calibrate",
+                        str(machine)], check=True)
+    for name in args.only or CONFIGS:
+        log = out / f"{name}.jsonl"
+        if log.exists():
+            print(f"{name}: measured already ({log})")
+            continue
+        model, layout = CONFIGS[name][:2]
+        cmd = [*launch, sys.executable, "-m", "refgpt.train", *model, *COMMON, *layout,
+               "--train-iters", str(args.iters), "--log-jsonl", str(log) + ".part"]
+        start = time.perf_counter()
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        took = time.perf_counter() - start
+        if done.returncode:
+            print(f"{name}: FAILED in {took:.0f} s\n{done.stderr[-2000:]}", flush=True)
+            continue
+        Path(str(log) + ".part").rename(log)
+        print(f"{name}: {took:.0f} s", flush=True)
+
+
+def measured(log: Path) -> tuple[float, int]:
+    """(median step time after the first step, rank 0's peak resident bytes)."""
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    return (statistics.median(r["step_time_s"] for r in rows[1:]),
+            max(r["memory_bytes"]["peak_rss"] for r in rows))
+
+
+def predicted(name: str, ranks: int, machine: dict) -> dict:
+    """refgpt.plan's record for this configuration's layout, on this machine."""
+    from refgpt.plan import machine_rates, plan
+    from refgpt.train import parse_config
+    model, layout = CONFIGS[name]
+    argv = [*model, *COMMON, *[a for a in layout if a == "--bf16"]]
+    mcfg, tcfg, pcfg, _, _ = parse_config(argv)
+    cfg = parse_config([*argv, *layout])[2]
+    gemm, link = machine_rates(machine, tcfg, ranks, 0.0)
+    process = int(machine.get("process_mib", 0) * 2**20)
+    records = plan(argv, ranks, link, gemm, mcfg, tcfg, pcfg, process_bytes=process)
+    want = ["--tensor-model-parallel-size", str(cfg.tensor_model_parallel_size),
+            "--pipeline-model-parallel-size", str(cfg.pipeline_model_parallel_size)]
+    want += ["--zero-stage", str(cfg.zero_stage)] if cfg.zero_stage else []
+    want += (["--recompute-granularity", cfg.recompute_granularity]
+             if cfg.recompute_granularity else [])
+    return next(r for r in records if r["command"][len(argv):] == want)
+
+
+def fitted(machine: dict, names: list[str], out: Path, ranks: int) -> dict:
+    """{(model, type): step efficiency} and the process memory, taken from these measured
+    configurations instead of the machine's calibration (which measures one model): the
+    efficiency that makes the prediction of each equal its measured time, the memory its
+    rank 0 held beyond the registry."""
+    plain = {**machine, "step_efficiency": {}, "process_mib": 0}
+    found = {}
+    for name in names:
+        t, rss = measured(out / f"{name}.jsonl")
+        r = predicted(name, ranks, plain)
+        s = r["step_time_s"]
+        work = s["compute_s"] + s["bubble_s"]            # what the efficiency scales
+        found[key(name)] = work / (t - (s["total"] - work))
+        found.setdefault("process_mib", (rss - r["memory_bytes"]["total"]) / 2**20)
+    return found
+
+
+def key(name: str) -> tuple[str, str]:
+    """(model, type) of a configuration."""
+    return name.split("-")[0], "bfloat16" if "--bf16" in CONFIGS[name][1] else "float32"
+
+
+def with_fit(machine: dict, fit: dict, name: str) -> dict:
+    """The machine with the fitted efficiency for this configuration's model and type (or,
+    for a model not fitted, its type's first)."""
+    model, dtype = key(name)
+    same = [e for (m, t), e in ((k, v) for k, v in fit.items() if k != "process_mib")
+            if t == dtype and m == model]
+    other = [v for k, v in fit.items() if k != "process_mib" and k[1] == dtype]
+    return {**machine, "process_mib": fit["process_mib"],
+            "step_efficiency": {dtype: (same or other)[0]}}
+
+
+def report(args) -> None:
+    from refgpt.plan import read_machine
+    out = Path(args.out)
+    machine = read_machine(str(out / "machine.toml"))
+    source = f"{out / 'machine.toml'}"
+    fit = fitted(machine, args.fit_on, out, args.ranks) if args.fit_on else None
+    if fit:
+        source += ("; step efficiency and process memory fitted on " + ", ".join(
+            f"{name} ({fit[key(name)]:.3f})" for name in args.fit_on)
+            + f", {fit['process_mib']:.0f} MiB")
+    print(f"# {machine['name']}, {args.ranks} ranks; predicted by refgpt.plan from {source}")
+    print("| configuration | layout | measured s/step | predicted s/step | error | "
+          "measured peak RSS MiB | predicted MiB | error |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = []
+    for name in CONFIGS:
+        log = out / f"{name}.jsonl"
+        if not log.exists() or name in (args.fit_on or ()):
+            continue
+        t, rss = measured(log)
+        record = predicted(name, args.ranks, with_fit(machine, fit, name) if fit else machine)
+        pt, pm = record["step_time_s"]["total"], record["memory_bytes"]["total"]
+        rows.append((name, t, pt, rss, pm))
+        print(f"| {name} | {record['layout']} | {t:.3f} | {pt:.3f} | {pt / t - 1:+.0%} | "
+              f"{rss / 2**20:,.0f} | {pm / 2**20:,.0f} | {pm / rss - 1:+.0%} |")
+    if not rows:
+        print("nothing measured yet")
+        return
+    time_err = statistics.median(abs(pt / t - 1) for _, t, pt, _, _ in rows)
+    mem_err = statistics.median(abs(pm / m - 1) for _, _, _, m, pm in rows)
+    print(f"\n{len(rows)} configurations: median absolute error, time {time_err:.0%}, "
+          f"memory {mem_err:.0%}")
+    if args.plot:
+        plot(rows, args.plot, machine["name"])
+
+
+def plot(rows, path: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8))
+    for ax, (i, j, unit, scale) in zip(axes, ((1, 2, "step time (s)", 1),
+                                              (3, 4, "rank 0 memory (GiB)", 2**-30))):
+        xs = [r[i] * scale for r in rows]
+        ys = [r[j] * scale for r in rows]
+        ax.scatter(xs, ys, c=["C0" if r[0].startswith("124m") else "C1" for r in rows])
+        top = max(xs + ys) * 1.1
+        ax.plot([0, top], [0, top], "k--", lw=0.8)
+        ax.set(xlabel=f"measured {unit}", ylabel=f"predicted {unit}", xlim=(0, top),
+               ylim=(0, top))
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r[0], (x, y), fontsize=6)
+    fig.suptitle(f"refgpt.plan against measured runs: {title} (blue 124M, orange 350M)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("measure", "report"))
+    ap.add_argument("--out", default="runs/plan-validate")
+    ap.add_argument("--ranks", type=int, default=16)
+    ap.add_argument("--launcher", default="mpiexec")
+    ap.add_argument("--iters", type=int, default=3, help="steps a configuration runs")
+    ap.add_argument("--only", nargs="+", choices=sorted(CONFIGS))
+    ap.add_argument("--plot", help="a PNG of predicted against measured (report)")
+    ap.add_argument("--fit-on", nargs="+", choices=sorted(CONFIGS),
+                    help="report: take the step efficiency (one configuration per type) and "
+                         "the process memory from these measured configurations, and leave "
+                         "them out of the errors")
+    args = ap.parse_args()
+    measure(args) if args.what == "measure" else report(args)
+
+
+if __name__ == "__main__":
+    main()
