@@ -32,7 +32,7 @@ from ..nn.params import Params
 from ..nn.recompute import watch_recomputation
 from ..nn.sublayers import Sublayers
 from .schedules import COST, check, forward_only_ops, instructions
-from .wire import moved
+from .wire import moved, sum_op
 
 
 def stage_of(g: int, p: int, v: int, num_layers: int) -> Stage:
@@ -91,8 +91,12 @@ class PipelineModel:
         self.parts.complete_grads(self.params, names)
         emb = self.grid.emb_comm
         if emb is not None and "wte.weight" in names:
+            from mpi4py import MPI
             wte = self.params.grads["wte.weight"]
-            wte[...] = to_device(emb.allreduce(to_host(wte)))
+            buf = to_host(wte)                         # wte itself on a CPU: summed in place
+            emb.Allreduce(MPI.IN_PLACE, moved(buf), op=sum_op(buf.dtype))
+            if buf is not wte:
+                wte[...] = to_device(buf)
 
     def counted(self, name: str) -> bool:
         """As the layout says, with the last stage's wte copy counted on the first only."""
