@@ -37,7 +37,7 @@ def main():
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     rows = []
     for cpus in sorted(PUBLISHED):
-        gemm, link = machine_rates(machine, tcfg, 1, 0.0)
+        gemm, link, _ = machine_rates(machine, tcfg, 1, 0.0)
         records = plan([], cpus, link, gemm, mcfg, tcfg, ParallelConfig(),
                        machine["memory_gib_per_node"] * 2**30, 1)
         runnable = [r for r in records if "refused" not in r]

@@ -110,9 +110,10 @@ def predicted(name: str, ranks: int, machine: dict) -> dict:
     argv = [*model, *COMMON, *[a for a in layout if a == "--bf16"]]
     mcfg, tcfg, pcfg, _, _ = parse_config(argv)
     cfg = parse_config([*argv, *layout])[2]
-    gemm, link = machine_rates(machine, tcfg, ranks, 0.0)
+    gemm, link, efficiency = machine_rates(machine, tcfg, ranks, 0.0)
     process = int(machine.get("process_mib", 0) * 2**20)
-    records = plan(argv, ranks, link, gemm, mcfg, tcfg, pcfg, process_bytes=process)
+    records = plan(argv, ranks, link, gemm, mcfg, tcfg, pcfg, process_bytes=process,
+                   efficiency=efficiency)
     want = ["--tensor-model-parallel-size", str(cfg.tensor_model_parallel_size),
             "--pipeline-model-parallel-size", str(cfg.pipeline_model_parallel_size)]
     want += ["--zero-stage", str(cfg.zero_stage)] if cfg.zero_stage else []

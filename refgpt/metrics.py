@@ -82,8 +82,15 @@ def stage_flops(cfg, batch: int, p: int, v: int = 1) -> list[float]:
     out = [0.0] * p
     for chunk in range(p * v):
         out[chunk % p] += batch * s * sum(block(i) for i in range(chunk * per, (chunk + 1) * per))
-    out[(p * v - 1) % p] += batch * s * 6.0 * (cfg.vocab_size * C + 2 * C)
+    out[(p * v - 1) % p] += head_flops(cfg, batch)
     return out
+
+
+def head_flops(cfg, batch: int) -> float:
+    """The model FLOPs of the language-model head (the tied wte as the output GEMM) and the
+    final LayerNorm, which run on the last pipeline stage."""
+    C = cfg.hidden_size
+    return batch * cfg.seq_length * 6.0 * (cfg.vocab_size * C + 2 * C)
 
 
 def measure_gemm_rate(dtype=np.float32, n: int = 1024, seconds: float = 0.3) -> float:

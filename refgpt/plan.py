@@ -23,14 +23,14 @@ layouts and compare), not estimates; with a machine file that has ``process_mib`
 rank held beyond them when calibrated: interpreter, libraries, transient buffers) the record
 adds it as ``process``. What they leave out is named: ZeRO-3's and the buckets' temporary
 buffers beyond that, which grow with the model. The time per step is the scaling study's cost
-model (refgpt.study.plan.predict): the model's FLOPs on the busiest pipeline stage (the one
-with the LM head) at the rate a rank's training step reaches (the GEMM rate times the
-machine's calibrated step efficiency), the pipeline's bubble from the schedule simulator,
-and, given --allreduce-bandwidth (GB/s a rank moves in an all-reduce) or a machine's network,
-the data- and tensor-parallel traffic by the counters' formulas, not overlapped; full
-recomputation adds a third of the recomputed blocks' FLOPs (one more forward), selective's
-extra attention-core FLOPs are not counted. Layouts are printed fastest first, each with the
-command that runs it. docs/plan.md sets these predictions beside 26 measured runs.
+model (refgpt.study.plan.predict): the busiest pipeline stage's FLOPs at the rates a training
+step reaches (the LM head at the GEMM rate, the blocks at what makes the whole model run at
+the GEMM rate times the machine's calibrated step efficiency), the pipeline's bubble from the
+schedule simulator, and, given --allreduce-bandwidth (GB/s a rank moves in an all-reduce) or
+a machine's network, the data- and tensor-parallel traffic by the counters' formulas, not
+overlapped; full recomputation adds a third of the recomputed blocks' FLOPs (one more
+forward), selective's extra attention-core FLOPs are not counted. Layouts are printed fastest first, each with the
+command that runs it. docs/plan.md sets these predictions beside 23 measured runs.
 
 Machines (--machine): a small TOML file, or the name of one in refgpt/machines (a64fx-fugaku,
 from published figures, each cited in the file): cores and memory per node, the GEMM rate per
@@ -160,9 +160,9 @@ def read_machine(name: str) -> dict:
 
 
 def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float):
-    """(FLOP/s a rank's training step reaches, all-reduce bytes/s per rank or None) from a
-    machine description: its GEMM rate for the run's type times its step efficiency for that
-    type, where it has one ([step_efficiency]: the share of the GEMM rate a whole step's model
+    """(GEMM FLOP/s per rank, all-reduce bytes/s per rank or None, step efficiency) from a
+    machine description: its GEMM rate for the run's type, and its step efficiency for that
+    type where it has one ([step_efficiency]: the share of the GEMM rate a whole step's model
     FLOPs reach, with everything that is not a GEMM; 1 where not calibrated, which makes the
     compute term a lower bound); --allreduce-bandwidth, where given, wins."""
     rate = machine["gemm_tflops_per_node"].get(tcfg.dtype)
@@ -174,12 +174,12 @@ def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float):
         raise ConfigError(f"--machine {machine['name']}: step_efficiency.{tcfg.dtype} must be "
                           f"in (0, 1], got {efficiency!r}")
     link = bandwidth or machine.get("network", {}).get("allreduce_gbs", 0)
-    return rate * efficiency * 1e12 / ranks_per_node, link or 0.0
+    return rate * 1e12 / ranks_per_node, link or 0.0, efficiency
 
 
 def plan(argv: list[str], world: int, bandwidth: float, gemm_rate: float, mcfg, tcfg,
          pcfg, node_bytes: float | None = None, ranks_per_node: int = 1,
-         process_bytes: int = 0) -> list[dict]:
+         process_bytes: int = 0, efficiency: float = 1.0) -> list[dict]:
     """One record per layout: the layout, its command, memory and predicted time (module
     docstring), or the reason it cannot run (node_bytes: the memory of a node, which the
     ranks_per_node ranks on it share; process_bytes: what a rank holds besides the registry's
@@ -206,7 +206,7 @@ def plan(argv: list[str], world: int, bandwidth: float, gemm_rate: float, mcfg, 
         micro = tcfg.micro_batches(dp)
         elements = max(padded_elements(mcfg, cfg, tp, pp, dp, r) for r in range(pp))
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
-                       mcfg, tcfg, cfg, gemm_rate, link, elements)
+                       mcfg, tcfg, cfg, gemm_rate, link, elements, efficiency)
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
         blocks = mcfg.num_layers // pp                  # full recomputation: one more forward
         if cfg.recompute_granularity == "full":         # (a third of their FLOPs) of the
@@ -377,14 +377,14 @@ def main(argv=None) -> int:
         return 0
     world = own["nodes"] * own["ranks_per_node"]
     flags = training_flags(argv)
-    gemm, link, node_bytes, process = None, own["allreduce_bandwidth"], None, 0
+    gemm, link, node_bytes, process, efficiency = None, own["allreduce_bandwidth"], None, 0, 1.0
     if own["machine"]:
         machine = read_machine(own["machine"])
-        gemm, link = machine_rates(machine, tcfg, own["ranks_per_node"], link)
+        gemm, link, efficiency = machine_rates(machine, tcfg, own["ranks_per_node"], link)
         node_bytes = machine["memory_gib_per_node"] * 2**30
         process = int(machine.get("process_mib", 0) * 2**20)
     records = plan(flags, world, link, gemm or measured_gemm_rate(tcfg), mcfg, tcfg, pcfg,
-                   node_bytes, own["ranks_per_node"], process)
+                   node_bytes, own["ranks_per_node"], process, efficiency)
     if own["json"]:
         print(json.dumps(records, indent=1))
     else:

@@ -116,8 +116,11 @@ def test_a_machines_step_efficiency_and_process_memory(tmp_path, capsys):
                          if "refused" not in r}
     for layout, r in records["calibrated"].items():
         plain = records["plain"][layout]
-        assert r["step_time_s"]["compute_s"] == pytest.approx(4 * plain["step_time_s"]
-                                                              ["compute_s"], rel=1e-12)
+        ratio = r["step_time_s"]["compute_s"] / plain["step_time_s"]["compute_s"]
+        if " pp1 " in layout:                  # the whole model at a quarter of the rate
+            assert ratio == pytest.approx(4, rel=1e-12)
+        else:                                  # the last stage's head stays at the GEMM rate
+            assert 1 < ratio < 4
         assert r["memory_bytes"]["process"] == 100 * 2**20
         assert r["memory_bytes"]["total"] == plain["memory_bytes"]["total"] + 100 * 2**20
     bad = tmp_path / "bad.toml"

@@ -141,3 +141,21 @@ def test_study_end_to_end_with_a_launcher(tmp_path):
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "reusing 4 configuration(s)" in again.stdout
     assert "starting" not in again.stdout
+
+
+def test_stage_seconds_keep_the_head_at_the_gemm_rate():
+    """With a step efficiency e, the whole model takes F / (g e); the blocks run at the e_b
+    that makes it so while the head runs at g, so a pipeline's last stage is lighter than its
+    FLOPs say."""
+    from refgpt.metrics import head_flops, stage_flops
+    from refgpt.study.plan import stage_seconds
+    m = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=128,
+                    seq_length=32)
+    g, e = 1e10, 0.5
+    F, H = model_flops(m, 16), head_flops(m, 16)
+    assert stage_seconds(m, 16, 1, 1, g, e) == pytest.approx([F / (g * e)])
+    first, last = stage_flops(m, 16, 2)
+    e_b = (F - H) / (F / e - H)
+    two = stage_seconds(m, 16, 2, 1, g, e)
+    assert two == pytest.approx([first / (g * e_b), ((last - H) / e_b + H) / g])
+    assert sum(two) == pytest.approx(F / (g * e))

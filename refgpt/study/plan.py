@@ -11,11 +11,14 @@ every loss, is the same at every R: this is strong scaling.
 The dry run predicts, per iteration, from two rates measured on the machine:
 g, a rank's GEMM rate, and b, the bytes a rank moves per second inside an all-reduce:
 
-    compute      C = F_s / (R/p g)                  F_s: the model FLOPs of the step on the
-                                                    busiest pipeline stage (refgpt.metrics.
-                                                    stage_flops: the one with the LM head), F/p
-                                                    if balanced; all at GEMM speed, so C is a
-                                                    lower bound unless g is a whole step's rate
+    compute      C = max_s (F_s - H_s) / (R/p g e_b) + H_s / (R/p g)
+                                                    F_s: the model FLOPs of the step on pipeline
+                                                    stage s (refgpt.metrics.stage_flops), H_s the
+                                                    LM head's among them (the last stage's): one
+                                                    large GEMM, at the GEMM rate; the blocks at
+                                                    e_b, from the machine's step efficiency e
+                                                    (the whole model at g e); e = 1 without a
+                                                    calibration, and C is then a lower bound
     all-reduce   A = 2 (d-1)/d P_r w / b            ring all-reduce of a rank's gradient, P_r =
                                                     P / (t p) parameters of w bytes; ZeRO moves
                                                     zero.formula_traffic instead; not overlapped;
@@ -41,7 +44,7 @@ from dataclasses import dataclass, replace
 
 from ..config import ConfigError
 from ..parallel.build import check_layout
-from ..metrics import model_params, stage_flops
+from ..metrics import head_flops, model_params, stage_flops
 from ..precision import compute_dtype, dtype_of
 from ..parallel.schedules import simulate
 from ..parallel.zero import formula_traffic
@@ -126,18 +129,33 @@ def make_plan(ranks, layouts, mcfg, tcfg, pcfg) -> list[Config]:
     return out
 
 
+def stage_seconds(mcfg, batch: int, p: int, v: int, rate: float, efficiency: float = 1.0):
+    """Each pipeline rank's compute seconds per step (module docstring), its stage's ranks
+    running at `rate` FLOP/s together. The head is one large GEMM and runs at the GEMM rate;
+    the blocks, a mix of GEMMs and memory-bound kernels, at the efficiency e_b that makes the
+    whole model's time F / (rate e), as calibrated:  e_b = (F - H) / (F / e - H)."""
+    stages = stage_flops(mcfg, batch, p, v)
+    head = head_flops(mcfg, batch)
+    total = sum(stages)
+    blocks = (total - head) / (total / efficiency - head)
+    return [((f - head) / blocks + head if s == p - 1 else f / blocks) / rate
+            for s, f in enumerate(stages)]
+
+
 def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | None,
-            elements: int | None = None) -> dict:
+            elements: int | None = None, efficiency: float = 1.0) -> dict:
     """The cost model of the module docstring, in seconds per iteration. Communication is None
     where it is not predicted: without a link rate, and tensor traffic of 2-D (SUMMA) layouts
     (docs/tensor-parallel.md has its volume). elements: a rank's parameters exactly, padded as
-    ZeRO pads them (refgpt.plan), instead of the model's count over t p."""
+    ZeRO pads them (refgpt.plan), instead of the model's count over t p. efficiency: the share
+    of gemm_rate a whole training step's model FLOPs reach (a machine's calibration)."""
     t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
     pcfg = parallel_config(pcfg, cfg.layout)
     w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
     g = 2 if pcfg.grad_reduce_in_bf16 else compute_dtype(dtype_of(tcfg.dtype)).itemsize
-    stages = stage_flops(mcfg, tcfg.global_batch_size, p, pcfg.num_virtual_stages)
-    compute = max(stages) / (cfg.ranks // p * gemm_rate)     # the busiest stage's ranks
+    stages = stage_seconds(mcfg, tcfg.global_batch_size, p, pcfg.num_virtual_stages,
+                           cfg.ranks // p * gemm_rate, efficiency)
+    compute = max(stages)                             # the busiest stage
     per_rank = (elements if elements is not None else
                 (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p))
     moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w, g)
@@ -152,8 +170,7 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | 
         # The simulator's idle share is for equal stages. Filling and draining the pipeline
         # waits on the other stages' micro-batches, so the bubble is that share of their mean.
         others = sorted(stages)[:-1]
-        bubble = (max(i / b for i, b in zip(sim.idle, sim.busy))
-                  * sum(others) / len(others) / (cfg.ranks // p * gemm_rate))
+        bubble = max(i / b for i, b in zip(sim.idle, sim.busy)) * sum(others) / len(others)
     seconds = (lambda nbytes: nbytes / link_rate) if link_rate else (lambda nbytes: None)
     allreduce = seconds(moved)
     tensor = None if t > 1 and pcfg.tensor_parallel_mode == "2d" else seconds(tensor)
