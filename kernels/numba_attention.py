@@ -27,8 +27,9 @@ ones make GEMMs long enough for BLAS to run near its peak. Measured with
 not below a smallest block that depends on the CPU (16 on the AVX2 development machine, 32 on
 an AVX-512 Xeon; between neighbouring blocks the gaps were within the machines' run-to-run
 noise, see benchmarks/README.md). ``PRESETS`` holds (smallest block, blocks per sequence)
-per CPU family, picked from the CPU Numba compiles for (``numba_target``). REFGPT_ATTENTION_BLOCK
-overrides it with a preset's name, or with one block size for every length.
+per CPU family, picked from the CPU Numba compiles for (``numba_target``).
+REFGPT_ATTENTION_BLOCK overrides it with a preset's name, or with one block size for every
+length.
 
 16-bit operands go to the BLAS's 16-bit GEMM where it has one (refgpt.kernels.blas16), blocks
 as above, each product summed in fp32; without one they are widened to float32

@@ -9,7 +9,7 @@ The bound share is how NUMA nodes are used: an A64FX has 4 CMGs of 12 cores, eac
 own HBM2, and Fugaku's jobs run 4 ranks a node, each bound to one CMG's cores and memory
 (examples/jobs/fugaku.pjm.sh), so each rank runs 12 threads on its own CMG and never reads
 another CMG's memory; a dual-socket x86 node does the same with one rank per socket. The start
-log names the cores and NUMA nodes each rank was given.
+log names the cores and NUMA nodes rank 0 was given.
 
 Numba's pool is OpenMP's (refgpt.kernels.select_thread_pool), whose idle threads spin before
 they sleep. When the threads asked for outnumber the cores (ranks x threads per rank over the
