@@ -35,37 +35,28 @@ GPT_350M = ["--num-layers", "24", "--hidden-size", "1024", "--num-attention-head
 COMMON = ["--seq-length", "128", "--vocab-size", "50257", "--micro-batch-size", "1",
           "--global-batch-size", "32", "--synthetic-data", "--eval-iters", "0", "--no-progress",
           "--log-interval", "1"]
-CONFIGS = {        # name: (model, layout and precision flags)
-    "124m-dp": (GPT2_124M, []),
-    "124m-dp-zero1": (GPT2_124M, ["--zero-stage", "1"]),
-    "124m-dp-zero2": (GPT2_124M, ["--zero-stage", "2"]),
-    "124m-dp-zero3": (GPT2_124M, ["--zero-stage", "3"]),
-    "124m-dp-full": (GPT2_124M, ["--recompute-granularity", "full"]),
-    "124m-dp-selective": (GPT2_124M, ["--recompute-granularity", "selective"]),
-    "124m-tp2": (GPT2_124M, ["--tensor-model-parallel-size", "2"]),
-    "124m-tp4": (GPT2_124M, ["--tensor-model-parallel-size", "4"]),
-    "124m-tp2-zero1": (GPT2_124M, ["--tensor-model-parallel-size", "2", "--zero-stage", "1"]),
-    "124m-pp2": (GPT2_124M, ["--pipeline-model-parallel-size", "2"]),
-    "124m-pp4": (GPT2_124M, ["--pipeline-model-parallel-size", "4"]),
-    "124m-tp2-pp2": (GPT2_124M, ["--tensor-model-parallel-size", "2",
-                                 "--pipeline-model-parallel-size", "2"]),
-    "124m-pp2-full": (GPT2_124M, ["--pipeline-model-parallel-size", "2",
-                                  "--recompute-granularity", "full"]),
-    "124m-dp-bf16": (GPT2_124M, ["--bf16"]),
-    "124m-tp2-bf16": (GPT2_124M, ["--bf16", "--tensor-model-parallel-size", "2"]),
-    "124m-dp-zero1-bf16": (GPT2_124M, ["--bf16", "--zero-stage", "1"]),
-    "350m-dp": (GPT_350M, []),
-    "350m-dp-zero1": (GPT_350M, ["--zero-stage", "1"]),
-    "350m-dp-zero3": (GPT_350M, ["--zero-stage", "3"]),
-    "350m-tp2": (GPT_350M, ["--tensor-model-parallel-size", "2"]),
-    "350m-tp4": (GPT_350M, ["--tensor-model-parallel-size", "4"]),
-    "350m-pp2": (GPT_350M, ["--pipeline-model-parallel-size", "2"]),
-    "350m-pp4": (GPT_350M, ["--pipeline-model-parallel-size", "4"]),
-    "350m-tp2-pp2": (GPT_350M, ["--tensor-model-parallel-size", "2",
-                                "--pipeline-model-parallel-size", "2"]),
-    "350m-dp-full": (GPT_350M, ["--recompute-granularity", "full"]),
-    "350m-dp-bf16": (GPT_350M, ["--bf16"]),
+LAYOUTS = {         # a configuration's name after its model's: layout and precision flags
+    "dp": [],
+    "dp-zero1": ["--zero-stage", "1"],
+    "dp-zero2": ["--zero-stage", "2"],
+    "dp-zero3": ["--zero-stage", "3"],
+    "dp-full": ["--recompute-granularity", "full"],
+    "dp-selective": ["--recompute-granularity", "selective"],
+    "tp2": ["--tensor-model-parallel-size", "2"],
+    "tp4": ["--tensor-model-parallel-size", "4"],
+    "tp2-zero1": ["--tensor-model-parallel-size", "2", "--zero-stage", "1"],
+    "pp2": ["--pipeline-model-parallel-size", "2"],
+    "pp4": ["--pipeline-model-parallel-size", "4"],
+    "tp2-pp2": ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"],
+    "pp2-full": ["--pipeline-model-parallel-size", "2", "--recompute-granularity", "full"],
+    "dp-bf16": ["--bf16"],
+    "tp2-bf16": ["--bf16", "--tensor-model-parallel-size", "2"],
+    "dp-zero1-bf16": ["--bf16", "--zero-stage", "1"],
 }
+LARGER = ("dp", "dp-zero1", "dp-zero3", "tp2", "tp4", "pp2", "pp4", "tp2-pp2", "dp-full",
+          "dp-bf16")                                  # the layouts the 350M model runs in
+CONFIGS = {**{f"124m-{k}": (GPT2_124M, v) for k, v in LAYOUTS.items()},
+           **{f"350m-{k}": (GPT_350M, LAYOUTS[k]) for k in LARGER}}
 
 
 def measure(args) -> None:
@@ -82,7 +73,7 @@ def measure(args) -> None:
         if log.exists():
             print(f"{name}: measured already ({log})")
             continue
-        model, layout = CONFIGS[name][:2]
+        model, layout = CONFIGS[name]
         cmd = [*launch, sys.executable, "-m", "refgpt.train", *model, *COMMON, *layout,
                "--train-iters", str(args.iters), "--log-jsonl", str(log) + ".part"]
         start = time.perf_counter()
@@ -104,39 +95,35 @@ def measured(log: Path) -> tuple[float, int]:
 
 def predicted(name: str, ranks: int, machine: dict) -> dict:
     """refgpt.plan's record for this configuration's layout, on this machine."""
-    from refgpt.plan import machine_rates, plan
+    from refgpt.plan import layout_flags, machine_rates, plan
     from refgpt.train import parse_config
     model, layout = CONFIGS[name]
     argv = [*model, *COMMON, *[a for a in layout if a == "--bf16"]]
     mcfg, tcfg, pcfg, _, _ = parse_config(argv)
-    cfg = parse_config([*argv, *layout])[2]
+    want = layout_flags(parse_config([*argv, *layout])[2])
     gemm, link, efficiency = machine_rates(machine, tcfg, ranks, 0.0)
     process = int(machine.get("process_mib", 0) * 2**20)
     records = plan(argv, ranks, link, gemm, mcfg, tcfg, pcfg, process_bytes=process,
                    efficiency=efficiency)
-    want = ["--tensor-model-parallel-size", str(cfg.tensor_model_parallel_size),
-            "--pipeline-model-parallel-size", str(cfg.pipeline_model_parallel_size)]
-    want += ["--zero-stage", str(cfg.zero_stage)] if cfg.zero_stage else []
-    want += (["--recompute-granularity", cfg.recompute_granularity]
-             if cfg.recompute_granularity else [])
     return next(r for r in records if r["command"][len(argv):] == want)
 
 
-def fitted(machine: dict, names: list[str], out: Path, ranks: int) -> dict:
-    """{(model, type): step efficiency} and the process memory, taken from these measured
+def fitted(machine: dict, names: list[str], out: Path, ranks: int) -> tuple[dict, float]:
+    """({(model, type): step efficiency}, process MiB), taken from these measured
     configurations instead of the machine's calibration (which measures one model): the
-    efficiency that makes the prediction of each equal its measured time, the memory its
-    rank 0 held beyond the registry."""
+    efficiency that makes the prediction of each equal its measured time, and the memory the
+    first one's rank 0 held beyond the registry."""
     plain = {**machine, "step_efficiency": {}, "process_mib": 0}
-    found = {}
+    efficiency, process = {}, None
     for name in names:
         t, rss = measured(out / f"{name}.jsonl")
         r = predicted(name, ranks, plain)
         s = r["step_time_s"]
         work = s["compute_s"] + s["bubble_s"]            # what the efficiency scales
-        found[key(name)] = work / (t - (s["total"] - work))
-        found.setdefault("process_mib", (rss - r["memory_bytes"]["total"]) / 2**20)
-    return found
+        efficiency[key(name)] = work / (t - (s["total"] - work))
+        if process is None:
+            process = (rss - r["memory_bytes"]["total"]) / 2**20
+    return efficiency, process
 
 
 def key(name: str) -> tuple[str, str]:
@@ -144,15 +131,14 @@ def key(name: str) -> tuple[str, str]:
     return name.split("-")[0], "bfloat16" if "--bf16" in CONFIGS[name][1] else "float32"
 
 
-def with_fit(machine: dict, fit: dict, name: str) -> dict:
+def with_fit(machine: dict, fit: tuple[dict, float], name: str) -> dict:
     """The machine with the fitted efficiency for this configuration's model and type (or,
-    for a model not fitted, its type's first)."""
+    for a model not fitted, its type's first) and the fitted process memory."""
+    efficiency, process = fit
     model, dtype = key(name)
-    same = [e for (m, t), e in ((k, v) for k, v in fit.items() if k != "process_mib")
-            if t == dtype and m == model]
-    other = [v for k, v in fit.items() if k != "process_mib" and k[1] == dtype]
-    return {**machine, "process_mib": fit["process_mib"],
-            "step_efficiency": {dtype: (same or other)[0]}}
+    chosen = efficiency.get((model, dtype)) or next(e for (_, t), e in efficiency.items()
+                                                    if t == dtype)
+    return {**machine, "process_mib": process, "step_efficiency": {dtype: chosen}}
 
 
 def report(args) -> None:
@@ -163,8 +149,8 @@ def report(args) -> None:
     fit = fitted(machine, args.fit_on, out, args.ranks) if args.fit_on else None
     if fit:
         source += ("; step efficiency and process memory fitted on " + ", ".join(
-            f"{name} ({fit[key(name)]:.3f})" for name in args.fit_on)
-            + f", {fit['process_mib']:.0f} MiB")
+            f"{name} ({fit[0][key(name)]:.3f})" for name in args.fit_on)
+            + f", {fit[1]:.0f} MiB")
     print(f"# {machine['name']}, {args.ranks} ranks; predicted by refgpt.plan from {source}")
     print("| configuration | layout | measured s/step | predicted s/step | error | "
           "measured peak RSS MiB | predicted MiB | error |")

@@ -52,12 +52,17 @@ def moe_extra_macs(cfg) -> float:
 def model_params(cfg) -> int:
     """N of the model-FLOPs formula: all parameters except wpe, real vocabulary rows only;
     with experts, the active ones (a token's k experts' MLPs and the router)."""
-    C, L = cfg.hidden_size, cfg.num_layers
-    per_block = 12 * C * C + 13 * C
-    moe = sum(is_moe_layer(cfg, i) for i in range(L))
+    C = cfg.hidden_size
+    return cfg.vocab_size * C + sum(block_params(cfg, i) for i in range(cfg.num_layers)) + 2 * C
+
+
+def block_params(cfg, i: int) -> int:
+    """Block i's active parameters: its own, and in an MoE layer a token's k - 1 more experts'
+    MLPs and the router."""
+    C = cfg.hidden_size
     mlp = 8 * C * C + 5 * C
-    active = moe * ((cfg.moe_router_topk - 1) * mlp + C * cfg.num_experts)
-    return cfg.vocab_size * C + L * per_block + 2 * C + active
+    return 12 * C * C + 13 * C + is_moe_layer(cfg, i) * ((cfg.moe_router_topk - 1) * mlp
+                                                          + C * cfg.num_experts)
 
 
 def model_flops(cfg, batch: int) -> float:
@@ -72,11 +77,9 @@ def stage_flops(cfg, batch: int, p: int, v: int = 1) -> list[float]:
     LayerNorm's on the rank of the last chunk. The list sums to model_flops. A stage with
     the head does the most: at GPT-2 124M's vocabulary the head is as much as 5 blocks."""
     s, C, L = cfg.seq_length, cfg.hidden_size, cfg.num_layers
-    mlp = 8 * C * C + 5 * C
 
     def block(i: int) -> float:                 # 6 N of its parameters, 12 C s of attention
-        active = is_moe_layer(cfg, i) * ((cfg.moe_router_topk - 1) * mlp + C * cfg.num_experts)
-        return 6.0 * (12 * C * C + 13 * C + active) + 12.0 * C * s
+        return 6.0 * block_params(cfg, i) + 12.0 * C * s
 
     per = L // (p * v)
     out = [0.0] * p

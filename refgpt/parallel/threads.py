@@ -50,8 +50,9 @@ def set_threads(world_comm, requested: int):
 
     from ..kernels import select_thread_pool
     local = ranks_on_node(world_comm)
-    threads = requested or default_threads(local, os.cpu_count() or 1, _cores_here())
-    if threads and oversubscribed(threads, local, os.cpu_count() or 1, _cores_here()):
+    node_cores, my_cores = os.cpu_count() or 1, _cores_here()
+    threads = requested or default_threads(local, node_cores, my_cores)
+    if threads and oversubscribed(threads, local, node_cores, my_cores):
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")        # before numba's pool starts
     select_thread_pool()
     import numba
