@@ -97,7 +97,8 @@ def main():
     args = ap.parse_args()
     import cupy as cp
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from refgpt.interop import hf_gpt2
+    GPT2Config, GPT2LMHeadModel = hf_gpt2()
 
     from refgpt.backend import Backend, synchronize
     from refgpt.config import ModelConfig

@@ -38,7 +38,8 @@ def torch_run(mcfg, tcfg, start: dict, trainer) -> tuple[list[float], float, flo
     """The PyTorch autocast-bf16 loop over the trainer's batches, from the weights start."""
     import torch
     import torch.nn.functional as F
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from refgpt.interop import hf_gpt2
+    GPT2Config, GPT2LMHeadModel = hf_gpt2()
 
     from refgpt.interop import hf_config, hf_state_dict
     from refgpt.optim import learning_rate

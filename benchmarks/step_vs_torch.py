@@ -69,7 +69,8 @@ def refgpt_step(cfg_tuple, threads=None, backend="numpy", dtype="float32", **mod
 def torch_step(cfg_tuple, threads, autocast: bool = False):
     """PyTorch's step: eager, in float32, or under CPU bf16 autocast (fp32 weights)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from refgpt.interop import hf_gpt2
+    GPT2Config, GPT2LMHeadModel = hf_gpt2()
     torch.set_num_threads(threads)
     L, h, a, V, s, b = cfg_tuple
     conf = GPT2Config(n_layer=L, n_embd=h, n_head=a, vocab_size=V, n_positions=s,

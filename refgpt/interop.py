@@ -10,12 +10,14 @@ to wte in both (Hugging Face's ``lm_head.weight`` is not stored separately).
     refgpt_state_dict(sd, cfg)      Hugging Face tensors (either naming) -> refgpt tensors
     hf_config(cfg) / model_config(d)   config.json <-> ModelConfig
     export_hf(ckpt, outdir) / import_hf(hfdir, ckpt)   the files, used by refgpt.convert
+    hf_gpt2()                       transformers' GPT2Config and GPT2LMHeadModel
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from .checkpoint import load_checkpoint, write_tensors
 from .cli import CheckpointError
 from .config import ConfigError, ModelConfig
 
+CHECKOUT = Path(__file__).resolve().parent.parent
 PREFIX = "transformer."
 GELU_NAMES = {"tanh": "gelu_new", "erf": "gelu"}
 HF_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "erf"}
@@ -140,3 +143,22 @@ def import_hf(hfdir, ckpt_path, dtype: str = "float32") -> Path:
     return save_checkpoint(ckpt_path, 0, dict(params.items()),
                            {"exp_avg": zeros, "exp_avg_sq": zeros}, 0, state,
                            tok if tok.is_file() else None)
+
+
+def hf_gpt2():
+    """(GPT2Config, GPT2LMHeadModel) from transformers. Recent transformers import Hugging
+    Face's ``kernels`` package where it is installed (it is a dependency of theirs); run from
+    a checkout of refgpt, where ``python -m`` puts the working directory first on sys.path,
+    that name finds refgpt's own kernels/ folder instead (installed as refgpt.kernels). So
+    the checkout's root is left out of sys.path while transformers loads."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != CHECKOUT]
+    wrong = sys.modules.get("kernels")
+    if wrong is not None and Path(getattr(wrong, "__file__", None) or "/").parent == \
+            CHECKOUT / "kernels":
+        del sys.modules["kernels"]
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    finally:
+        sys.path[:] = saved
+    return GPT2Config, GPT2LMHeadModel

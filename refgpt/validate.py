@@ -70,9 +70,8 @@ def batches(cfg: ModelConfig, size: int, seed: int):
 def against_hf(cfg: ModelConfig, opt: TrainConfig, steps: int, size: int, seed: int) -> list:
     import torch
     import torch.nn.functional as F
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from .interop import hf_config
+    from .interop import hf_config, hf_gpt2
+    GPT2Config, GPT2LMHeadModel = hf_gpt2()
     if cfg.dropout:
         raise ConfigError("validation runs with --dropout 0 (dropout masks differ between frameworks)")
     dtype = np.dtype(opt.dtype)

@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from refgpt import convert, validate
 from refgpt.checkpoint import load_checkpoint
 from refgpt.config import ModelConfig
-from refgpt.interop import hf_config
+from refgpt.interop import hf_config, hf_gpt2
 from refgpt.nn import GPT
 from refgpt.optim import AdamW
 from refgpt.engine import Trainer
 from refgpt.config import TrainConfig
+
+GPT2Config, GPT2LMHeadModel = hf_gpt2()
 
 
 def run_validate(capsys, argv):
