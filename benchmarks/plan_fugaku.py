@@ -36,9 +36,9 @@ def main():
           "published | planner's first choice | its TFLOP/s per CPU |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     rows = []
+    rates = machine_rates(machine, tcfg, 1, 0.0)
     for cpus in sorted(PUBLISHED):
-        gemm, link, _ = machine_rates(machine, tcfg, 1, 0.0)
-        records = plan([], cpus, link, gemm, mcfg, tcfg, ParallelConfig(),
+        records = plan([], cpus, rates, mcfg, tcfg, ParallelConfig(),
                        machine["memory_gib_per_node"] * 2**30, 1)
         runnable = [r for r in records if "refused" not in r]
         tp = min(4, cpus)

@@ -9,8 +9,10 @@ calibrated description.
     # anywhere, from what measure wrote:
     python benchmarks/plan_validate.py report --out runs/plan-validate [--plot docs/plan/x.png]
 
-measure first calibrates the node (python -m refgpt.plan --calibrate, all R ranks: the GEMM
-rate in each type and the all-reduce rate, into machine.toml), then runs each configuration
+measure first calibrates the node with each model (python -m refgpt.plan --calibrate and the
+model's flags, all R ranks: the GEMM rate in each type, the step efficiency and optimizer rate
+of that model, the all-reduce rate of each group size, into machine-MODEL.toml), then runs
+each configuration
 for a few steps (synthetic data) with its log in NAME.jsonl; a configuration already measured
 is skipped, so several calls can share the work. report reads them: measured step time, the
 median of the steps after the first; measured memory, rank 0's peak resident set (rank 0
@@ -55,6 +57,7 @@ LAYOUTS = {         # a configuration's name after its model's: layout and preci
 }
 LARGER = ("dp", "dp-zero1", "dp-zero3", "tp2", "tp4", "pp2", "pp4", "tp2-pp2", "dp-full",
           "dp-bf16")                                  # the layouts the 350M model runs in
+MODELS = {"124m": GPT2_124M, "350m": GPT_350M}
 CONFIGS = {**{f"124m-{k}": (GPT2_124M, v) for k, v in LAYOUTS.items()},
            **{f"350m-{k}": (GPT_350M, LAYOUTS[k]) for k in LARGER}}
 
@@ -63,12 +66,17 @@ def measure(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     launch = [*shlex.split(args.launcher), "-n", str(args.ranks)]
-    machine = out / "machine.toml"
-    if not machine.exists():
-        print(f"calibrating: {' '.join(launch)} python -m refgpt.plan --calibrate", flush=True)
-        subprocess.run([*launch, sys.executable, "-m", "refgpt.plan", "--calibrate",
-                        str(machine)], check=True)
-    for name in args.only or CONFIGS:
+    names = args.only or list(CONFIGS)
+    for model in sorted({name.split("-")[0] for name in names}):
+        machine = out / f"machine-{model}.toml"
+        if not machine.exists():
+            print(f"calibrating with {model}: {' '.join(launch)} python -m refgpt.plan "
+                  f"--calibrate", flush=True)
+            start = time.perf_counter()
+            subprocess.run([*launch, sys.executable, "-m", "refgpt.plan", "--calibrate",
+                            str(machine), *MODELS[model], *COMMON], check=True)
+            print(f"calibrated in {time.perf_counter() - start:.0f} s", flush=True)
+    for name in names:
         log = out / f"{name}.jsonl"
         if log.exists():
             print(f"{name}: measured already ({log})")
@@ -101,22 +109,21 @@ def predicted(name: str, ranks: int, machine: dict) -> dict:
     argv = [*model, *COMMON, *[a for a in layout if a == "--bf16"]]
     mcfg, tcfg, pcfg, _, _ = parse_config(argv)
     want = layout_flags(parse_config([*argv, *layout])[2])
-    gemm, link, efficiency = machine_rates(machine, tcfg, ranks, 0.0)
     process = int(machine.get("process_mib", 0) * 2**20)
-    records = plan(argv, ranks, link, gemm, mcfg, tcfg, pcfg, process_bytes=process,
-                   efficiency=efficiency)
+    records = plan(argv, ranks, machine_rates(machine, tcfg, ranks, 0.0), mcfg, tcfg, pcfg,
+                   process_bytes=process)
     return next(r for r in records if r["command"][len(argv):] == want)
 
 
-def fitted(machine: dict, names: list[str], out: Path, ranks: int) -> tuple[dict, float]:
+def fitted(machines: dict, names: list[str], out: Path, ranks: int) -> tuple[dict, float]:
     """({(model, type): step efficiency}, process MiB), taken from these measured
     configurations instead of the machine's calibration (which measures one model): the
     efficiency that makes the prediction of each equal its measured time, and the memory the
     first one's rank 0 held beyond the registry."""
-    plain = {**machine, "step_efficiency": {}, "process_mib": 0}
     efficiency, process = {}, None
     for name in names:
         t, rss = measured(out / f"{name}.jsonl")
+        plain = {**machines[key(name)[0]], "step_efficiency": {}, "process_mib": 0}
         r = predicted(name, ranks, plain)
         s = r["step_time_s"]
         work = s["compute_s"] + s["bubble_s"]            # what the efficiency scales
@@ -144,9 +151,13 @@ def with_fit(machine: dict, fit: tuple[dict, float], name: str) -> dict:
 def report(args) -> None:
     from refgpt.plan import read_machine
     out = Path(args.out)
-    machine = read_machine(str(out / "machine.toml"))
-    source = f"{out / 'machine.toml'}"
-    fit = fitted(machine, args.fit_on, out, args.ranks) if args.fit_on else None
+    files = {model: out / f"machine-{model}.toml" for model in MODELS}
+    files = {model: f if f.exists() else out / "machine.toml" for model, f in files.items()}
+    files = {model: f for model, f in files.items() if f.exists()}
+    machines = {model: read_machine(str(f)) for model, f in files.items()}
+    machine = next(iter(machines.values()))
+    source = ", ".join(sorted({str(f) for f in files.values()}))
+    fit = fitted(machines, args.fit_on, out, args.ranks) if args.fit_on else None
     if fit:
         source += ("; step efficiency and process memory fitted on " + ", ".join(
             f"{name} ({fit[0][key(name)]:.3f})" for name in args.fit_on)
@@ -158,10 +169,11 @@ def report(args) -> None:
     rows = []
     for name in CONFIGS:
         log = out / f"{name}.jsonl"
-        if not log.exists() or name in (args.fit_on or ()):
+        if not log.exists() or name in (args.fit_on or ()) or key(name)[0] not in machines:
             continue
         t, rss = measured(log)
-        record = predicted(name, args.ranks, with_fit(machine, fit, name) if fit else machine)
+        own = machines[name.split("-")[0]]
+        record = predicted(name, args.ranks, with_fit(own, fit, name) if fit else own)
         pt, pm = record["step_time_s"]["total"], record["memory_bytes"]["total"]
         rows.append((name, t, pt, rss, pm))
         print(f"| {name} | {record['layout']} | {t:.3f} | {pt:.3f} | {pt / t - 1:+.0%} | "

@@ -6,7 +6,8 @@ how fast each would be.
         --global-batch-size 16 --micro-batch-size 1 [--allreduce-bandwidth 5] [--json]
 
 The layouts: every tensor-parallel size t (1-D) and pipeline size p (1F1B) that divide the
-world and the model, the data-parallel size d = world / (t p) the rest, ZeRO stage 0-3, and
+world and the model, the data-parallel size d = world / (t p) the rest, ZeRO stage 0-3 (and
+ZeRO-1 through shared memory where each data-parallel group lies inside one node), and
 activation recomputation off, selective or full, as refgpt.train's check_layout accepts them
 (those it refuses are listed with its reason). Each one's memory per rank, in the categories
 of the training log's ``memory_bytes``, on the rank that holds the most (the first pipeline
@@ -17,32 +18,38 @@ stage keeps the most micro-batches in flight):
                                ZeRO's table (refgpt.parallel.zero) splits each over d
     activations                refgpt's formula of what the layers keep for backward at the
                                peak (refgpt.nn.activations), which the registry equals
+    working                    ZeRO's temporary buffers at their peak (the registry's
+                               working_peak): refgpt.parallel.zero.formula_working, for the
+                               data-parallel ranks that stand for all (distinct_shards)
 
 These are the registry's own numbers (tests/test_plan.py and mpi_tests/test_plan.py run the
 layouts and compare), not estimates; with a machine file that has ``process_mib`` (what a
-rank held beyond them when calibrated: interpreter, libraries, transient buffers) the record
-adds it as ``process``. What they leave out is named: ZeRO-3's and the buckets' temporary
-buffers beyond that, which grow with the model. The time per step is the scaling study's cost
-model (refgpt.study.plan.predict): the busiest pipeline stage's FLOPs at the rates a training
-step reaches (the LM head at the GEMM rate, the blocks at what makes the whole model run at
-the GEMM rate times the machine's calibrated step efficiency), the pipeline's bubble from the
-schedule simulator, and, given --allreduce-bandwidth (GB/s a rank moves in an all-reduce) or
-a machine's network, the data- and tensor-parallel traffic by the counters' formulas, not
-overlapped; full recomputation adds a third of the recomputed blocks' FLOPs (one more
-forward), selective's extra attention-core FLOPs are not counted. Layouts are printed fastest first, each with the
-command that runs it. docs/plan.md sets these predictions beside 23 measured runs.
+rank held beyond them when calibrated: interpreter, libraries, MPI's buffers) the record adds
+it as ``process``. The time per step is the scaling study's cost model
+(refgpt.study.plan.predict): the busiest pipeline stage's FLOPs at the rates a training step
+reaches (the LM head at the GEMM rate, the blocks at what makes forward and backward of the
+whole model run at the GEMM rate times the machine's calibrated step efficiency), the
+pipeline's bubble from the schedule simulator, the optimizer's elements at the machine's
+optimizer rate, and, given --allreduce-bandwidth (GB/s a rank moves in an all-reduce) or a
+machine's network, the data- and tensor-parallel traffic by the counters' formulas at the
+rate of the group's size, not overlapped; full recomputation adds a third of the recomputed
+blocks' FLOPs (one more forward), selective's extra attention-core FLOPs are not counted.
+Layouts are printed fastest first, each with the command that runs it. docs/plan.md sets
+these predictions beside measured runs.
 
 Machines (--machine): a small TOML file, or the name of one in refgpt/machines (a64fx-fugaku,
 from published figures, each cited in the file): cores and memory per node, the GEMM rate per
-node by type, the step efficiency by type ([step_efficiency]), process_mib, and the
-all-reduce rate a rank moves ([network] allreduce_gbs). With one, the rates are its own and a
-layout whose ranks on a node need more than the node's memory is refused with the figure.
-``--calibrate FILE`` (under mpiexec, one rank per core as in training) measures this machine,
-with the step efficiency of the model given by the other flags, and writes its file.
+node by type, the step efficiency by type ([step_efficiency]), the optimizer rate by type
+([optimizer_melem_s]), process_mib, and the all-reduce rate a rank moves ([network]
+allreduce_gbs, and by group size [network.allreduce_gbs_by_ranks]). With one, the rates are
+its own and a layout whose ranks on a node need more than the node's memory is refused with
+the figure. ``--calibrate FILE`` (under mpiexec, one rank per core as in training) measures
+this machine, with the step efficiency and optimizer rate of the model given by the other
+flags, and writes its file.
 
 Not yet (issue 30): context and expert parallelism, virtual stages and other schedules,
-2-D tensor parallelism, shared-memory ZeRO and offload in the enumeration; a GEMM rate by
-shape, an alpha-beta all-reduce and the machine's core groups in the time model.
+2-D tensor parallelism and offload in the enumeration; a GEMM rate by shape, per-level
+(network) link rates and the machine's core groups in the time model.
 """
 
 from __future__ import annotations
@@ -51,9 +58,11 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import numpy as np
 
@@ -61,9 +70,11 @@ from .cli import exit_on_user_error, plain
 from .config import ConfigError
 from .engine.report import activation_formulas
 from .nn.gpt import param_specs
+from .nn.params import unit_key
 from .parallel.build import check_layout
 from .parallel.pipeline import stage_of
 from .parallel.tensor import shard, shard_kind
+from .parallel.zero import formula_working
 from .precision import compute_dtype, dtype_of, is_half
 from .study.plan import Config, Layout, predict
 from .train import build_parser, configs_from
@@ -74,53 +85,87 @@ MACHINES = Path(__file__).parent / "machines"
 RECOMPUTE = ("", "selective", "full")
 
 
-def rank_elements(mcfg, tp: int, pp: int, pp_rank: int) -> int:
-    """The parameters a rank holds: its pipeline stage's, its 1-D tensor-parallel shard of
+def rank_units(mcfg, tp: int, pp: int, pp_rank: int) -> list[tuple[str, int]]:
+    """(unit, elements) of the parameters a rank holds, in its flat buffer's order (ZeRO's
+    units: refgpt.nn.params.unit_key): its pipeline stage's, its 1-D tensor-parallel shard of
     each (every TP rank's shard is the same size: check_layout asks divisibility)."""
     stage = stage_of(pp_rank, pp, 1, mcfg.num_layers) if pp > 1 else None
-    return sum(shard(np.empty(s.shape, bool), shard_kind(s.name), 0, tp).size if tp > 1
-               else s.size for s in param_specs(mcfg, stage))
+    units: dict[str, int] = {}
+    for s in param_specs(mcfg, stage):
+        n = shard(np.empty(s.shape, bool), shard_kind(s.name), 0, tp).size if tp > 1 else s.size
+        units[unit_key(s.name)] = units.get(unit_key(s.name), 0) + n
+    return list(units.items())
 
 
-def padded_elements(mcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0) -> int:
+def rank_elements(mcfg, tp: int, pp: int, pp_rank: int) -> int:
+    """The parameters a rank holds (rank_units)."""
+    return sum(n for _, n in rank_units(mcfg, tp, pp, pp_rank))
+
+
+def padded(elements: int, pcfg, dp: int) -> int:
     """The rank's flat buffer: its elements, padded to a multiple of d under ZeRO."""
-    P = rank_elements(mcfg, tp, pp, pp_rank)
-    return -(-P // dp) * dp if pcfg.zero_stage else P
+    return -(-elements // dp) * dp if pcfg.zero_stage else elements
 
 
-def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0) -> dict:
-    """The registry's categories for one rank of the layout (module docstring), in bytes."""
+def distinct_shards(units: list[tuple[str, int]], pcfg, dp: int) -> list[int]:
+    """Data-parallel ranks that stand for all of them in memory: under ZeRO a rank's temporary
+    buffers depend on where its shard falls among the units, and the ranks whose shards lie
+    inside the same unit hold the same; so the ranks whose shards hold a unit's first element,
+    and the next rank after each, cover every case."""
+    if not pcfg.zero_stage:
+        return [0]
+    S = padded(sum(n for _, n in units), pcfg, dp) // dp
+    starts = np.cumsum([0] + [n for _, n in units])[:-1]
+    return sorted({min(dp - 1, int(a) // S + j) for a in starts for j in (0, 1)})
+
+
+def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
+                dp_rank: int = 0, units: list[tuple[str, int]] | None = None) -> dict:
+    """The registry's categories for one rank of the layout (module docstring), in bytes
+    (units: rank_units of its stage, where the caller has them)."""
     dtype = np.dtype(dtype_of(tcfg.dtype))
     state = np.dtype(compute_dtype(dtype)).itemsize
     p = dtype.itemsize
     g = 2 if pcfg.grad_reduce_in_bf16 else state
     k = 2 * state + (state if is_half(dtype) else 0)           # moments, and fp32 masters
     stage = pcfg.zero_stage
-    P = padded_elements(mcfg, pcfg, tp, pp, dp, pp_rank)
+    units = units or rank_units(mcfg, tp, pp, pp_rank)
+    elements = sum(n for _, n in units)
+    P = padded(elements, pcfg, dp)
     grid = SimpleNamespace(tp_size=tp, pp_size=pp, pp_rank=pp_rank, data_size=dp, cp_size=1)
     mem = {"params": p * (P // dp if stage == 3 else P),
            "grads": g * (P // dp if stage >= 2 else P),
            "optimizer": k * (P // dp if stage >= 1 else P),
-           "activations": activation_formulas(mcfg, tcfg, pcfg, grid)["activations_formula"]}
+           "activations": activation_formulas(mcfg, tcfg, pcfg, grid)["activations_formula"],
+           "working": 0}
+    if pcfg.dp_shared_memory:         # one parameter copy a node, each rank counted its part
+        mem["params"] = p * P // dp
+    elif stage:                                          # the padding rides with the last unit
+        units = [*units[:-1], (units[-1][0], units[-1][1] + P - elements)]
+        mem["working"] = formula_working(units, stage, dp, dp_rank, p, g, pp_rank == pp - 1)
     mem["total"] = sum(mem.values())
     return mem
 
 
-def layouts(world: int, mcfg, tcfg, pcfg):
-    """(name, pcfg, tp, pp, dp, reason or "") of every layout the module docstring lists."""
+def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
+    """(name, pcfg, tp, pp, dp, reason or "") of every layout the module docstring lists; ZeRO-1
+    through the node's shared memory (refgpt.parallel.shared) where every data-parallel group
+    lies inside one node (t d divides the ranks of a node, as ranks are laid out TP first)."""
     for tp in (t for t in range(1, world + 1) if world % t == 0):
         for pp in (q for q in range(1, world // tp + 1) if world // tp % q == 0):
             dp = world // (tp * pp)
-            for zero in range(4):
-                if zero and dp == 1:
-                    continue
+            shared = dp > 1 and ranks_per_node % (tp * dp) == 0
+            for zero, shm in [(0, False), *((z, False) for z in range(1, 4) if dp > 1),
+                              *([(1, True)] if shared else [])]:
                 for recompute in RECOMPUTE:
                     cfg = replace(pcfg, tensor_model_parallel_size=tp,
                                   pipeline_model_parallel_size=pp, zero_stage=zero,
-                                  recompute_granularity=recompute, tensor_parallel_mode="1d",
-                                  num_virtual_stages=1, pipeline_schedule="1f1b",
+                                  dp_shared_memory=shm, recompute_granularity=recompute,
+                                  tensor_parallel_mode="1d", num_virtual_stages=1,
+                                  pipeline_schedule="1f1b",
                                   sequence_parallel=pcfg.sequence_parallel and tp > 1)
                     name = (f"tp{tp} pp{pp} dp{dp}" + (f" zero-{zero}" if zero else "")
+                            + ("-shm" if shm else "")
                             + (f" recompute-{recompute}" if recompute else ""))
                     try:
                         check_layout(mcfg, tcfg, cfg, tp, dp, pp)
@@ -135,6 +180,8 @@ def layout_flags(pcfg) -> list[str]:
              "--pipeline-model-parallel-size", str(pcfg.pipeline_model_parallel_size)]
     if pcfg.zero_stage:
         flags += ["--zero-stage", str(pcfg.zero_stage)]
+    if pcfg.dp_shared_memory:
+        flags += ["--dp-shared-memory"]
     if pcfg.recompute_granularity:
         flags += ["--recompute-granularity", pcfg.recompute_granularity]
     return flags
@@ -159,40 +206,83 @@ def read_machine(name: str) -> dict:
     return m
 
 
-def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float):
-    """(GEMM FLOP/s per rank, all-reduce bytes/s per rank or None, step efficiency) from a
-    machine description: its GEMM rate for the run's type, and its step efficiency for that
-    type where it has one ([step_efficiency]: the share of the GEMM rate a whole step's model
-    FLOPs reach, with everything that is not a GEMM; 1 where not calibrated, which makes the
-    compute term a lower bound); --allreduce-bandwidth, where given, wins."""
+@dataclass(frozen=True)
+class Rates:
+    """What the time model (refgpt.study.plan.predict) divides by, per rank."""
+    gemm: float                                   # FLOP/s of a large GEMM
+    link: Callable[[int], float] | None = None    # bytes/s in an all-reduce of n ranks
+    efficiency: float = 1.0                       # forward + backward's share of gemm
+    optimizer: float | None = None                # elements/s the optimizer updates
+
+
+def group_link(network: dict, bandwidth: float = 0.0) -> Callable[[int], float] | None:
+    """Bytes a second a rank moves in an all-reduce of n ranks: --allreduce-bandwidth where
+    given; else the machine's rate for groups of n ([network.allreduce_gbs_by_ranks], every
+    group of the node summing at once), or of the next larger group measured (larger groups
+    are slower), or its allreduce_gbs (the whole calibrated world's); None where there is no
+    figure."""
+    if bandwidth:
+        return lambda n: bandwidth * 1e9
+    by_ranks = {int(k): float(v) for k, v in network.get("allreduce_gbs_by_ranks", {}).items()}
+    flat = float(network.get("allreduce_gbs", 0))
+    if not by_ranks and not flat:
+        return None
+
+    def rate(n: int) -> float:
+        group = min((k for k in by_ranks if k >= n), default=None)
+        return 1e9 * (by_ranks[group] if group else flat or by_ranks[max(by_ranks)])
+    return rate
+
+
+def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) -> Rates:
+    """The time model's rates from a machine description: its GEMM rate for the run's type
+    (per node, shared by the node's ranks), its step efficiency for that type where it has one
+    ([step_efficiency]: the share of the GEMM rate forward and backward's model FLOPs reach,
+    with everything that is not a GEMM; 1 where not calibrated, which makes the compute term a
+    lower bound), its optimizer rate ([optimizer_melem_s]) and its all-reduce rates
+    (group_link); --allreduce-bandwidth, where given, wins."""
+    name = machine["name"]
     rate = machine["gemm_tflops_per_node"].get(tcfg.dtype)
     if not isinstance(rate, (int, float)) or rate <= 0:
-        raise ConfigError(f"--machine {machine['name']}: no GEMM rate for {tcfg.dtype} "
+        raise ConfigError(f"--machine {name}: no GEMM rate for {tcfg.dtype} "
                           f"(it has {sorted(machine['gemm_tflops_per_node'])})")
     efficiency = machine.get("step_efficiency", {}).get(tcfg.dtype, 1.0)
     if not isinstance(efficiency, (int, float)) or not 0 < efficiency <= 1:
-        raise ConfigError(f"--machine {machine['name']}: step_efficiency.{tcfg.dtype} must be "
+        raise ConfigError(f"--machine {name}: step_efficiency.{tcfg.dtype} must be "
                           f"in (0, 1], got {efficiency!r}")
-    link = bandwidth or machine.get("network", {}).get("allreduce_gbs", 0)
-    return rate * 1e12 / ranks_per_node, link or 0.0, efficiency
+    optimizer = machine.get("optimizer_melem_s", {}).get(tcfg.dtype)
+    if optimizer is not None and (not isinstance(optimizer, (int, float)) or optimizer <= 0):
+        raise ConfigError(f"--machine {name}: optimizer_melem_s.{tcfg.dtype} must be > 0, "
+                          f"got {optimizer!r}")
+    network = machine.get("network", {})
+    try:
+        link = group_link(network, bandwidth)
+        if link and min(link(n) for n in (1, 2, 1 << 20)) <= 0:
+            raise ValueError("rates must be > 0")
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"--machine {name}: [network]: {e}") from None
+    return Rates(rate * 1e12 / ranks_per_node, link, efficiency,
+                 optimizer * 1e6 if optimizer else None)
 
 
-def plan(argv: list[str], world: int, bandwidth: float, gemm_rate: float, mcfg, tcfg,
-         pcfg, node_bytes: float | None = None, ranks_per_node: int = 1,
-         process_bytes: int = 0, efficiency: float = 1.0) -> list[dict]:
+def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
+         node_bytes: float | None = None, ranks_per_node: int = 1,
+         process_bytes: int = 0) -> list[dict]:
     """One record per layout: the layout, its command, memory and predicted time (module
     docstring), or the reason it cannot run (node_bytes: the memory of a node, which the
     ranks_per_node ranks on it share; process_bytes: what a rank holds besides the registry's
     categories, the machine's measured process_mib); fastest first, the refused at the end."""
-    link = bandwidth * 1e9 if bandwidth else None
-    out = []
-    for name, cfg, tp, pp, dp, reason in layouts(world, mcfg, tcfg, pcfg):
+    out, units = [], {}                     # units: (tp, pp, pp rank) -> rank_units
+    for name, cfg, tp, pp, dp, reason in layouts(world, mcfg, tcfg, pcfg, ranks_per_node):
         record = {"layout": name, "ranks": world,
                   "command": [*argv, *layout_flags(cfg)]}
         if reason:
             out.append({**record, "refused": reason})
             continue
-        per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r) for r in range(pp)]
+        stages = [units.get((tp, pp, r)) or units.setdefault(
+            (tp, pp, r), rank_units(mcfg, tp, pp, r)) for r in range(pp)]
+        per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, s, stages[r])
+                    for r in range(pp) for s in distinct_shards(stages[r], cfg, dp)]
         record["memory_bytes"] = dict(max(per_rank, key=lambda m: m["total"]))
         if process_bytes:
             record["memory_bytes"]["process"] = process_bytes
@@ -204,9 +294,10 @@ def plan(argv: list[str], world: int, bandwidth: float, gemm_rate: float, mcfg, 
                                              f"{node_bytes / 2**30:,.1f}"})
             continue
         micro = tcfg.micro_batches(dp)
-        elements = max(padded_elements(mcfg, cfg, tp, pp, dp, r) for r in range(pp))
+        elements = max(padded(sum(n for _, n in u), cfg, dp) for u in stages)
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
-                       mcfg, tcfg, cfg, gemm_rate, link, elements, efficiency)
+                       mcfg, tcfg, cfg, rates.gemm, rates.link, elements, rates.efficiency,
+                       rates.optimizer)
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
         blocks = mcfg.num_layers // pp                  # full recomputation: one more forward
         if cfg.recompute_granularity == "full":         # (a third of their FLOPs) of the
@@ -233,6 +324,7 @@ def show(records: list[dict], top: int, mib=2.0 ** -20) -> None:
         comm = ("" if t["allreduce_s"] is None else
                 f", all-reduce {t['allreduce_s']:.3g} s"
                 + ("" if t["tensor_s"] is None else f", tensor {t['tensor_s']:.3g} s"))
+        comm += "" if t["optimizer_s"] is None else f", optimizer {t['optimizer_s']:.3g} s"
         print(f"{r['layout']:<38} {t['total']:.3g} s/step (compute {t['compute_s']:.3g} s, "
               f"bubble {t['bubble_s']:.3g} s{comm}) | {m['total'] * mib:,.1f} MiB/rank "
               f"(params {m['params'] * mib:,.1f}, grads {m['grads'] * mib:,.1f}, optimizer "
@@ -283,74 +375,133 @@ def build_plan_parser() -> argparse.ArgumentParser:
 CALIBRATED = ("float64", "float32", "bfloat16")
 
 
-def step_rate(mcfg, tcfg) -> tuple[float, list[int]]:
-    """(model FLOP/s of a training step of this model on this rank alone: two micro-batches of
-    synthetic data, best of two steps after one, [its peak resident bytes beyond the
-    registry])."""
-    import time
-
+def step_rate(mcfg, tcfg, sync=lambda: None) -> tuple[float, float, int]:
+    """(model FLOP/s of forward and backward, elements a second the optimizer updates, peak
+    resident bytes beyond the registry) of a training step of this model on this rank alone:
+    two micro-batches of synthetic data, the best of two steps after a first (which compiles
+    and warms; sync() is called before each step, to start the ranks' steps together)."""
     from .config import ParallelConfig
     from .engine import Trainer
     from .metrics import model_flops
     tcfg = replace(tcfg, synthetic_data=True, global_batch_size=2 * tcfg.micro_batch_size,
                    eval_iters=0, train_iters=3, load="", save="")
     trainer = Trainer(mcfg, tcfg, ParallelConfig(), log=lambda *_: None)
-    best = float("inf")
+    compute = optimizer = float("inf")
     for step in range(3):
-        start = time.perf_counter()
+        sync()
         trainer.train_step()
-        best = min(best, time.perf_counter() - start) if step else best
+        spent = trainer.timers.take()
+        if step:
+            compute = min(compute, spent["forward"] + spent["backward"])
+            optimizer = min(optimizer, spent["optimizer"])
     mem = trainer.memory()
     held = mem["peak_rss"] - sum(mem[k] for k in ("params", "grads", "optimizer", "activations"))
-    return model_flops(mcfg, tcfg.global_batch_size) / best, [held]
+    elements = rank_elements(mcfg, 1, 1, 0)
+    return model_flops(mcfg, tcfg.global_batch_size) / compute, elements / optimizer, held
 
 
-def calibrate(path: str, mcfg, tcfg) -> None:
+def group_rates(world, elements: int, bucket: int, dtype, overlap: bool) -> dict[int, float]:
+    """{n: bytes a second a rank moves} in the bucketed all-reduce of a gradient, for every
+    group size n > 1 dividing the world: consecutive ranks in groups of n, every group summing
+    at once (as a layout's data-parallel groups do), each rank's share of the model's
+    `elements` (the model split over world / n ranks) in buckets of `bucket` elements, the way
+    refgpt.parallel.data sums them: non-blocking MPI_Iallreduce with IN_FLIGHT left running
+    (overlap, the default; MPIs run these slower than their tuned blocking algorithms), or
+    blocking MPI_Allreduce (--no-overlap-grad-reduce); the best of three, the slowest rank's."""
+    from mpi4py import MPI
+
+    from .parallel.data import IN_FLIGHT
+    out = {}
+    for n in (k for k in range(2, world.size + 1) if world.size % k == 0):
+        group = world.Split(world.rank // n, world.rank)
+        buf = np.ones(max(elements * n // world.size, 1), compute_dtype(dtype_of(dtype)))
+        step = bucket or buf.size
+        best = float("inf")
+        for _ in range(3):
+            world.Barrier()
+            start, pending = time.perf_counter(), []
+            for lo in range(0, buf.size, step):
+                if overlap:
+                    pending.append(group.Iallreduce(MPI.IN_PLACE, buf[lo:lo + step]))
+                    if len(pending) > IN_FLIGHT:
+                        pending.pop(0).Wait()
+                else:
+                    group.Allreduce(MPI.IN_PLACE, buf[lo:lo + step])
+            MPI.Request.Waitall(pending)
+            best = min(best, world.allreduce(time.perf_counter() - start, op=MPI.MAX))
+        group.Free()
+        out[n] = 2 * (n - 1) / n * buf.nbytes / best
+    return out
+
+
+def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     """Write this machine's description: its cores and memory, the GEMM rate the trainer
     measures in each type refgpt trains in (float64, float32, bfloat16 where ml_dtypes is
-    installed), the step efficiency of the model given (its training step's model FLOP rate
-    over that GEMM rate, every rank running its own step at once: the node's memory bandwidth
-    shared as in training), the memory a rank holds beyond the registry, and (under mpiexec
-    with more than one rank) the all-reduce rate a rank moves."""
+    installed), the step efficiency of the model given (forward and backward's model FLOP
+    rate over that GEMM rate, every rank running its own step at once, so the node's memory
+    bandwidth is shared as in training; the slowest rank's, which a step waits for), the
+    optimizer's rate (the slowest rank's), the memory a rank holds beyond the registry, and
+    (under mpiexec with more than one rank) the all-reduce rate of each group size."""
     from mpi4py import MPI
-    from .study.measure import cpu_name, link_rate
+
+    from .config import ParallelConfig
+    from .parallel.threads import set_threads
+    from .study.measure import cpu_name
     world = MPI.COMM_WORLD
-    rates = {}
-    efficiency, process = {}, []
-    for dtype in CALIBRATED:
-        try:
-            rate = measured_gemm_rate(replace(tcfg, dtype=dtype))
-            step, held = step_rate(mcfg, replace(tcfg, dtype=dtype))
-        except ImportError:                              # bfloat16 without ml_dtypes
-            rate = step = 0.0
-            held = []
-        rates[dtype] = world.allreduce(rate, op=MPI.MIN)
-        if rates[dtype]:
-            efficiency[dtype] = world.allreduce(min(step / rate, 1.0), op=MPI.SUM) / world.size
-        process += held
-    process = world.allreduce(max(process), op=MPI.MAX)
+    set_threads(world, pcfg.threads_per_rank)           # as refgpt.train runs its ranks
     node = world.Split_type(MPI.COMM_TYPE_SHARED)
     per_node = node.Get_size()
     node.Free()
-    link = link_rate(world, 1 << 22, tcfg.dtype) / 1e9 if world.Get_size() > 1 else 0.0
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    rates, efficiency, optimizer, process = {}, {}, {}, None
+    for dtype in sorted(CALIBRATED, key=lambda t: t != tcfg.dtype):
+        need = rank_memory(mcfg, replace(tcfg, global_batch_size=2 * tcfg.micro_batch_size,
+                                         dtype=dtype), ParallelConfig(), 1, 1, 1)["total"]
+        if (need + 2**30) * per_node > 0.85 * memory:    # every rank holds the whole model
+            if world.rank == 0:
+                print(f"{dtype}: not calibrated, {per_node} whole models do not fit in memory")
+            continue
+        # The run's type first: the peak resident set only grows, so the memory beyond the
+        # registry is its trainer's. The barriers: every rank measures while the others do
+        # the same, none still compiling. bfloat16 without ml_dtypes is not calibrated.
+        try:
+            world.Barrier()
+            rate = measured_gemm_rate(replace(tcfg, dtype=dtype))
+            step, update, held = step_rate(mcfg, replace(tcfg, dtype=dtype), world.Barrier)
+        except ImportError:
+            continue
+        rates[dtype] = world.allreduce(rate, op=MPI.MIN)
+        efficiency[dtype] = world.allreduce(min(step / rate, 1.0), op=MPI.MIN)
+        optimizer[dtype] = world.allreduce(update, op=MPI.MIN)
+        process = world.allreduce(held, op=MPI.MAX) if process is None else process
+    links = (group_rates(world, rank_elements(mcfg, 1, 1, 0), pcfg.ddp_bucket_size,
+                         tcfg.dtype, pcfg.overlap_grad_reduce) if world.size > 1 else {})
     if world.Get_rank():
         return
+    shape = (f"{mcfg.num_layers} layers, hidden {mcfg.hidden_size}, sequence "
+             f"{mcfg.seq_length}, {tcfg.micro_batch_size} x 2 sequences, every rank at once")
     lines = [f'name = "{cpu_name()}"',
              f"cores_per_node = {os.cpu_count()}",
              f"memory_gib_per_node = "
-             f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.1f}",
+             f"{memory / 2**30:.1f}",
              f"process_mib = {process / 2**20:.0f}     # a rank's peak resident memory beyond "
              "the registry (interpreter, libraries, buffers)",
              "", "[gemm_tflops_per_node]     # the GEMM rate of one rank, times the ranks "
              f"measured ({per_node} on a node)"]
-    lines += [f"{dtype} = {rate * per_node / 1e12:.4f}" for dtype, rate in rates.items() if rate]
-    lines += ["", "[step_efficiency]     # the share of that rate a training step's model FLOPs "
-              f"reach: {mcfg.num_layers} layers, hidden {mcfg.hidden_size}, sequence "
-              f"{mcfg.seq_length}, {tcfg.micro_batch_size} x 2 sequences, every rank at once"]
+    lines += [f"{dtype} = {rate * per_node / 1e12:.4f}" for dtype, rate in rates.items()]
+    lines += ["", "[step_efficiency]     # the share of that rate forward and backward's model "
+              f"FLOPs reach on the slowest rank: {shape}"]
     lines += [f"{dtype} = {e:.3f}" for dtype, e in efficiency.items()]
-    if link:
-        lines += ["", "[network]", f"allreduce_gbs = {link:.3f}     # a rank, "
-                  f"{world.Get_size()} ranks, 16 MiB of {tcfg.dtype} gradients"]
+    lines += ["", "[optimizer_melem_s]     # millions of elements a rank's optimizer updates a "
+              "second (the slowest rank's)"]
+    lines += [f"{dtype} = {r / 1e6:.1f}" for dtype, r in optimizer.items()]
+    if links:
+        lines += ["", "[network]", f"allreduce_gbs = {links[world.size] / 1e9:.3f}     # a rank "
+                  f"of {world.size}", "", "[network.allreduce_gbs_by_ranks]     # GB/s a rank "
+                  f"moves in groups of n ranks, all at once, {tcfg.dtype} gradients in buckets "
+                  f"of {pcfg.ddp_bucket_size:,} elements, "
+                  + ("non-blocking" if pcfg.overlap_grad_reduce else "blocking")]
+        lines += [f"{n} = {r / 1e9:.3f}" for n, r in links.items()]
     Path(path).write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
 
@@ -373,24 +524,26 @@ def main(argv=None) -> int:
             f"--{k.replace('_', '-')}" for k in sorted(layout_set)) + " itself")
     mcfg, tcfg, pcfg, _, _ = configs_from(values)
     if own["calibrate"]:
-        calibrate(own["calibrate"], mcfg, tcfg)
+        calibrate(own["calibrate"], mcfg, tcfg, pcfg)
         return 0
     world = own["nodes"] * own["ranks_per_node"]
     flags = training_flags(argv)
-    gemm, link, node_bytes, process, efficiency = None, own["allreduce_bandwidth"], None, 0, 1.0
+    node_bytes, process = None, 0
     if own["machine"]:
         machine = read_machine(own["machine"])
-        gemm, link, efficiency = machine_rates(machine, tcfg, own["ranks_per_node"], link)
+        rates = machine_rates(machine, tcfg, own["ranks_per_node"], own["allreduce_bandwidth"])
         node_bytes = machine["memory_gib_per_node"] * 2**30
         process = int(machine.get("process_mib", 0) * 2**20)
-    records = plan(flags, world, link, gemm or measured_gemm_rate(tcfg), mcfg, tcfg, pcfg,
-                   node_bytes, own["ranks_per_node"], process, efficiency)
+    else:
+        rates = Rates(measured_gemm_rate(tcfg), group_link({}, own["allreduce_bandwidth"]))
+    records = plan(flags, world, rates, mcfg, tcfg, pcfg, node_bytes, own["ranks_per_node"],
+                   process)
     if own["json"]:
         print(json.dumps(records, indent=1))
     else:
         print(f"{world} ranks ({own['nodes']} node(s) x {own['ranks_per_node']}), "
               f"{len([r for r in records if 'refused' not in r])} layouts run"
-              + ("" if link else "; communication not predicted "
+              + ("" if rates.link else "; communication not predicted "
                  "(give --allreduce-bandwidth GB/s or a --machine with a network)"))
         show(records, own["top"])
     return 0

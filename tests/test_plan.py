@@ -10,7 +10,8 @@ import pytest
 
 from refgpt.config import ModelConfig, ParallelConfig, TrainConfig
 from refgpt.engine import Trainer
-from refgpt.plan import main, rank_memory
+from refgpt.plan import main, rank_elements, rank_memory
+from refgpt.train import parse_config
 
 MODEL = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
                     vocab_size=45, vocab_multiple=16, dropout=0.1)
@@ -29,6 +30,7 @@ def test_predicted_memory_equals_the_registry(dtype, recompute):
     measured = t.memory()
     want = rank_memory(MODEL, tcfg, pcfg, 1, 1, 1)
     assert {k: measured[k] for k in CATEGORIES} == {k: want[k] for k in CATEGORIES}
+    assert measured["working_peak"] == want["working"] == 0
 
 
 def test_the_plan_prints_records_with_commands(capsys):
@@ -45,7 +47,8 @@ def test_the_plan_prints_records_with_commands(capsys):
                                           for r in runnable)
     for r in runnable:
         assert r["command"][:len(argv)] == argv and "--nodes" not in r["command"]
-        assert r["memory_bytes"]["total"] == sum(r["memory_bytes"][k] for k in CATEGORIES)
+        assert r["memory_bytes"]["total"] == sum(r["memory_bytes"][k]
+                                                 for k in (*CATEGORIES, "working"))
     assert any("--zero-stage 2 with pipeline parallelism is refused" in r["refused"]
                for r in records if "refused" in r)
 
@@ -130,3 +133,38 @@ def test_a_machines_step_efficiency_and_process_memory(tmp_path, capsys):
         main([*argv, "--machine", str(bad)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "must be in (0, 1]" in err
+
+
+def test_a_machines_optimizer_rate_and_all_reduce_rate_by_group_size(tmp_path, capsys):
+    """[optimizer_melem_s] times the elements a rank updates (its ZeRO shard); an all-reduce
+    of n ranks runs at [network.allreduce_gbs_by_ranks]'s rate for n, or the next larger
+    group's, else allreduce_gbs; a bad rate is one error line."""
+    argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--vocab-size", "45", "--global-batch-size", "8",
+            "--micro-batch-size", "1", "--nodes", "1", "--ranks-per-node", "4", "--json"]
+    head = ('name = "m"\ncores_per_node = 4\nmemory_gib_per_node = 1\n'
+            "[gemm_tflops_per_node]\nfloat32 = 1.0\n")
+    path = tmp_path / "m.toml"
+    path.write_text(head + "[optimizer_melem_s]\nfloat32 = 2.0\n[network]\n"
+                    "allreduce_gbs = 1.0\n[network.allreduce_gbs_by_ranks]\n2 = 4.0\n")
+    assert main([*argv, "--machine", str(path)]) == 0
+    records = {r["layout"]: r for r in json.loads(capsys.readouterr().out)
+               if "refused" not in r}
+    assert main([*argv, "--allreduce-bandwidth", "1"]) == 0
+    flat = {r["layout"]: r for r in json.loads(capsys.readouterr().out) if "refused" not in r}
+    elements = rank_elements(parse_config(argv[:10])[0], 1, 1, 0)
+    for name, rank_params in (("tp1 pp1 dp4", elements), ("tp2 pp1 dp2", None),
+                              ("tp1 pp1 dp4 zero-1", -(-elements // 4))):
+        t, f = records[name]["step_time_s"], flat[name]["step_time_s"]
+        dp = int(name.split("dp")[1].split()[0])
+        assert t["allreduce_s"] == pytest.approx(f["allreduce_s"] / (4 if dp == 2 else 1))
+        if rank_params:
+            assert t["optimizer_s"] == pytest.approx(rank_params / 2e6, rel=1e-12)
+        assert f["optimizer_s"] is None
+    assert records["tp2 pp1 dp2"]["step_time_s"]["tensor_s"] == pytest.approx(
+        flat["tp2 pp1 dp2"]["step_time_s"]["tensor_s"] / 4)
+    path.write_text(head + "[optimizer_melem_s]\nfloat32 = -1\n")
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--machine", str(path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "optimizer_melem_s" in err

@@ -471,3 +471,87 @@ def formula_traffic(stage: int, padded: int, d: int, micro_batches: int, p: int,
     m = micro_batches
     per_element = {0: 2 * g, 1: g + p, 2: m * g + p, 3: m * g + 2 * m * p}[stage]
     return per_element * padded * (d - 1) / d
+
+
+def formula_working(units: list[tuple[str, int]], stage: int, d: int, rank: int, p: int,
+                    g: int, head: bool) -> int:
+    """The high-water mark of a rank's temporary buffers (``working_peak``) in a step, from
+    the protocol above: units = (key, elements) in the flat buffer's order, padding in the
+    last; rank: the data-parallel rank, whose reduce-scatter pieces are its own part of each
+    unit; head: the stage computes the LM head (whose tied wte gradient is written first).
+
+    Backward visits the units in the order [embed] + the others reversed (ln_f, the last
+    block, ..., the first); stage 3 holds the embeddings unit's parameters for the whole
+    pass, each other unit's while its backward runs, with the next one gathered ahead.
+    Stages 2-3 allocate a unit's gradient buffer at its first write (the tied wte: at the
+    head). When a unit's gradients are final (after its hold ends) its piece is allocated,
+    then the reductions older than the last IN_FLIGHT complete, freeing their gradient
+    buffers and pieces. Stage 1 allocates the pieces only. The forward pass (stage 3: the
+    embeddings and two units gathered) holds less than backward does."""
+    from .data import IN_FLIGHT
+    total = sum(n for _, n in units)
+    S = total // d
+    lo = np.cumsum([0] + [n for _, n in units])
+    piece = {k: int(max(0, min(b, (rank + 1) * S) - max(a, rank * S))) * g
+             for (k, _), a, b in zip(units, lo[:-1], lo[1:])}
+    size = dict(units)
+    live = peak = 0
+
+    def alloc(nbytes: int) -> None:
+        nonlocal live, peak
+        live += nbytes
+        peak = max(peak, live)
+
+    grads = stage >= 2
+    order = [k for k, _ in units if k == "embed"] + [k for k, _ in reversed(units)
+                                                       if k != "embed"]
+    reducing: list[str] = []
+
+    def ready(key: str) -> None:
+        nonlocal live
+        alloc(piece[key])
+        reducing.append(key)
+        while len(reducing) > IN_FLIGHT:
+            done = reducing.pop(0)
+            live -= piece[done] + (size[done] * g if grads else 0)
+
+    gathered = set()
+
+    def gather(i: int) -> None:                 # stage 3: unit i of the order, and the next
+        for k in order[i:i + 2]:
+            if k not in gathered:
+                gathered.add(k)
+                alloc(size[k] * p)
+
+    def release(key: str) -> None:
+        nonlocal live
+        gathered.discard(key)
+        live -= size[key] * p
+
+    written = set()
+
+    def write(key: str) -> None:
+        if grads and key not in written:
+            written.add(key)
+            alloc(size[key] * g)
+
+    embedded = "embed" in size
+    if stage == 3 and embedded:
+        gather(0)
+    if head and embedded:
+        write("embed")
+    for i, key in enumerate(order):
+        if key == "embed":
+            continue
+        if stage == 3:
+            gather(i)
+        write(key)
+        if stage == 3:
+            release(key)
+        ready(key)
+    if embedded:
+        write("embed")
+        if stage == 3:
+            release("embed")
+        ready("embed")
+    return peak

@@ -9,7 +9,9 @@ sequences, accumulating their gradients. The global batch G, and so the optimisa
 every loss, is the same at every R: this is strong scaling.
 
 The dry run predicts, per iteration, from two rates measured on the machine:
-g, a rank's GEMM rate, and b, the bytes a rank moves per second inside an all-reduce:
+g, a rank's GEMM rate, and b, the bytes a rank moves per second inside an all-reduce (b(n):
+of n ranks, where a calibration measured it by group size; every group of a layout sums at
+once, as in training):
 
     compute      C = max_s (F_s - H_s) / (R/p g e_b) + H_s / (R/p g)
                                                     F_s: the model FLOPs of the step on pipeline
@@ -17,17 +19,24 @@ g, a rank's GEMM rate, and b, the bytes a rank moves per second inside an all-re
                                                     LM head's among them (the last stage's): one
                                                     large GEMM, at the GEMM rate; the blocks at
                                                     e_b, from the machine's step efficiency e
-                                                    (the whole model at g e); e = 1 without a
-                                                    calibration, and C is then a lower bound
-    all-reduce   A = 2 (d-1)/d P_r w / b            ring all-reduce of a rank's gradient, P_r =
+                                                    (forward and backward of the whole model
+                                                    at g e, the slowest rank's); e = 1
+                                                    without a calibration: C a lower bound
+    all-reduce   A = 2 (d-1)/d P_r w / b(d)         ring all-reduce of a rank's gradient, P_r =
                                                     P / (t p) parameters of w bytes; ZeRO moves
                                                     zero.formula_traffic instead; not overlapped;
                                                     shared memory: the (d-1)/d P_r w bytes a
                                                     rank reads, at the same rate (an upper bound:
                                                     they are loads, not messages)
-    tensor       T = m (l/p) 4 [2 (t-1)/t] B s h w / b    1-D: two all-reduces of B s h in forward,
+    tensor       T = m (l/p) 4 [2 (t-1)/t] B s h w / b(t) 1-D: two all-reduces of B s h in forward,
                                                     two in backward, per layer (same volume
                                                     with sequence parallelism)
+    optimizer    O = P_o / r_o                      the elements a rank updates (P_r, or its
+                                                    ZeRO shard P_r / d) at r_o elements a
+                                                    second, a rank's AdamW with every rank of
+                                                    the node at once (memory-bound); counted
+                                                    where a calibration gives r_o (without
+                                                    it, in e)
     bubble       U = C_o (idle / busy)              idle / busy from the schedule's unit-cost
                                                     simulation, C_o the other stages' mean
                                                     compute (= C when balanced): filling and
@@ -142,13 +151,17 @@ def stage_seconds(mcfg, batch: int, p: int, v: int, rate: float, efficiency: flo
             for s, f in enumerate(stages)]
 
 
-def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | None,
-            elements: int | None = None, efficiency: float = 1.0) -> dict:
-    """The cost model of the module docstring, in seconds per iteration. Communication is None
-    where it is not predicted: without a link rate, and tensor traffic of 2-D (SUMMA) layouts
-    (docs/tensor-parallel.md has its volume). elements: a rank's parameters exactly, padded as
-    ZeRO pads them (refgpt.plan), instead of the model's count over t p. efficiency: the share
-    of gemm_rate a whole training step's model FLOPs reach (a machine's calibration)."""
+def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
+            elements: int | None = None, efficiency: float = 1.0,
+            optimizer_rate: float | None = None) -> dict:
+    """The cost model of the module docstring, in seconds per iteration. link_rate: bytes a
+    second a rank moves in an all-reduce, one number or a function of the group's size.
+    Communication is None where it is not predicted: without a link rate, and tensor traffic
+    of 2-D (SUMMA) layouts (docs/tensor-parallel.md has its volume). elements: a rank's
+    parameters exactly, padded as ZeRO pads them (refgpt.plan), instead of the model's count
+    over t p. efficiency: the share of gemm_rate forward and backward's model FLOPs reach (a
+    machine's calibration). optimizer_rate: elements a second a rank's optimizer updates
+    (None: the optimizer not counted)."""
     t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
     pcfg = parallel_config(pcfg, cfg.layout)
     w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
@@ -171,9 +184,14 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate: float | 
         # waits on the other stages' micro-batches, so the bubble is that share of their mean.
         others = sorted(stages)[:-1]
         bubble = max(i / b for i, b in zip(sim.idle, sim.busy)) * sum(others) / len(others)
-    seconds = (lambda nbytes: nbytes / link_rate) if link_rate else (lambda nbytes: None)
-    allreduce = seconds(moved)
-    tensor = None if t > 1 and pcfg.tensor_parallel_mode == "2d" else seconds(tensor)
-    total = compute + bubble + (allreduce or 0.0) + (tensor or 0.0)
+    rate = link_rate if callable(link_rate) else (lambda n: link_rate)
+    seconds = ((lambda nbytes, n: nbytes / rate(n)) if link_rate else
+               (lambda nbytes, n: None))
+    allreduce = seconds(moved, d)
+    tensor = None if t > 1 and pcfg.tensor_parallel_mode == "2d" else seconds(tensor, t)
+    updated = int(per_rank) // d if pcfg.zero_stage else int(per_rank)
+    optimizer = updated / optimizer_rate if optimizer_rate else None
+    total = compute + bubble + (allreduce or 0.0) + (tensor or 0.0) + (optimizer or 0.0)
     return {"compute_s": compute, "allreduce_s": allreduce, "tensor_s": tensor,
-            "bubble_s": bubble, "allreduce_share": None if allreduce is None else allreduce / total}
+            "bubble_s": bubble, "optimizer_s": optimizer,
+            "allreduce_share": None if allreduce is None else allreduce / total}
