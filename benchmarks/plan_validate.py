@@ -101,6 +101,13 @@ def measured(log: Path) -> tuple[float, int]:
             max(r["memory_bytes"]["peak_rss"] for r in rows))
 
 
+def fastest_rank(log: Path, timer: str) -> float:
+    """The median over the steps after the first of a timer's fastest rank, in seconds: for a
+    collective, the rank that arrived last and so waited least, whose time is the sum's own."""
+    rows = [json.loads(line) for line in log.read_text().splitlines()][1:]
+    return statistics.median(r["timers_ms"][timer][0] for r in rows) / 1e3
+
+
 def predicted(name: str, ranks: int, machine: dict) -> dict:
     """refgpt.plan's record for this configuration's layout, on this machine."""
     from refgpt.plan import layout_flags, machine_rates, plan
@@ -166,7 +173,7 @@ def report(args) -> None:
     print("| configuration | layout | measured s/step | predicted s/step | error | "
           "measured peak RSS MiB | predicted MiB | error |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    rows = []
+    rows, terms = [], []
     for name in CONFIGS:
         log = out / f"{name}.jsonl"
         if not log.exists() or name in (args.fit_on or ()) or key(name)[0] not in machines:
@@ -176,6 +183,11 @@ def report(args) -> None:
         record = predicted(name, args.ranks, with_fit(own, fit, name) if fit else own)
         pt, pm = record["step_time_s"]["total"], record["memory_bytes"]["total"]
         rows.append((name, t, pt, rss, pm))
+        split = record["step_time_s"]
+        terms.append(f"| {name} | {split['allreduce_s']:.2f} | "
+                     f"{fastest_rank(log, 'grads-all-reduce'):.2f} | "
+                     + ("" if split["optimizer_s"] is None else f"{split['optimizer_s']:.2f}")
+                     + f" | {fastest_rank(log, 'optimizer'):.2f} |")
         print(f"| {name} | {record['layout']} | {t:.3f} | {pt:.3f} | {pt / t - 1:+.0%} | "
               f"{rss / 2**20:,.0f} | {pm / 2**20:,.0f} | {pm / rss - 1:+.0%} |")
     if not rows:
@@ -185,6 +197,10 @@ def report(args) -> None:
     mem_err = statistics.median(abs(pm / m - 1) for _, _, _, m, pm in rows)
     print(f"\n{len(rows)} configurations: median absolute error, time {time_err:.0%}, "
           f"memory {mem_err:.0%}")
+    print("\nTwo terms apart, seconds a step: predicted, and the run's timer on its fastest "
+          "rank\n\n| configuration | all-reduce | grads-all-reduce timer | optimizer | "
+          "optimizer timer |\n| --- | ---: | ---: | ---: | ---: |")
+    print("\n".join(terms))
     if args.plot:
         plot(rows, args.plot, machine["name"])
 
