@@ -156,6 +156,7 @@ def with_fit(machine: dict, fit: tuple[dict, float], name: str) -> dict:
 
 
 def report(args) -> None:
+    from refgpt.config import ConfigError
     from refgpt.plan import read_machine
     out = Path(args.out)
     files = {model: out / f"machine-{model}.toml" for model in MODELS}
@@ -173,14 +174,18 @@ def report(args) -> None:
     print("| configuration | layout | measured s/step | predicted s/step | error | "
           "measured peak RSS MiB | predicted MiB | error |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    rows, terms = [], []
+    rows, terms, skipped = [], [], []
     for name in CONFIGS:
         log = out / f"{name}.jsonl"
         if not log.exists() or name in (args.fit_on or ()) or key(name)[0] not in machines:
             continue
         t, rss = measured(log)
         own = machines[name.split("-")[0]]
-        record = predicted(name, args.ranks, with_fit(own, fit, name) if fit else own)
+        try:
+            record = predicted(name, args.ranks, with_fit(own, fit, name) if fit else own)
+        except ConfigError as e:                 # a type the calibration could not measure
+            skipped.append(f"{name}: {e}")
+            continue
         pt, pm = record["step_time_s"]["total"], record["memory_bytes"]["total"]
         rows.append((name, t, pt, rss, pm))
         split = record["step_time_s"]
@@ -190,6 +195,8 @@ def report(args) -> None:
                      + f" | {fastest_rank(log, 'optimizer'):.2f} |")
         print(f"| {name} | {record['layout']} | {t:.3f} | {pt:.3f} | {pt / t - 1:+.0%} | "
               f"{rss / 2**20:,.0f} | {pm / 2**20:,.0f} | {pm / rss - 1:+.0%} |")
+    for line in skipped:
+        print(f"not predicted: {line}")
     if not rows:
         print("nothing measured yet")
         return

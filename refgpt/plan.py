@@ -203,6 +203,11 @@ def read_machine(name: str) -> dict:
         if not isinstance(m.get(key), kind):
             raise ConfigError(f"--machine {name}: '{key}' is missing or not a "
                               f"{getattr(kind, '__name__', 'number')}")
+    for key, kind in (("process_mib", (int, float)), ("step_efficiency", dict),
+                      ("optimizer_melem_s", dict), ("network", dict)):
+        if key in m and not isinstance(m[key], kind):
+            raise ConfigError(f"--machine {name}: '{key}' is not a "
+                              f"{'table' if kind is dict else 'number'}")
     return m
 
 
@@ -524,6 +529,9 @@ def main(argv=None) -> int:
             f"--{k.replace('_', '-')}" for k in sorted(layout_set)) + " itself")
     mcfg, tcfg, pcfg, _, _ = configs_from(values)
     if own["calibrate"]:
+        folder = Path(own["calibrate"]).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise ConfigError(f"--calibrate {own['calibrate']}: cannot write in {folder}")
         calibrate(own["calibrate"], mcfg, tcfg, pcfg)
         return 0
     world = own["nodes"] * own["ranks_per_node"]

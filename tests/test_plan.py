@@ -87,6 +87,24 @@ def test_a_bad_machine_file_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "'memory_gib_per_node' is missing" in err
     assert len(err.strip().splitlines()) == 1
+    head = 'name = "x"\ncores_per_node = 4\nmemory_gib_per_node = 1\n'
+    for tail, says in (("optimizer_melem_s = 3\n[gemm_tflops_per_node]\nfloat32 = 1\n",
+                        "'optimizer_melem_s' is not a table"),
+                       ("process_mib = \"a\"\n[gemm_tflops_per_node]\nfloat32 = 1\n",
+                        "'process_mib' is not a number"),
+                       ("[gemm_tflops_per_node]\nfloat32 = 1\n[network]\n"
+                        "allreduce_gbs_by_ranks = { two = 1.0 }\n", "[network]"),
+                       ("[gemm_tflops_per_node]\nfloat32 = 1\n[network]\n"
+                        "allreduce_gbs_by_ranks = { 2 = -1.0 }\n", "must be > 0")):
+        bad.write_text(head + tail)
+        with pytest.raises(SystemExit) as e:
+            main(["--machine", str(bad), "--nodes", "1", "--ranks-per-node", "2"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as e:                 # before anything is measured
+        main(["--calibrate", str(tmp_path / "no" / "such" / "m.toml")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "cannot write in" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("p, v", [(1, 1), (2, 1), (4, 1), (2, 2)])
