@@ -284,8 +284,10 @@ def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
         if reason:
             out.append({**record, "refused": reason})
             continue
-        stages = [units.get((tp, pp, r)) or units.setdefault(
-            (tp, pp, r), rank_units(mcfg, tp, pp, r)) for r in range(pp)]
+        for r in range(pp):
+            if (tp, pp, r) not in units:
+                units[tp, pp, r] = rank_units(mcfg, tp, pp, r)
+        stages = [units[tp, pp, r] for r in range(pp)]
         per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, s, stages[r])
                     for r in range(pp) for s in distinct_shards(stages[r], cfg, dp)]
         record["memory_bytes"] = dict(max(per_rank, key=lambda m: m["total"]))
