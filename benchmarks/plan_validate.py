@@ -67,7 +67,7 @@ def measure(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     launch = [*shlex.split(args.launcher), "-n", str(args.ranks)]
     names = args.only or list(CONFIGS)
-    for model in sorted({name.split("-")[0] for name in names}):
+    for model in sorted({key(name)[0] for name in names}):
         machine = out / f"machine-{model}.toml"
         if not machine.exists():
             print(f"calibrating with {model}: {' '.join(launch)} python -m refgpt.plan "
@@ -94,18 +94,21 @@ def measure(args) -> None:
         print(f"{name}: {took:.0f} s", flush=True)
 
 
-def measured(log: Path) -> tuple[float, int]:
+def steps(log: Path) -> list[dict]:
+    """A configuration's logged steps."""
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def measured(rows: list[dict]) -> tuple[float, int]:
     """(median step time after the first step, rank 0's peak resident bytes)."""
-    rows = [json.loads(line) for line in log.read_text().splitlines()]
     return (statistics.median(r["step_time_s"] for r in rows[1:]),
             max(r["memory_bytes"]["peak_rss"] for r in rows))
 
 
-def fastest_rank(log: Path, timer: str) -> float:
+def fastest_rank(rows: list[dict], timer: str) -> float:
     """The median over the steps after the first of a timer's fastest rank, in seconds: for a
     collective, the rank that arrived last and so waited least, whose time is the sum's own."""
-    rows = [json.loads(line) for line in log.read_text().splitlines()][1:]
-    return statistics.median(r["timers_ms"][timer][0] for r in rows) / 1e3
+    return statistics.median(r["timers_ms"][timer][0] for r in rows[1:]) / 1e3
 
 
 def predicted(name: str, ranks: int, machine: dict) -> dict:
@@ -129,7 +132,7 @@ def fitted(machines: dict, names: list[str], out: Path, ranks: int) -> tuple[dic
     first one's rank 0 held beyond the registry."""
     efficiency, process = {}, None
     for name in names:
-        t, rss = measured(out / f"{name}.jsonl")
+        t, rss = measured(steps(out / f"{name}.jsonl"))
         plain = {**machines[key(name)[0]], "step_efficiency": {}, "process_mib": 0}
         r = predicted(name, ranks, plain)
         s = r["step_time_s"]
@@ -179,8 +182,9 @@ def report(args) -> None:
         log = out / f"{name}.jsonl"
         if not log.exists() or name in (args.fit_on or ()) or key(name)[0] not in machines:
             continue
-        t, rss = measured(log)
-        own = machines[name.split("-")[0]]
+        logged = steps(log)
+        t, rss = measured(logged)
+        own = machines[key(name)[0]]
         try:
             record = predicted(name, args.ranks, with_fit(own, fit, name) if fit else own)
         except ConfigError as e:                 # a type the calibration could not measure
@@ -190,9 +194,9 @@ def report(args) -> None:
         rows.append((name, t, pt, rss, pm))
         split = record["step_time_s"]
         terms.append(f"| {name} | {split['allreduce_s']:.2f} | "
-                     f"{fastest_rank(log, 'grads-all-reduce'):.2f} | "
+                     f"{fastest_rank(logged, 'grads-all-reduce'):.2f} | "
                      + ("" if split["optimizer_s"] is None else f"{split['optimizer_s']:.2f}")
-                     + f" | {fastest_rank(log, 'optimizer'):.2f} |")
+                     + f" | {fastest_rank(logged, 'optimizer'):.2f} |")
         print(f"| {name} | {record['layout']} | {t:.3f} | {pt:.3f} | {pt / t - 1:+.0%} | "
               f"{rss / 2**20:,.0f} | {pm / 2**20:,.0f} | {pm / rss - 1:+.0%} |")
     for line in skipped:

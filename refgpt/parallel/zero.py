@@ -488,7 +488,6 @@ def formula_working(units: list[tuple[str, int]], stage: int, d: int, rank: int,
     then the reductions older than the last IN_FLIGHT complete, freeing their gradient
     buffers and pieces. Stage 1 allocates the pieces only. The forward pass (stage 3: the
     embeddings and two units gathered) holds less than backward does."""
-    from .data import IN_FLIGHT
     total = sum(n for _, n in units)
     S = total // d
     lo = np.cumsum([0] + [n for _, n in units])
