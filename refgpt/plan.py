@@ -452,13 +452,11 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     from mpi4py import MPI
 
     from .config import ParallelConfig
-    from .parallel.threads import set_threads
+    from .parallel.threads import ranks_on_node, set_threads
     from .study.measure import cpu_name
     world = MPI.COMM_WORLD
     set_threads(world, pcfg.threads_per_rank)           # as refgpt.train runs its ranks
-    node = world.Split_type(MPI.COMM_TYPE_SHARED)
-    per_node = node.Get_size()
-    node.Free()
+    per_node = ranks_on_node(world)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     rates, efficiency, optimizer, process = {}, {}, {}, None
     for dtype in sorted(CALIBRATED, key=lambda t: t != tcfg.dtype):
@@ -481,6 +479,9 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
         efficiency[dtype] = world.allreduce(min(step / rate, 1.0), op=MPI.MIN)
         optimizer[dtype] = world.allreduce(update, op=MPI.MIN)
         process = world.allreduce(held, op=MPI.MAX) if process is None else process
+    if not rates:
+        raise ConfigError(f"--calibrate: {per_node} copies of this model fit this node's memory "
+                          f"in no type ({', '.join(CALIBRATED)}): calibrate a smaller model")
     links = (group_rates(world, rank_elements(mcfg, 1, 1, 0), pcfg.ddp_bucket_size,
                          tcfg.dtype, pcfg.overlap_grad_reduce) if world.size > 1 else {})
     if world.Get_rank():

@@ -105,6 +105,12 @@ def test_a_bad_machine_file_is_one_error_line(tmp_path, capsys):
         main(["--calibrate", str(tmp_path / "no" / "such" / "m.toml")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "cannot write in" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:                 # nothing allocated: the registry says
+        main(["--calibrate", str(tmp_path / "here.toml"), "--num-layers", "512",
+              "--hidden-size", "8192", "--num-attention-heads", "64"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "fit this node's memory in no type" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "here.toml").exists()
 
 
 @pytest.mark.parametrize("p, v", [(1, 1), (2, 1), (4, 1), (2, 2)])
