@@ -68,7 +68,7 @@ import numpy as np
 
 from .cli import exit_on_user_error, plain
 from .config import ConfigError
-from .engine.report import activation_formulas
+from .engine.report import activation_formulas, peak_rss
 from .nn.gpt import param_specs
 from .nn.params import unit_key
 from .parallel.build import check_layout
@@ -308,7 +308,9 @@ def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
         blocks = mcfg.num_layers // pp                  # full recomputation: one more forward
         if cfg.recompute_granularity == "full":         # (a third of their FLOPs) of the
-            time["compute_s"] *= 1 + cfg.recomputed_blocks(blocks, 0) / blocks / 3   # blocks
+            more = 1 + cfg.recomputed_blocks(blocks, 0) / blocks / 3     # blocks, in every
+            time["compute_s"] *= more                   # stage: the bubble waits on the others'
+            time["bubble_s"] *= more
         time["total"] = sum(v for v in time.values() if v is not None)
         record["step_time_s"] = time
         out.append(record)
@@ -382,29 +384,47 @@ def build_plan_parser() -> argparse.ArgumentParser:
 CALIBRATED = ("float64", "float32", "bfloat16")
 
 
-def step_rate(mcfg, tcfg, sync=lambda: None) -> tuple[float, float, int]:
-    """(model FLOP/s of forward and backward, elements a second the optimizer updates, peak
-    resident bytes beyond the registry) of a training step of this model on this rank alone:
-    two micro-batches of synthetic data, the best of two steps after a first (which compiles
-    and warms; sync() is called before each step, to start the ranks' steps together)."""
+def data_parallel_step(mcfg, tcfg, world) -> tuple[float, float, int]:
+    """(seconds a step, seconds its optimizer, peak resident bytes beyond the registry) of this
+    model's plain data-parallel training step on every rank of `world`, as refgpt.train runs
+    it: two micro-batches of synthetic data a rank, the median of three steps after a first
+    (which compiles and warms), each started by a barrier, each the slowest rank's; memory,
+    the most any rank held beyond its parameters, gradients, optimizer state, activations and
+    ZeRO buffers (interpreter, libraries, MPI's buffers)."""
+    from mpi4py import MPI
+
     from .config import ParallelConfig
     from .engine import Trainer
-    from .metrics import model_flops
-    tcfg = replace(tcfg, synthetic_data=True, global_batch_size=2 * tcfg.micro_batch_size,
-                   eval_iters=0, train_iters=3, load="", save="")
-    trainer = Trainer(mcfg, tcfg, ParallelConfig(), log=lambda *_: None)
-    compute = optimizer = float("inf")
-    for step in range(3):
-        sync()
+    from .parallel.grid import Grid
+    tcfg = replace(tcfg, synthetic_data=True, eval_iters=0, train_iters=4, load="", save="",
+                   global_batch_size=2 * tcfg.micro_batch_size * world.size)
+    trainer = Trainer(mcfg, tcfg, ParallelConfig(), Grid(world), log=lambda *_: None)
+    steps, updates = [], []
+    for step in range(4):
+        world.Barrier()
+        start = time.perf_counter()
         trainer.train_step()
-        spent = trainer.timers.take()
+        spent = time.perf_counter() - start
+        update = trainer.timers.take()["optimizer"]
         if step:
-            compute = min(compute, spent["forward"] + spent["backward"])
-            optimizer = min(optimizer, spent["optimizer"])
+            steps.append(world.allreduce(spent, op=MPI.MAX))
+            updates.append(world.allreduce(update, op=MPI.MAX))
     mem = trainer.memory()
-    held = mem["peak_rss"] - sum(mem[k] for k in ("params", "grads", "optimizer", "activations"))
-    elements = rank_elements(mcfg, 1, 1, 0)
-    return model_flops(mcfg, tcfg.global_batch_size) / compute, elements / optimizer, held
+    held = mem["peak_rss"] - sum(mem[k] for k in ("params", "grads", "optimizer", "activations",
+                                                  "working_peak"))
+    trainer.grid.free()
+    return float(np.median(steps)), float(np.median(updates)), world.allreduce(held, op=MPI.MAX)
+
+
+def step_efficiency(time_at: Callable[[float], float], seconds: float) -> float:
+    """The step efficiency e at which a layout's predicted step, time_at(e), takes `seconds`.
+    The prediction is affine in 1/e (the blocks' compute and the bubble scale with it, the
+    head at the GEMM rate, the collectives and the optimizer do not), so two predictions give
+    e exactly; 1 where even e = 1 predicts more than `seconds` (a step all overhead)."""
+    fastest = time_at(1.0)
+    if seconds <= fastest:
+        return 1.0
+    return 1.0 / (1.0 + (seconds - fastest) / (time_at(0.5) - fastest))
 
 
 def group_rates(world, elements: int, bucket: int, dtype, overlap: bool) -> dict[int, float]:
@@ -444,11 +464,11 @@ def group_rates(world, elements: int, bucket: int, dtype, overlap: bool) -> dict
 def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     """Write this machine's description: its cores and memory, the GEMM rate the trainer
     measures in each type refgpt trains in (float64, float32, bfloat16 where ml_dtypes is
-    installed), the step efficiency of the model given (forward and backward's model FLOP
-    rate over that GEMM rate, every rank running its own step at once, so the node's memory
-    bandwidth is shared as in training; the slowest rank's, which a step waits for), the
-    optimizer's rate (the slowest rank's), the memory a rank holds beyond the registry, and
-    (under mpiexec with more than one rank) the all-reduce rate of each group size."""
+    installed), (under mpiexec with more than one rank) the all-reduce rate of each group
+    size, and from the model given trained data-parallel on every rank (data_parallel_step):
+    the step efficiency that makes the planner predict that step's measured time (everything
+    a step does besides GEMMs and communication, and what the overlapped all-reduce costs the
+    cores, is in it), the optimizer's rate and the memory a rank holds beyond the registry."""
     from mpi4py import MPI
 
     from .config import ParallelConfig
@@ -458,36 +478,45 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     set_threads(world, pcfg.threads_per_rank)           # as refgpt.train runs its ranks
     per_node = ranks_on_node(world)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    links = (group_rates(world, rank_elements(mcfg, 1, 1, 0), pcfg.ddp_bucket_size,
+                         tcfg.dtype, pcfg.overlap_grad_reduce) if world.size > 1 else {})
+    link = group_link({"allreduce_gbs_by_ranks": {n: r / 1e9 for n, r in links.items()}})
     rates, efficiency, optimizer, process = {}, {}, {}, None
+    plain = layout_flags(ParallelConfig())                  # the data-parallel layout's flags
     for dtype in sorted(CALIBRATED, key=lambda t: t != tcfg.dtype):
-        need = rank_memory(mcfg, replace(tcfg, global_batch_size=2 * tcfg.micro_batch_size,
-                                         dtype=dtype), ParallelConfig(), 1, 1, 1)["total"]
-        if (need + 2**30) * per_node > 0.85 * memory:    # every rank holds the whole model
+        run = replace(tcfg, dtype=dtype, global_batch_size=2 * tcfg.micro_batch_size * world.size)
+        need = rank_memory(mcfg, run, ParallelConfig(), 1, 1, world.size)["total"]
+        # Every rank holds the whole model, beside what the types measured before left
+        # resident (freed arrays need not go back to the system).
+        if (need + peak_rss() + 2**30) * per_node > 0.85 * memory:
             if world.rank == 0:
                 print(f"{dtype}: not calibrated, {per_node} whole models do not fit in memory")
             continue
         # The run's type first: the peak resident set only grows, so the memory beyond the
-        # registry is its trainer's. The barriers: every rank measures while the others do
-        # the same, none still compiling. bfloat16 without ml_dtypes is not calibrated.
+        # registry is its trainer's. bfloat16 without ml_dtypes is not calibrated.
         try:
             world.Barrier()
-            rate = measured_gemm_rate(replace(tcfg, dtype=dtype))
-            step, update, held = step_rate(mcfg, replace(tcfg, dtype=dtype), world.Barrier)
+            rate = world.allreduce(measured_gemm_rate(run), op=MPI.MIN)
+            seconds, update, held = data_parallel_step(mcfg, run, world)
         except ImportError:
             continue
-        rates[dtype] = world.allreduce(rate, op=MPI.MIN)
-        efficiency[dtype] = world.allreduce(min(step / rate, 1.0), op=MPI.MIN)
-        optimizer[dtype] = world.allreduce(update, op=MPI.MIN)
-        process = world.allreduce(held, op=MPI.MAX) if process is None else process
+        rates[dtype], process = rate, held if process is None else process
+        optimizer[dtype] = rank_elements(mcfg, 1, 1, 0) / update
+
+        def dp_step(e: float, run=run, rate=rate, update=optimizer[dtype]) -> float:
+            """The plan's time of the step just measured, at step efficiency e."""
+            records = plan([], world.size, Rates(rate, link, e, update), mcfg, run,
+                           ParallelConfig(), ranks_per_node=per_node)
+            return next(r for r in records if r["command"] == plain)["step_time_s"]["total"]
+        efficiency[dtype] = step_efficiency(dp_step, seconds)
     if not rates:
         raise ConfigError(f"--calibrate: {per_node} copies of this model fit this node's memory "
                           f"in no type ({', '.join(CALIBRATED)}): calibrate a smaller model")
-    links = (group_rates(world, rank_elements(mcfg, 1, 1, 0), pcfg.ddp_bucket_size,
-                         tcfg.dtype, pcfg.overlap_grad_reduce) if world.size > 1 else {})
     if world.Get_rank():
         return
     shape = (f"{mcfg.num_layers} layers, hidden {mcfg.hidden_size}, sequence "
-             f"{mcfg.seq_length}, {tcfg.micro_batch_size} x 2 sequences, every rank at once")
+             f"{mcfg.seq_length}, {tcfg.micro_batch_size} x 2 sequences a rank, data-parallel "
+             f"on {world.size} ranks")
     lines = [f'name = "{cpu_name()}"',
              f"cores_per_node = {os.cpu_count()}",
              f"memory_gib_per_node = "
@@ -497,8 +526,8 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
              "", "[gemm_tflops_per_node]     # the GEMM rate of one rank, times the ranks "
              f"measured ({per_node} on a node)"]
     lines += [f"{dtype} = {rate * per_node / 1e12:.4f}" for dtype, rate in rates.items()]
-    lines += ["", "[step_efficiency]     # the share of that rate forward and backward's model "
-              f"FLOPs reach on the slowest rank: {shape}"]
+    lines += ["", "[step_efficiency]     # the share of that rate that makes the planner's "
+              f"step time equal the measured: {shape}"]
     lines += [f"{dtype} = {e:.3f}" for dtype, e in efficiency.items()]
     lines += ["", "[optimizer_melem_s]     # millions of elements a rank's optimizer updates a "
               "second (the slowest rank's)"]

@@ -192,3 +192,32 @@ def test_a_machines_optimizer_rate_and_all_reduce_rate_by_group_size(tmp_path, c
         main([*argv, "--machine", str(path)])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "optimizer_melem_s" in err
+
+
+def test_full_recomputation_lengthens_every_stage_and_the_efficiency_inverts_the_plan():
+    """Full recomputation adds a third of the blocks' FLOPs to the busiest stage and to the
+    bubble (which waits on the other stages, recomputing too); step_efficiency, given the
+    time a plan at efficiency e predicts, finds e from the plan at efficiency 1, as
+    --calibrate does with its measured data-parallel step."""
+    from refgpt.plan import Rates, plan, step_efficiency
+    mcfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                       vocab_size=45)
+    tcfg = TrainConfig(global_batch_size=8, micro_batch_size=1)
+
+    def records(efficiency):
+        rates = Rates(1e9, lambda n: 1e9, efficiency, 1e7)
+        return {r["layout"]: r for r in plan([], 4, rates, mcfg, tcfg, ParallelConfig())
+                if "refused" not in r}
+    one = records(1.0)
+    plain, full = one["tp1 pp2 dp2"]["step_time_s"], one["tp1 pp2 dp2 recompute-full"][
+        "step_time_s"]
+    assert plain["bubble_s"] > 0
+    for term in ("compute_s", "bubble_s"):
+        assert full[term] == pytest.approx(plain[term] * (1 + 1 / 3), rel=1e-12)
+    for e in (0.5, 0.3):
+        at = records(e)
+        for name in ("tp1 pp1 dp4", "tp2 pp2 dp1", "tp1 pp2 dp2 recompute-full"):
+            assert step_efficiency(lambda x: records(x)[name]["step_time_s"]["total"],
+                                   at[name]["step_time_s"]["total"]) == pytest.approx(e, rel=1e-9)
+    assert step_efficiency(lambda x: one["tp1 pp1 dp4"]["step_time_s"]["total"] / x,
+                           1e-9) == 1.0                  # all overhead: nothing to scale
