@@ -63,7 +63,7 @@ CONFIGS = {**{f"124m-{k}": (GPT2_124M, v) for k, v in LAYOUTS.items()},
 
 
 def measure(args) -> None:
-    out = Path(args.out)
+    out = Path(args.out[0])
     out.mkdir(parents=True, exist_ok=True)
     launch = [*shlex.split(args.launcher), "-n", str(args.ranks)]
     names = args.only or list(CONFIGS)
@@ -130,14 +130,15 @@ def fitted(machines: dict, names: list[str], out: Path, ranks: int) -> tuple[dic
     configurations instead of the machine's calibration (which measures one model): the
     efficiency that makes the prediction of each equal its measured time, and the memory the
     first one's rank 0 held beyond the registry."""
+    from refgpt.plan import step_efficiency
     efficiency, process = {}, None
     for name in names:
         t, rss = measured(steps(out / f"{name}.jsonl"))
-        plain = {**machines[key(name)[0]], "step_efficiency": {}, "process_mib": 0}
+        plain = {**machines[key(name)[0]], "process_mib": 0}
+        efficiency[key(name)] = step_efficiency(
+            lambda e: predicted(name, ranks, {**plain, "step_efficiency": {key(name)[1]: e}})[
+                "step_time_s"]["total"], t)
         r = predicted(name, ranks, plain)
-        s = r["step_time_s"]
-        work = s["compute_s"] + s["bubble_s"]            # what the efficiency scales
-        efficiency[key(name)] = work / (t - (s["total"] - work))
         if process is None:
             process = (rss - r["memory_bytes"]["total"]) / 2**20
     return efficiency, process
@@ -158,29 +159,25 @@ def with_fit(machine: dict, fit: tuple[dict, float], name: str) -> dict:
     return {**machine, "process_mib": process, "step_efficiency": {dtype: chosen}}
 
 
-def report(args) -> None:
+def instance_rows(out: Path, args, rows: list, terms: list, skipped: list) -> str:
+    """Predict every configuration measured in one node instance's folder from that folder's
+    own calibration (instances of a node differ by up to 20%, so a calibration stands only for
+    the runs made beside it); append the rows and return what they were predicted from."""
     from refgpt.config import ConfigError
     from refgpt.plan import read_machine
-    out = Path(args.out)
     files = {model: out / f"machine-{model}.toml" for model in MODELS}
     files = {model: f if f.exists() else out / "machine.toml" for model, f in files.items()}
     files = {model: f for model, f in files.items() if f.exists()}
     machines = {model: read_machine(str(f)) for model, f in files.items()}
-    machine = next(iter(machines.values()))
     source = ", ".join(sorted({str(f) for f in files.values()}))
-    fit = fitted(machines, args.fit_on, out, args.ranks) if args.fit_on else None
+    fit_on = [n for n in args.fit_on or () if (out / f"{n}.jsonl").exists()]
+    fit = fitted(machines, fit_on, out, args.ranks) if fit_on else None
     if fit:
         source += ("; step efficiency and process memory fitted on " + ", ".join(
-            f"{name} ({fit[0][key(name)]:.3f})" for name in args.fit_on)
-            + f", {fit[1]:.0f} MiB")
-    print(f"# {machine['name']}, {args.ranks} ranks; predicted by refgpt.plan from {source}")
-    print("| configuration | layout | measured s/step | predicted s/step | error | "
-          "measured peak RSS MiB | predicted MiB | error |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    rows, terms, skipped = [], [], []
+            f"{name} ({fit[0][key(name)]:.3f})" for name in fit_on) + f", {fit[1]:.0f} MiB")
     for name in CONFIGS:
         log = out / f"{name}.jsonl"
-        if not log.exists() or name in (args.fit_on or ()) or key(name)[0] not in machines:
+        if not log.exists() or name in fit_on or key(name)[0] not in machines:
             continue
         logged = steps(log)
         t, rss = measured(logged)
@@ -191,21 +188,34 @@ def report(args) -> None:
             skipped.append(f"{name}: {e}")
             continue
         pt, pm = record["step_time_s"]["total"], record["memory_bytes"]["total"]
-        rows.append((name, t, pt, rss, pm))
+        rows.append((name, t, pt, rss, pm, record["layout"]))
         split = record["step_time_s"]
         terms.append(f"| {name} | {split['allreduce_s']:.2f} | "
                      f"{fastest_rank(logged, 'grads-all-reduce'):.2f} | "
                      + ("" if split["optimizer_s"] is None else f"{split['optimizer_s']:.2f}")
                      + f" | {fastest_rank(logged, 'optimizer'):.2f} |")
-        print(f"| {name} | {record['layout']} | {t:.3f} | {pt:.3f} | {pt / t - 1:+.0%} | "
+    return f"{machines[next(iter(machines))]['name']}: {source}" if machines else ""
+
+
+def report(args) -> None:
+    rows, terms, skipped, sources = [], [], [], []
+    for out in map(Path, args.out):
+        sources.append(instance_rows(out, args, rows, terms, skipped))
+    print(f"# {args.ranks} ranks; predicted by refgpt.plan from "
+          + "; ".join(filter(None, sources)))
+    print("| configuration | layout | measured s/step | predicted s/step | error | "
+          "measured peak RSS MiB | predicted MiB | error |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, t, pt, rss, pm, layout in rows:
+        print(f"| {name} | {layout} | {t:.3f} | {pt:.3f} | {pt / t - 1:+.0%} | "
               f"{rss / 2**20:,.0f} | {pm / 2**20:,.0f} | {pm / rss - 1:+.0%} |")
     for line in skipped:
         print(f"not predicted: {line}")
     if not rows:
         print("nothing measured yet")
         return
-    time_err = statistics.median(abs(pt / t - 1) for _, t, pt, _, _ in rows)
-    mem_err = statistics.median(abs(pm / m - 1) for _, _, _, m, pm in rows)
+    time_err = statistics.median(abs(pt / t - 1) for _, t, pt, _, _, _ in rows)
+    mem_err = statistics.median(abs(pm / m - 1) for _, _, _, m, pm, _ in rows)
     print(f"\n{len(rows)} configurations: median absolute error, time {time_err:.0%}, "
           f"memory {mem_err:.0%}")
     print("\nTwo terms apart, seconds a step: predicted, and the run's timer on its fastest "
@@ -213,7 +223,7 @@ def report(args) -> None:
           "optimizer timer |\n| --- | ---: | ---: | ---: | ---: |")
     print("\n".join(terms))
     if args.plot:
-        plot(rows, args.plot, machine["name"])
+        plot(rows, args.plot, f"{args.ranks} ranks of one node")
 
 
 def plot(rows, path: str, title: str) -> None:
@@ -242,7 +252,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=("measure", "report"))
-    ap.add_argument("--out", default="runs/plan-validate")
+    ap.add_argument("--out", nargs="+", default=["runs/plan-validate"],
+                    help="measure: the folder; report: one or more, each one node instance's "
+                         "runs with its own calibration")
     ap.add_argument("--ranks", type=int, default=16)
     ap.add_argument("--launcher", default="mpiexec")
     ap.add_argument("--iters", type=int, default=3, help="steps a configuration runs")
@@ -253,6 +265,8 @@ def main() -> None:
                          "the process memory from these measured configurations, and leave "
                          "them out of the errors")
     args = ap.parse_args()
+    if args.what == "measure" and len(args.out) > 1:
+        ap.error("measure writes one folder")
     measure(args) if args.what == "measure" else report(args)
 
 
