@@ -60,3 +60,29 @@ def test_activation_registry_equals_the_formula(layout, dtype, dropout):
     ok = (got == want["total"] == mem["activations_formula"]
           and mem["activations_layer"] == want["layer"] == mem["activations_layer_formula"])
     assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem, want))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("pp, v", [(2, 2), (2, 4), (4, 2)])
+@pytest.mark.parametrize("recompute", ["", "full", "selective"])
+def test_interleaved_registry_equals_the_schedule_replay(pp, v, recompute):
+    """Under the interleaved schedule a rank holds v chunks whose micro-batches come and go in
+    the schedule's order; the formula replays the rank's compute ops (schedule_bytes)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if comm.size % pp:
+        pytest.skip(f"pp {pp} needs a multiple of {pp} ranks")
+    cfg = ModelConfig(num_layers=8, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64, vocab_multiple=16, dropout=0.1)
+    dp = comm.size // pp
+    tcfg = TrainConfig(micro_batch_size=2, global_batch_size=8 * dp, train_iters=1, lr=1e-2,
+                       dtype="float32", synthetic_data=True, eval_iters=0)
+    pcfg = ParallelConfig(pipeline_model_parallel_size=pp, num_virtual_stages=v,
+                          pipeline_schedule="interleaved", recompute_granularity=recompute)
+    grid = Grid(comm, 1, pp)
+    t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
+    t.run()
+    mem = t.memory()
+    ok = (mem["activations"] == mem["activations_formula"] > 0
+          and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
+    assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, mem))

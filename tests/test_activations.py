@@ -7,7 +7,9 @@ import pytest
 
 from refgpt.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from refgpt.engine import Trainer
-from refgpt.nn.activations import Sizes, covered_bytes, korthikanti_bytes, refgpt_bytes
+from refgpt.nn.activations import (Sizes, chunk_bytes, covered_bytes, korthikanti_bytes,
+                                   refgpt_bytes, schedule_bytes)
+from refgpt.parallel.schedules import compute_ops
 
 RECOMPUTE = {  # name: (ParallelConfig options, refgpt_bytes options) for 3 blocks
     "none": ({}, {}),
@@ -83,3 +85,18 @@ def test_per_stage_counts_must_match_the_pipeline():
     with pytest.raises(ConfigError, match="gives 3 counts for 2 pipeline stages"):
         check_layout(cfg, tcfg, pcfg, 1, 1, 2)
     assert [pcfg.recomputed_blocks(2, r) for r in range(3)] == [1, 1, 0]
+
+
+@pytest.mark.parametrize("recompute", ["", "full", "selective"])
+def test_the_schedule_replay_of_1f1b_equals_the_in_flight_formula(recompute):
+    """schedule_bytes over a 1F1B rank's compute ops is refgpt_bytes with min(p - r, m)
+    micro-batches in flight, on every rank (the interleaved schedule's formula reduces to the
+    plain pipeline's)."""
+    z = Sizes(2, 16, 32, 4, 64, 4, 4, 1, False, True)
+    p, m, blocks = 4, 6, 3
+    recomputed, selective = (blocks if recompute == "full" else 0), recompute == "selective"
+    for r, ops in enumerate(compute_ops(p, m)):
+        first, last = r == 0, r == p - 1
+        got = schedule_bytes([chunk_bytes(z, blocks, first, last, recomputed, selective)], ops)
+        assert got == refgpt_bytes(z, blocks, first, last, recomputed, selective,
+                                   min(p - r, m))

@@ -149,21 +149,14 @@ def block_terms(z: Sizes) -> dict[str, int]:
 ATTENTION_PART = ("ln_1", "c_attn input", "qkv", "core", "c_proj input")
 
 
-def refgpt_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int = 0,
-                 selective: bool = False, in_flight: int = 1, chunk: int = 1) -> dict[str, int]:
-    """What ActivationMeter measures on a rank holding a model chunk of `blocks` blocks (the
-    first `recomputed` of them fully recomputed in chunks of `chunk`, or every one's attention
-    core with selective), with in_flight micro-batches held at once (gradient accumulation:
-    1; 1F1B on pipeline rank r of p: min(p - r, micro-batches)). "total" is the peak of
-
-        after a forward       in_flight x (embedding + blocks + final) held
-        a chunk's backward    in_flight - 1 micro-batches held, and of the oldest: the blocks
-                              before the chunk, and the chunk's activations recomputed (full:
-                              all of its blocks' with its input; selective: one block's
-                              attention part)
-
-    and "layer" what the rank's first block keeps between passes, at the most micro-batches
-    in flight (ActivationMeter.layer_peak)."""
+def chunk_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int = 0,
+                selective: bool = False, chunk: int = 1) -> tuple[int, int, int]:
+    """For one micro-batch through a model chunk of `blocks` blocks (the first `recomputed` of
+    them fully recomputed in chunks of `chunk`, or every one's attention core with
+    selective): (what it holds after its forward: embedding + blocks + final; its peak inside
+    its backward, a chunk's activations recomputed: all of its blocks' with its input under
+    full, one block's attention part under selective, where that passes the first; what its
+    first block holds between passes)."""
     terms = block_terms(z)
     full = sum(terms.values())
     attention = sum(terms[k] for k in ATTENTION_PART)
@@ -180,8 +173,47 @@ def refgpt_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int
         moments.append(embed + sum(held[:lo]) + x + n * full)
     for i in range(recomputed, blocks) if selective else ():    # an attention core rerun
         moments.append(embed + sum(held[:i]) + attention)
-    return {"total": (in_flight - 1) * one + max(moments),
-            "layer": in_flight * (held[0] if held else 0)}
+    return one, max(moments), held[0] if held else 0
+
+
+def refgpt_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int = 0,
+                 selective: bool = False, in_flight: int = 1, chunk: int = 1) -> dict[str, int]:
+    """What ActivationMeter measures on a rank holding a model chunk of `blocks` blocks
+    (chunk_bytes), with in_flight micro-batches held at once (gradient accumulation: 1; 1F1B
+    on pipeline rank r of p: min(p - r, micro-batches)). "total" is the peak of
+
+        after a forward       in_flight x (embedding + blocks + final) held
+        a chunk's backward    in_flight - 1 micro-batches held, and of the oldest: the blocks
+                              before the chunk, and the chunk's activations recomputed (full:
+                              all of its blocks' with its input; selective: one block's
+                              attention part)
+
+    and "layer" what the rank's first block keeps between passes, at the most micro-batches
+    in flight (ActivationMeter.layer_peak)."""
+    one, backward, layer = chunk_bytes(z, blocks, first, last, recomputed, selective, chunk)
+    return {"total": (in_flight - 1) * one + backward, "layer": in_flight * layer}
+
+
+def schedule_bytes(chunks: list[tuple[int, int, int]], ops) -> dict[str, int]:
+    """The same for a rank holding several model chunks (chunk_bytes of each, in the rank's
+    order) that runs a pipeline schedule's compute ops (refgpt.parallel.schedules: F adds a
+    micro-batch's chunk, BW drops it): the peak, over the points where ActivationMeter
+    samples, of what the chunks in flight hold (after each op; inside a backward, the others
+    and the backward's own peak), and the first chunk's first block at the most of its
+    micro-batches in flight."""
+    count = [0] * len(chunks)
+    held = peak = most = 0
+    for op in ops:
+        one, backward, _ = chunks[op.chunk]
+        if op.kind == "F":
+            count[op.chunk] += 1
+            held += one
+        else:
+            peak = max(peak, held - one + backward)
+            count[op.chunk] -= 1
+            held -= one
+        peak, most = max(peak, held), max(most, count[0])
+    return {"total": peak, "layer": most * chunks[0][2]}
 
 
 def korthikanti_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
