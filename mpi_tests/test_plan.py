@@ -1,7 +1,7 @@
 """The planner's memory (refgpt.plan.rank_memory) equals the registry on every rank of every
-layout it lists for this world (TP, PP, ZeRO 0-3, recomputation), after one training step in
-float32: the persistent categories and ZeRO's temporary buffers' high-water mark, with ZeRO-1
-through shared memory as the ranks share one node."""
+layout it lists for this world (TP, PP with 1F1B and interleaved, ZeRO 0-3, recomputation),
+after one training step in float32: the persistent categories and ZeRO's temporary buffers'
+high-water mark, with ZeRO-1 through shared memory as the ranks share one node."""
 
 import pytest
 
@@ -39,6 +39,7 @@ def test_every_layout_of_the_plan_has_the_registrys_memory():
             failures.append(name)
     assert len(checked) >= (12 if comm.size == 4 else 6) and not failures, failures
     assert any("zero-1-shm" in name for name in checked)
+    assert any("pp2x2" in name for name in checked)            # the interleaved schedule
 
 
 @pytest.mark.mpi(min_size=2)

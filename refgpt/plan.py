@@ -5,13 +5,16 @@ how fast each would be.
         --num-attention-heads 12 --seq-length 1024 --vocab-size 50257 \
         --global-batch-size 16 --micro-batch-size 1 [--allreduce-bandwidth 5] [--json]
 
-The layouts: every tensor-parallel size t (1-D) and pipeline size p (1F1B) that divide the
-world and the model, the data-parallel size d = world / (t p) the rest, ZeRO stage 0-3 (and
+The layouts: every tensor-parallel size t (1-D) and pipeline size p that divide the world and
+the model, each pipeline with 1F1B and with the interleaved schedule at every number of model
+chunks v a rank can hold (shown as ppPxV), the data-parallel size d = world / (t p) the rest,
+ZeRO stage 0-3 (and
 ZeRO-1 through shared memory where each data-parallel group lies inside one node), and
 activation recomputation off, selective or full, as refgpt.train's check_layout accepts them
 (those it refuses are listed with its reason). Each one's memory per rank, in the categories
 of the training log's ``memory_bytes``, on the rank that holds the most (the first pipeline
-stage keeps the most micro-batches in flight):
+stage keeps the most micro-batches in flight; under the interleaved schedule the rank's own
+order of its chunks' forwards and backwards decides):
 
     params, grads, optimizer   P elements on the rank: its stage's parameters, its tensor-
                                parallel shard of each, padded to a multiple of d under ZeRO;
@@ -47,9 +50,9 @@ the figure. ``--calibrate FILE`` (under mpiexec, one rank per core as in trainin
 this machine, with the step efficiency and optimizer rate of the model given by the other
 flags, and writes its file.
 
-Not yet (issue 30): context and expert parallelism, virtual stages and other schedules,
-2-D tensor parallelism and offload in the enumeration; a GEMM rate by shape, per-level
-(network) link rates and the machine's core groups in the time model.
+Not yet (issue 30): context and expert parallelism, the zero-bubble schedule, 2-D tensor
+parallelism and offload in the enumeration; a GEMM rate by shape, the pipeline's point-to-point
+sends, per-level (network) link rates and the machine's core groups in the time model.
 """
 
 from __future__ import annotations
@@ -85,21 +88,23 @@ MACHINES = Path(__file__).parent / "machines"
 RECOMPUTE = ("", "selective", "full")
 
 
-def rank_units(mcfg, tp: int, pp: int, pp_rank: int) -> list[tuple[str, int]]:
+def rank_units(mcfg, tp: int, pp: int, pp_rank: int, v: int = 1) -> list[tuple[str, int]]:
     """(unit, elements) of the parameters a rank holds, in its flat buffer's order (ZeRO's
-    units: refgpt.nn.params.unit_key): its pipeline stage's, its 1-D tensor-parallel shard of
-    each (every TP rank's shard is the same size: check_layout asks divisibility)."""
-    stage = stage_of(pp_rank, pp, 1, mcfg.num_layers) if pp > 1 else None
+    units: refgpt.nn.params.unit_key): its pipeline stages' (chunks c p + r, c < v, under the
+    interleaved schedule), its 1-D tensor-parallel shard of each (every TP rank's shard is the
+    same size: check_layout asks divisibility)."""
+    stages = ([stage_of(c * pp + pp_rank, pp, v, mcfg.num_layers) for c in range(v)]
+              if pp > 1 else [None])
     units: dict[str, int] = {}
-    for s in param_specs(mcfg, stage):
+    for s in (s for stage in stages for s in param_specs(mcfg, stage)):
         n = shard(np.empty(s.shape, bool), shard_kind(s.name), 0, tp).size if tp > 1 else s.size
         units[unit_key(s.name)] = units.get(unit_key(s.name), 0) + n
     return list(units.items())
 
 
-def rank_elements(mcfg, tp: int, pp: int, pp_rank: int) -> int:
+def rank_elements(mcfg, tp: int, pp: int, pp_rank: int, v: int = 1) -> int:
     """The parameters a rank holds (rank_units)."""
-    return sum(n for _, n in rank_units(mcfg, tp, pp, pp_rank))
+    return sum(n for _, n in rank_units(mcfg, tp, pp, pp_rank, v))
 
 
 def padded(elements: int, pcfg, dp: int) -> int:
@@ -129,7 +134,7 @@ def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
     g = 2 if pcfg.grad_reduce_in_bf16 else state
     k = 2 * state + (state if is_half(dtype) else 0)           # moments, and fp32 masters
     stage = pcfg.zero_stage
-    units = units or rank_units(mcfg, tp, pp, pp_rank)
+    units = units or rank_units(mcfg, tp, pp, pp_rank, pcfg.num_virtual_stages)
     elements = sum(n for _, n in units)
     P = padded(elements, pcfg, dp)
     grid = SimpleNamespace(tp_size=tp, pp_size=pp, pp_rank=pp_rank, data_size=dp, cp_size=1)
@@ -142,9 +147,17 @@ def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
         mem["params"] = p * P // dp
     elif stage:                                          # the padding rides with the last unit
         units = [*units[:-1], (units[-1][0], units[-1][1] + P - elements)]
-        mem["working"] = formula_working(units, stage, dp, dp_rank, p, g, pp_rank == pp - 1)
+        mem["working"] = formula_working(units, stage, dp, dp_rank, p, g, pp_rank == pp - 1,
+                                         pp > 1)
     mem["total"] = sum(mem.values())
     return mem
+
+
+def virtual_stages(mcfg, pp: int) -> list[int]:
+    """The model chunks a rank of a pipeline of pp can hold: 1 (1F1B), and every v > 1 that
+    divides its blocks (the interleaved schedule)."""
+    per = mcfg.num_layers // pp if pp > 1 else 1
+    return [1] + [v for v in range(2, per + 1) if per % v == 0]
 
 
 def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
@@ -152,7 +165,8 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
     through the node's shared memory (refgpt.parallel.shared) where every data-parallel group
     lies inside one node (t d divides the ranks of a node, as ranks are laid out TP first)."""
     for tp in (t for t in range(1, world + 1) if world % t == 0):
-        for pp in (q for q in range(1, world // tp + 1) if world // tp % q == 0):
+        for pp, v in ((q, v) for q in range(1, world // tp + 1) if world // tp % q == 0
+                      for v in virtual_stages(mcfg, q)):
             dp = world // (tp * pp)
             shared = dp > 1 and ranks_per_node % (tp * dp) == 0
             for zero, shm in [(0, False), *((z, False) for z in range(1, 4) if dp > 1),
@@ -161,11 +175,11 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
                     cfg = replace(pcfg, tensor_model_parallel_size=tp,
                                   pipeline_model_parallel_size=pp, zero_stage=zero,
                                   dp_shared_memory=shm, recompute_granularity=recompute,
-                                  tensor_parallel_mode="1d", num_virtual_stages=1,
-                                  pipeline_schedule="1f1b",
+                                  tensor_parallel_mode="1d", num_virtual_stages=v,
+                                  pipeline_schedule="interleaved" if v > 1 else "1f1b",
                                   sequence_parallel=pcfg.sequence_parallel and tp > 1)
-                    name = (f"tp{tp} pp{pp} dp{dp}" + (f" zero-{zero}" if zero else "")
-                            + ("-shm" if shm else "")
+                    name = (f"tp{tp} pp{pp}" + (f"x{v}" if v > 1 else "") + f" dp{dp}"
+                            + (f" zero-{zero}" if zero else "") + ("-shm" if shm else "")
                             + (f" recompute-{recompute}" if recompute else ""))
                     try:
                         check_layout(mcfg, tcfg, cfg, tp, dp, pp)
@@ -178,6 +192,9 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
 def layout_flags(pcfg) -> list[str]:
     flags = ["--tensor-model-parallel-size", str(pcfg.tensor_model_parallel_size),
              "--pipeline-model-parallel-size", str(pcfg.pipeline_model_parallel_size)]
+    if pcfg.num_virtual_stages > 1:
+        flags += ["--pipeline-schedule", "interleaved",
+                  "--num-virtual-stages", str(pcfg.num_virtual_stages)]
     if pcfg.zero_stage:
         flags += ["--zero-stage", str(pcfg.zero_stage)]
     if pcfg.dp_shared_memory:
@@ -277,17 +294,18 @@ def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
     docstring), or the reason it cannot run (node_bytes: the memory of a node, which the
     ranks_per_node ranks on it share; process_bytes: what a rank holds besides the registry's
     categories, the machine's measured process_mib); fastest first, the refused at the end."""
-    out, units = [], {}                     # units: (tp, pp, pp rank) -> rank_units
+    out, units = [], {}                     # units: (tp, pp, pp rank, v) -> rank_units
     for name, cfg, tp, pp, dp, reason in layouts(world, mcfg, tcfg, pcfg, ranks_per_node):
         record = {"layout": name, "ranks": world,
                   "command": [*argv, *layout_flags(cfg)]}
         if reason:
             out.append({**record, "refused": reason})
             continue
+        v = cfg.num_virtual_stages
         for r in range(pp):
-            if (tp, pp, r) not in units:
-                units[tp, pp, r] = rank_units(mcfg, tp, pp, r)
-        stages = [units[tp, pp, r] for r in range(pp)]
+            if (tp, pp, r, v) not in units:
+                units[tp, pp, r, v] = rank_units(mcfg, tp, pp, r, v)
+        stages = [units[tp, pp, r, v] for r in range(pp)]
         per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, s, stages[r])
                     for r in range(pp) for s in distinct_shards(stages[r], cfg, dp)]
         record["memory_bytes"] = dict(max(per_rank, key=lambda m: m["total"]))
@@ -306,7 +324,7 @@ def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
                        mcfg, tcfg, cfg, rates.gemm, rates.link, elements, rates.efficiency,
                        rates.optimizer)
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
-        blocks = mcfg.num_layers // pp                  # full recomputation: one more forward
+        blocks = mcfg.num_layers // (pp * cfg.num_virtual_stages)   # full recomputation: one
         if cfg.recompute_granularity == "full":         # (a third of their FLOPs) of the
             more = 1 + cfg.recomputed_blocks(blocks, 0) / blocks / 3     # blocks, in every
             time["compute_s"] *= more                   # stage: the bubble waits on the others'

@@ -474,7 +474,7 @@ def formula_traffic(stage: int, padded: int, d: int, micro_batches: int, p: int,
 
 
 def formula_working(units: list[tuple[str, int]], stage: int, d: int, rank: int, p: int,
-                    g: int, head: bool) -> int:
+                    g: int, head: bool, pipelined: bool = False) -> int:
     """The high-water mark of a rank's temporary buffers (``working_peak``) in a step, from
     the protocol above: units = (key, elements) in the flat buffer's order, padding in the
     last; rank: the data-parallel rank, whose reduce-scatter pieces are its own part of each
@@ -487,7 +487,9 @@ def formula_working(units: list[tuple[str, int]], stage: int, d: int, rank: int,
     head). When a unit's gradients are final (after its hold ends) its piece is allocated,
     then the reductions older than the last IN_FLIGHT complete, freeing their gradient
     buffers and pieces. Stage 1 allocates the pieces only. The forward pass (stage 3: the
-    embeddings and two units gathered) holds less than backward does."""
+    embeddings and two units gathered) holds less than backward does. A pipeline
+    (pipelined; stage 1 only, as check_layout refuses ZeRO-2/3 with PP) hands every gradient
+    over after its schedule, and ready() starts the units' sums in the flat buffer's order."""
     total = sum(n for _, n in units)
     S = total // d
     lo = np.cumsum([0] + [n for _, n in units])
@@ -514,6 +516,10 @@ def formula_working(units: list[tuple[str, int]], stage: int, d: int, rank: int,
             done = reducing.pop(0)
             live -= piece[done] + (size[done] * g if grads else 0)
 
+    if pipelined:
+        for key, _ in units:
+            ready(key)
+        return peak
     gathered = set()
 
     def gather(i: int) -> None:                 # stage 3: unit i of the order, and the next
