@@ -445,40 +445,6 @@ def step_efficiency(time_at: Callable[[float], float], seconds: float) -> float:
     return 1.0 / (1.0 + (seconds - fastest) / (time_at(0.5) - fastest))
 
 
-def group_rates(world, elements: int, bucket: int, dtype, overlap: bool) -> dict[int, float]:
-    """{n: bytes a second a rank moves} in the bucketed all-reduce of a gradient, for every
-    group size n > 1 dividing the world: consecutive ranks in groups of n, every group summing
-    at once (as a layout's data-parallel groups do), each rank's share of the model's
-    `elements` (the model split over world / n ranks) in buckets of `bucket` elements, the way
-    refgpt.parallel.data sums them: non-blocking MPI_Iallreduce with IN_FLIGHT left running
-    (overlap, the default; MPIs run these slower than their tuned blocking algorithms), or
-    blocking MPI_Allreduce (--no-overlap-grad-reduce); the best of three, the slowest rank's."""
-    from mpi4py import MPI
-
-    from .parallel.data import IN_FLIGHT
-    out = {}
-    for n in (k for k in range(2, world.size + 1) if world.size % k == 0):
-        group = world.Split(world.rank // n, world.rank)
-        buf = np.ones(max(elements * n // world.size, 1), compute_dtype(dtype_of(dtype)))
-        step = bucket or buf.size
-        best = float("inf")
-        for _ in range(3):
-            world.Barrier()
-            start, pending = time.perf_counter(), []
-            for lo in range(0, buf.size, step):
-                if overlap:
-                    pending.append(group.Iallreduce(MPI.IN_PLACE, buf[lo:lo + step]))
-                    if len(pending) > IN_FLIGHT:
-                        pending.pop(0).Wait()
-                else:
-                    group.Allreduce(MPI.IN_PLACE, buf[lo:lo + step])
-            MPI.Request.Waitall(pending)
-            best = min(best, world.allreduce(time.perf_counter() - start, op=MPI.MAX))
-        group.Free()
-        out[n] = 2 * (n - 1) / n * buf.nbytes / best
-    return out
-
-
 def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     """Write this machine's description: its cores and memory, the GEMM rate the trainer
     measures in each type refgpt trains in (float64, float32, bfloat16 where ml_dtypes is
@@ -490,12 +456,12 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     from mpi4py import MPI
 
     from .config import ParallelConfig
-    from .parallel.threads import ranks_on_node, set_threads
-    from .study.measure import cpu_name
+    from .parallel.threads import node_memory, ranks_on_node, set_threads
+    from .study.measure import cpu_name, group_rates
     world = MPI.COMM_WORLD
     set_threads(world, pcfg.threads_per_rank)           # as refgpt.train runs its ranks
     per_node = ranks_on_node(world)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    memory = node_memory()
     links = (group_rates(world, rank_elements(mcfg, 1, 1, 0), pcfg.ddp_bucket_size,
                          tcfg.dtype, pcfg.overlap_grad_reduce) if world.size > 1 else {})
     link = group_link({"allreduce_gbs_by_ranks": {n: r / 1e9 for n, r in links.items()}})

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from ..parallel.build import build, check_layout, lamb_norms
 from ..parallel.compressed import CompressedAllreduce
 from ..parallel.grid import Grid
 from ..parallel.sync import OnebitGrads
-from ..parallel.threads import ranks_on_node
+from ..parallel.threads import node_memory, ranks_on_node
 from ..parallel.zero import offload_moments
 from ..timers import Timers
 from . import checkpoints, report
@@ -110,7 +109,7 @@ class Trainer:
         need = report.estimated_bytes(self.mcfg, t, self.pcfg, g,
                                       self.activation_formulas["activations_korthikanti"])
         here = ranks_on_node(g.world)
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        have = node_memory()
         if need * here > have:
             raise ConfigError(f"this model needs an estimated {need / 2**30:,.1f} GiB per rank "
                               f"({here} rank(s) on this node: {need * here / 2**30:,.1f} GiB) "

@@ -130,3 +130,8 @@ def _cores_here() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def node_memory() -> int:
+    """Bytes of memory this node has (the ranks on it share them)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

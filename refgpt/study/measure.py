@@ -45,21 +45,41 @@ def core_gemm_rate(dtype) -> float:
         return measure_gemm_rate(dtype_of(dtype))
 
 
-def link_rate(world, elements: int, dtype) -> float:
-    """Bytes per second a rank moves in an all-reduce of `elements` over the whole world
-    (a ring moves 2 (d-1)/d of the buffer per rank): best of three. The gradients' type:
-    fp32 in a 16-bit run (refgpt.precision), unless the caller says bfloat16."""
+def group_rates(world, elements: int, bucket: int, dtype, overlap: bool,
+                sizes=None) -> dict[int, float]:
+    """{n: bytes a second a rank moves} in the bucketed all-reduce of a gradient, for every
+    group size n > 1 dividing the world (or those of `sizes`): consecutive ranks in groups of
+    n, every group summing at once (as a layout's data-parallel groups do), each rank's share
+    of the model's `elements` (the model split over world / n ranks) in buckets of `bucket`
+    elements, the way refgpt.parallel.data sums them: non-blocking MPI_Iallreduce with
+    IN_FLIGHT left running (overlap, the default; MPIs run these slower than their tuned
+    blocking algorithms), or blocking MPI_Allreduce (--no-overlap-grad-reduce); the best of
+    three, the slowest rank's. The gradients' type: fp32 in a 16-bit run
+    (refgpt.precision)."""
     from mpi4py import MPI
-    d = world.Get_size()
-    dtype = compute_dtype(dtype_of(dtype))
-    buf = np.ones(elements, dtype)
-    best = float("inf")
-    for _ in range(3):
-        world.Barrier()
-        t0 = time.perf_counter()
-        world.Allreduce(buf.copy(), buf)
-        best = min(best, world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
-    return 2 * (d - 1) / d * buf.nbytes / best
+
+    from ..parallel.data import IN_FLIGHT
+    out = {}
+    for n in sizes or (k for k in range(2, world.size + 1) if world.size % k == 0):
+        group = world.Split(world.rank // n, world.rank)
+        buf = np.ones(max(elements * n // world.size, 1), compute_dtype(dtype_of(dtype)))
+        step = bucket or buf.size
+        best = float("inf")
+        for _ in range(3):
+            world.Barrier()
+            start, pending = time.perf_counter(), []
+            for lo in range(0, buf.size, step):
+                if overlap:
+                    pending.append(group.Iallreduce(MPI.IN_PLACE, buf[lo:lo + step]))
+                    if len(pending) > IN_FLIGHT:
+                        pending.pop(0).Wait()
+                else:
+                    group.Allreduce(MPI.IN_PLACE, buf[lo:lo + step])
+            MPI.Request.Waitall(pending)
+            best = min(best, world.allreduce(time.perf_counter() - start, op=MPI.MAX))
+        group.Free()
+        out[n] = 2 * (n - 1) / n * buf.nbytes / best
+    return out
 
 
 def cpu_name() -> str:

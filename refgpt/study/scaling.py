@@ -48,7 +48,7 @@ from ..parallel.threads import set_threads  # noqa: E402
 from ..train import build_parser, configs_from  # noqa: E402
 from . import report  # noqa: E402
 from ..parallel.launch import on_rank0  # noqa: E402
-from .measure import core_gemm_rate, link_rate, machine, run_config  # noqa: E402
+from .measure import core_gemm_rate, group_rates, machine, run_config  # noqa: E402
 from .plan import make_plan, parse_layout, predict  # noqa: E402
 
 STUDY_FLAGS = ("ranks", "layouts", "warmup_iters", "iters", "out", "launcher", "dry_run",
@@ -275,8 +275,10 @@ def under_mpi(study: Study) -> int:
     study.say_reused(done, say)
     if study.dry_run:
         gemm = on_rank0(world, core_gemm_rate, study.base[1].dtype)
-        link = study.allreduce_bandwidth * 1e9 or link_rate(world, study.grad_elements(),
-                                                            study.base[1].dtype)
+        pcfg = study.base[2]
+        link = study.allreduce_bandwidth * 1e9 or group_rates(
+            world, study.grad_elements(), pcfg.ddp_bucket_size, study.base[1].dtype,
+            pcfg.overlap_grad_reduce, sizes=[world.size])[world.size]
         if rank == 0:
             study.print_plan(gemm, link, done)
         return 0
