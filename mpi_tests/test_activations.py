@@ -86,3 +86,30 @@ def test_interleaved_registry_equals_the_schedule_replay(pp, v, recompute):
     ok = (mem["activations"] == mem["activations_formula"] > 0
           and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
     assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, mem))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("dtype, dropout", [("float32", 0.1), ("bfloat16", 0.0)])
+def test_zero_bubble_registry_equals_the_schedule_replay(tp, sp, dtype, dropout):
+    """Under zb-h1 a B frees the micro-batch's stash but its deferred weight gradients keep
+    each linear layer's input and output gradient until its W (deferred_bytes)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    pp = 2
+    if comm.size % (tp * pp):
+        pytest.skip(f"tp {tp} x pp {pp} needs a multiple of {tp * pp} ranks")
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64, vocab_multiple=16, dropout=dropout)
+    dp = comm.size // (tp * pp)
+    tcfg = TrainConfig(micro_batch_size=2, global_batch_size=8 * dp, train_iters=1, lr=1e-2,
+                       dtype=dtype, synthetic_data=True, eval_iters=0)
+    pcfg = ParallelConfig(pipeline_model_parallel_size=pp, pipeline_schedule="zb-h1",
+                          tensor_model_parallel_size=tp, sequence_parallel=sp)
+    grid = Grid(comm, tp, pp)
+    t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
+    t.run()
+    mem = t.memory()
+    ok = (mem["activations"] == mem["activations_formula"] > 0
+          and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
+    assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem))

@@ -1,7 +1,8 @@
 """The planner's memory (refgpt.plan.rank_memory) equals the registry on every rank of every
-layout it lists for this world (TP, PP with 1F1B and interleaved, ZeRO 0-3, recomputation),
-after one training step in float32: the persistent categories and ZeRO's temporary buffers'
-high-water mark, with ZeRO-1 through shared memory as the ranks share one node."""
+layout it lists for this world (TP, PP with 1F1B, interleaved and zero-bubble, ZeRO 0-3,
+recomputation), after one training step in float32: the persistent categories and ZeRO's
+temporary buffers' high-water mark, with ZeRO-1 through shared memory as the ranks share one
+node."""
 
 import pytest
 
@@ -40,6 +41,7 @@ def test_every_layout_of_the_plan_has_the_registrys_memory():
     assert len(checked) >= (12 if comm.size == 4 else 6) and not failures, failures
     assert any("zero-1-shm" in name for name in checked)
     assert any("pp2x2" in name for name in checked)            # the interleaved schedule
+    assert any("pp2-zb" in name for name in checked)           # zero-bubble
 
 
 @pytest.mark.mpi(min_size=2)

@@ -6,8 +6,9 @@ how fast each would be.
         --global-batch-size 16 --micro-batch-size 1 [--allreduce-bandwidth 5] [--json]
 
 The layouts: every tensor-parallel size t (1-D) and pipeline size p that divide the world and
-the model, each pipeline with 1F1B and with the interleaved schedule at every number of model
-chunks v a rank can hold (shown as ppPxV), the data-parallel size d = world / (t p) the rest,
+the model, each pipeline with 1F1B, the interleaved schedule at every number of model chunks v
+a rank can hold (shown as ppPxV) and zero-bubble (ppP-zb; without recomputation, whose
+activations under it are not modelled yet), the data-parallel size d = world / (t p) the rest,
 ZeRO stage 0-3 (and
 ZeRO-1 through shared memory where each data-parallel group lies inside one node), and
 activation recomputation off, selective or full, as refgpt.train's check_layout accepts them
@@ -50,9 +51,10 @@ the figure. ``--calibrate FILE`` (under mpiexec, one rank per core as in trainin
 this machine, with the step efficiency and optimizer rate of the model given by the other
 flags, and writes its file.
 
-Not yet (issue 30): context and expert parallelism, the zero-bubble schedule, 2-D tensor
-parallelism and offload in the enumeration; a GEMM rate by shape, the pipeline's point-to-point
-sends, per-level (network) link rates and the machine's core groups in the time model.
+Not yet (issue 30): context and expert parallelism, zero-bubble with recomputation, 2-D
+tensor parallelism and offload in the enumeration; a GEMM rate by shape, the pipeline's
+point-to-point sends, per-level (network) link rates and the machine's core groups in the time
+model.
 """
 
 from __future__ import annotations
@@ -153,11 +155,14 @@ def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
     return mem
 
 
-def virtual_stages(mcfg, pp: int) -> list[int]:
-    """The model chunks a rank of a pipeline of pp can hold: 1 (1F1B), and every v > 1 that
-    divides its blocks (the interleaved schedule)."""
-    per = mcfg.num_layers // pp if pp > 1 else 1
-    return [1] + [v for v in range(2, per + 1) if per % v == 0]
+def schedules(mcfg, pp: int) -> list[tuple[str, int]]:
+    """(schedule, model chunks a rank holds) of a pipeline of pp: 1F1B; the interleaved
+    schedule at every v > 1 that divides a rank's blocks; zero-bubble (zb-h1)."""
+    if pp == 1:
+        return [("1f1b", 1)]
+    per = mcfg.num_layers // pp
+    return ([("1f1b", 1)] + [("interleaved", v) for v in range(2, per + 1) if per % v == 0]
+            + [("zb-h1", 1)])
 
 
 def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
@@ -165,20 +170,22 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
     through the node's shared memory (refgpt.parallel.shared) where every data-parallel group
     lies inside one node (t d divides the ranks of a node, as ranks are laid out TP first)."""
     for tp in (t for t in range(1, world + 1) if world % t == 0):
-        for pp, v in ((q, v) for q in range(1, world // tp + 1) if world // tp % q == 0
-                      for v in virtual_stages(mcfg, q)):
+        for pp, schedule, v in ((q, k, v) for q in range(1, world // tp + 1)
+                                if world // tp % q == 0 for k, v in schedules(mcfg, q)):
             dp = world // (tp * pp)
             shared = dp > 1 and ranks_per_node % (tp * dp) == 0
             for zero, shm in [(0, False), *((z, False) for z in range(1, 4) if dp > 1),
                               *([(1, True)] if shared else [])]:
-                for recompute in RECOMPUTE:
+                # zero-bubble with recomputation: its activations are not modelled yet
+                for recompute in RECOMPUTE if schedule != "zb-h1" else ("",):
                     cfg = replace(pcfg, tensor_model_parallel_size=tp,
                                   pipeline_model_parallel_size=pp, zero_stage=zero,
                                   dp_shared_memory=shm, recompute_granularity=recompute,
                                   tensor_parallel_mode="1d", num_virtual_stages=v,
-                                  pipeline_schedule="interleaved" if v > 1 else "1f1b",
+                                  pipeline_schedule=schedule,
                                   sequence_parallel=pcfg.sequence_parallel and tp > 1)
-                    name = (f"tp{tp} pp{pp}" + (f"x{v}" if v > 1 else "") + f" dp{dp}"
+                    name = (f"tp{tp} pp{pp}" + (f"x{v}" if v > 1 else "")
+                            + ("-zb" if schedule == "zb-h1" else "") + f" dp{dp}"
                             + (f" zero-{zero}" if zero else "") + ("-shm" if shm else "")
                             + (f" recompute-{recompute}" if recompute else ""))
                     try:
@@ -192,9 +199,10 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
 def layout_flags(pcfg) -> list[str]:
     flags = ["--tensor-model-parallel-size", str(pcfg.tensor_model_parallel_size),
              "--pipeline-model-parallel-size", str(pcfg.pipeline_model_parallel_size)]
+    if pcfg.pipeline_model_parallel_size > 1 and pcfg.pipeline_schedule != "1f1b":
+        flags += ["--pipeline-schedule", pcfg.pipeline_schedule]
     if pcfg.num_virtual_stages > 1:
-        flags += ["--pipeline-schedule", "interleaved",
-                  "--num-virtual-stages", str(pcfg.num_virtual_stages)]
+        flags += ["--num-virtual-stages", str(pcfg.num_virtual_stages)]
     if pcfg.zero_stage:
         flags += ["--zero-stage", str(pcfg.zero_stage)]
     if pcfg.dp_shared_memory:

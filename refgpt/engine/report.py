@@ -19,7 +19,8 @@ import numpy as np
 
 from .. import metrics
 from ..optim import MasterAdamW
-from ..nn.activations import Sizes, chunk_bytes, korthikanti_bytes, refgpt_bytes, schedule_bytes
+from ..nn.activations import (Sizes, chunk_bytes, deferred_bytes, korthikanti_bytes,
+                              refgpt_bytes, schedule_bytes)
 from ..parallel.schedules import compute_ops
 from ..parallel.zero import formula_bytes
 from ..precision import dtype_of
@@ -70,14 +71,16 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     """This rank's peak activation bytes by refgpt's formula (refgpt.nn.activations), which the
     measured registry equals, and by Korthikanti et al.'s per-layer formula times the rank's
     layers and micro-batches in flight. Under the interleaved schedule refgpt's replays the
-    rank's compute ops (schedule_bytes). It is 0 where it does not model the layout: the
-    cupy backend (its fused attention keeps other arrays), 2-D tensor parallelism, the
-    zero-bubble schedule (its deferred weight gradients keep other arrays), models with
-    experts (what an expert keeps depends on how many tokens it was sent),
-    context parallelism (its attention keeps other arrays), and layered gradient accumulation
-    (every micro-batch's blocks, not its head: Korthikanti's counts m micro-batches in
-    flight). Korthikanti's is taken at the rank's T / c tokens (its attention term at T / c x
-    T under context parallelism is not modelled either)."""
+    rank's compute ops (schedule_bytes), and under the zero-bubble schedule with what its
+    deferred weight gradients hold (deferred_bytes). It is 0 where it does not model the
+    layout: the cupy backend (its fused attention keeps other arrays), 2-D tensor
+    parallelism, the zero-bubble schedule with recomputation (a recomputed backward holds the
+    deferred gradients of the blocks after it), models with experts (what an expert keeps
+    depends on how many tokens it was sent), context parallelism (its attention keeps other
+    arrays), and layered gradient accumulation (every micro-batch's blocks, not its head:
+    Korthikanti's counts m micro-batches in flight). Korthikanti's is taken at the rank's
+    T / c tokens (its attention term at T / c x T under context parallelism is not modelled
+    either)."""
     t, p, r = grid.tp_size, grid.pp_size, grid.pp_rank
     blocks = mcfg.num_layers // (p * pcfg.num_virtual_stages)
     m = tcfg.micro_batches(grid.data_size)
@@ -92,14 +95,16 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     covered = (tcfg.backend != "cupy" and pcfg.tensor_parallel_mode == "1d"
                and not mcfg.num_experts and grid.cp_size == 1
                and not pcfg.layered_gradient_accumulation
-               and (p == 1 or pcfg.pipeline_schedule != "zb-h1"))
+               and (p == 1 or pcfg.pipeline_schedule != "zb-h1"
+                    or not pcfg.recompute_granularity))
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
     v = pcfg.num_virtual_stages
-    if p > 1 and v > 1:                               # chunk c of rank r is stage c p + r
+    if p > 1 and (v > 1 or pcfg.pipeline_schedule == "zb-h1"):   # chunk c: stage c p + r
         ours = schedule_bytes([chunk_bytes(sizes, blocks, c * p + r == 0,
                                            c * p + r == p * v - 1, recomputed, selective, chunk)
                                for c in range(v)],
-                              compute_ops(p, m, v, pcfg.pipeline_schedule)[r])
+                              compute_ops(p, m, v, pcfg.pipeline_schedule)[r],
+                              [deferred_bytes(sizes, blocks)] * v)
     else:
         ours = refgpt_bytes(sizes, blocks, r == 0, r == p - 1, recomputed, selective,
                             in_flight, chunk)

@@ -194,13 +194,25 @@ def refgpt_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int
     return {"total": (in_flight - 1) * one + backward, "layer": in_flight * layer}
 
 
-def schedule_bytes(chunks: list[tuple[int, int, int]], ops) -> dict[str, int]:
+def deferred_bytes(z: Sizes, blocks: int) -> int:
+    """What the zero-bubble schedule's deferred weight gradients of one micro-batch through a
+    chunk of `blocks` blocks hold from its B to its W: each linear layer's input and output
+    gradient (refgpt.nn.linear), in the stored type: c_attn's input (bsh) and qkv gradient
+    (3bsh/t), the attention projection's input (bsh/t) and output gradient (bsh), c_fc's
+    input (bsh) and output gradient (4bsh/t), the MLP projection's input (4bsh/t) and output
+    gradient (bsh): bsh (4 + 12/t) a block."""
+    bsh = z.b * z.s * z.h
+    return blocks * (4 * bsh + 12 * bsh // z.t) * z.e
+
+
+def schedule_bytes(chunks: list[tuple[int, int, int]], ops, deferred=()) -> dict[str, int]:
     """The same for a rank holding several model chunks (chunk_bytes of each, in the rank's
     order) that runs a pipeline schedule's compute ops (refgpt.parallel.schedules: F adds a
-    micro-batch's chunk, BW drops it): the peak, over the points where ActivationMeter
-    samples, of what the chunks in flight hold (after each op; inside a backward, the others
-    and the backward's own peak), and the first chunk's first block at the most of its
-    micro-batches in flight."""
+    micro-batch's chunk, BW drops it; zero-bubble's B drops it but keeps deferred[chunk]
+    bytes until its W): the peak, over the points where ActivationMeter samples, of what the
+    chunks in flight hold (after each op; inside a backward, the others and the backward's
+    own peak), and the first chunk's first block at the most of its micro-batches in
+    flight."""
     count = [0] * len(chunks)
     held = peak = most = 0
     for op in ops:
@@ -208,10 +220,12 @@ def schedule_bytes(chunks: list[tuple[int, int, int]], ops) -> dict[str, int]:
         if op.kind == "F":
             count[op.chunk] += 1
             held += one
+        elif op.kind == "W":
+            held -= deferred[op.chunk]
         else:
             peak = max(peak, held - one + backward)
             count[op.chunk] -= 1
-            held -= one
+            held += (deferred[op.chunk] if op.kind == "B" else 0) - one
         peak, most = max(peak, held), max(most, count[0])
     return {"total": peak, "layer": most * chunks[0][2]}
 
