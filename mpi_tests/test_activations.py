@@ -91,9 +91,13 @@ def test_interleaved_registry_equals_the_schedule_replay(pp, v, recompute):
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)])
 @pytest.mark.parametrize("dtype, dropout", [("float32", 0.1), ("bfloat16", 0.0)])
-def test_zero_bubble_registry_equals_the_schedule_replay(tp, sp, dtype, dropout):
+@pytest.mark.parametrize("recompute", [{}, dict(recompute_granularity="full"),
+                                       dict(recompute_granularity="full", recompute_num_layers=2),
+                                       dict(recompute_granularity="selective")])
+def test_zero_bubble_registry_equals_the_schedule_replay(tp, sp, dtype, dropout, recompute):
     """Under zb-h1 a B frees the micro-batch's stash but its deferred weight gradients keep
-    each linear layer's input and output gradient until its W (deferred_bytes)."""
+    each linear layer's input and output gradient until its W (deferred_bytes); a recomputing
+    moment holds those of the blocks whose backward has run."""
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     pp = 2
@@ -105,7 +109,7 @@ def test_zero_bubble_registry_equals_the_schedule_replay(tp, sp, dtype, dropout)
     tcfg = TrainConfig(micro_batch_size=2, global_batch_size=8 * dp, train_iters=1, lr=1e-2,
                        dtype=dtype, synthetic_data=True, eval_iters=0)
     pcfg = ParallelConfig(pipeline_model_parallel_size=pp, pipeline_schedule="zb-h1",
-                          tensor_model_parallel_size=tp, sequence_parallel=sp)
+                          tensor_model_parallel_size=tp, sequence_parallel=sp, **recompute)
     grid = Grid(comm, tp, pp)
     t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
     t.run()

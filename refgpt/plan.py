@@ -7,8 +7,8 @@ how fast each would be.
 
 The layouts: every tensor-parallel size t (1-D) and pipeline size p that divide the world and
 the model, each pipeline with 1F1B, the interleaved schedule at every number of model chunks v
-a rank can hold (shown as ppPxV) and zero-bubble (ppP-zb; without recomputation, whose
-activations under it are not modelled yet), the data-parallel size d = world / (t p) the rest,
+a rank can hold (shown as ppPxV) and zero-bubble (ppP-zb), the data-parallel size
+d = world / (t p) the rest,
 ZeRO stage 0-3 (and
 ZeRO-1 through shared memory where each data-parallel group lies inside one node), and
 activation recomputation off, selective or full, as refgpt.train's check_layout accepts them
@@ -51,8 +51,8 @@ the figure. ``--calibrate FILE`` (under mpiexec, one rank per core as in trainin
 this machine, with the step efficiency and optimizer rate of the model given by the other
 flags, and writes its file.
 
-Not yet (issue 30): context and expert parallelism, zero-bubble with recomputation, 2-D
-tensor parallelism and offload in the enumeration; a GEMM rate by shape, the pipeline's
+Not yet (issue 30): context and expert parallelism, 2-D tensor parallelism and offload in the
+enumeration; a GEMM rate by shape, the pipeline's
 point-to-point sends, per-level (network) link rates and the machine's core groups in the time
 model.
 """
@@ -176,8 +176,7 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
             shared = dp > 1 and ranks_per_node % (tp * dp) == 0
             for zero, shm in [(0, False), *((z, False) for z in range(1, 4) if dp > 1),
                               *([(1, True)] if shared else [])]:
-                # zero-bubble with recomputation: its activations are not modelled yet
-                for recompute in RECOMPUTE if schedule != "zb-h1" else ("",):
+                for recompute in RECOMPUTE:
                     cfg = replace(pcfg, tensor_model_parallel_size=tp,
                                   pipeline_model_parallel_size=pp, zero_stage=zero,
                                   dp_shared_memory=shm, recompute_granularity=recompute,

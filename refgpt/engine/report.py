@@ -74,8 +74,7 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     rank's compute ops (schedule_bytes), and under the zero-bubble schedule with what its
     deferred weight gradients hold (deferred_bytes). It is 0 where it does not model the
     layout: the cupy backend (its fused attention keeps other arrays), 2-D tensor
-    parallelism, the zero-bubble schedule with recomputation (a recomputed backward holds the
-    deferred gradients of the blocks after it), models with experts (what an expert keeps
+    parallelism, models with experts (what an expert keeps
     depends on how many tokens it was sent), context parallelism (its attention keeps other
     arrays), and layered gradient accumulation (every micro-batch's blocks, not its head:
     Korthikanti's counts m micro-batches in flight). Korthikanti's is taken at the rank's
@@ -94,14 +93,14 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
                   pcfg.sequence_parallel, mcfg.dropout > 0)
     covered = (tcfg.backend != "cupy" and pcfg.tensor_parallel_mode == "1d"
                and not mcfg.num_experts and grid.cp_size == 1
-               and not pcfg.layered_gradient_accumulation
-               and (p == 1 or pcfg.pipeline_schedule != "zb-h1"
-                    or not pcfg.recompute_granularity))
+               and not pcfg.layered_gradient_accumulation)
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
     v = pcfg.num_virtual_stages
     if p > 1 and (v > 1 or pcfg.pipeline_schedule == "zb-h1"):   # chunk c: stage c p + r
+        zero_bubble = pcfg.pipeline_schedule == "zb-h1"
         ours = schedule_bytes([chunk_bytes(sizes, blocks, c * p + r == 0,
-                                           c * p + r == p * v - 1, recomputed, selective, chunk)
+                                           c * p + r == p * v - 1, recomputed, selective, chunk,
+                                           zero_bubble)
                                for c in range(v)],
                               compute_ops(p, m, v, pcfg.pipeline_schedule)[r],
                               [deferred_bytes(sizes, blocks)] * v)

@@ -150,13 +150,17 @@ ATTENTION_PART = ("ln_1", "c_attn input", "qkv", "core", "c_proj input")
 
 
 def chunk_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int = 0,
-                selective: bool = False, chunk: int = 1) -> tuple[int, int, int]:
+                selective: bool = False, chunk: int = 1,
+                zero_bubble: bool = False) -> tuple[int, int, int]:
     """For one micro-batch through a model chunk of `blocks` blocks (the first `recomputed` of
     them fully recomputed in chunks of `chunk`, or every one's attention core with
     selective): (what it holds after its forward: embedding + blocks + final; its peak inside
     its backward, a chunk's activations recomputed: all of its blocks' with its input under
     full, one block's attention part under selective, where that passes the first; what its
-    first block holds between passes)."""
+    first block holds between passes). Under zero-bubble (zero_bubble) a recomputing moment
+    also holds the deferred weight gradients of the blocks whose backward has run: those
+    after it, and under selective its own MLP's (the MLP's backward runs before attention's,
+    whose core is recomputed first thing)."""
     terms = block_terms(z)
     full = sum(terms.values())
     attention = sum(terms[k] for k in ATTENTION_PART)
@@ -167,12 +171,14 @@ def chunk_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int 
              + z.b * z.s * z.h * z.e + z.b * z.s * z.V // z.t * z.e) if last else 0
     held = [(x if i % chunk == 0 else 0) if i < recomputed else kept for i in range(blocks)]
     one = embed + sum(held) + final
+    later = deferred_bytes(z, 1) if zero_bubble else 0           # a block's deferred gradients
+    mlp = (2 * z.b * z.s * z.h + 8 * z.b * z.s * z.h // z.t) * z.e if zero_bubble else 0
     moments = [one]
     for lo in range(0, recomputed, chunk):                      # a chunk rerun: n blocks' full
         n = min(chunk, recomputed - lo)
-        moments.append(embed + sum(held[:lo]) + x + n * full)
+        moments.append(embed + sum(held[:lo]) + x + n * full + (blocks - lo - n) * later)
     for i in range(recomputed, blocks) if selective else ():    # an attention core rerun
-        moments.append(embed + sum(held[:i]) + attention)
+        moments.append(embed + sum(held[:i]) + attention + (blocks - i - 1) * later + mlp)
     return one, max(moments), held[0] if held else 0
 
 
