@@ -117,3 +117,35 @@ def test_zero_bubble_registry_equals_the_schedule_replay(tp, sp, dtype, dropout,
     ok = (mem["activations"] == mem["activations_formula"] > 0
           and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
     assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("kind", ["p2p", "a2a"])
+@pytest.mark.parametrize("layout", [dict(), dict(tensor_model_parallel_size=2),
+                                    dict(tensor_model_parallel_size=2, sequence_parallel=True),
+                                    dict(pipeline_model_parallel_size=2)])
+@pytest.mark.parametrize("dtype, dropout", [("float32", 0.1), ("bfloat16", 0.0)])
+@pytest.mark.parametrize("recompute", ["", "full", "selective"])
+def test_context_parallel_registry_equals_the_formula(kind, layout, dtype, dropout, recompute):
+    """Under context parallelism each rank keeps its T / C tokens of every layer, and its
+    attention core what the ring or the all-to-all keeps (refgpt.nn.activations.core_bytes)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    tp = layout.get("tensor_model_parallel_size", 1)
+    pp = layout.get("pipeline_model_parallel_size", 1)
+    if comm.size % (2 * tp * pp):
+        pytest.skip(f"cp 2 x tp {tp} x pp {pp} needs a multiple of {2 * tp * pp} ranks")
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64, vocab_multiple=16, dropout=dropout)
+    dp = comm.size // (tp * pp)
+    tcfg = TrainConfig(micro_batch_size=2, global_batch_size=4 * dp, train_iters=1, lr=1e-2,
+                       dtype=dtype, synthetic_data=True, eval_iters=0)
+    pcfg = ParallelConfig(context_parallel_size=2, cp_comm_type=kind,
+                          recompute_granularity=recompute, **layout)
+    grid = Grid(comm, tp, pp, cp=2)
+    t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
+    t.run()
+    mem = t.memory()
+    ok = (mem["activations"] == mem["activations_formula"] > 0
+          and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
+    assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem))

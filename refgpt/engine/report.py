@@ -75,8 +75,7 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     deferred weight gradients hold (deferred_bytes). It is 0 where it does not model the
     layout: the cupy backend (its fused attention keeps other arrays), 2-D tensor
     parallelism, models with experts (what an expert keeps
-    depends on how many tokens it was sent), context parallelism (its attention keeps other
-    arrays), and layered gradient accumulation (every micro-batch's blocks, not its head:
+    depends on how many tokens it was sent), and layered gradient accumulation (every micro-batch's blocks, not its head:
     Korthikanti's counts m micro-batches in flight). Korthikanti's is taken at the rank's
     T / c tokens (its attention term at T / c x T under context parallelism is not modelled
     either)."""
@@ -88,12 +87,12 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     e, c = dtype.itemsize, max(dtype.itemsize, 4)
     selective = pcfg.recompute_granularity == "selective"
     recomputed = pcfg.recomputed_blocks(blocks, r)
-    sizes = Sizes(tcfg.micro_batch_size, mcfg.seq_length, mcfg.hidden_size,
+    sizes = Sizes(tcfg.micro_batch_size, mcfg.seq_length // grid.cp_size, mcfg.hidden_size,
                   mcfg.num_attention_heads, mcfg.padded_vocab, e, c, t,
-                  pcfg.sequence_parallel, mcfg.dropout > 0)
+                  pcfg.sequence_parallel, mcfg.dropout > 0, grid.cp_size,
+                  pcfg.cp_comm_type == "a2a")
     covered = (tcfg.backend != "cupy" and pcfg.tensor_parallel_mode == "1d"
-               and not mcfg.num_experts and grid.cp_size == 1
-               and not pcfg.layered_gradient_accumulation)
+               and not mcfg.num_experts and not pcfg.layered_gradient_accumulation)
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
     v = pcfg.num_virtual_stages
     if p > 1 and (v > 1 or pcfg.pipeline_schedule == "zb-h1"):   # chunk c: stage c p + r

@@ -111,9 +111,11 @@ class ActivationMeter:
 
 @dataclass(frozen=True)
 class Sizes:
-    """One micro-batch's dimensions as a rank holds them: b sequences of s tokens, hidden h,
-    a heads, padded vocabulary V; e bytes per stored and c per compute element; tensor-parallel
-    size t, with sequence parallelism (sp) or not; dropout on or off."""
+    """One micro-batch's dimensions as a rank holds them: b sequences of s tokens (the rank's
+    share of each under context parallelism), hidden h, a heads, padded vocabulary V; e bytes
+    per stored and c per compute element; tensor-parallel size t, with sequence parallelism
+    (sp) or not; dropout on or off; context-parallel size cp, its attention by ring (p2p) or
+    all-to-all (a2a)."""
 
     b: int
     s: int
@@ -125,6 +127,8 @@ class Sizes:
     t: int = 1
     sp: bool = False
     dropout: bool = False
+    cp: int = 1
+    a2a: bool = False
 
     @property
     def s_local(self) -> int:
@@ -133,13 +137,29 @@ class Sizes:
         return self.s // self.t if self.sp else self.s
 
 
+def core_bytes(z: Sizes) -> int:
+    """What the attention core keeps: P (with dropout also dropout(P) and its mask) of the
+    rank's heads; under context parallelism by ring (refgpt.parallel.context), the output in
+    the compute type (a copy beside the stored one in 16 bits) and its log-sum-exp, the mask
+    drawn again in backward; by all-to-all, the whole sequence's q, k, v of 1/cp of the heads
+    and their P."""
+    b, s, h, a, e, c, t, drop = z.b, z.s, z.h, z.a, z.e, z.c, z.t, int(z.dropout)
+    if z.cp > 1 and not z.a2a:
+        return b * s * h // t * (c if e != c else 0) + a // t * b * s * c
+    if z.cp > 1:
+        whole = s * z.cp
+        return 3 * b * s * h // t * e + a // (t * z.cp) * b * whole * whole * (
+            (1 + drop) * e + drop * c)
+    return a // t * b * s * s * ((1 + drop) * e + drop * c)
+
+
 def block_terms(z: Sizes) -> dict[str, int]:
     """Bytes one block keeps for its backward, by what keeps them (module docstring)."""
-    b, s, h, a, e, c, t, sl = z.b, z.s, z.h, z.a, z.e, z.c, z.t, z.s_local
+    b, s, h, e, c, t, sl = z.b, z.s, z.h, z.e, z.c, z.t, z.s_local
     drop = int(z.dropout)
     return {"ln_1": b * sl * h * e + b * sl * c, "c_attn input": b * s * h * e,
             "qkv": 3 * b * s * h // t * e,
-            "core": a // t * b * s * s * ((1 + drop) * e + drop * c),   # P (+ dropout(P), mask)
+            "core": core_bytes(z),                              # P (+ dropout(P), mask)
             "c_proj input": b * s * h // t * e, "attention dropout mask": drop * b * sl * h * c,
             "ln_2": b * sl * h * e + b * sl * c, "c_fc input": b * s * h * e,
             "gelu input": 4 * b * s * h // t * e, "mlp c_proj input": 4 * b * s * h // t * e,
