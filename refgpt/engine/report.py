@@ -72,10 +72,11 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     measured registry equals, and by Korthikanti et al.'s per-layer formula times the rank's
     layers and micro-batches in flight. Under the interleaved schedule refgpt's replays the
     rank's compute ops (schedule_bytes), and under the zero-bubble schedule with what its
-    deferred weight gradients hold (deferred_bytes). It is 0 where it does not model the
-    layout: the cupy backend (its fused attention keeps other arrays), 2-D tensor
-    parallelism, models with experts (what an expert keeps
-    depends on how many tokens it was sent), and layered gradient accumulation (every micro-batch's blocks, not its head:
+    deferred weight gradients hold (deferred_bytes); under context parallelism it counts the
+    rank's T / C tokens and what its attention keeps (core_bytes). It is 0 where it does not
+    model the layout: the cupy backend (its fused attention keeps other arrays), 2-D tensor
+    parallelism, models with experts (what an expert keeps depends on how many tokens it was
+    sent), and layered gradient accumulation (every micro-batch's blocks, not its head:
     Korthikanti's counts m micro-batches in flight). Korthikanti's is taken at the rank's
     T / c tokens (its attention term at T / c x T under context parallelism is not modelled
     either)."""
