@@ -12,6 +12,7 @@ import pytest
 
 from refgpt.config import ModelConfig, ParallelConfig
 from refgpt.engine import Trainer
+from refgpt.parallel.context import formula_volume
 from refgpt.parallel.grid import Grid
 from test_zero import QUIET, agree, same_run, train_cfg
 
@@ -108,13 +109,10 @@ def test_communication_counters_equal_the_formulas(kind):
     t.run()
     cfg, S = t.mcfg, tcfg.train_iters
     m = tcfg.micro_batches(comm.size // C)
-    b = tcfg.micro_batch_size * cfg.num_attention_heads * (cfg.hidden_size
-                                                            // cfg.num_attention_heads) \
-        * cfg.seq_length // (2 * C)
-    if kind == "p2p":
-        want = {"forward": S * m * (C - 1) * 4 * b, "backward": S * m * (2 * C - 1) * 4 * b}
-    else:
-        want = {"forward": S * m * (C - 1) * 8 * b // C, "backward": S * m * (C - 1) * 8 * b // C}
+    heads = cfg.num_attention_heads
+    per = formula_volume(tcfg.micro_batch_size, cfg.seq_length, heads, cfg.hidden_size // heads,
+                         C, kind)
+    want = {way: S * m * n for way, n in per.items()}
     got = dict(t.model.parts.cp.volume)
     expect = {(f"h.{i}.attn", p): n for i in range(cfg.num_layers) for p, n in want.items()}
     t.close()

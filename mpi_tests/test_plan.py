@@ -15,33 +15,56 @@ from test_zero import QUIET, agree
 CATEGORIES = ("params", "grads", "optimizer", "activations")
 
 
-@pytest.mark.mpi(min_size=2)
-def test_every_layout_of_the_plan_has_the_registrys_memory():
-    from mpi4py import MPI
-    comm = MPI.COMM_WORLD
+def registry_mismatches(comm, listed) -> tuple[list[str], list[str]]:
+    """(checked, failed): each runnable layout of `listed` (refgpt.plan.layouts' tuples) run
+    for one step of a small model, every rank's registry against rank_memory."""
     mcfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
                        vocab_size=45, vocab_multiple=16, dropout=0.1)
     tcfg = TrainConfig(micro_batch_size=1, global_batch_size=4 * comm.size, train_iters=1,
                        synthetic_data=True, eval_iters=0)
     failures, checked = [], []
-    for name, pcfg, tp, pp, dp, reason in layouts(comm.size, mcfg, tcfg, ParallelConfig(),
-                                                  comm.size):
+    for name, pcfg, tp, pp, dp, reason in listed(mcfg, tcfg):
         if reason:
             continue
-        t = Trainer(mcfg, tcfg, pcfg, Grid(comm, tp, pp), **QUIET)
+        t = Trainer(mcfg, tcfg, pcfg, Grid(comm, tp, pp, cp=pcfg.context_parallel_size),
+                    **QUIET)
         t.train_step()
         measured = t.memory()
-        want = rank_memory(mcfg, tcfg, pcfg, tp, pp, dp, t.grid.pp_rank, t.grid.data_rank)
+        want = rank_memory(mcfg, tcfg, pcfg, tp, pp, dp, t.grid.pp_rank, t.grid.dp_rank)
         ok = (all(measured[k] == want[k] for k in CATEGORIES)
               and measured["working_peak"] == want["working"])
         t.close()
         checked.append(name)
         if not agree(comm, ok):
             failures.append(name)
+    return checked, failures
+
+
+@pytest.mark.mpi(min_size=2)
+def test_every_layout_of_the_plan_has_the_registrys_memory():
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    checked, failures = registry_mismatches(comm, lambda mcfg, tcfg: layouts(
+        comm.size, mcfg, tcfg, ParallelConfig(), comm.size))
     assert len(checked) >= (12 if comm.size == 4 else 6) and not failures, failures
     assert any("zero-1-shm" in name for name in checked)
     assert any("pp2x2" in name for name in checked)            # the interleaved schedule
     assert any("pp2-zb" in name for name in checked)           # zero-bubble
+
+
+@pytest.mark.mpi(min_size=2)
+def test_the_context_parallel_layouts_have_the_registrys_memory():
+    """The layouts with context parallelism (--context-parallel-size 2: up to 2), ring and
+    all-to-all, with every ZeRO stage, pipeline schedule and TP, without recomputation (its
+    activations under CP are checked in test_activations)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    checked, failures = registry_mismatches(comm, lambda mcfg, tcfg: (
+        one for one in layouts(comm.size, mcfg, tcfg, ParallelConfig(context_parallel_size=2),
+                               comm.size)
+        if " cp2" in one[0] and "recompute" not in one[0]))
+    assert len(checked) >= (20 if comm.size == 4 else 2) and not failures, failures
+    assert any("a2a" in name for name in checked)
 
 
 @pytest.mark.mpi(min_size=2)

@@ -7,15 +7,15 @@ how fast each would be.
 
 The layouts: every tensor-parallel size t (1-D) and pipeline size p that divide the world and
 the model, each pipeline with 1F1B, the interleaved schedule at every number of model chunks v
-a rank can hold (shown as ppPxV) and zero-bubble (ppP-zb), the data-parallel size
-d = world / (t p) the rest,
-ZeRO stage 0-3 (and
-ZeRO-1 through shared memory where each data-parallel group lies inside one node), and
-activation recomputation off, selective or full, as refgpt.train's check_layout accepts them
-(those it refuses are listed with its reason). Each one's memory per rank, in the categories
-of the training log's ``memory_bytes``, on the rank that holds the most (the first pipeline
-stage keeps the most micro-batches in flight; under the interleaved schedule the rank's own
-order of its chunks' forwards and backwards decides):
+a rank can hold (shown as ppPxV) and zero-bubble (ppP-zb), the data-parallel size d = world /
+(t p) the rest, context-parallel sizes c dividing d up to --context-parallel-size (which the
+planner reads as the largest to consider; 1 by default) by ring and by all-to-all (cpC,
+cpC-a2a), ZeRO stage 0-3 (and ZeRO-1 through shared memory where each data-parallel group lies
+inside one node), and activation recomputation off, selective or full, as refgpt.train's
+check_layout accepts them (those it refuses are listed with its reason). Each one's memory per
+rank, in the categories of the training log's ``memory_bytes``, on the rank that holds the
+most (the first pipeline stage keeps the most micro-batches in flight; under the interleaved
+schedule the rank's own order of its chunks' forwards and backwards decides):
 
     params, grads, optimizer   P elements on the rank: its stage's parameters, its tensor-
                                parallel shard of each, padded to a multiple of d under ZeRO;
@@ -35,8 +35,8 @@ reaches (the LM head at the GEMM rate, the blocks at what makes forward and back
 whole model run at the GEMM rate times the machine's calibrated step efficiency), the
 pipeline's bubble from the schedule simulator, the optimizer's elements at the machine's
 optimizer rate, and, given --allreduce-bandwidth (GB/s a rank moves in an all-reduce) or a
-machine's network, the data- and tensor-parallel traffic by the counters' formulas at the
-rate of the group's size, not overlapped; full recomputation adds a third of the recomputed
+machine's network, the data-, tensor- and context-parallel traffic by the counters' formulas
+at the all-reduce rate of the group's size, not overlapped; full recomputation adds a third of the recomputed
 blocks' FLOPs (one more forward), selective's extra attention-core FLOPs are not counted.
 Layouts are printed fastest first, each with the command that runs it. docs/plan.md sets
 these predictions beside measured runs.
@@ -51,10 +51,9 @@ the figure. ``--calibrate FILE`` (under mpiexec, one rank per core as in trainin
 this machine, with the step efficiency and optimizer rate of the model given by the other
 flags, and writes its file.
 
-Not yet (issue 30): context and expert parallelism, 2-D tensor parallelism and offload in the
-enumeration; a GEMM rate by shape, the pipeline's
-point-to-point sends, per-level (network) link rates and the machine's core groups in the time
-model.
+Not yet (issue 30): expert parallelism, 2-D tensor parallelism and offload in the
+enumeration; a GEMM rate by shape, the pipeline's point-to-point sends, per-level (network)
+link rates and the machine's core groups in the time model.
 """
 
 from __future__ import annotations
@@ -139,7 +138,9 @@ def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
     units = units or rank_units(mcfg, tp, pp, pp_rank, pcfg.num_virtual_stages)
     elements = sum(n for _, n in units)
     P = padded(elements, pcfg, dp)
-    grid = SimpleNamespace(tp_size=tp, pp_size=pp, pp_rank=pp_rank, data_size=dp, cp_size=1)
+    cp = pcfg.context_parallel_size
+    grid = SimpleNamespace(tp_size=tp, pp_size=pp, pp_rank=pp_rank, data_size=dp // cp,
+                           cp_size=cp)
     mem = {"params": p * (P // dp if stage == 3 else P),
            "grads": g * (P // dp if stage >= 2 else P),
            "optimizer": k * (P // dp if stage >= 1 else P),
@@ -165,6 +166,14 @@ def schedules(mcfg, pp: int) -> list[tuple[str, int]]:
             + [("zb-h1", 1)])
 
 
+def contexts(dp: int, most: int) -> list[tuple[int, str]]:
+    """(context-parallel size, its attention's communication) for a data-parallel size dp:
+    none, and every c from 2 to `most` (the run's --context-parallel-size) dividing dp, by
+    ring (p2p) and by all-to-all (a2a)."""
+    return [(1, "p2p")] + [(c, kind) for c in range(2, min(most, dp) + 1) if dp % c == 0
+                           for kind in ("p2p", "a2a")]
+
+
 def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
     """(name, pcfg, tp, pp, dp, reason or "") of every layout the module docstring lists; ZeRO-1
     through the node's shared memory (refgpt.parallel.shared) where every data-parallel group
@@ -174,25 +183,30 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
                                 if world // tp % q == 0 for k, v in schedules(mcfg, q)):
             dp = world // (tp * pp)
             shared = dp > 1 and ranks_per_node % (tp * dp) == 0
-            for zero, shm in [(0, False), *((z, False) for z in range(1, 4) if dp > 1),
-                              *([(1, True)] if shared else [])]:
-                for recompute in RECOMPUTE:
-                    cfg = replace(pcfg, tensor_model_parallel_size=tp,
-                                  pipeline_model_parallel_size=pp, zero_stage=zero,
-                                  dp_shared_memory=shm, recompute_granularity=recompute,
-                                  tensor_parallel_mode="1d", num_virtual_stages=v,
-                                  pipeline_schedule=schedule,
-                                  sequence_parallel=pcfg.sequence_parallel and tp > 1)
-                    name = (f"tp{tp} pp{pp}" + (f"x{v}" if v > 1 else "")
-                            + ("-zb" if schedule == "zb-h1" else "") + f" dp{dp}"
-                            + (f" zero-{zero}" if zero else "") + ("-shm" if shm else "")
-                            + (f" recompute-{recompute}" if recompute else ""))
-                    try:
-                        check_layout(mcfg, tcfg, cfg, tp, dp, pp)
-                    except ConfigError as e:
-                        yield name, cfg, tp, pp, dp, str(e)
-                        continue
-                    yield name, cfg, tp, pp, dp, ""
+            for zero, shm, cp, kind, recompute in (
+                    (z, shm, cp, kind, recompute)
+                    for z, shm in [(0, False), *((z, False) for z in range(1, 4) if dp > 1),
+                                   *([(1, True)] if shared else [])]
+                    for cp, kind in contexts(dp, pcfg.context_parallel_size)
+                    for recompute in RECOMPUTE):
+                cfg = replace(pcfg, tensor_model_parallel_size=tp,
+                              pipeline_model_parallel_size=pp, zero_stage=zero,
+                              dp_shared_memory=shm, recompute_granularity=recompute,
+                              tensor_parallel_mode="1d", num_virtual_stages=v,
+                              pipeline_schedule=schedule, context_parallel_size=cp,
+                              cp_comm_type=kind,
+                              sequence_parallel=pcfg.sequence_parallel and tp > 1)
+                name = (f"tp{tp} pp{pp}" + (f"x{v}" if v > 1 else "")
+                        + ("-zb" if schedule == "zb-h1" else "") + f" dp{dp}"
+                        + (f" cp{cp}" + ("-a2a" if kind == "a2a" else "") if cp > 1 else "")
+                        + (f" zero-{zero}" if zero else "") + ("-shm" if shm else "")
+                        + (f" recompute-{recompute}" if recompute else ""))
+                try:
+                    check_layout(mcfg, tcfg, cfg, tp, dp, pp)
+                except ConfigError as e:
+                    yield name, cfg, tp, pp, dp, str(e)
+                    continue
+                yield name, cfg, tp, pp, dp, ""
 
 
 def layout_flags(pcfg) -> list[str]:
@@ -202,6 +216,9 @@ def layout_flags(pcfg) -> list[str]:
         flags += ["--pipeline-schedule", pcfg.pipeline_schedule]
     if pcfg.num_virtual_stages > 1:
         flags += ["--num-virtual-stages", str(pcfg.num_virtual_stages)]
+    if pcfg.context_parallel_size > 1:
+        flags += ["--context-parallel-size", str(pcfg.context_parallel_size),
+                  "--cp-comm-type", pcfg.cp_comm_type]
     if pcfg.zero_stage:
         flags += ["--zero-stage", str(pcfg.zero_stage)]
     if pcfg.dp_shared_memory:
@@ -325,7 +342,7 @@ def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
                                              f"({ranks_per_node} ranks), the node has "
                                              f"{node_bytes / 2**30:,.1f}"})
             continue
-        micro = tcfg.micro_batches(dp)
+        micro = tcfg.micro_batches(dp // cfg.context_parallel_size)
         elements = max(padded(sum(n for _, n in u), cfg, dp) for u in stages)
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
                        mcfg, tcfg, cfg, rates.gemm, rates.link, elements, rates.efficiency,
@@ -357,7 +374,8 @@ def show(records: list[dict], top: int, mib=2.0 ** -20) -> None:
         m, t = r["memory_bytes"], r["step_time_s"]
         comm = ("" if t["allreduce_s"] is None else
                 f", all-reduce {t['allreduce_s']:.3g} s"
-                + ("" if t["tensor_s"] is None else f", tensor {t['tensor_s']:.3g} s"))
+                + ("" if t["tensor_s"] is None else f", tensor {t['tensor_s']:.3g} s")
+                + (f", context {t['context_s']:.3g} s" if t.get("context_s") else ""))
         comm += "" if t["optimizer_s"] is None else f", optimizer {t['optimizer_s']:.3g} s"
         print(f"{r['layout']:<38} {t['total']:.3g} s/step (compute {t['compute_s']:.3g} s, "
               f"bubble {t['bubble_s']:.3g} s{comm}) | {m['total'] * mib:,.1f} MiB/rank "
@@ -373,8 +391,10 @@ def show(records: list[dict], top: int, mib=2.0 ** -20) -> None:
 
 
 def training_flags(argv: list[str]) -> list[str]:
-    """argv without the planner's own flags (and their values): what refgpt.train takes."""
-    own = {f"--{k.replace('_', '-')}" for k in PLAN_FLAGS}
+    """argv without the planner's own flags (and their values), and without
+    --context-parallel-size, which the planner reads as the largest context-parallel size to
+    consider and each layout sets: what refgpt.train takes besides the layout."""
+    own = {f"--{k.replace('_', '-')}" for k in PLAN_FLAGS} | {"--context-parallel-size"}
     out, skip = [], False
     for a in argv:
         if skip:
@@ -546,7 +566,8 @@ def main(argv=None) -> int:
         raise ConfigError("--allreduce-bandwidth must be >= 0")
     given = {k for k in values}
     layout_set = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "zero_stage",
-                  "recompute_granularity"} & given
+                  "recompute_granularity", "cp_comm_type", "pipeline_schedule",
+                  "num_virtual_stages"} & given
     if layout_set:
         raise ConfigError("the planner chooses " + ", ".join(
             f"--{k.replace('_', '-')}" for k in sorted(layout_set)) + " itself")

@@ -221,3 +221,27 @@ def test_full_recomputation_lengthens_every_stage_and_the_efficiency_inverts_the
                                    at[name]["step_time_s"]["total"]) == pytest.approx(e, rel=1e-9)
     assert step_efficiency(lambda x: one["tp1 pp1 dp4"]["step_time_s"]["total"] / x,
                            1e-9) == 1.0                  # all overhead: nothing to scale
+
+
+def test_context_parallel_traffic_is_the_counters_formula():
+    """At one byte a second a CP layout's context seconds are its bytes: every layer's ring or
+    all-to-all volume (refgpt.parallel.context.formula_volume, which mpi_tests/test_context
+    checks against the counters) for each of the rank's micro-batches; its tensor traffic
+    equals the layout's without CP (C times the micro-batches, each of T / C tokens)."""
+    from refgpt.parallel.context import formula_volume
+    from refgpt.plan import Rates, plan
+    mcfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                       vocab_size=45)
+    tcfg = TrainConfig(global_batch_size=8, micro_batch_size=1)
+    records = {r["layout"]: r["step_time_s"] for r in plan(
+        [], 8, Rates(1e9, lambda n: 1.0, 1.0), mcfg, tcfg,
+        ParallelConfig(context_parallel_size=4)) if "refused" not in r}
+    for name, c, kind in (("tp1 pp1 dp8 cp2", 2, "p2p"), ("tp1 pp1 dp8 cp4-a2a", 4, "a2a"),
+                          ("tp2 pp1 dp4 cp2", 2, "p2p")):
+        t = int(name[2])
+        m = tcfg.micro_batches(8 // t // c)
+        volume = sum(formula_volume(1, 16, 4 // t, 8, c, kind).values())
+        assert records[name]["context_s"] == pytest.approx(m * 4 * volume * 4, rel=1e-12)
+    assert records["tp2 pp1 dp4"]["tensor_s"] > 0
+    assert records["tp2 pp1 dp4 cp2"]["tensor_s"] == pytest.approx(
+        records["tp2 pp1 dp4"]["tensor_s"], rel=1e-12)

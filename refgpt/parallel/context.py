@@ -77,6 +77,17 @@ def positions(T: int, C: int, r: int) -> np.ndarray:
                            np.arange((2 * C - 1 - r) * n, (2 * C - r) * n)])
 
 
+def formula_volume(B: int, T: int, H: int, D: int, C: int, kind: str) -> dict[str, int]:
+    """Elements a rank sends over its CP group per layer and micro-batch of B sequences of T
+    tokens, H the rank's heads of D (module docstring; b = B H D n elements in one chunk's
+    keys, n = T / 2C): p2p forward (C-1) 2 (2b), backward (2C-1) 2 (2b); a2a (C-1)/C 4 (2b)
+    each way."""
+    b = B * H * D * T // (2 * C)
+    if kind == "p2p":
+        return {"forward": (C - 1) * 4 * b, "backward": (2 * C - 1) * 4 * b}
+    return {"forward": (C - 1) * 8 * b // C, "backward": (C - 1) * 8 * b // C}
+
+
 def check_context(mcfg, pcfg, tp: int, dp: int) -> None:
     """The ConfigError a context-parallel run would meet, before anything is made."""
     C = pcfg.context_parallel_size

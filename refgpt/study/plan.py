@@ -30,7 +30,12 @@ once, as in training):
                                                     they are loads, not messages)
     tensor       T = m (l/p) 4 [2 (t-1)/t] B s h w / b(t) 1-D: two all-reduces of B s h in forward,
                                                     two in backward, per layer (same volume
-                                                    with sequence parallelism)
+                                                    with sequence parallelism); s / c tokens
+                                                    under context parallelism of c
+    context      X = m (l/p) V_c w / b(c)           context parallelism: each layer's ring or
+                                                    all-to-all volume V_c, forward and backward
+                                                    (refgpt.parallel.context.formula_volume),
+                                                    at the all-reduce rate of c ranks
     optimizer    O = P_o / r_o                      the elements a rank updates (P_r, or its
                                                     ZeRO shard P_r / d) at r_o elements a
                                                     second, a rank's AdamW with every rank of
@@ -42,7 +47,7 @@ once, as in training):
                                                     compute (= C when balanced): filling and
                                                     draining wait on them
 
-and the all-reduce share A / (C + A + T + U): the part of a step that overlap and a faster
+and the all-reduce share A / (C + A + T + X + U): the part of a step that overlap and a faster
 network could win back.
 """
 
@@ -55,6 +60,7 @@ from ..config import ConfigError
 from ..parallel.build import check_layout
 from ..metrics import head_flops, model_params, stage_flops
 from ..precision import compute_dtype, dtype_of
+from ..parallel.context import formula_volume
 from ..parallel.schedules import simulate
 from ..parallel.zero import formula_traffic
 
@@ -174,8 +180,13 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
     moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w, g)
     if pcfg.dp_shared_memory:                        # what a rank reads of the other rows
         moved = (d - 1) / d * int(per_rank) * g
-    tokens = tcfg.micro_batch_size * mcfg.seq_length * mcfg.hidden_size
+    c = pcfg.context_parallel_size
+    tokens = tcfg.micro_batch_size * mcfg.seq_length // c * mcfg.hidden_size
     tensor = m * mcfg.num_layers / p * 4 * 2 * (t - 1) / t * tokens * w
+    heads = mcfg.num_attention_heads // t
+    context = m * mcfg.num_layers / p * w * sum(formula_volume(
+        tcfg.micro_batch_size, mcfg.seq_length, heads, mcfg.hidden_size // mcfg.num_attention_heads,
+        c, pcfg.cp_comm_type).values()) if c > 1 else 0.0
     bubble = 0.0
     if p > 1:
         v = pcfg.num_virtual_stages
@@ -189,9 +200,11 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
                (lambda nbytes, n: None))
     allreduce = seconds(moved, d)
     tensor = None if t > 1 and pcfg.tensor_parallel_mode == "2d" else seconds(tensor, t)
+    context = seconds(context, c) if c > 1 else 0.0
     updated = int(per_rank) // d if pcfg.zero_stage else int(per_rank)
     optimizer = updated / optimizer_rate if optimizer_rate else None
-    total = compute + bubble + (allreduce or 0.0) + (tensor or 0.0) + (optimizer or 0.0)
+    total = (compute + bubble + (allreduce or 0.0) + (tensor or 0.0) + (context or 0.0)
+             + (optimizer or 0.0))
     return {"compute_s": compute, "allreduce_s": allreduce, "tensor_s": tensor,
-            "bubble_s": bubble, "optimizer_s": optimizer,
+            "context_s": context, "bubble_s": bubble, "optimizer_s": optimizer,
             "allreduce_share": None if allreduce is None else allreduce / total}
