@@ -25,7 +25,7 @@ from refgpt.config import ModelConfig
 from refgpt.nn import GPT
 from refgpt.parallel.summa import SummaGrid
 from refgpt.parallel.tensor import TensorParallel
-from refgpt.parallel.tensor2d import Tensor2D
+from refgpt.parallel.tensor2d import Tensor2D, formula_layer_volume
 from refgpt.parallel.tensor_comm import TPComm
 
 
@@ -72,7 +72,7 @@ def main():
             out[mode] = (*one[:2], two[2] - one[2])              # block 0's counts, one layer's time
         if comm.rank == 0:
             f1 = 8 * N * h * (t - 1) / t
-            f2 = (q - 1) / q**2 * (21 * N * h + 36 * h * h)
+            f2 = formula_layer_volume(N, h, q)
             print(f"{shape:>11} {out['1d'][0]:12.0f} {f1:12.0f} {out['2d'][0]:12.0f} {f2:12.0f} "
                   f"{out['2d'][1]:8d} {1e3 * out['1d'][2]:8.1f} {1e3 * out['2d'][2]:8.1f}", flush=True)
 

@@ -90,10 +90,11 @@ def test_interleaved_registry_equals_the_schedule_replay(pp, v, recompute):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("tp, sp", [(1, False), (2, False), (2, True)])
-@pytest.mark.parametrize("dtype, dropout", [("float32", 0.1), ("bfloat16", 0.0)])
-@pytest.mark.parametrize("recompute", [{}, dict(recompute_granularity="full"),
-                                       dict(recompute_granularity="full", recompute_num_layers=2),
-                                       dict(recompute_granularity="selective")])
+@pytest.mark.parametrize("dtype, dropout, recompute", [
+    ("float32", 0.1, {}), ("float32", 0.1, dict(recompute_granularity="full")),
+    ("float32", 0.1, dict(recompute_granularity="full", recompute_num_layers=2)),
+    ("float32", 0.1, dict(recompute_granularity="selective")), ("bfloat16", 0.0, {}),
+    ("bfloat16", 0.0, dict(recompute_granularity="selective"))])
 def test_zero_bubble_registry_equals_the_schedule_replay(tp, sp, dtype, dropout, recompute):
     """Under zb-h1 a B frees the micro-batch's stash but its deferred weight gradients keep
     each linear layer's input and output gradient until its W (deferred_bytes); a recomputing
@@ -124,8 +125,9 @@ def test_zero_bubble_registry_equals_the_schedule_replay(tp, sp, dtype, dropout,
 @pytest.mark.parametrize("layout", [dict(), dict(tensor_model_parallel_size=2),
                                     dict(tensor_model_parallel_size=2, sequence_parallel=True),
                                     dict(pipeline_model_parallel_size=2)])
-@pytest.mark.parametrize("dtype, dropout", [("float32", 0.1), ("bfloat16", 0.0)])
-@pytest.mark.parametrize("recompute", ["", "full", "selective"])
+@pytest.mark.parametrize("dtype, dropout, recompute", [
+    ("float32", 0.1, ""), ("float32", 0.1, "full"), ("float32", 0.1, "selective"),
+    ("bfloat16", 0.0, "")])
 def test_context_parallel_registry_equals_the_formula(kind, layout, dtype, dropout, recompute):
     """Under context parallelism each rank keeps its T / C tokens of every layer, and its
     attention core what the ring or the all-to-all keeps (refgpt.nn.activations.core_bytes)."""
@@ -149,3 +151,27 @@ def test_context_parallel_registry_equals_the_formula(kind, layout, dtype, dropo
     ok = (mem["activations"] == mem["activations_formula"] > 0
           and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
     assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem))
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.parametrize("dtype, dropout", [("float32", 0.1), ("bfloat16", 0.0)])
+@pytest.mark.parametrize("recompute", ["", "full", "selective"])
+def test_summa_registry_equals_the_formula(dtype, dropout, recompute):
+    """Under 2-D tensor parallelism (q x q) a rank keeps every array as [B/q, T, C/q], its
+    heads and vocabulary a q-th, and each LayerNorm its tokens' mean besides 1/sigma."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    if comm.size % 4:
+        pytest.skip("a 2 x 2 grid needs a multiple of 4 ranks")
+    cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64, vocab_multiple=16, dropout=dropout)
+    tcfg = TrainConfig(micro_batch_size=2, global_batch_size=2 * comm.size // 4, train_iters=1,
+                       lr=1e-2, dtype=dtype, synthetic_data=True, eval_iters=0)
+    pcfg = ParallelConfig(tensor_model_parallel_size=4, tensor_parallel_mode="2d",
+                          recompute_granularity=recompute)
+    t = Trainer(cfg, tcfg, pcfg, Grid(comm, 4, 1), log=lambda *_: None)
+    t.run()
+    mem = t.memory()
+    ok = (mem["activations"] == mem["activations_formula"] > 0
+          and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
+    assert all(comm.allgather(ok)), comm.allgather((t.grid.tp_rank, mem))

@@ -1,21 +1,21 @@
-"""Plan a run: which layouts of a model fit on N nodes of R ranks, with each rank's memory, and
-how fast each would be.
+"""Plan a run: which layouts of a model fit on N nodes of R ranks, with each rank's memory, and how
+fast each would be.
 
     python -m refgpt.plan --nodes 1 --ranks-per-node 16 --num-layers 12 --hidden-size 768 \
         --num-attention-heads 12 --seq-length 1024 --vocab-size 50257 \
         --global-batch-size 16 --micro-batch-size 1 [--allreduce-bandwidth 5] [--json]
 
-The layouts: every tensor-parallel size t (1-D) and pipeline size p that divide the world and
-the model, each pipeline with 1F1B, the interleaved schedule at every number of model chunks v
-a rank can hold (shown as ppPxV) and zero-bubble (ppP-zb), the data-parallel size d = world /
-(t p) the rest, context-parallel sizes c dividing d up to --context-parallel-size (which the
-planner reads as the largest to consider; 1 by default) by ring and by all-to-all (cpC,
-cpC-a2a), ZeRO stage 0-3 (and ZeRO-1 through shared memory where each data-parallel group lies
-inside one node), and activation recomputation off, selective or full, as refgpt.train's
-check_layout accepts them (those it refuses are listed with its reason). Each one's memory per
-rank, in the categories of the training log's ``memory_bytes``, on the rank that holds the
-most (the first pipeline stage keeps the most micro-batches in flight; under the interleaved
-schedule the rank's own order of its chunks' forwards and backwards decides):
+The layouts: every tensor-parallel size t (1-D, and 2-D where t is a square: tpT-2d) and
+pipeline size p that divide the world and the model, each pipeline with 1F1B, the interleaved
+schedule at every number of model chunks v a rank can hold (shown as ppPxV) and zero-bubble
+(ppP-zb), the data-parallel size d = world / (t p) the rest, context-parallel sizes c dividing d
+up to --context-parallel-size (which the planner reads as the largest to consider; 1 by default)
+by ring and by all-to-all (cpC, cpC-a2a), ZeRO stage 0-3 (and ZeRO-1 through shared memory where
+each data-parallel group lies inside one node), and activation recomputation off, selective or
+full, as refgpt.train's check_layout accepts them (those it refuses are listed with its reason).
+Each one's memory per rank, in the categories of the training log's ``memory_bytes``, on the
+rank that holds the most (the first pipeline stage keeps the most micro-batches in flight; under
+the interleaved schedule the rank's own order of its chunks' forwards and backwards decides):
 
     params, grads, optimizer   P elements on the rank: its stage's parameters, its tensor-
                                parallel shard of each, padded to a multiple of d under ZeRO;
@@ -27,34 +27,33 @@ schedule the rank's own order of its chunks' forwards and backwards decides):
                                data-parallel ranks that stand for all (distinct_shards)
 
 These are the registry's own numbers (tests/test_plan.py and mpi_tests/test_plan.py run the
-layouts and compare), not estimates; with a machine file that has ``process_mib`` (what a
-rank held beyond them when calibrated: interpreter, libraries, MPI's buffers) the record adds
-it as ``process``. The time per step is the scaling study's cost model
-(refgpt.study.plan.predict): the busiest pipeline stage's FLOPs at the rates a training step
-reaches (the LM head at the GEMM rate, the blocks at what makes forward and backward of the
-whole model run at the GEMM rate times the machine's calibrated step efficiency), the
-pipeline's bubble from the schedule simulator, the optimizer's elements at the machine's
-optimizer rate, and, given --allreduce-bandwidth (GB/s a rank moves in an all-reduce) or a
-machine's network, the data-, tensor- and context-parallel traffic by the counters' formulas
-at the all-reduce rate of the group's size, not overlapped; full recomputation adds a third of the recomputed
-blocks' FLOPs (one more forward), selective's extra attention-core FLOPs are not counted.
-Layouts are printed fastest first, each with the command that runs it. docs/plan.md sets
-these predictions beside measured runs.
+layouts and compare), not estimates; with a machine file that has ``process_mib`` (what a rank
+held beyond them when calibrated: interpreter, libraries, MPI's buffers) the record adds it as
+``process``. The time per step is the scaling study's cost model (refgpt.study.plan.predict):
+the busiest pipeline stage's FLOPs at the rates a training step reaches (the LM head at the GEMM
+rate, the blocks at what makes forward and backward of the whole model run at the GEMM rate
+times the machine's calibrated step efficiency), the pipeline's bubble from the schedule
+simulator, the optimizer's elements at the machine's optimizer rate, and, given --allreduce-
+bandwidth (GB/s a rank moves in an all-reduce) or a machine's network, the data-, tensor- and
+context-parallel traffic by the counters' formulas at the all-reduce rate of the group's size,
+not overlapped; full recomputation adds a third of the recomputed blocks' FLOPs (one more
+forward), selective's extra attention-core FLOPs are not counted. Layouts are printed fastest
+first, each with the command that runs it. docs/plan.md sets these predictions beside measured
+runs.
 
 Machines (--machine): a small TOML file, or the name of one in refgpt/machines (a64fx-fugaku,
 from published figures, each cited in the file): cores and memory per node, the GEMM rate per
 node by type, the step efficiency by type ([step_efficiency]), the optimizer rate by type
 ([optimizer_melem_s]), process_mib, and the all-reduce rate a rank moves ([network]
-allreduce_gbs, and by group size [network.allreduce_gbs_by_ranks]). With one, the rates are
-its own and a layout whose ranks on a node need more than the node's memory is refused with
-the figure. ``--calibrate FILE`` (under mpiexec, one rank per core as in training) measures
-this machine, with the step efficiency and optimizer rate of the model given by the other
-flags, and writes its file.
+allreduce_gbs, and by group size [network.allreduce_gbs_by_ranks]). With one, the rates are its
+own and a layout whose ranks on a node need more than the node's memory is refused with the
+figure. ``--calibrate FILE`` (under mpiexec, one rank per core as in training) measures this
+machine, with the step efficiency and optimizer rate of the model given by the other flags, and
+writes its file.
 
-Not yet (issue 30): expert parallelism, 2-D tensor parallelism and offload in the
-enumeration; a GEMM rate by shape, the pipeline's point-to-point sends, per-level (network)
-link rates and the machine's core groups in the time model.
-"""
+Not yet (issue 30): expert parallelism in the enumeration; a GEMM rate by shape, the pipeline's
+point-to-point sends, per-level (network) link rates and the machine's core groups in the time
+model."""
 
 from __future__ import annotations
 
@@ -64,6 +63,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, replace
+from math import isqrt
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -89,22 +89,26 @@ MACHINES = Path(__file__).parent / "machines"
 RECOMPUTE = ("", "selective", "full")
 
 
-def rank_units(mcfg, tp: int, pp: int, pp_rank: int, v: int = 1) -> list[tuple[str, int]]:
+def rank_units(mcfg, tp: int, pp: int, pp_rank: int, v: int = 1,
+               two_d: bool = False) -> list[tuple[str, int]]:
     """(unit, elements) of the parameters a rank holds, in its flat buffer's order (ZeRO's
     units: refgpt.nn.params.unit_key): its pipeline stages' (chunks c p + r, c < v, under the
-    interleaved schedule), its 1-D tensor-parallel shard of each (every TP rank's shard is the
+    interleaved schedule), its tensor-parallel shard of each (1-D: refgpt.parallel.tensor's;
+    2-D: a tp-th of every parameter, refgpt.parallel.tensor2d; every TP rank's shard is the
     same size: check_layout asks divisibility)."""
     stages = ([stage_of(c * pp + pp_rank, pp, v, mcfg.num_layers) for c in range(v)]
               if pp > 1 else [None])
     units: dict[str, int] = {}
     for s in (s for stage in stages for s in param_specs(mcfg, stage)):
-        n = shard(np.empty(s.shape, bool), shard_kind(s.name), 0, tp).size if tp > 1 else s.size
+        n = (s.size // tp if two_d else
+             shard(np.empty(s.shape, bool), shard_kind(s.name), 0, tp).size if tp > 1
+             else s.size)
         units[unit_key(s.name)] = units.get(unit_key(s.name), 0) + n
     return list(units.items())
 
 
 def rank_elements(mcfg, tp: int, pp: int, pp_rank: int, v: int = 1) -> int:
-    """The parameters a rank holds (rank_units)."""
+    """The parameters a rank holds under 1-D tensor parallelism (rank_units)."""
     return sum(n for _, n in rank_units(mcfg, tp, pp, pp_rank, v))
 
 
@@ -135,7 +139,8 @@ def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
     g = 2 if pcfg.grad_reduce_in_bf16 else state
     k = 2 * state + (state if is_half(dtype) else 0)           # moments, and fp32 masters
     stage = pcfg.zero_stage
-    units = units or rank_units(mcfg, tp, pp, pp_rank, pcfg.num_virtual_stages)
+    units = units or rank_units(mcfg, tp, pp, pp_rank, pcfg.num_virtual_stages,
+                                pcfg.tensor_parallel_mode == "2d")
     elements = sum(n for _, n in units)
     P = padded(elements, pcfg, dp)
     cp = pcfg.context_parallel_size
@@ -178,7 +183,8 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
     """(name, pcfg, tp, pp, dp, reason or "") of every layout the module docstring lists; ZeRO-1
     through the node's shared memory (refgpt.parallel.shared) where every data-parallel group
     lies inside one node (t d divides the ranks of a node, as ranks are laid out TP first)."""
-    for tp in (t for t in range(1, world + 1) if world % t == 0):
+    for tp, mode in ((t, mode) for t in range(1, world + 1) if world % t == 0
+                     for mode in ("1d", "2d") if mode == "1d" or t > 1 and isqrt(t) ** 2 == t):
         for pp, schedule, v in ((q, k, v) for q in range(1, world // tp + 1)
                                 if world // tp % q == 0 for k, v in schedules(mcfg, q)):
             dp = world // (tp * pp)
@@ -192,11 +198,13 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
                 cfg = replace(pcfg, tensor_model_parallel_size=tp,
                               pipeline_model_parallel_size=pp, zero_stage=zero,
                               dp_shared_memory=shm, recompute_granularity=recompute,
-                              tensor_parallel_mode="1d", num_virtual_stages=v,
+                              tensor_parallel_mode=mode, num_virtual_stages=v,
                               pipeline_schedule=schedule, context_parallel_size=cp,
                               cp_comm_type=kind,
-                              sequence_parallel=pcfg.sequence_parallel and tp > 1)
-                name = (f"tp{tp} pp{pp}" + (f"x{v}" if v > 1 else "")
+                              sequence_parallel=pcfg.sequence_parallel and tp > 1
+                              and mode == "1d")
+                name = (f"tp{tp}" + ("-2d" if mode == "2d" else "") + f" pp{pp}"
+                        + (f"x{v}" if v > 1 else "")
                         + ("-zb" if schedule == "zb-h1" else "") + f" dp{dp}"
                         + (f" cp{cp}" + ("-a2a" if kind == "a2a" else "") if cp > 1 else "")
                         + (f" zero-{zero}" if zero else "") + ("-shm" if shm else "")
@@ -212,6 +220,8 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
 def layout_flags(pcfg) -> list[str]:
     flags = ["--tensor-model-parallel-size", str(pcfg.tensor_model_parallel_size),
              "--pipeline-model-parallel-size", str(pcfg.pipeline_model_parallel_size)]
+    if pcfg.tensor_parallel_mode == "2d":
+        flags += ["--tensor-parallel-mode", "2d"]
     if pcfg.pipeline_model_parallel_size > 1 and pcfg.pipeline_schedule != "1f1b":
         flags += ["--pipeline-schedule", pcfg.pipeline_schedule]
     if pcfg.num_virtual_stages > 1:
@@ -318,18 +328,18 @@ def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
     docstring), or the reason it cannot run (node_bytes: the memory of a node, which the
     ranks_per_node ranks on it share; process_bytes: what a rank holds besides the registry's
     categories, the machine's measured process_mib); fastest first, the refused at the end."""
-    out, units = [], {}                     # units: (tp, pp, pp rank, v) -> rank_units
+    out, units = [], {}                     # units: (tp, pp, pp rank, v, 2-D) -> rank_units
     for name, cfg, tp, pp, dp, reason in layouts(world, mcfg, tcfg, pcfg, ranks_per_node):
         record = {"layout": name, "ranks": world,
                   "command": [*argv, *layout_flags(cfg)]}
         if reason:
             out.append({**record, "refused": reason})
             continue
-        v = cfg.num_virtual_stages
+        v, two_d = cfg.num_virtual_stages, cfg.tensor_parallel_mode == "2d"
         for r in range(pp):
-            if (tp, pp, r, v) not in units:
-                units[tp, pp, r, v] = rank_units(mcfg, tp, pp, r, v)
-        stages = [units[tp, pp, r, v] for r in range(pp)]
+            if (tp, pp, r, v, two_d) not in units:
+                units[tp, pp, r, v, two_d] = rank_units(mcfg, tp, pp, r, v, two_d)
+        stages = [units[tp, pp, r, v, two_d] for r in range(pp)]
         per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, s, stages[r])
                     for r in range(pp) for s in distinct_shards(stages[r], cfg, dp)]
         record["memory_bytes"] = dict(max(per_rank, key=lambda m: m["total"]))

@@ -73,9 +73,10 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     layers and micro-batches in flight. Under the interleaved schedule refgpt's replays the
     rank's compute ops (schedule_bytes), and under the zero-bubble schedule with what its
     deferred weight gradients hold (deferred_bytes); under context parallelism it counts the
-    rank's T / C tokens and what its attention keeps (core_bytes). It is 0 where it does not
-    model the layout: the cupy backend (its fused attention keeps other arrays), 2-D tensor
-    parallelism, models with experts (what an expert keeps depends on how many tokens it was
+    rank's T / C tokens and what its attention keeps (core_bytes); under 2-D tensor
+    parallelism a rank's b / q sequences of h / q (Sizes.summa). It is 0 where it does not
+    model the layout: the cupy backend (its fused attention keeps other arrays), models with
+    experts (what an expert keeps depends on how many tokens it was
     sent), and layered gradient accumulation (every micro-batch's blocks, not its head:
     Korthikanti's counts m micro-batches in flight). Korthikanti's is taken at the rank's
     T / c tokens (its attention term at T / c x T under context parallelism is not modelled
@@ -88,12 +89,13 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
     e, c = dtype.itemsize, max(dtype.itemsize, 4)
     selective = pcfg.recompute_granularity == "selective"
     recomputed = pcfg.recomputed_blocks(blocks, r)
-    sizes = Sizes(tcfg.micro_batch_size, mcfg.seq_length // grid.cp_size, mcfg.hidden_size,
-                  mcfg.num_attention_heads, mcfg.padded_vocab, e, c, t,
-                  pcfg.sequence_parallel, mcfg.dropout > 0, grid.cp_size,
-                  pcfg.cp_comm_type == "a2a")
-    covered = (tcfg.backend != "cupy" and pcfg.tensor_parallel_mode == "1d"
-               and not mcfg.num_experts and not pcfg.layered_gradient_accumulation)
+    q = math.isqrt(t) if pcfg.tensor_parallel_mode == "2d" else 1   # SUMMA's q x q grid
+    sizes = Sizes(tcfg.micro_batch_size // q, mcfg.seq_length // grid.cp_size,
+                  mcfg.hidden_size // q, mcfg.num_attention_heads // q, mcfg.padded_vocab // q,
+                  e, c, t // (q * q), pcfg.sequence_parallel, mcfg.dropout > 0, grid.cp_size,
+                  pcfg.cp_comm_type == "a2a", q > 1)
+    covered = (tcfg.backend != "cupy" and not mcfg.num_experts
+               and not pcfg.layered_gradient_accumulation)
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
     v = pcfg.num_virtual_stages
     if p > 1 and (v > 1 or pcfg.pipeline_schedule == "zb-h1"):   # chunk c: stage c p + r

@@ -115,7 +115,8 @@ class Sizes:
     share of each under context parallelism), hidden h, a heads, padded vocabulary V; e bytes
     per stored and c per compute element; tensor-parallel size t, with sequence parallelism
     (sp) or not; dropout on or off; context-parallel size cp, its attention by ring (p2p) or
-    all-to-all (a2a)."""
+    all-to-all (a2a); summa: 2-D tensor parallelism, whose rank holds b / q sequences of h / q
+    (the sizes given so, t = 1) and whose LayerNorms keep their tokens' mean as well."""
 
     b: int
     s: int
@@ -129,6 +130,7 @@ class Sizes:
     dropout: bool = False
     cp: int = 1
     a2a: bool = False
+    summa: bool = False
 
     @property
     def s_local(self) -> int:
@@ -157,11 +159,12 @@ def block_terms(z: Sizes) -> dict[str, int]:
     """Bytes one block keeps for its backward, by what keeps them (module docstring)."""
     b, s, h, e, c, t, sl = z.b, z.s, z.h, z.e, z.c, z.t, z.s_local
     drop = int(z.dropout)
-    return {"ln_1": b * sl * h * e + b * sl * c, "c_attn input": b * s * h * e,
+    ln = b * sl * h * e + b * sl * c + z.summa * b * sl * e     # n, 1/sigma (, the mean)
+    return {"ln_1": ln, "c_attn input": b * s * h * e,
             "qkv": 3 * b * s * h // t * e,
             "core": core_bytes(z),                              # P (+ dropout(P), mask)
             "c_proj input": b * s * h // t * e, "attention dropout mask": drop * b * sl * h * c,
-            "ln_2": b * sl * h * e + b * sl * c, "c_fc input": b * s * h * e,
+            "ln_2": ln, "c_fc input": b * s * h * e,
             "gelu input": 4 * b * s * h // t * e, "mlp c_proj input": 4 * b * s * h // t * e,
             "mlp dropout mask": drop * b * sl * h * c}
 
@@ -187,7 +190,7 @@ def chunk_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int 
     kept = full - terms["core"] if selective else full
     x = z.b * z.s_local * z.h * z.e                              # a chunk's input
     embed = z.b * z.s_local * z.h * z.c if first and z.dropout else 0      # its dropout mask
-    final = (z.b * z.s_local * z.h * z.e + z.b * z.s_local * z.c       # ln_f
+    final = (z.b * z.s_local * (z.h * z.e + z.c + z.summa * z.e)      # ln_f
              + z.b * z.s * z.h * z.e + z.b * z.s * z.V // z.t * z.e) if last else 0
     held = [(x if i % chunk == 0 else 0) if i < recomputed else kept for i in range(blocks)]
     one = embed + sum(held) + final

@@ -49,6 +49,14 @@ from .tensor import VocabParallelCrossEntropy, shard
 from .tensor_comm import TPComm
 
 
+def formula_layer_volume(N: int, h: int, q: int) -> float:
+    """Elements a rank receives per transformer layer, forward and backward, for a micro-batch
+    of N tokens of hidden size h on a q x q grid: (q-1)/q^2 (21 N h + 36 h^2), the SUMMA
+    products' panels (docs/tensor-parallel.md); the LayerNorms' row sums and the biases'
+    gathers, which it leaves out, add under 1% at N, h >= 256."""
+    return (q - 1) / q**2 * (21 * N * h + 36 * h * h)
+
+
 def column_kind(name: str) -> str:
     return "qkv" if "c_attn" in name else "cols"
 

@@ -31,7 +31,8 @@ once, as in training):
     tensor       T = m (l/p) 4 [2 (t-1)/t] B s h w / b(t) 1-D: two all-reduces of B s h in forward,
                                                     two in backward, per layer (same volume
                                                     with sequence parallelism); s / c tokens
-                                                    under context parallelism of c
+                                                    under context parallelism of c; 2-D (q x q):
+                                                    tensor2d.formula_layer_volume at b(q)
     context      X = m (l/p) V_c w / b(c)           context parallelism: each layer's ring or
                                                     all-to-all volume V_c, forward and backward
                                                     (refgpt.parallel.context.formula_volume),
@@ -53,6 +54,7 @@ network could win back.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, replace
 
@@ -62,6 +64,7 @@ from ..metrics import head_flops, model_params, stage_flops
 from ..precision import compute_dtype, dtype_of
 from ..parallel.context import formula_volume
 from ..parallel.schedules import simulate
+from ..parallel.tensor2d import formula_layer_volume
 from ..parallel.zero import formula_traffic
 
 LAYOUT = re.compile(r"^(dp|(?:tp(\d+))?(?:pp(\d+))?)(?:-z([0-3])|-(shm))?$")
@@ -162,8 +165,7 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
             optimizer_rate: float | None = None) -> dict:
     """The cost model of the module docstring, in seconds per iteration. link_rate: bytes a
     second a rank moves in an all-reduce, one number or a function of the group's size.
-    Communication is None where it is not predicted: without a link rate, and tensor traffic
-    of 2-D (SUMMA) layouts (docs/tensor-parallel.md has its volume). elements: a rank's
+    Communication is None where it is not predicted: without a link rate. elements: a rank's
     parameters exactly, padded as ZeRO pads them (refgpt.plan), instead of the model's count
     over t p. efficiency: the share of gemm_rate forward and backward's model FLOPs reach (a
     machine's calibration). optimizer_rate: elements a second a rank's optimizer updates
@@ -199,7 +201,12 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
     seconds = ((lambda nbytes, n: nbytes / rate(n)) if link_rate else
                (lambda nbytes, n: None))
     allreduce = seconds(moved, d)
-    tensor = None if t > 1 and pcfg.tensor_parallel_mode == "2d" else seconds(tensor, t)
+    if t > 1 and pcfg.tensor_parallel_mode == "2d":  # SUMMA: panels over rows and columns
+        q = math.isqrt(t)
+        tensor = seconds(m * mcfg.num_layers / p * w * formula_layer_volume(
+            tcfg.micro_batch_size * mcfg.seq_length // c, mcfg.hidden_size, q), q)
+    else:
+        tensor = seconds(tensor, t)
     context = seconds(context, c) if c > 1 else 0.0
     updated = int(per_rank) // d if pcfg.zero_stage else int(per_rank)
     optimizer = updated / optimizer_rate if optimizer_rate else None
