@@ -113,6 +113,7 @@ def fastest_rank(rows: list[dict], timer: str) -> float:
 
 def predicted(name: str, ranks: int, machine: dict) -> dict:
     """refgpt.plan's record for this configuration's layout, on this machine."""
+    from refgpt.config import ConfigError
     from refgpt.plan import layout_flags, machine_rates, plan
     from refgpt.train import parse_config
     model, layout = CONFIGS[name]
@@ -122,7 +123,10 @@ def predicted(name: str, ranks: int, machine: dict) -> dict:
     process = int(machine.get("process_mib", 0) * 2**20)
     records = plan(argv, ranks, machine_rates(machine, tcfg, ranks, 0.0), mcfg, tcfg, pcfg,
                    process_bytes=process)
-    return next(r for r in records if r["command"][len(argv):] == want)
+    found = next((r for r in records if r["command"][len(argv):] == want), None)
+    if found is None:
+        raise ConfigError(f"not a layout the planner lists on {ranks} ranks")
+    return found
 
 
 def fitted(machines: dict, names: list[str], out: Path, ranks: int) -> tuple[dict, float]:
@@ -184,7 +188,8 @@ def instance_rows(out: Path, args, rows: list, terms: list, skipped: list) -> st
         own = machines[key(name)[0]]
         try:
             record = predicted(name, args.ranks, with_fit(own, fit, name) if fit else own)
-        except ConfigError as e:                 # a type the calibration could not measure
+        except ConfigError as e:       # a type the calibration could not measure, or a layout
+                                       # the planner does not list (ZeRO without DP)
             skipped.append(f"{name}: {e}")
             continue
         pt, pm = record["step_time_s"]["total"], record["memory_bytes"]["total"]

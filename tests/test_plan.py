@@ -245,3 +245,17 @@ def test_context_parallel_traffic_is_the_counters_formula():
     assert records["tp2 pp1 dp4"]["tensor_s"] > 0
     assert records["tp2 pp1 dp4 cp2"]["tensor_s"] == pytest.approx(
         records["tp2 pp1 dp4"]["tensor_s"], rel=1e-12)
+
+
+def test_the_shipped_machines_read_and_give_rates():
+    """Every file in refgpt/machines is a machine the planner reads, with a GEMM rate (and
+    where given, a step efficiency and an optimizer rate) for each type it lists."""
+    from refgpt.plan import MACHINES, machine_rates, read_machine
+    names = sorted(f.stem for f in MACHINES.glob("*.toml"))
+    assert {"a64fx-fugaku", "xeon-emerald-rapids-16", "amd-epyc-zen4-2"} <= set(names)
+    for name in names:
+        machine = read_machine(name)
+        for dtype in machine["gemm_tflops_per_node"]:
+            rates = machine_rates(machine, TrainConfig(dtype=dtype), machine["cores_per_node"],
+                                  0.0)
+            assert rates.gemm > 0 and 0 < rates.efficiency <= 1
