@@ -8,9 +8,11 @@
   inner.sh), TP 4 x PP 48 x DP 1-32 on 192-6144 nodes, TFLOP/s per node counting the
   recomputed forward (Megatron's hardware-FLOPs formula). Two figures are not in the scripts
   or the notes: the vocabulary (taken as 96,867, the llm-jp tokenizer v2.1 its vocabulary
-  file names) and the global batch, taken as 1024: fixed, as in the 1.3B table, it makes a
-  PP 48 pipeline's bubble (47 / (m + 47) of a step with m = 1024 / DP micro-batches) fall as
-  the published rows do, which a batch growing with DP would not.
+  file names) and the global batch, taken as 512, fixed over the rows: with the head's stage
+  doing twice the others' work (one block a stage, the head with the last, as refgpt and
+  DeepSpeedFugaku's `type:transformer` partition place it), a PP 48 pipeline's fill and
+  drain then make the rate fall with DP as the published rows do; a batch growing with DP
+  would not (docs/plan.md).
 
     python benchmarks/plan_fugaku.py --out docs/plan/fugaku.png
 
