@@ -5,17 +5,18 @@ fast each would be.
         --num-attention-heads 12 --seq-length 1024 --vocab-size 50257 \
         --global-batch-size 16 --micro-batch-size 1 [--allreduce-bandwidth 5] [--json]
 
-The layouts: every tensor-parallel size t (1-D, and 2-D where t is a square: tpT-2d) and
-pipeline size p that divide the world and the model, each pipeline with 1F1B, the interleaved
-schedule at every number of model chunks v a rank can hold (shown as ppPxV) and zero-bubble
-(ppP-zb), the data-parallel size d = world / (t p) the rest, context-parallel sizes c dividing d
-up to --context-parallel-size (which the planner reads as the largest to consider; 1 by default)
-by ring and by all-to-all (cpC, cpC-a2a), ZeRO stage 0-3 (and ZeRO-1 through shared memory where
-each data-parallel group lies inside one node), and activation recomputation off, selective or
-full, as refgpt.train's check_layout accepts them (those it refuses are listed with its reason).
-Each one's memory per rank, in the categories of the training log's ``memory_bytes``, on the
-rank that holds the most (the first pipeline stage keeps the most micro-batches in flight; under
-the interleaved schedule the rank's own order of its chunks' forwards and backwards decides):
+The layouts: every tensor-parallel size t (1-D, and 2-D where t is a square and the run does not
+ask for sequence parallelism: tpT-2d) and pipeline size p that divide the world and the model,
+each pipeline with 1F1B, the interleaved schedule at every number of model chunks v a rank can
+hold (shown as ppPxV) and zero-bubble (ppP-zb), the data-parallel size d = world / (t p) the
+rest, context-parallel sizes c dividing d up to --context-parallel-size (which the planner reads
+as the largest to consider; 1 by default) by ring and by all-to-all (cpC, cpC-a2a), ZeRO stage
+0-3 (and ZeRO-1 through shared memory where each data-parallel group lies inside one node), and
+activation recomputation off, selective or full, as refgpt.train's check_layout accepts them
+(those it refuses are listed with its reason). Each one's memory per rank, in the categories of
+the training log's ``memory_bytes``, on the rank that holds the most (the first pipeline stage
+keeps the most micro-batches in flight; under the interleaved schedule the rank's own order of
+its chunks' forwards and backwards decides):
 
     params, grads, optimizer   P elements on the rank: its stage's parameters, its tensor-
                                parallel shard of each, padded to a multiple of d under ZeRO;
@@ -183,8 +184,10 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
     """(name, pcfg, tp, pp, dp, reason or "") of every layout the module docstring lists; ZeRO-1
     through the node's shared memory (refgpt.parallel.shared) where every data-parallel group
     lies inside one node (t d divides the ranks of a node, as ranks are laid out TP first)."""
+    two_d = not pcfg.sequence_parallel           # 2-D refuses the run's sequence parallelism
     for tp, mode in ((t, mode) for t in range(1, world + 1) if world % t == 0
-                     for mode in ("1d", "2d") if mode == "1d" or t > 1 and isqrt(t) ** 2 == t):
+                     for mode in ("1d", "2d")
+                     if mode == "1d" or two_d and t > 1 and isqrt(t) ** 2 == t):
         for pp, schedule, v in ((q, k, v) for q in range(1, world // tp + 1)
                                 if world // tp % q == 0 for k, v in schedules(mcfg, q)):
             dp = world // (tp * pp)
@@ -577,7 +580,7 @@ def main(argv=None) -> int:
     given = {k for k in values}
     layout_set = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "zero_stage",
                   "recompute_granularity", "cp_comm_type", "pipeline_schedule",
-                  "num_virtual_stages"} & given
+                  "num_virtual_stages", "tensor_parallel_mode", "dp_shared_memory"} & given
     if layout_set:
         raise ConfigError("the planner chooses " + ", ".join(
             f"--{k.replace('_', '-')}" for k in sorted(layout_set)) + " itself")

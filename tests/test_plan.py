@@ -56,6 +56,9 @@ def test_the_plan_prints_records_with_commands(capsys):
 @pytest.mark.parametrize("argv, match", [
     (["--nodes", "0"], "--nodes must be >= 1"),
     (["--zero-stage", "1"], "the planner chooses --zero-stage itself"),
+    (["--tensor-parallel-mode", "2d"], "the planner chooses --tensor-parallel-mode itself"),
+    (["--pipeline-schedule", "zb-h1"], "the planner chooses --pipeline-schedule itself"),
+    (["--cp-comm-type", "a2a"], "the planner chooses --cp-comm-type itself"),
 ])
 def test_what_the_planner_refuses(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
