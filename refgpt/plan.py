@@ -442,21 +442,21 @@ def build_plan_parser() -> argparse.ArgumentParser:
 CALIBRATED = ("float64", "float32", "bfloat16")
 
 
-def data_parallel_step(mcfg, tcfg, world) -> tuple[float, float, int]:
+def data_parallel_step(mcfg, tcfg, pcfg, world) -> tuple[float, float, int]:
     """(seconds a step, seconds its optimizer, peak resident bytes beyond the registry) of this
-    model's plain data-parallel training step on every rank of `world`, as refgpt.train runs
-    it: two micro-batches of synthetic data a rank, the median of three steps after a first
-    (which compiles and warms), each started by a barrier, each the slowest rank's; memory,
-    the most any rank held beyond its parameters, gradients, optimizer state, activations and
-    ZeRO buffers (interpreter, libraries, MPI's buffers)."""
+    model's plain data-parallel training step on every rank of `world` with the run's
+    settings (pcfg: buckets, overlap), as refgpt.train runs it: two micro-batches of
+    synthetic data a rank, the median of three steps after a first (which compiles and
+    warms), each started by a barrier, each the slowest rank's; memory, the most any rank
+    held beyond its parameters, gradients, optimizer state, activations and ZeRO buffers
+    (interpreter, libraries, MPI's buffers)."""
     from mpi4py import MPI
 
-    from .config import ParallelConfig
     from .engine import Trainer
     from .parallel.grid import Grid
     tcfg = replace(tcfg, synthetic_data=True, eval_iters=0, train_iters=4, load="", save="",
                    global_batch_size=2 * tcfg.micro_batch_size * world.size)
-    trainer = Trainer(mcfg, tcfg, ParallelConfig(), Grid(world), log=lambda *_: None)
+    trainer = Trainer(mcfg, tcfg, pcfg, Grid(world), log=lambda *_: None)
     steps, updates = [], []
     for step in range(4):
         world.Barrier()
@@ -495,7 +495,6 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     cores, is in it), the optimizer's rate and the memory a rank holds beyond the registry."""
     from mpi4py import MPI
 
-    from .config import ParallelConfig
     from .parallel.threads import node_memory, ranks_on_node, set_threads
     from .study.measure import cpu_name, group_rates
     world = MPI.COMM_WORLD
@@ -506,10 +505,12 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
                          tcfg.dtype, pcfg.overlap_grad_reduce) if world.size > 1 else {})
     link = group_link({"allreduce_gbs_by_ranks": {n: r / 1e9 for n, r in links.items()}})
     rates, efficiency, optimizer, process = {}, {}, {}, None
-    plain = layout_flags(ParallelConfig())                  # the data-parallel layout's flags
+    # The run's settings (buckets, overlap, threads) on the plain data-parallel layout.
+    dp_cfg = replace(pcfg, context_parallel_size=1)
+    plain = layout_flags(dp_cfg)                            # the data-parallel layout's flags
     for dtype in sorted(CALIBRATED, key=lambda t: t != tcfg.dtype):
         run = replace(tcfg, dtype=dtype, global_batch_size=2 * tcfg.micro_batch_size * world.size)
-        need = rank_memory(mcfg, run, ParallelConfig(), 1, 1, world.size)["total"]
+        need = rank_memory(mcfg, run, dp_cfg, 1, 1, world.size)["total"]
         # Every rank holds the whole model, beside what the types measured before left
         # resident (freed arrays need not go back to the system).
         if (need + peak_rss() + 2**30) * per_node > 0.85 * memory:
@@ -521,7 +522,7 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
         try:
             world.Barrier()
             rate = world.allreduce(measured_gemm_rate(run), op=MPI.MIN)
-            seconds, update, held = data_parallel_step(mcfg, run, world)
+            seconds, update, held = data_parallel_step(mcfg, run, dp_cfg, world)
         except ImportError:
             continue
         rates[dtype], process = rate, held if process is None else process
@@ -530,7 +531,7 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
         def dp_step(e: float, run=run, rate=rate, update=optimizer[dtype]) -> float:
             """The plan's time of the step just measured, at step efficiency e."""
             records = plan([], world.size, Rates(rate, link, e, update), mcfg, run,
-                           ParallelConfig(), ranks_per_node=per_node)
+                           dp_cfg, ranks_per_node=per_node)
             return next(r for r in records if r["command"] == plain)["step_time_s"]["total"]
         efficiency[dtype] = step_efficiency(dp_step, seconds)
     if not rates:
