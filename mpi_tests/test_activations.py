@@ -62,6 +62,17 @@ def test_activation_registry_equals_the_formula(layout, dtype, dropout):
     assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem, want))
 
 
+def assert_registry_equals_formula(comm, cfg, tcfg, pcfg, grid) -> None:
+    """Train one step of the layout; on every rank the registry's activations (peak, and the
+    first block's) equal the trainer's formula, which covers the layout (> 0)."""
+    t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
+    t.run()
+    mem = t.memory()
+    ok = (mem["activations"] == mem["activations_formula"] > 0
+          and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
+    assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem))
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("pp, v", [(2, 2), (2, 4), (4, 2)])
 @pytest.mark.parametrize("recompute", ["", "full", "selective"])
@@ -79,13 +90,7 @@ def test_interleaved_registry_equals_the_schedule_replay(pp, v, recompute):
                        dtype="float32", synthetic_data=True, eval_iters=0)
     pcfg = ParallelConfig(pipeline_model_parallel_size=pp, num_virtual_stages=v,
                           pipeline_schedule="interleaved", recompute_granularity=recompute)
-    grid = Grid(comm, 1, pp)
-    t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
-    t.run()
-    mem = t.memory()
-    ok = (mem["activations"] == mem["activations_formula"] > 0
-          and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
-    assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, mem))
+    assert_registry_equals_formula(comm, cfg, tcfg, pcfg, Grid(comm, 1, pp))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -111,13 +116,7 @@ def test_zero_bubble_registry_equals_the_schedule_replay(tp, sp, dtype, dropout,
                        dtype=dtype, synthetic_data=True, eval_iters=0)
     pcfg = ParallelConfig(pipeline_model_parallel_size=pp, pipeline_schedule="zb-h1",
                           tensor_model_parallel_size=tp, sequence_parallel=sp, **recompute)
-    grid = Grid(comm, tp, pp)
-    t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
-    t.run()
-    mem = t.memory()
-    ok = (mem["activations"] == mem["activations_formula"] > 0
-          and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
-    assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem))
+    assert_registry_equals_formula(comm, cfg, tcfg, pcfg, Grid(comm, tp, pp))
 
 
 @pytest.mark.mpi(min_size=2)
@@ -144,13 +143,7 @@ def test_context_parallel_registry_equals_the_formula(kind, layout, dtype, dropo
                        dtype=dtype, synthetic_data=True, eval_iters=0)
     pcfg = ParallelConfig(context_parallel_size=2, cp_comm_type=kind,
                           recompute_granularity=recompute, **layout)
-    grid = Grid(comm, tp, pp, cp=2)
-    t = Trainer(cfg, tcfg, pcfg, grid, log=lambda *_: None)
-    t.run()
-    mem = t.memory()
-    ok = (mem["activations"] == mem["activations_formula"] > 0
-          and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
-    assert all(comm.allgather(ok)), comm.allgather((grid.pp_rank, grid.tp_rank, mem))
+    assert_registry_equals_formula(comm, cfg, tcfg, pcfg, Grid(comm, tp, pp, cp=2))
 
 
 @pytest.mark.mpi(min_size=4)
@@ -169,9 +162,4 @@ def test_summa_registry_equals_the_formula(dtype, dropout, recompute):
                        lr=1e-2, dtype=dtype, synthetic_data=True, eval_iters=0)
     pcfg = ParallelConfig(tensor_model_parallel_size=4, tensor_parallel_mode="2d",
                           recompute_granularity=recompute)
-    t = Trainer(cfg, tcfg, pcfg, Grid(comm, 4, 1), log=lambda *_: None)
-    t.run()
-    mem = t.memory()
-    ok = (mem["activations"] == mem["activations_formula"] > 0
-          and mem["activations_layer"] == mem["activations_layer_formula"] > 0)
-    assert all(comm.allgather(ok)), comm.allgather((t.grid.tp_rank, mem))
+    assert_registry_equals_formula(comm, cfg, tcfg, pcfg, Grid(comm, 4, 1))
