@@ -586,6 +586,9 @@ def main(argv=None) -> int:
         raise ConfigError("the planner chooses " + ", ".join(
             f"--{k.replace('_', '-')}" for k in sorted(layout_set)) + " itself")
     mcfg, tcfg, pcfg, _, _ = configs_from(values)
+    if pcfg.context_parallel_size < 1:          # the largest CP size the planner considers
+        raise ConfigError(f"--context-parallel-size must be >= 1, got "
+                          f"{pcfg.context_parallel_size}")
     if own["calibrate"]:
         folder = Path(own["calibrate"]).resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):

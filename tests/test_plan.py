@@ -59,6 +59,7 @@ def test_the_plan_prints_records_with_commands(capsys):
     (["--tensor-parallel-mode", "2d"], "the planner chooses --tensor-parallel-mode itself"),
     (["--pipeline-schedule", "zb-h1"], "the planner chooses --pipeline-schedule itself"),
     (["--cp-comm-type", "a2a"], "the planner chooses --cp-comm-type itself"),
+    (["--context-parallel-size", "0"], "--context-parallel-size must be >= 1, got 0"),
 ])
 def test_what_the_planner_refuses(argv, match, capsys):
     with pytest.raises(SystemExit) as e:
