@@ -258,7 +258,8 @@ def read_machine(name: str) -> dict:
             raise ConfigError(f"--machine {name}: '{key}' is missing or not a "
                               f"{getattr(kind, '__name__', 'number')}")
     for key, kind in (("process_mib", (int, float)), ("step_efficiency", dict),
-                      ("optimizer_melem_s", dict), ("network", dict)):
+                      ("head_efficiency", dict), ("optimizer_melem_s", dict),
+                      ("network", dict)):
         if key in m and not isinstance(m[key], kind):
             raise ConfigError(f"--machine {name}: '{key}' is not a "
                               f"{'table' if kind is dict else 'number'}")
@@ -272,6 +273,8 @@ class Rates:
     link: Callable[[int], float] | None = None    # bytes/s in an all-reduce of n ranks
     efficiency: float = 1.0                       # forward + backward's share of gemm
     optimizer: float | None = None                # elements/s the optimizer updates
+    head: float | None = None                     # the head's share of gemm (None: efficiency)
+    p2p: float | None = None                      # bytes/s a rank sends to another
 
 
 def group_link(network: dict, bandwidth: float = 0.0) -> Callable[[int], float] | None:
@@ -306,9 +309,11 @@ def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) ->
         raise ConfigError(f"--machine {name}: no GEMM rate for {tcfg.dtype} "
                           f"(it has {sorted(machine['gemm_tflops_per_node'])})")
     efficiency = machine.get("step_efficiency", {}).get(tcfg.dtype, 1.0)
-    if not isinstance(efficiency, (int, float)) or not 0 < efficiency <= 1:
-        raise ConfigError(f"--machine {name}: step_efficiency.{tcfg.dtype} must be "
-                          f"in (0, 1], got {efficiency!r}")
+    head = machine.get("head_efficiency", {}).get(tcfg.dtype, efficiency)
+    for table, value in (("step_efficiency", efficiency), ("head_efficiency", head)):
+        if not isinstance(value, (int, float)) or not 0 < value <= 1:
+            raise ConfigError(f"--machine {name}: {table}.{tcfg.dtype} must be "
+                              f"in (0, 1], got {value!r}")
     optimizer = machine.get("optimizer_melem_s", {}).get(tcfg.dtype)
     if optimizer is not None and (not isinstance(optimizer, (int, float)) or optimizer <= 0):
         raise ConfigError(f"--machine {name}: optimizer_melem_s.{tcfg.dtype} must be > 0, "
@@ -316,12 +321,14 @@ def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) ->
     network = machine.get("network", {})
     try:
         link = group_link(network, bandwidth)
-        if link and min(link(n) for n in (1, 2, 1 << 20)) <= 0:
+        p2p = float(network.get("p2p_gbs", 0)) * 1e9
+        if link and min(link(n) for n in (1, 2, 1 << 20)) <= 0 or p2p < 0:
             raise ValueError("rates must be > 0")
     except (TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"--machine {name}: [network]: {e}") from None
     return Rates(rate * 1e12 / ranks_per_node, link, efficiency,
-                 optimizer * 1e6 if optimizer else None)
+                 optimizer * 1e6 if optimizer else None, head,
+                 None if bandwidth or not p2p else p2p)
 
 
 def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
@@ -359,7 +366,7 @@ def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
         elements = max(padded(sum(n for _, n in u), cfg, dp) for u in stages)
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
                        mcfg, tcfg, cfg, rates.gemm, rates.link, elements, rates.efficiency,
-                       rates.optimizer)
+                       rates.optimizer, rates.head, rates.p2p)
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
         blocks = mcfg.num_layers // (pp * cfg.num_virtual_stages)   # full recomputation: one
         if cfg.recompute_granularity == "full":         # (a third of their FLOPs) of the
@@ -388,7 +395,8 @@ def show(records: list[dict], top: int, mib=2.0 ** -20) -> None:
         comm = ("" if t["allreduce_s"] is None else
                 f", all-reduce {t['allreduce_s']:.3g} s"
                 + ("" if t["tensor_s"] is None else f", tensor {t['tensor_s']:.3g} s")
-                + (f", context {t['context_s']:.3g} s" if t.get("context_s") else ""))
+                + (f", context {t['context_s']:.3g} s" if t.get("context_s") else "")
+                + (f", pipeline {t['pipeline_s']:.3g} s" if t.get("pipeline_s") else ""))
         comm += "" if t["optimizer_s"] is None else f", optimizer {t['optimizer_s']:.3g} s"
         print(f"{r['layout']:<38} {t['total']:.3g} s/step (compute {t['compute_s']:.3g} s, "
               f"bubble {t['bubble_s']:.3g} s{comm}) | {m['total'] * mib:,.1f} MiB/rank "

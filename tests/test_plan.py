@@ -131,29 +131,32 @@ def test_stage_flops_sum_to_the_models_and_the_head_is_the_last_stages(p, v, exp
 
 
 def test_a_machines_step_efficiency_and_process_memory(tmp_path, capsys):
-    """[step_efficiency] divides the compute term, process_mib adds to each rank's memory; a
-    bad efficiency is one error line."""
+    """[step_efficiency] divides the compute term (the whole model at that share of the GEMM
+    rate, the head too unless [head_efficiency] gives its own), process_mib adds to each
+    rank's memory; a bad efficiency is one error line."""
     argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
             "--seq-length", "16", "--vocab-size", "45", "--global-batch-size", "8",
             "--micro-batch-size", "1", "--nodes", "1", "--ranks-per-node", "2", "--json"]
     head = 'name = "m"\ncores_per_node = 2\nmemory_gib_per_node = 1\n'
     records = {}
-    for name, extra in (("plain", ""), ("calibrated", "process_mib = 100\n")):
+    for name, extra in (("plain", ""), ("calibrated", "process_mib = 100\n"),
+                        ("head", "process_mib = 100\n[head_efficiency]\nfloat32 = 1.0\n")):
         path = tmp_path / f"{name}.toml"
         path.write_text(head + extra + "[gemm_tflops_per_node]\nfloat32 = 1.0\n"
                         + ("[step_efficiency]\nfloat32 = 0.25\n" if extra else ""))
         assert main([*argv, "--machine", str(path)]) == 0
         records[name] = {r["layout"]: r for r in json.loads(capsys.readouterr().out)
                          if "refused" not in r}
-    for layout, r in records["calibrated"].items():
-        plain = records["plain"][layout]
-        ratio = r["step_time_s"]["compute_s"] / plain["step_time_s"]["compute_s"]
-        if " pp1 " in layout:                  # the whole model at a quarter of the rate
-            assert ratio == pytest.approx(4, rel=1e-12)
-        else:                                  # the last stage's head stays at the GEMM rate
-            assert 1 < ratio < 4
-        assert r["memory_bytes"]["process"] == 100 * 2**20
-        assert r["memory_bytes"]["total"] == plain["memory_bytes"]["total"] + 100 * 2**20
+    for layout, plain in records["plain"].items():
+        for name in ("calibrated", "head"):
+            r = records[name][layout]
+            ratio = r["step_time_s"]["compute_s"] / plain["step_time_s"]["compute_s"]
+            if " pp1 " in layout or name == "calibrated":     # the whole model at a quarter
+                assert ratio == pytest.approx(4, rel=1e-12)
+            else:                           # the last stage's head at the GEMM rate, so the
+                assert 1 < ratio < 4        # blocks slower than a quarter of it
+            assert r["memory_bytes"]["process"] == 100 * 2**20
+            assert r["memory_bytes"]["total"] == plain["memory_bytes"]["total"] + 100 * 2**20
     bad = tmp_path / "bad.toml"
     bad.write_text(head + "[gemm_tflops_per_node]\nfloat32 = 1.0\n"
                    "[step_efficiency]\nfloat32 = 1.5\n")

@@ -71,6 +71,13 @@ def test_cost_model_by_hand():
     head = tokens * 6 * (128 * 64 + 2 * 64)
     assert piped["compute_s"] == pytest.approx((2 * block + head) / g)      # the busiest stage
     assert piped["bubble_s"] == pytest.approx(2 * block / g * 1 / 16)       # (p-1)/m of the other
+    assert piped["pipeline_s"] is None
+    sends = 2 * 16 * (2 * 32 * 64) * 4               # each micro-batch on and back, fp32
+    table = m.padded_vocab * 64 * 4                  # the tied wte's gradient, first + last
+    for p2p in (None, 2e9):
+        piped = predict(Config(2, Layout("pp2", 1, 2), 1, 16), m, t, ParallelConfig(), g, b,
+                        p2p_rate=p2p)
+        assert piped["pipeline_s"] == pytest.approx(sends / (p2p or b) + table / b)
 
 
 def test_dry_run_prints_the_plan(capsys, tmp_path):
@@ -143,19 +150,21 @@ def test_study_end_to_end_with_a_launcher(tmp_path):
     assert "starting" not in again.stdout
 
 
-def test_stage_seconds_keep_the_head_at_the_gemm_rate():
-    """With a step efficiency e, the whole model takes F / (g e); the blocks run at the e_b
-    that makes it so while the head runs at g, so a pipeline's last stage is lighter than its
-    FLOPs say."""
+def test_stage_seconds_put_the_head_at_its_own_efficiency():
+    """With a step efficiency e, the whole model takes F / (g e); the head runs at its own
+    measured share e_h of g (e where none is measured) and the blocks at the e_b that makes
+    the whole so, so a pipeline's last stage is lighter than its FLOPs say when e_h > e."""
     from refgpt.metrics import head_flops, stage_flops
     from refgpt.study.plan import stage_seconds
     m = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=128,
                     seq_length=32)
     g, e = 1e10, 0.5
     F, H = model_flops(m, 16), head_flops(m, 16)
-    assert stage_seconds(m, 16, 1, 1, g, e) == pytest.approx([F / (g * e)])
     first, last = stage_flops(m, 16, 2)
-    e_b = (F - H) / (F / e - H)
-    two = stage_seconds(m, 16, 2, 1, g, e)
-    assert two == pytest.approx([first / (g * e_b), ((last - H) / e_b + H) / g])
-    assert sum(two) == pytest.approx(F / (g * e))
+    assert stage_seconds(m, 16, 2, 1, g, e) == pytest.approx([first / (g * e), last / (g * e)])
+    for e_h in (1.0, 0.8, 0.3):
+        assert stage_seconds(m, 16, 1, 1, g, e, e_h) == pytest.approx([F / (g * e)])
+        e_b = (F - H) / (F / e - H / e_h)
+        two = stage_seconds(m, 16, 2, 1, g, e, e_h)
+        assert two == pytest.approx([first / (g * e_b), ((last - H) / e_b + H / e_h) / g])
+        assert sum(two) == pytest.approx(F / (g * e))

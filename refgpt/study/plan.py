@@ -13,15 +13,17 @@ g, a rank's GEMM rate, and b, the bytes a rank moves per second inside an all-re
 of n ranks, where a calibration measured it by group size; every group of a layout sums at
 once, as in training):
 
-    compute      C = max_s (F_s - H_s) / (R/p g e_b) + H_s / (R/p g)
+    compute      C = max_s (F_s - H_s) / (R/p g e_b) + H_s / (R/p g e_h)
                                                     F_s: the model FLOPs of the step on pipeline
                                                     stage s (refgpt.metrics.stage_flops), H_s the
-                                                    LM head's among them (the last stage's): one
-                                                    large GEMM, at the GEMM rate; the blocks at
-                                                    e_b, from the machine's step efficiency e
-                                                    (forward and backward of the whole model
-                                                    at g e, the slowest rank's); e = 1
-                                                    without a calibration: C a lower bound
+                                                    LM head's among them (the last stage's): its
+                                                    GEMMs and the loss over the vocabulary at
+                                                    e_h, the head's own measured share of g
+                                                    (else e); the blocks at the e_b that makes
+                                                    the whole model run at the machine's step
+                                                    efficiency e (forward and backward at g e,
+                                                    the slowest rank's); e = 1 without a
+                                                    calibration: C a lower bound
     all-reduce   A = 2 (d-1)/d P_r w / b(d)         ring all-reduce of a rank's gradient, P_r =
                                                     P / (t p) parameters of w bytes; ZeRO moves
                                                     zero.formula_traffic instead; not overlapped;
@@ -47,9 +49,15 @@ once, as in training):
                                                     simulation, C_o the other stages' mean
                                                     compute (= C when balanced): filling and
                                                     draining wait on them
+    pipeline     S = M_a / b_p + V h g / (t b(2))  the busiest stage's sends (refgpt.study.plan.
+                                                    pipeline_bytes: activations on and gradients
+                                                    back, each micro-batch and chunk) at the
+                                                    point-to-point rate b_p (else b(2)), and
+                                                    the tied token table's gradient summed by
+                                                    the first and last stages
 
-and the all-reduce share A / (C + A + T + X + U): the part of a step that overlap and a faster
-network could win back.
+and the all-reduce share A / (C + A + T + X + U + S + O): the part of a step that overlap and a
+faster network could win back.
 """
 
 from __future__ import annotations
@@ -147,35 +155,53 @@ def make_plan(ranks, layouts, mcfg, tcfg, pcfg) -> list[Config]:
     return out
 
 
-def stage_seconds(mcfg, batch: int, p: int, v: int, rate: float, efficiency: float = 1.0):
+def stage_seconds(mcfg, batch: int, p: int, v: int, rate: float, efficiency: float = 1.0,
+                  head_efficiency: float | None = None):
     """Each pipeline rank's compute seconds per step (module docstring), its stage's ranks
-    running at `rate` FLOP/s together. The head is one large GEMM and runs at the GEMM rate;
-    the blocks, a mix of GEMMs and memory-bound kernels, at the efficiency e_b that makes the
-    whole model's time F / (rate e), as calibrated:  e_b = (F - H) / (F / e - H)."""
+    running at `rate` FLOP/s together. The head (the LM head's GEMMs and the loss over the
+    vocabulary) runs at rate e_h, its own measured share (head_efficiency; None: e, the
+    whole model's); the blocks at the e_b that makes the whole model's time F / (rate e), as
+    calibrated:  e_b = (F - H) / (F / e - H / e_h)."""
     stages = stage_flops(mcfg, batch, p, v)
     head = head_flops(mcfg, batch)
+    e_h = efficiency if head_efficiency is None else head_efficiency
     total = sum(stages)
-    blocks = (total - head) / (total / efficiency - head)
-    return [((f - head) / blocks + head if s == p - 1 else f / blocks) / rate
+    blocks = (total - head) / (total / efficiency - head / e_h)
+    return [((f - head) / blocks + head / e_h if s == p - 1 else f / blocks) / rate
             for s, f in enumerate(stages)]
+
+
+def pipeline_bytes(mcfg, tcfg, pcfg, t: int, m: int, w: int, g: int) -> dict:
+    """Bytes the busiest pipeline rank moves a step: a middle stage sends each micro-batch's
+    activations on and its gradient back, once per model chunk (v under the interleaved
+    schedule), each of the shape its layout gives the activations between blocks (B x T/c x h,
+    a t-th of it under sequence parallelism or 2-D); the first and last stages sum the tied
+    token table's gradient, V h / t elements, in an all-reduce of two ranks, which moves its
+    size."""
+    tokens = tcfg.micro_batch_size * mcfg.seq_length // pcfg.context_parallel_size
+    shard = t if pcfg.sequence_parallel or pcfg.tensor_parallel_mode == "2d" else 1
+    return {"p2p": 2 * m * pcfg.num_virtual_stages * tokens * mcfg.hidden_size // shard * w,
+            "embedding": mcfg.padded_vocab * mcfg.hidden_size // t * g}
 
 
 def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
             elements: int | None = None, efficiency: float = 1.0,
-            optimizer_rate: float | None = None) -> dict:
+            optimizer_rate: float | None = None, head_efficiency: float | None = None,
+            p2p_rate: float | None = None) -> dict:
     """The cost model of the module docstring, in seconds per iteration. link_rate: bytes a
     second a rank moves in an all-reduce, one number or a function of the group's size.
     Communication is None where it is not predicted: without a link rate. elements: a rank's
     parameters exactly, padded as ZeRO pads them (refgpt.plan), instead of the model's count
     over t p. efficiency: the share of gemm_rate forward and backward's model FLOPs reach (a
-    machine's calibration). optimizer_rate: elements a second a rank's optimizer updates
-    (None: the optimizer not counted)."""
+    machine's calibration); head_efficiency: the head's own (stage_seconds). optimizer_rate:
+    elements a second a rank's optimizer updates (None: the optimizer not counted). p2p_rate:
+    bytes a second a rank sends to another (None: the all-reduce rate of 2 ranks)."""
     t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
     pcfg = parallel_config(pcfg, cfg.layout)
     w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
     g = 2 if pcfg.grad_reduce_in_bf16 else compute_dtype(dtype_of(tcfg.dtype)).itemsize
     stages = stage_seconds(mcfg, tcfg.global_batch_size, p, pcfg.num_virtual_stages,
-                           cfg.ranks // p * gemm_rate, efficiency)
+                           cfg.ranks // p * gemm_rate, efficiency, head_efficiency)
     compute = max(stages)                             # the busiest stage
     per_rank = (elements if elements is not None else
                 (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p))
@@ -208,10 +234,16 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
     else:
         tensor = seconds(tensor, t)
     context = seconds(context, c) if c > 1 else 0.0
+    pipeline = 0.0
+    if p > 1:        # sends between stages, and the tied token table's sum (first and last)
+        sent = pipeline_bytes(mcfg, tcfg, pcfg, t, m, w, g)
+        pipeline = (None if not link_rate else sent["p2p"] / (p2p_rate or rate(2))
+                    + sent["embedding"] / rate(2))
     updated = int(per_rank) // d if pcfg.zero_stage else int(per_rank)
     optimizer = updated / optimizer_rate if optimizer_rate else None
     total = (compute + bubble + (allreduce or 0.0) + (tensor or 0.0) + (context or 0.0)
-             + (optimizer or 0.0))
+             + (pipeline or 0.0) + (optimizer or 0.0))
     return {"compute_s": compute, "allreduce_s": allreduce, "tensor_s": tensor,
-            "context_s": context, "bubble_s": bubble, "optimizer_s": optimizer,
+            "context_s": context, "pipeline_s": pipeline, "bubble_s": bubble,
+            "optimizer_s": optimizer,
             "allreduce_share": None if allreduce is None else allreduce / total}
