@@ -81,7 +81,9 @@ def test_calibration_writes_a_machine_the_planner_reads(tmp_path_factory):
     comm.Barrier()
     m = read_machine(path)
     ok = (min(m["gemm_tflops_per_node"][t] for t in ("float64", "float32")) > 0
-          and all(0 < m["step_efficiency"][t] <= 1 for t in ("float64", "float32"))
+          and all(0 < m[table][t] <= 1 for t in ("float64", "float32")
+                  for table in ("step_efficiency", "head_efficiency"))
+          and m["network"]["p2p_gbs"] > 0
           and min(m["optimizer_melem_s"][t] for t in ("float64", "float32")) > 0
           and m["process_mib"] > 0 and m["network"]["allreduce_gbs"] > 0
           and sorted(map(int, m["network"]["allreduce_gbs_by_ranks"])) == [

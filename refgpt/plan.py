@@ -74,6 +74,7 @@ import numpy as np
 from .cli import exit_on_user_error, plain
 from .config import ConfigError
 from .engine.report import activation_formulas, peak_rss
+from .metrics import head_flops
 from .nn.gpt import param_specs
 from .nn.params import unit_key
 from .parallel.build import check_layout
@@ -482,6 +483,58 @@ def data_parallel_step(mcfg, tcfg, pcfg, world) -> tuple[float, float, int]:
     return float(np.median(steps)), float(np.median(updates)), world.allreduce(held, op=MPI.MAX)
 
 
+def timed(world, work, repeats: int = 3) -> float:
+    """Seconds `work()` takes on every rank of `world` at once: the median of `repeats` runs
+    after a first (which compiles and warms), each started by a barrier, each the slowest
+    rank's."""
+    from mpi4py import MPI
+    spent = []
+    for run in range(repeats + 1):
+        world.Barrier()
+        start = time.perf_counter()
+        work()
+        if run:
+            spent.append(world.allreduce(time.perf_counter() - start, op=MPI.MAX))
+    return float(np.median(spent))
+
+
+def head_step(mcfg, tcfg, world) -> float:
+    """Seconds the LM head's forward and backward of one micro-batch take (the final
+    LayerNorm, the logits' GEMM against the tied token table and the loss over the vocabulary;
+    the model's last stage with no blocks), on every rank at once: the head's own share of
+    the GEMM rate is head_flops / (that time x the rate)."""
+    from .backend import Backend, synchronize, to_device
+    from .nn.gpt import GPT, Stage
+    dtype = dtype_of(tcfg.dtype)
+    rng = np.random.default_rng(0)
+    B, T, C = tcfg.micro_batch_size, mcfg.seq_length, mcfg.hidden_size
+    with Backend(tcfg.backend, tf32=tcfg.tf32):
+        head = GPT(mcfg, dtype, stage=Stage(range(0), first=False, last=True))
+        x = to_device(rng.standard_normal((B, T, C)).astype(dtype))
+        y = to_device(rng.integers(0, mcfg.vocab_size, (B, T)))
+
+        def step():
+            head.forward(x, y)
+            head.backward()
+            synchronize()
+        return timed(world, step)
+
+
+def p2p_rate(world, nbytes: int) -> float:
+    """Bytes a second a rank sends to another while it receives as much (MPI_Sendrecv between
+    ranks 2i and 2i+1, every pair at once, as a pipeline's stages exchange activations and
+    gradients), messages of nbytes; the slowest pair's, the median of three."""
+    buf, got = np.ones(max(nbytes // 4, 1), np.float32), np.empty(max(nbytes // 4, 1), np.float32)
+    peer = world.rank ^ 1
+    repeats = 8
+
+    def exchange():
+        for _ in range(repeats):
+            if peer < world.size:
+                world.Sendrecv(buf, dest=peer, recvbuf=got, source=peer)
+    return repeats * buf.nbytes / timed(world, exchange)
+
+
 def step_efficiency(time_at: Callable[[float], float], seconds: float) -> float:
     """The step efficiency e at which a layout's predicted step, time_at(e), takes `seconds`.
     The prediction is affine in 1/e (the blocks' compute and the bubble scale with it, the
@@ -497,10 +550,12 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     """Write this machine's description: its cores and memory, the GEMM rate the trainer
     measures in each type refgpt trains in (float64, float32, bfloat16 where ml_dtypes is
     installed), (under mpiexec with more than one rank) the all-reduce rate of each group
-    size, and from the model given trained data-parallel on every rank (data_parallel_step):
-    the step efficiency that makes the planner predict that step's measured time (everything
-    a step does besides GEMMs and communication, and what the overlapped all-reduce costs the
-    cores, is in it), the optimizer's rate and the memory a rank holds beyond the registry."""
+    size and the point-to-point rate of pairs (p2p_rate), the LM head's own share of the
+    GEMM rate (head_step), and from the model given trained data-parallel on every rank
+    (data_parallel_step): the step efficiency that makes the planner predict that step's
+    measured time (everything a step does besides GEMMs and communication, and what the
+    overlapped all-reduce costs the cores, is in it), the optimizer's rate and the memory a
+    rank holds beyond the registry."""
     from mpi4py import MPI
 
     from .parallel.threads import node_memory, ranks_on_node, set_threads
@@ -512,7 +567,9 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     links = (group_rates(world, rank_elements(mcfg, 1, 1, 0), pcfg.ddp_bucket_size,
                          tcfg.dtype, pcfg.overlap_grad_reduce) if world.size > 1 else {})
     link = group_link({"allreduce_gbs_by_ranks": {n: r / 1e9 for n, r in links.items()}})
-    rates, efficiency, optimizer, process = {}, {}, {}, None
+    act = tcfg.micro_batch_size * mcfg.seq_length * mcfg.hidden_size * 4
+    sends = p2p_rate(world, act) if world.size > 1 else 0.0
+    rates, efficiency, heads, optimizer, process = {}, {}, {}, {}, None
     # The run's settings (buckets, overlap, threads) on the plain data-parallel layout.
     dp_cfg = replace(pcfg, context_parallel_size=1)
     plain = layout_flags(dp_cfg)                            # the data-parallel layout's flags
@@ -535,10 +592,13 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
             continue
         rates[dtype], process = rate, held if process is None else process
         optimizer[dtype] = rank_elements(mcfg, 1, 1, 0) / update
+        heads[dtype] = min(1.0, head_flops(mcfg, run.micro_batch_size)
+                           / (head_step(mcfg, run, world) * rate))
 
-        def dp_step(e: float, run=run, rate=rate, update=optimizer[dtype]) -> float:
+        def dp_step(e: float, run=run, rate=rate, update=optimizer[dtype],
+                    head=heads[dtype]) -> float:
             """The plan's time of the step just measured, at step efficiency e."""
-            records = plan([], world.size, Rates(rate, link, e, update), mcfg, run,
+            records = plan([], world.size, Rates(rate, link, e, update, head), mcfg, run,
                            dp_cfg, ranks_per_node=per_node)
             return next(r for r in records if r["command"] == plain)["step_time_s"]["total"]
         efficiency[dtype] = step_efficiency(dp_step, seconds)
@@ -562,12 +622,17 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     lines += ["", "[step_efficiency]     # the share of that rate that makes the planner's "
               f"step time equal the measured: {shape}"]
     lines += [f"{dtype} = {e:.3f}" for dtype, e in efficiency.items()]
+    lines += ["", "[head_efficiency]     # the LM head's share of that rate, its forward and "
+              "backward of one micro-batch alone on every rank (refgpt.plan.head_step)"]
+    lines += [f"{dtype} = {e:.3f}" for dtype, e in heads.items()]
     lines += ["", "[optimizer_melem_s]     # millions of elements a rank's optimizer updates a "
               "second (the slowest rank's)"]
     lines += [f"{dtype} = {r / 1e6:.1f}" for dtype, r in optimizer.items()]
     if links:
         lines += ["", "[network]", f"allreduce_gbs = {links[world.size] / 1e9:.3f}     # a rank "
-                  f"of {world.size}", "", "[network.allreduce_gbs_by_ranks]     # GB/s a rank "
+                  f"of {world.size}", f"p2p_gbs = {sends / 1e9:.3f}     # a rank to another, "
+                  f"all pairs at once, messages of {act:,} bytes (a micro-batch's activations)",
+                  "", "[network.allreduce_gbs_by_ranks]     # GB/s a rank "
                   f"moves in groups of n ranks, all at once, {tcfg.dtype} gradients in buckets "
                   f"of {pcfg.ddp_bucket_size:,} elements, "
                   + ("non-blocking" if pcfg.overlap_grad_reduce else "blocking")]
