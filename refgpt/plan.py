@@ -13,7 +13,9 @@ rest, context-parallel sizes c dividing d up to --context-parallel-size (which t
 as the largest to consider; 1 by default) by ring and by all-to-all (cpC, cpC-a2a), ZeRO stage
 0-3 (and ZeRO-1 through shared memory where each data-parallel group lies inside one node), and
 activation recomputation off, selective or full, as refgpt.train's check_layout accepts them
-(those it refuses are listed with its reason). Each one's memory per rank, in the categories of
+(those it refuses are listed with its reason); and where the run names no type (--bf16, --fp16,
+--dtype), float32 and bfloat16, each where the machine has its rate (the name ends fp32 or
+bf16; a type without a rate is left out with a note). Each one's memory per rank, in the categories of
 the training log's ``memory_bytes``, on the rank that holds the most (the first pipeline stage
 keeps the most micro-batches in flight; under the interleaved schedule the rank's own order of
 its chunks' forwards and backwards decides):
@@ -89,6 +91,9 @@ PLAN_FLAGS = ("nodes", "ranks_per_node", "allreduce_bandwidth", "json", "top", "
               "calibrate")
 MACHINES = Path(__file__).parent / "machines"
 RECOMPUTE = ("", "selective", "full")
+PRECISIONS = ("float32", "bfloat16")     # planned when the run names no type
+TYPE_FLAGS = {"float32": ("fp32", []), "bfloat16": ("bf16", ["--bf16"]),
+              "float16": ("fp16", ["--fp16"]), "float64": ("fp64", ["--dtype", "float64"])}
 
 
 def rank_units(mcfg, tp: int, pp: int, pp_rank: int, v: int = 1,
@@ -332,17 +337,31 @@ def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) ->
                  None if bandwidth or not p2p else p2p)
 
 
-def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
+def plan(argv: list[str], world: int, rates: Rates | dict[str, Rates], mcfg, tcfg, pcfg,
          node_bytes: float | None = None, ranks_per_node: int = 1,
          process_bytes: int = 0) -> list[dict]:
     """One record per layout: the layout, its command, memory and predicted time (module
     docstring), or the reason it cannot run (node_bytes: the memory of a node, which the
     ranks_per_node ranks on it share; process_bytes: what a rank holds besides the registry's
-    categories, the machine's measured process_mib); fastest first, the refused at the end."""
+    categories, the machine's measured process_mib); fastest first, the refused at the end.
+    rates: the time model's, or {type: its rates} to plan each of those types (precision
+    enumerated: each layout's name ends with its type, fp32 or bf16, its command sets it)."""
+    by_type = rates if isinstance(rates, dict) else {tcfg.dtype: rates}
+    return sorted((r for dtype, r_ in by_type.items() for r in _plan_type(
+        argv, world, r_, mcfg, replace(tcfg, dtype=dtype), pcfg, node_bytes, ranks_per_node,
+        process_bytes, TYPE_FLAGS[dtype] if isinstance(rates, dict) else ("", []))),
+        key=lambda r: ("refused" in r, r.get("step_time_s", {}).get("total", 0)))
+
+
+def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
+               process_bytes, precision):
+    """plan's records of one type; precision: (the name's suffix, the command's flags)."""
     out, units = [], {}                     # units: (tp, pp, pp rank, v, 2-D) -> rank_units
+    tag, type_flags = precision
     for name, cfg, tp, pp, dp, reason in layouts(world, mcfg, tcfg, pcfg, ranks_per_node):
+        name += f" {tag}" if tag else ""
         record = {"layout": name, "ranks": world,
-                  "command": [*argv, *layout_flags(cfg)]}
+                  "command": [*argv, *type_flags, *layout_flags(cfg)]}
         if reason:
             out.append({**record, "refused": reason})
             continue
@@ -377,7 +396,7 @@ def plan(argv: list[str], world: int, rates: Rates, mcfg, tcfg, pcfg,
         time["total"] = sum(v for v in time.values() if v is not None)
         record["step_time_s"] = time
         out.append(record)
-    return sorted(out, key=lambda r: ("refused" in r, r.get("step_time_s", {}).get("total", 0)))
+    return out
 
 
 def measured_gemm_rate(tcfg) -> float:
@@ -670,23 +689,47 @@ def main(argv=None) -> int:
         return 0
     world = own["nodes"] * own["ranks_per_node"]
     flags = training_flags(argv)
-    node_bytes, process = None, 0
+    node_bytes, process, machine = None, 0, None
     if own["machine"]:
         machine = read_machine(own["machine"])
-        rates = machine_rates(machine, tcfg, own["ranks_per_node"], own["allreduce_bandwidth"])
         node_bytes = machine["memory_gib_per_node"] * 2**30
         process = int(machine.get("process_mib", 0) * 2**20)
-    else:
-        rates = Rates(measured_gemm_rate(tcfg), group_link({}, own["allreduce_bandwidth"]))
+    # Precision is the run's where it names one, else a dimension of the plan: every type of
+    # PRECISIONS with a rate (in the machine, or measurable here).
+    named = bool({"dtype", "bf16", "fp16"} & given)
+    rates, unplanned = {}, []
+    for dtype in [tcfg.dtype] if named else PRECISIONS:
+        run = replace(tcfg, dtype=dtype)
+        try:
+            rates[dtype] = (machine_rates(machine, run, own["ranks_per_node"],
+                                          own["allreduce_bandwidth"]) if machine else
+                            Rates(measured_gemm_rate(run),
+                                  group_link({}, own["allreduce_bandwidth"])))
+        except (ConfigError, ImportError) as e:
+            if named:
+                raise
+            unplanned.append(f"{dtype} not planned: {e}")
+    if not rates:
+        raise ConfigError("; ".join(unplanned))
+    if len(rates) == 1:                  # one type: its flags (where not the run's own)
+        (dtype, rates), = rates.items()
+        flags += TYPE_FLAGS[dtype][1] if dtype != tcfg.dtype else []
+        tcfg = replace(tcfg, dtype=dtype)
     records = plan(flags, world, rates, mcfg, tcfg, pcfg, node_bytes, own["ranks_per_node"],
                    process)
     if own["json"]:
         print(json.dumps(records, indent=1))
+        for line in unplanned:
+            print(line, file=sys.stderr)
     else:
         print(f"{world} ranks ({own['nodes']} node(s) x {own['ranks_per_node']}), "
               f"{len([r for r in records if 'refused' not in r])} layouts run"
-              + ("" if rates.link else "; communication not predicted "
+              + ("" if any(r.link for r in ([rates] if isinstance(rates, Rates)
+                                            else rates.values()))
+                 else "; communication not predicted "
                  "(give --allreduce-bandwidth GB/s or a --machine with a network)"))
+        for line in unplanned:
+            print(line)
         show(records, own["top"])
     return 0
 

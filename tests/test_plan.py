@@ -172,7 +172,8 @@ def test_a_machines_optimizer_rate_and_all_reduce_rate_by_group_size(tmp_path, c
     group's, else allreduce_gbs; a bad rate is one error line."""
     argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
             "--seq-length", "16", "--vocab-size", "45", "--global-batch-size", "8",
-            "--micro-batch-size", "1", "--nodes", "1", "--ranks-per-node", "4", "--json"]
+            "--micro-batch-size", "1", "--nodes", "1", "--ranks-per-node", "4", "--json",
+            "--dtype", "float32"]                     # one type planned, as the machine's
     head = ('name = "m"\ncores_per_node = 4\nmemory_gib_per_node = 1\n'
             "[gemm_tflops_per_node]\nfloat32 = 1.0\n")
     path = tmp_path / "m.toml"
@@ -266,3 +267,35 @@ def test_the_shipped_machines_read_and_give_rates():
             rates = machine_rates(machine, TrainConfig(dtype=dtype), machine["cores_per_node"],
                                   0.0)
             assert rates.gemm > 0 and 0 < rates.efficiency <= 1
+
+
+def test_precision_is_planned_where_the_run_names_none(tmp_path, capsys):
+    """Without --bf16, --fp16 or --dtype the plan covers float32 and bfloat16 (each layout's
+    name ends with fp32 or bf16, a bfloat16 command says --bf16) where the machine has both
+    rates; each type's records are the plan of that type named; a type the machine lacks is
+    left out with a note."""
+    argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--vocab-size", "45", "--global-batch-size", "8",
+            "--micro-batch-size", "1", "--nodes", "1", "--ranks-per-node", "2", "--json"]
+    both = tmp_path / "both.toml"
+    both.write_text('name = "m"\ncores_per_node = 2\nmemory_gib_per_node = 1\n'
+                    "[gemm_tflops_per_node]\nfloat32 = 1.0\nbfloat16 = 2.0\n")
+    assert main([*argv, "--machine", str(both)]) == 0
+    mixed = [r for r in json.loads(capsys.readouterr().out) if "refused" not in r]
+    for flags, tag in ((["--dtype", "float32"], "fp32"), (["--bf16"], "bf16")):
+        assert main([*argv, *flags, "--machine", str(both)]) == 0
+        named = {r["layout"]: r for r in json.loads(capsys.readouterr().out)
+                 if "refused" not in r}
+        mine = {r["layout"][:-len(tag) - 1]: r for r in mixed if r["layout"].endswith(tag)}
+        assert mine.keys() == named.keys()
+        for name, r in mine.items():
+            assert r["memory_bytes"] == named[name]["memory_bytes"]
+            assert r["step_time_s"] == named[name]["step_time_s"]
+            assert ("--bf16" in r["command"]) == (tag == "bf16")
+    one = tmp_path / "one.toml"
+    one.write_text(both.read_text().replace("bfloat16 = 2.0\n", ""))
+    assert main([*argv, "--machine", str(one)]) == 0
+    out = capsys.readouterr()
+    layouts = [r["layout"] for r in json.loads(out.out)]
+    assert layouts and not any(x.endswith(("fp32", "bf16")) for x in layouts)
+    assert "bfloat16 not planned: --machine" in out.err
