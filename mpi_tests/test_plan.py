@@ -104,7 +104,7 @@ def test_the_planned_data_parallel_bytes_equal_the_counters():
                        vocab_size=45, vocab_multiple=16)
     tcfg = TrainConfig(micro_batch_size=1, global_batch_size=2 * comm.size, train_iters=1,
                        synthetic_data=True, eval_iters=0)
-    records = {r["layout"]: r for r in plan([], comm.size, Rates(1e9, lambda n: 1.0), mcfg,
+    records = {r["layout"]: r for r in plan([], comm.size, Rates(1e9, lambda n, *_: 1.0), mcfg,
                                             tcfg, ParallelConfig()) if "refused" not in r}
     ok, checked = True, 0
     for zero in range(4):

@@ -276,29 +276,40 @@ def read_machine(name: str) -> dict:
 class Rates:
     """What the time model (refgpt.study.plan.predict) divides by, per rank."""
     gemm: float                                   # FLOP/s of a large GEMM
-    link: Callable[[int], float] | None = None    # bytes/s in an all-reduce of n ranks
+    link: Callable[..., float] | None = None      # bytes/s in an all-reduce: group_link
     efficiency: float = 1.0                       # forward + backward's share of gemm
     optimizer: float | None = None                # elements/s the optimizer updates
     head: float | None = None                     # the head's share of gemm (None: efficiency)
     p2p: float | None = None                      # bytes/s a rank sends to another
 
 
-def group_link(network: dict, bandwidth: float = 0.0) -> Callable[[int], float] | None:
-    """Bytes a second a rank moves in an all-reduce of n ranks: --allreduce-bandwidth where
-    given; else the machine's rate for groups of n ([network.allreduce_gbs_by_ranks], every
-    group of the node summing at once), or of the next larger group measured (larger groups
-    are slower), or its allreduce_gbs (the whole calibrated world's); None where there is no
-    figure."""
+def group_link(network: dict, bandwidth: float = 0.0,
+               ranks_per_node: int = 1) -> Callable[..., float] | None:
+    """Bytes a second a rank moves in an all-reduce of n ranks whose members are `stride` ranks
+    apart (refgpt.parallel.grid's order: TP groups stride 1, DP and CP groups stride t, the
+    pipeline's stages t d): --allreduce-bandwidth where given; else, inside a node, the
+    machine's rate for groups of n ([network.allreduce_gbs_by_ranks], every group of the node
+    summing at once), or of the next larger group measured (larger groups are slower), or its
+    allreduce_gbs; and a group that spans nodes also at most its share of what a node injects
+    into the network ([network.internode] gbs_per_node): of a node's R ranks, the R / g groups
+    with g members there each send one rank's ring traffic out, so a rank moves at most
+    gbs_per_node g / R. None where there is no figure."""
     if bandwidth:
-        return lambda n: bandwidth * 1e9
+        return lambda n, stride=1, inside=None: bandwidth * 1e9
     by_ranks = {int(k): float(v) for k, v in network.get("allreduce_gbs_by_ranks", {}).items()}
     flat = float(network.get("allreduce_gbs", 0))
+    injection = float(network.get("internode", {}).get("gbs_per_node", 0))
     if not by_ranks and not flat:
         return None
 
-    def rate(n: int) -> float:
+    def rate(n: int, stride: int = 1, inside: float | None = None) -> float:
+        """inside: the rate inside a node, where the caller has its own (point-to-point)."""
         group = min((k for k in by_ranks if k >= n), default=None)
-        return 1e9 * (by_ranks[group] if group else flat or by_ranks[max(by_ranks)])
+        inside = inside or 1e9 * (by_ranks[group] if group else flat or by_ranks[max(by_ranks)])
+        here = min(n, max(1, ranks_per_node // stride))        # members on one node
+        if injection and here < n:
+            return min(inside, 1e9 * injection * here / ranks_per_node)
+        return inside
     return rate
 
 
@@ -326,9 +337,10 @@ def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) ->
                           f"got {optimizer!r}")
     network = machine.get("network", {})
     try:
-        link = group_link(network, bandwidth)
+        link = group_link(network, bandwidth, ranks_per_node)
         p2p = float(network.get("p2p_gbs", 0)) * 1e9
-        if link and min(link(n) for n in (1, 2, 1 << 20)) <= 0 or p2p < 0:
+        if link and min(link(n, s) for n in (1, 2, 1 << 20) for s in (1, 1 << 20)) <= 0 \
+                or p2p < 0:
             raise ValueError("rates must be > 0")
     except (TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"--machine {name}: [network]: {e}") from None

@@ -213,7 +213,7 @@ def test_full_recomputation_lengthens_every_stage_and_the_efficiency_inverts_the
     tcfg = TrainConfig(global_batch_size=8, micro_batch_size=1)
 
     def records(efficiency):
-        rates = Rates(1e9, lambda n: 1e9, efficiency, 1e7)
+        rates = Rates(1e9, lambda n, *_: 1e9, efficiency, 1e7)
         return {r["layout"]: r for r in plan([], 4, rates, mcfg, tcfg, ParallelConfig())
                 if "refused" not in r}
     one = records(1.0)
@@ -242,7 +242,7 @@ def test_context_parallel_traffic_is_the_counters_formula():
                        vocab_size=45)
     tcfg = TrainConfig(global_batch_size=8, micro_batch_size=1)
     records = {r["layout"]: r["step_time_s"] for r in plan(
-        [], 8, Rates(1e9, lambda n: 1.0, 1.0), mcfg, tcfg,
+        [], 8, Rates(1e9, lambda n, *_: 1.0, 1.0), mcfg, tcfg,
         ParallelConfig(context_parallel_size=4)) if "refused" not in r}
     for name, c, kind in (("tp1 pp1 dp8 cp2", 2, "p2p"), ("tp1 pp1 dp8 cp4-a2a", 4, "a2a"),
                           ("tp2 pp1 dp4 cp2", 2, "p2p")):
@@ -299,3 +299,34 @@ def test_precision_is_planned_where_the_run_names_none(tmp_path, capsys):
     layouts = [r["layout"] for r in json.loads(out.out)]
     assert layouts and not any(x.endswith(("fp32", "bf16")) for x in layouts)
     assert "bfloat16 not planned: --machine" in out.err
+
+
+def test_groups_that_span_nodes_share_the_nodes_network_injection(tmp_path, capsys):
+    """[network.internode] gbs_per_node caps a group spanning nodes at its share of the node's
+    injection, g / R of it for g members on a node of R ranks: on 2 nodes of 2 ranks, each
+    injecting 1 GB/s, a rank of a DP group of 4 (2 a node) moves at most 1 GB/s, of a DP pair
+    two ranks apart (TP 2 x DP 2, 1 a node) 0.5, of a TP pair inside a node the node's own
+    rate; the pipeline's sends between nodes too."""
+    from refgpt.plan import group_link
+    network = {"allreduce_gbs_by_ranks": {"2": 4.0, "4": 4.0}, "internode": {"gbs_per_node": 1.0}}
+    rate = group_link(network, 0.0, ranks_per_node=2)
+    assert rate(4, 1) == 0.5e9 * 2 and rate(2, 2) == 0.5e9 and rate(2, 1) == 4e9
+    assert rate(2, 2, inside=8e9) == 0.5e9 and rate(2, 1, inside=8e9) == 8e9
+    assert group_link(network, 0.0, ranks_per_node=4)(4, 1) == 4e9       # one node
+    argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--vocab-size", "45", "--global-batch-size", "8",
+            "--micro-batch-size", "1", "--nodes", "2", "--ranks-per-node", "2", "--json"]
+    records = {}
+    for name, extra in (("node", ""), ("net", "[network.internode]\ngbs_per_node = 1.0\n")):
+        path = tmp_path / f"{name}.toml"
+        path.write_text('name = "m"\ncores_per_node = 2\nmemory_gib_per_node = 1\n'
+                        "[gemm_tflops_per_node]\nfloat32 = 1.0\n[network]\np2p_gbs = 8.0\n"
+                        "[network.allreduce_gbs_by_ranks]\n2 = 4.0\n4 = 4.0\n" + extra)
+        assert main([*argv, "--machine", str(path)]) == 0
+        records[name] = {r["layout"]: r["step_time_s"] for r in json.loads(
+            capsys.readouterr().out) if "refused" not in r}
+    node, net = records["node"], records["net"]
+    assert net["tp1 pp1 dp4"]["allreduce_s"] == pytest.approx(4 * node["tp1 pp1 dp4"]["allreduce_s"])
+    assert net["tp2 pp1 dp2"]["allreduce_s"] == pytest.approx(8 * node["tp2 pp1 dp2"]["allreduce_s"])
+    assert net["tp2 pp1 dp2"]["tensor_s"] == pytest.approx(node["tp2 pp1 dp2"]["tensor_s"])
+    assert net["tp1 pp2 dp2"]["pipeline_s"] > 8 * node["tp1 pp2 dp2"]["pipeline_s"]

@@ -189,10 +189,12 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
             optimizer_rate: float | None = None, head_efficiency: float | None = None,
             p2p_rate: float | None = None) -> dict:
     """The cost model of the module docstring, in seconds per iteration. link_rate: bytes a
-    second a rank moves in an all-reduce, one number or a function of the group's size.
-    Communication is None where it is not predicted: without a link rate. elements: a rank's
-    parameters exactly, padded as ZeRO pads them (refgpt.plan), instead of the model's count
-    over t p. efficiency: the share of gemm_rate forward and backward's model FLOPs reach (a
+    second a rank moves in an all-reduce: one number, or a function (n, stride, inside=None)
+    of the group's size, the ranks between its members and, for point-to-point sends, the rate
+    inside a node (refgpt.plan.group_link: a group that spans nodes shares the node's network
+    injection). Communication is None where it is not predicted: without a link rate.
+    elements: a rank's parameters exactly, padded as ZeRO pads them (refgpt.plan), instead of
+    the model's count over t p. efficiency: the share of gemm_rate forward and backward's model FLOPs reach (a
     machine's calibration); head_efficiency: the head's own (stage_seconds). optimizer_rate:
     elements a second a rank's optimizer updates (None: the optimizer not counted). p2p_rate:
     bytes a second a rank sends to another (None: the all-reduce rate of 2 ranks)."""
@@ -223,22 +225,25 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
         # waits on the other stages' micro-batches, so the bubble is that share of their mean.
         others = sorted(stages)[:-1]
         bubble = max(i / b for i, b in zip(sim.idle, sim.busy)) * sum(others) / len(others)
-    rate = link_rate if callable(link_rate) else (lambda n: link_rate)
-    seconds = ((lambda nbytes, n: nbytes / rate(n)) if link_rate else
-               (lambda nbytes, n: None))
-    allreduce = seconds(moved, d)
+    # Groups by refgpt.parallel.grid's order: TP stride 1, CP and DP stride t, stages t d.
+    rate = (link_rate if callable(link_rate) else
+            lambda n, stride=1, inside=None: inside or link_rate)
+    seconds = ((lambda nbytes, n, stride=1: nbytes / rate(n, stride)) if link_rate else
+               (lambda nbytes, n, stride=1: None))
+    allreduce = seconds(moved, d, t)
     if t > 1 and pcfg.tensor_parallel_mode == "2d":  # SUMMA: panels over rows and columns
         q = math.isqrt(t)
         tensor = seconds(m * mcfg.num_layers / p * w * formula_layer_volume(
             tcfg.micro_batch_size * mcfg.seq_length // c, mcfg.hidden_size, q), q)
     else:
         tensor = seconds(tensor, t)
-    context = seconds(context, c) if c > 1 else 0.0
+    context = seconds(context, c, t) if c > 1 else 0.0
     pipeline = 0.0
     if p > 1:        # sends between stages, and the tied token table's sum (first and last)
         sent = pipeline_bytes(mcfg, tcfg, pcfg, t, m, w, g)
-        pipeline = (None if not link_rate else sent["p2p"] / (p2p_rate or rate(2))
-                    + sent["embedding"] / rate(2))
+        pipeline = (None if not link_rate else
+                    sent["p2p"] / rate(2, t * d, p2p_rate)
+                    + sent["embedding"] / rate(2, t * d * (p - 1)))
     updated = int(per_rank) // d if pcfg.zero_stage else int(per_rank)
     optimizer = updated / optimizer_rate if optimizer_rate else None
     total = (compute + bubble + (allreduce or 0.0) + (tensor or 0.0) + (context or 0.0)
