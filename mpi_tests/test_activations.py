@@ -163,3 +163,30 @@ def test_summa_registry_equals_the_formula(dtype, dropout, recompute):
     pcfg = ParallelConfig(tensor_model_parallel_size=4, tensor_parallel_mode="2d",
                           recompute_granularity=recompute)
     assert_registry_equals_formula(comm, cfg, tcfg, pcfg, Grid(comm, 4, 1))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("layout", [
+    dict(tensor_model_parallel_size=2), dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    dict(pipeline_model_parallel_size=2),
+    dict(pipeline_model_parallel_size=2, num_virtual_stages=2, pipeline_schedule="interleaved"),
+    dict(pipeline_model_parallel_size=2, pipeline_schedule="zb-h1")])
+@pytest.mark.parametrize("recompute", ["", "full", "selective"])
+def test_experts_registry_equals_the_formula(layout, recompute):
+    """Blocks with experts (every other one, top-2 of 4, no capacity, no expert parallelism)
+    keep the N k token-expert pairs of their N tokens whatever the routing, in every layout
+    (under sequence parallelism the whole sequence's, as the layer gathers it)."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    tp = layout.get("tensor_model_parallel_size", 1)
+    pp = layout.get("pipeline_model_parallel_size", 1)
+    if comm.size % (tp * pp):
+        pytest.skip(f"tp {tp} x pp {pp} needs a multiple of {tp * pp} ranks")
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64, vocab_multiple=16, dropout=0.1, num_experts=4,
+                      moe_router_topk=2, moe_layer_freq=2)
+    dp = comm.size // (tp * pp)
+    tcfg = TrainConfig(micro_batch_size=2, global_batch_size=8 * dp, train_iters=1, lr=1e-2,
+                       dtype="float32", synthetic_data=True, eval_iters=0)
+    pcfg = ParallelConfig(recompute_granularity=recompute, **layout)
+    assert_registry_equals_formula(comm, cfg, tcfg, pcfg, Grid(comm, tp, pp))

@@ -42,6 +42,30 @@ def test_registry_equals_the_formula(dtype, e, c, dropout, recompute, backend):
     assert mem["activations_layer"] == mem["activations_layer_formula"] == want["layer"]
 
 
+@pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
+@pytest.mark.parametrize("topk", [1, 2])
+@pytest.mark.parametrize("recompute", ["none", "selective", "full, first 2"])
+def test_registry_equals_the_formula_with_experts(dtype, topk, recompute):
+    """Blocks 0 and 2 of 3 with 4 experts (--moe-layer-freq 2): each keeps its input, the gates,
+    the N k kept pairs' outputs and its experts' inputs and MLP activations for those N k
+    rows, whatever the routing (no capacity, one process)."""
+    cfg = ModelConfig(num_layers=3, hidden_size=32, num_attention_heads=4, seq_length=16,
+                      vocab_size=64, vocab_multiple=16, dropout=0.1, num_experts=4,
+                      moe_router_topk=topk, moe_layer_freq=2)
+    tcfg = TrainConfig(micro_batch_size=2, global_batch_size=4, train_iters=1, lr=1e-2,
+                       dtype=dtype, synthetic_data=True, eval_iters=0)
+    options, formula = RECOMPUTE[recompute]
+    t = Trainer(cfg, tcfg, ParallelConfig(**options), log=lambda *_: None)
+    mem = t.run()[-1]["memory_bytes"]
+    e, c = (8, 8) if dtype == "float64" else (2, 4)
+    z = Sizes(2, 16, 32, 4, 64, e, c, dropout=True, routed=(topk, 32 * topk, 32 * topk))
+    want = refgpt_bytes(z, 3, True, True, moe=(True, False, True), **formula)
+    assert mem["activations"] == mem["activations_formula"] == want["total"]
+    assert mem["activations_layer"] == mem["activations_layer_formula"] == want["layer"]
+    dense = refgpt_bytes(Sizes(2, 16, 32, 4, 64, e, c, dropout=True), 3, True, True, **formula)
+    assert want["total"] > dense["total"]                     # the experts' rows, the gates
+
+
 def test_views_and_shared_arrays_count_once():
     buf = np.zeros((3, 4, 5), np.float32)
     q, k, v = buf                                             # three views: 240 bytes

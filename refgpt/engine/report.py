@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from .. import metrics
 from ..optim import MasterAdamW
 from ..nn.activations import (Sizes, chunk_bytes, deferred_bytes, korthikanti_bytes,
                               refgpt_bytes, schedule_bytes)
+from ..nn.moe import is_moe_layer
 from ..parallel.schedules import compute_ops
 from ..parallel.zero import formula_bytes
 from ..precision import dtype_of
@@ -67,18 +69,21 @@ def estimated_bytes(mcfg, tcfg, pcfg, grid, activations: int) -> int:
                          shared=pcfg.dp_shared_memory) + activations
 
 
-def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
+def activation_formulas(mcfg, tcfg, pcfg, grid, balanced: bool = False) -> dict[str, int]:
     """This rank's peak activation bytes by refgpt's formula (refgpt.nn.activations), which the
     measured registry equals, and by Korthikanti et al.'s per-layer formula times the rank's
     layers and micro-batches in flight. Under the interleaved schedule refgpt's replays the
     rank's compute ops (schedule_bytes), and under the zero-bubble schedule with what its
     deferred weight gradients hold (deferred_bytes); under context parallelism it counts the
     rank's T / C tokens and what its attention keeps (core_bytes); under 2-D tensor
-    parallelism a rank's b / q sequences of h / q (Sizes.summa). It is 0 where it does not
-    model the layout: the cupy backend (its fused attention keeps other arrays), models with
-    experts (what an expert keeps depends on how many tokens it was
-    sent), and layered gradient accumulation (every micro-batch's blocks, not its head:
-    Korthikanti's counts m micro-batches in flight). Korthikanti's is taken at the rank's
+    parallelism a rank's b / q sequences of h / q (Sizes.summa); in a block with experts, the
+    N k token-expert pairs of its N tokens (block_terms), which is exact without expert
+    parallelism and without a capacity, and otherwise what balanced routing would keep
+    (balanced=True; the planner's), as what a rank's experts keep depends on how many tokens
+    they were sent. It is 0 where it does not model the layout: the cupy backend (its fused
+    attention keeps other arrays), experts whose routing decides (unless balanced), and
+    layered gradient accumulation (every micro-batch's blocks, not its head: Korthikanti's
+    counts m micro-batches in flight). Korthikanti's is taken at the rank's
     T / c tokens (its attention term at T / c x T under context parallelism is not modelled
     either)."""
     t, p, r = grid.tp_size, grid.pp_size, grid.pp_rank
@@ -94,21 +99,32 @@ def activation_formulas(mcfg, tcfg, pcfg, grid) -> dict[str, int]:
                   mcfg.hidden_size // q, mcfg.num_attention_heads // q, mcfg.padded_vocab // q,
                   e, c, t // (q * q), pcfg.sequence_parallel, mcfg.dropout > 0, grid.cp_size,
                   pcfg.cp_comm_type == "a2a", q > 1)
-    covered = (tcfg.backend != "cupy" and not mcfg.num_experts
-               and not pcfg.layered_gradient_accumulation)
+    if mcfg.num_experts:                     # every token's k pairs kept, and run here
+        pairs = sizes.b * sizes.s * mcfg.moe_router_topk
+        sizes = replace(sizes, routed=(mcfg.moe_router_topk, pairs, pairs))
+    routing_decides = (pcfg.expert_model_parallel_size > 1
+                       or mcfg.moe_expert_capacity_factor > 0)
+    covered = (tcfg.backend != "cupy" and not pcfg.layered_gradient_accumulation
+               and (not mcfg.num_experts or balanced or not routing_decides))
+    per = mcfg.num_layers // (p * pcfg.num_virtual_stages)
+
+    def moe(chunk: int) -> tuple[bool, ...]:
+        """Which blocks of the rank's chunk (global stage chunk p + r) have experts."""
+        first = (chunk * p + r) * per
+        return tuple(is_moe_layer(mcfg, i) for i in range(first, first + per))
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
     v = pcfg.num_virtual_stages
     if p > 1 and (v > 1 or pcfg.pipeline_schedule == "zb-h1"):   # chunk c: stage c p + r
         zero_bubble = pcfg.pipeline_schedule == "zb-h1"
         ours = schedule_bytes([chunk_bytes(sizes, blocks, c * p + r == 0,
                                            c * p + r == p * v - 1, recomputed, selective, chunk,
-                                           zero_bubble)
+                                           zero_bubble, moe(c))
                                for c in range(v)],
                               compute_ops(p, m, v, pcfg.pipeline_schedule)[r],
-                              [deferred_bytes(sizes, blocks)] * v)
+                              [deferred_bytes(sizes, blocks, moe(c)) for c in range(v)])
     else:
         ours = refgpt_bytes(sizes, blocks, r == 0, r == p - 1, recomputed, selective,
-                            in_flight, chunk)
+                            in_flight, chunk, moe(0))
     per_layer = [0 if i < recomputed and i % chunk else
                  korthikanti_bytes(mcfg.seq_length // grid.cp_size, tcfg.micro_batch_size,
                                    mcfg.hidden_size, mcfg.num_attention_heads, t,

@@ -131,6 +131,7 @@ class Sizes:
     cp: int = 1
     a2a: bool = False
     summa: bool = False
+    routed: tuple[int, int, int] = (0, 0, 0)    # MoE: (k, pairs kept, rows run here) a layer
 
     @property
     def s_local(self) -> int:
@@ -155,18 +156,29 @@ def core_bytes(z: Sizes) -> int:
     return a // t * b * s * s * ((1 + drop) * e + drop * c)
 
 
-def block_terms(z: Sizes) -> dict[str, int]:
-    """Bytes one block keeps for its backward, by what keeps them (module docstring)."""
+def block_terms(z: Sizes, moe: bool = False) -> dict[str, int]:
+    """Bytes one block keeps for its backward, by what keeps them (module docstring). A block
+    with experts (moe; refgpt.nn.moe) keeps, for its N = b s tokens (the whole sequence under
+    sequence parallelism), its input x (as the dense MLP's c_fc), the gates [N, k] in the
+    compute type, the K kept token-expert pairs' outputs combined back to this rank, and for
+    the R rows its own experts ran: their gathered inputs and the MLP's gelu input and output
+    (4h / t each); z.routed = (k, K, R). Without expert parallelism or a capacity, K = R = N k
+    whatever the routing."""
     b, s, h, e, c, t, sl = z.b, z.s, z.h, z.e, z.c, z.t, z.s_local
     drop = int(z.dropout)
     ln = b * sl * h * e + b * sl * c + z.summa * b * sl * e     # n, 1/sigma (, the mean)
+    k, kept, rows = z.routed
+    mlp = ({"c_fc input": b * s * h * e, "gates": b * s * k * c,
+            "expert outputs": kept * h * e, "expert inputs": rows * h * e,
+            "gelu input": 4 * rows * h // t * e, "mlp c_proj input": 4 * rows * h // t * e}
+           if moe else
+           {"c_fc input": b * s * h * e, "gelu input": 4 * b * s * h // t * e,
+            "mlp c_proj input": 4 * b * s * h // t * e})
     return {"ln_1": ln, "c_attn input": b * s * h * e,
             "qkv": 3 * b * s * h // t * e,
             "core": core_bytes(z),                              # P (+ dropout(P), mask)
             "c_proj input": b * s * h // t * e, "attention dropout mask": drop * b * sl * h * c,
-            "ln_2": ln, "c_fc input": b * s * h * e,
-            "gelu input": 4 * b * s * h // t * e, "mlp c_proj input": 4 * b * s * h // t * e,
-            "mlp dropout mask": drop * b * sl * h * c}
+            "ln_2": ln, **mlp, "mlp dropout mask": drop * b * sl * h * c}
 
 
 ATTENTION_PART = ("ln_1", "c_attn input", "qkv", "core", "c_proj input")
@@ -174,39 +186,45 @@ ATTENTION_PART = ("ln_1", "c_attn input", "qkv", "core", "c_proj input")
 
 def chunk_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int = 0,
                 selective: bool = False, chunk: int = 1,
-                zero_bubble: bool = False) -> tuple[int, int, int]:
+                zero_bubble: bool = False, moe: tuple[bool, ...] = ()) -> tuple[int, int, int]:
     """For one micro-batch through a model chunk of `blocks` blocks (the first `recomputed` of
     them fully recomputed in chunks of `chunk`, or every one's attention core with
-    selective): (what it holds after its forward: embedding + blocks + final; its peak inside
-    its backward, a chunk's activations recomputed: all of its blocks' with its input under
-    full, one block's attention part under selective, where that passes the first; what its
-    first block holds between passes). Under zero-bubble (zero_bubble) a recomputing moment
-    also holds the deferred weight gradients of the blocks whose backward has run: those
-    after it, and under selective its own MLP's (the MLP's backward runs before attention's,
-    whose core is recomputed first thing)."""
-    terms = block_terms(z)
-    full = sum(terms.values())
-    attention = sum(terms[k] for k in ATTENTION_PART)
-    kept = full - terms["core"] if selective else full
+    selective; moe: which of them have experts): (what it holds after its forward: embedding
+    + blocks + final; its peak inside its backward, a chunk's activations recomputed: all of
+    its blocks' with its input under full, one block's attention part under selective,
+    where that passes the first; what its first block holds between passes). Under
+    zero-bubble (zero_bubble) a recomputing moment also holds the deferred weight gradients
+    of the blocks whose backward has run: those after it, and under selective its own MLP's
+    (the MLP's backward runs before attention's, whose core is recomputed first thing)."""
+    moe = tuple(moe) or (False,) * blocks
+    terms = [block_terms(z, m) for m in moe]
+    full = [sum(one.values()) for one in terms]
+    attention = sum(terms[0][k] for k in ATTENTION_PART)          # the same in every block
+    kept = [f - one["core"] if selective else f for f, one in zip(full, terms)]
     x = z.b * z.s_local * z.h * z.e                              # a chunk's input
     embed = z.b * z.s_local * z.h * z.c if first and z.dropout else 0      # its dropout mask
     final = (z.b * z.s_local * (z.h * z.e + z.c + z.summa * z.e)      # ln_f
              + z.b * z.s * z.h * z.e + z.b * z.s * z.V // z.t * z.e) if last else 0
-    held = [(x if i % chunk == 0 else 0) if i < recomputed else kept for i in range(blocks)]
+    held = [(x if i % chunk == 0 else 0) if i < recomputed else kept[i] for i in range(blocks)]
     one = embed + sum(held) + final
-    later = deferred_bytes(z, 1) if zero_bubble else 0           # a block's deferred gradients
-    mlp = (2 * z.b * z.s * z.h + 8 * z.b * z.s * z.h // z.t) * z.e if zero_bubble else 0
+    # zero-bubble: a block's deferred gradients, and its MLP's part of them (beyond c_attn's
+    # and the attention projection's: 2bsh + 4bsh/t)
+    later = [deferred_bytes(z, 1, (m,)) if zero_bubble else 0 for m in moe]
+    bsh = z.b * z.s * z.h
+    mlp = [d - (2 * bsh + 4 * bsh // z.t) * z.e if zero_bubble else 0 for d in later]
     moments = [one]
     for lo in range(0, recomputed, chunk):                      # a chunk rerun: n blocks' full
         n = min(chunk, recomputed - lo)
-        moments.append(embed + sum(held[:lo]) + x + n * full + (blocks - lo - n) * later)
+        moments.append(embed + sum(held[:lo]) + x + sum(full[lo:lo + n])
+                       + sum(later[lo + n:]))
     for i in range(recomputed, blocks) if selective else ():    # an attention core rerun
-        moments.append(embed + sum(held[:i]) + attention + (blocks - i - 1) * later + mlp)
+        moments.append(embed + sum(held[:i]) + attention + sum(later[i + 1:]) + mlp[i])
     return one, max(moments), held[0] if held else 0
 
 
 def refgpt_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int = 0,
-                 selective: bool = False, in_flight: int = 1, chunk: int = 1) -> dict[str, int]:
+                 selective: bool = False, in_flight: int = 1, chunk: int = 1,
+                 moe: tuple[bool, ...] = ()) -> dict[str, int]:
     """What ActivationMeter measures on a rank holding a model chunk of `blocks` blocks
     (chunk_bytes), with in_flight micro-batches held at once (gradient accumulation: 1; 1F1B
     on pipeline rank r of p: min(p - r, micro-batches)). "total" is the peak of
@@ -219,19 +237,24 @@ def refgpt_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int
 
     and "layer" what the rank's first block keeps between passes, at the most micro-batches
     in flight (ActivationMeter.layer_peak)."""
-    one, backward, layer = chunk_bytes(z, blocks, first, last, recomputed, selective, chunk)
+    one, backward, layer = chunk_bytes(z, blocks, first, last, recomputed, selective, chunk,
+                                       moe=moe)
     return {"total": (in_flight - 1) * one + backward, "layer": in_flight * layer}
 
 
-def deferred_bytes(z: Sizes, blocks: int) -> int:
+def deferred_bytes(z: Sizes, blocks: int, moe: tuple[bool, ...] = ()) -> int:
     """What the zero-bubble schedule's deferred weight gradients of one micro-batch through a
     chunk of `blocks` blocks hold from its B to its W: each linear layer's input and output
     gradient (refgpt.nn.linear), in the stored type: c_attn's input (bsh) and qkv gradient
     (3bsh/t), the attention projection's input (bsh/t) and output gradient (bsh), c_fc's
     input (bsh) and output gradient (4bsh/t), the MLP projection's input (4bsh/t) and output
-    gradient (bsh): bsh (4 + 12/t) a block."""
+    gradient (bsh): bsh (4 + 12/t) a block; in a block with experts (moe), the experts' two
+    layers hold theirs for the R rows they ran, R h (2 + 8/t) in place of bsh (2 + 8/t)."""
     bsh = z.b * z.s * z.h
-    return blocks * (4 * bsh + 12 * bsh // z.t) * z.e
+    rows = z.routed[2] * z.h
+    return sum((2 * bsh + 4 * bsh // z.t) * z.e
+               + (2 * (rows if m else bsh) + 8 * (rows if m else bsh) // z.t) * z.e
+               for m in tuple(moe) or (False,) * blocks)
 
 
 def schedule_bytes(chunks: list[tuple[int, int, int]], ops, deferred=()) -> dict[str, int]:
