@@ -4,6 +4,8 @@ ZeRO 0-3, recomputation), after one training step in float32: the persistent cat
 ZeRO's temporary buffers' high-water mark, with ZeRO-1 through shared memory as the ranks share
 one node."""
 
+from dataclasses import replace
+
 import pytest
 
 from refgpt.config import ModelConfig, ParallelConfig, TrainConfig
@@ -115,3 +117,42 @@ def test_the_planned_data_parallel_bytes_equal_the_counters():
         ok = ok and abs(records[name]["step_time_s"]["allreduce_s"] - moved) <= 1e-9 * moved
         checked += 1
     assert checked == 4 and agree(comm, ok)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_expert_parallel_layouts_memory_and_the_routing_bound():
+    """Every layout listed for a model with experts (top-2 of 4 in every other block): without
+    expert parallelism every category equals the registry; with it (a rank holds E / e
+    experts) the parameters, gradients and optimizer state do, and the activations, which
+    depend on how many tokens the routing sent this rank's experts, lie between none of
+    them and the planner's worst-routing bound, which is above its balanced figure."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    mcfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                       vocab_size=45, vocab_multiple=16, num_experts=4, moe_router_topk=2,
+                       moe_layer_freq=2)
+    tcfg = TrainConfig(micro_batch_size=2, global_batch_size=4 * comm.size, train_iters=1,
+                       synthetic_data=True, eval_iters=0)
+    checked, ok = [], True
+    for name, pcfg, tp, pp, dp, reason in layouts(comm.size, mcfg, tcfg, ParallelConfig(),
+                                                  comm.size):
+        if reason or "recompute" in name or "zero" in name or "x" in name.split()[1]:
+            continue
+        t = Trainer(mcfg, tcfg, pcfg, Grid(comm, tp, pp, ep=pcfg.expert_model_parallel_size),
+                    **QUIET)
+        t.train_step()
+        got = t.memory()
+        args = (mcfg, tcfg, pcfg, tp, pp, dp, t.grid.pp_rank, t.grid.dp_rank)
+        balanced, worst = rank_memory(*args), rank_memory(*args, routing="worst")
+        t.close()
+        exact = ("params", "grads", "optimizer") + (("activations",) if " ep" not in name
+                                                    else ())
+        fine = all(got[k] == balanced[k] for k in exact)
+        if " ep" in name:
+            dense = rank_memory(replace(mcfg, num_experts=0), tcfg, replace(
+                pcfg, expert_model_parallel_size=1), tp, pp, dp, t.grid.pp_rank)
+            fine &= (dense["activations"] < got["activations"] <= worst["activations"]
+                     and balanced["activations"] < worst["activations"])
+        ok &= agree(comm, fine)
+        checked.append(name)
+    assert ok and any(" ep" in n for n in checked), checked

@@ -80,6 +80,7 @@ from .metrics import head_flops
 from .nn.gpt import param_specs
 from .nn.params import unit_key
 from .parallel.build import check_layout
+from .parallel.expert import expert_of
 from .parallel.pipeline import stage_of
 from .parallel.tensor import shard, shard_kind
 from .parallel.zero import formula_working
@@ -97,16 +98,20 @@ TYPE_FLAGS = {"float32": ("fp32", []), "bfloat16": ("bf16", ["--bf16"]),
 
 
 def rank_units(mcfg, tp: int, pp: int, pp_rank: int, v: int = 1,
-               two_d: bool = False) -> list[tuple[str, int]]:
+               two_d: bool = False, ep: int = 1,
+               experts_only: bool = False) -> list[tuple[str, int]]:
     """(unit, elements) of the parameters a rank holds, in its flat buffer's order (ZeRO's
     units: refgpt.nn.params.unit_key): its pipeline stages' (chunks c p + r, c < v, under the
     interleaved schedule), its tensor-parallel shard of each (1-D: refgpt.parallel.tensor's;
     2-D: a tp-th of every parameter, refgpt.parallel.tensor2d; every TP rank's shard is the
-    same size: check_layout asks divisibility)."""
+    same size: check_layout asks divisibility), and under expert parallelism of ep its own
+    E / ep experts (every rank as many); experts_only: those alone."""
     stages = ([stage_of(c * pp + pp_rank, pp, v, mcfg.num_layers) for c in range(v)]
               if pp > 1 else [None])
     units: dict[str, int] = {}
-    for s in (s for stage in stages for s in param_specs(mcfg, stage)):
+    mine = range(mcfg.num_experts // ep)                   # EP rank 0's experts
+    for s in (s for stage in stages for s in param_specs(mcfg, stage)
+              if expert_of(s.name) in mine or expert_of(s.name) is None and not experts_only):
         n = (s.size // tp if two_d else
              shard(np.empty(s.shape, bool), shard_kind(s.name), 0, tp).size if tp > 1
              else s.size)
@@ -137,9 +142,11 @@ def distinct_shards(units: list[tuple[str, int]], pcfg, dp: int) -> list[int]:
 
 
 def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
-                dp_rank: int = 0, units: list[tuple[str, int]] | None = None) -> dict:
+                dp_rank: int = 0, units: list[tuple[str, int]] | None = None,
+                routing: str = "balanced") -> dict:
     """The registry's categories for one rank of the layout (module docstring), in bytes
-    (units: rank_units of its stage, where the caller has them)."""
+    (units: rank_units of its stage, where the caller has them; routing: where experts'
+    activations depend on it, "balanced" or "worst", refgpt.engine.report.routed)."""
     dtype = np.dtype(dtype_of(tcfg.dtype))
     state = np.dtype(compute_dtype(dtype)).itemsize
     p = dtype.itemsize
@@ -147,7 +154,8 @@ def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
     k = 2 * state + (state if is_half(dtype) else 0)           # moments, and fp32 masters
     stage = pcfg.zero_stage
     units = units or rank_units(mcfg, tp, pp, pp_rank, pcfg.num_virtual_stages,
-                                pcfg.tensor_parallel_mode == "2d")
+                                pcfg.tensor_parallel_mode == "2d",
+                                pcfg.expert_model_parallel_size)
     elements = sum(n for _, n in units)
     P = padded(elements, pcfg, dp)
     cp = pcfg.context_parallel_size
@@ -156,7 +164,8 @@ def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
     mem = {"params": p * (P // dp if stage == 3 else P),
            "grads": g * (P // dp if stage >= 2 else P),
            "optimizer": k * (P // dp if stage >= 1 else P),
-           "activations": activation_formulas(mcfg, tcfg, pcfg, grid)["activations_formula"],
+           "activations": activation_formulas(mcfg, tcfg, pcfg, grid,
+                                              routing)["activations_formula"],
            "working": 0}
     if pcfg.dp_shared_memory:         # one parameter copy a node, each rank counted its part
         mem["params"] = p * P // dp
@@ -186,6 +195,13 @@ def contexts(dp: int, most: int) -> list[tuple[int, str]]:
                            for kind in ("p2p", "a2a")]
 
 
+def experts(mcfg, dp: int) -> list[int]:
+    """Expert-parallel sizes of a data-parallel size dp: none, and every e > 1 dividing dp and
+    the number of experts (refgpt.parallel.expert), for a model with experts."""
+    return [1] + [e for e in range(2, dp + 1) if dp % e == 0 and mcfg.num_experts % e == 0
+                  ] if mcfg.num_experts else [1]
+
+
 def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
     """(name, pcfg, tp, pp, dp, reason or "") of every layout the module docstring lists; ZeRO-1
     through the node's shared memory (refgpt.parallel.shared) where every data-parallel group
@@ -198,24 +214,26 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
                                 if world // tp % q == 0 for k, v in schedules(mcfg, q)):
             dp = world // (tp * pp)
             shared = dp > 1 and ranks_per_node % (tp * dp) == 0
-            for zero, shm, cp, kind, recompute in (
-                    (z, shm, cp, kind, recompute)
+            for zero, shm, cp, kind, ep, recompute in (
+                    (z, shm, cp, kind, ep, recompute)
                     for z, shm in [(0, False), *((z, False) for z in range(1, 4) if dp > 1),
                                    *([(1, True)] if shared else [])]
                     for cp, kind in contexts(dp, pcfg.context_parallel_size)
+                    for ep in experts(mcfg, dp) if ep == 1 or not (z or shm)
                     for recompute in RECOMPUTE):
                 cfg = replace(pcfg, tensor_model_parallel_size=tp,
                               pipeline_model_parallel_size=pp, zero_stage=zero,
                               dp_shared_memory=shm, recompute_granularity=recompute,
                               tensor_parallel_mode=mode, num_virtual_stages=v,
                               pipeline_schedule=schedule, context_parallel_size=cp,
-                              cp_comm_type=kind,
+                              cp_comm_type=kind, expert_model_parallel_size=ep,
                               sequence_parallel=pcfg.sequence_parallel and tp > 1
                               and mode == "1d")
                 name = (f"tp{tp}" + ("-2d" if mode == "2d" else "") + f" pp{pp}"
                         + (f"x{v}" if v > 1 else "")
                         + ("-zb" if schedule == "zb-h1" else "") + f" dp{dp}"
                         + (f" cp{cp}" + ("-a2a" if kind == "a2a" else "") if cp > 1 else "")
+                        + (f" ep{ep}" if ep > 1 else "")
                         + (f" zero-{zero}" if zero else "") + ("-shm" if shm else "")
                         + (f" recompute-{recompute}" if recompute else ""))
                 try:
@@ -238,6 +256,8 @@ def layout_flags(pcfg) -> list[str]:
     if pcfg.context_parallel_size > 1:
         flags += ["--context-parallel-size", str(pcfg.context_parallel_size),
                   "--cp-comm-type", pcfg.cp_comm_type]
+    if pcfg.expert_model_parallel_size > 1:
+        flags += ["--expert-model-parallel-size", str(pcfg.expert_model_parallel_size)]
     if pcfg.zero_stage:
         flags += ["--zero-stage", str(pcfg.zero_stage)]
     if pcfg.dp_shared_memory:
@@ -368,7 +388,7 @@ def plan(argv: list[str], world: int, rates: Rates | dict[str, Rates], mcfg, tcf
 def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
                process_bytes, precision):
     """plan's records of one type; precision: (the name's suffix, the command's flags)."""
-    out, units = [], {}                     # units: (tp, pp, pp rank, v, 2-D) -> rank_units
+    out, units = [], {}                 # units: (tp, pp, pp rank, v, 2-D, ep) -> rank_units
     tag, type_flags = precision
     for name, cfg, tp, pp, dp, reason in layouts(world, mcfg, tcfg, pcfg, ranks_per_node):
         name += f" {tag}" if tag else ""
@@ -378,13 +398,20 @@ def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
             out.append({**record, "refused": reason})
             continue
         v, two_d = cfg.num_virtual_stages, cfg.tensor_parallel_mode == "2d"
+        ep = cfg.expert_model_parallel_size
         for r in range(pp):
-            if (tp, pp, r, v, two_d) not in units:
-                units[tp, pp, r, v, two_d] = rank_units(mcfg, tp, pp, r, v, two_d)
-        stages = [units[tp, pp, r, v, two_d] for r in range(pp)]
+            if (tp, pp, r, v, two_d, ep) not in units:
+                units[tp, pp, r, v, two_d, ep] = rank_units(mcfg, tp, pp, r, v, two_d, ep)
+        stages = [units[tp, pp, r, v, two_d, ep] for r in range(pp)]
         per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, s, stages[r])
                     for r in range(pp) for s in distinct_shards(stages[r], cfg, dp)]
         record["memory_bytes"] = dict(max(per_rank, key=lambda m: m["total"]))
+        if mcfg.num_experts and (ep > 1 or mcfg.moe_expert_capacity_factor > 0):
+            # The experts' activations as balanced routing keeps them; the most any routing
+            # could make a rank keep beside it.
+            record["activations_worst_bytes"] = max(
+                rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, 0, stages[r], "worst")[
+                    "activations"] for r in range(pp))
         if process_bytes:
             record["memory_bytes"]["process"] = process_bytes
             record["memory_bytes"]["total"] += process_bytes
@@ -396,9 +423,11 @@ def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
             continue
         micro = tcfg.micro_batches(dp // cfg.context_parallel_size)
         elements = max(padded(sum(n for _, n in u), cfg, dp) for u in stages)
+        own = max(sum(n for _, n in rank_units(mcfg, tp, pp, r, v, two_d, ep, True))
+                  for r in range(pp)) if ep > 1 else 0
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
                        mcfg, tcfg, cfg, rates.gemm, rates.link, elements, rates.efficiency,
-                       rates.optimizer, rates.head, rates.p2p)
+                       rates.optimizer, rates.head, rates.p2p, own)
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
         blocks = mcfg.num_layers // (pp * cfg.num_virtual_stages)   # full recomputation: one
         if cfg.recompute_granularity == "full":         # (a third of their FLOPs) of the
@@ -428,12 +457,15 @@ def show(records: list[dict], top: int, mib=2.0 ** -20) -> None:
                 f", all-reduce {t['allreduce_s']:.3g} s"
                 + ("" if t["tensor_s"] is None else f", tensor {t['tensor_s']:.3g} s")
                 + (f", context {t['context_s']:.3g} s" if t.get("context_s") else "")
-                + (f", pipeline {t['pipeline_s']:.3g} s" if t.get("pipeline_s") else ""))
+                + (f", pipeline {t['pipeline_s']:.3g} s" if t.get("pipeline_s") else "")
+                + (f", experts {t['experts_s']:.3g} s" if t.get("experts_s") else ""))
         comm += "" if t["optimizer_s"] is None else f", optimizer {t['optimizer_s']:.3g} s"
         print(f"{r['layout']:<38} {t['total']:.3g} s/step (compute {t['compute_s']:.3g} s, "
               f"bubble {t['bubble_s']:.3g} s{comm}) | {m['total'] * mib:,.1f} MiB/rank "
               f"(params {m['params'] * mib:,.1f}, grads {m['grads'] * mib:,.1f}, optimizer "
               f"{m['optimizer'] * mib:,.1f}, activations {m['activations'] * mib:,.1f}"
+              + (f" with balanced routing, up to {r['activations_worst_bytes'] * mib:,.1f}"
+                 if "activations_worst_bytes" in r else "")
               + (f", process {m['process'] * mib:,.0f}" if "process" in m else "") + ")")
         print(f"    mpiexec -n {r['ranks']} python -m refgpt.train {' '.join(r['command'])}")
     refused = [r for r in records if "refused" in r]

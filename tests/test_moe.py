@@ -215,10 +215,15 @@ def test_a_checkpoint_with_experts_is_not_exported_as_gpt2(tmp_path, capsys):
     assert {"h.0.mlp.experts.1.c_proj.weight", "h.0.mlp.router.weight"} <= set(whole)
 
 
-def test_the_activation_formula_is_not_claimed_for_experts():
-    """refgpt's activation formula models the dense MLP: for a model with experts the record
-    says 0 (not modelled), while the measured registry counts what the experts keep."""
+def test_the_activation_formula_is_claimed_for_experts_where_routing_does_not_decide():
+    """Without a capacity (and expert parallelism) the experts keep every token's k rows
+    whatever the routing, and the record's formula equals the registry; with a capacity the
+    kept rows depend on the routing, and the record says 0 (not modelled), while the
+    registry counts what the experts kept."""
     hist, _ = train(moe_cfg(seq_length=8))
+    mem = hist[-1]["memory_bytes"]
+    assert mem["activations_formula"] == mem["activations"] > 0
+    hist, _ = train(moe_cfg(seq_length=8, moe_expert_capacity_factor=1.0))
     mem = hist[-1]["memory_bytes"]
     assert mem["activations_formula"] == 0 and mem["activations_korthikanti"] > 0
     assert mem["activations"] > 0

@@ -326,7 +326,31 @@ def test_groups_that_span_nodes_share_the_nodes_network_injection(tmp_path, caps
         records[name] = {r["layout"]: r["step_time_s"] for r in json.loads(
             capsys.readouterr().out) if "refused" not in r}
     node, net = records["node"], records["net"]
-    assert net["tp1 pp1 dp4"]["allreduce_s"] == pytest.approx(4 * node["tp1 pp1 dp4"]["allreduce_s"])
-    assert net["tp2 pp1 dp2"]["allreduce_s"] == pytest.approx(8 * node["tp2 pp1 dp2"]["allreduce_s"])
+    for name, slower in (("tp1 pp1 dp4", 4), ("tp2 pp1 dp2", 8)):
+        assert net[name]["allreduce_s"] == pytest.approx(slower * node[name]["allreduce_s"])
     assert net["tp2 pp1 dp2"]["tensor_s"] == pytest.approx(node["tp2 pp1 dp2"]["tensor_s"])
     assert net["tp1 pp2 dp2"]["pipeline_s"] > 8 * node["tp1 pp2 dp2"]["pipeline_s"]
+
+
+def test_expert_parallel_traffic_by_hand():
+    """At one byte a second: a rank's experts' gradients are summed over the d / e ranks that
+    hold the same experts, the rest over d; each block with experts sends every token's k
+    rows to the experts' ranks and back, in forward and in backward: 4 (e-1)/e N k h bytes a
+    micro-batch (balanced routing)."""
+    from refgpt.plan import Rates, plan, rank_units
+    from refgpt.parallel.zero import formula_traffic
+    mcfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, seq_length=16,
+                       vocab_size=45, num_experts=4, moe_router_topk=2, moe_layer_freq=2)
+    tcfg = TrainConfig(global_batch_size=8, micro_batch_size=1)
+    records = {r["layout"]: r for r in plan([], 4, Rates(1e9, lambda n, *_: 1.0), mcfg, tcfg,
+                                             ParallelConfig()) if "refused" not in r}
+    t = records["tp1 pp1 dp4 ep2"]["step_time_s"]
+    every = sum(n for _, n in rank_units(mcfg, 1, 1, 0, ep=2))
+    own = sum(n for _, n in rank_units(mcfg, 1, 1, 0, ep=2, experts_only=True))
+    assert 0 < own < every
+    assert t["allreduce_s"] == pytest.approx(formula_traffic(0, every - own, 4, 2, 4))
+    sent = 2 * 2 * 4 * (1 / 2) * 16 * 2 * 32 * 4     # m, blocks, 4 (e-1)/e, N k h, fp32
+    assert t["experts_s"] == pytest.approx(formula_traffic(0, own, 2, 2, 4) + sent)
+    assert records["tp1 pp1 dp4"]["step_time_s"]["experts_s"] == 0.0
+    assert "activations_worst_bytes" in records["tp1 pp1 dp4 ep2"]
+    assert "activations_worst_bytes" not in records["tp1 pp1 dp4"]

@@ -22,7 +22,7 @@ from .. import metrics
 from ..optim import MasterAdamW
 from ..nn.activations import (Sizes, chunk_bytes, deferred_bytes, korthikanti_bytes,
                               refgpt_bytes, schedule_bytes)
-from ..nn.moe import is_moe_layer
+from ..nn.moe import expert_capacity, is_moe_layer
 from ..parallel.schedules import compute_ops
 from ..parallel.zero import formula_bytes
 from ..precision import dtype_of
@@ -69,7 +69,21 @@ def estimated_bytes(mcfg, tcfg, pcfg, grid, activations: int) -> int:
                          shared=pcfg.dp_shared_memory) + activations
 
 
-def activation_formulas(mcfg, tcfg, pcfg, grid, balanced: bool = False) -> dict[str, int]:
+def routed(mcfg, tokens: int, ep: int, routing: str = "") -> tuple[int, int, int]:
+    """(k, token-expert pairs of a rank's N tokens kept, rows its experts run) in a layer with
+    experts (refgpt.nn.activations.block_terms): N k and N k without a capacity c and without
+    expert parallelism, whatever the routing; else balanced, K = R = min(N k, E c); worst,
+    K the same and R = min(e N min(k, E/e), E c), a bound."""
+    k, E = mcfg.moe_router_topk, mcfg.num_experts
+    cap = expert_capacity(tokens, mcfg)
+    kept = min(tokens * k, E * cap) if cap else tokens * k
+    if routing != "worst":
+        return k, kept, kept
+    rows = ep * tokens * min(k, E // ep)
+    return k, kept, min(rows, E * cap) if cap else rows
+
+
+def activation_formulas(mcfg, tcfg, pcfg, grid, routing: str = "") -> dict[str, int]:
     """This rank's peak activation bytes by refgpt's formula (refgpt.nn.activations), which the
     measured registry equals, and by Korthikanti et al.'s per-layer formula times the rank's
     layers and micro-batches in flight. Under the interleaved schedule refgpt's replays the
@@ -78,10 +92,13 @@ def activation_formulas(mcfg, tcfg, pcfg, grid, balanced: bool = False) -> dict[
     rank's T / C tokens and what its attention keeps (core_bytes); under 2-D tensor
     parallelism a rank's b / q sequences of h / q (Sizes.summa); in a block with experts, the
     N k token-expert pairs of its N tokens (block_terms), which is exact without expert
-    parallelism and without a capacity, and otherwise what balanced routing would keep
-    (balanced=True; the planner's), as what a rank's experts keep depends on how many tokens
-    they were sent. It is 0 where it does not model the layout: the cupy backend (its fused
-    attention keeps other arrays), experts whose routing decides (unless balanced), and
+    parallelism and without a capacity. Otherwise what a rank's experts keep depends on how
+    many tokens they were sent, and routing chooses: "balanced" (every expert sent as many,
+    at most its capacity: the planner's figure) or "worst" (every token of the e ranks of
+    the expert-parallel group sent to this rank's experts, min(k, E/e) pairs each, or its
+    experts full to capacity: a bound). It is 0 where it does not model the layout: the cupy
+    backend (its fused attention keeps other arrays), experts whose routing decides (without
+    a routing), and
     layered gradient accumulation (every micro-batch's blocks, not its head: Korthikanti's
     counts m micro-batches in flight). Korthikanti's is taken at the rank's
     T / c tokens (its attention term at T / c x T under context parallelism is not modelled
@@ -99,13 +116,13 @@ def activation_formulas(mcfg, tcfg, pcfg, grid, balanced: bool = False) -> dict[
                   mcfg.hidden_size // q, mcfg.num_attention_heads // q, mcfg.padded_vocab // q,
                   e, c, t // (q * q), pcfg.sequence_parallel, mcfg.dropout > 0, grid.cp_size,
                   pcfg.cp_comm_type == "a2a", q > 1)
-    if mcfg.num_experts:                     # every token's k pairs kept, and run here
-        pairs = sizes.b * sizes.s * mcfg.moe_router_topk
-        sizes = replace(sizes, routed=(mcfg.moe_router_topk, pairs, pairs))
+    if mcfg.num_experts:
+        sizes = replace(sizes, routed=routed(mcfg, sizes.b * sizes.s,
+                                             pcfg.expert_model_parallel_size, routing))
     routing_decides = (pcfg.expert_model_parallel_size > 1
                        or mcfg.moe_expert_capacity_factor > 0)
     covered = (tcfg.backend != "cupy" and not pcfg.layered_gradient_accumulation
-               and (not mcfg.num_experts or balanced or not routing_decides))
+               and (not mcfg.num_experts or routing or not routing_decides))
     per = mcfg.num_layers // (p * pcfg.num_virtual_stages)
 
     def moe(chunk: int) -> tuple[bool, ...]:

@@ -69,6 +69,7 @@ from dataclasses import dataclass, replace
 from ..config import ConfigError
 from ..parallel.build import check_layout
 from ..metrics import head_flops, model_params, stage_flops
+from ..nn.moe import is_moe_layer
 from ..precision import compute_dtype, dtype_of
 from ..parallel.context import formula_volume
 from ..parallel.schedules import simulate
@@ -187,17 +188,19 @@ def pipeline_bytes(mcfg, tcfg, pcfg, t: int, m: int, w: int, g: int) -> dict:
 def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
             elements: int | None = None, efficiency: float = 1.0,
             optimizer_rate: float | None = None, head_efficiency: float | None = None,
-            p2p_rate: float | None = None) -> dict:
-    """The cost model of the module docstring, in seconds per iteration. link_rate: bytes a
-    second a rank moves in an all-reduce: one number, or a function (n, stride, inside=None)
-    of the group's size, the ranks between its members and, for point-to-point sends, the rate
-    inside a node (refgpt.plan.group_link: a group that spans nodes shares the node's network
-    injection). Communication is None where it is not predicted: without a link rate.
-    elements: a rank's parameters exactly, padded as ZeRO pads them (refgpt.plan), instead of
-    the model's count over t p. efficiency: the share of gemm_rate forward and backward's model FLOPs reach (a
-    machine's calibration); head_efficiency: the head's own (stage_seconds). optimizer_rate:
-    elements a second a rank's optimizer updates (None: the optimizer not counted). p2p_rate:
-    bytes a second a rank sends to another (None: the all-reduce rate of 2 ranks)."""
+            p2p_rate: float | None = None, expert_elements: int = 0) -> dict:
+    """The cost model of the module docstring, in seconds per iteration. link_rate: bytes a second
+    a rank moves in an all-reduce: one number, or a function (n, stride, inside=None) of the
+    group's size, the ranks between its members and, for point-to-point sends, the rate
+    inside a node (refgpt.plan.group_link: a group that spans nodes shares the node's
+    network injection). Communication is None where it is not predicted: without a link
+    rate. elements: a rank's parameters exactly, padded as ZeRO pads them (refgpt.plan),
+    instead of the model's count over t p. efficiency: the share of gemm_rate forward and
+    backward's model FLOPs reach (a machine's calibration); head_efficiency: the head's own
+    (stage_seconds). optimizer_rate: elements a second a rank's optimizer updates (None: the
+    optimizer not counted). p2p_rate: bytes a second a rank sends to another (None: the all-
+    reduce rate of 2 ranks). expert_elements: under expert parallelism, the rank's experts'
+    parameters among `elements`, summed over its expert-data-parallel group of d / e."""
     t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
     pcfg = parallel_config(pcfg, cfg.layout)
     w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
@@ -230,6 +233,16 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
             lambda n, stride=1, inside=None: inside or link_rate)
     seconds = ((lambda nbytes, n, stride=1: nbytes / rate(n, stride)) if link_rate else
                (lambda nbytes, n, stride=1: None))
+    ep = pcfg.expert_model_parallel_size
+    experts = 0.0
+    if ep > 1:              # the experts' gradients summed over d / e ranks, e apart; tokens
+        own = formula_traffic(pcfg.zero_stage, expert_elements, d // ep, m, w, g)  # to and
+        moved -= formula_traffic(pcfg.zero_stage, expert_elements, d, m, w, g)     # from
+        layers = sum(is_moe_layer(mcfg, i) for i in range(mcfg.num_layers)) / p   # their
+        pairs = tcfg.micro_batch_size * mcfg.seq_length * mcfg.moe_router_topk      # experts
+        sent = m * layers * 4 * (ep - 1) / ep * pairs * mcfg.hidden_size * w
+        experts = (seconds(own, d // ep, t * ep) or 0.0) + (seconds(sent, ep, t) or 0.0) \
+            if link_rate else None
     allreduce = seconds(moved, d, t)
     if t > 1 and pcfg.tensor_parallel_mode == "2d":  # SUMMA: panels over rows and columns
         q = math.isqrt(t)
@@ -247,8 +260,9 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
     updated = int(per_rank) // d if pcfg.zero_stage else int(per_rank)
     optimizer = updated / optimizer_rate if optimizer_rate else None
     total = (compute + bubble + (allreduce or 0.0) + (tensor or 0.0) + (context or 0.0)
-             + (pipeline or 0.0) + (optimizer or 0.0))
+             + (pipeline or 0.0) + (experts or 0.0) + (optimizer or 0.0))
     return {"compute_s": compute, "allreduce_s": allreduce, "tensor_s": tensor,
-            "context_s": context, "pipeline_s": pipeline, "bubble_s": bubble,
+            "context_s": context, "pipeline_s": pipeline, "experts_s": experts,
+            "bubble_s": bubble,
             "optimizer_s": optimizer,
             "allreduce_share": None if allreduce is None else allreduce / total}
