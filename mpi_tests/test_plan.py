@@ -86,6 +86,7 @@ def test_calibration_writes_a_machine_the_planner_reads(tmp_path_factory):
           and all(0 < m[table][t] <= 1 for t in ("float64", "float32")
                   for table in ("step_efficiency", "head_efficiency"))
           and m["network"]["p2p_gbs"] > 0
+          and all(m["gemm_shape"][t]["tflops"] > 0 for t in ("float64", "float32"))
           and min(m["optimizer_melem_s"][t] for t in ("float64", "float32")) > 0
           and m["process_mib"] > 0 and m["network"]["allreduce_gbs"] > 0
           and sorted(map(int, m["network"]["allreduce_gbs_by_ranks"])) == [

@@ -85,6 +85,7 @@ from .parallel.pipeline import stage_of
 from .parallel.tensor import shard, shard_kind
 from .parallel.zero import formula_working
 from .precision import compute_dtype, dtype_of, is_half
+from .study.gemm_shapes import GemmShape, model_gemms, time_gemms
 from .study.plan import Config, Layout, predict
 from .train import build_parser, configs_from
 
@@ -285,7 +286,7 @@ def read_machine(name: str) -> dict:
                               f"{getattr(kind, '__name__', 'number')}")
     for key, kind in (("process_mib", (int, float)), ("step_efficiency", dict),
                       ("head_efficiency", dict), ("optimizer_melem_s", dict),
-                      ("network", dict)):
+                      ("network", dict), ("gemm_shape", dict)):
         if key in m and not isinstance(m[key], kind):
             raise ConfigError(f"--machine {name}: '{key}' is not a "
                               f"{'table' if kind is dict else 'number'}")
@@ -301,6 +302,17 @@ class Rates:
     optimizer: float | None = None                # elements/s the optimizer updates
     head: float | None = None                     # the head's share of gemm (None: efficiency)
     p2p: float | None = None                      # bytes/s a rank sends to another
+    shape: GemmShape | None = None                # a GEMM's time by its shape (else gemm)
+
+    def gemm_at(self, mcfg, tcfg, pcfg) -> float:
+        """A rank's GEMM rate on the layout's products (GemmShape.rate of model_gemms), or
+        the one rate where the machine has no shape model."""
+        if self.shape is None:
+            return self.gemm
+        t, two_d = pcfg.tensor_model_parallel_size, pcfg.tensor_parallel_mode == "2d"
+        q = isqrt(t) if two_d else 1
+        return self.shape.rate(model_gemms(mcfg, tcfg.micro_batch_size, 1 if two_d else t,
+                                           pcfg.context_parallel_size, q))
 
 
 def group_link(network: dict, bandwidth: float = 0.0,
@@ -364,9 +376,20 @@ def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) ->
             raise ValueError("rates must be > 0")
     except (TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"--machine {name}: [network]: {e}") from None
+    shape = machine.get("gemm_shape", {}).get(tcfg.dtype)
+    if shape is not None:
+        try:
+            shape = GemmShape(float(shape["tflops"]) * 1e12, float(shape["gbs"]) * 1e9,
+                              float(shape["overhead_us"]) * 1e-6,
+                              np.dtype(dtype_of(tcfg.dtype)).itemsize)
+            if min(shape.flops, shape.bandwidth) <= 0 or shape.overhead < 0:
+                raise ValueError("rates must be > 0")
+        except (TypeError, ValueError, KeyError) as e:
+            raise ConfigError(f"--machine {name}: [gemm_shape.{tcfg.dtype}] needs tflops, gbs "
+                              f"and overhead_us: {e}") from None
     return Rates(rate * 1e12 / ranks_per_node, link, efficiency,
                  optimizer * 1e6 if optimizer else None, head,
-                 None if bandwidth or not p2p else p2p)
+                 None if bandwidth or not p2p else p2p, shape)
 
 
 def plan(argv: list[str], world: int, rates: Rates | dict[str, Rates], mcfg, tcfg, pcfg,
@@ -426,7 +449,8 @@ def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
         own = max(sum(n for _, n in rank_units(mcfg, tp, pp, r, v, two_d, ep, True))
                   for r in range(pp)) if ep > 1 else 0
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
-                       mcfg, tcfg, cfg, rates.gemm, rates.link, elements, rates.efficiency,
+                       mcfg, tcfg, cfg, rates.gemm_at(mcfg, tcfg, cfg), rates.link, elements,
+                       rates.efficiency,
                        rates.optimizer, rates.head, rates.p2p, own)
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
         blocks = mcfg.num_layers // (pp * cfg.num_virtual_stages)   # full recomputation: one
@@ -633,6 +657,11 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     act = tcfg.micro_batch_size * mcfg.seq_length * mcfg.hidden_size * 4
     sends = p2p_rate(world, act) if world.size > 1 else 0.0
     rates, efficiency, heads, optimizer, process = {}, {}, {}, {}, None
+    shapes, misfit = {}, {}
+    sizes = [t for t in range(1, world.size + 1) if world.size % t == 0 and not (
+        mcfg.num_attention_heads % t or mcfg.hidden_size % t or mcfg.padded_vocab % t)]
+    products = sorted({(m, n, k) for t in sizes
+                       for m, n, k, _ in model_gemms(mcfg, tcfg.micro_batch_size, t)})
     # The run's settings (buckets, overlap, threads) on the plain data-parallel layout.
     dp_cfg = replace(pcfg, context_parallel_size=1)
     plain = layout_flags(dp_cfg)                            # the data-parallel layout's flags
@@ -657,12 +686,16 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
         optimizer[dtype] = rank_elements(mcfg, 1, 1, 0) / update
         heads[dtype] = min(1.0, head_flops(mcfg, run.micro_batch_size)
                            / (head_step(mcfg, run, world) * rate))
+        timed_products = time_gemms(world, products, dtype_of(dtype))
+        shapes[dtype] = GemmShape.fit(timed_products, np.dtype(dtype_of(dtype)).itemsize)
+        misfit[dtype] = float(np.median([abs(shapes[dtype].seconds(m, n, k) / t - 1)
+                                         for m, n, k, t in timed_products]))
 
         def dp_step(e: float, run=run, rate=rate, update=optimizer[dtype],
-                    head=heads[dtype]) -> float:
+                    head=heads[dtype], shape=shapes[dtype]) -> float:
             """The plan's time of the step just measured, at step efficiency e."""
-            records = plan([], world.size, Rates(rate, link, e, update, head), mcfg, run,
-                           dp_cfg, ranks_per_node=per_node)
+            records = plan([], world.size, Rates(rate, link, e, update, head, shape=shape),
+                           mcfg, run, dp_cfg, ranks_per_node=per_node)
             return next(r for r in records if r["command"] == plain)["step_time_s"]["total"]
         efficiency[dtype] = step_efficiency(dp_step, seconds)
     if not rates:
@@ -688,6 +721,14 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     lines += ["", "[head_efficiency]     # the LM head's share of that rate, its forward and "
               "backward of one micro-batch alone on every rank (refgpt.plan.head_step)"]
     lines += [f"{dtype} = {e:.3f}" for dtype, e in heads.items()]
+    for dtype, shape in shapes.items():
+        lines += ["", f"[gemm_shape.{dtype}]     # a rank's GEMM of [m, k] x [k, n] takes 2mnk / "
+                  "F + w (mk + kn + mn) / B + t0 (refgpt.study.gemm_shapes), fitted to "
+                  f"{len(products)} products of this model at tensor-parallel sizes "
+                  f"{', '.join(map(str, sizes))}, every rank at once (median error "
+                  f"{misfit[dtype]:.0%})",
+                  f"tflops = {shape.flops / 1e12:.4f}", f"gbs = {shape.bandwidth / 1e9:.2f}",
+                  f"overhead_us = {shape.overhead * 1e6:.2f}"]
     lines += ["", "[optimizer_melem_s]     # millions of elements a rank's optimizer updates a "
               "second (the slowest rank's)"]
     lines += [f"{dtype} = {r / 1e6:.1f}" for dtype, r in optimizer.items()]
