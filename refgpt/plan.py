@@ -10,19 +10,21 @@ ask for sequence parallelism: tpT-2d) and pipeline size p that divide the world 
 each pipeline with 1F1B, the interleaved schedule at every number of model chunks v a rank can
 hold (shown as ppPxV) and zero-bubble (ppP-zb), the data-parallel size d = world / (t p) the
 rest, context-parallel sizes c dividing d up to --context-parallel-size (which the planner reads
-as the largest to consider; 1 by default) by ring and by all-to-all (cpC, cpC-a2a), ZeRO stage
-0-3 (and ZeRO-1 through shared memory where each data-parallel group lies inside one node), and
-activation recomputation off, selective or full, as refgpt.train's check_layout accepts them
-(those it refuses are listed with its reason); and where the run names no type (--bf16, --fp16,
---dtype), float32 and bfloat16, each where the machine has its rate (the name ends fp32 or
-bf16; a type without a rate is left out with a note). Each one's memory per rank, in the categories of
-the training log's ``memory_bytes``, on the rank that holds the most (the first pipeline stage
-keeps the most micro-batches in flight; under the interleaved schedule the rank's own order of
-its chunks' forwards and backwards decides):
+as the largest to consider; 1 by default) by ring and by all-to-all (cpC, cpC-a2a), for a model
+with experts every expert-parallel size e dividing d and the experts (epE, without ZeRO), ZeRO
+stage 0-3 (and ZeRO-1 through shared memory where each data-parallel group lies inside one
+node), and activation recomputation off, selective or full, as refgpt.train's check_layout
+accepts them (those it refuses are listed with its reason); and where the run names no type
+(--bf16, --fp16, --dtype), float32 and bfloat16, each where the machine has its rate (the name
+ends fp32 or bf16; a type without a rate is left out with a note). Each one's memory per rank,
+in the categories of the training log's ``memory_bytes``, on the rank that holds the most (the
+first pipeline stage keeps the most micro-batches in flight; under the interleaved schedule
+the rank's own order of its chunks' forwards and backwards decides):
 
     params, grads, optimizer   P elements on the rank: its stage's parameters, its tensor-
-                               parallel shard of each, padded to a multiple of d under ZeRO;
-                               ZeRO's table (refgpt.parallel.zero) splits each over d
+                               parallel shard of each (its own E / e experts), padded to a
+                               multiple of d under ZeRO; ZeRO's table (refgpt.parallel.zero)
+                               splits each over d
     activations                refgpt's formula of what the layers keep for backward at the
                                peak (refgpt.nn.activations), which the registry equals
     working                    ZeRO's temporary buffers at their peak (the registry's
@@ -30,33 +32,39 @@ its chunks' forwards and backwards decides):
                                data-parallel ranks that stand for all (distinct_shards)
 
 These are the registry's own numbers (tests/test_plan.py and mpi_tests/test_plan.py run the
-layouts and compare), not estimates; with a machine file that has ``process_mib`` (what a rank
-held beyond them when calibrated: interpreter, libraries, MPI's buffers) the record adds it as
-``process``. The time per step is the scaling study's cost model (refgpt.study.plan.predict):
-the busiest pipeline stage's FLOPs at the rates a training step reaches (the LM head at the GEMM
-rate, the blocks at what makes forward and backward of the whole model run at the GEMM rate
-times the machine's calibrated step efficiency), the pipeline's bubble from the schedule
-simulator, the optimizer's elements at the machine's optimizer rate, and, given --allreduce-
-bandwidth (GB/s a rank moves in an all-reduce) or a machine's network, the data-, tensor- and
-context-parallel traffic by the counters' formulas at the all-reduce rate of the group's size,
-not overlapped; full recomputation adds a third of the recomputed blocks' FLOPs (one more
-forward), selective's extra attention-core FLOPs are not counted. Layouts are printed fastest
-first, each with the command that runs it. docs/plan.md sets these predictions beside measured
-runs.
+layouts and compare), not estimates, but for one case: what a rank's experts keep under
+expert parallelism or a capacity depends on how many tokens the routing sends them, so there
+the activations are balanced routing's, and the record adds ``activations_worst_bytes``, the
+most any routing could make the rank keep. With a machine file that has ``process_mib`` (what
+a rank held beyond them when calibrated: interpreter, libraries, MPI's buffers) the record adds
+it as ``process``. The time per step is the scaling study's cost model (refgpt.study.plan.
+predict): the busiest pipeline stage's FLOPs at the rates a training step reaches (the GEMM
+rate on the layout's own products where the machine has a shape model, refgpt.study.
+gemm_shapes; the LM head at its own measured share of it, the blocks at what makes forward and
+backward of the whole model run at the machine's calibrated step efficiency), the pipeline's
+bubble from the schedule simulator, the optimizer's elements at the machine's optimizer rate,
+and, given --allreduce-bandwidth (GB/s a rank moves in an all-reduce) or a machine's network,
+the data-, tensor-, context- and expert-parallel traffic by the counters' formulas at the
+all-reduce rate of the group's size (a group spanning nodes at most its share of the node's
+network injection), and the pipeline's sends at the point-to-point rate, not overlapped; full
+recomputation adds a third of the recomputed blocks' FLOPs (one more forward), selective's
+extra attention-core FLOPs are not counted. Layouts are printed fastest first, each with the
+command that runs it. docs/plan.md sets these predictions beside measured runs.
 
 Machines (--machine): a small TOML file, or the name of one in refgpt/machines (a64fx-fugaku,
 from published figures, each cited in the file): cores and memory per node, the GEMM rate per
-node by type, the step efficiency by type ([step_efficiency]), the optimizer rate by type
-([optimizer_melem_s]), process_mib, and the all-reduce rate a rank moves ([network]
-allreduce_gbs, and by group size [network.allreduce_gbs_by_ranks]). With one, the rates are its
-own and a layout whose ranks on a node need more than the node's memory is refused with the
+node by type and, where calibrated, a GEMM's time by its shape ([gemm_shape.TYPE] tflops, gbs,
+overhead_us), the step efficiency and the head's by type ([step_efficiency],
+[head_efficiency]), the optimizer rate by type ([optimizer_melem_s]), process_mib, the
+all-reduce rate a rank moves ([network] allreduce_gbs, and by group size
+[network.allreduce_gbs_by_ranks]), the point-to-point rate ([network] p2p_gbs) and what a node
+injects into the network ([network.internode] gbs_per_node). With one, the rates are its own
+and a layout whose ranks on a node need more than the node's memory is refused with the
 figure. ``--calibrate FILE`` (under mpiexec, one rank per core as in training) measures this
-machine, with the step efficiency and optimizer rate of the model given by the other flags, and
-writes its file.
+machine with the model given by the other flags and writes its file.
 
-Not yet (issue 30): expert parallelism in the enumeration; a GEMM rate by shape, the pipeline's
-point-to-point sends, per-level (network) link rates and the machine's core groups in the time
-model."""
+Not yet (issue 30): ZeRO with expert parallelism in the enumeration; link latencies, the MPI's
+collective algorithm and the machine's core groups in the time model."""
 
 from __future__ import annotations
 
@@ -570,21 +578,6 @@ def data_parallel_step(mcfg, tcfg, pcfg, world) -> tuple[float, float, int]:
     return float(np.median(steps)), float(np.median(updates)), world.allreduce(held, op=MPI.MAX)
 
 
-def timed(world, work, repeats: int = 3) -> float:
-    """Seconds `work()` takes on every rank of `world` at once: the median of `repeats` runs
-    after a first (which compiles and warms), each started by a barrier, each the slowest
-    rank's."""
-    from mpi4py import MPI
-    spent = []
-    for run in range(repeats + 1):
-        world.Barrier()
-        start = time.perf_counter()
-        work()
-        if run:
-            spent.append(world.allreduce(time.perf_counter() - start, op=MPI.MAX))
-    return float(np.median(spent))
-
-
 def head_step(mcfg, tcfg, world) -> float:
     """Seconds the LM head's forward and backward of one micro-batch take (the final
     LayerNorm, the logits' GEMM against the tied token table and the loss over the vocabulary;
@@ -592,6 +585,7 @@ def head_step(mcfg, tcfg, world) -> float:
     the GEMM rate is head_flops / (that time x the rate)."""
     from .backend import Backend, synchronize, to_device
     from .nn.gpt import GPT, Stage
+    from .study.measure import timed
     dtype = dtype_of(tcfg.dtype)
     rng = np.random.default_rng(0)
     B, T, C = tcfg.micro_batch_size, mcfg.seq_length, mcfg.hidden_size
@@ -611,6 +605,7 @@ def p2p_rate(world, nbytes: int) -> float:
     """Bytes a second a rank sends to another while it receives as much (MPI_Sendrecv between
     ranks 2i and 2i+1, every pair at once, as a pipeline's stages exchange activations and
     gradients), messages of nbytes; the slowest pair's, the median of three."""
+    from .study.measure import timed
     buf, got = np.ones(max(nbytes // 4, 1), np.float32), np.empty(max(nbytes // 4, 1), np.float32)
     peer = world.rank ^ 1
     repeats = 8
@@ -638,7 +633,9 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     measures in each type refgpt trains in (float64, float32, bfloat16 where ml_dtypes is
     installed), (under mpiexec with more than one rank) the all-reduce rate of each group
     size and the point-to-point rate of pairs (p2p_rate), the LM head's own share of the
-    GEMM rate (head_step), and from the model given trained data-parallel on every rank
+    GEMM rate (head_step), a GEMM's time by its shape fitted to the model's products at every
+    tensor-parallel size (refgpt.study.gemm_shapes), and from the model given trained
+    data-parallel on every rank
     (data_parallel_step): the step efficiency that makes the planner predict that step's
     measured time (everything a step does besides GEMMs and communication, and what the
     overlapped all-reduce costs the cores, is in it), the optimizer's rate and the memory a

@@ -92,14 +92,14 @@ class GemmShape:
 
 def time_gemms(world, shapes, dtype, seconds: float = 0.005) -> list[tuple]:
     """(m, n, k, seconds a product) for each shape, on every rank of world at once
-    (refgpt.plan.timed: the slowest rank's median), with the layers' GEMM
+    (refgpt.study.measure.timed: the slowest rank's median), with the layers' GEMM
     (refgpt.nn.linear.matmul), each timed over enough products to last `seconds`."""
     import time
 
     from mpi4py import MPI
 
     from ..nn.linear import matmul
-    from ..plan import timed
+    from .measure import timed
     rng = np.random.default_rng(0)
     out = []
     for m, n, k in shapes:

@@ -82,6 +82,21 @@ def group_rates(world, elements: int, bucket: int, dtype, overlap: bool,
     return out
 
 
+def timed(world, work, repeats: int = 3) -> float:
+    """Seconds `work()` takes on every rank of `world` at once: the median of `repeats` runs
+    after a first (which compiles and warms), each started by a barrier, each the slowest
+    rank's."""
+    from mpi4py import MPI
+    spent = []
+    for run in range(repeats + 1):
+        world.Barrier()
+        start = time.perf_counter()
+        work()
+        if run:
+            spent.append(world.allreduce(time.perf_counter() - start, op=MPI.MAX))
+    return float(np.median(spent))
+
+
 def cpu_name() -> str:
     """The CPU's model name as /proc/cpuinfo gives it (else what platform knows)."""
     try:
