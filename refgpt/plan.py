@@ -759,7 +759,7 @@ def main(argv=None) -> int:
     if layout_set:
         raise ConfigError("the planner chooses " + ", ".join(
             f"--{k.replace('_', '-')}" for k in sorted(layout_set)) + " itself")
-    mcfg, tcfg, pcfg, _, _ = configs_from(values)
+    mcfg, tcfg, pcfg, keys, _ = configs_from(values)      # keys: the flags and --config's
     if pcfg.context_parallel_size < 1:          # the largest CP size the planner considers
         raise ConfigError(f"--context-parallel-size must be >= 1, got "
                           f"{pcfg.context_parallel_size}")
@@ -778,7 +778,7 @@ def main(argv=None) -> int:
         process = int(machine.get("process_mib", 0) * 2**20)
     # Precision is the run's where it names one, else a dimension of the plan: every type of
     # PRECISIONS with a rate (in the machine, or measurable here).
-    named = bool({"dtype", "bf16", "fp16"} & given)
+    named = "dtype" in keys                       # --bf16 and --fp16 set it too
     rates, unplanned = {}, []
     for dtype in [tcfg.dtype] if named else PRECISIONS:
         run = replace(tcfg, dtype=dtype)

@@ -292,6 +292,12 @@ def test_precision_is_planned_where_the_run_names_none(tmp_path, capsys):
             assert r["memory_bytes"] == named[name]["memory_bytes"]
             assert r["step_time_s"] == named[name]["step_time_s"]
             assert ("--bf16" in r["command"]) == (tag == "bf16")
+    config = tmp_path / "run.toml"                   # a type named in --config counts too
+    config.write_text('dtype = "bfloat16"\n')
+    assert main([*argv, "--config", str(config), "--machine", str(both)]) == 0
+    named = [r for r in json.loads(capsys.readouterr().out) if "refused" not in r]
+    assert named and not any(r["layout"].endswith(("fp32", "bf16")) or "--bf16" in r["command"]
+                             for r in named)
     one = tmp_path / "one.toml"
     one.write_text(both.read_text().replace("bfloat16 = 2.0\n", ""))
     assert main([*argv, "--machine", str(one)]) == 0

@@ -55,8 +55,13 @@ once, as in training):
                                                     point-to-point rate b_p (else b(2)), and
                                                     the tied token table's gradient summed by
                                                     the first and last stages
+    experts      E = G_e / b(d/e) + M_e / b(e)      expert parallelism of e: the experts'
+                                                    gradients G_e summed over d / e ranks (A
+                                                    then counts the rest), and each block with
+                                                    experts' all-to-all, 4 (e-1)/e N k h w a
+                                                    micro-batch at balanced routing
 
-and the all-reduce share A / (C + A + T + X + U + S + O): the part of a step that overlap and a
+and the all-reduce share A / (C + A + T + X + U + S + E + O): the part of a step that overlap and a
 faster network could win back.
 """
 
@@ -235,11 +240,14 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
                (lambda nbytes, n, stride=1: None))
     ep = pcfg.expert_model_parallel_size
     experts = 0.0
-    if ep > 1:              # the experts' gradients summed over d / e ranks, e apart; tokens
-        own = formula_traffic(pcfg.zero_stage, expert_elements, d // ep, m, w, g)  # to and
-        moved -= formula_traffic(pcfg.zero_stage, expert_elements, d, m, w, g)     # from
-        layers = sum(is_moe_layer(mcfg, i) for i in range(mcfg.num_layers)) / p   # their
-        pairs = tcfg.micro_batch_size * mcfg.seq_length * mcfg.moe_router_topk      # experts
+    if ep > 1:
+        # The experts' gradients are summed over the d / e ranks holding the same experts
+        # (e t apart), not over d; every token's k rows go to the experts' ranks and back, in
+        # forward and in backward, in each block with experts.
+        own = formula_traffic(pcfg.zero_stage, expert_elements, d // ep, m, w, g)
+        moved -= formula_traffic(pcfg.zero_stage, expert_elements, d, m, w, g)
+        layers = sum(is_moe_layer(mcfg, i) for i in range(mcfg.num_layers)) / p
+        pairs = tcfg.micro_batch_size * mcfg.seq_length * mcfg.moe_router_topk
         sent = m * layers * 4 * (ep - 1) / ep * pairs * mcfg.hidden_size * w
         experts = (seconds(own, d // ep, t * ep) or 0.0) + (seconds(sent, ep, t) or 0.0) \
             if link_rate else None
