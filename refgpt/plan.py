@@ -684,7 +684,7 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
         heads[dtype] = min(1.0, head_flops(mcfg, run.micro_batch_size)
                            / (head_step(mcfg, run, world) * rate))
         timed_products = time_gemms(world, products, dtype_of(dtype))
-        shapes[dtype] = GemmShape.fit(timed_products, np.dtype(dtype_of(dtype)).itemsize)
+        shapes[dtype] = GemmShape.fit(timed_products, np.dtype(dtype_of(dtype)).itemsize, rate)
         misfit[dtype] = float(np.median([abs(shapes[dtype].seconds(m, n, k) / t - 1)
                                          for m, n, k, t in timed_products]))
 

@@ -33,10 +33,15 @@ def test_the_products_are_the_models_gemm_flops_split_over_the_ranks(tp, cp, q):
 def test_the_fit_recovers_a_machine_and_rates_a_mix():
     truth = GemmShape(2e11, 4e10, 3e-6, 4)
     shapes = [(m, n, k) for m in (16, 128, 1024) for n in (64, 768, 3072) for k in (64, 768)]
-    fitted = GemmShape.fit([(m, n, k, truth.seconds(m, n, k)) for m, n, k in shapes], 4)
-    for got, want in zip((fitted.flops, fitted.bandwidth, fitted.overhead),
-                         (truth.flops, truth.bandwidth, truth.overhead)):
-        assert got == pytest.approx(want, rel=1e-6)
+    samples = [(m, n, k, truth.seconds(m, n, k)) for m, n, k in shapes]
+    for fitted in (GemmShape.fit(samples, 4), GemmShape.fit(samples, 4, truth.flops)):
+        for got, want in zip((fitted.flops, fitted.bandwidth, fitted.overhead),
+                             (truth.flops, truth.bandwidth, truth.overhead)):
+            assert got == pytest.approx(want, rel=1e-6)
+    calls = GemmShape.fit([(4, 4, 4, 1e-5), (8, 8, 8, 1e-5)], 4, 1e11)   # all call cost
+    assert calls.bandwidth == float("inf") and calls.overhead == pytest.approx(1e-5, rel=0.01)
+    with pytest.raises(ValueError):
+        GemmShape.fit([(4, 4, 4, 1e-5), (8, 8, 8, 1e-5)], 4)
     mix = [(128, 768, 768, 3), (128, 64, 128, 48)]
     assert truth.rate(mix) == pytest.approx(flops(mix) / sum(
         truth.seconds(m, n, k) * c for m, n, k, c in mix))

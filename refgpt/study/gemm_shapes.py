@@ -13,9 +13,10 @@ they reach less of F than the square product a single GEMM rate is measured on.
 ``model_gemms`` lists the products of one micro-batch's forward and backward on one rank of
 a layout (each linear layer's y = x W, dx = dy W^T, dW = x^T dy; the attention core's
 q k^T and P v and their two gradients per head; the LM head against the tied token table),
-and ``GemmShape.rate`` the FLOP/s a rank reaches on that mix. ``fit`` finds F, B and t0 from
-timed products by least squares on relative error (scipy's non-negative least squares, as
-t is linear in 1/F, 1/B and t0); refgpt.plan's --calibrate times the model's products at
+and ``GemmShape.rate`` the FLOP/s a rank reaches on that mix. ``fit`` finds B and t0 (and F,
+unless given) from timed products by least squares on relative error (scipy's non-negative
+least squares, as t is linear in 1/F, 1/B and t0); refgpt.plan's --calibrate takes F from
+the trainer's measured rate on a large square product and times the model's products at
 every tensor-parallel size the world allows, every rank at once.
 """
 
@@ -76,18 +77,27 @@ class GemmShape:
         return work / sum(self.seconds(m, n, k) * c for m, n, k, c in gemms)
 
     @classmethod
-    def fit(cls, samples, itemsize: int) -> "GemmShape":
+    def fit(cls, samples, itemsize: int, flops: float | None = None) -> "GemmShape":
         """From (m, n, k, seconds) samples: the non-negative 1/F, 1/B, t0 that minimise the
-        squared relative error; a term the samples do not support (zero) is left out."""
+        squared relative error, or with F given (a large square product's measured rate)
+        1/B and t0 alone, which the samples always allow (tiny products that only show the
+        call's cost leave B infinite); a term the samples do not support is left out."""
         from scipy.optimize import nnls
-        rows = np.array([[2.0 * m * n * k, itemsize * (m * k + k * n + m * n), 1.0]
-                         for m, n, k, _ in samples])
+        work = np.array([2.0 * m * n * k for m, n, k, _ in samples])
+        moved = np.array([itemsize * (m * k + k * n + m * n) for m, n, k, _ in samples])
         seconds = np.array([t for *_, t in samples])
-        coef, _ = nnls(rows / seconds[:, None], np.ones(len(samples)))
-        inv_f, inv_b, t0 = coef
-        if inv_f <= 0:
-            raise ValueError("the GEMM samples give no arithmetic rate")
-        return cls(1 / inv_f, 1 / inv_b if inv_b > 0 else float("inf"), float(t0), itemsize)
+        if flops is None:
+            rows, target = np.stack([work, moved, np.ones(len(samples))], 1), seconds
+        else:
+            rows, target = np.stack([moved, np.ones(len(samples))], 1), seconds - work / flops
+        coef, _ = nnls(rows / seconds[:, None], target / seconds)
+        if flops is None:
+            inv_f, coef = coef[0], coef[1:]
+            if inv_f <= 0:
+                raise ValueError("the GEMM samples give no arithmetic rate")
+            flops = 1 / inv_f
+        inv_b, t0 = coef
+        return cls(flops, 1 / inv_b if inv_b > 0 else float("inf"), float(t0), itemsize)
 
 
 def time_gemms(world, shapes, dtype, seconds: float = 0.005) -> list[tuple]:
