@@ -460,14 +460,17 @@ def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
                        mcfg, tcfg, cfg, rates.gemm_at(mcfg, tcfg, cfg), rates.link, elements,
                        rates.efficiency,
                        rates.optimizer, rates.head, rates.p2p, own)
+        gemm = time.pop("gemm_s")
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
         blocks = mcfg.num_layers // (pp * cfg.num_virtual_stages)   # full recomputation: one
         if cfg.recompute_granularity == "full":         # (a third of their FLOPs) of the
             more = 1 + cfg.recomputed_blocks(blocks, 0) / blocks / 3     # blocks, in every
             time["compute_s"] *= more                   # stage: the bubble waits on the others'
             time["bubble_s"] *= more
+            gemm *= more
         time["total"] = sum(v for v in time.values() if v is not None)
         record["step_time_s"] = time
+        record["compute_split_s"] = {"gemm_s": gemm, "other_s": time["compute_s"] - gemm}
         out.append(record)
     return out
 
@@ -492,7 +495,9 @@ def show(records: list[dict], top: int, mib=2.0 ** -20) -> None:
                 + (f", pipeline {t['pipeline_s']:.3g} s" if t.get("pipeline_s") else "")
                 + (f", experts {t['experts_s']:.3g} s" if t.get("experts_s") else ""))
         comm += "" if t["optimizer_s"] is None else f", optimizer {t['optimizer_s']:.3g} s"
-        print(f"{r['layout']:<38} {t['total']:.3g} s/step (compute {t['compute_s']:.3g} s, "
+        split = r["compute_split_s"]
+        print(f"{r['layout']:<38} {t['total']:.3g} s/step (compute {t['compute_s']:.3g} s: "
+              f"GEMMs {split['gemm_s']:.3g} s, other {split['other_s']:.3g} s; "
               f"bubble {t['bubble_s']:.3g} s{comm}) | {m['total'] * mib:,.1f} MiB/rank "
               f"(params {m['params'] * mib:,.1f}, grads {m['grads'] * mib:,.1f}, optimizer "
               f"{m['optimizer'] * mib:,.1f}, activations {m['activations'] * mib:,.1f}"

@@ -155,6 +155,11 @@ def test_a_machines_step_efficiency_and_process_memory(tmp_path, capsys):
                 assert ratio == pytest.approx(4, rel=1e-12)
             else:                           # the last stage's head at the GEMM rate, so the
                 assert 1 < ratio < 4        # blocks slower than a quarter of it
+            split = r["compute_split_s"]                # the FLOPs at the bare GEMM rate
+            assert split["gemm_s"] + split["other_s"] == pytest.approx(
+                r["step_time_s"]["compute_s"], rel=1e-12)
+            if " pp1 " in layout:
+                assert split["gemm_s"] == pytest.approx(plain["step_time_s"]["compute_s"])
             assert r["memory_bytes"]["process"] == 100 * 2**20
             assert r["memory_bytes"]["total"] == plain["memory_bytes"]["total"] + 100 * 2**20
     bad = tmp_path / "bad.toml"

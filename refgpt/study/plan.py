@@ -205,7 +205,9 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
     (stage_seconds). optimizer_rate: elements a second a rank's optimizer updates (None: the
     optimizer not counted). p2p_rate: bytes a second a rank sends to another (None: the all-
     reduce rate of 2 ranks). expert_elements: under expert parallelism, the rank's experts'
-    parameters among `elements`, summed over its expert-data-parallel group of d / e."""
+    parameters among `elements`, summed over its expert-data-parallel group of d / e. gemm_s:
+    the part of compute_s that is the busiest stage's FLOPs at the bare GEMM rate (the rest:
+    memory-bound kernels and overhead, as the efficiencies carry them)."""
     t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
     pcfg = parallel_config(pcfg, cfg.layout)
     w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
@@ -213,6 +215,9 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
     stages = stage_seconds(mcfg, tcfg.global_batch_size, p, pcfg.num_virtual_stages,
                            cfg.ranks // p * gemm_rate, efficiency, head_efficiency)
     compute = max(stages)                             # the busiest stage
+    busiest = stages.index(compute)                   # its GEMMs at the bare rate:
+    gemm = stage_flops(mcfg, tcfg.global_batch_size, p, pcfg.num_virtual_stages)[busiest] / (
+        cfg.ranks // p * gemm_rate)
     per_rank = (elements if elements is not None else
                 (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p))
     moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w, g)
@@ -272,5 +277,5 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
     return {"compute_s": compute, "allreduce_s": allreduce, "tensor_s": tensor,
             "context_s": context, "pipeline_s": pipeline, "experts_s": experts,
             "bubble_s": bubble,
-            "optimizer_s": optimizer,
+            "optimizer_s": optimizer, "gemm_s": gemm,
             "allreduce_share": None if allreduce is None else allreduce / total}
