@@ -410,10 +410,13 @@ def plan(argv: list[str], world: int, rates: Rates | dict[str, Rates], mcfg, tcf
     rates: the time model's, or {type: its rates} to plan each of those types (precision
     enumerated: each layout's name ends with its type, fp32 or bf16, its command sets it)."""
     by_type = rates if isinstance(rates, dict) else {tcfg.dtype: rates}
-    return sorted((r for dtype, r_ in by_type.items() for r in _plan_type(
-        argv, world, r_, mcfg, replace(tcfg, dtype=dtype), pcfg, node_bytes, ranks_per_node,
-        process_bytes, TYPE_FLAGS[dtype] if isinstance(rates, dict) else ("", []))),
-        key=lambda r: ("refused" in r, r.get("step_time_s", {}).get("total", 0)))
+    records = []
+    for dtype, type_rates in by_type.items():
+        precision = TYPE_FLAGS[dtype] if isinstance(rates, dict) else ("", [])
+        records += _plan_type(argv, world, type_rates, mcfg, replace(tcfg, dtype=dtype), pcfg,
+                              node_bytes, ranks_per_node, process_bytes, precision)
+    return sorted(records, key=lambda r: ("refused" in r,
+                                          r.get("step_time_s", {}).get("total", 0)))
 
 
 def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
