@@ -90,7 +90,7 @@ from .nn.params import unit_key
 from .parallel.build import check_layout
 from .parallel.expert import expert_of
 from .parallel.pipeline import stage_of
-from .parallel.tensor import shard, shard_kind
+from .parallel.tensor import check_divisible, shard, shard_kind
 from .parallel.zero import formula_working
 from .precision import compute_dtype, dtype_of, is_half
 from .study.gemm_shapes import GemmShape, model_gemms, time_gemms
@@ -457,7 +457,11 @@ def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
             continue
         micro = tcfg.micro_batches(dp // cfg.context_parallel_size)
         elements = max(padded(sum(n for _, n in u), cfg, dp) for u in stages)
-        own = max(sum(n for _, n in rank_units(mcfg, tp, pp, r, v, two_d, ep, True))
+        for r in range(pp) if ep > 1 else ():            # the rank's experts alone
+            if (tp, pp, r, v, two_d, ep, "experts") not in units:
+                units[tp, pp, r, v, two_d, ep, "experts"] = rank_units(mcfg, tp, pp, r, v,
+                                                                       two_d, ep, True)
+        own = max(sum(n for _, n in units[tp, pp, r, v, two_d, ep, "experts"])
                   for r in range(pp)) if ep > 1 else 0
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
                        mcfg, tcfg, cfg, rates.gemm_at(mcfg, tcfg, cfg), rates.link, elements,
@@ -636,6 +640,15 @@ def step_efficiency(time_at: Callable[[float], float], seconds: float) -> float:
     return 1.0 / (1.0 + (seconds - fastest) / (time_at(0.5) - fastest))
 
 
+def tensor_sizes_ok(mcfg, t: int) -> bool:
+    """Whether 1-D tensor parallelism of t splits this model (refgpt.parallel.tensor's check)."""
+    try:
+        check_divisible(mcfg, t, False)
+    except ConfigError:
+        return False
+    return True
+
+
 def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     """Write this machine's description: its cores and memory, the GEMM rate the trainer
     measures in each type refgpt trains in (float64, float32, bfloat16 where ml_dtypes is
@@ -663,8 +676,8 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     sends = p2p_rate(world, act) if world.size > 1 else 0.0
     rates, efficiency, heads, optimizer, process = {}, {}, {}, {}, None
     shapes, misfit = {}, {}
-    sizes = [t for t in range(1, world.size + 1) if world.size % t == 0 and not (
-        mcfg.num_attention_heads % t or mcfg.hidden_size % t or mcfg.padded_vocab % t)]
+    sizes = [t for t in range(1, world.size + 1) if world.size % t == 0 and tensor_sizes_ok(
+        mcfg, t)]
     products = sorted({(m, n, k) for t in sizes
                        for m, n, k, _ in model_gemms(mcfg, tcfg.micro_batch_size, t)})
     # The run's settings (buckets, overlap, threads) on the plain data-parallel layout.

@@ -23,6 +23,7 @@ from ..optim import MasterAdamW
 from ..nn.activations import (Sizes, chunk_bytes, deferred_bytes, korthikanti_bytes,
                               refgpt_bytes, schedule_bytes)
 from ..nn.moe import expert_capacity, is_moe_layer
+from ..parallel.pipeline import stage_of
 from ..parallel.schedules import compute_ops
 from ..parallel.zero import formula_bytes
 from ..precision import dtype_of
@@ -123,12 +124,11 @@ def activation_formulas(mcfg, tcfg, pcfg, grid, routing: str = "") -> dict[str, 
                        or mcfg.moe_expert_capacity_factor > 0)
     covered = (tcfg.backend != "cupy" and not pcfg.layered_gradient_accumulation
                and (not mcfg.num_experts or routing or not routing_decides))
-    per = mcfg.num_layers // (p * pcfg.num_virtual_stages)
 
     def moe(chunk: int) -> tuple[bool, ...]:
         """Which blocks of the rank's chunk (global stage chunk p + r) have experts."""
-        first = (chunk * p + r) * per
-        return tuple(is_moe_layer(mcfg, i) for i in range(first, first + per))
+        return tuple(is_moe_layer(mcfg, i) for i in stage_of(
+            chunk * p + r, p, pcfg.num_virtual_stages, mcfg.num_layers).blocks)
     chunk = pcfg.recompute_chunk()                    # a recomputed chunk keeps one input
     v = pcfg.num_virtual_stages
     if p > 1 and (v > 1 or pcfg.pipeline_schedule == "zb-h1"):   # chunk c: stage c p + r

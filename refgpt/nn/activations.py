@@ -207,11 +207,9 @@ def chunk_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int 
              + z.b * z.s * z.h * z.e + z.b * z.s * z.V // z.t * z.e) if last else 0
     held = [(x if i % chunk == 0 else 0) if i < recomputed else kept[i] for i in range(blocks)]
     one = embed + sum(held) + final
-    # zero-bubble: a block's deferred gradients, and its MLP's part of them (beyond c_attn's
-    # and the attention projection's: 2bsh + 4bsh/t)
-    later = [deferred_bytes(z, 1, (m,)) if zero_bubble else 0 for m in moe]
-    bsh = z.b * z.s * z.h
-    mlp = [d - (2 * bsh + 4 * bsh // z.t) * z.e if zero_bubble else 0 for d in later]
+    # zero-bubble: a block's deferred gradients, and its MLP's part of them
+    parts = [deferred_parts(z, m) if zero_bubble else (0, 0) for m in moe]
+    later, mlp = [sum(one) for one in parts], [one[1] for one in parts]
     moments = [one]
     for lo in range(0, recomputed, chunk):                      # a chunk rerun: n blocks' full
         n = min(chunk, recomputed - lo)
@@ -242,19 +240,23 @@ def refgpt_bytes(z: Sizes, blocks: int, first: bool, last: bool, recomputed: int
     return {"total": (in_flight - 1) * one + backward, "layer": in_flight * layer}
 
 
-def deferred_bytes(z: Sizes, blocks: int, moe: tuple[bool, ...] = ()) -> int:
-    """What the zero-bubble schedule's deferred weight gradients of one micro-batch through a
-    chunk of `blocks` blocks hold from its B to its W: each linear layer's input and output
-    gradient (refgpt.nn.linear), in the stored type: c_attn's input (bsh) and qkv gradient
-    (3bsh/t), the attention projection's input (bsh/t) and output gradient (bsh), c_fc's
-    input (bsh) and output gradient (4bsh/t), the MLP projection's input (4bsh/t) and output
-    gradient (bsh): bsh (4 + 12/t) a block; in a block with experts (moe), the experts' two
-    layers hold theirs for the R rows they ran, R h (2 + 8/t) in place of bsh (2 + 8/t)."""
+def deferred_parts(z: Sizes, moe: bool = False) -> tuple[int, int]:
+    """What the zero-bubble schedule's deferred weight gradients of one micro-batch through
+    one block hold from its B to its W, (attention's, the MLP's): each linear layer's input
+    and output gradient (refgpt.nn.linear), in the stored type: c_attn's input (bsh) and qkv
+    gradient (3bsh/t), the attention projection's input (bsh/t) and output gradient (bsh):
+    bsh (2 + 4/t); c_fc's input (bsh) and output gradient (4bsh/t), the MLP projection's input
+    (4bsh/t) and output gradient (bsh): bsh (2 + 8/t); in a block with experts (moe), the
+    experts' two layers hold theirs for the R rows they ran, R h (2 + 8/t)."""
     bsh = z.b * z.s * z.h
-    rows = z.routed[2] * z.h
-    return sum((2 * bsh + 4 * bsh // z.t) * z.e
-               + (2 * (rows if m else bsh) + 8 * (rows if m else bsh) // z.t) * z.e
-               for m in tuple(moe) or (False,) * blocks)
+    rows = z.routed[2] * z.h if moe else bsh
+    return (2 * bsh + 4 * bsh // z.t) * z.e, (2 * rows + 8 * rows // z.t) * z.e
+
+
+def deferred_bytes(z: Sizes, blocks: int, moe: tuple[bool, ...] = ()) -> int:
+    """deferred_parts of a chunk of `blocks` blocks (moe: which have experts): bsh (4 + 12/t)
+    a block without experts."""
+    return sum(sum(deferred_parts(z, m)) for m in tuple(moe) or (False,) * blocks)
 
 
 def schedule_bytes(chunks: list[tuple[int, int, int]], ops, deferred=()) -> dict[str, int]:
