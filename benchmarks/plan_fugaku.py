@@ -17,10 +17,10 @@
     python benchmarks/plan_fugaku.py --out docs/plan/fugaku.png
 
 For each row it prints the published layout, its predicted step time split (compute,
-all-reduce, tensor-parallel traffic, bubble) and total beside the step time the published rate
-implies, the predicted rate beside the published one, and
-the layout the planner itself ranks first with its predicted rate. Nothing is measured; the
-30B rows take about six minutes on one core (the planner enumerates every layout of up to
+all-reduce, tensor-parallel traffic, bubble, the messages' latency) and total beside the step
+time the published rate implies, the predicted rate beside the published one, and the layout
+the planner itself ranks first with its predicted rate. Nothing is measured; the 30B rows
+take about six minutes on one core (the planner enumerates every layout of up to
 6144 ranks).
 """
 
@@ -37,10 +37,12 @@ def rows(machine, mcfg, tcfg, pcfg, published: dict, deck, hardware_flops: float
     choice's predicted) for the plot."""
     from refgpt.plan import machine_rates, plan
     rates = machine_rates(machine, tcfg, 1, 0.0)
-    print("| nodes | layout | compute s | all-reduce s | tensor s | bubble s | predicted s | "
+    print("| nodes | layout | compute s | all-reduce s | tensor s | bubble s | latency s | "
+          "predicted s | "
           "published s | predicted TFLOP/s a node | published | planner's first choice | its "
           "TFLOP/s a node |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | "
+          "---: |")
     out = []
     for n in sorted(published):
         records = plan([], n, rates, mcfg, tcfg, pcfg, machine["memory_gib_per_node"] * 2**30,
@@ -49,7 +51,7 @@ def rows(machine, mcfg, tcfg, pcfg, published: dict, deck, hardware_flops: float
         mine = next((r for r in records if r["layout"] == deck(n)), None)
         if mine is None or "refused" in mine:
             print(f"| {n} | {deck(n)} | {mine and mine.get('refused') or 'not a layout'} "
-                  f"| | | | | | | {published[n]} | | |")
+                  f"| | | | | | | | {published[n]} | | |")
             continue
         t = mine["step_time_s"]
         rate = hardware_flops / t["total"] / n / 1e12
@@ -57,7 +59,8 @@ def rows(machine, mcfg, tcfg, pcfg, published: dict, deck, hardware_flops: float
         best_rate = hardware_flops / best["step_time_s"]["total"] / n / 1e12
         out.append((n, rate, best_rate))
         print(f"| {n} | {mine['layout']} | {t['compute_s']:.1f} | {t['allreduce_s']:.2f} | "
-              f"{t['tensor_s']:.2f} | {t['bubble_s']:.1f} | {t['total']:.1f} | "
+              f"{t['tensor_s']:.2f} | {t['bubble_s']:.1f} | {t['latency_s']:.2f} | "
+              f"{t['total']:.1f} | "
               f"{hardware_flops / (published[n] * 1e12 * n):.1f} | {rate:.2f} | "
               f"{published[n]:.2f} | "
               f"{best['layout']} | {best_rate:.2f} |")

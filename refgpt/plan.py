@@ -11,7 +11,7 @@ each pipeline with 1F1B, the interleaved schedule at every number of model chunk
 hold (shown as ppPxV) and zero-bubble (ppP-zb), the data-parallel size d = world / (t p) the
 rest, context-parallel sizes c dividing d up to --context-parallel-size (which the planner reads
 as the largest to consider; 1 by default) by ring and by all-to-all (cpC, cpC-a2a), for a model
-with experts every expert-parallel size e dividing d and the experts (epE, without ZeRO), ZeRO
+with experts every expert-parallel size e dividing d and the experts (epE), ZeRO
 stage 0-3 (and ZeRO-1 through shared memory where each data-parallel group lies inside one
 node), and activation recomputation off, selective or full, as refgpt.train's check_layout
 accepts them (those it refuses are listed with its reason); and where the run names no type
@@ -46,7 +46,8 @@ bubble from the schedule simulator, the optimizer's elements at the machine's op
 and, given --allreduce-bandwidth (GB/s a rank moves in an all-reduce) or a machine's network,
 the data-, tensor-, context- and expert-parallel traffic by the counters' formulas at the
 all-reduce rate of the group's size (a group spanning nodes at most its share of the node's
-network injection), and the pipeline's sends at the point-to-point rate, not overlapped; full
+network injection), the pipeline's sends at the point-to-point rate, and, where the machine
+gives a latency, every message a step sends at its link's, not overlapped; full
 recomputation adds a third of the recomputed blocks' FLOPs (one more forward), selective's
 extra attention-core FLOPs are not counted. Layouts are printed fastest first, each with the
 command that runs it. docs/plan.md sets these predictions beside measured runs.
@@ -57,14 +58,15 @@ node by type and, where calibrated, a GEMM's time by its shape ([gemm_shape.TYPE
 overhead_us), the step efficiency and the head's by type ([step_efficiency],
 [head_efficiency]), the optimizer rate by type ([optimizer_melem_s]), process_mib, the
 all-reduce rate a rank moves ([network] allreduce_gbs, and by group size
-[network.allreduce_gbs_by_ranks]), the point-to-point rate ([network] p2p_gbs) and what a node
-injects into the network ([network.internode] gbs_per_node). With one, the rates are its own
+[network.allreduce_gbs_by_ranks]), the point-to-point rate ([network] p2p_gbs), a message's
+latency inside a node and between nodes ([network] and [network.internode] latency_us), the
+MPI's all-reduce algorithm ([network] allreduce_algorithm: ring or recursive), what a node
+injects into the network ([network.internode] gbs_per_node), and how its cores group
+(core_groups, core_group_spanning_efficiency: the GEMM rate's share a rank reaches whose
+cores span groups). With one, the rates are its own
 and a layout whose ranks on a node need more than the node's memory is refused with the
 figure. ``--calibrate FILE`` (under mpiexec, one rank per core as in training) measures this
-machine with the model given by the other flags and writes its file.
-
-Not yet (issue 30): ZeRO with expert parallelism in the enumeration; link latencies, the MPI's
-collective algorithm and the machine's core groups in the time model."""
+machine with the model given by the other flags and writes its file."""
 
 from __future__ import annotations
 
@@ -94,7 +96,7 @@ from .parallel.tensor import check_divisible, shard, shard_kind
 from .parallel.zero import formula_working
 from .precision import compute_dtype, dtype_of, is_half
 from .study.gemm_shapes import GemmShape, model_gemms, time_gemms
-from .study.plan import Config, Layout, predict
+from .study.plan import MPI_ALGORITHMS, Config, Layout, predict
 from .train import build_parser, configs_from
 
 PLAN_FLAGS = ("nodes", "ranks_per_node", "allreduce_bandwidth", "json", "top", "machine",
@@ -107,20 +109,23 @@ TYPE_FLAGS = {"float32": ("fp32", []), "bfloat16": ("bf16", ["--bf16"]),
 
 
 def rank_units(mcfg, tp: int, pp: int, pp_rank: int, v: int = 1,
-               two_d: bool = False, ep: int = 1,
-               experts_only: bool = False) -> list[tuple[str, int]]:
+               two_d: bool = False, ep: int = 1, part: str = "all") -> list[tuple[str, int]]:
     """(unit, elements) of the parameters a rank holds, in its flat buffer's order (ZeRO's
     units: refgpt.nn.params.unit_key): its pipeline stages' (chunks c p + r, c < v, under the
     interleaved schedule), its tensor-parallel shard of each (1-D: refgpt.parallel.tensor's;
     2-D: a tp-th of every parameter, refgpt.parallel.tensor2d; every TP rank's shard is the
     same size: check_layout asks divisibility), and under expert parallelism of ep its own
-    E / ep experts (every rank as many); experts_only: those alone."""
+    E / ep experts (every rank as many); part "experts": those alone, "dense": the rest (ZeRO
+    with expert parallelism lays the two out as regions of their own, refgpt.parallel.zero)."""
     stages = ([stage_of(c * pp + pp_rank, pp, v, mcfg.num_layers) for c in range(v)]
               if pp > 1 else [None])
     units: dict[str, int] = {}
     mine = range(mcfg.num_experts // ep)                   # EP rank 0's experts
-    for s in (s for stage in stages for s in param_specs(mcfg, stage)
-              if expert_of(s.name) in mine or expert_of(s.name) is None and not experts_only):
+    for s in (s for stage in stages for s in param_specs(mcfg, stage)):
+        expert = expert_of(s.name)
+        if expert is not None and (expert not in mine or part == "dense") \
+                or expert is None and part == "experts":
+            continue
         n = (s.size // tp if two_d else
              shard(np.empty(s.shape, bool), shard_kind(s.name), 0, tp).size if tp > 1
              else s.size)
@@ -138,50 +143,86 @@ def padded(elements: int, pcfg, dp: int) -> int:
     return -(-elements // dp) * dp if pcfg.zero_stage else elements
 
 
-def distinct_shards(units: list[tuple[str, int]], pcfg, dp: int) -> list[int]:
+def shard_classes(units: list[tuple[str, int]], n: int) -> list:
+    """For each of the n ranks a region's units are partitioned over (elements padded to a
+    multiple of n), what decides its ZeRO buffers: a rank whose shard holds a unit's first
+    element is a class of its own; a rank whose shard lies inside one unit holds what every
+    such rank of that unit holds."""
+    total = sum(e for _, e in units)
+    S = -(-total // n)
+    starts = np.cumsum([0] + [e for _, e in units])[:-1]
+    lo = np.arange(n) * S
+    last = np.searchsorted(starts, lo + S - 1, "right") - 1      # the unit of its last element
+    return [("edge", r) if starts[u] >= lo[r] else ("inside", int(u))
+            for r, u in enumerate(last)]
+
+
+def distinct_shards(units: list[tuple[str, int]], pcfg, dp: int,
+                    experts: list[tuple[str, int]] | None = None) -> list[int]:
     """Data-parallel ranks that stand for all of them in memory: under ZeRO a rank's temporary
-    buffers depend on where its shard falls among the units, and the ranks whose shards lie
-    inside the same unit hold the same; so the ranks whose shards hold a unit's first element,
-    and the next rank after each, cover every case."""
+    buffers depend on where its shard falls among the units (shard_classes); under expert
+    parallelism of e on where its expert-data-parallel rank's (dp rank // e) falls among
+    the experts' units too: the first rank of each pair of classes."""
     if not pcfg.zero_stage:
         return [0]
-    S = padded(sum(n for _, n in units), pcfg, dp) // dp
-    starts = np.cumsum([0] + [n for _, n in units])[:-1]
-    return sorted({min(dp - 1, int(a) // S + j) for a in starts for j in (0, 1)})
+    ep = pcfg.expert_model_parallel_size
+    dense = shard_classes(units, dp)
+    own = shard_classes(experts, dp // ep) if experts else [None] * (dp // ep)
+    first: dict = {}
+    for r in range(dp):
+        first.setdefault((dense[r], own[r // ep]), r)
+    return sorted(first.values())
 
 
 def rank_memory(mcfg, tcfg, pcfg, tp: int, pp: int, dp: int, pp_rank: int = 0,
                 dp_rank: int = 0, units: list[tuple[str, int]] | None = None,
-                routing: str = "balanced") -> dict:
+                routing: str = "balanced", experts: list[tuple[str, int]] | None = None) -> dict:
     """The registry's categories for one rank of the layout (module docstring), in bytes
-    (units: rank_units of its stage, where the caller has them; routing: where experts'
-    activations depend on it, "balanced" or "worst", refgpt.engine.report.routed)."""
+    (units: rank_units of its stage, where the caller has them, under ZeRO with expert
+    parallelism its dense units, and experts its experts'; routing: where experts'
+    activations depend on it, "balanced" or "worst", refgpt.engine.report.routed).
+
+    ZeRO with expert parallelism of e partitions the dense units over the d data-parallel
+    ranks and the experts' over the d / e of the rank's expert-data-parallel group, each
+    region padded to its group (refgpt.parallel.zero); the shard S is the rank's two parts,
+    which stages 1-2 keep besides as the optimizer's copy, p S bytes (and g S for stage 1's
+    gradient shard)."""
     dtype = np.dtype(dtype_of(tcfg.dtype))
     state = np.dtype(compute_dtype(dtype)).itemsize
     p = dtype.itemsize
     g = 2 if pcfg.grad_reduce_in_bf16 else state
     k = 2 * state + (state if is_half(dtype) else 0)           # moments, and fp32 masters
-    stage = pcfg.zero_stage
-    units = units or rank_units(mcfg, tp, pp, pp_rank, pcfg.num_virtual_stages,
-                                pcfg.tensor_parallel_mode == "2d",
-                                pcfg.expert_model_parallel_size)
-    elements = sum(n for _, n in units)
-    P = padded(elements, pcfg, dp)
+    stage, ep = pcfg.zero_stage, pcfg.expert_model_parallel_size
+    split = bool(stage and ep > 1)                 # the experts a region of their own
+    v, two_d = pcfg.num_virtual_stages, pcfg.tensor_parallel_mode == "2d"
+    units = units or rank_units(mcfg, tp, pp, pp_rank, v, two_d, ep,
+                                "dense" if split else "all")
+    if split and experts is None:
+        experts = rank_units(mcfg, tp, pp, pp_rank, v, two_d, ep, "experts")
+    experts = experts if split and experts else []
+
+    def region(u: list[tuple[str, int]], n: int) -> list[tuple[str, int]]:
+        """Units of a region partitioned over n ranks, its padding in the last one."""
+        pad = padded(sum(e for _, e in u), pcfg, n) - sum(e for _, e in u)
+        return [*u[:-1], (u[-1][0], u[-1][1] + pad)] if u else u
+    units, experts = region(units, dp), region(experts, dp // ep)
+    P = sum(n for _, n in units + experts)                       # the flat buffer
+    S = sum(n for _, n in units) // dp + sum(n for _, n in experts) // (dp // ep)
+    copy = bool(experts)                 # stages 1-2 keep the split shard as a copy
     cp = pcfg.context_parallel_size
     grid = SimpleNamespace(tp_size=tp, pp_size=pp, pp_rank=pp_rank, data_size=dp // cp,
                            cp_size=cp)
-    mem = {"params": p * (P // dp if stage == 3 else P),
-           "grads": g * (P // dp if stage >= 2 else P),
-           "optimizer": k * (P // dp if stage >= 1 else P),
+    mem = {"params": p * (S if stage == 3 else P + S * copy),
+           "grads": g * (S if stage >= 2 else P + S * copy),
+           "optimizer": k * (S if stage >= 1 else P),
            "activations": activation_formulas(mcfg, tcfg, pcfg, grid,
                                               routing)["activations_formula"],
            "working": 0}
     if pcfg.dp_shared_memory:         # one parameter copy a node, each rank counted its part
         mem["params"] = p * P // dp
-    elif stage:                                          # the padding rides with the last unit
-        units = [*units[:-1], (units[-1][0], units[-1][1] + P - elements)]
+    elif stage:
         mem["working"] = formula_working(units, stage, dp, dp_rank, p, g, pp_rank == pp - 1,
-                                         pp > 1)
+                                         pp > 1, (experts, dp // ep, dp_rank // ep))
     mem["total"] = sum(mem.values())
     return mem
 
@@ -228,7 +269,7 @@ def layouts(world: int, mcfg, tcfg, pcfg, ranks_per_node: int = 1):
                     for z, shm in [(0, False), *((z, False) for z in range(1, 4) if dp > 1),
                                    *([(1, True)] if shared else [])]
                     for cp, kind in contexts(dp, pcfg.context_parallel_size)
-                    for ep in experts(mcfg, dp) if ep == 1 or not (z or shm)
+                    for ep in experts(mcfg, dp) if ep == 1 or not shm
                     for recompute in RECOMPUTE):
                 cfg = replace(pcfg, tensor_model_parallel_size=tp,
                               pipeline_model_parallel_size=pp, zero_stage=zero,
@@ -311,6 +352,8 @@ class Rates:
     head: float | None = None                     # the head's share of gemm (None: efficiency)
     p2p: float | None = None                      # bytes/s a rank sends to another
     shape: GemmShape | None = None                # a GEMM's time by its shape (else gemm)
+    latency: Callable[..., float] | None = None   # seconds a message takes: group_latency
+    algorithm: str = "ring"                       # the MPI's all-reduce (study.plan.steps)
 
     def gemm_at(self, mcfg, tcfg, pcfg) -> float:
         """A rank's GEMM rate on the layout's products (GemmShape.rate of model_gemms), or
@@ -353,18 +396,51 @@ def group_link(network: dict, bandwidth: float = 0.0,
     return rate
 
 
+def group_latency(network: dict, ranks_per_node: int = 1) -> Callable[..., float] | None:
+    """Seconds a message takes in a group of n ranks whose members are `stride` ranks apart
+    (group_link's placement): [network.internode] latency_us where the group spans nodes,
+    else [network] latency_us (the one given stands for both); None where neither is."""
+    inside = network.get("latency_us")
+    between = network.get("internode", {}).get("latency_us", inside)
+    inside = between if inside is None else inside
+    if inside is None:
+        return None
+    for value in (inside, between):
+        if not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"latency_us must be a number >= 0, got {value!r}")
+
+    def latency(n: int, stride: int = 1) -> float:
+        spans = min(n, max(1, ranks_per_node // stride)) < n
+        return (between if spans else inside) / 1e6
+    return latency
+
+
 def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) -> Rates:
     """The time model's rates from a machine description: its GEMM rate for the run's type
     (per node, shared by the node's ranks), its step efficiency for that type where it has one
     ([step_efficiency]: the share of the GEMM rate forward and backward's model FLOPs reach,
     with everything that is not a GEMM; 1 where not calibrated, which makes the compute term a
     lower bound), its optimizer rate ([optimizer_melem_s]) and its all-reduce rates
-    (group_link); --allreduce-bandwidth, where given, wins."""
+    (group_link); --allreduce-bandwidth, where given, wins. A node whose cores form
+    core_groups groups with memory of their own (an A64FX's four CMGs) reaches its GEMM rate
+    when each rank lies inside one group, which ranks_per_node a multiple of core_groups
+    allows; otherwise a rank's threads reach across groups, and the rate is
+    core_group_spanning_efficiency of it."""
     name = machine["name"]
     rate = machine["gemm_tflops_per_node"].get(tcfg.dtype)
     if not isinstance(rate, (int, float)) or rate <= 0:
         raise ConfigError(f"--machine {name}: no GEMM rate for {tcfg.dtype} "
                           f"(it has {sorted(machine['gemm_tflops_per_node'])})")
+    groups = machine.get("core_groups", 1)
+    spanning = machine.get("core_group_spanning_efficiency", 1.0)
+    if not isinstance(groups, int) or groups < 1 or machine["cores_per_node"] % groups:
+        raise ConfigError(f"--machine {name}: core_groups must be a whole number >= 1 that "
+                          f"divides cores_per_node, got {groups!r}")
+    if not isinstance(spanning, (int, float)) or not 0 < spanning <= 1:
+        raise ConfigError(f"--machine {name}: core_group_spanning_efficiency must be in "
+                          f"(0, 1], got {spanning!r}")
+    if ranks_per_node % groups:
+        rate *= spanning
     efficiency = machine.get("step_efficiency", {}).get(tcfg.dtype, 1.0)
     head = machine.get("head_efficiency", {}).get(tcfg.dtype, efficiency)
     for table, value in (("step_efficiency", efficiency), ("head_efficiency", head)):
@@ -384,6 +460,14 @@ def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) ->
             raise ValueError("rates must be > 0")
     except (TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"--machine {name}: [network]: {e}") from None
+    try:
+        latency = group_latency(network, ranks_per_node)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"--machine {name}: [network]: {e}") from None
+    algorithm = network.get("allreduce_algorithm", "ring")
+    if algorithm not in MPI_ALGORITHMS:
+        raise ConfigError(f"--machine {name}: [network] allreduce_algorithm must be one of "
+                          f"{', '.join(MPI_ALGORITHMS)}, got {algorithm!r}")
     shape = machine.get("gemm_shape", {}).get(tcfg.dtype)
     if shape is not None:
         try:
@@ -397,7 +481,7 @@ def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) ->
                               f"and overhead_us: {e}") from None
     return Rates(rate * 1e12 / ranks_per_node, link, efficiency,
                  optimizer * 1e6 if optimizer else None, head,
-                 None if bandwidth or not p2p else p2p, shape)
+                 None if bandwidth or not p2p else p2p, shape, latency, algorithm)
 
 
 def plan(argv: list[str], world: int, rates: Rates | dict[str, Rates], mcfg, tcfg, pcfg,
@@ -422,7 +506,7 @@ def plan(argv: list[str], world: int, rates: Rates | dict[str, Rates], mcfg, tcf
 def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
                process_bytes, precision):
     """plan's records of one type; precision: (the name's suffix, the command's flags)."""
-    out, units = [], {}                 # units: (tp, pp, pp rank, v, 2-D, ep) -> rank_units
+    out, units = [], {}        # (tp, pp, pp rank, v, 2-D, ep, part) -> rank_units
     tag, type_flags = precision
     for name, cfg, tp, pp, dp, reason in layouts(world, mcfg, tcfg, pcfg, ranks_per_node):
         name += f" {tag}" if tag else ""
@@ -433,19 +517,26 @@ def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
             continue
         v, two_d = cfg.num_virtual_stages, cfg.tensor_parallel_mode == "2d"
         ep = cfg.expert_model_parallel_size
-        for r in range(pp):
-            if (tp, pp, r, v, two_d, ep) not in units:
-                units[tp, pp, r, v, two_d, ep] = rank_units(mcfg, tp, pp, r, v, two_d, ep)
-        stages = [units[tp, pp, r, v, two_d, ep] for r in range(pp)]
-        per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, s, stages[r])
-                    for r in range(pp) for s in distinct_shards(stages[r], cfg, dp)]
+
+        def of(r: int, part: str) -> list[tuple[str, int]]:
+            """rank_units of pipeline rank r, computed once for every layout that shares them."""
+            if (tp, pp, r, v, two_d, ep, part) not in units:
+                units[tp, pp, r, v, two_d, ep, part] = rank_units(mcfg, tp, pp, r, v, two_d,
+                                                                  ep, part)
+            return units[tp, pp, r, v, two_d, ep, part]
+        split = bool(cfg.zero_stage and ep > 1)      # ZeRO's second region: the experts
+        stages = [(of(r, "dense" if split else "all"), of(r, "experts") if split else None)
+                  for r in range(pp)]
+        per_rank = [rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, s, dense, experts=own)
+                    for r, (dense, own) in enumerate(stages)
+                    for s in distinct_shards(dense, cfg, dp, own)]
         record["memory_bytes"] = dict(max(per_rank, key=lambda m: m["total"]))
         if mcfg.num_experts and (ep > 1 or mcfg.moe_expert_capacity_factor > 0):
             # The experts' activations as balanced routing keeps them; the most any routing
             # could make a rank keep beside it.
             record["activations_worst_bytes"] = max(
-                rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, 0, stages[r], "worst")[
-                    "activations"] for r in range(pp))
+                rank_memory(mcfg, tcfg, cfg, tp, pp, dp, r, 0, dense, "worst", own)[
+                    "activations"] for r, (dense, own) in enumerate(stages))
         if process_bytes:
             record["memory_bytes"]["process"] = process_bytes
             record["memory_bytes"]["total"] += process_bytes
@@ -456,17 +547,13 @@ def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
                                              f"{node_bytes / 2**30:,.1f}"})
             continue
         micro = tcfg.micro_batches(dp // cfg.context_parallel_size)
-        elements = max(padded(sum(n for _, n in u), cfg, dp) for u in stages)
-        for r in range(pp) if ep > 1 else ():            # the rank's experts alone
-            if (tp, pp, r, v, two_d, ep, "experts") not in units:
-                units[tp, pp, r, v, two_d, ep, "experts"] = rank_units(mcfg, tp, pp, r, v,
-                                                                       two_d, ep, True)
-        own = max(sum(n for _, n in units[tp, pp, r, v, two_d, ep, "experts"])
-                  for r in range(pp)) if ep > 1 else 0
+        own = max(sum(n for _, n in of(r, "experts")) for r in range(pp)) if ep > 1 else 0
+        elements = max(padded(sum(n for _, n in of(r, "all")), cfg, dp) for r in range(pp))
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
                        mcfg, tcfg, cfg, rates.gemm_at(mcfg, tcfg, cfg), rates.link, elements,
                        rates.efficiency,
-                       rates.optimizer, rates.head, rates.p2p, own)
+                       rates.optimizer, rates.head, rates.p2p, own, rates.latency,
+                       rates.algorithm, ranks_per_node)
         gemm = time.pop("gemm_s")
         time = {k: v for k, v in time.items() if k != "allreduce_share"}
         blocks = mcfg.num_layers // (pp * cfg.num_virtual_stages)   # full recomputation: one
@@ -500,7 +587,8 @@ def show(records: list[dict], top: int, mib=2.0 ** -20) -> None:
                 + ("" if t["tensor_s"] is None else f", tensor {t['tensor_s']:.3g} s")
                 + (f", context {t['context_s']:.3g} s" if t.get("context_s") else "")
                 + (f", pipeline {t['pipeline_s']:.3g} s" if t.get("pipeline_s") else "")
-                + (f", experts {t['experts_s']:.3g} s" if t.get("experts_s") else ""))
+                + (f", experts {t['experts_s']:.3g} s" if t.get("experts_s") else "")
+                + (f", latency {t['latency_s']:.3g} s" if t.get("latency_s") else ""))
         comm += "" if t["optimizer_s"] is None else f", optimizer {t['optimizer_s']:.3g} s"
         split = r["compute_split_s"]
         print(f"{r['layout']:<38} {t['total']:.3g} s/step (compute {t['compute_s']:.3g} s: "
@@ -613,20 +701,20 @@ def head_step(mcfg, tcfg, world) -> float:
         return timed(world, step)
 
 
-def p2p_rate(world, nbytes: int) -> float:
-    """Bytes a second a rank sends to another while it receives as much (MPI_Sendrecv between
-    ranks 2i and 2i+1, every pair at once, as a pipeline's stages exchange activations and
-    gradients), messages of nbytes; the slowest pair's, the median of three."""
+def exchange_seconds(world, nbytes: int, repeats: int = 8) -> float:
+    """Seconds a rank takes to send nbytes to another while it receives as much
+    (MPI_Sendrecv between ranks 2i and 2i+1, every pair at once, as a pipeline's stages
+    exchange activations and gradients): the slowest pair's, the median of three runs of
+    `repeats` exchanges. Large messages give the point-to-point rate, 8 bytes the latency."""
     from .study.measure import timed
     buf, got = np.ones(max(nbytes // 4, 1), np.float32), np.empty(max(nbytes // 4, 1), np.float32)
     peer = world.rank ^ 1
-    repeats = 8
 
     def exchange():
         for _ in range(repeats):
             if peer < world.size:
                 world.Sendrecv(buf, dest=peer, recvbuf=got, source=peer)
-    return repeats * buf.nbytes / timed(world, exchange)
+    return timed(world, exchange) / repeats
 
 
 def step_efficiency(time_at: Callable[[float], float], seconds: float) -> float:
@@ -653,14 +741,13 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
     """Write this machine's description: its cores and memory, the GEMM rate the trainer
     measures in each type refgpt trains in (float64, float32, bfloat16 where ml_dtypes is
     installed), (under mpiexec with more than one rank) the all-reduce rate of each group
-    size and the point-to-point rate of pairs (p2p_rate), the LM head's own share of the
-    GEMM rate (head_step), a GEMM's time by its shape fitted to the model's products at every
-    tensor-parallel size (refgpt.study.gemm_shapes), and from the model given trained
-    data-parallel on every rank
-    (data_parallel_step): the step efficiency that makes the planner predict that step's
-    measured time (everything a step does besides GEMMs and communication, and what the
-    overlapped all-reduce costs the cores, is in it), the optimizer's rate and the memory a
-    rank holds beyond the registry."""
+    size, the point-to-point rate and latency of pairs (exchange_seconds), the LM head's own
+    share of the GEMM rate (head_step), a GEMM's time by its shape fitted to the model's
+    products at every tensor-parallel size (refgpt.study.gemm_shapes), and from the model
+    given trained data-parallel on every rank (data_parallel_step): the step efficiency that
+    makes the planner predict that step's measured time (everything a step does besides
+    GEMMs and communication, and what the overlapped all-reduce costs the cores, is in it),
+    the optimizer's rate and the memory a rank holds beyond the registry."""
     from mpi4py import MPI
 
     from .parallel.threads import node_memory, ranks_on_node, set_threads
@@ -673,7 +760,9 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
                          tcfg.dtype, pcfg.overlap_grad_reduce) if world.size > 1 else {})
     link = group_link({"allreduce_gbs_by_ranks": {n: r / 1e9 for n, r in links.items()}})
     act = tcfg.micro_batch_size * mcfg.seq_length * mcfg.hidden_size * 4
-    sends = p2p_rate(world, act) if world.size > 1 else 0.0
+    sends = act / exchange_seconds(world, act) if world.size > 1 else 0.0
+    latency = exchange_seconds(world, 8, 1000) if world.size > 1 else 0.0
+    waits = group_latency({"latency_us": latency * 1e6}, per_node) if latency else None
     rates, efficiency, heads, optimizer, process = {}, {}, {}, {}, None
     shapes, misfit = {}, {}
     sizes = [t for t in range(1, world.size + 1) if world.size % t == 0 and tensor_sizes_ok(
@@ -712,7 +801,8 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
         def dp_step(e: float, run=run, rate=rate, update=optimizer[dtype],
                     head=heads[dtype], shape=shapes[dtype]) -> float:
             """The plan's time of the step just measured, at step efficiency e."""
-            records = plan([], world.size, Rates(rate, link, e, update, head, shape=shape),
+            records = plan([], world.size, Rates(rate, link, e, update, head, shape=shape,
+                                                 latency=waits),
                            mcfg, run, dp_cfg, ranks_per_node=per_node)
             return next(r for r in records if r["command"] == plain)["step_time_s"]["total"]
         efficiency[dtype] = step_efficiency(dp_step, seconds)
@@ -754,6 +844,7 @@ def calibrate(path: str, mcfg, tcfg, pcfg) -> None:
         lines += ["", "[network]", f"allreduce_gbs = {links[world.size] / 1e9:.3f}     # a rank "
                   f"of {world.size}", f"p2p_gbs = {sends / 1e9:.3f}     # a rank to another, "
                   f"all pairs at once, messages of {act:,} bytes (a micro-batch's activations)",
+                  f"latency_us = {latency * 1e6:.2f}     # a message of 8 bytes, the same pairs",
                   "", "[network.allreduce_gbs_by_ranks]     # GB/s a rank "
                   f"moves in groups of n ranks, all at once, {tcfg.dtype} gradients in buckets "
                   f"of {pcfg.ddp_bucket_size:,} elements, "

@@ -99,7 +99,13 @@ def test_a_bad_machine_file_is_one_error_line(tmp_path, capsys):
                        ("[gemm_tflops_per_node]\nfloat32 = 1\n[network]\n"
                         "allreduce_gbs_by_ranks = { two = 1.0 }\n", "[network]"),
                        ("[gemm_tflops_per_node]\nfloat32 = 1\n[network]\n"
-                        "allreduce_gbs_by_ranks = { 2 = -1.0 }\n", "must be > 0")):
+                        "allreduce_gbs_by_ranks = { 2 = -1.0 }\n", "must be > 0"),
+                       ("[gemm_tflops_per_node]\nfloat32 = 1\n[network]\nlatency_us = -1\n",
+                        "latency_us must be a number >= 0"),
+                       ("[gemm_tflops_per_node]\nfloat32 = 1\n[network.internode]\n"
+                        "latency_us = \"x\"\n", "latency_us must be a number >= 0"),
+                       ("[gemm_tflops_per_node]\nfloat32 = 1\n[network]\n"
+                        "allreduce_algorithm = \"bus\"\n", "allreduce_algorithm must be one of")):
         bad.write_text(head + tail)
         with pytest.raises(SystemExit) as e:
             main(["--machine", str(bad), "--nodes", "1", "--ranks-per-node", "2"])
@@ -343,6 +349,65 @@ def test_groups_that_span_nodes_share_the_nodes_network_injection(tmp_path, caps
     assert net["tp1 pp2 dp2"]["pipeline_s"] > 8 * node["tp1 pp2 dp2"]["pipeline_s"]
 
 
+def test_link_latency_by_level_and_the_mpis_algorithm(tmp_path, capsys):
+    """[network] latency_us inside a node, [network.internode] latency_us between nodes: a
+    group's messages wait on its slowest link; allreduce_algorithm sets how many messages
+    MPI's all-reduce sends (refgpt.study.plan.steps). The plan's latency term is the layout's
+    messages at those latencies, and part of its total."""
+    from refgpt.plan import group_latency
+    both = group_latency({"latency_us": 1.0, "internode": {"latency_us": 5.0}}, ranks_per_node=2)
+    assert both(2, 1) == 1e-6 and both(4, 1) == 5e-6 and both(2, 2) == 5e-6
+    assert group_latency({"latency_us": 2.0})(8, 1) == 2e-6          # one figure for both
+    assert group_latency({"internode": {"latency_us": 3.0}})(2, 1) == 3e-6
+    assert group_latency({"allreduce_gbs": 1.0}) is None
+    argv = ["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "16", "--vocab-size", "45", "--global-batch-size", "8",
+            "--micro-batch-size", "1", "--nodes", "2", "--ranks-per-node", "2", "--json"]
+    head = ('name = "m"\ncores_per_node = 2\nmemory_gib_per_node = 1\n'
+            "[gemm_tflops_per_node]\nfloat32 = 1.0\n[network]\nallreduce_gbs = 4.0\n")
+    records = {}
+    for name, extra in (("none", ""), ("ring", "latency_us = 10.0\n"),
+                        ("recursive", 'latency_us = 10.0\nallreduce_algorithm = "recursive"\n'
+                         "[network.internode]\nlatency_us = 10.0\n")):
+        path = tmp_path / f"{name}.toml"
+        path.write_text(head + extra)
+        assert main([*argv, "--machine", str(path)]) == 0
+        records[name] = {r["layout"]: r["step_time_s"] for r in json.loads(
+            capsys.readouterr().out) if "refused" not in r}
+    dp, ring, recursive = "tp1 pp1 dp4", records["ring"], records["recursive"]
+    assert records["none"][dp]["latency_s"] is None
+    assert ring[dp]["latency_s"] == pytest.approx(2 * 3 * 10e-6)     # one bucket, ring of 4
+    assert recursive[dp]["latency_s"] == pytest.approx(2 * 2 * 10e-6)
+    for name, time in ring.items():
+        assert time["total"] == pytest.approx(records["none"][name]["total"]
+                                              + time["latency_s"]), name
+
+
+def test_ranks_that_span_core_groups_run_at_the_spanning_share(tmp_path, capsys):
+    """core_groups groups of a node's cores, each with memory of its own: ranks a node a
+    multiple of core_groups lie each inside one and reach the node's GEMM rate; otherwise
+    core_group_spanning_efficiency of it. Bad values are one error line."""
+    from refgpt.plan import machine_rates, read_machine
+    path = tmp_path / "m.toml"
+    head = 'name = "m"\ncores_per_node = 8\nmemory_gib_per_node = 4\n'
+    path.write_text(head + "core_groups = 4\ncore_group_spanning_efficiency = 0.5\n"
+                    "[gemm_tflops_per_node]\nfloat32 = 8.0\n")
+    machine, tcfg = read_machine(str(path)), TrainConfig()
+    per_node = {r: machine_rates(machine, tcfg, r, 0.0).gemm * r for r in (1, 2, 4, 8)}
+    assert per_node == {1: 4e12, 2: 4e12, 4: 8e12, 8: 8e12}
+    assert machine_rates(read_machine("a64fx-fugaku"), tcfg, 1, 0.0).gemm == pytest.approx(
+        0.99e12)                                     # seed 004's one process a CPU
+    for tail, says in (("core_groups = 3\n", "core_groups must be a whole number"),
+                       ("core_groups = 4\ncore_group_spanning_efficiency = 0\n",
+                        "core_group_spanning_efficiency must be in")):
+        path.write_text(head + tail + "[gemm_tflops_per_node]\nfloat32 = 8.0\n")
+        with pytest.raises(SystemExit) as e:
+            main(["--machine", str(path), "--num-layers", "2", "--hidden-size", "32",
+                  "--num-attention-heads", "4", "--seq-length", "16", "--vocab-size", "45"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_expert_parallel_traffic_by_hand():
     """At one byte a second: a rank's experts' gradients are summed over the d / e ranks that
     hold the same experts, the rest over d; each block with experts sends every token's k
@@ -357,7 +422,7 @@ def test_expert_parallel_traffic_by_hand():
                                              ParallelConfig()) if "refused" not in r}
     t = records["tp1 pp1 dp4 ep2"]["step_time_s"]
     every = sum(n for _, n in rank_units(mcfg, 1, 1, 0, ep=2))
-    own = sum(n for _, n in rank_units(mcfg, 1, 1, 0, ep=2, experts_only=True))
+    own = sum(n for _, n in rank_units(mcfg, 1, 1, 0, ep=2, part="experts"))
     assert 0 < own < every
     assert t["allreduce_s"] == pytest.approx(formula_traffic(0, every - own, 4, 2, 4))
     sent = 2 * 2 * 4 * (1 / 2) * 16 * 2 * 32 * 4     # m, blocks, 4 (e-1)/e, N k h, fp32

@@ -13,7 +13,7 @@ import pytest
 
 from refgpt.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 from refgpt.metrics import model_flops, model_params
-from refgpt.study.plan import Config, Layout, make_plan, parse_layout, predict
+from refgpt.study.plan import Config, Layout, make_plan, parse_layout, predict, steps
 from refgpt.study.report import COLUMNS
 from refgpt.study.scaling import Study
 
@@ -78,6 +78,44 @@ def test_cost_model_by_hand():
         piped = predict(Config(2, Layout("pp2", 1, 2), 1, 16), m, t, ParallelConfig(), g, b,
                         p2p_rate=p2p)
         assert piped["pipeline_s"] == pytest.approx(sends / (p2p or b) + table / b)
+
+
+def test_messages_and_their_latency_by_hand():
+    """Each collective's messages (steps) by algorithm, and the latency term of a layout: its
+    collectives' messages at the latency of each group's link."""
+    assert [steps("allreduce", n) for n in (1, 2, 8)] == [0, 2, 14]
+    assert [steps("allreduce", n, "recursive") for n in (2, 8, 9)] == [2, 6, 8]
+    assert steps("allreduce", 8, "tree") == 14 and steps("reduce-scatter", 8) == 7
+    assert steps("all-gather", 8, "recursive") == 3 and steps("alltoall", 4) == 3
+    assert steps("bcast", 4) == 2 and steps("send", 2) == 1
+    m = ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, vocab_size=128,
+                    seq_length=32)
+    t = TrainConfig(micro_batch_size=2, global_batch_size=16, dtype="float32")
+    one_ms = lambda n, stride=1: 1e-3                               # noqa: E731
+    P = (model_params(m) + 32 * 64) // 2                            # a TP rank's elements
+    buckets = -(-P // 10_000)
+    pcfg = ParallelConfig(ddp_bucket_size=10_000)
+    cfg = Config(8, Layout("tp2", 2, 1), dp=4, micro_batches=2)
+    for algorithm, allreduce in (("ring", lambda n: 2 * (n - 1)), ("recursive", lambda n: 2 * {
+            2: 1, 4: 2}[n])):
+        got = predict(cfg, m, t, pcfg, 1e10, 1e9, latency=one_ms, algorithm=algorithm)
+        # the gradients' buckets over 4, and 4 all-reduces of 2 a layer and micro-batch
+        want = buckets * allreduce(4) + 2 * 4 * 4 * allreduce(2)
+        assert got["latency_s"] == pytest.approx(want * 1e-3)
+    zero3 = predict(replace(cfg, layout=Layout("tp2-z3", 2, 1, 3)), m, t, pcfg, 1e10, 1e9,
+                    latency=one_ms)
+    units = 4 + 2                                 # the blocks, the embeddings, ln_f
+    assert zero3["latency_s"] == pytest.approx(
+        (2 * units * 3 + 2 * 2 * units * 3 + 2 * 4 * 4 * 2) * 1e-3)
+    # hierarchical: only the leaders of the 2 nodes a DP group of 8 spans (4 a node) send
+    flat = Config(8, Layout("dp", 1, 1), dp=8, micro_batches=1)
+    hier = predict(flat, m, t, replace(pcfg, dp_allreduce_algorithm="hierarchical"), 1e10, 1e9,
+                   latency=one_ms, ranks_per_node=4)
+    assert hier["latency_s"] == pytest.approx(-(-2 * P // 10_000) * 2 * 1e-3)
+    piped = predict(Config(2, Layout("pp2", 1, 2), 1, 16), m, t, pcfg, 1e10, 1e9,
+                    latency=one_ms)
+    assert piped["latency_s"] == pytest.approx((2 * 16 + 2) * 1e-3)   # sends, the tied table
+    assert predict(cfg, m, t, pcfg, 1e10, 1e9)["latency_s"] is None
 
 
 def test_dry_run_prints_the_plan(capsys, tmp_path):

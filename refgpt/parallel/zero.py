@@ -474,28 +474,43 @@ def formula_traffic(stage: int, padded: int, d: int, micro_batches: int, p: int,
 
 
 def formula_working(units: list[tuple[str, int]], stage: int, d: int, rank: int, p: int,
-                    g: int, head: bool, pipelined: bool = False) -> int:
+                    g: int, head: bool, pipelined: bool = False,
+                    experts: tuple[list[tuple[str, int]], int, int] | None = None) -> int:
     """The high-water mark of a rank's temporary buffers (``working_peak``) in a step, from
     the protocol above: units = (key, elements) in the flat buffer's order, padding in the
     last; rank: the data-parallel rank, whose reduce-scatter pieces are its own part of each
-    unit; head: the stage computes the LM head (whose tied wte gradient is written first).
+    unit; head: the stage computes the LM head (whose tied wte gradient is written first);
+    experts: under expert parallelism, (units, d_e, rank_e) of the experts' region, which
+    follows the dense one and is partitioned over the d_e ranks of the expert-data-parallel
+    group (a block's expert unit shares its dense unit's key and comes after it).
 
     Backward visits the units in the order [embed] + the others reversed (ln_f, the last
     block, ..., the first); stage 3 holds the embeddings unit's parameters for the whole
-    pass, each other unit's while its backward runs, with the next one gathered ahead.
-    Stages 2-3 allocate a unit's gradient buffer at its first write (the tied wte: at the
-    head). When a unit's gradients are final (after its hold ends) its piece is allocated,
-    then the reductions older than the last IN_FLIGHT complete, freeing their gradient
-    buffers and pieces. Stage 1 allocates the pieces only. The forward pass (stage 3: the
-    embeddings and two units gathered) holds less than backward does. A pipeline
-    (pipelined; stage 1 only, as check_layout refuses ZeRO-2/3 with PP) hands every gradient
-    over after its schedule, and ready() starts the units' sums in the flat buffer's order."""
-    total = sum(n for _, n in units)
-    S = total // d
-    lo = np.cumsum([0] + [n for _, n in units])
-    piece = {k: int(max(0, min(b, (rank + 1) * S) - max(a, rank * S))) * g
-             for (k, _), a, b in zip(units, lo[:-1], lo[1:])}
-    size = dict(units)
+    pass, each other unit's while its backward runs, and the first hold of a unit gathers
+    the one after it in that order ahead (a block with experts: its dense unit, then its
+    experts). Stages 2-3 allocate a unit's gradient buffer at its first write (the tied wte:
+    at the head). When a unit's gradients are final (after its hold ends) its piece is
+    allocated, then the reductions older than the last IN_FLIGHT complete, freeing their
+    gradient buffers and pieces. Stage 1 allocates the pieces only. Stage 3's forward pass
+    gathers the same way, in the forward order. A pipeline (pipelined; stage 1 only, as
+    check_layout refuses ZeRO-2/3 with PP) hands every gradient over after its schedule, and
+    ready() starts the units' sums in the flat buffer's order."""
+    regions = [(units, d, rank)] + ([experts] if experts and experts[0] else [])
+    keys, size, piece = [], [], []                # per unit, in the flat buffer's order
+    for region, n, r in regions:
+        S = sum(e for _, e in region) // n
+        lo = np.cumsum([0] + [e for _, e in region])
+        for (k, e), a, b in zip(region, lo[:-1], lo[1:]):
+            keys.append(k)
+            size.append(e)
+            piece.append(int(max(0, min(b, (r + 1) * S) - max(a, r * S))) * g)
+    of_key: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        of_key.setdefault(k, []).append(i)
+    forward = [i for k in of_key for i in of_key[k]]       # the model's order
+    order = {"forward": forward,
+             "backward": of_key.get("embed", []) + [i for i in reversed(forward)
+                                                     if keys[i] != "embed"]}
     live = peak = 0
 
     def alloc(nbytes: int) -> None:
@@ -503,60 +518,67 @@ def formula_working(units: list[tuple[str, int]], stage: int, d: int, rank: int,
         live += nbytes
         peak = max(peak, live)
 
-    grads = stage >= 2
-    order = [k for k, _ in units if k == "embed"] + [k for k, _ in reversed(units)
-                                                       if k != "embed"]
-    reducing: list[str] = []
+    reducing: list[int] = []
 
     def ready(key: str) -> None:
         nonlocal live
-        alloc(piece[key])
-        reducing.append(key)
-        while len(reducing) > IN_FLIGHT:
-            done = reducing.pop(0)
-            live -= piece[done] + (size[done] * g if grads else 0)
+        for i in of_key[key]:
+            alloc(piece[i])
+            reducing.append(i)
+            while len(reducing) > IN_FLIGHT:
+                done = reducing.pop(0)
+                live -= piece[done] + (size[done] * g if stage >= 2 else 0)
 
     if pipelined:
-        for key, _ in units:
-            ready(key)
+        for i in range(len(keys)):
+            alloc(piece[i])
+            reducing.append(i)
+            while len(reducing) > IN_FLIGHT:
+                live -= piece[reducing.pop(0)]
         return peak
-    gathered = set()
+    gathered: set[int] = set()
 
-    def gather(i: int) -> None:                 # stage 3: unit i of the order, and the next
-        for k in order[i:i + 2]:
-            if k not in gathered:
-                gathered.add(k)
-                alloc(size[k] * p)
+    def hold(key: str, phase: str) -> None:
+        """Stage 3 enters the key's units: each gathered if it is not, and the next in the
+        phase's order gathered ahead."""
+        for i in of_key[key] if stage == 3 else ():
+            nxt = order[phase].index(i) + 1
+            for j in [i] + order[phase][nxt:nxt + 1]:
+                if j not in gathered:
+                    gathered.add(j)
+                    alloc(size[j] * p)
 
     def release(key: str) -> None:
         nonlocal live
-        gathered.discard(key)
-        live -= size[key] * p
+        for i in of_key[key] if stage == 3 else ():
+            gathered.discard(i)
+            live -= size[i] * p
 
-    written = set()
+    written: set[str] = set()
 
     def write(key: str) -> None:
-        if grads and key not in written:
+        if stage >= 2 and key not in written:
             written.add(key)
-            alloc(size[key] * g)
+            for i in of_key[key]:
+                alloc(size[i] * g)
 
-    embedded = "embed" in size
-    if stage == 3 and embedded:
-        gather(0)
-    if head and embedded:
-        write("embed")
-    for i, key in enumerate(order):
-        if key == "embed":
-            continue
-        if stage == 3:
-            gather(i)
-        write(key)
-        if stage == 3:
+    embedded = "embed" in of_key
+    for phase in ("forward", "backward") if stage == 3 else ("backward",):
+        if embedded:
+            hold("embed", phase)
+        if head and embedded and phase == "backward":
+            write("embed")
+        for key in dict.fromkeys(keys[i] for i in order[phase] if keys[i] != "embed"):
+            hold(key, phase)
+            if phase == "backward":
+                write(key)
             release(key)
-        ready(key)
-    if embedded:
-        write("embed")
-        if stage == 3:
+            if phase == "backward":
+                ready(key)
+        if embedded:
+            if phase == "backward":
+                write("embed")
             release("embed")
-        ready("embed")
+            if phase == "backward":
+                ready("embed")
     return peak

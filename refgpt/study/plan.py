@@ -61,8 +61,16 @@ once, as in training):
                                                     experts' all-to-all, 4 (e-1)/e N k h w a
                                                     micro-batch at balanced routing
 
-and the all-reduce share A / (C + A + T + X + U + S + E + O): the part of a step that overlap and a
-faster network could win back.
+    latency      L = sum_k n_k alpha_k             each message on the busiest rank's path at
+                                                    the latency of its link (refgpt.study.plan.
+                                                    message_counts: the collectives a step runs,
+                                                    times the messages of each by algorithm,
+                                                    steps()), where the machine gives one; the
+                                                    rates above were measured with large
+                                                    messages, so L is what small ones add
+
+and the all-reduce share A / (C + A + T + X + U + S + E + L + O): the part of a step that
+overlap and a faster network could win back.
 """
 
 from __future__ import annotations
@@ -190,10 +198,98 @@ def pipeline_bytes(mcfg, tcfg, pcfg, t: int, m: int, w: int, g: int) -> dict:
             "embedding": mcfg.padded_vocab * mcfg.hidden_size // t * g}
 
 
+MPI_ALGORITHMS = ("ring", "recursive")     # how a machine's MPI sums large buffers
+
+
+def steps(collective: str, n: int, algorithm: str = "ring") -> int:
+    """Messages one collective of n ranks puts on a rank's critical path, in the alpha-beta
+    model of refgpt.parallel.collectives: an all-reduce by ring 2 (n-1), by recursive halving
+    and doubling (Rabenseifner: MPICH's large-message algorithm) 2 ceil(log2 n), by
+    refgpt's double binary tree ("tree", 4 chunks) 2 (ceil(log2 n) + 4); a reduce-scatter or
+    all-gather half an all-reduce's; a broadcast or reduce (a binomial tree) ceil(log2 n); an
+    all-to-all n - 1 (pairwise exchange); a send 1."""
+    if n < 2:
+        return 0
+    log = math.ceil(math.log2(n))
+    if collective == "send":
+        return 1
+    if collective == "alltoall":
+        return n - 1
+    if collective == "bcast":
+        return log
+    allreduce = {"ring": 2 * (n - 1), "recursive": 2 * log, "tree": 2 * (log + 4)}[algorithm]
+    return allreduce if collective == "allreduce" else allreduce // 2
+
+
+def message_counts(cfg: Config, mcfg, tcfg, pcfg, elements: int, algorithm: str = "ring",
+                   ranks_per_node: int = 1, expert_elements: int = 0) -> list[tuple[int, int, int]]:
+    """(messages, group size, stride between members) a step sends on the busiest rank's path,
+    by collective (pcfg: the layout's settings; algorithm: the MPI's all-reduce, which the
+    run's --dp-allreduce-algorithm replaces for the gradients' sum):
+
+      data      stage 0: one all-reduce a bucket (--ddp-bucket-size elements: about
+                P_r / bucket); hierarchical: only the node leaders' all-reduce sends, over
+                the nodes the group spans; shared memory: none (loads); ZeRO: a
+                reduce-scatter a unit (a block, the embeddings, the final LayerNorm; and a
+                block's experts under expert parallelism) once a step (stage 1) or a
+                micro-batch (2-3), one all-gather a step (1-2) or two a unit and micro-batch
+                (3: forward and backward)
+      experts   the experts' gradients over d / e as the data term, and 4 all-to-alls of e
+                a block with experts and micro-batch
+      tensor    1-D: 4 all-reduces (or their reduce-scatter and all-gather halves under
+                sequence parallelism) a layer and micro-batch; 2-D: each of the 4 linear
+                layers' SUMMA products, forward and backward, q steps of 2 broadcasts or
+                reduces along a row or column of q
+      context   ring: (c-1) forward and (2c-1) backward exchanges a layer and micro-batch;
+                all-to-all: 4 each way
+      pipeline  a middle stage's sends: each micro-batch's activations on and gradient back,
+                per model chunk; the tied table's all-reduce between first and last stage"""
+    t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
+    v, ep, c = pcfg.num_virtual_stages, pcfg.expert_model_parallel_size, pcfg.context_parallel_size
+    layers = mcfg.num_layers // p
+    moe = sum(is_moe_layer(mcfg, i) for i in range(mcfg.num_layers)) // p
+    out = []
+
+    def gradients(n: int, stride: int, count: int, units: int) -> None:
+        """The data-parallel sum of `count` elements in `units` units over n ranks."""
+        if n < 2 or pcfg.dp_shared_memory:
+            return
+        stage = pcfg.zero_stage
+        if stage:
+            out.append(((m if stage >= 2 else 1) * units * steps("reduce-scatter", n, algorithm)
+                        + (2 * m * units if stage == 3 else 1) * steps("all-gather", n, algorithm),
+                        n, stride))
+            return
+        buckets = -(-count // pcfg.ddp_bucket_size) if pcfg.ddp_bucket_size else 1
+        how = pcfg.dp_allreduce_algorithm
+        if how == "hierarchical":             # the leaders of the nodes the group spans
+            here = min(n, max(1, ranks_per_node // stride))
+            n, stride, how = -(-n // here), stride * here, algorithm
+        out.append((buckets * steps("allreduce", n, algorithm if how == "mpi" else how),
+                    n, stride))
+    gradients(d, t, elements - expert_elements, layers + 2)
+    if ep > 1:
+        gradients(d // ep, t * ep, expert_elements, moe)
+        out.append((m * moe * 4 * steps("alltoall", ep), ep, t))
+    if t > 1 and pcfg.tensor_parallel_mode == "2d":
+        q = math.isqrt(t)
+        out.append((m * layers * 4 * 3 * 2 * q * steps("bcast", q), q, 1))
+    elif t > 1:
+        out.append((m * layers * 4 * steps("allreduce", t, algorithm), t, 1))
+    if c > 1:
+        exchanges = 3 * c - 2 if pcfg.cp_comm_type == "p2p" else 8 * steps("alltoall", c)
+        out.append((m * layers * exchanges, c, t))
+    if p > 1:
+        out.append((2 * m * v, 2, t * d))
+        out.append((steps("allreduce", 2, algorithm), 2, t * d * (p - 1)))
+    return out
+
+
 def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
             elements: int | None = None, efficiency: float = 1.0,
             optimizer_rate: float | None = None, head_efficiency: float | None = None,
-            p2p_rate: float | None = None, expert_elements: int = 0) -> dict:
+            p2p_rate: float | None = None, expert_elements: int = 0,
+            latency=None, algorithm: str = "ring", ranks_per_node: int = 1) -> dict:
     """The cost model of the module docstring, in seconds per iteration. link_rate: bytes a second
     a rank moves in an all-reduce: one number, or a function (n, stride, inside=None) of the
     group's size, the ranks between its members and, for point-to-point sends, the rate
@@ -207,7 +303,10 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
     reduce rate of 2 ranks). expert_elements: under expert parallelism, the rank's experts'
     parameters among `elements`, summed over its expert-data-parallel group of d / e. gemm_s:
     the part of compute_s that is the busiest stage's FLOPs at the bare GEMM rate (the rest:
-    memory-bound kernels and overhead, as the efficiencies carry them)."""
+    memory-bound kernels and overhead, as the efficiencies carry them). latency: seconds a
+    message takes, a function (n, stride) of the group as link_rate's (refgpt.plan.
+    group_latency; None: not counted); algorithm: the MPI's all-reduce (steps);
+    ranks_per_node: where groups span nodes (a hierarchical sum's leaders)."""
     t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
     pcfg = parallel_config(pcfg, cfg.layout)
     w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
@@ -270,12 +369,16 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
         pipeline = (None if not link_rate else
                     sent["p2p"] / rate(2, t * d, p2p_rate)
                     + sent["embedding"] / rate(2, t * d * (p - 1)))
-    updated = int(per_rank) // d if pcfg.zero_stage else int(per_rank)
+    updated = ((int(per_rank) - expert_elements) // d + expert_elements // (d // ep)
+               if pcfg.zero_stage else int(per_rank))    # ZeRO: the shard's, two regions
     optimizer = updated / optimizer_rate if optimizer_rate else None
+    waits = None if latency is None else sum(
+        count * latency(n, stride) for count, n, stride in message_counts(
+            cfg, mcfg, tcfg, pcfg, int(per_rank), algorithm, ranks_per_node, expert_elements))
     total = (compute + bubble + (allreduce or 0.0) + (tensor or 0.0) + (context or 0.0)
-             + (pipeline or 0.0) + (experts or 0.0) + (optimizer or 0.0))
+             + (pipeline or 0.0) + (experts or 0.0) + (waits or 0.0) + (optimizer or 0.0))
     return {"compute_s": compute, "allreduce_s": allreduce, "tensor_s": tensor,
             "context_s": context, "pipeline_s": pipeline, "experts_s": experts,
-            "bubble_s": bubble,
+            "bubble_s": bubble, "latency_s": waits,
             "optimizer_s": optimizer, "gemm_s": gemm,
             "allreduce_share": None if allreduce is None else allreduce / total}
