@@ -170,13 +170,14 @@ def make_plan(ranks, layouts, mcfg, tcfg, pcfg) -> list[Config]:
 
 
 def stage_seconds(mcfg, batch: int, p: int, v: int, rate: float, efficiency: float = 1.0,
-                  head_efficiency: float | None = None):
+                  head_efficiency: float | None = None, flops: list[float] | None = None):
     """Each pipeline rank's compute seconds per step (module docstring), its stage's ranks
     running at `rate` FLOP/s together. The head (the LM head's GEMMs and the loss over the
     vocabulary) runs at rate e_h, its own measured share (head_efficiency; None: e, the
     whole model's); the blocks at the e_b that makes the whole model's time F / (rate e), as
-    calibrated:  e_b = (F - H) / (F / e - H / e_h)."""
-    stages = stage_flops(mcfg, batch, p, v)
+    calibrated:  e_b = (F - H) / (F / e - H / e_h). flops: the stages' stage_flops, where the
+    caller has them."""
+    stages = flops or stage_flops(mcfg, batch, p, v)
     head = head_flops(mcfg, batch)
     e_h = efficiency if head_efficiency is None else head_efficiency
     total = sum(stages)
@@ -311,12 +312,12 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
     pcfg = parallel_config(pcfg, cfg.layout)
     w = dtype_of(tcfg.dtype).itemsize                 # parameters and activations; gradients:
     g = 2 if pcfg.grad_reduce_in_bf16 else compute_dtype(dtype_of(tcfg.dtype)).itemsize
+    flops = stage_flops(mcfg, tcfg.global_batch_size, p, pcfg.num_virtual_stages)
     stages = stage_seconds(mcfg, tcfg.global_batch_size, p, pcfg.num_virtual_stages,
-                           cfg.ranks // p * gemm_rate, efficiency, head_efficiency)
+                           cfg.ranks // p * gemm_rate, efficiency, head_efficiency, flops)
     compute = max(stages)                             # the busiest stage
     busiest = stages.index(compute)                   # its GEMMs at the bare rate:
-    gemm = stage_flops(mcfg, tcfg.global_batch_size, p, pcfg.num_virtual_stages)[busiest] / (
-        cfg.ranks // p * gemm_rate)
+    gemm = flops[busiest] / (cfg.ranks // p * gemm_rate)
     per_rank = (elements if elements is not None else
                 (model_params(mcfg) + mcfg.n_positions * mcfg.hidden_size) / (t * p))
     moved = formula_traffic(pcfg.zero_stage, int(per_rank), d, m, w, g)
