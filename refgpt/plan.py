@@ -458,9 +458,6 @@ def machine_rates(machine: dict, tcfg, ranks_per_node: int, bandwidth: float) ->
         if link and min(link(n, s) for n in (1, 2, 1 << 20) for s in (1, 1 << 20)) <= 0 \
                 or p2p < 0:
             raise ValueError("rates must be > 0")
-    except (TypeError, ValueError, AttributeError) as e:
-        raise ConfigError(f"--machine {name}: [network]: {e}") from None
-    try:
         latency = group_latency(network, ranks_per_node)
     except (TypeError, ValueError, AttributeError) as e:
         raise ConfigError(f"--machine {name}: [network]: {e}") from None
@@ -547,12 +544,13 @@ def _plan_type(argv, world, rates, mcfg, tcfg, pcfg, node_bytes, ranks_per_node,
                                              f"{node_bytes / 2**30:,.1f}"})
             continue
         micro = tcfg.micro_batches(dp // cfg.context_parallel_size)
-        own = max(sum(n for _, n in of(r, "experts")) for r in range(pp)) if ep > 1 else 0
+        expert_elements = (max(sum(n for _, n in of(r, "experts")) for r in range(pp))
+                           if ep > 1 else 0)
         elements = max(padded(sum(n for _, n in of(r, "all")), cfg, dp) for r in range(pp))
         time = predict(Config(world, Layout(name, tp, pp, cfg.zero_stage), dp, micro),
                        mcfg, tcfg, cfg, rates.gemm_at(mcfg, tcfg, cfg), rates.link, elements,
                        rates.efficiency,
-                       rates.optimizer, rates.head, rates.p2p, own, rates.latency,
+                       rates.optimizer, rates.head, rates.p2p, expert_elements, rates.latency,
                        rates.algorithm, ranks_per_node)
         gemm = time.pop("gemm_s")
         time = {k: v for k, v in time.items() if k != "allreduce_share"}

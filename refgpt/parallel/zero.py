@@ -520,21 +520,22 @@ def formula_working(units: list[tuple[str, int]], stage: int, d: int, rank: int,
 
     reducing: list[int] = []
 
-    def ready(key: str) -> None:
+    def reduce(i: int) -> None:
+        """Unit i's reduce-scatter starts; those older than the last IN_FLIGHT complete."""
         nonlocal live
+        alloc(piece[i])
+        reducing.append(i)
+        while len(reducing) > IN_FLIGHT:
+            done = reducing.pop(0)
+            live -= piece[done] + (size[done] * g if stage >= 2 else 0)
+
+    def ready(key: str) -> None:
         for i in of_key[key]:
-            alloc(piece[i])
-            reducing.append(i)
-            while len(reducing) > IN_FLIGHT:
-                done = reducing.pop(0)
-                live -= piece[done] + (size[done] * g if stage >= 2 else 0)
+            reduce(i)
 
     if pipelined:
         for i in range(len(keys)):
-            alloc(piece[i])
-            reducing.append(i)
-            while len(reducing) > IN_FLIGHT:
-                live -= piece[reducing.pop(0)]
+            reduce(i)
         return peak
     gathered: set[int] = set()
 

@@ -125,4 +125,3 @@ def time_gemms(world, shapes, dtype, seconds: float = 0.005) -> list[tuple]:
                 matmul(a, b)
         out.append((m, n, k, timed(world, work) / reps))
     return out
-

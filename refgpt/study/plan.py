@@ -199,6 +199,11 @@ def pipeline_bytes(mcfg, tcfg, pcfg, t: int, m: int, w: int, g: int) -> dict:
             "embedding": mcfg.padded_vocab * mcfg.hidden_size // t * g}
 
 
+def moe_blocks(mcfg, p: int) -> float:
+    """Blocks with experts a pipeline stage holds, on average over the p stages."""
+    return sum(is_moe_layer(mcfg, i) for i in range(mcfg.num_layers)) / p
+
+
 MPI_ALGORITHMS = ("ring", "recursive")     # how a machine's MPI sums large buffers
 
 
@@ -248,7 +253,7 @@ def message_counts(cfg: Config, mcfg, tcfg, pcfg, elements: int, algorithm: str 
     t, p, d, m = cfg.layout.tp, cfg.layout.pp, cfg.dp, cfg.micro_batches
     v, ep, c = pcfg.num_virtual_stages, pcfg.expert_model_parallel_size, pcfg.context_parallel_size
     layers = mcfg.num_layers // p
-    moe = sum(is_moe_layer(mcfg, i) for i in range(mcfg.num_layers)) // p
+    moe = int(moe_blocks(mcfg, p))                       # whole units and all-to-alls
     out = []
 
     def gradients(n: int, stride: int, count: int, units: int) -> None:
@@ -351,11 +356,9 @@ def predict(cfg: Config, mcfg, tcfg, pcfg, gemm_rate: float, link_rate,
         # forward and in backward, in each block with experts.
         own = formula_traffic(pcfg.zero_stage, expert_elements, d // ep, m, w, g)
         moved -= formula_traffic(pcfg.zero_stage, expert_elements, d, m, w, g)
-        layers = sum(is_moe_layer(mcfg, i) for i in range(mcfg.num_layers)) / p
         pairs = tcfg.micro_batch_size * mcfg.seq_length * mcfg.moe_router_topk
-        sent = m * layers * 4 * (ep - 1) / ep * pairs * mcfg.hidden_size * w
-        experts = (seconds(own, d // ep, t * ep) or 0.0) + (seconds(sent, ep, t) or 0.0) \
-            if link_rate else None
+        sent = m * moe_blocks(mcfg, p) * 4 * (ep - 1) / ep * pairs * mcfg.hidden_size * w
+        experts = (seconds(own, d // ep, t * ep) + seconds(sent, ep, t)) if link_rate else None
     allreduce = seconds(moved, d, t)
     if t > 1 and pcfg.tensor_parallel_mode == "2d":  # SUMMA: panels over rows and columns
         q = math.isqrt(t)
